@@ -1,0 +1,1 @@
+"""Benchmarks and the llama.cpp comparison harness (installed as moe_numa.bench)."""

