@@ -1,0 +1,167 @@
+"""Tests of the llama.cpp harness's own logic (parsing, arithmetic, bookkeeping).
+
+None of these needs llama.cpp built; the few that do are marked slow and skip when
+no build is cached.
+"""
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from moe_numa.bench import llama_cpp as lc
+
+# captured from `llama-bench -m tiny.gguf -o json -t 2 -r 2 -p 16 -n 8 --repack 1` (b11434),
+# with most configuration keys dropped
+BENCH_JSON = """
+[
+  {
+    "build_commit": "b11434",
+    "build_number": 11434,
+    "cpu_info": "AMD EPYC",
+    "backends": "CPU",
+    "model_filename": "tiny.gguf",
+    "model_type": "qwen3moe ?B (guessed) all F32",
+    "model_size": 631296,
+    "model_n_params": 157824,
+    "n_batch": 2048,
+    "n_ubatch": 512,
+    "n_threads": 2,
+    "type_k": "f16",
+    "type_v": "f16",
+    "flash_attn": -1,
+    "repack": true,
+    "n_prompt": 16,
+    "n_gen": 0,
+    "n_depth": 0,
+    "test_time": "2026-11-22T03:24:27Z",
+    "avg_ns": 164211,
+    "stddev_ns": 34112,
+    "avg_ts": 99584.322886,
+    "stddev_ts": 20687.072450,
+    "samples_ns": [ 188332, 140090 ],
+    "samples_ts": [ 84956.4, 114212 ]
+  },
+  {
+    "build_commit": "b11434",
+    "build_number": 11434,
+    "model_type": "qwen3moe ?B (guessed) all F32",
+    "model_size": 631296,
+    "model_n_params": 157824,
+    "n_threads": 2,
+    "n_prompt": 0,
+    "n_gen": 8,
+    "n_depth": 0,
+    "avg_ns": 274727,
+    "stddev_ns": 11691,
+    "avg_ts": 29146.209308,
+    "stddev_ts": 1240.348344,
+    "samples_ns": [ 282994, 266460 ],
+    "samples_ts": [ 28269.2, 30023.3 ]
+  }
+]
+"""
+
+
+def test_parse_llama_bench_json():
+    recs = lc.parse_llama_bench_json("some log line on stdout\n" + BENCH_JSON)
+    assert [r["test"] for r in recs] == ["pp16", "tg8"]
+    pp, tg = recs
+    assert pp["threads"] == 2 and pp["n_prompt"] == 16 and pp["n_gen"] == 0
+    assert pp["tokens_per_s"] == pytest.approx(99584.322886)
+    assert pp["tokens_per_s_stddev"] == pytest.approx(20687.07245)
+    assert pp["samples_ts"] == [84956.4, 114212.0]
+    assert pp["samples_ns"] == [188332, 140090]
+    assert pp["model_size"] == 631296 and pp["model_n_params"] == 157824
+    assert pp["build"] == "b11434 b11434"
+    assert tg["tokens_per_s"] == pytest.approx(29146.209308)
+    # tokens/s of a sample is n_tokens / seconds
+    assert tg["samples_ts"][0] == pytest.approx(8 / (tg["samples_ns"][0] * 1e-9), rel=1e-4)
+
+
+def test_parse_llama_bench_json_without_avg_and_depth():
+    rec = {"n_prompt": 64, "n_gen": 32, "n_depth": 128, "n_threads": 4,
+           "samples_ts": [10.0, 12.0, 14.0], "samples_ns": [1, 2, 3]}
+    (r,) = lc.parse_llama_bench_json(json.dumps([rec]))
+    assert r["test"] == "pp64+tg32@d128"
+    assert r["tokens_per_s"] == pytest.approx(12.0)
+    assert r["tokens_per_s_stddev"] == pytest.approx(np.std([10.0, 12.0, 14.0]))
+
+
+@pytest.mark.parametrize("text", ["", "error: no model", "[{not json"])
+def test_parse_llama_bench_json_rejects_garbage(text):
+    with pytest.raises(lc.LlamaCppError):
+        lc.parse_llama_bench_json(text)
+
+
+def test_bench_test_args():
+    assert lc._bench_test_args(["pp64", "pp512", "tg32", "tg128"]) == ["-p", "64,512", "-n", "32,128"]
+    assert lc._bench_test_args(["tg32"]) == ["-p", "0", "-n", "32"]
+    assert lc._bench_test_args(["pp512"]) == ["-p", "512", "-n", "0"]
+    with pytest.raises(lc.LlamaCppError):
+        lc._bench_test_args(["pp"])
+    with pytest.raises(lc.LlamaCppError):
+        lc._bench_test_args(["decode32"])
+
+
+def test_cmake_flags_pin_native_release_and_tag():
+    flags = lc._cmake_flags("clang-16", "clang++-16", [])
+    assert "-DGGML_NATIVE=ON" in flags and "-DCMAKE_BUILD_TYPE=Release" in flags
+    assert "-DCMAKE_C_COMPILER=clang-16" in flags
+    assert f"-DLLAMA_BUILD_NUMBER={lc.TAG[1:]}" in flags
+    gflags = lc._cmake_flags("gcc-12", "g++-12", [f"-DCMAKE_C_FLAGS={lc.GCC_NO_AMX}"])
+    assert any("-mno-amx-tile" in f for f in gflags)
+
+
+def test_cache_root_env(monkeypatch, tmp_path):
+    monkeypatch.setenv("MOE_NUMA_CACHE", str(tmp_path))
+    assert lc.cache_root() == tmp_path
+    monkeypatch.delenv("MOE_NUMA_CACHE")
+    assert lc.cache_root() == Path.home() / ".cache" / "moe_numa"
+
+
+def test_build_path_lookup(tmp_path):
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "tools").mkdir()
+    for p in (tmp_path / "bin" / "llama-bench", tmp_path / "tools" / "llama_logits"):
+        p.write_text("#!/bin/sh\n")
+        p.chmod(0o755)
+    b = lc.LlamaCppBuild(bin_dir=tmp_path / "bin", lib_dir=tmp_path / "bin",
+                         include_dir=tmp_path, source_dir=None, compiler="x", cmake_flags=[],
+                         tag=lc.TAG, build_dir=tmp_path, tools_dir=tmp_path / "tools")
+    assert b.path("llama-bench") == tmp_path / "bin" / "llama-bench"
+    assert b.path("llama_logits") == tmp_path / "tools" / "llama_logits"
+    with pytest.raises(lc.LlamaCppError, match="llama-quantize"):
+        b.path("llama-quantize")
+
+
+def test_existing_build_dir_must_have_llama_bench(tmp_path):
+    with pytest.raises(lc.LlamaCppError, match="llama-bench"):
+        lc.find_or_build(build_dir=tmp_path, log=lambda *a: None)
+
+
+def test_ids_arg():
+    assert lc._ids_arg([1, 2, 3]).dtype == np.int32
+    with pytest.raises(lc.LlamaCppError):
+        lc._ids_arg([])
+    with pytest.raises(lc.LlamaCppError):
+        lc._ids_arg(np.zeros((2, 2), dtype=np.int64))
+
+
+def test_file_lock_is_reentrant_across_calls(tmp_path):
+    msgs = []
+    with lc._file_lock(tmp_path / "x.lock", msgs.append):
+        pass
+    with lc._file_lock(tmp_path / "x.lock", msgs.append):
+        pass
+    assert msgs == []
+
+
+def test_tokenizer_text_is_varied():
+    text = (Path(lc.__file__).parent / "data" / "tokenizer_text.txt").read_text(encoding="utf-8")
+    assert len(text.encode("utf-8")) >= 10_000
+    for needle in ("大型语言模型", "吾輩は猫である", "한국어", "Съешь", "العربية", "Größenänderung",
+                   "😀", "<|im_start|>", "<｜begin▁of▁sentence｜>", "\t\t", "```rust",
+                   "12345678901234567890", "\n\n\n"):
+        assert needle in text, needle
