@@ -455,6 +455,44 @@ def llama_logits(build: LlamaCppBuild, gguf_path, token_ids, threads: int = 2,
         return out.reshape(n, nv)
 
 
+def llama_intermediates(build: LlamaCppBuild, gguf_path, token_ids, name_filter: str = "",
+                        threads: int = 2, repack: bool = False, kv_type: str = "f32",
+                        flash_attn: bool = False, timeout: float = 1800) -> list[dict]:
+    """Every graph node llama.cpp computes for ``token_ids`` (one batch, empty cache).
+
+    For localising a mismatch: records in evaluation order, each ``{"name": "ffn_moe_probs-3",
+    "op": "SOFT_MAX", "type": "f32", "array": np.ndarray}`` with the array in numpy order
+    (ggml's ``ne`` reversed: ``[n_tokens, hidden]`` for a ``[hidden, n_tokens]`` node).
+    ``name_filter`` keeps nodes whose name contains it (e.g. ``"-0"`` for layer 0 names,
+    ``"ffn_moe"``).  Only F32/F16/BF16 nodes are kept.
+    """
+    ids = _ids_arg(token_ids)
+    with tempfile.TemporaryDirectory(prefix="moe_numa_dump_") as td:
+        fin, fout, ddir = Path(td) / "ids.bin", Path(td) / "logits.f32", Path(td) / "dump"
+        ddir.mkdir()
+        ids.tofile(fin)
+        cmd = [build.path("llama_logits"), "logits", "-m", str(gguf_path), "--ids-file", fin,
+               "-o", fout, "-t", str(threads), "--repack", "1" if repack else "0",
+               "--kv-type", kv_type, "--flash-attn", "1" if flash_attn else "0",
+               "--dump-dir", ddir]
+        if name_filter:
+            cmd += ["--dump-filter", name_filter]
+        p = subprocess.run([str(c) for c in cmd], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                           text=True, errors="replace", timeout=timeout)
+        if p.returncode != 0:
+            raise LlamaCppError(f"llama_logits --dump-dir failed on {gguf_path} "
+                                f"(exit {p.returncode}):\n" + "\n".join(p.stderr.splitlines()[-30:]))
+        out = []
+        for line in (ddir / "index.jsonl").read_text().splitlines():
+            rec = json.loads(line)
+            shape = [int(x) for x in reversed(rec.pop("ne"))]
+            while len(shape) > 1 and shape[0] == 1:
+                shape.pop(0)
+            rec["array"] = np.fromfile(ddir / rec.pop("file"), dtype=np.float32).reshape(shape)
+            out.append(rec)
+        return out
+
+
 def llama_tokenize(build: LlamaCppBuild, gguf_path, text: str, add_special: bool = True,
                    parse_special: bool = False, timeout: float = 600) -> list[int]:
     """llama.cpp's tokenizer (vocab only is loaded): ``llama_tokenize(vocab, text, ...)``."""
@@ -470,6 +508,44 @@ def llama_tokenize(build: LlamaCppBuild, gguf_path, text: str, add_special: bool
             raise LlamaCppError(f"llama_logits tokenize failed on {gguf_path} "
                                 f"(exit {p.returncode}):\n" + "\n".join(p.stderr.splitlines()[-30:]))
         return np.fromfile(fout, dtype=np.int32).tolist()
+
+
+def llama_tokenize_many(build: LlamaCppBuild, gguf_path, texts: Sequence[str],
+                        add_special: bool = True, parse_special: bool = False,
+                        timeout: float = 600) -> list[list[int]]:
+    """:func:`llama_tokenize` of each text on its own, in one process (texts without NUL)."""
+    texts = list(texts)
+    if any("\0" in t for t in texts):
+        raise LlamaCppError("llama_tokenize_many: a text contains a NUL character")
+    if not texts:
+        return []
+    with tempfile.TemporaryDirectory(prefix="moe_numa_tok_") as td:
+        fin, fout = Path(td) / "texts.bin", Path(td) / "ids.bin"
+        fin.write_bytes("\0".join(texts).encode("utf-8"))
+        cmd = [build.path("llama_logits"), "tokenize", "-m", str(gguf_path), "-f", fin,
+               "-o", fout, "--split-nul", "1", "--add-special", "1" if add_special else "0",
+               "--parse-special", "1" if parse_special else "0"]
+        p = subprocess.run([str(c) for c in cmd], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                           text=True, errors="replace", timeout=timeout)
+        if p.returncode != 0:
+            raise LlamaCppError(f"llama_logits tokenize failed on {gguf_path} "
+                                f"(exit {p.returncode}):\n" + "\n".join(p.stderr.splitlines()[-30:]))
+        return _unframe(np.fromfile(fout, dtype=np.int32), len(texts))
+
+
+def _unframe(flat: np.ndarray, n_texts: int) -> list[list[int]]:
+    """Split ``[count, ids..., count, ids...]`` into lists of ids."""
+    out, i = [], 0
+    flat = np.asarray(flat)
+    while i < len(flat):
+        n = int(flat[i])
+        if n < 0 or i + 1 + n > len(flat):
+            raise LlamaCppError(f"bad framed id list at offset {i}")
+        out.append(flat[i + 1:i + 1 + n].tolist())
+        i += 1 + n
+    if len(out) != n_texts:
+        raise LlamaCppError(f"got {len(out)} tokenized texts, expected {n_texts}")
+    return out
 
 
 def llama_quantize(build: LlamaCppBuild, src_gguf, dst_gguf, qtype: str, threads: int = 2,

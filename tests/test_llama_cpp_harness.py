@@ -165,3 +165,12 @@ def test_tokenizer_text_is_varied():
                    "😀", "<|im_start|>", "<｜begin▁of▁sentence｜>", "\t\t", "```rust",
                    "12345678901234567890", "\n\n\n"):
         assert needle in text, needle
+
+
+def test_unframe():
+    flat = np.array([2, 7, 8, 0, 3, 1, 2, 3], dtype=np.int32)
+    assert lc._unframe(flat, 3) == [[7, 8], [], [1, 2, 3]]
+    with pytest.raises(lc.LlamaCppError):
+        lc._unframe(flat, 2)
+    with pytest.raises(lc.LlamaCppError):
+        lc._unframe(np.array([5, 1], dtype=np.int32), 1)

@@ -13,8 +13,10 @@
 //       graph node whose name contains SUBSTR (all if none) is written as float32
 //       DIR/NNNN.f32 with DIR/index.jsonl lines {file,name,op,type,ne:[ne0..ne3]}.
 //   llama_logits tokenize -m M.gguf (-f TEXT | --text STR) -o OUT.int32
-//                [--add-special 0|1] [--parse-special 0|1]
+//                [--add-special 0|1] [--parse-special 0|1] [--split-nul 0|1]
 //       loads the vocabulary only; writes int32 ids raw and prints their count.
+//       With --split-nul 1 the text holds several texts separated by NUL bytes, each
+//       tokenized on its own; OUT then holds, per text, its count and its ids.
 //
 // Defaults are the accurate settings: F32 KV cache, flash attention off, no weight
 // repacking (use_extra_bufts = false).
@@ -117,7 +119,7 @@ static bool dump_cb(struct ggml_tensor * t, bool ask, void * ud) {
 struct args_t {
     std::string mode, model, out, ids_file, ids, text_file, text, kv_type = "f32", dump_dir, dump_filter;
     bool have_text = false;
-    int threads = 2, batch = 0, repack = 0, flash_attn = 0, add_special = 1, parse_special = 0;
+    int threads = 2, batch = 0, repack = 0, flash_attn = 0, add_special = 1, parse_special = 0, split_nul = 0;
 };
 
 static args_t parse_args(int argc, char ** argv) {
@@ -143,6 +145,7 @@ static args_t parse_args(int argc, char ** argv) {
         else if (k == "--flash-attn") a.flash_attn = atoi(val().c_str());
         else if (k == "--add-special") a.add_special = atoi(val().c_str());
         else if (k == "--parse-special") a.parse_special = atoi(val().c_str());
+        else if (k == "--split-nul") a.split_nul = atoi(val().c_str());
         else if (k == "--dump-dir") a.dump_dir = val();
         else if (k == "--dump-filter") a.dump_filter = val();
         else if (k == "-v") g_verbose = true;
@@ -157,18 +160,39 @@ static int do_tokenize(const args_t & a) {
     llama_model * model = llama_model_load_from_file(a.model.c_str(), mp);
     if (!model) die("cannot load the vocabulary of " + a.model);
     const llama_vocab * vocab = llama_model_get_vocab(model);
-    std::string text = a.have_text ? a.text : read_file(a.text_file);
-    if (text.size() > INT32_MAX) die("text too long");
-    int32_t n = llama_tokenize(vocab, text.data(), (int32_t) text.size(), nullptr, 0,
-                               a.add_special != 0, a.parse_special != 0);
-    if (n == INT32_MIN) die("tokenize overflow");
-    std::vector<llama_token> ids(n < 0 ? -n : n);
-    n = llama_tokenize(vocab, text.data(), (int32_t) text.size(), ids.data(), (int32_t) ids.size(),
-                       a.add_special != 0, a.parse_special != 0);
-    if (n < 0) die("tokenize failed");
-    ids.resize(n);
-    if (!a.out.empty()) write_file(a.out, ids.data(), ids.size() * sizeof(llama_token));
-    printf("{\"n_tokens\":%d}\n", n);
+    std::string all = a.have_text ? a.text : read_file(a.text_file);
+    // --split-nul 1: the input holds several texts separated by NUL bytes; the output
+    // is then, for each text, its int32 count followed by its int32 ids
+    std::vector<std::string> texts;
+    if (a.split_nul) {
+        size_t start = 0;
+        for (;;) {
+            size_t z = all.find('\0', start);
+            texts.push_back(all.substr(start, z == std::string::npos ? std::string::npos : z - start));
+            if (z == std::string::npos) break;
+            start = z + 1;
+        }
+    } else {
+        texts.push_back(all);
+    }
+    std::vector<llama_token> out;
+    int64_t total = 0;
+    for (const std::string & text : texts) {
+        if (text.size() > INT32_MAX) die("text too long");
+        int32_t n = llama_tokenize(vocab, text.data(), (int32_t) text.size(), nullptr, 0,
+                                   a.add_special != 0, a.parse_special != 0);
+        if (n == INT32_MIN) die("tokenize overflow");
+        std::vector<llama_token> ids(n < 0 ? -n : n);
+        n = llama_tokenize(vocab, text.data(), (int32_t) text.size(), ids.data(), (int32_t) ids.size(),
+                           a.add_special != 0, a.parse_special != 0);
+        if (n < 0) die("tokenize failed");
+        ids.resize(n);
+        if (a.split_nul) out.push_back(n);
+        out.insert(out.end(), ids.begin(), ids.end());
+        total += n;
+    }
+    if (!a.out.empty()) write_file(a.out, out.data(), out.size() * sizeof(llama_token));
+    printf("{\"n_texts\":%zu,\"n_tokens\":%lld}\n", texts.size(), (long long) total);
     llama_model_free(model);
     return 0;
 }
