@@ -1,0 +1,248 @@
+"""Memory-mapped GGUF model files: metadata, the tensor table and zero-copy views.
+
+Owns reading (through `gguf.GGUFReader`, which memory-maps the file), joining split
+files (`name-00001-of-00003.gguf`) into one model, and validating what was read so
+that a malformed, truncated or unsupported file fails here with an error naming
+the file and the problem, before any weight is used.
+"""
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType
+
+from . import quants
+from .errors import GGUFError, UnsupportedError
+
+_SPLIT_RE = re.compile(r"^(?P<prefix>.*)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf$")
+
+
+@dataclass(frozen=True)
+class Tensor:
+    """One tensor of a GGUF file: its type, logical shape and raw block bytes.
+
+    `shape` is in numpy order (rows last-but-one, columns last). `raw` is a
+    uint8 view of the memory-mapped file with shape `(*shape[:-1], row_bytes)`:
+    slicing it never copies.
+    """
+
+    name: str
+    qtype: GGMLQuantizationType
+    shape: tuple[int, ...]
+    raw: np.ndarray
+    file: str
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.raw.nbytes)
+
+    @property
+    def n_elements(self) -> int:
+        return int(np.prod(self.shape))
+
+    @property
+    def row_bytes(self) -> int:
+        return int(self.raw.shape[-1])
+
+    def __getitem__(self, index: int) -> "Tensor":
+        """The index-th slice along the first axis (an expert of a merged tensor)."""
+        if len(self.shape) < 2:
+            raise IndexError(f"tensor {self.name} is 1-D and cannot be sliced")
+        n = self.shape[0]
+        if not -n <= index < n:
+            raise IndexError(f"index {index} out of range for tensor {self.name} with {n} slices")
+        return Tensor(f"{self.name}[{index % n}]", self.qtype, self.shape[1:], self.raw[index], self.file)
+
+    def rows(self, start: int, stop: int) -> "Tensor":
+        """Rows [start, stop) of a 2-D tensor, as a view."""
+        if len(self.shape) != 2:
+            raise ValueError(f"rows() needs a 2-D tensor, {self.name} has shape {self.shape}")
+        return Tensor(f"{self.name}[{start}:{stop}]", self.qtype, (stop - start, self.shape[1]),
+                      self.raw[start:stop], self.file)
+
+    def dequantize(self) -> np.ndarray:
+        """The values as a new float32 array of `shape`."""
+        return quants.dequantize(self.raw, self.qtype, self.shape)
+
+
+class GGUFModelFile:
+    """A GGUF model, possibly split over several files, opened read-only.
+
+    `metadata` maps keys to Python values (str, int, float, bool, list[str], or a
+    numpy array for numeric arrays). `tensors` maps names to `Tensor`.
+    """
+
+    def __init__(self, path: str | os.PathLike[str]):
+        self.path = str(path)
+        self.paths = _split_paths(Path(path))
+        self.metadata: dict[str, Any] = {}
+        self.tensors: dict[str, Tensor] = {}
+        self._readers: list[GGUFReader] = []
+        for i, part in enumerate(self.paths):
+            reader = _open_reader(part)
+            self._readers.append(reader)
+            fields = _read_fields(reader, part)
+            if i == 0:
+                self.metadata = fields
+            for tensor in _read_tensors(reader, part):
+                if tensor.name in self.tensors:
+                    raise GGUFError(f"{part}: tensor {tensor.name!r} appears in more than one split file")
+                self.tensors[tensor.name] = tensor
+        self._check_splits()
+        if "general.architecture" not in self.metadata:
+            raise GGUFError(f"{self.path}: missing metadata key 'general.architecture'")
+
+    @property
+    def architecture(self) -> str:
+        return str(self.metadata["general.architecture"])
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self.metadata.get(key, default)
+
+    def require(self, key: str) -> Any:
+        if key not in self.metadata:
+            raise GGUFError(f"{self.path}: missing metadata key {key!r} (needed by {self.architecture})")
+        return self.metadata[key]
+
+    def tensor(self, name: str) -> Tensor:
+        try:
+            return self.tensors[name]
+        except KeyError:
+            raise GGUFError(f"{self.path}: missing tensor {name!r}") from None
+
+    def has(self, name: str) -> bool:
+        return name in self.tensors
+
+    def __iter__(self) -> Iterator[Tensor]:
+        return iter(self.tensors.values())
+
+    @property
+    def file_bytes(self) -> int:
+        return sum(os.path.getsize(p) for p in self.paths)
+
+    @property
+    def tensor_bytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors.values())
+
+    def close(self) -> None:
+        """Drop the memory maps (views handed out earlier keep their own reference)."""
+        self._readers.clear()
+        self.tensors.clear()
+
+    def _check_splits(self) -> None:
+        count = int(self.metadata.get("split.count", 1) or 1)
+        if count != len(self.paths):
+            raise GGUFError(f"{self.path}: metadata says split.count={count} but {len(self.paths)} file(s) were found")
+        expected = self.metadata.get("split.tensors.count")
+        if expected is not None and int(expected) != len(self.tensors):
+            raise GGUFError(f"{self.path}: split.tensors.count={expected} but the split files hold "
+                            f"{len(self.tensors)} tensors")
+
+
+def _split_paths(path: Path) -> list[str]:
+    if not path.exists():
+        raise FileNotFoundError(f"GGUF file not found: {path}")
+    m = _SPLIT_RE.match(path.name)
+    if not m:
+        return [str(path)]
+    count = int(m.group("count"))
+    if int(m.group("no")) != 1:
+        raise GGUFError(f"{path}: open the first split file (-00001-of-{count:05d}.gguf), not part {m.group('no')}")
+    paths = [path.with_name(f"{m.group('prefix')}-{i:05d}-of-{count:05d}.gguf") for i in range(1, count + 1)]
+    missing = [str(p) for p in paths if not p.exists()]
+    if missing:
+        raise GGUFError(f"{path}: split file(s) missing: {', '.join(missing)}")
+    return [str(p) for p in paths]
+
+
+def _open_reader(path: str) -> GGUFReader:
+    size = os.path.getsize(path)
+    if size < 24:
+        raise GGUFError(f"{path}: file is {size} bytes, too short to be a GGUF file (truncated?)")
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic != b"GGUF":
+        raise GGUFError(f"{path}: not a GGUF file (magic {magic!r}, expected b'GGUF')")
+    try:
+        return GGUFReader(path, "r")
+    except (ValueError, IndexError, KeyError, OverflowError, UnicodeDecodeError) as e:
+        if "GGMLQuantizationType" in str(e):
+            raise UnsupportedError(f"{path}: a tensor uses an unknown GGML type id ({e})") from None
+        # The reader indexes past the end of a truncated file, or meets a bad
+        # value type; either way the file cannot be trusted.
+        raise GGUFError(f"{path}: malformed or truncated GGUF file: {e}") from None
+
+
+def _read_fields(reader: GGUFReader, path: str) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for name, field in reader.fields.items():
+        if name.startswith("GGUF."):
+            continue
+        try:
+            out[name] = _field_value(field)
+        except (ValueError, IndexError, UnicodeDecodeError) as e:
+            raise GGUFError(f"{path}: cannot read metadata key {name!r}: {e}") from None
+    return out
+
+
+def _field_value(field) -> Any:
+    main = field.types[0]
+    if main == GGUFValueType.ARRAY:
+        sub = field.types[-1]
+        if sub == GGUFValueType.STRING:
+            return [bytes(field.parts[i]).decode("utf-8") for i in field.data]
+        if sub == GGUFValueType.ARRAY:
+            raise ValueError("nested arrays are not supported")
+        if not field.data:
+            return np.zeros(0)
+        # Numeric array items are consecutive one-element parts; join them in one copy.
+        first, last = field.data[0], field.data[-1]
+        return np.concatenate(field.parts[first:last + 1]).copy()
+    if main == GGUFValueType.STRING:
+        return bytes(field.parts[-1]).decode("utf-8")
+    value = field.parts[-1][0]
+    if main == GGUFValueType.BOOL:
+        return bool(value)
+    if main in (GGUFValueType.FLOAT32, GGUFValueType.FLOAT64):
+        return float(value)
+    return int(value)
+
+
+def _read_tensors(reader: GGUFReader, path: str) -> list[Tensor]:
+    size = os.path.getsize(path)
+    tensors = []
+    for t in reader.tensors:
+        qtype = GGMLQuantizationType(int(t.tensor_type))
+        shape = tuple(int(d) for d in reversed(t.shape.tolist()))
+        end = int(t.data_offset) + int(t.n_bytes)
+        if end > size:
+            raise GGUFError(f"{path}: tensor {t.name!r} ends at byte {end} but the file has {size} bytes (truncated?)")
+        if any(d <= 0 for d in shape):
+            raise GGUFError(f"{path}: tensor {t.name!r} has an empty dimension {shape}")
+        raw = reader.data[int(t.data_offset):end]
+        block, type_size = quants.block_size(qtype)
+        if shape[-1] % block:
+            raise GGUFError(f"{path}: tensor {t.name!r} has {shape[-1]} columns, not a multiple of "
+                            f"the {qtype.name} block size {block}")
+        row_bytes = shape[-1] // block * type_size
+        tensors.append(Tensor(t.name, qtype, shape, raw.reshape(*shape[:-1], row_bytes), path))
+    return tensors
+
+
+def open_gguf(path: str | os.PathLike[str]) -> GGUFModelFile:
+    """Open a GGUF model (the first file of a split set, or a single file)."""
+    return GGUFModelFile(path)
+
+
+def check_supported_types(gguf: GGUFModelFile) -> None:
+    """Reject tensors whose quant type we cannot compute with, naming them."""
+    bad = [(t.name, t.qtype.name) for t in gguf if not quants.is_supported(t.qtype)]
+    if bad:
+        listed = ", ".join(f"{n} ({q})" for n, q in bad[:5]) + (" ..." if len(bad) > 5 else "")
+        raise UnsupportedError(f"{gguf.path}: unsupported quant type(s): {listed}; supported: "
+                               f"{', '.join(quants.supported_names())}")
