@@ -1,0 +1,30 @@
+"""SwiGLU feed-forward: down(silu(gate(x)) * up(x))."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..gguf_file import Tensor
+
+
+@dataclass(frozen=True)
+class FFNWeights:
+    gate: Tensor   # [ff, hidden]
+    up: Tensor     # [ff, hidden]
+    down: Tensor   # [hidden, ff]
+
+    @property
+    def n_ff(self) -> int:
+        return self.gate.shape[0]
+
+
+def silu(x: np.ndarray) -> np.ndarray:
+    return x / (1.0 + np.exp(-x))
+
+
+def swiglu(w: FFNWeights, x: np.ndarray, deq) -> np.ndarray:
+    """x: [T, hidden] -> [T, hidden]."""
+    g = x @ deq(w.gate).T
+    u = x @ deq(w.up).T
+    return (silu(g) * u) @ deq(w.down).T

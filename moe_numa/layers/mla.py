@@ -1,0 +1,97 @@
+"""Multi-head latent attention (DeepSeek-V2/V3): queries through an optional
+low-rank bottleneck, keys and values compressed into one latent vector per
+token (cached) plus a shared rotary key, and attention computed in the latent
+space with the key/value up-projections absorbed into query and output.
+
+Both GGUF layouts are handled: the newer split `attn_k_b` / `attn_v_b` and the
+older merged `attn_kv_b`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..gguf_file import Tensor
+from .attention import causal_softmax_attention
+from .kv_cache import LayerCache
+from .norm import rms_norm
+from .rope import RopeConfig, apply_rope, rope_cos_sin
+
+
+@dataclass(frozen=True)
+class MLAConfig:
+    n_head: int
+    q_lora_rank: int          # 0: plain attn_q (DeepSeek-V2-Lite)
+    kv_lora_rank: int
+    qk_nope_dim: int
+    qk_rope_dim: int
+    v_head_dim: int
+    rope: RopeConfig
+    kq_scale: float
+    norm_eps: float
+
+    @property
+    def q_head_dim(self) -> int:
+        return self.qk_nope_dim + self.qk_rope_dim
+
+    def cache_shapes(self) -> dict[str, tuple[int, ...]]:
+        return {"latent": (self.kv_lora_rank,), "k_rope": (self.qk_rope_dim,)}
+
+
+@dataclass(frozen=True)
+class MLAWeights:
+    wkv_a: Tensor                  # [kv_lora + rope, hidden]  (attn_kv_a_mqa)
+    kv_a_norm: Tensor              # [kv_lora]
+    wo: Tensor                     # [hidden, n_head * v_head]
+    wq: Tensor | None = None       # [n_head * q_head, hidden]   (no q LoRA)
+    wq_a: Tensor | None = None     # [q_lora, hidden]
+    q_a_norm: Tensor | None = None
+    wq_b: Tensor | None = None     # [n_head * q_head, q_lora]
+    wk_b: Tensor | None = None     # [n_head, kv_lora, qk_nope]  (split layout)
+    wv_b: Tensor | None = None     # [n_head, v_head, kv_lora]
+    wkv_b: Tensor | None = None    # [n_head * (qk_nope + v_head), kv_lora]  (merged layout)
+
+
+def absorbed_kv_b(cfg: MLAConfig, w: MLAWeights, deq) -> tuple[np.ndarray, np.ndarray]:
+    """Per-head (k_b [H, kv_lora, nope], v_b [H, v_head, kv_lora]) as floats, from either layout."""
+    if w.wk_b is not None:
+        return deq(w.wk_b), deq(w.wv_b)
+    kv = deq(w.wkv_b).reshape(cfg.n_head, cfg.qk_nope_dim + cfg.v_head_dim, cfg.kv_lora_rank)
+    return kv[:, :cfg.qk_nope_dim, :].transpose(0, 2, 1), kv[:, cfg.qk_nope_dim:, :]
+
+
+def mla_attention(cfg: MLAConfig, w: MLAWeights, x: np.ndarray, cache: LayerCache,
+                  positions: np.ndarray, deq) -> np.ndarray:
+    T = x.shape[0]
+    if w.wq is not None:
+        q = x @ deq(w.wq).T
+    else:
+        q = rms_norm(x @ deq(w.wq_a).T, deq(w.q_a_norm), cfg.norm_eps) @ deq(w.wq_b).T
+    q = q.reshape(T, cfg.n_head, cfg.q_head_dim)
+    q_nope, q_rope = q[..., :cfg.qk_nope_dim], q[..., cfg.qk_nope_dim:]
+
+    kv_a = x @ deq(w.wkv_a).T
+    latent = rms_norm(kv_a[:, :cfg.kv_lora_rank], deq(w.kv_a_norm), cfg.norm_eps)
+    k_rope = kv_a[:, None, cfg.kv_lora_rank:]
+
+    cos, sin = rope_cos_sin(cfg.rope, positions)
+    q_rope = apply_rope(np.ascontiguousarray(q_rope), cos, sin, cfg.rope.neox)
+    k_rope = apply_rope(np.ascontiguousarray(k_rope), cos, sin, cfg.rope.neox)[:, 0, :]
+
+    start = int(positions[0])
+    cache.store(start, latent=latent, k_rope=k_rope)
+    end = start + T
+    lat = cache.view("latent", end)
+    kr = cache.view("k_rope", end)
+
+    k_b, v_b = absorbed_kv_b(cfg, w, deq)
+    # q_nope . (k_b^T c) == (k_b q_nope) . c : attend in the latent space.
+    q_lat = np.einsum("hrd,thd->thr", k_b, q_nope)
+    query = np.concatenate([q_lat, q_rope], axis=-1)                     # [T, H, kv_lora + rope]
+    key = np.concatenate([lat, kr], axis=-1)[:, None, :]                 # [S, 1, kv_lora + rope]
+    key = np.broadcast_to(key, (key.shape[0], cfg.n_head, key.shape[2]))
+    value = np.broadcast_to(lat[:, None, :], (lat.shape[0], cfg.n_head, lat.shape[1]))
+    out_lat = causal_softmax_attention(query, key, value, positions, cfg.kq_scale)  # [T, H, kv_lora]
+    out = np.einsum("hvr,thr->thv", v_b, out_lat)                          # [T, H, v_head]
+    return out.reshape(T, -1) @ deq(w.wo).T

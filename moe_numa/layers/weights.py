@@ -1,0 +1,47 @@
+"""Dequantized float32 weights for the reference path, cached with a byte budget.
+
+The reference forward pass is the correctness oracle, not the fast path: it
+dequantizes a GGUF tensor with gguf.quants the first time it is used and keeps
+the float32 copy while the cache has room.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import numpy as np
+
+from ..gguf_file import Tensor
+
+
+class Dequantizer:
+    """Maps a Tensor to its float32 values; least-recently-used copies are dropped
+    once the cache holds more than `budget_bytes`."""
+
+    def __init__(self, budget_bytes: int = 8 << 30):
+        self.budget = budget_bytes
+        self._cache: OrderedDict[tuple[str, str], np.ndarray] = OrderedDict()
+        self._bytes = 0
+
+    def __call__(self, t: Tensor | None) -> np.ndarray | None:
+        if t is None:
+            return None
+        key = (t.file, t.name)
+        arr = self._cache.get(key)
+        if arr is not None:
+            self._cache.move_to_end(key)
+            return arr
+        arr = t.dequantize()
+        arr.setflags(write=False)
+        if arr.nbytes <= self.budget:
+            self._cache[key] = arr
+            self._bytes += arr.nbytes
+            while self._bytes > self.budget:
+                _, old = self._cache.popitem(last=False)
+                self._bytes -= old.nbytes
+        return arr
+
+    def rows(self, t: Tensor, ids: np.ndarray) -> np.ndarray:
+        """Rows `ids` of a 2-D tensor (embedding lookup) without dequantizing it all."""
+        from .. import quants
+        sel = np.asarray(t.raw[np.asarray(ids)])
+        return quants.dequantize(sel, t.qtype, (len(ids), t.shape[1]))

@@ -1,0 +1,205 @@
+"""What every architecture shares: the config base, the weight structures of a
+pre-norm MoE transformer, tensor lookup with shape checks, and the reference
+forward pass that runs an architecture's layer code over a KV cache.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Union
+
+import numpy as np
+
+from ..errors import GGUFError, UnsupportedError
+from ..gguf_file import GGUFModelFile, Tensor
+from ..layers.attention import AttentionConfig, GQAWeights
+from ..layers.ffn import FFNWeights
+from ..layers.kv_cache import KVCache
+from ..layers.mla import MLAConfig, MLAWeights
+from ..layers.moe import MoEWeights, RouterConfig
+from ..layers.norm import rms_norm
+from ..layers.weights import Dequantizer
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Fields every supported architecture has. Subclasses add their own."""
+    arch: str
+    name: str
+    n_vocab: int
+    n_ctx_train: int
+    hidden: int
+    n_layer: int
+    rms_eps: float
+    router: RouterConfig
+    expert_ff: int
+    attention: Union[AttentionConfig, MLAConfig]
+
+    @property
+    def n_expert(self) -> int:
+        return self.router.n_expert
+
+    def is_moe_layer(self, i: int) -> bool:
+        return True
+
+    def cache_shapes(self) -> list[dict[str, tuple[int, ...]]]:
+        return [self.attention.cache_shapes() for _ in range(self.n_layer)]
+
+
+@dataclass(frozen=True)
+class LayerWeights:
+    attn_norm: Tensor
+    attn: Union[GQAWeights, MLAWeights]
+    ffn_norm: Tensor
+    ffn: Union[FFNWeights, MoEWeights]
+
+
+@dataclass(frozen=True)
+class ModelWeights:
+    token_embd: Tensor         # [n_vocab, hidden]
+    layers: list[LayerWeights]
+    output_norm: Tensor
+    output: Tensor             # [n_vocab, hidden] (token_embd when tied)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class MetadataReader:
+    """Typed access to `{arch}.*` keys with errors that name the key."""
+
+    def __init__(self, gguf: GGUFModelFile, arch: str):
+        self.gguf, self.arch = gguf, arch
+
+    def key(self, suffix: str) -> str:
+        return f"{self.arch}.{suffix}"
+
+    def has(self, suffix: str) -> bool:
+        return self.key(suffix) in self.gguf.metadata
+
+    def int(self, suffix: str, default: int | None = None) -> int:
+        return int(self._get(suffix, default, (int,)))
+
+    def float(self, suffix: str, default: float | None = None) -> float:
+        return float(self._get(suffix, default, (int, float)))
+
+    def bool(self, suffix: str, default: bool | None = None) -> bool:
+        return bool(self._get(suffix, default, (bool, int)))
+
+    def _get(self, suffix, default, types):
+        key = self.key(suffix)
+        if key not in self.gguf.metadata:
+            if default is None:
+                raise GGUFError(f"{self.gguf.path}: missing metadata key {key!r} (required for {self.arch})")
+            return default
+        value = self.gguf.metadata[key]
+        if isinstance(value, (list, np.ndarray)):
+            raise UnsupportedError(f"{self.gguf.path}: {key} is a per-layer array; only a single value is supported")
+        if not isinstance(value, types):
+            raise GGUFError(f"{self.gguf.path}: metadata key {key!r} has type {type(value).__name__}, "
+                            f"expected {'/'.join(t.__name__ for t in types)}")
+        return value
+
+
+class TensorPicker:
+    """Looks tensors up by name, checks their shapes, and remembers which were used
+    so that tensors we do not understand are reported instead of ignored."""
+
+    def __init__(self, gguf: GGUFModelFile, ignore: Callable[[str], bool] = lambda name: False):
+        self.gguf = gguf
+        self.used: set[str] = set()
+        self.ignore = ignore
+
+    def take(self, name: str, shape: tuple[int, ...]) -> Tensor:
+        t = self.gguf.tensors.get(name)
+        if t is None:
+            raise GGUFError(f"{self.gguf.path}: missing tensor {name!r} (expected shape {shape})")
+        return self._check(t, shape)
+
+    def maybe(self, name: str, shape: tuple[int, ...]) -> Tensor | None:
+        t = self.gguf.tensors.get(name)
+        return None if t is None else self._check(t, shape)
+
+    def _check(self, t: Tensor, shape: tuple[int, ...]) -> Tensor:
+        if tuple(t.shape) != tuple(shape):
+            raise GGUFError(f"{self.gguf.path}: tensor {t.name!r} has shape {t.shape} but the metadata "
+                            f"implies {tuple(shape)}")
+        self.used.add(t.name)
+        return t
+
+    def check_all_used(self) -> None:
+        unknown = sorted(n for n in self.gguf.tensors if n not in self.used and not self.ignore(n))
+        if unknown:
+            listed = ", ".join(unknown[:6]) + (" ..." if len(unknown) > 6 else "")
+            raise UnsupportedError(f"{self.gguf.path}: unsupported tensor(s) for {self.gguf.architecture}: {listed}")
+
+
+def take_common(pick: TensorPicker, n_vocab: int, hidden: int) -> tuple[Tensor, Tensor, Tensor]:
+    """token_embd, output_norm and output (tied to token_embd when absent)."""
+    embd = pick.take("token_embd.weight", (n_vocab, hidden))
+    norm = pick.take("output_norm.weight", (hidden,))
+    out = pick.maybe("output.weight", (n_vocab, hidden)) or embd
+    return embd, norm, out
+
+
+def vocab_size(gguf: GGUFModelFile) -> int:
+    t = gguf.tensors.get("token_embd.weight")
+    if t is None or len(t.shape) != 2:
+        raise GGUFError(f"{gguf.path}: missing 2-D tensor 'token_embd.weight'")
+    tokens = gguf.metadata.get("tokenizer.ggml.tokens")
+    if tokens is not None and len(tokens) != t.shape[0]:
+        # llama.cpp accepts a longer embedding than vocab only through vocab_size; keep it strict.
+        n = int(gguf.metadata.get(f"{gguf.architecture}.vocab_size", len(tokens)))
+        if n != t.shape[0]:
+            raise GGUFError(f"{gguf.path}: token_embd.weight has {t.shape[0]} rows but the tokenizer has "
+                            f"{len(tokens)} tokens")
+    return int(t.shape[0])
+
+
+def take_moe(pick: TensorPicker, i: int, hidden: int, ff: int, n_expert: int) -> dict[str, Tensor]:
+    p = f"blk.{i}."
+    return dict(
+        router=pick.take(p + "ffn_gate_inp.weight", (n_expert, hidden)),
+        gate_exps=pick.take(p + "ffn_gate_exps.weight", (n_expert, ff, hidden)),
+        up_exps=pick.take(p + "ffn_up_exps.weight", (n_expert, ff, hidden)),
+        down_exps=pick.take(p + "ffn_down_exps.weight", (n_expert, hidden, ff)),
+    )
+
+
+def take_ffn(pick: TensorPicker, prefix: str, suffix: str, hidden: int, ff: int) -> FFNWeights:
+    return FFNWeights(
+        gate=pick.take(f"{prefix}ffn_gate{suffix}.weight", (ff, hidden)),
+        up=pick.take(f"{prefix}ffn_up{suffix}.weight", (ff, hidden)),
+        down=pick.take(f"{prefix}ffn_down{suffix}.weight", (hidden, ff)),
+    )
+
+
+class ReferenceForward:
+    """The numpy reference forward pass: an architecture's `forward_layer` over
+    all layers, embedding lookup before and the output head after."""
+
+    def __init__(self, arch_module, cfg: ModelConfig, weights: ModelWeights,
+                 deq: Dequantizer | None = None):
+        self.arch = arch_module
+        self.cfg = cfg
+        self.w = weights
+        self.deq = deq or Dequantizer()
+
+    def new_cache(self, n_ctx: int) -> KVCache:
+        return KVCache(n_ctx, self.cfg.cache_shapes())
+
+    def hidden_states(self, tokens: np.ndarray, cache: KVCache) -> np.ndarray:
+        tokens = np.asarray(tokens, dtype=np.int64)
+        positions = cache.positions(len(tokens))
+        x = self.deq.rows(self.w.token_embd, tokens)
+        for i, layer in enumerate(self.w.layers):
+            x = self.arch.forward_layer(self.cfg, i, layer, x, cache.layers[i], positions, self.deq)
+        cache.advance(len(tokens))
+        return x
+
+    def logits(self, hidden: np.ndarray) -> np.ndarray:
+        h = rms_norm(hidden, self.deq(self.w.output_norm), self.cfg.rms_eps)
+        return (h @ self.deq(self.w.output).T).astype(np.float32)
+
+
+def pre_norm_block(cfg: ModelConfig, w: LayerWeights, x: np.ndarray, attention_fn, ffn_fn, deq) -> np.ndarray:
+    """x + attention(norm(x)), then + ffn(norm(.)): the layer shape all our models share."""
+    h = x + attention_fn(rms_norm(x, deq(w.attn_norm), cfg.rms_eps))
+    return h + ffn_fn(rms_norm(h, deq(w.ffn_norm), cfg.rms_eps))
