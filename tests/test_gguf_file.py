@@ -1,0 +1,147 @@
+"""GGUF loading: memory mapping, split files, metadata, and every bad input."""
+import os
+import struct
+
+import numpy as np
+import pytest
+from gguf import GGMLQuantizationType as Q
+from gguf import GGUFValueType as V
+
+import moe_numa
+from moe_numa.errors import GGUFError, UnsupportedError
+from moe_numa.gguf_file import GGUFModelFile, check_supported_types
+from moe_numa.testing import make_test_model
+
+from gguf_edit import rewrite_gguf
+
+
+def test_tensors_are_views_of_the_memory_map(make_model):
+    g = GGUFModelFile(make_model("qwen3moe", "q8_0"))
+    t = g.tensor("blk.0.ffn_up_exps.weight")
+    assert isinstance(t.raw.base, np.memmap) or isinstance(t.raw, np.memmap) or t.raw.base is not None
+    assert not t.raw.flags.owndata
+    assert t.shape == (8, 256, 256) and t.qtype == Q.Q8_0
+    assert t.raw.shape == (8, 256, 256 // 32 * 34)
+    assert g.metadata["general.architecture"] == "qwen3moe"
+    assert isinstance(g.metadata["tokenizer.ggml.tokens"], list)
+    assert g.tensor_bytes <= g.file_bytes
+
+
+def test_split_files_load_as_one_model(make_model, tmp_path):
+    single = make_model("deepseek-v3", "q8_0")
+    first = make_test_model(tmp_path / "ds.gguf", "deepseek-v3", "q8_0", split_max_tensors=15)
+    assert "-00001-of-" in first.name
+    parts = sorted(tmp_path.glob("ds-0000*-of-*.gguf"))
+    assert len(parts) > 2
+    a, b = GGUFModelFile(single), GGUFModelFile(first)
+    assert len(b.paths) == len(parts)
+    assert set(a.tensors) == set(b.tensors)
+    for name, t in a.tensors.items():
+        assert np.array_equal(np.asarray(t.raw), np.asarray(b.tensors[name].raw)), name
+    ids = [1, 5, 9, 200]
+    la = moe_numa.load(single, backend="reference").logits(ids)
+    lb = moe_numa.load(first, backend="reference").logits(ids)
+    assert np.array_equal(la, lb)
+
+
+def test_missing_split_part_is_named(tmp_path):
+    first = make_test_model(tmp_path / "m.gguf", "qwen3moe", "q8_0", split_max_tensors=10)
+    parts = sorted(tmp_path.glob("m-*.gguf"))
+    os.remove(parts[1])
+    with pytest.raises(GGUFError, match=parts[1].name):
+        GGUFModelFile(first)
+
+
+def test_not_a_gguf_file(tmp_path):
+    p = tmp_path / "x.gguf"
+    p.write_bytes(b"NOPE" + b"\0" * 100)
+    with pytest.raises(GGUFError, match="not a GGUF file"):
+        GGUFModelFile(p)
+
+
+@pytest.mark.parametrize("keep", [10, 300, 0.5, 0.999])
+def test_truncated_file(make_model, tmp_path, keep):
+    src = make_model("qwen2moe", "q8_0").read_bytes()
+    n = int(len(src) * keep) if isinstance(keep, float) else keep
+    p = tmp_path / "t.gguf"
+    p.write_bytes(src[:n])
+    with pytest.raises(GGUFError, match="truncated|too short"):
+        moe_numa.load(p, backend="reference")
+
+
+def test_missing_file():
+    with pytest.raises(FileNotFoundError):
+        GGUFModelFile("/nonexistent/model.gguf")
+
+
+def test_unsupported_architecture(make_model, tmp_path):
+    dst = rewrite_gguf(make_model("qwen3moe"), tmp_path / "llama.gguf", arch="llama")
+    with pytest.raises(UnsupportedError, match="'llama'"):
+        moe_numa.load(dst, backend="reference")
+
+
+def test_unsupported_quant_type_is_named(make_model, tmp_path):
+    from gguf import quants
+    raw = quants.quantize(np.zeros((64, 256), dtype=np.float32), Q.Q4_1)
+    dst = rewrite_gguf(make_model("qwen3moe"), tmp_path / "q41.gguf",
+                       replace_tensors={"blk.1.attn_k.weight": (raw, Q.Q4_1)})
+    with pytest.raises(UnsupportedError, match=r"blk\.1\.attn_k\.weight \(Q4_1\)"):
+        moe_numa.load(dst, backend="reference")
+
+
+def test_unknown_type_id(make_model, tmp_path):
+    data = bytearray(make_model("qwen3moe").read_bytes())
+    name = b"blk.0.attn_q.weight"
+    pos = data.find(struct.pack("<Q", len(name)) + name) + 8 + len(name)
+    n_dims = struct.unpack_from("<I", data, pos)[0]
+    struct.pack_into("<I", data, pos + 4 + 8 * n_dims, 99)
+    p = tmp_path / "badtype.gguf"
+    p.write_bytes(bytes(data))
+    with pytest.raises(UnsupportedError, match="unknown GGML type"):
+        moe_numa.load(p, backend="reference")
+
+
+def test_missing_metadata_key_is_named(make_model, tmp_path):
+    dst = rewrite_gguf(make_model("qwen3moe"), tmp_path / "nokey.gguf", drop_keys=("qwen3moe.expert_count",))
+    with pytest.raises(GGUFError, match="qwen3moe.expert_count"):
+        moe_numa.load(dst, backend="reference")
+
+
+def test_wrong_metadata_type_is_named(make_model, tmp_path):
+    dst = rewrite_gguf(make_model("qwen3moe"), tmp_path / "badkey.gguf",
+                       set_keys={"qwen3moe.block_count": ("two", V.STRING)})
+    with pytest.raises(GGUFError, match="qwen3moe.block_count"):
+        moe_numa.load(dst, backend="reference")
+
+
+def test_tensor_shape_mismatch_is_named(make_model, tmp_path):
+    dst = rewrite_gguf(make_model("qwen2moe"), tmp_path / "shape.gguf",
+                       set_keys={"qwen2moe.expert_feed_forward_length": (512, V.UINT32)})
+    with pytest.raises(GGUFError, match=r"blk\.0\.ffn_gate_exps\.weight"):
+        moe_numa.load(dst, backend="reference")
+
+
+def test_missing_tensor_is_named(make_model, tmp_path):
+    dst = rewrite_gguf(make_model("deepseek-v3"), tmp_path / "missing.gguf", drop_tensors=("blk.2.attn_k_b.weight",))
+    with pytest.raises(GGUFError, match=r"blk\.2\.attn_k_b\.weight"):
+        moe_numa.load(dst, backend="reference")
+
+
+def test_unknown_tensor_is_rejected(make_model, tmp_path):
+    dst = rewrite_gguf(make_model("qwen3moe"), tmp_path / "extra.gguf",
+                       add_tensors={"blk.0.ffn_gate_up_exps.weight": np.zeros((4, 4), np.float32)})
+    with pytest.raises(UnsupportedError, match="ffn_gate_up_exps"):
+        moe_numa.load(dst, backend="reference")
+
+
+def test_unsupported_gating_function(make_model, tmp_path):
+    dst = rewrite_gguf(make_model("deepseek-v3"), tmp_path / "gating.gguf",
+                       set_keys={"deepseek2.expert_gating_func": (3, V.UINT32)})
+    with pytest.raises(UnsupportedError, match="expert_gating_func"):
+        moe_numa.load(dst, backend="reference")
+
+
+def test_check_supported_types_lists_types(make_model):
+    g = GGUFModelFile(make_model("qwen3moe", "q4_k_m"))
+    check_supported_types(g)  # Q4_K/Q6_K/Q8_0/F32 are all supported
+    assert {t.qtype for t in g} >= {Q.Q4_K, Q.Q6_K, Q.F32}
