@@ -1,0 +1,241 @@
+"""YAML expert maps: which NUMA node owns each routed expert, per MoE layer.
+
+Schema (docs/expert-maps.md has the full description):
+
+    version: 1
+    model: {name: DeepSeek-V3, arch: deepseek2, n_expert: 256, n_layer: 61}   # optional
+    nodes: [0, 1]
+    experts:            # every MoE layer, unless overridden
+      0: 0-127
+      1: 128-255
+    layers:             # optional per-layer overrides (same form as `experts`)
+      7: {0: "0-63,128-191", 1: "64-127,192-255"}
+    replicas:           # optional extra copies of hot experts
+      - {layer: 7, expert: 17, nodes: [0]}
+
+Every error names the field it is about. `ExpertMap.for_model()` checks a map
+against a model before any weight is copied.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+from ..errors import ExpertMapError
+
+STRATEGIES = ("contiguous", "round-robin")
+
+
+def parse_ranges(value: Any, where: str) -> list[int]:
+    """'0-7,16,20-23' | 5 | [0, 1, '4-6'] -> list of ints (order kept)."""
+    if isinstance(value, bool):
+        raise ExpertMapError(f"{where}: expected expert ids or ranges, got {value!r}")
+    if isinstance(value, int):
+        return [value]
+    if isinstance(value, (list, tuple)):
+        out: list[int] = []
+        for item in value:
+            out.extend(parse_ranges(item, where))
+        return out
+    if isinstance(value, str):
+        out = []
+        for part in value.replace(" ", "").split(","):
+            if not part:
+                continue
+            try:
+                lo, hi = (int(x) for x in part.split("-", 1)) if "-" in part[1:] else (int(part),) * 2
+            except ValueError:
+                raise ExpertMapError(f"{where}: cannot parse {part!r} as an expert id or range like 0-7") from None
+            if hi < lo:
+                raise ExpertMapError(f"{where}: range {part!r} is empty (end before start)")
+            out.extend(range(lo, hi + 1))
+        return out
+    raise ExpertMapError(f"{where}: expected expert ids or ranges, got {type(value).__name__}")
+
+
+def format_ranges(ids: list[int]) -> str:
+    ids = sorted(ids)
+    runs, i = [], 0
+    while i < len(ids):
+        j = i
+        while j + 1 < len(ids) and ids[j + 1] == ids[j] + 1:
+            j += 1
+        runs.append(str(ids[i]) if i == j else f"{ids[i]}-{ids[j]}")
+        i = j + 1
+    return ",".join(runs)
+
+
+@dataclass(frozen=True)
+class ExpertMap:
+    """owner[layer][expert] -> node, for the MoE layers of one model."""
+    n_expert: int
+    nodes: tuple[int, ...]
+    default: tuple[int, ...]                     # owner of each expert, all layers
+    overrides: Mapping[int, tuple[int, ...]] = field(default_factory=dict)
+    replicas: Mapping[tuple[int, int], tuple[int, ...]] = field(default_factory=dict)
+    model: Mapping[str, Any] = field(default_factory=dict)
+    source: str = "<map>"
+
+    def owners(self, layer: int) -> tuple[int, ...]:
+        return self.overrides.get(layer, self.default)
+
+    def experts_on(self, layer: int, node: int) -> list[int]:
+        return [e for e, n in enumerate(self.owners(layer)) if n == node]
+
+    def check_model(self, n_expert: int, moe_layers: list[int], n_layer: int, arch: str | None = None,
+                    n_nodes: int | None = None) -> None:
+        """Refuse a map made for another model or for nodes the engine does not have."""
+        src = self.source
+        if self.n_expert != n_expert:
+            raise ExpertMapError(f"{src}: model.n_expert: the map is for {self.n_expert} experts but the model has "
+                                 f"{n_expert}")
+        if arch and self.model.get("arch") and self.model["arch"] != arch:
+            raise ExpertMapError(f"{src}: model.arch: the map is for {self.model['arch']!r}, the model is {arch!r}")
+        if self.model.get("n_layer") is not None and int(self.model["n_layer"]) != n_layer:
+            raise ExpertMapError(f"{src}: model.n_layer: the map is for {self.model['n_layer']} layers, the model "
+                                 f"has {n_layer}")
+        for layer in list(self.overrides) + [l for l, _ in self.replicas]:
+            if layer not in moe_layers:
+                raise ExpertMapError(f"{src}: layers.{layer}: not an MoE layer of this model "
+                                     f"(MoE layers: {format_ranges(moe_layers)})")
+        if n_nodes is not None:
+            unknown = [n for n in self.nodes if not 0 <= n < n_nodes]
+            if unknown:
+                raise ExpertMapError(f"{src}: nodes: node {unknown[0]} is unknown; the engine has nodes "
+                                     f"0-{n_nodes - 1}")
+
+    def to_yaml_dict(self) -> dict:
+        def by_node(owner: tuple[int, ...]) -> dict:
+            return {n: format_ranges([e for e, o in enumerate(owner) if o == n]) for n in self.nodes
+                    if any(o == n for o in owner)}
+        d: dict[str, Any] = {"version": 1}
+        if self.model:
+            d["model"] = dict(self.model)
+        d["nodes"] = list(self.nodes)
+        d["experts"] = by_node(self.default)
+        if self.overrides:
+            d["layers"] = {l: by_node(o) for l, o in sorted(self.overrides.items())}
+        if self.replicas:
+            d["replicas"] = [{"layer": l, "expert": e, "nodes": list(ns)} for (l, e), ns in sorted(self.replicas.items())]
+        return d
+
+    def dump(self) -> str:
+        header = "# moe_numa expert map (docs/expert-maps.md)\n"
+        return header + yaml.safe_dump(self.to_yaml_dict(), sort_keys=False, default_flow_style=None)
+
+
+def _owners(section: Any, n_expert: int, nodes: tuple[int, ...], where: str) -> tuple[int, ...]:
+    if not isinstance(section, Mapping) or not section:
+        raise ExpertMapError(f"{where}: expected a mapping of node -> expert ranges")
+    owner: list[int | None] = [None] * n_expert
+    for node_key, ranges in section.items():
+        try:
+            node = int(str(node_key).removeprefix("node"))
+        except ValueError:
+            raise ExpertMapError(f"{where}.{node_key}: not a node id") from None
+        if node not in nodes:
+            raise ExpertMapError(f"{where}.{node_key}: node {node} is unknown (nodes: {list(nodes)})")
+        for e in parse_ranges(ranges, f"{where}.{node_key}"):
+            if not 0 <= e < n_expert:
+                raise ExpertMapError(f"{where}.{node_key}: expert {e} is out of range 0..{n_expert - 1}")
+            if owner[e] is not None:
+                raise ExpertMapError(f"{where}.{node_key}: expert {e} is listed twice (nodes {owner[e]} and {node})")
+            owner[e] = node
+    missing = [e for e, o in enumerate(owner) if o is None]
+    if missing:
+        raise ExpertMapError(f"{where}: expert(s) {format_ranges(missing)} missing (every expert needs one node)")
+    return tuple(owner)  # type: ignore[arg-type]
+
+
+def from_dict(d: Any, n_expert: int | None = None, source: str = "<map>") -> ExpertMap:
+    """Validate a parsed map. `n_expert` (the model's) is used when the map has no model.n_expert."""
+    if not isinstance(d, Mapping):
+        raise ExpertMapError(f"{source}: an expert map is a YAML mapping, got {type(d).__name__}")
+    known = {"version", "model", "nodes", "experts", "layers", "replicas"}
+    extra = sorted(set(map(str, d)) - known)
+    if extra:
+        raise ExpertMapError(f"{source}: {extra[0]}: unknown field (fields: {', '.join(sorted(known))})")
+    if d.get("version", 1) != 1:
+        raise ExpertMapError(f"{source}: version: only version 1 is supported, got {d.get('version')!r}")
+    model = d.get("model") or {}
+    if not isinstance(model, Mapping):
+        raise ExpertMapError(f"{source}: model: expected a mapping")
+    map_n = model.get("n_expert")
+    if map_n is not None and (not isinstance(map_n, int) or map_n <= 0):
+        raise ExpertMapError(f"{source}: model.n_expert: expected a positive integer, got {map_n!r}")
+    n = map_n if map_n is not None else n_expert
+    if n is None:
+        raise ExpertMapError(f"{source}: model.n_expert: missing, and no model given to take it from")
+    if "nodes" not in d:
+        raise ExpertMapError(f"{source}: nodes: missing (list the node ids, e.g. [0, 1])")
+    try:
+        nodes = tuple(int(x) for x in (d["nodes"] if isinstance(d["nodes"], list) else [d["nodes"]]))
+    except (TypeError, ValueError):
+        raise ExpertMapError(f"{source}: nodes: expected a list of node ids, got {d['nodes']!r}") from None
+    if len(set(nodes)) != len(nodes) or any(x < 0 for x in nodes):
+        raise ExpertMapError(f"{source}: nodes: node ids must be distinct and >= 0, got {list(nodes)}")
+    if "experts" not in d:
+        raise ExpertMapError(f"{source}: experts: missing (node -> expert ranges)")
+    default = _owners(d["experts"], n, nodes, f"{source}: experts")
+    overrides = {}
+    for layer_key, section in (d.get("layers") or {}).items():
+        try:
+            layer = int(layer_key)
+        except (TypeError, ValueError):
+            raise ExpertMapError(f"{source}: layers.{layer_key}: not a layer number") from None
+        if layer < 0:
+            raise ExpertMapError(f"{source}: layers.{layer}: layer out of range")
+        overrides[layer] = _owners(section, n, nodes, f"{source}: layers.{layer}")
+    replicas = {}
+    for i, r in enumerate(d.get("replicas") or []):
+        where = f"{source}: replicas[{i}]"
+        if not isinstance(r, Mapping) or not {"layer", "expert", "nodes"} <= set(r):
+            raise ExpertMapError(f"{where}: expected {{layer, expert, nodes}}")
+        layer, e = int(r["layer"]), int(r["expert"])
+        if not 0 <= e < n:
+            raise ExpertMapError(f"{where}.expert: expert {e} is out of range 0..{n - 1}")
+        rnodes = tuple(int(x) for x in r["nodes"])
+        bad = [x for x in rnodes if x not in nodes]
+        if bad:
+            raise ExpertMapError(f"{where}.nodes: node {bad[0]} is unknown (nodes: {list(nodes)})")
+        owner = overrides.get(layer, default)[e]
+        if owner in rnodes:
+            raise ExpertMapError(f"{where}.nodes: node {owner} already owns expert {e}")
+        replicas[(layer, e)] = rnodes
+    return ExpertMap(n, nodes, default, overrides, replicas, dict(model), source)
+
+
+def load_map(spec: str | os.PathLike[str] | Mapping, n_expert: int | None = None) -> ExpertMap:
+    """An ExpertMap from a YAML file path or an already-parsed dict."""
+    if not isinstance(spec, (str, os.PathLike)):
+        return from_dict(spec, n_expert, "<dict>")
+    path = Path(spec)
+    if not path.exists():
+        raise ExpertMapError(f"expert map not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ExpertMapError(f"{path}: not valid YAML: {e}") from None
+    return from_dict(data, n_expert, str(path))
+
+
+def make_map(n_expert: int, n_nodes: int, strategy: str = "contiguous", model: Mapping | None = None) -> ExpertMap:
+    """A balanced map: contiguous ranges (0-7 on node0, 8-15 on node1, ...) or round-robin."""
+    if strategy not in STRATEGIES:
+        raise ExpertMapError(f"strategy: {strategy!r} is not one of {', '.join(STRATEGIES)}")
+    if n_nodes < 1:
+        raise ExpertMapError(f"nodes: need at least one node, got {n_nodes}")
+    if strategy == "contiguous":
+        q, r = divmod(n_expert, n_nodes)
+        owner = []
+        for node in range(n_nodes):
+            owner += [node] * (q + (1 if node < r else 0))
+    else:
+        owner = [e % n_nodes for e in range(n_expert)]
+    meta = dict(model or {})
+    meta["n_expert"] = n_expert
+    return ExpertMap(n_expert, tuple(range(n_nodes)), tuple(owner), model=meta)
