@@ -174,3 +174,51 @@ def test_unframe():
         lc._unframe(flat, 2)
     with pytest.raises(lc.LlamaCppError):
         lc._unframe(np.array([5, 1], dtype=np.int32), 1)
+
+
+# ----------------------------------------------------------------------------- compat arithmetic
+
+from moe_numa.bench import compat_llama_cpp as compat  # noqa: E402
+
+
+def test_compare_logits_identical_and_scaled():
+    rng = np.random.default_rng(0)
+    ref = rng.standard_normal((5, 50)).astype(np.float32) * 3
+    r = compat.compare_logits(ref, ref)
+    assert r["max_abs"] == 0 and r["argmax_agree"] == 1.0 and r["n"] == 5
+    assert r["scale"] == pytest.approx(np.abs(ref).max())
+    ours = ref.copy()
+    ours[3, 7] += 0.5
+    r = compat.compare_logits(ours, ref)
+    assert r["max_abs"] == pytest.approx(0.5, rel=1e-6)
+    assert r["worst_pos"] == 3
+    assert r["max_rel"] == pytest.approx(0.5 / np.abs(ref).max(), rel=1e-6)
+
+
+def test_compare_logits_argmax_and_near_ties():
+    ref = np.array([[0.0, 1.0, 0.999], [0.0, 5.0, 1.0], [2.0, 0.0, 0.0]])
+    ours = np.array([[0.0, 0.999, 1.0], [0.0, 1.0, 5.0], [2.0, 0.0, 0.0]])
+    r = compat.compare_logits(ours, ref)
+    assert r["argmax_agree"] == pytest.approx(1 / 3)
+    assert r["argmax_disagree_pos"] == [0, 1]
+    assert r["disagree_margin"] == pytest.approx(4.0)
+    assert r["min_margin"] == pytest.approx(0.001)
+    assert compat.compare_logits(ref, ref)["disagree_margin"] is None
+    with pytest.raises(ValueError):
+        compat.compare_logits(np.zeros((2, 3)), np.zeros((3, 2)))
+
+
+def test_compare_ids():
+    assert compat.compare_ids([1, 2, 3], [1, 2, 3])["identical"]
+    r = compat.compare_ids([1, 2, 3], [1, 5, 3])
+    assert not r["identical"] and r["first_diff"] == 1
+    assert r["similarity"] == pytest.approx(2 * 2 / 6)
+    r = compat.compare_ids([1, 2], [1, 2, 3])
+    assert r["first_diff"] == 2 and r["n_ours"] == 2 and r["n_llama"] == 3
+
+
+def test_split_pieces_keeps_newlines_and_covers_text():
+    text = "a\n\nb c\r\nlast"
+    pieces = compat.split_pieces(text)
+    assert "".join(pieces) == text
+    assert pieces == ["a\n", "\n", "b c\r\n", "last"]

@@ -1,0 +1,371 @@
+"""Compare moe_numa's reference forward pass and tokenizer with llama.cpp's.
+
+    python -m moe_numa.bench.compat_llama_cpp [--llama-build DIR] [--threads N]
+        [--out docs/compat.md] [--presets qwen3moe,...] [--qtypes f32,q8_0,...]
+        [--n-tokens 64] [--seed 0] [--workdir DIR] [--no-tokenizer] [--json FILE]
+
+For each test-model preset and quant type it writes a random GGUF with
+``moe_numa.testing.make_test_model`` (the same seed gives the same underlying float
+weights for every quant type), computes the next-token logits at every position of a
+prompt with our reference backend and with llama.cpp (``llama_logits``: one batch, F32 KV
+cache, flash attention off, no weight repacking), and tabulates the differences.
+
+For a non-F32 file the yardstick is llama.cpp's own quantization noise: how far
+llama.cpp's logits move between the F32 file and the quantized file of the same seed,
+``max |llama(Q) - llama(F32)|``.  Our reference should sit well inside it:
+``max |ours(Q) - llama(Q)|`` < that noise (llama.cpp also quantizes the activations, to
+Q8_0/Q8_K/F16/BF16 depending on the weight type; our reference keeps them float32).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import difflib
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from . import llama_cpp as lc
+
+DATA_DIR = Path(__file__).resolve().parent / "data"
+TEXT_PATH = DATA_DIR / "tokenizer_text.txt"
+DEFAULT_PRESETS = ("qwen2moe", "qwen3moe", "deepseek-v3", "deepseek-v2-lite")
+DEFAULT_QTYPES = ("f32", "f16", "bf16", "q8_0", "q6_k", "q4_k", "q4_k_m")
+#: F32 files: ours vs llama.cpp within this fraction of the logits' scale (max |logit|)
+F32_REL_TOL = 1e-4
+#: the tokenizer comparison uses one preset per vocabulary
+VOCAB_PRESETS = {"qwen2": "qwen3moe", "deepseek-v3": "deepseek-v3"}
+
+
+# ----------------------------------------------------------------------------- arithmetic
+
+def logits_scale(ref: np.ndarray) -> float:
+    """The scale a logits difference is measured against: max |logit| over all positions."""
+    return float(np.max(np.abs(ref)))
+
+
+def compare_logits(ours: np.ndarray, ref: np.ndarray) -> dict:
+    """Differences between two ``[n, n_vocab]`` logits arrays (``ref`` sets the scale).
+
+    ``argmax_agree``: fraction of positions with the same argmax; ``disagree_margin``:
+    the largest top-1 margin of ``ref`` (top1 - top2 logit) among the disagreeing
+    positions (small: the flips are near-ties), ``None`` when all agree.
+    """
+    ours = np.asarray(ours, dtype=np.float64)
+    ref = np.asarray(ref, dtype=np.float64)
+    if ours.shape != ref.shape or ours.ndim != 2:
+        raise ValueError(f"logits shapes differ: {ours.shape} vs {ref.shape}")
+    d = np.abs(ours - ref)
+    scale = logits_scale(ref)
+    a_o, a_r = ours.argmax(1), ref.argmax(1)
+    srt = np.sort(ref, axis=1)
+    margin = srt[:, -1] - srt[:, -2] if ref.shape[1] > 1 else np.full(ref.shape[0], np.inf)
+    disagree = a_o != a_r
+    return {
+        "n": int(ref.shape[0]),
+        "max_abs": float(d.max()),
+        "mean_abs": float(d.mean()),
+        "scale": scale,
+        "std": float(ref.std()),
+        "max_rel": float(d.max() / scale) if scale > 0 else float("inf"),
+        "worst_pos": int(np.unravel_index(d.argmax(), d.shape)[0]),
+        "argmax_agree": float(1.0 - disagree.mean()),
+        "argmax_disagree_pos": [int(i) for i in np.nonzero(disagree)[0]],
+        "disagree_margin": float(margin[disagree].max()) if disagree.any() else None,
+        "min_margin": float(margin.min()),
+    }
+
+
+def compare_ids(ours: list[int], theirs: list[int]) -> dict:
+    """Token id sequences: identical?, first difference, similarity (difflib ratio)."""
+    first = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), None)
+    if first is None and len(ours) != len(theirs):
+        first = min(len(ours), len(theirs))
+    sm = difflib.SequenceMatcher(a=ours, b=theirs, autojunk=False)
+    return {"n_ours": len(ours), "n_llama": len(theirs), "identical": ours == theirs,
+            "first_diff": first, "similarity": sm.ratio()}
+
+
+def split_pieces(text: str) -> list[str]:
+    """The text cut into lines, each keeping its trailing newline (none are empty)."""
+    return [p for p in text.splitlines(keepends=True) if p]
+
+
+# ----------------------------------------------------------------------------- ours
+
+def _load_ours(path: Path):
+    import moe_numa
+    return moe_numa.load(str(path), backend="reference")
+
+
+def _our_encode(model, text: str, add_special: bool, parse_special: bool) -> list[int]:
+    tok = getattr(model, "tokenizer", None)
+    if tok is not None and hasattr(tok, "encode"):
+        return list(tok.encode(text, add_special=add_special, parse_special=parse_special))
+    raise RuntimeError("moe_numa Model has no tokenizer.encode(text, add_special, parse_special)")
+
+
+def _prompt_ids(model, n_vocab: int, n_tokens: int, seed: int, log) -> tuple[list[int], str]:
+    text = TEXT_PATH.read_text(encoding="utf-8")
+    try:
+        ids = _our_encode(model, text, add_special=True, parse_special=False)[:n_tokens]
+        if len(ids) == n_tokens and max(ids) < n_vocab:
+            return ids, "tokenizer_text.txt, first tokens"
+    except Exception as e:  # the tokenizer is checked separately
+        log(f"  (our tokenizer failed on the prompt: {e}; using random ids)")
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, n_vocab, n_tokens).tolist(), f"random ids (seed {seed})"
+
+
+# ----------------------------------------------------------------------------- the runs
+
+def run_model(build, preset: str, qtypes, workdir: Path, threads: int, n_tokens: int, seed: int,
+              log) -> list[dict]:
+    """Rows for one preset: one per quant type (the F32 file first, it is the yardstick)."""
+    from moe_numa.testing import make_test_model
+
+    rows = []
+    qtypes = ["f32"] + [q for q in qtypes if q != "f32"]
+    llama_f32 = ours_f32 = None
+    ids = None
+    for q in qtypes:
+        row = {"preset": preset, "qtype": q}
+        rows.append(row)
+        path = workdir / f"{preset}-{q}-s{seed}.gguf"
+        t0 = time.time()
+        try:
+            if not path.exists():
+                make_test_model(path, preset, qtype=q, seed=seed)
+            model = _load_ours(path)
+            if ids is None:
+                n_vocab = _n_vocab(model, path)
+                ids, row_src = _prompt_ids(model, n_vocab, n_tokens, seed, log)
+                log(f"{preset}: prompt = {row_src}, {len(ids)} tokens")
+            ours = np.asarray(model.logits(ids), dtype=np.float32)
+        except Exception as e:
+            row["error"] = f"ours: {type(e).__name__}: {e}"
+            log(f"  {preset} {q}: {row['error']}")
+            continue
+        try:
+            llama = lc.llama_logits(build, path, ids, threads=threads)
+        except Exception as e:
+            row["error"] = f"llama.cpp: {str(e).splitlines()[0]}"
+            log(f"  {preset} {q}: {row['error']}")
+            continue
+        row["n_tokens"] = len(ids)
+        row.update({k: v for k, v in compare_logits(ours, llama).items()})
+        if q == "f32":
+            llama_f32, ours_f32 = llama, ours
+            row["ok"] = row["max_rel"] <= F32_REL_TOL and row["argmax_agree"] == 1.0
+        elif llama_f32 is not None:
+            noise = compare_logits(llama, llama_f32)
+            row["llama_noise"] = noise["max_abs"]
+            row["llama_noise_argmax"] = noise["argmax_agree"]
+            row["ours_noise"] = float(np.abs(ours.astype(np.float64) - ours_f32).max())
+            row["ratio"] = row["max_abs"] / noise["max_abs"] if noise["max_abs"] > 0 else float("inf")
+            row["ok"] = row["max_abs"] < noise["max_abs"]
+        # llama.cpp's repacked CPU kernels (its default in llama-bench) against no repack
+        try:
+            rp = lc.llama_logits(build, path, ids, threads=threads, repack=True)
+            row["repack_delta"] = float(np.abs(rp.astype(np.float64) - llama).max())
+        except Exception as e:
+            row["repack_delta"] = None
+            row["repack_error"] = str(e).splitlines()[0]
+        row["seconds"] = round(time.time() - t0, 1)
+        log(f"  {preset:17s} {q:7s} max|Δ| {row['max_abs']:.3g} (rel {row['max_rel']:.2g})"
+            f" argmax {100 * row['argmax_agree']:.1f}%"
+            + (f" llama noise {row['llama_noise']:.3g}" if "llama_noise" in row else "")
+            + f" repackΔ {row['repack_delta']}  [{row['seconds']} s]")
+    return rows
+
+
+def _n_vocab(model, path: Path) -> int:
+    for attr in ("n_vocab",):
+        if hasattr(model, attr):
+            return int(getattr(model, attr))
+    cfg = getattr(model, "config", None)
+    if cfg is not None and hasattr(cfg, "n_vocab"):
+        return int(cfg.n_vocab)
+    import gguf
+    r = gguf.GGUFReader(str(path))
+    return len(r.fields["tokenizer.ggml.tokens"].data)
+
+
+def run_tokenizers(build, workdir: Path, seed: int, log, full_vocab: bool = True) -> list[dict]:
+    """Our tokenizer vs llama.cpp's on bench/data/tokenizer_text.txt, per vocabulary."""
+    from moe_numa.testing import make_test_model
+    from moe_numa.testing.writer import variant
+
+    text = TEXT_PATH.read_text(encoding="utf-8")
+    pieces = split_pieces(text)
+    rows = []
+    for vocab, preset in VOCAB_PRESETS.items():
+        kinds = [("test preset", None)]
+        if full_vocab:
+            kinds.append(("full", variant(preset, n_vocab_regular=0)))
+        for kind, spec in kinds:
+            tag = "full" if spec is not None else "test"
+            path = workdir / f"vocab-{vocab}-{tag}.gguf"
+            try:
+                if not path.exists():
+                    make_test_model(path, preset, qtype="q8_0", seed=seed, spec=spec)
+                model = _load_ours(path)
+            except Exception as e:
+                rows.append({"vocab": vocab, "kind": kind, "error": f"{type(e).__name__}: {e}"})
+                continue
+            for add_special, parse_special in ((False, False), (False, True), (True, True)):
+                row = {"vocab": vocab, "kind": kind, "n_vocab": _n_vocab(model, path),
+                       "add_special": add_special, "parse_special": parse_special,
+                       "bytes": len(text.encode("utf-8"))}
+                rows.append(row)
+                try:
+                    ours_all = _our_encode(model, text, add_special, parse_special)
+                    ours_lines = [_our_encode(model, p, add_special, parse_special) for p in pieces]
+                except Exception as e:
+                    row["error"] = f"ours: {type(e).__name__}: {e}"
+                    continue
+                llama_all = lc.llama_tokenize(build, path, text, add_special=add_special,
+                                              parse_special=parse_special)
+                llama_lines = lc.llama_tokenize_many(build, path, pieces, add_special=add_special,
+                                                     parse_special=parse_special)
+                row.update(compare_ids(ours_all, llama_all))
+                bad = [i for i, (a, b) in enumerate(zip(ours_lines, llama_lines)) if a != b]
+                row["lines"] = len(pieces)
+                row["lines_identical"] = len(pieces) - len(bad)
+                row["bad_lines"] = [{"line": pieces[i][:80], "ours": ours_lines[i][:40],
+                                     "llama": llama_lines[i][:40]} for i in bad[:5]]
+                log(f"  tokenizer {vocab:12s} {kind:12s} add={add_special:d} parse={parse_special:d}:"
+                    f" {row['n_ours']} vs {row['n_llama']} ids, identical={row['identical']},"
+                    f" lines {row['lines_identical']}/{row['lines']}")
+    return rows
+
+
+# ----------------------------------------------------------------------------- report
+
+def _f(x, fmt=".2e"):
+    return "—" if x is None else format(x, fmt)
+
+
+def render(build, model_rows, tok_rows, args, seconds) -> str:
+    info = build.info or {}
+    out = ["# Compatibility with llama.cpp", "",
+           f"Generated by `python -m moe_numa.bench.compat_llama_cpp` on "
+           f"{_dt.date.today().isoformat()} ({platform.machine()}, {info.get('host', {}).get('cpu', '')}, "
+           f"{args.threads} threads, {seconds:.0f} s).", "",
+           f"llama.cpp: {build.tag}, {build.compiler}, "
+           f"`{' '.join(f for f in build.cmake_flags if 'COMPILER' not in f)}`.  ",
+           f"ggml CPU features: `{info.get('system_info', '?')}`", "",
+           "## Logits", "",
+           f"Each row: a random test model from `make_test_model(preset, qtype, seed={args.seed})`, the "
+           f"next-token logits at every position of a {args.n_tokens}-token prompt (our tokenizer on "
+           "`bench/data/tokenizer_text.txt`), computed by our reference backend (`backend=\"reference\"`) "
+           "and by llama.cpp (our probe `bench/tools/llama_logits.cpp`: one batch from an empty cache, "
+           "F32 KV cache, flash attention off, weight repacking off).", "",
+           "- **max |Δ|**: max over positions and vocabulary of |ours − llama.cpp|.",
+           "- **rel**: max |Δ| / scale, where **scale = max |logit|** of llama.cpp's logits over all "
+           "positions (the std of the logits is given in the JSON output).",
+           "- **argmax**: positions where both pick the same next token.",
+           "- **llama noise**: max |llama(Q) − llama(F32)| for the same seed: how far llama.cpp's own "
+           "quantization (weights, and activations to Q8_0/Q8_K/F16/BF16) moves its logits. "
+           "**ratio** = max |Δ| / llama noise; < 1 means we sit within llama.cpp's quantization noise.",
+           "- **ours noise**: max |ours(Q) − ours(F32)| (our weight quantization alone).",
+           "- **repack Δ**: max |llama(repack on) − llama(repack off)|, llama.cpp's repacked CPU kernels "
+           "(its default) against the plain ones.",
+           f"- **ok**: F32: rel ≤ {F32_REL_TOL:g} and identical argmax everywhere; other types: ratio < 1.",
+           "",
+           "| preset | qtype | n tok | scale | max \\|Δ\\| | rel | argmax | llama noise | ratio | "
+           "ours noise | repack Δ | ok |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in model_rows:
+        if "error" in r:
+            out.append(f"| {r['preset']} | {r['qtype']} | | | | | | | | | | **error**: "
+                       f"{r['error'][:120].replace('|', '/')} |")
+            continue
+        rp = r.get("repack_delta")
+        rp_s = _f(rp) if rp is not None else ("abort" if r.get("repack_error") else "—")
+        out.append(
+            f"| {r['preset']} | {r['qtype']} | {r['n_tokens']} | {r['scale']:.3g} | {_f(r['max_abs'])} | "
+            f"{_f(r['max_rel'])} | {100 * r['argmax_agree']:.1f}% | {_f(r.get('llama_noise'))} | "
+            f"{_f(r.get('ratio'), '.3f')} | {_f(r.get('ours_noise'))} | {rp_s} | "
+            f"{'yes' if r.get('ok') else '**no**'} |")
+    if tok_rows:
+        out += ["", "## Tokenizer", "",
+                "`bench/data/tokenizer_text.txt` "
+                f"({tok_rows[0].get('bytes', 0)} bytes: English, Chinese, Japanese, Korean, Russian, Arabic, "
+                "German, emoji, long numbers, Python/C/Rust/JSON code, whitespace runs, special-token "
+                "strings) tokenized by our tokenizer (`model.tokenizer.encode`) and by llama.cpp "
+                "(`llama_tokenize` on the vocabulary of the same GGUF file). *whole text*: the full text "
+                "at once; *lines*: each line (with its newline) on its own. Vocabularies: the test "
+                "presets' truncated ones and the full ones.", "",
+                "| vocab | kind | n_vocab | add_special | parse_special | ids ours / llama | identical | "
+                "first diff | similarity | lines identical |",
+                "|---|---|---|---|---|---|---|---|---|---|"]
+        for r in tok_rows:
+            if "error" in r or "n_ours" not in r:
+                out.append(f"| {r['vocab']} | {r['kind']} | | | | | **error**: "
+                           f"{r.get('error', '?')[:120].replace('|', '/')} | | | |")
+                continue
+            out.append(f"| {r['vocab']} | {r['kind']} | {r['n_vocab']} | {r['add_special']} | "
+                       f"{r['parse_special']} | {r['n_ours']} / {r['n_llama']} | "
+                       f"{'yes' if r['identical'] else '**no**'} | {r['first_diff'] if r['first_diff'] is not None else '—'} | "
+                       f"{r['similarity']:.4f} | {r['lines_identical']}/{r['lines']} |")
+        bad = [(r, b) for r in tok_rows for b in r.get("bad_lines", [])]
+        if bad:
+            out += ["", "Lines tokenized differently (first few per row):", ""]
+            for r, b in bad[:20]:
+                out.append(f"- {r['vocab']}/{r['kind']} add={r['add_special']} parse={r['parse_special']}: "
+                           f"`{b['line']!r}` ours {b['ours']} llama {b['llama']}")
+    out += ["", "Reproduce: `python -m moe_numa.bench.compat_llama_cpp --out docs/compat.md` "
+            "(builds llama.cpp into `~/.cache/moe_numa` on first use, about 3.5 minutes on 2 cores).", ""]
+    return "\n".join(out)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m moe_numa.bench.compat_llama_cpp", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--llama-build", help="an existing llama.cpp build dir (default: cached build)")
+    ap.add_argument("--compiler", default="clang", choices=("clang", "gcc"))
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", default="docs/compat.md")
+    ap.add_argument("--json", help="also write the raw rows as JSON here")
+    ap.add_argument("--presets", default=",".join(DEFAULT_PRESETS))
+    ap.add_argument("--qtypes", default=",".join(DEFAULT_QTYPES))
+    ap.add_argument("--n-tokens", type=int, default=64)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--workdir", help="where the test GGUF files go (default: a temporary dir)")
+    ap.add_argument("--no-tokenizer", action="store_true")
+    ap.add_argument("--no-full-vocab", action="store_true", help="skip the full-vocabulary tokenizer files")
+    args = ap.parse_args(argv)
+
+    log = lambda *a: print(*a, file=sys.stderr, flush=True)  # noqa: E731
+    t0 = time.time()
+    build = lc.find_or_build(args.llama_build, compiler=args.compiler, log=log)
+    with tempfile.TemporaryDirectory(prefix="moe_numa_compat_") as td:
+        workdir = Path(args.workdir) if args.workdir else Path(td)
+        workdir.mkdir(parents=True, exist_ok=True)
+        model_rows = []
+        for preset in [p for p in args.presets.split(",") if p]:
+            model_rows += run_model(build, preset, [q for q in args.qtypes.split(",") if q], workdir,
+                                    args.threads, args.n_tokens, args.seed, log)
+        tok_rows = [] if args.no_tokenizer else run_tokenizers(build, workdir, args.seed, log,
+                                                               full_vocab=not args.no_full_vocab)
+    md = render(build, model_rows, tok_rows, args, time.time() - t0)
+    if args.out and args.out != "-":
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(md, encoding="utf-8")
+        log(f"wrote {args.out}")
+    else:
+        print(md)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"models": model_rows, "tokenizer": tok_rows}, indent=1))
+    ok = all(r.get("ok") for r in model_rows) and all(r.get("identical") for r in tok_rows)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
