@@ -1,0 +1,116 @@
+/* The NUMA engine's native core: per-node shards of each layer, and the block
+ * calls that run one layer's attention or feed-forward on every node at once.
+ *
+ * Each node owns a thread pool pinned to its CPUs, its slice of the attention
+ * heads (and their KV cache), its slice of the dense/shared FFNs, its routed
+ * experts, and its rows of the output head, all in its own memory.  A block
+ * call dispatches one task per node; each node computes a partial result from
+ * local weights only; the caller waits for all nodes (the one cross-node
+ * synchronisation of the block) and adds the partials into the residual.
+ * Everything is plain C, run with the GIL released. */
+#ifndef MN_ENGINE_H
+#define MN_ENGINE_H
+
+#include <stdint.h>
+#include "mn_kernels.h"
+
+typedef struct {            /* a weight matrix (or shard) in node memory: rows x cols */
+    int type;
+    const uint8_t *data;
+    size_t stride;          /* bytes between rows */
+    int64_t rows, cols;
+} mn_mat;
+
+enum { MN_ATTN_NONE = 0, MN_ATTN_GQA = 1, MN_ATTN_MLA = 2, MN_ATTN_MLA_MHA = 3 };
+enum { MN_FFN_NONE = 0, MN_FFN_DENSE = 1, MN_FFN_MOE = 2 };
+enum { MN_GATE_SOFTMAX = 0, MN_GATE_SIGMOID = 1 };
+enum { MN_GROUP_TOP2_SUM = 0, MN_GROUP_MAX = 1 };
+
+typedef struct {
+    int kind;                       /* MN_ATTN_*; NONE: no heads on this node */
+    int64_t hidden;
+    float rms_eps, norm_eps, kq_scale;
+    const float *attn_norm;         /* [hidden] */
+    int n_head;                     /* local query heads */
+    int n_kv;                       /* local kv heads (GQA, MLA_MHA: = n_head) */
+    const int32_t *q2kv;            /* local q head -> local kv head */
+    int qk_dim;                     /* per-head q/k size (GQA: head_dim; MLA: nope + rope) */
+    int v_dim;                      /* per-head value size */
+    int rope_off, rope_dims, rope_neox;
+    const float *rope_cos, *rope_sin;   /* [n_ctx, rope_dims/2], magnitude included */
+    /* GQA */
+    mn_mat wq, wk, wv, wo;          /* wq rows: local heads; wo: [hidden, n_head * v_dim] */
+    const float *bq, *bk, *bv, *q_norm, *k_norm;
+    /* MLA */
+    int q_lora, kv_lora, nope;
+    mn_mat wq_a, wq_b, wkv_a, wkv_b;    /* wq (no q LoRA) in wq; wkv_b: local heads' rows (MLA_MHA) */
+    const float *q_a_norm, *kv_a_norm;
+    const mn_mat *k_b, *v_b;            /* per local head: [kv_lora, nope], [v_dim, kv_lora] (MLA) */
+    /* cache (this node's part) */
+    int64_t n_ctx;
+    float *cache_k, *cache_v;           /* GQA/MLA_MHA: [n_ctx, n_kv, qk_dim], [n_ctx, n_kv, v_dim] */
+    float *cache_lat, *cache_kpe;       /* MLA: [n_ctx, kv_lora], [n_ctx, rope_dims] */
+} mn_attn_layer;
+
+typedef struct {
+    int kind;                       /* MN_FFN_* */
+    int64_t hidden;
+    float rms_eps;
+    const float *ffn_norm;
+    /* router (MoE), replicated on every node */
+    int n_expert, n_used, gating, norm_w, n_groups, n_groups_used, group_rule;
+    float w_scale;
+    mn_mat router;                  /* [n_expert, hidden] */
+    const float *probs_bias;        /* [n_expert] or NULL: selection only */
+    /* this node's routed experts: pointers per expert, NULL when not local */
+    int gate_type, up_type, down_type;
+    int64_t inter;
+    const uint8_t **gate_ptrs, **up_ptrs, **down_ptrs;
+    size_t gate_stride, up_stride, down_stride;
+    /* dense FFN or shared expert: this node's slice of the intermediate dim */
+    int64_t sh_ff;
+    mn_mat sh_gate, sh_up, sh_down; /* [sh_ff, hidden], [sh_ff, hidden], [hidden, sh_ff] */
+    const float *sh_gate_vec;       /* [hidden]: sigmoid gate of the shared expert (Qwen2-MoE), or NULL */
+    int64_t *expert_tokens;         /* [n_expert]: tokens routed to each local expert (counter) */
+} mn_ffn_layer;
+
+typedef struct {
+    int64_t hidden, vocab;
+    float rms_eps;
+    const float *norm;
+    mn_mat out;                     /* local vocab rows [v0, v0 + out.rows) */
+    int64_t v0;
+} mn_head_shard;
+
+typedef struct {
+    mn_pool *pool;
+    mn_attn_layer *attn;            /* [n_layers] */
+    mn_ffn_layer *ffn;              /* [n_layers] */
+    mn_head_shard head;
+    float *partial;                 /* [t_max, hidden] */
+    uint8_t *scratch;
+    size_t scratch_bytes;
+    int64_t busy_ns;                /* wall time inside block tasks (thread 0) */
+} mn_node;
+
+typedef struct {
+    int n_nodes, n_layers;
+    int64_t hidden, t_max;
+    mn_node *nodes;
+    int64_t syncs;                  /* cross-node synchronisations so far */
+    int64_t wait_ns;                /* caller's time waiting for nodes 1.. after node 0 finished */
+} mn_engine;
+
+/* Scratch bytes one node needs for blocks of up to t_max tokens with its layers. */
+size_t mn_node_scratch_bytes(const mn_engine *e, int node);
+/* Validate every node's layers; 0, or -1 with a message naming node, layer and field. */
+int    mn_engine_check(const mn_engine *e, char *err, size_t errlen);
+
+/* x[T, hidden] += attention(layer) at positions pos0 .. pos0+T-1 (cache updated). */
+void   mn_engine_attention(mn_engine *e, int layer, float *x, int64_t T, int64_t pos0);
+/* x[T, hidden] += ffn(layer) (MoE with shared experts, or dense). */
+void   mn_engine_ffn(mn_engine *e, int layer, float *x, int64_t T);
+/* logits[T, vocab] = head(x) (final norm included). */
+void   mn_engine_head(mn_engine *e, const float *x, int64_t T, float *logits);
+
+#endif

@@ -1,0 +1,273 @@
+/* AVX2 + FMA + F16C kernels.  Compiled for the baseline ISA with a target
+ * pragma, called only when CPUID reports AVX2/FMA/F16C. */
+#include <immintrin.h>
+#include "mn_internal.h"
+#include "mn_tile.h"
+
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c,bmi2,popcnt")
+
+MN_INLINE float hsum8(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+MN_INLINE float hsum4(__m128 s) {
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+MN_INLINE float h2f(const uint8_t *p) { return _cvtsh_ss(mn_rd16(p)); }
+
+/* ---------------------------------------------------------------- floats */
+#define FLOAT_KERNEL(name, LOAD8) \
+MN_INLINE void name##_t(const uint8_t *w, int64_t n, const uint8_t *xq, size_t xs, const int NT, float *res) { \
+    __m256 a0[MN_TILE], a1[MN_TILE]; \
+    for (int t = 0; t < NT; t++) { a0[t] = _mm256_setzero_ps(); a1[t] = _mm256_setzero_ps(); } \
+    int64_t i = 0; \
+    for (; i + 16 <= n; i += 16) { \
+        __m256 w0 = LOAD8(i), w1 = LOAD8(i + 8); \
+        for (int t = 0; t < NT; t++) { \
+            const float *x = (const float *)(xq + t * xs) + i; \
+            a0[t] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x), a0[t]); \
+            a1[t] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(x + 8), a1[t]); \
+        } \
+    } \
+    for (int t = 0; t < NT; t++) { \
+        const float *x = (const float *)(xq + t * xs); \
+        float s = hsum8(_mm256_add_ps(a0[t], a1[t])); \
+        for (int64_t j = i; j < n; j++) s += name##_one(w, j) * x[j]; \
+        res[t] = s; \
+    } \
+}
+static inline float f32_one(const uint8_t *w, int64_t j) { float v; memcpy(&v, w + 4 * j, 4); return v; }
+static inline float f16_one(const uint8_t *w, int64_t j) { return _cvtsh_ss(mn_rd16(w + 2 * j)); }
+static inline float bf16_one(const uint8_t *w, int64_t j) { return mn_bf2f(mn_rd16(w + 2 * j)); }
+#define dot_f32_one f32_one
+#define dot_f16_one f16_one
+#define dot_bf16_one bf16_one
+#define LD_F32(i) _mm256_loadu_ps((const float *)w + (i))
+#define LD_F16(i) _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(w + 2 * (i))))
+#define LD_BF16(i) _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(w + 2 * (i)))), 16))
+FLOAT_KERNEL(dot_f32, LD_F32)
+FLOAT_KERNEL(dot_f16, LD_F16)
+FLOAT_KERNEL(dot_bf16, LD_BF16)
+MN_TILED(dot_f32)
+MN_TILED(dot_f16)
+MN_TILED(dot_bf16)
+
+/* ------------------------------------------------------------ Q8_0, Q4_0 */
+MN_INLINE __m256i q4_0_vals(const uint8_t *b) {
+    const __m128i v = _mm_loadu_si128((const __m128i *)(b + 2));
+    const __m128i m4 = _mm_set1_epi8(0xF);
+    const __m256i q = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(v, 4), m4), _mm_and_si128(v, m4));
+    return _mm256_sub_epi8(q, _mm256_set1_epi8(8));
+}
+MN_INLINE __m256i q8_0_vals(const uint8_t *b) { return _mm256_loadu_si256((const __m256i *)(b + 2)); }
+
+#define Q80_KERNEL(name, BS, VALS) \
+MN_INLINE void name##_t(const uint8_t *w, int64_t nb, const uint8_t *xq, size_t xs, const int NT, float *res) { \
+    const __m256i ones = _mm256_set1_epi16(1); \
+    __m256 a0[MN_TILE], a1[MN_TILE]; \
+    for (int t = 0; t < NT; t++) { a0[t] = _mm256_setzero_ps(); a1[t] = _mm256_setzero_ps(); } \
+    int64_t i = 0; \
+    for (; i + 2 <= nb; i += 2) { \
+        const uint8_t *b0 = w + i * BS, *b1 = b0 + BS; \
+        _mm_prefetch((const char *)(b0 + 512), _MM_HINT_T0); \
+        const __m256i q0 = VALS(b0), q1 = VALS(b1); \
+        const __m256i u0 = _mm256_sign_epi8(q0, q0), u1 = _mm256_sign_epi8(q1, q1); \
+        const float d0 = h2f(b0), d1 = h2f(b1); \
+        for (int t = 0; t < NT; t++) { \
+            const int8_t *x = (const int8_t *)(xq + t * xs) + 32 * i; \
+            const float *xd = (const float *)(xq + t * xs + 32 * nb) + i; \
+            const __m256i p0 = _mm256_madd_epi16(_mm256_maddubs_epi16(u0, _mm256_sign_epi8(_mm256_loadu_si256((const __m256i *)x), q0)), ones); \
+            const __m256i p1 = _mm256_madd_epi16(_mm256_maddubs_epi16(u1, _mm256_sign_epi8(_mm256_loadu_si256((const __m256i *)(x + 32)), q1)), ones); \
+            a0[t] = _mm256_fmadd_ps(_mm256_set1_ps(d0 * xd[0]), _mm256_cvtepi32_ps(p0), a0[t]); \
+            a1[t] = _mm256_fmadd_ps(_mm256_set1_ps(d1 * xd[1]), _mm256_cvtepi32_ps(p1), a1[t]); \
+        } \
+    } \
+    for (; i < nb; i++) { \
+        const uint8_t *b0 = w + i * BS; \
+        const __m256i q0 = VALS(b0), u0 = _mm256_sign_epi8(q0, q0); \
+        const float d0 = h2f(b0); \
+        for (int t = 0; t < NT; t++) { \
+            const int8_t *x = (const int8_t *)(xq + t * xs) + 32 * i; \
+            const float *xd = (const float *)(xq + t * xs + 32 * nb) + i; \
+            const __m256i p0 = _mm256_madd_epi16(_mm256_maddubs_epi16(u0, _mm256_sign_epi8(_mm256_loadu_si256((const __m256i *)x), q0)), ones); \
+            a0[t] = _mm256_fmadd_ps(_mm256_set1_ps(d0 * xd[0]), _mm256_cvtepi32_ps(p0), a0[t]); \
+        } \
+    } \
+    for (int t = 0; t < NT; t++) res[t] = hsum8(_mm256_add_ps(a0[t], a1[t])); \
+}
+Q80_KERNEL(dot_q8_0, BS_Q8_0, q8_0_vals)
+Q80_KERNEL(dot_q4_0, BS_Q4_0, q4_0_vals)
+MN_TILED(dot_q8_0)
+MN_TILED(dot_q4_0)
+
+/* --------------------------------------------------------------- Q4_K */
+/* unpacks the 12 scale bytes to 8 scales (bytes 0-7) and 8 mins (bytes 8-15) */
+MN_INLINE __m128i k4_scales(const uint8_t *s) {
+    uint32_t u[4];
+    memcpy(u, s, 12);
+    const uint32_t km1 = 0x3f3f3f3f, km2 = 0x0f0f0f0f, km3 = 0x03030303;
+    u[3] = ((u[2] >> 4) & km2) | (((u[1] >> 6) & km3) << 4);
+    const uint32_t ua = u[1] & km1;
+    u[1] = (u[2] & km2) | (((u[0] >> 6) & km3) << 4);
+    u[2] = ua;
+    u[0] &= km1;
+    return _mm_loadu_si128((const __m128i *)u);
+}
+
+MN_INLINE void dot_q4_K_t(const uint8_t *w, int64_t nb, const uint8_t *xq, size_t xs, const int NT, float *res) {
+    const __m256i m4 = _mm256_set1_epi8(0xF);
+    __m256 acc[MN_TILE]; __m128 macc[MN_TILE];
+    for (int t = 0; t < NT; t++) { acc[t] = _mm256_setzero_ps(); macc[t] = _mm_setzero_ps(); }
+    for (int64_t i = 0; i < nb; i++) {
+        const uint8_t *b = w + i * BS_Q4_K;
+        _mm_prefetch((const char *)(b + 576), _MM_HINT_T0);
+        _mm_prefetch((const char *)(b + 640), _MM_HINT_T0);
+        const float d = h2f(b), dmin = h2f(b + 2);
+        const __m128i sm = k4_scales(b + 4);
+        const __m128i mins = _mm_cvtepu8_epi16(_mm_unpackhi_epi64(sm, sm));
+        const __m256i sc = _mm256_broadcastsi128_si256(_mm_cvtepu8_epi16(sm));
+        __m256i isum[MN_TILE];
+        for (int t = 0; t < NT; t++) {
+            const uint8_t *xr = xq + t * xs;
+            const float dy = ((const float *)(xr + QK_K * nb))[i];
+            const __m256i bs = _mm256_loadu_si256((const __m256i *)(xr + (QK_K + 4) * nb + 32 * i));
+            const __m128i pair = _mm_hadd_epi16(_mm256_castsi256_si128(bs), _mm256_extracti128_si256(bs, 1));
+            macc[t] = _mm_fmadd_ps(_mm_set1_ps(dmin * dy), _mm_cvtepi32_ps(_mm_madd_epi16(mins, pair)), macc[t]);
+            isum[t] = _mm256_setzero_si256();
+        }
+        for (int j = 0; j < 4; j++) {
+            const __m256i q = _mm256_loadu_si256((const __m256i *)(b + 16 + 32 * j));
+            const __m256i lo = _mm256_and_si256(q, m4), hi = _mm256_and_si256(_mm256_srli_epi16(q, 4), m4);
+            const __m256i slo = _mm256_shuffle_epi8(sc, _mm256_set1_epi16((short)(0x0100 + 0x0202 * (2 * j))));
+            const __m256i shi = _mm256_shuffle_epi8(sc, _mm256_set1_epi16((short)(0x0100 + 0x0202 * (2 * j + 1))));
+            for (int t = 0; t < NT; t++) {
+                const int8_t *x = (const int8_t *)(xq + t * xs) + QK_K * i + 64 * j;
+                const __m256i p0 = _mm256_madd_epi16(_mm256_maddubs_epi16(lo, _mm256_loadu_si256((const __m256i *)x)), slo);
+                const __m256i p1 = _mm256_madd_epi16(_mm256_maddubs_epi16(hi, _mm256_loadu_si256((const __m256i *)(x + 32))), shi);
+                isum[t] = _mm256_add_epi32(isum[t], _mm256_add_epi32(p0, p1));
+            }
+        }
+        for (int t = 0; t < NT; t++) {
+            const float dy = ((const float *)(xq + t * xs + QK_K * nb))[i];
+            acc[t] = _mm256_fmadd_ps(_mm256_set1_ps(d * dy), _mm256_cvtepi32_ps(isum[t]), acc[t]);
+        }
+    }
+    for (int t = 0; t < NT; t++) res[t] = hsum8(acc[t]) - hsum4(macc[t]);
+}
+MN_TILED(dot_q4_K)
+
+/* --------------------------------------------------------------- Q6_K */
+MN_INLINE void dot_q6_K_t(const uint8_t *w, int64_t nb, const uint8_t *xq, size_t xs, const int NT, float *res) {
+    const __m256i m4 = _mm256_set1_epi8(0xF), m2 = _mm256_set1_epi8(3);
+    __m256 acc[MN_TILE];
+    for (int t = 0; t < NT; t++) acc[t] = _mm256_setzero_ps();
+    for (int64_t i = 0; i < nb; i++) {
+        const uint8_t *b = w + i * BS_Q6_K;
+        _mm_prefetch((const char *)(b + 640), _MM_HINT_T0);
+        _mm_prefetch((const char *)(b + 704), _MM_HINT_T0);
+        _mm_prefetch((const char *)(b + 768), _MM_HINT_T0);
+        const float d = h2f(b + 208);
+        const __m128i sc8 = _mm_loadu_si128((const __m128i *)(b + 192));
+        const __m256i sc16 = _mm256_cvtepi8_epi16(sc8);
+        __m256i isum[MN_TILE];
+        for (int t = 0; t < NT; t++) {
+            const __m256i bs = _mm256_loadu_si256((const __m256i *)(xq + t * xs + (QK_K + 4) * nb + 32 * i));
+            isum[t] = _mm256_sub_epi32(_mm256_setzero_si256(), _mm256_slli_epi32(_mm256_madd_epi16(sc16, bs), 5));
+        }
+        for (int n = 0; n < 2; n++) {
+            const __m256i l0 = _mm256_loadu_si256((const __m256i *)(b + 64 * n));
+            const __m256i l1 = _mm256_loadu_si256((const __m256i *)(b + 64 * n + 32));
+            const __m256i h = _mm256_loadu_si256((const __m256i *)(b + 128 + 32 * n));
+            __m256i q[4];
+            q[0] = _mm256_or_si256(_mm256_and_si256(l0, m4), _mm256_slli_epi16(_mm256_and_si256(h, m2), 4));
+            q[1] = _mm256_or_si256(_mm256_and_si256(l1, m4), _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(h, 2), m2), 4));
+            q[2] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l0, 4), m4), _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(h, 4), m2), 4));
+            q[3] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l1, 4), m4), _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(h, 6), m2), 4));
+            for (int c = 0; c < 4; c++) {
+                const int p = 4 * n + c;
+                const __m128i shuf = _mm_set_epi64x(0x0101010101010101LL * (2 * p + 1), 0x0101010101010101LL * (2 * p));
+                const __m256i s = _mm256_cvtepi8_epi16(_mm_shuffle_epi8(sc8, shuf));
+                for (int t = 0; t < NT; t++) {
+                    const int8_t *x = (const int8_t *)(xq + t * xs) + QK_K * i + 128 * n + 32 * c;
+                    isum[t] = _mm256_add_epi32(isum[t], _mm256_madd_epi16(_mm256_maddubs_epi16(q[c], _mm256_loadu_si256((const __m256i *)x)), s));
+                }
+            }
+        }
+        for (int t = 0; t < NT; t++) {
+            const float dy = ((const float *)(xq + t * xs + QK_K * nb))[i];
+            acc[t] = _mm256_fmadd_ps(_mm256_set1_ps(d * dy), _mm256_cvtepi32_ps(isum[t]), acc[t]);
+        }
+    }
+    for (int t = 0; t < NT; t++) res[t] = hsum8(acc[t]);
+}
+MN_TILED(dot_q6_K)
+
+/* ------------------------------------------ other K-quants: unpack + SIMD dot */
+MN_INLINE void dot_kgen_t(mn_unpack_fn unpack, size_t bsz, const uint8_t *w, int64_t nb,
+                          const uint8_t *xq, size_t xs, const int NT, float *res) {
+    mn_kblock u;
+    __m256 acc[MN_TILE], macc[MN_TILE];
+    for (int t = 0; t < NT; t++) { acc[t] = _mm256_setzero_ps(); macc[t] = _mm256_setzero_ps(); }
+    for (int64_t i = 0; i < nb; i++) {
+        unpack(w + i * bsz, &u);
+        __m256i isum[MN_TILE];
+        const __m256i mv = _mm256_load_si256((const __m256i *)u.m);
+        for (int t = 0; t < NT; t++) {
+            const uint8_t *xr = xq + t * xs;
+            const float dy = ((const float *)(xr + QK_K * nb))[i];
+            const __m256i bs = _mm256_loadu_si256((const __m256i *)(xr + (QK_K + 4) * nb + 32 * i));
+            macc[t] = _mm256_fmadd_ps(_mm256_set1_ps(dy * u.dmin), _mm256_cvtepi32_ps(_mm256_madd_epi16(mv, bs)), macc[t]);
+            isum[t] = _mm256_setzero_si256();
+        }
+        for (int c = 0; c < 8; c++) {
+            const __m256i q = _mm256_load_si256((const __m256i *)(u.q + 32 * c));
+            const __m256i aq = _mm256_sign_epi8(q, q);
+            const __m256i s = _mm256_set_m128i(_mm_set1_epi16(u.sc[2 * c + 1]), _mm_set1_epi16(u.sc[2 * c]));
+            for (int t = 0; t < NT; t++) {
+                const int8_t *x = (const int8_t *)(xq + t * xs) + QK_K * i + 32 * c;
+                const __m256i sx = _mm256_sign_epi8(_mm256_loadu_si256((const __m256i *)x), q);
+                isum[t] = _mm256_add_epi32(isum[t], _mm256_madd_epi16(_mm256_maddubs_epi16(aq, sx), s));
+            }
+        }
+        for (int t = 0; t < NT; t++) {
+            const float dy = ((const float *)(xq + t * xs + QK_K * nb))[i];
+            acc[t] = _mm256_fmadd_ps(_mm256_set1_ps(dy * u.d), _mm256_cvtepi32_ps(isum[t]), acc[t]);
+        }
+    }
+    for (int t = 0; t < NT; t++) res[t] = hsum8(acc[t]) - hsum8(macc[t]);
+}
+#define KGEN(name, T) \
+    MN_INLINE void dot_##name##_t(const uint8_t *w, int64_t nb, const uint8_t *xq, size_t xs, const int NT, float *res) { \
+        dot_kgen_t(mn_unpack_##name, BS_##T, w, nb, xq, xs, NT, res); } \
+    MN_TILED(dot_##name)
+KGEN(q2_K, Q2_K)
+KGEN(q3_K, Q3_K)
+KGEN(q5_K, Q5_K)
+
+static double read_sum_avx2(const float *x, int64_t n) {
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    int64_t i = 0;
+    for (; i + 32 <= n; i += 32) {
+        a0 = _mm256_add_ps(a0, _mm256_loadu_ps(x + i)); a1 = _mm256_add_ps(a1, _mm256_loadu_ps(x + i + 8));
+        a2 = _mm256_add_ps(a2, _mm256_loadu_ps(x + i + 16)); a3 = _mm256_add_ps(a3, _mm256_loadu_ps(x + i + 24));
+    }
+    double s = hsum8(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
+    for (; i < n; i++) s += x[i];
+    return s;
+}
+
+#pragma GCC pop_options
+
+double (*mn_read_sum_avx2)(const float *, int64_t) = read_sum_avx2;
+
+void mn_fill_avx2(mn_kernel_set *k) {
+    k->dot[MN_F32] = dot_f32; k->dot[MN_F16] = dot_f16; k->dot[MN_BF16] = dot_bf16;
+    k->dot[MN_Q8_0] = dot_q8_0; k->dot[MN_Q4_0] = dot_q4_0;
+    k->dot[MN_Q4_K] = dot_q4_K; k->dot[MN_Q6_K] = dot_q6_K;
+    k->dot[MN_Q2_K] = dot_q2_K; k->dot[MN_Q3_K] = dot_q3_K; k->dot[MN_Q5_K] = dot_q5_K;
+}

@@ -1,0 +1,150 @@
+/* Internal helpers shared by the kernel sources: block layouts, fp16/bf16
+ * conversion, activation row layouts, K-quant unpacking, the dispatch table. */
+#ifndef MN_INTERNAL_H
+#define MN_INTERNAL_H
+
+#include <stdint.h>
+#include <string.h>
+#include "mn_kernels.h"
+#include "mn_cpu.h"
+
+#define QK_K 256
+#define QK8_0 32
+
+/* GGML block sizes in bytes */
+#define BS_Q4_0 18   /* fp16 d; u8 qs[16] */
+#define BS_Q8_0 34   /* fp16 d; i8 qs[32] */
+#define BS_Q2_K 84   /* u8 scales[16]; u8 qs[64]; fp16 d; fp16 dmin */
+#define BS_Q3_K 110  /* u8 hmask[32]; u8 qs[64]; u8 scales[12]; fp16 d */
+#define BS_Q4_K 144  /* fp16 d; fp16 dmin; u8 scales[12]; u8 qs[128] */
+#define BS_Q5_K 176  /* fp16 d; fp16 dmin; u8 scales[12]; u8 qh[32]; u8 qs[128] */
+#define BS_Q6_K 210  /* u8 ql[128]; u8 qh[64]; i8 scales[16]; fp16 d */
+
+/* Activation row layouts (private):
+ *  Q8_0 partner: int8 qs[32*nb] | float d[nb] (fp16-rounded scales) | int32 sum[nb]
+ *  Q8_K partner: int8 qs[256*nb] | float d[nb] | int16 bsums[16*nb]
+ *  float partner: float x[cols]
+ * Each row is padded to a multiple of 64 bytes. */
+#define ACT_FLOAT 0
+#define ACT_Q8_0 1
+#define ACT_Q8_K 2
+
+static inline int mn_act_kind(int wtype) {
+    switch (wtype) {
+    case MN_F32: case MN_F16: case MN_BF16: return ACT_FLOAT;
+    case MN_Q8_0: case MN_Q4_0: return ACT_Q8_0;
+    default: return ACT_Q8_K;
+    }
+}
+
+static inline uint16_t mn_rd16(const uint8_t *p) { uint16_t v; memcpy(&v, p, 2); return v; }
+
+extern float mn_fp16_table[65536];
+static inline float mn_h2f(uint16_t h) { return mn_fp16_table[h]; }
+static inline float mn_bf2f(uint16_t h) { uint32_t u = (uint32_t)h << 16; float f; memcpy(&f, &u, 4); return f; }
+
+/* kernel: res[t] = dot(weight row w (nb blocks), activation row t) for t < nt (1..MN_TILE) */
+typedef void (*mn_dot_fn)(const uint8_t *w, int64_t nb, const uint8_t *xq, size_t xq_stride,
+                          int nt, float *res);
+
+typedef struct {
+    mn_dot_fn dot[MN_MAX_TYPE];
+} mn_kernel_set;
+
+const mn_kernel_set *mn_kernels(void);
+void mn_fill_scalar(mn_kernel_set *k);
+void mn_fill_avx2(mn_kernel_set *k);
+void mn_fill_avx512(mn_kernel_set *k);
+void mn_fill_avx512vnni(mn_kernel_set *k);
+
+/* ---- K-quant superblock unpacked to int8 values and per-16 integer scales ----
+ * dot(block, x) = dy * (d * sum_k sc[k] * sum_{i<16} q[16k+i] x[16k+i]
+ *                       - dmin * sum_k m[k] * bsums[k]) */
+typedef struct {
+    int8_t q[QK_K] __attribute__((aligned(64)));
+    int16_t sc[16] __attribute__((aligned(32)));
+    int16_t m[16] __attribute__((aligned(32)));
+    float d, dmin;
+} mn_kblock;
+
+static inline void mn_scale_min_k4(int j, const uint8_t *q, int *d, int *m) {
+    if (j < 4) { *d = q[j] & 63; *m = q[j + 4] & 63; }
+    else { *d = (q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4); *m = (q[j + 4] >> 4) | ((q[j] >> 6) << 4); }
+}
+
+static inline void mn_unpack_q2_K(const uint8_t *b, mn_kblock *u) {
+    const uint8_t *sc = b, *qs = b + 16;
+    u->d = mn_h2f(mn_rd16(b + 80)); u->dmin = mn_h2f(mn_rd16(b + 82));
+    for (int k = 0; k < 16; k++) { u->sc[k] = sc[k] & 0xF; u->m[k] = sc[k] >> 4; }
+    int8_t *y = u->q;
+    for (int n = 0; n < 2; n++) {
+        const uint8_t *q = qs + 32 * n;
+        for (int shift = 0; shift < 8; shift += 2)
+            for (int l = 0; l < 32; l++) *y++ = (q[l] >> shift) & 3;
+    }
+}
+
+static inline void mn_unpack_q3_K(const uint8_t *b, mn_kblock *u) {
+    const uint8_t *hm = b, *qs = b + 32, *s = b + 96;
+    u->d = mn_h2f(mn_rd16(b + 108)); u->dmin = 0.f;
+    for (int k = 0; k < 16; k++) {
+        int lo = (k < 8) ? (s[k] & 0xF) : (s[k - 8] >> 4);
+        int hi = (s[8 + (k & 3)] >> (2 * (k >> 2))) & 3;
+        u->sc[k] = (int16_t)((lo | (hi << 4)) - 32);
+        u->m[k] = 0;
+    }
+    int8_t *y = u->q; int bit = 0;
+    for (int n = 0; n < 2; n++) {
+        const uint8_t *q = qs + 32 * n;
+        for (int shift = 0; shift < 8; shift += 2, bit++)
+            for (int l = 0; l < 32; l++)
+                *y++ = (int8_t)(((q[l] >> shift) & 3) - ((hm[l] >> bit) & 1 ? 0 : 4));
+    }
+}
+
+static inline void mn_unpack_q4_K(const uint8_t *b, mn_kblock *u) {
+    const uint8_t *s = b + 4, *q = b + 16;
+    u->d = mn_h2f(mn_rd16(b)); u->dmin = mn_h2f(mn_rd16(b + 2));
+    for (int j = 0; j < 8; j++) {
+        int sc, m; mn_scale_min_k4(j, s, &sc, &m);
+        u->sc[2 * j] = u->sc[2 * j + 1] = (int16_t)sc; u->m[2 * j] = u->m[2 * j + 1] = (int16_t)m;
+    }
+    int8_t *y = u->q;
+    for (int j = 0; j < 4; j++, q += 32) {
+        for (int l = 0; l < 32; l++) *y++ = q[l] & 0xF;
+        for (int l = 0; l < 32; l++) *y++ = q[l] >> 4;
+    }
+}
+
+static inline void mn_unpack_q5_K(const uint8_t *b, mn_kblock *u) {
+    const uint8_t *s = b + 4, *qh = b + 16, *q = b + 48;
+    u->d = mn_h2f(mn_rd16(b)); u->dmin = mn_h2f(mn_rd16(b + 2));
+    for (int j = 0; j < 8; j++) {
+        int sc, m; mn_scale_min_k4(j, s, &sc, &m);
+        u->sc[2 * j] = u->sc[2 * j + 1] = (int16_t)sc; u->m[2 * j] = u->m[2 * j + 1] = (int16_t)m;
+    }
+    int8_t *y = u->q;
+    for (int j = 0; j < 4; j++, q += 32) {
+        for (int l = 0; l < 32; l++) *y++ = (q[l] & 0xF) | (((qh[l] >> (2 * j)) & 1) << 4);
+        for (int l = 0; l < 32; l++) *y++ = (q[l] >> 4) | (((qh[l] >> (2 * j + 1)) & 1) << 4);
+    }
+}
+
+static inline void mn_unpack_q6_K(const uint8_t *b, mn_kblock *u) {
+    const uint8_t *ql = b, *qh = b + 128; const int8_t *s = (const int8_t *)(b + 192);
+    u->d = mn_h2f(mn_rd16(b + 208)); u->dmin = 0.f;
+    for (int k = 0; k < 16; k++) { u->sc[k] = s[k]; u->m[k] = 0; }
+    for (int n = 0; n < 2; n++) {
+        int8_t *y = u->q + 128 * n; const uint8_t *l0 = ql + 64 * n, *h = qh + 32 * n;
+        for (int l = 0; l < 32; l++) {
+            y[l] = (int8_t)(((l0[l] & 0xF) | (((h[l] >> 0) & 3) << 4)) - 32);
+            y[l + 32] = (int8_t)(((l0[l + 32] & 0xF) | (((h[l] >> 2) & 3) << 4)) - 32);
+            y[l + 64] = (int8_t)(((l0[l] >> 4) | (((h[l] >> 4) & 3) << 4)) - 32);
+            y[l + 96] = (int8_t)(((l0[l + 32] >> 4) | (((h[l] >> 6) & 3) << 4)) - 32);
+        }
+    }
+}
+
+typedef void (*mn_unpack_fn)(const uint8_t *b, mn_kblock *u);
+
+#endif

@@ -1,0 +1,313 @@
+/* Types, activation quantization (llama.cpp numerics), the portable scalar
+ * kernels, the run-time dispatch table and the row/tile driver mn_matmul_rows. */
+#include <math.h>
+#include <pthread.h>
+#include <stdlib.h>
+#include "mn_internal.h"
+
+float mn_fp16_table[65536];
+
+static float fp16_to_fp32_bits(uint16_t h) {
+    uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1f, mant = h & 0x3ff, f;
+    if (exp == 0) {
+        if (mant == 0) f = sign;
+        else {
+            int e = -1;
+            do { e++; mant <<= 1; } while (!(mant & 0x400));
+            mant &= 0x3ff;
+            f = sign | ((uint32_t)(112 - e) << 23) | (mant << 13);
+        }
+    } else if (exp == 31) f = sign | 0x7f800000u | (mant << 13);
+    else f = sign | ((exp + 112) << 23) | (mant << 13);
+    float r; memcpy(&r, &f, 4); return r;
+}
+
+/* round-to-nearest-even fp32 -> fp16 (same as F16C / ggml) */
+static uint16_t fp32_to_fp16(float f) {
+    const float scale_to_inf = 0x1.0p+112f, scale_to_zero = 0x1.0p-110f;
+    float base = (fabsf(f) * scale_to_inf) * scale_to_zero;
+    uint32_t w; memcpy(&w, &f, 4);
+    const uint32_t shl1_w = w + w, sign = w & 0x80000000u;
+    uint32_t bias = shl1_w & 0xFF000000u;
+    if (bias < 0x71000000u) bias = 0x71000000u;
+    uint32_t bb = (bias >> 1) + 0x07800000u; float bf; memcpy(&bf, &bb, 4);
+    base = bf + base;
+    uint32_t bits; memcpy(&bits, &base, 4);
+    const uint32_t exp_bits = (bits >> 13) & 0x00007C00u, mantissa_bits = bits & 0x00000FFFu;
+    const uint32_t nonsign = exp_bits + mantissa_bits;
+    return (uint16_t)((sign >> 16) | (shl1_w > 0xFF000000u ? 0x7E00u : nonsign));
+}
+
+static inline int nearest_int(float fval) {
+    float val = fval + 12582912.f;
+    int i; memcpy(&i, &val, sizeof(int));
+    return (i & 0x007fffff) - 0x00400000;
+}
+
+/* ------------------------------------------------------------------ types */
+int64_t mn_block_size(int wtype) {
+    switch (wtype) {
+    case MN_F32: case MN_F16: case MN_BF16: return 1;
+    case MN_Q4_0: case MN_Q8_0: return 32;
+    case MN_Q2_K: case MN_Q3_K: case MN_Q4_K: case MN_Q5_K: case MN_Q6_K: return QK_K;
+    default: return 0;
+    }
+}
+
+static size_t block_bytes(int wtype) {
+    switch (wtype) {
+    case MN_F32: return 4;
+    case MN_F16: case MN_BF16: return 2;
+    case MN_Q4_0: return BS_Q4_0;
+    case MN_Q8_0: return BS_Q8_0;
+    case MN_Q2_K: return BS_Q2_K;
+    case MN_Q3_K: return BS_Q3_K;
+    case MN_Q4_K: return BS_Q4_K;
+    case MN_Q5_K: return BS_Q5_K;
+    case MN_Q6_K: return BS_Q6_K;
+    default: return 0;
+    }
+}
+
+int mn_type_supported(int wtype) { return mn_block_size(wtype) > 0; }
+
+size_t mn_row_bytes(int wtype, int64_t cols) {
+    int64_t bs = mn_block_size(wtype);
+    if (bs == 0 || cols <= 0 || cols % bs) return 0;
+    return (size_t)(cols / bs) * block_bytes(wtype);
+}
+
+static size_t pad64(size_t n) { return (n + 63) & ~(size_t)63; }
+
+size_t mn_act_row_bytes(int wtype, int64_t cols) {
+    if (!mn_row_bytes(wtype, cols)) return 0;
+    switch (mn_act_kind(wtype)) {
+    case ACT_FLOAT: return pad64((size_t)cols * 4);
+    case ACT_Q8_0: return pad64((size_t)(cols / 32) * 40);
+    default: return pad64((size_t)(cols / QK_K) * 292);
+    }
+}
+
+/* --------------------------------------------------- activation quantization */
+static void quantize_q8_0(const float *x, uint8_t *xq, int64_t nb) {
+    int8_t *qs = (int8_t *)xq;
+    float *dd = (float *)(xq + 32 * nb);
+    int32_t *ss = (int32_t *)(xq + 36 * nb);
+    for (int64_t i = 0; i < nb; i++) {
+        const float *v = x + 32 * i;
+        float amax = 0.f;
+        for (int j = 0; j < 32; j++) { float a = fabsf(v[j]); if (a > amax) amax = a; }
+        const float d = amax / 127.f;
+        const float id = amax != 0.f ? 127.f / amax : 0.f;
+        int32_t s = 0;
+        for (int j = 0; j < 32; j++) {
+            int q = nearest_int(v[j] * id);       /* round half to even, as _mm256_round_ps */
+            qs[32 * i + j] = (int8_t)q; s += q;
+        }
+        dd[i] = mn_h2f(fp32_to_fp16(d));
+        ss[i] = s;
+    }
+}
+
+static void quantize_q8_K(const float *x, uint8_t *xq, int64_t nb) {
+    int8_t *qs = (int8_t *)xq;
+    float *dd = (float *)(xq + QK_K * nb);
+    int16_t *bs = (int16_t *)(xq + (QK_K + 4) * nb);
+    for (int64_t i = 0; i < nb; i++) {
+        const float *v = x + QK_K * i;
+        int8_t *q = qs + QK_K * i;
+        float max = 0.f, amax = 0.f;
+        for (int j = 0; j < QK_K; j++) { float a = fabsf(v[j]); if (a > amax) { amax = a; max = v[j]; } }
+        if (amax == 0.f) {
+            dd[i] = 0.f; memset(q, 0, QK_K); memset(bs + 16 * i, 0, 32);
+            continue;
+        }
+        const float iscale = -127.f / max;
+        for (int j = 0; j < QK_K; j++) { int t = nearest_int(iscale * v[j]); q[j] = (int8_t)(t < 127 ? t : 127); }
+        for (int k = 0; k < 16; k++) {
+            int s = 0;
+            for (int l = 0; l < 16; l++) s += q[16 * k + l];
+            bs[16 * i + k] = (int16_t)s;
+        }
+        dd[i] = 1.f / iscale;
+    }
+}
+
+void mn_quantize_act(int wtype, const float *x, void *xq, int64_t cols) {
+    size_t rb = mn_act_row_bytes(wtype, cols);
+    if (!rb) return;
+    switch (mn_act_kind(wtype)) {
+    case ACT_FLOAT: memcpy(xq, x, (size_t)cols * 4); memset((char *)xq + cols * 4, 0, rb - cols * 4); break;
+    case ACT_Q8_0: quantize_q8_0(x, (uint8_t *)xq, cols / 32); break;
+    default: quantize_q8_K(x, (uint8_t *)xq, cols / QK_K); break;
+    }
+}
+
+/* ------------------------------------------------------- scalar kernels */
+static void dot_f32_s(const uint8_t *w, int64_t n, const uint8_t *xq, size_t xs, int nt, float *res) {
+    const float *wf = (const float *)w;   /* may be unaligned only if caller passes odd rows: use memcpy-free path */
+    for (int t = 0; t < nt; t++) {
+        const float *x = (const float *)(xq + t * xs);
+        float s = 0.f;
+        for (int64_t i = 0; i < n; i++) { float v; memcpy(&v, wf + i, 4); s += v * x[i]; }
+        res[t] = s;
+    }
+}
+static void dot_f16_s(const uint8_t *w, int64_t n, const uint8_t *xq, size_t xs, int nt, float *res) {
+    for (int t = 0; t < nt; t++) {
+        const float *x = (const float *)(xq + t * xs);
+        float s = 0.f;
+        for (int64_t i = 0; i < n; i++) s += mn_h2f(mn_rd16(w + 2 * i)) * x[i];
+        res[t] = s;
+    }
+}
+static void dot_bf16_s(const uint8_t *w, int64_t n, const uint8_t *xq, size_t xs, int nt, float *res) {
+    for (int t = 0; t < nt; t++) {
+        const float *x = (const float *)(xq + t * xs);
+        float s = 0.f;
+        for (int64_t i = 0; i < n; i++) s += mn_bf2f(mn_rd16(w + 2 * i)) * x[i];
+        res[t] = s;
+    }
+}
+
+static void dot_q8_0_s(const uint8_t *w, int64_t nb, const uint8_t *xq, size_t xs, int nt, float *res) {
+    for (int t = 0; t < nt; t++) {
+        const int8_t *xqs = (const int8_t *)(xq + t * xs);
+        const float *xd = (const float *)(xq + t * xs + 32 * nb);
+        float s = 0.f;
+        for (int64_t i = 0; i < nb; i++) {
+            const uint8_t *b = w + i * BS_Q8_0; const int8_t *q = (const int8_t *)(b + 2);
+            int sum = 0;
+            for (int j = 0; j < 32; j++) sum += q[j] * xqs[32 * i + j];
+            s += (float)sum * (mn_h2f(mn_rd16(b)) * xd[i]);
+        }
+        res[t] = s;
+    }
+}
+
+static void dot_q4_0_s(const uint8_t *w, int64_t nb, const uint8_t *xq, size_t xs, int nt, float *res) {
+    for (int t = 0; t < nt; t++) {
+        const int8_t *xqs = (const int8_t *)(xq + t * xs);
+        const float *xd = (const float *)(xq + t * xs + 32 * nb);
+        float s = 0.f;
+        for (int64_t i = 0; i < nb; i++) {
+            const uint8_t *b = w + i * BS_Q4_0; const uint8_t *q = b + 2; const int8_t *x = xqs + 32 * i;
+            int sum = 0;
+            for (int j = 0; j < 16; j++) sum += ((q[j] & 0xF) - 8) * x[j] + ((q[j] >> 4) - 8) * x[j + 16];
+            s += (float)sum * (mn_h2f(mn_rd16(b)) * xd[i]);
+        }
+        res[t] = s;
+    }
+}
+
+static inline void dot_kq_s(mn_unpack_fn unpack, size_t bsz, const uint8_t *w, int64_t nb,
+                            const uint8_t *xq, size_t xs, int nt, float *res) {
+    mn_kblock u;
+    float acc[MN_TILE] = {0};
+    for (int64_t i = 0; i < nb; i++) {
+        unpack(w + i * bsz, &u);
+        for (int t = 0; t < nt; t++) {
+            const int8_t *x = (const int8_t *)(xq + t * xs) + QK_K * i;
+            const float dy = ((const float *)(xq + t * xs + QK_K * nb))[i];
+            const int16_t *bs = (const int16_t *)(xq + t * xs + (QK_K + 4) * nb) + 16 * i;
+            int isum = 0, msum = 0;
+            for (int k = 0; k < 16; k++) {
+                int s = 0;
+                for (int l = 0; l < 16; l++) s += u.q[16 * k + l] * x[16 * k + l];
+                isum += u.sc[k] * s; msum += u.m[k] * bs[k];
+            }
+            acc[t] += dy * u.d * (float)isum - dy * u.dmin * (float)msum;
+        }
+    }
+    for (int t = 0; t < nt; t++) res[t] = acc[t];
+}
+
+#define KQ_SCALAR(name, T) \
+    static void dot_##name##_s(const uint8_t *w, int64_t nb, const uint8_t *xq, size_t xs, int nt, float *res) { \
+        dot_kq_s(mn_unpack_##name, BS_##T, w, nb, xq, xs, nt, res); }
+KQ_SCALAR(q2_K, Q2_K)
+KQ_SCALAR(q3_K, Q3_K)
+KQ_SCALAR(q4_K, Q4_K)
+KQ_SCALAR(q5_K, Q5_K)
+KQ_SCALAR(q6_K, Q6_K)
+
+void mn_fill_scalar(mn_kernel_set *k) {
+    memset(k, 0, sizeof(*k));
+    k->dot[MN_F32] = dot_f32_s; k->dot[MN_F16] = dot_f16_s; k->dot[MN_BF16] = dot_bf16_s;
+    k->dot[MN_Q8_0] = dot_q8_0_s; k->dot[MN_Q4_0] = dot_q4_0_s;
+    k->dot[MN_Q2_K] = dot_q2_K_s; k->dot[MN_Q3_K] = dot_q3_K_s; k->dot[MN_Q4_K] = dot_q4_K_s;
+    k->dot[MN_Q5_K] = dot_q5_K_s; k->dot[MN_Q6_K] = dot_q6_K_s;
+}
+
+/* ------------------------------------------------------------- dispatch */
+static mn_kernel_set g_sets[4];
+static volatile int g_level = -1;
+static pthread_once_t g_once = PTHREAD_ONCE_INIT;
+
+static void init_once(void) {
+    for (uint32_t h = 0; h < 65536; h++) mn_fp16_table[h] = fp16_to_fp32_bits((uint16_t)h);
+    int cpu = mn_simd_level_cpu();
+    mn_fill_scalar(&g_sets[0]);
+    if (cpu >= MN_SIMD_AVX2) { g_sets[1] = g_sets[0]; mn_fill_avx2(&g_sets[1]); }
+    if (cpu >= MN_SIMD_AVX512) { g_sets[2] = g_sets[1]; mn_fill_avx512(&g_sets[2]); }
+    if (cpu >= MN_SIMD_AVX512_VNNI) { g_sets[3] = g_sets[2]; mn_fill_avx512vnni(&g_sets[3]); }
+    g_level = mn_simd_level();
+}
+
+int mn_active_level(void) { pthread_once(&g_once, init_once); return g_level; }
+
+int mn_set_simd_level(int level) {
+    pthread_once(&g_once, init_once);
+    int cpu = mn_simd_level_cpu();
+    if (level < 0) level = mn_simd_level();   /* back to CPUID / MOE_NUMA_SIMD */
+    if (level > cpu) level = cpu;
+    g_level = level;
+    return g_level;
+}
+
+const mn_kernel_set *mn_kernels(void) { pthread_once(&g_once, init_once); return &g_sets[g_level]; }
+
+/* --------------------------------------------------------------- driver */
+void mn_matmul_rows(int wtype, const uint8_t *w, size_t w_row_stride, int64_t cols,
+                    const void *xq_, size_t xq_stride, int64_t n_tok,
+                    float *out, int64_t out_stride, int64_t r0, int64_t r1) {
+    const mn_kernel_set *ks = mn_kernels();
+    if (wtype < 0 || wtype >= MN_MAX_TYPE || !ks->dot[wtype]) return;
+    const size_t rb = mn_row_bytes(wtype, cols);
+    if (!rb || r1 <= r0 || n_tok <= 0) return;
+    const mn_dot_fn f = ks->dot[wtype];
+    const int64_t nb = cols / mn_block_size(wtype);
+    const uint8_t *xq = (const uint8_t *)xq_;
+    if (n_tok == 1) {
+        for (int64_t r = r0; r < r1; r++) f(w + r * w_row_stride, nb, xq, xq_stride, 1, out + r);
+        return;
+    }
+    /* GEMM: a block of rows that fits in L2 is streamed from memory once, then
+     * reused from cache for every tile of MN_TILE tokens. */
+    int64_t rows_blk = (int64_t)((256 * 1024) / rb);
+    if (rows_blk < 1) rows_blk = 1;
+    float res[MN_TILE];
+    for (int64_t rr = r0; rr < r1; rr += rows_blk) {
+        const int64_t re = rr + rows_blk < r1 ? rr + rows_blk : r1;
+        for (int64_t t = 0; t < n_tok; t += MN_TILE) {
+            const int nt = (int)(n_tok - t < MN_TILE ? n_tok - t : MN_TILE);
+            const uint8_t *x = xq + t * xq_stride;
+            for (int64_t r = rr; r < re; r++) {
+                f(w + r * w_row_stride, nb, x, xq_stride, nt, res);
+                for (int i = 0; i < nt; i++) out[(t + i) * out_stride + r] = res[i];
+            }
+        }
+    }
+}
+
+/* STREAM-like read used by the benchmark */
+double mn_read_sum(const float *x, int64_t n) {
+    float a0 = 0, a1 = 0, a2 = 0, a3 = 0, a4 = 0, a5 = 0, a6 = 0, a7 = 0;
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        a0 += x[i]; a1 += x[i + 1]; a2 += x[i + 2]; a3 += x[i + 3];
+        a4 += x[i + 4]; a5 += x[i + 5]; a6 += x[i + 6]; a7 += x[i + 7];
+    }
+    for (; i < n; i++) a0 += x[i];
+    return (double)a0 + a1 + a2 + a3 + a4 + a5 + a6 + a7;
+}
