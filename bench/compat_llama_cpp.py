@@ -71,6 +71,7 @@ def compare_logits(ours: np.ndarray, ref: np.ndarray) -> dict:
         "n": int(ref.shape[0]),
         "max_abs": float(d.max()),
         "mean_abs": float(d.mean()),
+        "rms": float(np.sqrt((d * d).mean())),
         "scale": scale,
         "std": float(ref.std()),
         "max_rel": float(d.max() / scale) if scale > 0 else float("inf"),
@@ -101,7 +102,10 @@ def split_pieces(text: str) -> list[str]:
 
 def _load_ours(path: Path):
     import moe_numa
-    return moe_numa.load(str(path), backend="reference")
+    load = getattr(moe_numa, "load", None)
+    if load is None:
+        from moe_numa.api import load
+    return load(str(path), backend="reference")
 
 
 def _our_encode(model, text: str, add_special: bool, parse_special: bool) -> list[int]:
@@ -125,23 +129,50 @@ def _prompt_ids(model, n_vocab: int, n_tokens: int, seed: int, log) -> tuple[lis
 
 # ----------------------------------------------------------------------------- the runs
 
+#: writer fix-ups applied to a preset's spec so that llama.cpp can load the file, each with
+#: the reason; a fix-up equal to the preset's own value is a no-op and is not reported
+SPEC_FIXUPS = {
+    # convert_hf_to_gguf writes MLA (split attn_k_b/attn_v_b) models as MQA over the
+    # latent: head_count_kv = 1.  With head_count_kv = n_head llama.cpp sizes its KV cache
+    # n_head times too wide and aborts in ggml_set_rows (GGML_ASSERT(a->ne[0] == b->ne[0])).
+    "deepseek-v3": {"n_head_kv": 1},
+}
+
+
+def _spec_for(preset: str):
+    """(spec or None, label suffix) for a preset after SPEC_FIXUPS."""
+    from moe_numa.testing import PRESETS
+    from moe_numa.testing.writer import variant
+    fix = {k: v for k, v in SPEC_FIXUPS.get(preset, {}).items() if getattr(PRESETS[preset], k) != v}
+    if not fix:
+        return None, ""
+    return variant(preset, **fix), " (" + ", ".join(f"{k}={v}" for k, v in fix.items()) + ")"
+
+
 def run_model(build, preset: str, qtypes, workdir: Path, threads: int, n_tokens: int, seed: int,
               log) -> list[dict]:
-    """Rows for one preset: one per quant type (the F32 file first, it is the yardstick)."""
+    """Rows for one preset: one per quant type (the F32 file first, it is the yardstick).
+
+    Per non-F32 file three llama.cpp runs: the file itself (its native quantized kernels,
+    which also quantize the activations), the file dequantized to F32 by llama.cpp
+    (``llama-quantize --allow-requantize Q F32``: a float model of exactly the quantized
+    weights, the sharp test of our dequantization), and repack on.
+    """
     from moe_numa.testing import make_test_model
 
+    spec, label = _spec_for(preset)
     rows = []
     qtypes = ["f32"] + [q for q in qtypes if q != "f32"]
     llama_f32 = ours_f32 = None
     ids = None
     for q in qtypes:
-        row = {"preset": preset, "qtype": q}
+        row = {"preset": preset + label, "qtype": q}
         rows.append(row)
-        path = workdir / f"{preset}-{q}-s{seed}.gguf"
+        path = workdir / f"{preset}{'-fix' if label else ''}-{q}-s{seed}.gguf"
         t0 = time.time()
         try:
             if not path.exists():
-                make_test_model(path, preset, qtype=q, seed=seed)
+                make_test_model(path, preset, qtype=q, seed=seed, spec=spec)
             model = _load_ours(path)
             if ids is None:
                 n_vocab = _n_vocab(model, path)
@@ -155,34 +186,59 @@ def run_model(build, preset: str, qtypes, workdir: Path, threads: int, n_tokens:
         try:
             llama = lc.llama_logits(build, path, ids, threads=threads)
         except Exception as e:
-            row["error"] = f"llama.cpp: {str(e).splitlines()[0]}"
+            row["error"] = f"llama.cpp: {_err_line(e)}"
             log(f"  {preset} {q}: {row['error']}")
             continue
         row["n_tokens"] = len(ids)
-        row.update({k: v for k, v in compare_logits(ours, llama).items()})
+        row.update(compare_logits(ours, llama))
         if q == "f32":
             llama_f32, ours_f32 = llama, ours
             row["ok"] = row["max_rel"] <= F32_REL_TOL and row["argmax_agree"] == 1.0
-        elif llama_f32 is not None:
-            noise = compare_logits(llama, llama_f32)
-            row["llama_noise"] = noise["max_abs"]
-            row["llama_noise_argmax"] = noise["argmax_agree"]
-            row["ours_noise"] = float(np.abs(ours.astype(np.float64) - ours_f32).max())
-            row["ratio"] = row["max_abs"] / noise["max_abs"] if noise["max_abs"] > 0 else float("inf")
-            row["ok"] = row["max_abs"] < noise["max_abs"]
+        else:
+            try:
+                deq_path = path.with_suffix(".deq-f32.gguf")
+                if not deq_path.exists():
+                    lc.llama_quantize(build, path, deq_path, "F32", threads=threads,
+                                      extra_args=["--allow-requantize"])
+                deq = compare_logits(ours, lc.llama_logits(build, deq_path, ids, threads=threads))
+                row.update({"deq_" + k: v for k, v in deq.items()})
+            except Exception as e:
+                row["deq_error"] = _err_line(e)
+            if llama_f32 is not None:
+                noise = compare_logits(llama, llama_f32)
+                row["llama_noise"] = noise["max_abs"]
+                row["llama_noise_rms"] = noise["rms"]
+                row["llama_noise_argmax"] = noise["argmax_agree"]
+                od = ours.astype(np.float64) - ours_f32
+                row["ours_noise"] = float(np.abs(od).max())
+                row["ours_noise_rms"] = float(np.sqrt((od * od).mean()))
+                row["ratio"] = row["rms"] / noise["rms"] if noise["rms"] > 0 else float("inf")
+            row["ok"] = bool(row.get("deq_max_rel", np.inf) <= F32_REL_TOL
+                             and row.get("deq_argmax_agree") == 1.0
+                             and row.get("ratio", np.inf) < 1.0)
         # llama.cpp's repacked CPU kernels (its default in llama-bench) against no repack
         try:
             rp = lc.llama_logits(build, path, ids, threads=threads, repack=True)
             row["repack_delta"] = float(np.abs(rp.astype(np.float64) - llama).max())
         except Exception as e:
             row["repack_delta"] = None
-            row["repack_error"] = str(e).splitlines()[0]
+            row["repack_error"] = _err_line(e)
         row["seconds"] = round(time.time() - t0, 1)
-        log(f"  {preset:17s} {q:7s} max|Δ| {row['max_abs']:.3g} (rel {row['max_rel']:.2g})"
-            f" argmax {100 * row['argmax_agree']:.1f}%"
-            + (f" llama noise {row['llama_noise']:.3g}" if "llama_noise" in row else "")
-            + f" repackΔ {row['repack_delta']}  [{row['seconds']} s]")
+        log(f"  {preset:17s} {q:7s} max|Δ| {row['max_abs']:.3g} (rel {row['max_rel']:.2g}) "
+            f"rms {row['rms']:.3g} argmax {100 * row['argmax_agree']:.1f}%"
+            + (f" | llama noise rms {row['llama_noise_rms']:.3g} ratio {row['ratio']:.2f}"
+               if "ratio" in row else "")
+            + (f" | vs dequantized: rel {row['deq_max_rel']:.2g} argmax "
+               f"{100 * row['deq_argmax_agree']:.1f}%" if "deq_max_rel" in row else "")
+            + f" | repackΔ {row['repack_delta']}  [{row['seconds']} s]")
     return rows
+
+
+def _err_line(e: Exception) -> str:
+    lines = [l for l in str(e).splitlines() if l.strip()]
+    assert_line = next((l for l in lines if "GGML_ASSERT" in l or "error" in l.lower()), None)
+    return lines[0] + (f" — {assert_line.strip()}" if assert_line and assert_line != lines[0] else "") \
+        if lines else type(e).__name__
 
 
 def _n_vocab(model, path: Path) -> int:
