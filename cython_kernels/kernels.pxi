@@ -311,3 +311,70 @@ def moe_ptr(int gate_type, int up_type, int down_type, int64_t hidden, int64_t i
         raise ValueError(err.decode())
     with nogil:
         mn_moe_experts(&a)
+
+
+# ---------------------------------------------------------------- test hooks
+cdef extern from "<sched.h>" nogil:
+    int sched_getcpu()
+
+ctypedef struct probe_ctx:
+    int *seen_cpu
+    int *count
+    int *violations
+    int n_phases
+    int *phase
+    mn_pool *pool
+
+
+cdef void probe_task(void *c, int ith, int nth) noexcept nogil:
+    cdef probe_ctx *p = <probe_ctx *>c
+    cdef int k, j
+    p.seen_cpu[ith] = sched_getcpu()
+    p.count[ith] += 1
+    for k in range(p.n_phases):
+        p.phase[ith] = k
+        mn_pool_barrier(p.pool, ith)
+        for j in range(nth):        # after the barrier every thread is at phase k
+            if p.phase[j] != k:
+                p.violations[ith] += 1
+        mn_pool_barrier(p.pool, ith)
+
+
+def _probe_pools(pools, int iters, int n_phases):
+    """Test hook: submit a probe task to every pool, then wait for each, iters
+    times (several pools in flight at once).  Each task records the CPU of every
+    thread, counts runs per thread and checks n_phases barriers.  Returns a list
+    per pool of (cpus seen, runs per thread, barrier violations)."""
+    cdef int np_ = len(pools)
+    cdef int i, k, it, n
+    cdef Pool pl
+    ctxs = []
+    cdef probe_ctx *cs = <probe_ctx *>malloc(sizeof(probe_ctx) * np_)
+    cdef mn_pool **ps = <mn_pool **>malloc(sizeof(mn_pool *) * np_)
+    cdef int *buf
+    try:
+        for i in range(np_):
+            pl = pools[i]
+            pl._check()
+            n = mn_pool_size(pl.p)
+            buf = <int *>malloc(sizeof(int) * 4 * n)
+            memset(buf, 0, sizeof(int) * 4 * n)
+            cs[i].seen_cpu = buf; cs[i].count = buf + n; cs[i].violations = buf + 2 * n; cs[i].phase = buf + 3 * n
+            cs[i].n_phases = n_phases; cs[i].pool = pl.p
+            ps[i] = pl.p
+        with nogil:
+            for it in range(iters):
+                for i in range(np_):
+                    mn_pool_submit(ps[i], probe_task, &cs[i])
+                for i in range(np_):
+                    mn_pool_wait(ps[i])
+        res = []
+        for i in range(np_):
+            n = mn_pool_size(ps[i])
+            res.append(([cs[i].seen_cpu[k] for k in range(n)], [cs[i].count[k] for k in range(n)],
+                        sum(cs[i].violations[k] for k in range(n))))
+        return res
+    finally:
+        for i in range(np_):
+            free(cs[i].seen_cpu)
+        free(cs); free(ps)

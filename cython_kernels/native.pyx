@@ -71,3 +71,4 @@ cdef extern from "mn_kernels.h":
     double mn_read_sum(const float *x, int64_t n) nogil
 
 include "kernels.pxi"
+include "engine.pxi"

@@ -76,7 +76,8 @@ int      mn_pool_stats(const mn_pool *pool, mn_thread_stats *out, int n);  /* re
 void     mn_pool_reset_stats(mn_pool *pool);
 /* Validate and pin the calling thread to the given CPUs; 0 on success. */
 int      mn_pin_current_thread(const int *cpus, int n, char *err, size_t errlen);
-/* 0 if every CPU is available to this process and none repeats; otherwise -1 and a message. */
+/* 0 if every CPU exists and is available to this process; otherwise -1 and a
+ * message naming the CPU.  A CPU may repeat (two threads on one CPU). */
 int      mn_check_cpus(const int *cpus, int n, char *err, size_t errlen);
 
 /* ---- fused MoE experts ----------------------------------------------------

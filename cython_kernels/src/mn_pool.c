@@ -137,8 +137,6 @@ int mn_check_cpus(const int *cpus, int n, char *err, size_t errlen) {
                      (c < 0 || c >= ncfg) ? "does not exist" : "is not available to this process", al);
             return -1;
         }
-        for (int j = 0; j < i; j++)
-            if (cpus[j] == c) { snprintf(err, errlen, "CPU %d is listed twice", c); return -1; }
     }
     return 0;
 }

@@ -1,0 +1,171 @@
+"""Kernel benchmark: weight-streaming GB/s of the quantized GEMV/GEMM kernels
+against this machine's measured read bandwidth, in the same run.
+
+    python -m moe_numa.bench.kernels [--types q8_0,q4_k,q6_k] [--threads 1,2] [--json]
+    moe-numa bench-kernels ...
+
+Read bandwidth: a STREAM-like read (native float sum) over an array several
+times the L3, with the same pool of 1 or N threads, timed in alternation with
+each kernel (so both see the same load on a shared machine).  GEMV: y = W @ x with W
+well beyond the L3 (>= 256 MiB by default); effective GB/s = weight bytes /
+time; ratio = that / read bandwidth at the same thread count.  GEMM: n_tok = 64
+and 512 tokens; GB/s counts the weight bytes once per call (as streamed), and
+GFLOP/s (2*rows*cols*n_tok/time) is printed too.  Each number is the best of
+--reps runs (this is a shared 2-core box: timings are noisy).  Also prints the
+median time of an empty pool task (dispatch + completion).
+
+--json prints a JSON list of rows {"kernel", "type", "threads", "tokens",
+"gbps", "bandwidth_gbps", "ratio"}.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import numpy as np
+
+from moe_numa import kernels as K
+
+DEFAULT_TYPES = "q8_0,q4_k,q6_k,bf16,f16,f32,q5_k,q4_0,q2_k,q3_k"
+
+
+def l3_bytes() -> int:
+    best = 0
+    base = "/sys/devices/system/cpu/cpu0/cache"
+    try:
+        for d in os.listdir(base):
+            try:
+                with open(f"{base}/{d}/level") as f:
+                    level = int(f.read())
+                with open(f"{base}/{d}/size") as f:
+                    s = f.read().strip()
+            except OSError:
+                continue
+            mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(s[-1], 1)
+            size = int(s.rstrip("KMG")) * mult
+            if level == 3:
+                best = max(best, size)
+    except OSError:
+        pass
+    return best or (32 << 20)
+
+
+def _best(fn, reps: int) -> float:
+    fn()  # warm-up (page faults, thread wake-up)
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def paired(read_buf, pool, fn, reps: int) -> tuple[float, float]:
+    """Best times of a STREAM-like read of read_buf and of fn, measured in
+    alternation so that both see the same machine load."""
+    K.read_sum(read_buf, pool)
+    fn()
+    tr, tf = [], []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        K.read_sum(read_buf, pool)
+        t1 = time.perf_counter()
+        fn()
+        t2 = time.perf_counter()
+        tr.append(t1 - t0)
+        tf.append(t2 - t1)
+    return read_buf.nbytes / min(tr) / 1e9, min(tf)
+
+
+def big_weights(qtype, nbytes: int, cols: int, rng) -> np.ndarray:
+    rb = K.row_bytes(qtype, cols)
+    rows = max(1, nbytes // rb)
+    tile = K.random_blocks(qtype, min(rows, max(1, (16 << 20) // rb)), cols, rng)
+    reps = -(-rows // tile.shape[0])
+    return np.ascontiguousarray(np.tile(tile, (reps, 1))[:rows])
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="moe-numa bench-kernels", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--types", default=DEFAULT_TYPES, help="comma-separated weight types")
+    ap.add_argument("--threads", default=None, help="thread counts, e.g. 1,2 (default: 1 and all CPUs)")
+    ap.add_argument("--cols", type=int, default=4096, help="columns of the weight matrices")
+    ap.add_argument("--gemv-mib", type=int, default=0, help="GEMV weight MiB (default max(256, 8 x L3))")
+    ap.add_argument("--gemm-mib", type=int, default=64, help="GEMM weight MiB")
+    ap.add_argument("--tokens", default="64,512", help="GEMM token counts ('' to skip)")
+    ap.add_argument("--reps", type=int, default=9)
+    ap.add_argument("--smt", action="store_true", help="also use SMT siblings")
+    ap.add_argument("--json", action="store_true", help="print a JSON list of rows")
+    a = ap.parse_args(argv)
+
+    cpus = K.order_cpus(K.available_cpus(), use_smt=a.smt)
+    threads = [int(t) for t in a.threads.split(",")] if a.threads else sorted({1, len(cpus)})
+    types = [t.strip() for t in a.types.split(",") if t.strip()]
+    tokens = [int(t) for t in a.tokens.split(",") if t.strip()]
+    l3 = l3_bytes()
+    gemv_bytes = (a.gemv_mib << 20) if a.gemv_mib else max(256 << 20, 8 * l3)
+    rng = np.random.default_rng(0)
+    rows_out = []
+    log = sys.stderr if a.json else sys.stdout
+
+    def say(*args):
+        print(*args, file=log, flush=True)
+
+    say(f"# SIMD {K.simd_level()} (CPU {K.simd_level_cpu()}), CPUs {cpus}, L3 {l3 >> 20} MiB, "
+        f"GEMV weights {gemv_bytes >> 20} MiB, cols {a.cols}, loadavg {open('/proc/loadavg').read().split()[:3]}")
+    pools = {n: K.ThreadPool(cpus[:n]) for n in threads}
+    with K.limit_blas_threads(1):
+        try:
+            lat = np.median(pools[max(threads)].noop_latency(20000)) / 1e3
+            say(f"# empty pool task ({max(threads)} threads): median {lat:.2f} us")
+            rbuf = np.ones(max(gemv_bytes, 8 * l3) // 4, dtype=np.float32)
+            bw_all = {n: [] for n in threads}
+            say(f"{'kernel':6} {'type':6} {'thr':>3} {'tok':>4} {'GB/s':>7} {'read':>6} {'ratio':>6} {'GFLOP/s':>8}")
+            for tname in types:
+                t = K._qtype(tname)
+                w = big_weights(t, gemv_bytes, a.cols, rng)
+                x = rng.normal(size=a.cols).astype(np.float32)
+                out = np.empty(w.shape[0], dtype=np.float32)
+                for n in threads:
+                    b, s = paired(rbuf, pools[n], lambda: K.matmul(w, t, x, out=out, pool=pools[n]), a.reps)
+                    bw = {n: b}
+                    bw_all[n].append(b)
+                    g = w.nbytes / s / 1e9
+                    rows_out.append({"kernel": "gemv", "type": tname.lower(), "threads": n, "tokens": 1,
+                                     "gbps": round(g, 3), "bandwidth_gbps": round(bw[n], 3),
+                                     "ratio": round(g / bw[n], 4)})
+                    say(f"{'gemv':6} {tname:6} {n:3d} {1:4d} {g:7.2f} {bw[n]:6.1f} {g / bw[n]:6.3f} "
+                        f"{2 * w.shape[0] * a.cols / s / 1e9:8.1f}")
+                del w
+                if tokens:
+                    w = big_weights(t, a.gemm_mib << 20, a.cols, rng)
+                    for nt in tokens:
+                        x = rng.normal(size=(nt, a.cols)).astype(np.float32)
+                        out = np.empty((nt, w.shape[0]), dtype=np.float32)
+                        for n in threads:
+                            b, s = paired(rbuf, pools[n], lambda: K.matmul(w, t, x, out=out, pool=pools[n]),
+                                          max(2, a.reps // 2))
+                            bw = {n: b}
+                            g = w.nbytes / s / 1e9
+                            rows_out.append({"kernel": "gemm", "type": tname.lower(), "threads": n, "tokens": nt,
+                                             "gbps": round(g, 3), "bandwidth_gbps": round(bw[n], 3),
+                                             "ratio": round(g / bw[n], 4)})
+                            say(f"{'gemm':6} {tname:6} {n:3d} {nt:4d} {g:7.2f} {bw[n]:6.1f} {g / bw[n]:6.3f} "
+                                f"{2 * w.shape[0] * a.cols * nt / s / 1e9:8.1f}")
+                    del w
+            say("# read bandwidth (best per GEMV row, median over rows): " + ", ".join(
+                f"{n} thr {np.median(bw_all[n]):.1f} GB/s" for n in threads if bw_all[n]))
+            say(f"# loadavg at end {open('/proc/loadavg').read().split()[:3]}")
+        finally:
+            for p in pools.values():
+                p.close()
+    if a.json:
+        print(json.dumps(rows_out, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,246 @@
+/* AVX-512 (F/BW/VL/DQ) kernel templates, included by mn_avx512.c (MN_VNNI 0)
+ * and mn_avx512vnni.c (MN_VNNI 1) inside their target pragmas.  SFX names the
+ * variant. */
+#include "mn_tile.h"
+
+#define CAT_(a, b) a##b
+#define CAT(a, b) CAT_(a, b)
+#define K(name) CAT(name, SFX)
+
+MN_INLINE float K(hsum16)(__m512 v) { return _mm512_reduce_add_ps(v); }
+
+/* acc += sum over groups of 4 of u8 * s8 */
+MN_INLINE __m512i K(dpbusd)(__m512i acc, __m512i u, __m512i s) {
+#if MN_VNNI
+    return _mm512_dpbusd_epi32(acc, u, s);
+#else
+    return _mm512_add_epi32(acc, _mm512_madd_epi16(_mm512_maddubs_epi16(u, s), _mm512_set1_epi16(1)));
+#endif
+}
+/* acc += pairwise i16 * i16 */
+MN_INLINE __m512i K(dpwssd)(__m512i acc, __m512i a, __m512i b) {
+#if MN_VNNI
+    return _mm512_dpwssd_epi32(acc, a, b);
+#else
+    return _mm512_add_epi32(acc, _mm512_madd_epi16(a, b));
+#endif
+}
+
+/* ---------------------------------------------------------------- floats */
+#define F512_KERNEL(name, LOAD16, ONE) \
+MN_INLINE void K(name##_t)(const uint8_t *w, int64_t n, const uint8_t *xq, size_t xs, const int NT, float *res) { \
+    __m512 a0[MN_TILE], a1[MN_TILE]; \
+    for (int t = 0; t < NT; t++) { a0[t] = _mm512_setzero_ps(); a1[t] = _mm512_setzero_ps(); } \
+    int64_t i = 0; \
+    for (; i + 32 <= n; i += 32) { \
+        const __m512 w0 = LOAD16(i), w1 = LOAD16(i + 16); \
+        for (int t = 0; t < NT; t++) { \
+            const float *x = (const float *)(xq + t * xs) + i; \
+            a0[t] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(x), a0[t]); \
+            a1[t] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(x + 16), a1[t]); \
+        } \
+    } \
+    for (int t = 0; t < NT; t++) { \
+        const float *x = (const float *)(xq + t * xs); \
+        float s = K(hsum16)(_mm512_add_ps(a0[t], a1[t])); \
+        for (int64_t j = i; j < n; j++) s += ONE(w, j) * x[j]; \
+        res[t] = s; \
+    } \
+}
+#define L5_F32(i) _mm512_loadu_ps((const float *)w + (i))
+#define L5_F16(i) _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(w + 2 * (i))))
+#define L5_BF16(i) _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(w + 2 * (i)))), 16))
+static inline float K(f32_one)(const uint8_t *w, int64_t j) { float v; memcpy(&v, w + 4 * j, 4); return v; }
+static inline float K(f16_one)(const uint8_t *w, int64_t j) { return _cvtsh_ss(mn_rd16(w + 2 * j)); }
+static inline float K(bf16_one)(const uint8_t *w, int64_t j) { return mn_bf2f(mn_rd16(w + 2 * j)); }
+F512_KERNEL(dot_f32, L5_F32, K(f32_one))
+F512_KERNEL(dot_f16, L5_F16, K(f16_one))
+F512_KERNEL(dot_bf16, L5_BF16, K(bf16_one))
+MN_TILED_AS(K(dot_f32), K(dot_f32_t))
+MN_TILED_AS(K(dot_f16), K(dot_f16_t))
+MN_TILED_AS(K(dot_bf16), K(dot_bf16_t))
+
+/* ------------------------------------------------------------ Q8_0, Q4_0 */
+MN_INLINE __m512i K(q8_0_pair)(const uint8_t *b) {
+    return _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)(b + 2))),
+                              _mm256_loadu_si256((const __m256i *)(b + BS_Q8_0 + 2)), 1);
+}
+MN_INLINE __m512i K(q4_0_pair)(const uint8_t *b) {
+    const __m128i v0 = _mm_loadu_si128((const __m128i *)(b + 2));
+    const __m128i v1 = _mm_loadu_si128((const __m128i *)(b + BS_Q4_0 + 2));
+    const __m512i v = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_set_m128i(v0, v0)), _mm256_set_m128i(v1, v1), 1);
+    /* lanes 0,2: low nibbles; lanes 1,3: high nibbles */
+    const __m512i sh = _mm512_mask_srli_epi16(v, 0xFF00FF00u, v, 4);
+    return _mm512_sub_epi8(_mm512_and_si512(sh, _mm512_set1_epi8(0xF)), _mm512_set1_epi8(8));
+}
+MN_INLINE __m256 K(scales8)(const uint8_t *b, size_t bs) {
+    const __m128i h = _mm_setr_epi16((short)mn_rd16(b), (short)mn_rd16(b + bs), (short)mn_rd16(b + 2 * bs),
+                                     (short)mn_rd16(b + 3 * bs), (short)mn_rd16(b + 4 * bs), (short)mn_rd16(b + 5 * bs),
+                                     (short)mn_rd16(b + 6 * bs), (short)mn_rd16(b + 7 * bs));
+    return _mm256_cvtph_ps(h);
+}
+
+#define Q80_512(name, BS, PAIR) \
+MN_INLINE void K(name##_t)(const uint8_t *w, int64_t nb, const uint8_t *xq, size_t xs, const int NT, float *res) { \
+    __m512 acc[MN_TILE][2]; \
+    float tail[MN_TILE]; \
+    for (int t = 0; t < NT; t++) { acc[t][0] = acc[t][1] = _mm512_setzero_ps(); tail[t] = 0.f; } \
+    const __m512i zero = _mm512_setzero_si512(); \
+    int64_t i = 0; \
+    for (; i + 8 <= nb; i += 8) { \
+        const uint8_t *b = w + i * BS; \
+        _mm_prefetch((const char *)(b + 8 * BS + 256), _MM_HINT_T0); \
+        _mm_prefetch((const char *)(b + 8 * BS + 320), _MM_HINT_T0); \
+        const __m256 dw = K(scales8)(b, BS); \
+        __m512i u[4]; __mmask64 m[4]; \
+        for (int p = 0; p < 4; p++) { \
+            const __m512i q = PAIR(b + 2 * p * BS); \
+            u[p] = _mm512_abs_epi8(q); m[p] = _mm512_movepi8_mask(q); \
+        } \
+        for (int t = 0; t < NT; t++) { \
+            const int8_t *x = (const int8_t *)(xq + t * xs) + 32 * i; \
+            const __m512 s = _mm512_castps256_ps512(_mm256_mul_ps(dw, _mm256_loadu_ps((const float *)(xq + t * xs + 32 * nb) + i))); \
+            for (int p = 0; p < 4; p++) { \
+                const __m512i xv = _mm512_loadu_si512((const void *)(x + 64 * p)); \
+                const __m512i sx = _mm512_mask_sub_epi8(xv, m[p], zero, xv); \
+                const __m512i d = K(dpbusd)(zero, u[p], sx); \
+                const __m512i idx = _mm512_set_epi32(2*p+1, 2*p+1, 2*p+1, 2*p+1, 2*p+1, 2*p+1, 2*p+1, 2*p+1, \
+                                                     2*p, 2*p, 2*p, 2*p, 2*p, 2*p, 2*p, 2*p); \
+                acc[t][p & 1] = _mm512_fmadd_ps(_mm512_permutexvar_ps(idx, s), _mm512_cvtepi32_ps(d), acc[t][p & 1]); \
+            } \
+        } \
+    } \
+    for (; i < nb; i++) { /* tail blocks: scalar */ \
+        const uint8_t *b = w + i * BS; \
+        int8_t q[32]; \
+        if (BS == BS_Q8_0) memcpy(q, b + 2, 32); \
+        else for (int j = 0; j < 16; j++) { q[j] = (int8_t)((b[2 + j] & 0xF) - 8); q[j + 16] = (int8_t)((b[2 + j] >> 4) - 8); } \
+        const float dw = _cvtsh_ss(mn_rd16(b)); \
+        for (int t = 0; t < NT; t++) { \
+            const int8_t *x = (const int8_t *)(xq + t * xs) + 32 * i; \
+            int s = 0; \
+            for (int j = 0; j < 32; j++) s += q[j] * x[j]; \
+            tail[t] += (float)s * (dw * ((const float *)(xq + t * xs + 32 * nb))[i]); \
+        } \
+    } \
+    for (int t = 0; t < NT; t++) res[t] = K(hsum16)(_mm512_add_ps(acc[t][0], acc[t][1])) + tail[t]; \
+}
+Q80_512(dot_q8_0, BS_Q8_0, K(q8_0_pair))
+Q80_512(dot_q4_0, BS_Q4_0, K(q4_0_pair))
+MN_TILED_AS(K(dot_q8_0), K(dot_q8_0_t))
+MN_TILED_AS(K(dot_q4_0), K(dot_q4_0_t))
+
+/* ---------------------------------------------------------------- Q4_K */
+MN_INLINE __m128i K(k4_scales)(const uint8_t *s) {
+    uint32_t u[4];
+    memcpy(u, s, 12);
+    const uint32_t km1 = 0x3f3f3f3f, km2 = 0x0f0f0f0f, km3 = 0x03030303;
+    u[3] = ((u[2] >> 4) & km2) | (((u[1] >> 6) & km3) << 4);
+    const uint32_t ua = u[1] & km1;
+    u[1] = (u[2] & km2) | (((u[0] >> 6) & km3) << 4);
+    u[2] = ua;
+    u[0] &= km1;
+    return _mm_loadu_si128((const __m128i *)u);
+}
+
+MN_INLINE void K(dot_q4_K_t)(const uint8_t *w, int64_t nb, const uint8_t *xq, size_t xs, const int NT, float *res) {
+    const __m512i m4 = _mm512_set1_epi8(0xF);
+    __m512 acc[MN_TILE]; __m128 macc[MN_TILE];
+    for (int t = 0; t < NT; t++) { acc[t] = _mm512_setzero_ps(); macc[t] = _mm_setzero_ps(); }
+    for (int64_t i = 0; i < nb; i++) {
+        const uint8_t *b = w + i * BS_Q4_K;
+        _mm_prefetch((const char *)(b + 4 * BS_Q4_K), _MM_HINT_T0);
+        _mm_prefetch((const char *)(b + 4 * BS_Q4_K + 64), _MM_HINT_T0);
+        _mm_prefetch((const char *)(b + 4 * BS_Q4_K + 128), _MM_HINT_T0);
+        const float d = _cvtsh_ss(mn_rd16(b)), dmin = _cvtsh_ss(mn_rd16(b + 2));
+        const __m128i sm = K(k4_scales)(b + 4);
+        const __m128i mins = _mm_cvtepu8_epi16(_mm_unpackhi_epi64(sm, sm));
+        const __m512i sc = _mm512_broadcast_i32x4(_mm_cvtepu8_epi16(sm));
+        __m512i qv[4], sv[4];
+        for (int j = 0; j < 4; j++) {
+            const __m512i v = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)(b + 16 + 32 * j)));
+            qv[j] = _mm512_and_si512(_mm512_mask_srli_epi16(v, 0xFFFF0000u, v, 4), m4);
+            /* lanes 0,1 <- scale 2j, lanes 2,3 <- scale 2j+1 (int16 in each lane) */
+            const int lo = 0x0100 + 0x0202 * (2 * j), hi = 0x0100 + 0x0202 * (2 * j + 1);
+            const __m512i ctl = _mm512_inserti64x4(_mm512_set1_epi16((short)lo), _mm256_set1_epi16((short)hi), 1);
+            sv[j] = _mm512_shuffle_epi8(sc, ctl);
+        }
+        for (int t = 0; t < NT; t++) {
+            const uint8_t *xr = xq + t * xs;
+            const int8_t *x = (const int8_t *)xr + QK_K * i;
+            const float dy = ((const float *)(xr + QK_K * nb))[i];
+            const __m256i bs = _mm256_loadu_si256((const __m256i *)(xr + (QK_K + 4) * nb + 32 * i));
+            const __m128i pair = _mm_hadd_epi16(_mm256_castsi256_si128(bs), _mm256_extracti128_si256(bs, 1));
+            macc[t] = _mm_fmadd_ps(_mm_set1_ps(dmin * dy), _mm_cvtepi32_ps(_mm_madd_epi16(mins, pair)), macc[t]);
+            __m512i s0 = _mm512_setzero_si512(), s1 = _mm512_setzero_si512();
+            s0 = K(dpwssd)(s0, _mm512_maddubs_epi16(qv[0], _mm512_loadu_si512((const void *)x)), sv[0]);
+            s1 = K(dpwssd)(s1, _mm512_maddubs_epi16(qv[1], _mm512_loadu_si512((const void *)(x + 64))), sv[1]);
+            s0 = K(dpwssd)(s0, _mm512_maddubs_epi16(qv[2], _mm512_loadu_si512((const void *)(x + 128))), sv[2]);
+            s1 = K(dpwssd)(s1, _mm512_maddubs_epi16(qv[3], _mm512_loadu_si512((const void *)(x + 192))), sv[3]);
+            acc[t] = _mm512_fmadd_ps(_mm512_set1_ps(d * dy), _mm512_cvtepi32_ps(_mm512_add_epi32(s0, s1)), acc[t]);
+        }
+    }
+    for (int t = 0; t < NT; t++) {
+        __m128 m = macc[t];
+        m = _mm_add_ps(m, _mm_movehl_ps(m, m));
+        m = _mm_add_ss(m, _mm_movehdup_ps(m));
+        res[t] = K(hsum16)(acc[t]) - _mm_cvtss_f32(m);
+    }
+}
+MN_TILED_AS(K(dot_q4_K), K(dot_q4_K_t))
+
+/* ---------------------------------------------------------------- Q6_K */
+MN_INLINE void K(dot_q6_K_t)(const uint8_t *w, int64_t nb, const uint8_t *xq, size_t xs, const int NT, float *res) {
+    const __m512i m4 = _mm512_set1_epi8(0xF), m30 = _mm512_set1_epi8(0x30);
+    const __m512i shA = _mm512_inserti64x4(_mm512_set1_epi16(4), _mm256_set1_epi16(2), 1);
+    const __m512i shB = _mm512_inserti64x4(_mm512_set1_epi16(0), _mm256_set1_epi16(2), 1);
+    __m512 acc[MN_TILE];
+    for (int t = 0; t < NT; t++) acc[t] = _mm512_setzero_ps();
+    for (int64_t i = 0; i < nb; i++) {
+        const uint8_t *b = w + i * BS_Q6_K;
+        _mm_prefetch((const char *)(b + 4 * BS_Q6_K), _MM_HINT_T0);
+        _mm_prefetch((const char *)(b + 4 * BS_Q6_K + 64), _MM_HINT_T0);
+        _mm_prefetch((const char *)(b + 4 * BS_Q6_K + 128), _MM_HINT_T0);
+        _mm_prefetch((const char *)(b + 4 * BS_Q6_K + 192), _MM_HINT_T0);
+        const float d = _cvtsh_ss(mn_rd16(b + 208));
+        const __m256i sc16 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(b + 192)));
+        const __m512i scz = _mm512_castsi256_si512(sc16);
+        __m512i qv[4], sv[4];
+        for (int n = 0; n < 2; n++) {
+            const __m512i l = _mm512_loadu_si512((const void *)(b + 64 * n));
+            const __m512i h = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)(b + 128 + 32 * n)));
+            const __m512i hA = _mm512_and_si512(_mm512_sllv_epi16(h, shA), m30);
+            const __m512i hB = _mm512_and_si512(_mm512_srlv_epi16(h, shB), m30);
+            qv[2 * n] = _mm512_or_si512(_mm512_and_si512(l, m4), hA);
+            qv[2 * n + 1] = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(l, 4), m4), hB);
+        }
+        for (int c = 0; c < 4; c++) {   /* chunk c covers sub-blocks 4c..4c+3, one per 128-bit lane */
+            const __m512i idx = _mm512_inserti64x4(
+                _mm512_castsi256_si512(_mm256_set_m128i(_mm_set1_epi16((short)(4 * c + 1)), _mm_set1_epi16((short)(4 * c)))),
+                _mm256_set_m128i(_mm_set1_epi16((short)(4 * c + 3)), _mm_set1_epi16((short)(4 * c + 2))), 1);
+            sv[c] = _mm512_permutexvar_epi16(idx, scz);
+        }
+        for (int t = 0; t < NT; t++) {
+            const uint8_t *xr = xq + t * xs;
+            const int8_t *x = (const int8_t *)xr + QK_K * i;
+            const __m256i bs = _mm256_loadu_si256((const __m256i *)(xr + (QK_K + 4) * nb + 32 * i));
+            __m512i s0 = _mm512_sub_epi32(_mm512_setzero_si512(),
+                                          _mm512_zextsi256_si512(_mm256_slli_epi32(_mm256_madd_epi16(sc16, bs), 5)));
+            __m512i s1 = _mm512_setzero_si512();
+            s0 = K(dpwssd)(s0, _mm512_maddubs_epi16(qv[0], _mm512_loadu_si512((const void *)x)), sv[0]);
+            s1 = K(dpwssd)(s1, _mm512_maddubs_epi16(qv[1], _mm512_loadu_si512((const void *)(x + 64))), sv[1]);
+            s0 = K(dpwssd)(s0, _mm512_maddubs_epi16(qv[2], _mm512_loadu_si512((const void *)(x + 128))), sv[2]);
+            s1 = K(dpwssd)(s1, _mm512_maddubs_epi16(qv[3], _mm512_loadu_si512((const void *)(x + 192))), sv[3]);
+            const float dy = ((const float *)(xr + QK_K * nb))[i];
+            acc[t] = _mm512_fmadd_ps(_mm512_set1_ps(d * dy), _mm512_cvtepi32_ps(_mm512_add_epi32(s0, s1)), acc[t]);
+        }
+    }
+    for (int t = 0; t < NT; t++) res[t] = K(hsum16)(acc[t]);
+}
+MN_TILED_AS(K(dot_q6_K), K(dot_q6_K_t))
+
+static void K(fill)(mn_kernel_set *k) {
+    k->dot[MN_F32] = K(dot_f32); k->dot[MN_F16] = K(dot_f16); k->dot[MN_BF16] = K(dot_bf16);
+    k->dot[MN_Q8_0] = K(dot_q8_0); k->dot[MN_Q4_0] = K(dot_q4_0);
+    k->dot[MN_Q4_K] = K(dot_q4_K); k->dot[MN_Q6_K] = K(dot_q6_K);
+}

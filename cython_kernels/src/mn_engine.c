@@ -1,0 +1,796 @@
+/* The NUMA engine's per-node block tasks (see mn_engine.h).
+ *
+ * A block task runs on every thread of one node's pool; phases are separated
+ * by the pool's own barrier (cheap: the threads share the node).  Only the
+ * block call itself synchronises across nodes.  Numerics follow the numpy
+ * reference (moe_numa/layers): RMSNorm with a double sum, RoPE from tables the
+ * reference computed, softmax in float, routing with the same tie rules. */
+#include <math.h>
+#include <stdio.h>
+#include <string.h>
+#include <time.h>
+#include <immintrin.h>
+
+#include "mn_engine.h"
+#include "mn_internal.h"
+
+/* ------------------------------------------------------------ small helpers */
+static inline void split(int64_t n, int ith, int nth, int64_t *a, int64_t *b) {
+    const int64_t q = n / nth, r = n % nth;
+    *a = ith * q + (ith < r ? ith : r);
+    *b = *a + q + (ith < r ? 1 : 0);
+}
+
+static inline int64_t now_ns(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000000000LL + ts.tv_nsec;
+}
+
+static inline size_t pad64(size_t n) { return (n + 63) & ~(size_t)63; }
+
+typedef struct { uint8_t *p; size_t used, cap; } arena;
+static void *carve(arena *a, size_t n) {
+    void *r = a->p + a->used;
+    a->used += pad64(n);
+    return r;
+}
+
+/* float vector ops, per SIMD level */
+typedef struct {
+    float (*dot)(const float *a, const float *b, int64_t n);
+    void (*axpy)(float *y, float alpha, const float *x, int64_t n);   /* y += alpha * x */
+} vec_ops;
+
+static float dot_s(const float *a, const float *b, int64_t n) {
+    float s0 = 0, s1 = 0, s2 = 0, s3 = 0;
+    int64_t i = 0;
+    for (; i + 4 <= n; i += 4) { s0 += a[i] * b[i]; s1 += a[i+1] * b[i+1]; s2 += a[i+2] * b[i+2]; s3 += a[i+3] * b[i+3]; }
+    for (; i < n; i++) s0 += a[i] * b[i];
+    return (s0 + s1) + (s2 + s3);
+}
+static void axpy_s(float *y, float alpha, const float *x, int64_t n) { for (int64_t i = 0; i < n; i++) y[i] += alpha * x[i]; }
+
+__attribute__((target("avx2,fma")))
+static float dot_avx2(const float *a, const float *b, int64_t n) {
+    __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+        s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), s0);
+        s1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), s1);
+    }
+    for (; i + 8 <= n; i += 8) s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), s0);
+    s0 = _mm256_add_ps(s0, s1);
+    __m128 h = _mm_add_ps(_mm256_castps256_ps128(s0), _mm256_extractf128_ps(s0, 1));
+    h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+    h = _mm_add_ss(h, _mm_movehdup_ps(h));
+    float s = _mm_cvtss_f32(h);
+    for (; i < n; i++) s += a[i] * b[i];
+    return s;
+}
+__attribute__((target("avx2,fma")))
+static void axpy_avx2(float *y, float alpha, const float *x, int64_t n) {
+    const __m256 va = _mm256_set1_ps(alpha);
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(y + i, _mm256_fmadd_ps(va, _mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i)));
+    for (; i < n; i++) y[i] += alpha * x[i];
+}
+
+__attribute__((target("avx512f")))
+static float dot_avx512(const float *a, const float *b, int64_t n) {
+    __m512 s0 = _mm512_setzero_ps(), s1 = _mm512_setzero_ps();
+    int64_t i = 0;
+    for (; i + 32 <= n; i += 32) {
+        s0 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), s0);
+        s1 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i + 16), _mm512_loadu_ps(b + i + 16), s1);
+    }
+    for (; i + 16 <= n; i += 16) s0 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), s0);
+    float s = _mm512_reduce_add_ps(_mm512_add_ps(s0, s1));
+    for (; i < n; i++) s += a[i] * b[i];
+    return s;
+}
+__attribute__((target("avx512f")))
+static void axpy_avx512(float *y, float alpha, const float *x, int64_t n) {
+    const __m512 va = _mm512_set1_ps(alpha);
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) _mm512_storeu_ps(y + i, _mm512_fmadd_ps(va, _mm512_loadu_ps(x + i), _mm512_loadu_ps(y + i)));
+    for (; i < n; i++) y[i] += alpha * x[i];
+}
+
+static vec_ops vec_for_level(void) {
+    const int lvl = mn_active_level();
+    if (lvl >= MN_SIMD_AVX512) return (vec_ops){dot_avx512, axpy_avx512};
+    if (lvl >= MN_SIMD_AVX2) return (vec_ops){dot_avx2, axpy_avx2};
+    return (vec_ops){dot_s, axpy_s};
+}
+
+static void rms_norm_row(const float *x, const float *w, float *y, int64_t n, float eps) {
+    double s = 0;
+    for (int64_t i = 0; i < n; i++) s += (double)x[i] * (double)x[i];
+    const float scale = (float)(1.0 / sqrt(s / (double)n + (double)eps));
+    for (int64_t i = 0; i < n; i++) y[i] = (x[i] * scale) * (w ? w[i] : 1.0f);
+}
+
+/* rotate v[0..dims) in place for position p (tables: [p][dims/2]) */
+static void rope_apply(float *v, int dims, int neox, const float *cos_t, const float *sin_t, int64_t p) {
+    const int half = dims / 2;
+    const float *c = cos_t + p * half, *s = sin_t + p * half;
+    for (int i = 0; i < half; i++) {
+        float *a = neox ? v + i : v + 2 * i;
+        float *b = neox ? v + i + half : v + 2 * i + 1;
+        const float x0 = *a, x1 = *b;
+        *a = x0 * c[i] - x1 * s[i];
+        *b = x0 * s[i] + x1 * c[i];
+    }
+}
+
+static inline float silu(float g) { return g / (1.f + expf(-g)); }
+
+/* activation rows of one input, one buffer per activation format */
+typedef struct { int n; int type[3]; int kind[3]; uint8_t *buf[3]; size_t row[3]; } act_set;
+
+static void act_add(act_set *s, int type, int64_t cols) {
+    if (!type && !cols) return;
+    const int k = mn_act_kind(type);
+    for (int i = 0; i < s->n; i++) if (s->kind[i] == k) return;
+    s->type[s->n] = type; s->kind[s->n] = k; s->row[s->n] = mn_act_row_bytes(type, cols); s->n++;
+}
+static void act_alloc(act_set *s, arena *a, int64_t T) {
+    for (int i = 0; i < s->n; i++) s->buf[i] = (uint8_t *)carve(a, s->row[i] * (size_t)T);
+}
+static size_t act_bytes(const act_set *s, int64_t T) {
+    size_t n = 0;
+    for (int i = 0; i < s->n; i++) n += pad64(s->row[i] * (size_t)T);
+    return n;
+}
+static void act_quantize(const act_set *s, const float *x, int64_t t, int64_t cols) {
+    for (int i = 0; i < s->n; i++) mn_quantize_act(s->type[i], x, s->buf[i] + (size_t)t * s->row[i], cols);
+}
+static const uint8_t *act_of(const act_set *s, int type, size_t *row) {
+    const int k = mn_act_kind(type);
+    for (int i = 0; i < s->n; i++) if (s->kind[i] == k) { *row = s->row[i]; return s->buf[i]; }
+    *row = 0;
+    return NULL;
+}
+
+/* rows of several matrices (same input) split evenly over the threads */
+typedef struct { const mn_mat *m; float *out; int64_t out_stride; const uint8_t *xq; size_t xq_row; } seg;
+
+static void matmul_segs(const seg *s, int n, int64_t T, int ith, int nth) {
+    int64_t total = 0;
+    for (int i = 0; i < n; i++) total += s[i].m->rows;
+    int64_t a, b;
+    split(total, ith, nth, &a, &b);
+    int64_t base = 0;
+    for (int i = 0; i < n; i++) {
+        const int64_t r0 = a > base ? a - base : 0;
+        const int64_t r1 = (b - base) < s[i].m->rows ? b - base : s[i].m->rows;
+        if (r1 > r0)
+            mn_matmul_rows(s[i].m->type, s[i].m->data, s[i].m->stride, s[i].m->cols, s[i].xq, s[i].xq_row, T,
+                           s[i].out, s[i].out_stride, r0, r1);
+        base += s[i].m->rows;
+    }
+}
+
+/* ------------------------------------------------------------ attention */
+typedef struct {
+    mn_engine *e; mn_node *node; const mn_attn_layer *L;
+    const float *x; int64_t T, pos0;
+    /* scratch, carved identically by every thread */
+    float *xn, *q, *k, *v, *qa, *kva, *kvb, *lat_n, *qlat, *olat, *ao, *att;
+    act_set in, qa_act, lat_act, ao_act;
+    uint8_t *qn_q, *olat_q;           /* MLA: per-head activations of q_nope / o_lat */
+    size_t qn_row, olat_row;
+} attn_ctx;
+
+static void attn_layout(attn_ctx *c, arena *a, int nth) {
+    const mn_attn_layer *L = c->L;
+    const int64_t T = c->T, H = L->hidden, nq = L->n_head;
+    memset(&c->in, 0, sizeof(act_set)); memset(&c->qa_act, 0, sizeof(act_set));
+    memset(&c->lat_act, 0, sizeof(act_set)); memset(&c->ao_act, 0, sizeof(act_set));
+    c->xn = (float *)carve(a, sizeof(float) * T * H);
+    const int64_t qrows = nq * L->qk_dim;
+    c->q = (float *)carve(a, sizeof(float) * T * qrows);
+    if (L->kind == MN_ATTN_GQA) {
+        act_add(&c->in, L->wq.type, H); act_add(&c->in, L->wk.type, H); act_add(&c->in, L->wv.type, H);
+        c->k = (float *)carve(a, sizeof(float) * T * L->n_kv * L->qk_dim);
+        c->v = (float *)carve(a, sizeof(float) * T * L->n_kv * L->v_dim);
+    } else {
+        act_add(&c->in, L->q_lora ? L->wq_a.type : L->wq.type, H);
+        act_add(&c->in, L->wkv_a.type, H);
+        if (L->q_lora) {
+            c->qa = (float *)carve(a, sizeof(float) * T * L->q_lora);
+            act_add(&c->qa_act, L->wq_b.type, L->q_lora);
+        }
+        c->kva = (float *)carve(a, sizeof(float) * T * (L->kv_lora + L->rope_dims));
+        if (L->kind == MN_ATTN_MLA_MHA) {
+            c->lat_n = (float *)carve(a, sizeof(float) * T * L->kv_lora);
+            act_add(&c->lat_act, L->wkv_b.type, L->kv_lora);
+            c->kvb = (float *)carve(a, sizeof(float) * T * L->wkv_b.rows);
+        } else if (nq > 0) {
+            c->qn_row = mn_act_row_bytes(L->k_b[0].type, L->nope);
+            c->qn_q = (uint8_t *)carve(a, c->qn_row * nq * T);
+            c->qlat = (float *)carve(a, sizeof(float) * nq * T * L->kv_lora);
+            c->olat = (float *)carve(a, sizeof(float) * nq * T * L->kv_lora);
+            c->olat_row = mn_act_row_bytes(L->v_b[0].type, L->kv_lora);
+            c->olat_q = (uint8_t *)carve(a, c->olat_row * nq * T);
+        }
+    }
+    c->ao = (float *)carve(a, sizeof(float) * T * nq * L->v_dim);
+    if (nq > 0) act_add(&c->ao_act, L->wo.type, nq * L->v_dim);
+    act_alloc(&c->in, a, T); act_alloc(&c->qa_act, a, T); act_alloc(&c->lat_act, a, T); act_alloc(&c->ao_act, a, T);
+    const int64_t s_max = c->pos0 + T;
+    const int64_t per_thread = L->kind == MN_ATTN_MLA ? s_max + L->kv_lora : s_max + L->v_dim;
+    c->att = (float *)carve(a, sizeof(float) * per_thread * nth);
+}
+
+static size_t attn_scratch(const mn_attn_layer *L, int64_t T, int64_t n_ctx, int nth) {
+    attn_ctx c;
+    memset(&c, 0, sizeof c);
+    c.L = L; c.T = T; c.pos0 = n_ctx - T;
+    arena a = {NULL, 0, 0};
+    uint8_t probe[1];
+    a.p = probe;     /* only sizes are used: carve() does not touch memory */
+    attn_layout(&c, &a, nth);
+    return a.used + 64;
+}
+
+/* scores over cache rows 0..S-1 of one head, softmax, weighted sum of values */
+static void attend(const vec_ops *V, const float *q, const float *keys, size_t key_stride, int64_t kdim,
+                   const float *vals, size_t val_stride, int64_t vdim, int64_t S, float scale,
+                   float *scores, float *out) {
+    float mx = -INFINITY;
+    for (int64_t s = 0; s < S; s++) {
+        const float d = V->dot(q, keys + s * key_stride, kdim) * scale;
+        scores[s] = d;
+        if (d > mx) mx = d;
+    }
+    float sum = 0;
+    for (int64_t s = 0; s < S; s++) { scores[s] = expf(scores[s] - mx); sum += scores[s]; }
+    memset(out, 0, sizeof(float) * vdim);
+    for (int64_t s = 0; s < S; s++) V->axpy(out, scores[s], vals + s * val_stride, vdim);
+    const float inv = 1.0f / sum;
+    for (int64_t i = 0; i < vdim; i++) out[i] *= inv;
+}
+
+static void head_norm(float *v, const float *w, int n, float eps) { rms_norm_row(v, w, v, n, eps); }
+
+static void attn_task(void *p, int ith, int nth) {
+    attn_ctx *c = (attn_ctx *)p;
+    const mn_attn_layer *L = c->L;
+    const int64_t t_start = ith == 0 ? now_ns() : 0;
+    const int64_t T = c->T, H = L->hidden, nq = L->n_head, pos0 = c->pos0;
+    const vec_ops V = vec_for_level();
+    mn_pool *pool = c->node->pool;
+    arena a = {(uint8_t *)(((uintptr_t)c->node->scratch + 63) & ~(uintptr_t)63), 0, c->node->scratch_bytes};
+    float *partial = c->node->partial;
+    int64_t a0, a1;
+    if (L->kind == MN_ATTN_NONE || nq == 0) {   /* no heads here: contribute nothing */
+        split(T, ith, nth, &a0, &a1);
+        memset(partial + a0 * H, 0, sizeof(float) * (a1 - a0) * H);
+        return;
+    }
+    attn_ctx C = *c;
+    attn_layout(&C, &a, nth);
+
+    /* P0: norm + quantize the input rows; clear the partial output */
+    split(T, ith, nth, &a0, &a1);
+    for (int64_t t = a0; t < a1; t++) {
+        rms_norm_row(c->x + t * H, L->attn_norm, C.xn + t * H, H, L->rms_eps);
+        act_quantize(&C.in, C.xn + t * H, t, H);
+        memset(partial + t * H, 0, sizeof(float) * H);
+    }
+    mn_pool_barrier(pool, ith);
+
+    /* P1: projections of the input */
+    size_t r;
+    if (L->kind == MN_ATTN_GQA) {
+        seg s[3] = {{&L->wq, C.q, L->wq.rows, act_of(&C.in, L->wq.type, &r), r},
+                    {&L->wk, C.k, L->wk.rows, NULL, 0}, {&L->wv, C.v, L->wv.rows, NULL, 0}};
+        s[1].xq = act_of(&C.in, L->wk.type, &s[1].xq_row);
+        s[2].xq = act_of(&C.in, L->wv.type, &s[2].xq_row);
+        matmul_segs(s, 3, T, ith, nth);
+    } else {
+        const mn_mat *wq = L->q_lora ? &L->wq_a : &L->wq;
+        float *qout = L->q_lora ? C.qa : C.q;
+        seg s[2] = {{wq, qout, wq->rows, act_of(&C.in, wq->type, &r), r},
+                    {&L->wkv_a, C.kva, L->wkv_a.rows, NULL, 0}};
+        s[1].xq = act_of(&C.in, L->wkv_a.type, &s[1].xq_row);
+        matmul_segs(s, 2, T, ith, nth);
+        mn_pool_barrier(pool, ith);
+        if (L->q_lora) {   /* q = wq_b(norm(wq_a x)) */
+            for (int64_t t = a0; t < a1; t++) {
+                float *row = C.qa + t * L->q_lora;
+                rms_norm_row(row, L->q_a_norm, row, L->q_lora, L->norm_eps);
+                act_quantize(&C.qa_act, row, t, L->q_lora);
+            }
+            mn_pool_barrier(pool, ith);
+            seg sb = {&L->wq_b, C.q, L->wq_b.rows, act_of(&C.qa_act, L->wq_b.type, &r), r};
+            matmul_segs(&sb, 1, T, ith, nth);
+        }
+        if (L->kind == MN_ATTN_MLA_MHA) {
+            mn_pool_barrier(pool, ith);
+            for (int64_t t = a0; t < a1; t++) {
+                float *lat = C.lat_n + t * L->kv_lora;
+                rms_norm_row(C.kva + t * (L->kv_lora + L->rope_dims), L->kv_a_norm, lat, L->kv_lora, L->norm_eps);
+                act_quantize(&C.lat_act, lat, t, L->kv_lora);
+            }
+            mn_pool_barrier(pool, ith);
+            seg sk = {&L->wkv_b, C.kvb, L->wkv_b.rows, act_of(&C.lat_act, L->wkv_b.type, &r), r};
+            matmul_segs(&sk, 1, T, ith, nth);
+        }
+    }
+    mn_pool_barrier(pool, ith);
+
+    /* P2: per (token, head): biases, q/k norms, RoPE, cache stores */
+    const int64_t qk = L->qk_dim, vd = L->v_dim;
+    if (L->kind == MN_ATTN_GQA || L->kind == MN_ATTN_MLA_MHA) {
+        const int64_t units = T * (nq + L->n_kv);
+        split(units, ith, nth, &a0, &a1);
+        for (int64_t u = a0; u < a1; u++) {
+            const int64_t t = u / (nq + L->n_kv), j = u % (nq + L->n_kv), pos = pos0 + t;
+            if (j < nq) {
+                float *qh = C.q + t * nq * qk + j * qk;
+                if (L->bq) for (int64_t i = 0; i < qk; i++) qh[i] += L->bq[j * qk + i];
+                if (L->q_norm) head_norm(qh, L->q_norm, (int)qk, L->norm_eps);
+                rope_apply(qh + L->rope_off, L->rope_dims, L->rope_neox, L->rope_cos, L->rope_sin, pos);
+            } else {
+                const int64_t h = j - nq;
+                float *kc = L->cache_k + (pos * L->n_kv + h) * qk;
+                float *vc = L->cache_v + (pos * L->n_kv + h) * vd;
+                if (L->kind == MN_ATTN_GQA) {
+                    const float *kh = C.k + t * L->n_kv * qk + h * qk;
+                    const float *vh = C.v + t * L->n_kv * vd + h * vd;
+                    for (int64_t i = 0; i < qk; i++) kc[i] = kh[i] + (L->bk ? L->bk[h * qk + i] : 0.f);
+                    for (int64_t i = 0; i < vd; i++) vc[i] = vh[i] + (L->bv ? L->bv[h * vd + i] : 0.f);
+                    if (L->k_norm) head_norm(kc, L->k_norm, (int)qk, L->norm_eps);
+                } else {   /* k = [k_nope(h), rope(k_pe)], v = v(h), from kv_b rows of local head h */
+                    const float *kvh = C.kvb + t * L->wkv_b.rows + h * (L->nope + vd);
+                    memcpy(kc, kvh, sizeof(float) * L->nope);
+                    memcpy(kc + L->nope, C.kva + t * (L->kv_lora + L->rope_dims) + L->kv_lora,
+                           sizeof(float) * L->rope_dims);
+                    memcpy(vc, kvh + L->nope, sizeof(float) * vd);
+                }
+                rope_apply(kc + L->rope_off, L->rope_dims, L->rope_neox, L->rope_cos, L->rope_sin, pos);
+            }
+        }
+        mn_pool_barrier(pool, ith);
+        /* P3: attention per (token, head) */
+        split(T * nq, ith, nth, &a0, &a1);
+        float *scores = C.att + (pos0 + T + vd) * ith;
+        for (int64_t u = a0; u < a1; u++) {
+            const int64_t t = u / nq, h = u % nq, kvh = L->q2kv[h];
+            attend(&V, C.q + t * nq * qk + h * qk, L->cache_k + kvh * qk, L->n_kv * qk, qk,
+                   L->cache_v + kvh * vd, L->n_kv * vd, vd, pos0 + t + 1, L->kq_scale, scores,
+                   C.ao + t * nq * vd + h * vd);
+        }
+    } else if (L->kind == MN_ATTN_MLA) {
+        const int64_t R = L->kv_lora, rd = L->rope_dims, kvw = R + rd;
+        /* P2: RoPE on q_pe; the latent and rotary key of each token into the cache */
+        const int64_t units = T * (nq + 1);
+        split(units, ith, nth, &a0, &a1);
+        for (int64_t u = a0; u < a1; u++) {
+            const int64_t t = u / (nq + 1), j = u % (nq + 1), pos = pos0 + t;
+            if (j < nq) {
+                float *qh = C.q + t * nq * qk + j * qk;
+                rope_apply(qh + L->nope, (int)rd, L->rope_neox, L->rope_cos, L->rope_sin, pos);
+                mn_quantize_act(L->k_b[j].type, qh, C.qn_q + (j * T + t) * C.qn_row, L->nope);
+            } else {
+                rms_norm_row(C.kva + t * kvw, L->kv_a_norm, L->cache_lat + pos * R, R, L->norm_eps);
+                float *kpe = L->cache_kpe + pos * rd;
+                memcpy(kpe, C.kva + t * kvw + R, sizeof(float) * rd);
+                rope_apply(kpe, (int)rd, L->rope_neox, L->rope_cos, L->rope_sin, pos);
+            }
+        }
+        mn_pool_barrier(pool, ith);
+        /* P3: absorb k_b into the query: q_lat[h, t] = k_b[h] @ q_nope[t, h] */
+        {
+            int64_t b0, b1;
+            split(nq * R, ith, nth, &b0, &b1);
+            for (int64_t h = 0; h < nq; h++) {
+                const int64_t r0 = b0 > h * R ? b0 - h * R : 0, r1 = (b1 - h * R) < R ? b1 - h * R : R;
+                if (r1 > r0)
+                    mn_matmul_rows(L->k_b[h].type, L->k_b[h].data, L->k_b[h].stride, L->nope,
+                                   C.qn_q + h * T * C.qn_row, C.qn_row, T, C.qlat + h * T * R, R, r0, r1);
+            }
+        }
+        mn_pool_barrier(pool, ith);
+        /* P4: attention in the latent space */
+        split(T * nq, ith, nth, &a0, &a1);
+        float *scores = C.att + (pos0 + T + R) * ith;
+        for (int64_t u = a0; u < a1; u++) {
+            const int64_t t = u / nq, h = u % nq, S = pos0 + t + 1;
+            const float *ql = C.qlat + (h * T + t) * R, *qpe = C.q + t * nq * qk + h * qk + L->nope;
+            float mx = -INFINITY;
+            for (int64_t s = 0; s < S; s++) {
+                const float d = (V.dot(ql, L->cache_lat + s * R, R) + V.dot(qpe, L->cache_kpe + s * rd, rd)) * L->kq_scale;
+                scores[s] = d;
+                if (d > mx) mx = d;
+            }
+            float sum = 0;
+            for (int64_t s = 0; s < S; s++) { scores[s] = expf(scores[s] - mx); sum += scores[s]; }
+            float *o = C.olat + (h * T + t) * R;
+            memset(o, 0, sizeof(float) * R);
+            for (int64_t s = 0; s < S; s++) V.axpy(o, scores[s], L->cache_lat + s * R, R);
+            const float inv = 1.0f / sum;
+            for (int64_t i = 0; i < R; i++) o[i] *= inv;
+            mn_quantize_act(L->v_b[h].type, o, C.olat_q + (h * T + t) * C.olat_row, R);
+        }
+        mn_pool_barrier(pool, ith);
+        /* P5: values out of the latent: ao[t, h] = v_b[h] @ o_lat[h, t] */
+        {
+            int64_t b0, b1;
+            split(nq * vd, ith, nth, &b0, &b1);
+            for (int64_t h = 0; h < nq; h++) {
+                const int64_t r0 = b0 > h * vd ? b0 - h * vd : 0, r1 = (b1 - h * vd) < vd ? b1 - h * vd : vd;
+                if (r1 > r0)
+                    mn_matmul_rows(L->v_b[h].type, L->v_b[h].data, L->v_b[h].stride, R,
+                                   C.olat_q + h * T * C.olat_row, C.olat_row, T, C.ao + h * vd, nq * vd, r0, r1);
+            }
+        }
+    }
+    mn_pool_barrier(pool, ith);
+
+    /* P6: output projection of this node's heads -> partial */
+    if (nq > 0) {
+        split(T, ith, nth, &a0, &a1);
+        for (int64_t t = a0; t < a1; t++) act_quantize(&C.ao_act, C.ao + t * nq * vd, t, nq * vd);
+        mn_pool_barrier(pool, ith);
+        seg so = {&L->wo, partial, H, act_of(&C.ao_act, L->wo.type, &r), r};
+        matmul_segs(&so, 1, T, ith, nth);
+    }
+    if (ith == 0) c->node->busy_ns += now_ns() - t_start;
+}
+
+/* ------------------------------------------------------------ feed-forward */
+typedef struct {
+    mn_engine *e; mn_node *node; const mn_ffn_layer *L;
+    const float *x; int64_t T;
+    float *xn, *logits, *gsc, *G, *U, *Y, *wts;
+    int32_t *ids, *a_exp, *a_tok;
+    float *a_w;
+    int64_t n_assign;
+    act_set in, h_act;
+    float *probs, *sel;
+    uint8_t *moe_scratch; size_t moe_scratch_bytes;
+} ffn_ctx;
+
+static void ffn_moe_args(const ffn_ctx *c, mn_moe_args *m) {
+    const mn_ffn_layer *L = c->L;
+    memset(m, 0, sizeof *m);
+    m->gate_type = L->gate_type; m->up_type = L->up_type; m->down_type = L->down_type;
+    m->hidden = L->hidden; m->inter = L->inter; m->n_expert = L->n_expert;
+    m->gate = L->gate_ptrs; m->gate_stride = L->gate_stride;
+    m->up = L->up_ptrs; m->up_stride = L->up_stride;
+    m->down = L->down_ptrs; m->down_stride = L->down_stride;
+    m->n_assign = c->n_assign; m->expert = c->a_exp; m->token = c->a_tok; m->weight = c->a_w;
+    m->x = c->xn; m->n_tok = c->T; m->x_stride = L->hidden;
+    m->out = c->node ? c->node->partial : NULL; m->out_stride = L->hidden;
+    m->scratch = c->moe_scratch; m->scratch_bytes = c->moe_scratch_bytes;
+    m->pool = c->node ? c->node->pool : NULL;
+}
+
+static void ffn_layout(ffn_ctx *c, arena *a) {
+    const mn_ffn_layer *L = c->L;
+    const int64_t T = c->T, H = L->hidden;
+    memset(&c->in, 0, sizeof(act_set)); memset(&c->h_act, 0, sizeof(act_set));
+    c->xn = (float *)carve(a, sizeof(float) * T * H);
+    if (L->kind == MN_FFN_MOE) {
+        act_add(&c->in, L->router.type, H);
+        c->logits = (float *)carve(a, sizeof(float) * T * L->n_expert);
+        c->probs = (float *)carve(a, sizeof(float) * L->n_expert);
+        c->sel = (float *)carve(a, sizeof(float) * L->n_expert);
+        c->ids = (int32_t *)carve(a, sizeof(int32_t) * L->n_used);
+        c->wts = (float *)carve(a, sizeof(float) * L->n_used);
+        c->a_exp = (int32_t *)carve(a, sizeof(int32_t) * T * L->n_used);
+        c->a_tok = (int32_t *)carve(a, sizeof(int32_t) * T * L->n_used);
+        c->a_w = (float *)carve(a, sizeof(float) * T * L->n_used);
+        mn_moe_args m;
+        ffn_ctx probe = *c;
+        probe.n_assign = T * L->n_used;
+        ffn_moe_args(&probe, &m);
+        c->moe_scratch_bytes = mn_moe_scratch_bytes(&m);
+        c->moe_scratch = (uint8_t *)carve(a, c->moe_scratch_bytes);
+    }
+    c->gsc = (float *)carve(a, sizeof(float) * T);
+    if (L->sh_ff > 0) {
+        act_add(&c->in, L->sh_gate.type, H); act_add(&c->in, L->sh_up.type, H);
+        act_add(&c->h_act, L->sh_down.type, L->sh_ff);
+        c->G = (float *)carve(a, sizeof(float) * T * L->sh_ff);
+        c->U = (float *)carve(a, sizeof(float) * T * L->sh_ff);
+        c->Y = (float *)carve(a, sizeof(float) * T * H);
+    }
+    act_alloc(&c->in, a, T); act_alloc(&c->h_act, a, T);
+}
+
+static size_t ffn_scratch(const mn_ffn_layer *L, int64_t T) {
+    ffn_ctx c;
+    memset(&c, 0, sizeof c);
+    c.L = L; c.T = T;
+    uint8_t probe[1];
+    arena a = {probe, 0, 0};
+    ffn_layout(&c, &a);
+    return a.used + 64;
+}
+
+/* the router of one token: ids [n_used] best first and their weights */
+static void route(const mn_ffn_layer *L, const float *logit, float *probs, float *sel, int32_t *ids, float *w) {
+    const int E = L->n_expert;
+    if (L->gating == MN_GATE_SOFTMAX) {
+        float mx = -INFINITY, sum = 0;
+        for (int e = 0; e < E; e++) if (logit[e] > mx) mx = logit[e];
+        for (int e = 0; e < E; e++) { probs[e] = expf(logit[e] - mx); sum += probs[e]; }
+        for (int e = 0; e < E; e++) probs[e] /= sum;
+    } else {
+        for (int e = 0; e < E; e++) probs[e] = 1.0f / (1.0f + expf(-logit[e]));
+    }
+    for (int e = 0; e < E; e++) sel[e] = probs[e] + (L->probs_bias ? L->probs_bias[e] : 0.f);
+    if (L->n_groups > 1) {
+        const int per = E / L->n_groups;
+        float gscore[256];
+        int keep[256];
+        for (int g = 0; g < L->n_groups; g++) {
+            float b1 = -INFINITY, b2 = -INFINITY;
+            for (int i = 0; i < per; i++) {
+                const float v = sel[g * per + i];
+                if (v > b1) { b2 = b1; b1 = v; } else if (v > b2) b2 = v;
+            }
+            gscore[g] = L->group_rule == MN_GROUP_MAX ? b1 : b1 + b2;
+            keep[g] = 0;
+        }
+        for (int k = 0; k < L->n_groups_used; k++) {   /* best groups, lower index first on ties */
+            int best = -1;
+            for (int g = 0; g < L->n_groups; g++)
+                if (!keep[g] && (best < 0 || gscore[g] > gscore[best])) best = g;
+            keep[best] = 1;
+        }
+        for (int g = 0; g < L->n_groups; g++)
+            if (!keep[g]) for (int i = 0; i < per; i++) sel[g * per + i] = -INFINITY;
+    }
+    for (int k = 0; k < L->n_used; k++) {              /* top-k, lower index first on ties */
+        int best = -1;
+        for (int e = 0; e < E; e++) {
+            if (sel[e] == -INFINITY && best >= 0) continue;
+            int taken = 0;
+            for (int j = 0; j < k; j++) if (ids[j] == e) { taken = 1; break; }
+            if (!taken && (best < 0 || sel[e] > sel[best])) best = e;
+        }
+        ids[k] = best;
+        w[k] = probs[best];
+    }
+    if (L->norm_w) {
+        float s = 0;
+        for (int k = 0; k < L->n_used; k++) s += w[k];
+        if (s < 6.103515625e-5f) s = 6.103515625e-5f;
+        for (int k = 0; k < L->n_used; k++) w[k] /= s;
+    }
+    if (L->w_scale != 0.f && L->w_scale != 1.f)
+        for (int k = 0; k < L->n_used; k++) w[k] *= L->w_scale;
+}
+
+static void ffn_task(void *p, int ith, int nth) {
+    ffn_ctx *c = (ffn_ctx *)p;
+    const mn_ffn_layer *L = c->L;
+    const int64_t t_start = ith == 0 ? now_ns() : 0;
+    const int64_t T = c->T, H = L->hidden;
+    mn_pool *pool = c->node->pool;
+    arena a = {(uint8_t *)(((uintptr_t)c->node->scratch + 63) & ~(uintptr_t)63), 0, c->node->scratch_bytes};
+    ffn_ctx C = *c;
+    ffn_layout(&C, &a);
+    float *partial = c->node->partial;
+    int64_t a0, a1;
+    size_t r;
+
+    split(T, ith, nth, &a0, &a1);
+    for (int64_t t = a0; t < a1; t++) {
+        rms_norm_row(c->x + t * H, L->ffn_norm, C.xn + t * H, H, L->rms_eps);
+        act_quantize(&C.in, C.xn + t * H, t, H);
+        memset(partial + t * H, 0, sizeof(float) * H);
+        C.gsc[t] = 1.0f;
+        if (L->sh_gate_vec) {
+            double g = 0;
+            for (int64_t i = 0; i < H; i++) g += (double)C.xn[t * H + i] * L->sh_gate_vec[i];
+            C.gsc[t] = 1.0f / (1.0f + expf(-(float)g));
+        }
+    }
+    mn_pool_barrier(pool, ith);
+
+    if (L->kind == MN_FFN_MOE) {
+        seg sr = {&L->router, C.logits, L->n_expert, act_of(&C.in, L->router.type, &r), r};
+        matmul_segs(&sr, 1, T, ith, nth);
+        mn_pool_barrier(pool, ith);
+        if (ith == 0) {   /* routing is replicated on every node; keep the local assignments */
+            int64_t n = 0;
+            for (int64_t t = 0; t < T; t++) {
+                route(L, C.logits + t * L->n_expert, C.probs, C.sel, C.ids, C.wts);
+                for (int k = 0; k < L->n_used; k++) {
+                    const int e = C.ids[k];
+                    if (!L->gate_ptrs[e]) continue;
+                    C.a_exp[n] = e; C.a_tok[n] = (int32_t)t; C.a_w[n] = C.wts[k]; n++;
+                    if (L->expert_tokens) L->expert_tokens[e]++;
+                }
+            }
+            c->n_assign = n;
+        }
+        mn_pool_barrier(pool, ith);
+        C.n_assign = c->n_assign;
+        mn_moe_args m;
+        ffn_moe_args(&C, &m);
+        mn_moe_task(&m, ith, nth);
+        mn_pool_barrier(pool, ith);
+    }
+
+    if (L->sh_ff > 0) {   /* dense FFN or shared expert: this node's slice of the intermediate dim */
+        seg s[2] = {{&L->sh_gate, C.G, L->sh_ff, act_of(&C.in, L->sh_gate.type, &r), r},
+                    {&L->sh_up, C.U, L->sh_ff, NULL, 0}};
+        s[1].xq = act_of(&C.in, L->sh_up.type, &s[1].xq_row);
+        matmul_segs(s, 2, T, ith, nth);
+        mn_pool_barrier(pool, ith);
+        split(T, ith, nth, &a0, &a1);
+        for (int64_t t = a0; t < a1; t++) {
+            float *g = C.G + t * L->sh_ff;
+            const float *u = C.U + t * L->sh_ff;
+            for (int64_t i = 0; i < L->sh_ff; i++) g[i] = silu(g[i]) * u[i];
+            act_quantize(&C.h_act, g, t, L->sh_ff);
+        }
+        mn_pool_barrier(pool, ith);
+        int64_t r0, r1;
+        split(H, ith, nth, &r0, &r1);
+        if (r1 > r0) {
+            const uint8_t *hq = act_of(&C.h_act, L->sh_down.type, &r);
+            mn_matmul_rows(L->sh_down.type, L->sh_down.data, L->sh_down.stride, L->sh_ff, hq, r, T, C.Y, H, r0, r1);
+            for (int64_t t = 0; t < T; t++)
+                for (int64_t i = r0; i < r1; i++) partial[t * H + i] += C.gsc[t] * C.Y[t * H + i];
+        }
+    }
+    if (ith == 0) c->node->busy_ns += now_ns() - t_start;
+}
+
+/* ------------------------------------------------------------ output head */
+typedef struct { mn_engine *e; mn_node *node; const float *x; int64_t T; float *logits; } head_ctx;
+
+static size_t head_scratch(const mn_head_shard *h, int64_t T) {
+    if (h->out.rows == 0) return 64;
+    return pad64(sizeof(float) * T * h->hidden) + pad64(mn_act_row_bytes(h->out.type, h->hidden) * T) + 128;
+}
+
+static void head_task(void *p, int ith, int nth) {
+    head_ctx *c = (head_ctx *)p;
+    const mn_head_shard *h = &c->node->head;
+    if (h->out.rows == 0) return;
+    const int64_t H = h->hidden, T = c->T;
+    arena a = {(uint8_t *)(((uintptr_t)c->node->scratch + 63) & ~(uintptr_t)63), 0, c->node->scratch_bytes};
+    float *xn = (float *)carve(&a, sizeof(float) * T * H);
+    const size_t row = mn_act_row_bytes(h->out.type, H);
+    uint8_t *xq = (uint8_t *)carve(&a, row * T);
+    int64_t a0, a1;
+    split(T, ith, nth, &a0, &a1);
+    for (int64_t t = a0; t < a1; t++) {
+        rms_norm_row(c->x + t * H, h->norm, xn + t * H, H, h->rms_eps);
+        mn_quantize_act(h->out.type, xn + t * H, xq + t * row, H);
+    }
+    mn_pool_barrier(c->node->pool, ith);
+    split(h->out.rows, ith, nth, &a0, &a1);
+    if (a1 > a0)
+        mn_matmul_rows(h->out.type, h->out.data, h->out.stride, H, xq, row, T, c->logits + h->v0, h->vocab, a0, a1);
+}
+
+/* ------------------------------------------------------------ dispatch */
+static void run_nodes(mn_engine *e, mn_task_fn fn, void *ctxs, size_t ctx_size) {
+    for (int n = 1; n < e->n_nodes; n++) mn_pool_submit(e->nodes[n].pool, fn, (char *)ctxs + n * ctx_size);
+    mn_pool_submit(e->nodes[0].pool, fn, ctxs);
+    mn_pool_wait(e->nodes[0].pool);
+    const int64_t t0 = now_ns();
+    for (int n = 1; n < e->n_nodes; n++) mn_pool_wait(e->nodes[n].pool);
+    e->wait_ns += now_ns() - t0;
+    e->syncs++;
+}
+
+static void reduce_partials(mn_engine *e, float *x, int64_t T) {
+    const int64_t n = T * e->hidden;
+    for (int k = 0; k < e->n_nodes; k++) {
+        const float *p = e->nodes[k].partial;
+        for (int64_t i = 0; i < n; i++) x[i] += p[i];
+    }
+}
+
+#define MAX_NODES 64
+
+void mn_engine_attention(mn_engine *e, int layer, float *x, int64_t T, int64_t pos0) {
+    attn_ctx ctx[MAX_NODES];
+    for (int n = 0; n < e->n_nodes; n++) {
+        memset(&ctx[n], 0, sizeof(attn_ctx));
+        ctx[n].e = e; ctx[n].node = &e->nodes[n]; ctx[n].L = &e->nodes[n].attn[layer];
+        ctx[n].x = x; ctx[n].T = T; ctx[n].pos0 = pos0;
+    }
+    run_nodes(e, attn_task, ctx, sizeof(attn_ctx));
+    reduce_partials(e, x, T);
+}
+
+void mn_engine_ffn(mn_engine *e, int layer, float *x, int64_t T) {
+    ffn_ctx ctx[MAX_NODES];
+    for (int n = 0; n < e->n_nodes; n++) {
+        memset(&ctx[n], 0, sizeof(ffn_ctx));
+        ctx[n].e = e; ctx[n].node = &e->nodes[n]; ctx[n].L = &e->nodes[n].ffn[layer];
+        ctx[n].x = x; ctx[n].T = T;
+    }
+    run_nodes(e, ffn_task, ctx, sizeof(ffn_ctx));
+    reduce_partials(e, x, T);
+}
+
+void mn_engine_head(mn_engine *e, const float *x, int64_t T, float *logits) {
+    head_ctx ctx[MAX_NODES];
+    for (int n = 0; n < e->n_nodes; n++) {
+        ctx[n].e = e; ctx[n].node = &e->nodes[n]; ctx[n].x = x; ctx[n].T = T; ctx[n].logits = logits;
+    }
+    run_nodes(e, head_task, ctx, sizeof(head_ctx));
+}
+
+size_t mn_node_scratch_bytes(const mn_engine *e, int node) {
+    const mn_node *nd = &e->nodes[node];
+    const int nth = mn_pool_size(nd->pool);
+    size_t need = head_scratch(&nd->head, e->t_max);
+    for (int l = 0; l < e->n_layers; l++) {
+        if (nd->attn[l].kind != MN_ATTN_NONE && nd->attn[l].n_head > 0) {
+            const size_t s = attn_scratch(&nd->attn[l], e->t_max, nd->attn[l].n_ctx, nth);
+            if (s > need) need = s;
+        }
+        if (nd->ffn[l].kind != MN_FFN_NONE) {
+            const size_t s = ffn_scratch(&nd->ffn[l], e->t_max);
+            if (s > need) need = s;
+        }
+    }
+    return need;
+}
+
+static int check_mat(const mn_mat *m, int64_t cols, const char *what, int node, int layer, char *err, size_t errlen) {
+    if (m->rows == 0) return 0;
+    if (!m->data) { snprintf(err, errlen, "node %d layer %d: %s has no data", node, layer, what); return -1; }
+    if (!mn_type_supported(m->type)) {
+        snprintf(err, errlen, "node %d layer %d: %s has unsupported type %d", node, layer, what, m->type); return -1;
+    }
+    if (m->cols != cols || m->stride < mn_row_bytes(m->type, m->cols) || mn_row_bytes(m->type, m->cols) == 0) {
+        snprintf(err, errlen, "node %d layer %d: %s is %lld x %lld (stride %zu), expected %lld columns",
+                 node, layer, what, (long long)m->rows, (long long)m->cols, m->stride, (long long)cols);
+        return -1;
+    }
+    return 0;
+}
+
+int mn_engine_check(const mn_engine *e, char *err, size_t errlen) {
+    if (e->n_nodes < 1 || e->n_nodes > MAX_NODES) { snprintf(err, errlen, "engine needs 1..%d nodes", MAX_NODES); return -1; }
+    for (int n = 0; n < e->n_nodes; n++) {
+        const mn_node *nd = &e->nodes[n];
+        if (!nd->pool) { snprintf(err, errlen, "node %d has no thread pool", n); return -1; }
+        for (int l = 0; l < e->n_layers; l++) {
+            const mn_attn_layer *A = &nd->attn[l];
+            const int64_t H = A->hidden;
+            if (A->kind == MN_ATTN_GQA) {
+                if (check_mat(&A->wq, H, "attn_q", n, l, err, errlen) || check_mat(&A->wk, H, "attn_k", n, l, err, errlen) ||
+                    check_mat(&A->wv, H, "attn_v", n, l, err, errlen) ||
+                    check_mat(&A->wo, (int64_t)A->n_head * A->v_dim, "attn_output", n, l, err, errlen)) return -1;
+            } else if (A->kind == MN_ATTN_MLA || A->kind == MN_ATTN_MLA_MHA) {
+                if (check_mat(&A->wkv_a, H, "attn_kv_a_mqa", n, l, err, errlen)) return -1;
+                if (A->q_lora ? (check_mat(&A->wq_a, H, "attn_q_a", n, l, err, errlen) ||
+                                 check_mat(&A->wq_b, A->q_lora, "attn_q_b", n, l, err, errlen))
+                              : check_mat(&A->wq, H, "attn_q", n, l, err, errlen)) return -1;
+                if (A->n_head && check_mat(&A->wo, (int64_t)A->n_head * A->v_dim, "attn_output", n, l, err, errlen)) return -1;
+                if (A->kind == MN_ATTN_MLA_MHA && check_mat(&A->wkv_b, A->kv_lora, "attn_kv_b", n, l, err, errlen)) return -1;
+                if (A->kind == MN_ATTN_MLA)
+                    for (int h = 0; h < A->n_head; h++)
+                        if (check_mat(&A->k_b[h], A->nope, "attn_k_b", n, l, err, errlen) ||
+                            check_mat(&A->v_b[h], A->kv_lora, "attn_v_b", n, l, err, errlen)) return -1;
+            }
+            const mn_ffn_layer *F = &nd->ffn[l];
+            if (F->kind == MN_FFN_MOE) {
+                if (check_mat(&F->router, F->hidden, "ffn_gate_inp", n, l, err, errlen)) return -1;
+                if (F->n_expert > 256 * 64 || (F->n_groups > 256)) { snprintf(err, errlen, "node %d layer %d: too many experts/groups", n, l); return -1; }
+            }
+            if (F->sh_ff > 0 && (check_mat(&F->sh_gate, F->hidden, "ffn_gate(_shexp)", n, l, err, errlen) ||
+                                 check_mat(&F->sh_up, F->hidden, "ffn_up(_shexp)", n, l, err, errlen) ||
+                                 check_mat(&F->sh_down, F->sh_ff, "ffn_down(_shexp)", n, l, err, errlen))) return -1;
+        }
+        if (check_mat(&nd->head.out, nd->head.hidden, "output", n, -1, err, errlen)) return -1;
+    }
+    return 0;
+}
