@@ -289,18 +289,24 @@ def _tool_cxx(info: dict) -> str:
 
 def find_or_build(build_dir: str | os.PathLike | None = None, compiler: str = "clang",
                   rebuild: bool = False, log: Callable = print,
-                  extra_targets: Sequence[str] = ()) -> LlamaCppBuild:
+                  extra_targets: Sequence[str] = (), allow_build: bool = True) -> LlamaCppBuild:
     """Return a llama.cpp build, building it (once, cached, under a lock) if needed.
 
     ``build_dir``: a user's own llama.cpp build dir (with ``bin/llama-bench`` ...);
     only our tools are compiled, into ``build_dir/moe_numa-tools`` if writable, else
     into the cache.  Otherwise llama.cpp ``TAG`` is built in the cache with ``compiler``
     ("clang" = clang-16, installed by apt-get when root; "gcc" = gcc-12 without AMX).
+    ``allow_build=False``: raise :class:`LlamaCppError` instead of fetching or building
+    llama.cpp (tests use it to run only where a build is already cached).
     """
     if build_dir is not None:
         return _use_existing(Path(build_dir).resolve(), log)
 
     root = cache_root() / f"llama.cpp-{TAG}"
+    if not allow_build:
+        infos = [root / f"build-{c}" / "build-info.json" for c in (compiler, "clang", "gcc")]
+        if not any(p.is_file() for p in infos) or not (root / "src" / "include" / "llama.h").is_file():
+            raise LlamaCppError(f"no cached llama.cpp {TAG} build under {root}")
     root.mkdir(parents=True, exist_ok=True)
     with _file_lock(root / ".lock", log):
         src = _fetch_source(root, log)
@@ -319,6 +325,8 @@ def find_or_build(build_dir: str | os.PathLike | None = None, compiler: str = "c
         ok = (info.get("cmake_flags") == flags and info.get("tag") == TAG
               and set(targets) <= have
               and all((bdir / "bin" / t).is_file() for t in targets))
+        if not ok and not allow_build:
+            raise LlamaCppError(f"the cached llama.cpp build {bdir} is missing or stale")
         if not ok:
             if rebuild and bdir.exists():
                 shutil.rmtree(bdir)

@@ -222,3 +222,55 @@ def test_split_pieces_keeps_newlines_and_covers_text():
     pieces = compat.split_pieces(text)
     assert "".join(pieces) == text
     assert pieces == ["a\n", "\n", "b c\r\n", "last"]
+
+
+# ----------------------------------------------------------------------------- with a cached build
+
+@pytest.fixture(scope="module")
+def llama_build():
+    try:
+        return lc.find_or_build(log=lambda *a: None, allow_build=False)
+    except lc.LlamaCppError as e:
+        pytest.skip(f"llama.cpp not built ({e}); run python -m moe_numa.bench.compat_llama_cpp once")
+
+
+@pytest.fixture(scope="module")
+def qwen3_f32(tmp_path_factory):
+    from moe_numa.testing import make_test_model
+    return make_test_model(tmp_path_factory.mktemp("m") / "q3.gguf", "qwen3moe", qtype="f32", seed=0)
+
+
+@pytest.mark.slow
+def test_llama_logits_match_reference(llama_build, qwen3_f32):
+    model = compat._load_ours(qwen3_f32)
+    ids = model.tokenizer.encode("The quick brown fox 123 中文", add_special=True, parse_special=False)
+    ours = model.logits(ids)
+    theirs = lc.llama_logits(llama_build, qwen3_f32, ids, threads=2)
+    r = compat.compare_logits(ours, theirs)
+    assert theirs.dtype == np.float32 and theirs.shape == ours.shape
+    assert r["max_rel"] <= compat.F32_REL_TOL and r["argmax_agree"] == 1.0
+    # chunked decoding through the KV cache gives the same logits
+    chunked = lc.llama_logits(llama_build, qwen3_f32, ids, threads=2, batch=3)
+    assert np.abs(chunked - theirs).max() <= 1e-4 * r["scale"]
+
+
+@pytest.mark.slow
+def test_llama_tokenize_matches_ours(llama_build, qwen3_f32):
+    model = compat._load_ours(qwen3_f32)
+    texts = ["Hello world", "  x = 12345\n\n", "<|im_start|>user\nhi<|im_end|>", "日本語 😀"]
+    for parse in (False, True):
+        theirs = lc.llama_tokenize_many(llama_build, qwen3_f32, texts, add_special=True, parse_special=parse)
+        for t, ids in zip(texts, theirs):
+            assert ids == lc.llama_tokenize(llama_build, qwen3_f32, t, add_special=True, parse_special=parse)
+            assert ids == list(model.tokenizer.encode(t, add_special=True, parse_special=parse)), t
+
+
+@pytest.mark.slow
+def test_llama_intermediates_and_bench(llama_build, qwen3_f32):
+    nodes = lc.llama_intermediates(llama_build, qwen3_f32, [1, 2, 3, 4], name_filter="ffn_moe_probs")
+    probs = [n for n in nodes if n["name"] == "ffn_moe_probs-0" and n["op"] == "SOFT_MAX"]
+    assert probs and probs[0]["array"].shape == (4, 8)
+    assert np.allclose(probs[0]["array"].sum(-1), 1.0, atol=1e-5)
+    recs = lc.run_llama_bench(llama_build, qwen3_f32, threads=1, tests=("pp8", "tg4"), repetitions=1)
+    assert [r["test"] for r in recs] == ["pp8", "tg4"]
+    assert all(r["tokens_per_s"] > 0 and r["threads"] == 1 for r in recs)
