@@ -467,8 +467,8 @@ def moe_experts(x: np.ndarray, gate, up, down, types, experts, tokens, weights,
     for name, arr in (("experts", experts), ("tokens", tokens)):
         if arr.ndim != 1 or (arr.size and arr.dtype.kind not in "iu"):
             raise ShapeError(f"{name}: expected a 1-D integer array, got dtype {arr.dtype} shape {arr.shape}")
-    if weights.ndim != 1 or (weights.size and weights.dtype.kind != "f"):
-        raise ShapeError(f"weights: expected a 1-D float array, got dtype {weights.dtype} shape {weights.shape}")
+    if weights.ndim != 1 or (weights.size and weights.dtype.kind not in "fiu"):
+        raise ShapeError(f"weights: expected a 1-D array of numbers, got dtype {weights.dtype} shape {weights.shape}")
     n_assign = experts.shape[0]
     if tokens.shape[0] != n_assign or weights.shape[0] != n_assign:
         raise ShapeError(f"experts, tokens, weights: lengths differ ({n_assign}, {tokens.shape[0]}, {weights.shape[0]})")
