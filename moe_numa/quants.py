@@ -68,3 +68,34 @@ def quantize(values: np.ndarray, qtype: int) -> np.ndarray:
     if qtype == Q.F16:
         return values.astype(np.float16).view(np.uint8).reshape(*values.shape[:-1], values.shape[-1] * 2)
     return gguf_quants.quantize(values, qtype)
+
+
+# -- activation quantization, as the native kernels (and llama.cpp) do it -----------------
+_ACT_Q8_0 = {int(Q.Q8_0), int(Q.Q4_0)}
+_ACT_Q8_K = {int(Q.Q4_K), int(Q.Q5_K), int(Q.Q6_K), int(Q.Q2_K), int(Q.Q3_K)}
+
+
+def simulate_act_quant(x: np.ndarray, wtype: int) -> np.ndarray:
+    """The activations a kernel multiplies a `wtype` weight with, dequantized:
+    Q8_0 blocks of 32 (fp16 scale) for Q8_0/Q4_0, Q8_K blocks of 256 for
+    K-quants, unchanged floats for F32/F16/BF16."""
+    wtype = int(wtype)
+    if wtype not in _ACT_Q8_0 and wtype not in _ACT_Q8_K:
+        return x
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    size = 32 if wtype in _ACT_Q8_0 else 256
+    b = x.reshape(-1, size)
+    if wtype in _ACT_Q8_0:
+        amax = np.abs(b).max(axis=1, keepdims=True)
+        d = (amax / np.float32(127)).astype(np.float16).astype(np.float32)
+        with np.errstate(divide="ignore"):
+            inv = np.where(amax != 0, np.float32(127) / amax, np.float32(0)).astype(np.float32)
+        q = np.rint(b * inv)
+        return (q * d).reshape(x.shape).astype(np.float32)
+    idx = np.abs(b).argmax(axis=1)[:, None]            # first of equal maxima, as the C loop
+    mx = np.take_along_axis(b, idx, axis=1)
+    with np.errstate(divide="ignore"):
+        iscale = np.where(mx != 0, np.float32(-127) / mx, np.float32(0)).astype(np.float32)
+        d = np.where(mx != 0, np.float32(1) / iscale, np.float32(0)).astype(np.float32)
+    q = np.minimum(np.rint(b * iscale), 127)
+    return (q * d).reshape(x.shape).astype(np.float32)

@@ -40,7 +40,7 @@ class GQAWeights:
 
 
 def _linear(x, w, b, deq):
-    y = x @ deq(w).T
+    y = deq.linear(x, w)
     return y if b is None else y + deq(b)
 
 
@@ -76,4 +76,4 @@ def gqa_attention(cfg: AttentionConfig, w: GQAWeights, x: np.ndarray, cache: Lay
     keys = np.repeat(cache.view("k", end), group, axis=1)
     values = np.repeat(cache.view("v", end), group, axis=1)
     out = causal_softmax_attention(q, keys, values, positions, cfg.kq_scale)
-    return out.reshape(T, -1) @ deq(w.wo).T
+    return deq.linear(out.reshape(T, -1), w.wo)

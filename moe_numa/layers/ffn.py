@@ -25,6 +25,5 @@ def silu(x: np.ndarray) -> np.ndarray:
 
 def swiglu(w: FFNWeights, x: np.ndarray, deq) -> np.ndarray:
     """x: [T, hidden] -> [T, hidden]."""
-    g = x @ deq(w.gate).T
-    u = x @ deq(w.up).T
-    return (silu(g) * u) @ deq(w.down).T
+    h = silu(deq.linear(x, w.gate)) * deq.linear(x, w.up)
+    return deq.linear(h, w.down)

@@ -65,13 +65,13 @@ def mla_attention(cfg: MLAConfig, w: MLAWeights, x: np.ndarray, cache: LayerCach
                   positions: np.ndarray, deq) -> np.ndarray:
     T = x.shape[0]
     if w.wq is not None:
-        q = x @ deq(w.wq).T
+        q = deq.linear(x, w.wq)
     else:
-        q = rms_norm(x @ deq(w.wq_a).T, deq(w.q_a_norm), cfg.norm_eps) @ deq(w.wq_b).T
+        q = deq.linear(rms_norm(deq.linear(x, w.wq_a), deq(w.q_a_norm), cfg.norm_eps), w.wq_b)
     q = q.reshape(T, cfg.n_head, cfg.q_head_dim)
     q_nope, q_rope = q[..., :cfg.qk_nope_dim], q[..., cfg.qk_nope_dim:]
 
-    kv_a = x @ deq(w.wkv_a).T
+    kv_a = deq.linear(x, w.wkv_a)
     latent = rms_norm(kv_a[:, :cfg.kv_lora_rank], deq(w.kv_a_norm), cfg.norm_eps)
     k_rope = kv_a[:, None, cfg.kv_lora_rank:]
 
@@ -87,11 +87,15 @@ def mla_attention(cfg: MLAConfig, w: MLAWeights, x: np.ndarray, cache: LayerCach
 
     k_b, v_b = absorbed_kv_b(cfg, w, deq)
     # q_nope . (k_b^T c) == (k_b q_nope) . c : attend in the latent space.
+    if w.wk_b is not None:
+        q_nope = deq.act(np.ascontiguousarray(q_nope), w.wk_b)
     q_lat = np.einsum("hrd,thd->thr", k_b, q_nope)
     query = np.concatenate([q_lat, q_rope], axis=-1)                     # [T, H, kv_lora + rope]
     key = np.concatenate([lat, kr], axis=-1)[:, None, :]                 # [S, 1, kv_lora + rope]
     key = np.broadcast_to(key, (key.shape[0], cfg.n_head, key.shape[2]))
     value = np.broadcast_to(lat[:, None, :], (lat.shape[0], cfg.n_head, lat.shape[1]))
     out_lat = causal_softmax_attention(query, key, value, positions, cfg.kq_scale)  # [T, H, kv_lora]
+    if w.wv_b is not None:
+        out_lat = deq.act(np.ascontiguousarray(out_lat), w.wv_b)
     out = np.einsum("hvr,thr->thv", v_b, out_lat)                          # [T, H, v_head]
-    return out.reshape(T, -1) @ deq(w.wo).T
+    return deq.linear(out.reshape(T, -1), w.wo)

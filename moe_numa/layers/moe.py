@@ -101,15 +101,15 @@ def route(cfg: RouterConfig, logits: np.ndarray, bias: np.ndarray | None = None
 
 def moe_block(cfg: RouterConfig, w: MoEWeights, x: np.ndarray, deq) -> np.ndarray:
     """x: [T, hidden] (already normed) -> routed experts + shared expert, [T, hidden]."""
-    logits = x @ deq(w.router).T
+    logits = deq.linear(x, w.router)
     ids, weights = route(cfg, logits, deq(w.probs_bias))
     out = np.zeros_like(x)
     for e in np.unique(ids):
         tok, slot = np.nonzero(ids == e)
         ew = w.expert(int(e))
         xe = x[tok]
-        h = silu(xe @ deq(ew.gate).T) * (xe @ deq(ew.up).T)
-        out[tok] += (h @ deq(ew.down).T) * weights[tok, slot][:, None]
+        h = silu(deq.linear(xe, ew.gate)) * deq.linear(xe, ew.up)
+        out[tok] += deq.linear(h, ew.down) * weights[tok, slot][:, None]
     if w.shared is not None:
         shared = swiglu(w.shared, x, deq)
         if w.shared_gate is not None:

@@ -17,8 +17,11 @@ class Dequantizer:
     """Maps a Tensor to its float32 values; least-recently-used copies are dropped
     once the cache holds more than `budget_bytes`."""
 
-    def __init__(self, budget_bytes: int = 8 << 30):
+    def __init__(self, budget_bytes: int = 8 << 30, act_quant: bool = False):
         self.budget = budget_bytes
+        # With act_quant, inputs of quantized matmuls are rounded the way the native
+        # kernels round them (Q8_0 / Q8_K), so the engine can be checked tightly.
+        self.act_quant = act_quant
         self._cache: OrderedDict[tuple[str, str], np.ndarray] = OrderedDict()
         self._bytes = 0
 
@@ -39,6 +42,17 @@ class Dequantizer:
                 _, old = self._cache.popitem(last=False)
                 self._bytes -= old.nbytes
         return arr
+
+    def act(self, x: np.ndarray, t: Tensor) -> np.ndarray:
+        """The input a matmul with `t` sees: `x`, or its kernel-quantized version."""
+        if not self.act_quant:
+            return x
+        from ..quants import simulate_act_quant
+        return simulate_act_quant(x, t.qtype)
+
+    def linear(self, x: np.ndarray, t: Tensor) -> np.ndarray:
+        """x @ W.T for a [rows, cols] tensor W."""
+        return self.act(x, t) @ self(t).T
 
     def rows(self, t: Tensor, ids: np.ndarray) -> np.ndarray:
         """Rows `ids` of a 2-D tensor (embedding lookup) without dequantizing it all."""
