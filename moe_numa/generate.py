@@ -87,7 +87,7 @@ def generate_stream(backend, tokenizer, prompt_ids: Sequence[int], max_tokens: i
         stats.generated_tokens += 1
         stats.token_ids.append(token)
         history.append(token)
-        piece = stop_filter.feed(decoder.add(token))
+        piece = stop_filter.feed(decoder.push(token))
         if piece:
             yield piece
         if stop_filter.stopped:

@@ -1,0 +1,163 @@
+"""The public Python API: `load()` and `Model` (tokenize, detokenize, logits,
+generate), over either backend: the numpy reference or the NUMA engine."""
+from __future__ import annotations
+
+import os
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+
+from .chat import render_chat
+from .errors import ContextOverflowError, MoeNumaError
+from .generate import GenerationStats, generate_stream
+from .gguf_file import GGUFModelFile, check_supported_types
+from .layers.weights import Dequantizer
+from .models import load_model
+from .models.base import ReferenceForward
+from .sampling import SamplingParams
+from .tokenizer import GGUFTokenizer
+
+BACKENDS = ("reference", "engine")
+DEFAULT_BACKEND = "reference"
+DEFAULT_CTX = 4096
+
+
+class ReferenceBackend:
+    """The numpy oracle behind the common backend interface:
+    reset(), n_ctx, n_past, forward(ids, all_logits) -> logits [n or 1, n_vocab]."""
+
+    name = "reference"
+
+    def __init__(self, arch_module, cfg, weights, n_ctx: int, weight_cache_bytes: int = 8 << 30,
+                 act_quant: bool = False):
+        self.cfg = cfg
+        self.n_ctx = n_ctx
+        # act_quant=True rounds matmul inputs as the native kernels do (Q8_0/Q8_K), to check the engine tightly.
+        self.forward_pass = ReferenceForward(arch_module, cfg, weights, Dequantizer(weight_cache_bytes, act_quant))
+        self.cache = self.forward_pass.new_cache(n_ctx)
+
+    @property
+    def n_past(self) -> int:
+        return self.cache.n_past
+
+    def reset(self) -> None:
+        self.cache.reset()
+
+    def forward(self, ids: np.ndarray, all_logits: bool = True) -> np.ndarray:
+        hidden = self.forward_pass.hidden_states(ids, self.cache)
+        if not all_logits:
+            hidden = hidden[-1:]
+        return self.forward_pass.logits(hidden)
+
+    def close(self) -> None:
+        pass
+
+
+class Model:
+    """A loaded GGUF model. Create it with `moe_numa.load()`."""
+
+    def __init__(self, path: str | os.PathLike[str], backend: str = DEFAULT_BACKEND, n_ctx: int | None = None,
+                 router_group_rule: str | None = None, **backend_options: Any):
+        if backend not in BACKENDS:
+            raise ValueError(f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)}")
+        self.path = str(path)
+        self.gguf = GGUFModelFile(path)
+        check_supported_types(self.gguf)
+        overrides = {"group_rule": router_group_rule} if router_group_rule else {}
+        self.arch_module, self.config, self.weights = load_model(self.gguf, **overrides)
+        self.tokenizer = GGUFTokenizer.from_metadata(self.gguf.metadata)
+        self.n_ctx = int(n_ctx or min(self.config.n_ctx_train, DEFAULT_CTX))
+        if self.n_ctx <= 0:
+            raise ValueError(f"n_ctx must be positive, got {self.n_ctx}")
+        self.chat_template = self.gguf.get("tokenizer.chat_template")
+        self.last_stats: GenerationStats | None = None
+        if backend == "reference":
+            self.backend = ReferenceBackend(self.arch_module, self.config, self.weights, self.n_ctx,
+                                            **backend_options)
+        else:
+            from .engine import EngineBackend
+            self.backend = EngineBackend(self, **backend_options)
+
+    # -- text ---------------------------------------------------------------
+    def tokenize(self, text: str, add_special: bool = True, parse_special: bool = True) -> list[int]:
+        return self.tokenizer.encode(text, add_special=add_special, parse_special=parse_special)
+
+    def detokenize(self, ids: Sequence[int], skip_special: bool = False) -> str:
+        return self.tokenizer.decode(list(ids), skip_special=skip_special)
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        return render_chat(self.chat_template, messages, add_generation_prompt=add_generation_prompt,
+                           bos_token=self._token_text(self.tokenizer.bos_id),
+                           eos_token=self._token_text(self.tokenizer.eos_id))
+
+    def _token_text(self, token_id: int | None) -> str:
+        return "" if token_id is None else self.tokenizer.id_to_token(token_id)
+
+    def prompt_ids(self, prompt: str | list[dict] | Sequence[int]) -> list[int]:
+        """Token ids of a text prompt, a chat (list of messages) or ids as given."""
+        if isinstance(prompt, str):
+            return self.tokenize(prompt)
+        prompt = list(prompt)
+        if prompt and isinstance(prompt[0], dict):
+            text = self.apply_chat_template(prompt)
+            # The template usually writes BOS itself; don't add a second one.
+            bos = self._token_text(self.tokenizer.bos_id)
+            return self.tokenize(text, add_special=not (bos and text.startswith(bos)))
+        ids = [int(t) for t in prompt]
+        bad = [t for t in ids if not 0 <= t < self.config.n_vocab]
+        if bad:
+            raise ValueError(f"token id(s) out of range 0..{self.config.n_vocab - 1}: {bad[:5]}")
+        return ids
+
+    # -- compute ------------------------------------------------------------
+    def logits(self, token_ids: Sequence[int]) -> np.ndarray:
+        """Next-token logits after every position, from an empty cache: [n, n_vocab] float32."""
+        ids = self.prompt_ids(list(token_ids))
+        if not ids:
+            raise ValueError("logits() needs at least one token")
+        self._check_fits(len(ids))
+        self.backend.reset()
+        return np.asarray(self.backend.forward(np.asarray(ids, dtype=np.int32), all_logits=True),
+                          dtype=np.float32)
+
+    def generate(self, prompt: str | list[dict] | Sequence[int], max_tokens: int = 128,
+                 temperature: float = 0.8, top_k: int = 40, top_p: float = 0.95, min_p: float = 0.05,
+                 repeat_penalty: float = 1.0, repeat_last_n: int = 64, seed: int | None = None,
+                 stop: Sequence[str] = (), stream: bool = False) -> str | Iterator[str]:
+        """Generate text. With `stream=True`, an iterator of text pieces."""
+        ids = self.prompt_ids(prompt)
+        if not ids:
+            raise ValueError("the prompt is empty")
+        self._check_fits(len(ids))
+        params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                                repeat_penalty=repeat_penalty, repeat_last_n=repeat_last_n, seed=seed)
+        self.last_stats = GenerationStats()
+        pieces = generate_stream(self.backend, self.tokenizer, ids, max_tokens, params,
+                                 stop=list(stop), stats=self.last_stats)
+        return pieces if stream else "".join(pieces)
+
+    def _check_fits(self, n: int) -> None:
+        if n > self.n_ctx:
+            raise ContextOverflowError(f"the prompt has {n} tokens but the context holds {self.n_ctx} "
+                                       f"(raise n_ctx, up to the model's {self.config.n_ctx_train})")
+
+    def placement_report(self) -> dict:
+        report = getattr(self.backend, "placement_report", None)
+        if report is None:
+            raise MoeNumaError("placement_report() needs the engine backend")
+        return report()
+
+    def close(self) -> None:
+        self.backend.close()
+
+    def __enter__(self) -> "Model":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def load(path: str | os.PathLike[str], backend: str = DEFAULT_BACKEND, **options: Any) -> Model:
+    """Load a GGUF model (the first file of a split set). `backend` is "engine"
+    (the NUMA engine) or "reference" (the numpy oracle)."""
+    return Model(path, backend=backend, **options)

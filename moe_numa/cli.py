@@ -1,0 +1,147 @@
+"""The `moe-numa` command. Flag names follow llama.cpp's where one exists."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from .errors import MoeNumaError
+
+
+def _add_engine_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--backend", choices=("engine", "reference"), default=None,
+                   help="engine (the NUMA engine) or reference (the numpy oracle)")
+    p.add_argument("--numa-expert-map", metavar="FILE", help="YAML expert map (see docs/expert-maps.md)")
+    p.add_argument("--numa-nodes", type=int, metavar="N",
+                   help="split the CPUs into N virtual nodes (default: the machine's real nodes)")
+    p.add_argument("--threads-per-node", "-t", type=int, metavar="T", help="threads per node (default: all cores)")
+    p.add_argument("-c", "--ctx-size", type=int, default=None, help="context size in tokens (default 4096)")
+
+
+def _model_options(args) -> dict:
+    opts = {}
+    if args.ctx_size:
+        opts["n_ctx"] = args.ctx_size
+    from .api import DEFAULT_BACKEND
+    backend = args.backend or DEFAULT_BACKEND
+    if backend == "engine":
+        if args.numa_expert_map:
+            opts["expert_map"] = args.numa_expert_map
+        if args.numa_nodes:
+            opts["numa_nodes"] = args.numa_nodes
+        if args.threads_per_node:
+            opts["threads_per_node"] = args.threads_per_node
+    elif args.numa_expert_map or args.numa_nodes or args.threads_per_node:
+        raise SystemExit("--numa-expert-map, --numa-nodes and --threads-per-node need --backend engine")
+    return {"backend": backend, **opts}
+
+
+def cmd_generate(args) -> int:
+    from . import load
+    from .default_model import default_model_path
+    path = args.model or str(default_model_path())
+    model = load(path, **_model_options(args))
+    prompt = args.prompt
+    if args.file:
+        with open(args.file, encoding="utf-8") as f:
+            prompt = f.read()
+    if prompt is None:
+        prompt = "Hello! Tell me about NUMA."
+    if args.chat:
+        if not model.chat_template:
+            raise SystemExit(f"{path} has no tokenizer.chat_template; drop --chat")
+        prompt = [{"role": "user", "content": prompt}]
+    stream = model.generate(prompt, max_tokens=args.n_predict, temperature=args.temp, top_k=args.top_k,
+                            top_p=args.top_p, min_p=args.min_p, repeat_penalty=args.repeat_penalty,
+                            repeat_last_n=args.repeat_last_n, seed=args.seed, stop=args.stop or (), stream=True)
+    for piece in stream:
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    s = model.last_stats
+    print(f"[{model.backend.name}] prompt {s.prompt_tokens} tokens at {s.prompt_tps:.1f} tok/s; "
+          f"generated {s.generated_tokens} tokens at {s.decode_tps:.1f} tok/s; finish: {s.finish_reason}",
+          file=sys.stderr)
+    model.close()
+    return 0
+
+
+def cmd_inspect(args) -> int:
+    from .gguf_file import GGUFModelFile, check_supported_types
+    from .model_info import format_info, model_info
+    from .models import load_model
+    gguf = GGUFModelFile(args.model)
+    check_supported_types(gguf)
+    _, cfg, _ = load_model(gguf)
+    info = model_info(gguf, cfg)
+    if args.json:
+        print(json.dumps(info.__dict__, indent=2))
+    else:
+        print(format_info(info, args.model))
+    return 0
+
+
+def cmd_make_test_model(args) -> int:
+    from .testing import make_test_model
+    path = make_test_model(args.output, args.preset, args.type, seed=args.seed, split_max_tensors=args.split)
+    print(path)
+    return 0
+
+
+def cmd_bench_kernels(args) -> int:
+    from .bench import kernels
+    return kernels.main(args.rest)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .testing import PRESETS, QTYPES
+    parser = argparse.ArgumentParser(prog="moe-numa", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    g = sub.add_parser("generate", help="generate text from a prompt")
+    g.add_argument("-m", "--model", help="GGUF file (default: the embedded small model)")
+    g.add_argument("-p", "--prompt", help="prompt text")
+    g.add_argument("-f", "--file", help="read the prompt from a file")
+    g.add_argument("-n", "--n-predict", type=int, default=64, help="tokens to generate")
+    g.add_argument("--temp", type=float, default=0.8)
+    g.add_argument("--top-k", type=int, default=40)
+    g.add_argument("--top-p", type=float, default=0.95)
+    g.add_argument("--min-p", type=float, default=0.05)
+    g.add_argument("--repeat-penalty", type=float, default=1.0)
+    g.add_argument("--repeat-last-n", type=int, default=64)
+    g.add_argument("-s", "--seed", type=int, default=None)
+    g.add_argument("--stop", action="append", help="stop string (repeatable)")
+    g.add_argument("--chat", action="store_true", help="wrap the prompt with the model's chat template")
+    _add_engine_flags(g)
+    g.set_defaults(func=cmd_generate)
+
+    i = sub.add_parser("inspect", help="architecture, quant types and bytes by tensor class")
+    i.add_argument("model")
+    i.add_argument("--json", action="store_true")
+    i.set_defaults(func=cmd_inspect)
+
+    t = sub.add_parser("make-test-model", help="write a small random-weight GGUF model")
+    t.add_argument("output")
+    t.add_argument("--preset", default="qwen3moe", choices=sorted(PRESETS))
+    t.add_argument("--type", default="f32", choices=sorted(QTYPES))
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--split", type=int, default=0, metavar="N", help="split into files of N tensors")
+    t.set_defaults(func=cmd_make_test_model)
+
+    k = sub.add_parser("bench-kernels", help="kernel bandwidth benchmark (bench/kernels.py)", add_help=False)
+    k.add_argument("rest", nargs=argparse.REMAINDER)
+    k.set_defaults(func=cmd_bench_kernels)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (MoeNumaError, FileNotFoundError, ValueError) as e:
+        print(f"moe-numa: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
