@@ -33,7 +33,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=["moe_numa", "moe_numa.models", "moe_numa.layers", "moe_numa.testing", "moe_numa.numa",
-              "moe_numa.bench"],
+              "moe_numa.engine", "moe_numa.bench"],
     package_dir={"moe_numa.bench": "bench"},
     ext_modules=cythonize([native], language_level=3, compiler_directives={
         "boundscheck": False, "wraparound": False, "cdivision": True, "initializedcheck": False}),

@@ -1,0 +1,459 @@
+"""The engine backend: applies a PlacementPlan to a loaded model, copies every
+shard once into its node's bound memory, sets up one pinned thread pool per
+node, and runs the forward pass as a handful of native calls per layer.
+
+How a token flows (docs/architecture.md): embedding row -> for each layer:
+attention block (every node: norm, its heads' q/k/v, RoPE, its KV cache, its
+part of attn_output -> partial; one sync; partials summed into the residual)
+-> FFN block (every node: norm, the replicated router picks experts, the node
+runs the experts it owns and its slice of the shared expert -> partial; one
+sync; summed) -> output head (every node: its vocabulary rows).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+
+from .. import quants
+from ..errors import ContextOverflowError, MoeNumaError
+from ..gguf_file import Tensor
+from ..kernels import ThreadPool
+from ..layers.attention import GQAWeights
+from ..layers.mla import MLAWeights
+from ..layers.moe import GATING_SIGMOID, MoEWeights
+from ..layers.rope import rope_cos_sin
+from ..model_info import tensor_class
+from ..numa.expert_map import load_map
+from ..numa.memory import NodeArena, drop_file_pages, resident_bytes
+from ..numa.topology import Topology, topology
+from .plan import PlacementPlan, make_plan
+
+log = logging.getLogger("moe_numa.engine")
+
+
+@dataclass
+class Ref:
+    """A shard placed in node memory, resolved to its array after placement."""
+    node: int
+    key: str
+
+
+@dataclass
+class _Item:
+    node: int
+    key: str
+    cls: str
+    nbytes: int
+    fill: Callable[[np.ndarray], None] | None   # None: zero-filled (caches)
+    shape: tuple[int, ...]
+    dtype: Any
+    replicated: bool
+    source: Tensor | None = None
+
+
+class NodeStore:
+    """Collects shards per node, then allocates one bound arena per node and
+    copies every shard in (with progress)."""
+
+    def __init__(self, topo: Topology, hugepages: bool = False):
+        self.topo = topo
+        self.hugepages = hugepages
+        self.items: dict[tuple[int, str], _Item] = {}
+        self.arrays: dict[tuple[int, str], np.ndarray] = {}
+        self.arenas: list[NodeArena] = []
+
+    def raw(self, node: int, key: str, view: np.ndarray, cls: str, replicated: bool = False,
+            source: Tensor | None = None) -> Ref:
+        """Copy a (possibly strided) uint8 view of GGML blocks, rows kept."""
+        view = np.asarray(view)
+        shape = view.shape if view.ndim == 2 else (1, view.shape[0])
+
+        def fill(dst, v=view):
+            np.copyto(dst, v.reshape(dst.shape))
+        return self._add(_Item(node, key, cls, int(np.prod(shape)), fill, shape, np.uint8, replicated, source))
+
+    def floats(self, node: int, key: str, values_fn: Callable[[], np.ndarray], shape, cls: str,
+               replicated: bool = True) -> Ref:
+        def fill(dst):
+            np.copyto(dst, np.asarray(values_fn(), dtype=np.float32).reshape(dst.shape))
+        return self._add(_Item(node, key, cls, int(np.prod(shape)) * 4, fill, tuple(shape), np.float32, replicated))
+
+    def zeros(self, node: int, key: str, shape, cls: str, dtype=np.float32) -> Ref:
+        nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
+        return self._add(_Item(node, key, cls, nbytes, None, tuple(shape), dtype, False))
+
+    def _add(self, item: _Item) -> Ref:
+        self.items[(item.node, item.key)] = item
+        return Ref(item.node, item.key)
+
+    def materialize(self, progress: Callable[[int, int], None] | None = None) -> None:
+        per_node = [0] * self.topo.n_nodes
+        for it in self.items.values():
+            per_node[it.node] += (it.nbytes + 63) // 64 * 64
+        for k, node in enumerate(self.topo.nodes):
+            self.arenas.append(NodeArena(per_node[k] + 4096, node.memory_node, self.hugepages, label=f"node{k}"))
+        total = sum(it.nbytes for it in self.items.values())
+        done = 0
+        for (node, key), it in self.items.items():
+            arr = self.arenas[node].alloc(it.nbytes).view(it.dtype).reshape(it.shape)
+            if it.fill is None:
+                arr[...] = 0
+            else:
+                it.fill(arr)
+            self.arrays[(node, key)] = arr
+            done += it.nbytes
+            if progress:
+                progress(done, total)
+        for it in self.items.values():
+            if it.source is not None:
+                drop_file_pages(it.source.raw)
+
+    def resolve(self, obj):
+        if isinstance(obj, Ref):
+            return self.arrays[(obj.node, obj.key)]
+        if isinstance(obj, dict):
+            return {k: self.resolve(v) for k, v in obj.items()}
+        if isinstance(obj, (list, tuple)):
+            return type(obj)(self.resolve(v) for v in obj)
+        return obj
+
+    def report(self) -> dict:
+        nodes = []
+        for k in range(self.topo.n_nodes):
+            by_class: dict[str, int] = {}
+            replicated = 0
+            for it in self.items.values():
+                if it.node == k:
+                    by_class[it.cls] = by_class.get(it.cls, 0) + it.nbytes
+                    replicated += it.nbytes if it.replicated else 0
+            nodes.append({"node": k, "bytes_by_class": by_class, "replicated_bytes": replicated,
+                          "bound_to": self.topo.nodes[k].memory_node,
+                          "bound": bool(self.arenas and self.arenas[k].bound)})
+        return {"nodes": nodes}
+
+
+def _f32(t: Tensor | None):
+    return None if t is None else (lambda: t.dequantize())
+
+
+def _mat(ref: Ref, t: Tensor, cols: int):
+    return (int(t.qtype), ref, cols)
+
+
+def _cols(t: Tensor, c0: int, c1: int) -> np.ndarray:
+    """Columns [c0, c1) of every row of a 2-D GGML tensor, as a strided byte view."""
+    block, size = quants.block_size(t.qtype)
+    return t.raw[:, c0 // block * size: c1 // block * size]
+
+
+class EngineBackend:
+    """The NUMA engine behind the common backend interface (reset, n_ctx, n_past,
+    forward). Created by `moe_numa.load(path, backend="engine", ...)`."""
+
+    name = "engine"
+
+    def __init__(self, model, expert_map=None, numa_nodes: int | None = None,
+                 threads_per_node: int | None = None, use_smt: bool = False, hugepages: bool = False,
+                 ubatch: int = 512, progress: bool | Callable[[int, int], None] = False):
+        from .. import _native
+        self.cfg = cfg = model.config
+        self.weights = w = model.weights
+        self.n_ctx = model.n_ctx
+        self.n_past = 0
+        self.ubatch = int(ubatch)
+        self.topology = topology(numa_nodes)
+        emap = load_map(expert_map, cfg.n_expert) if expert_map is not None else None
+        # Validates the map against the model before anything is copied.
+        self.plan: PlacementPlan = make_plan(cfg, w, self.topology, emap)
+        t0 = time.perf_counter()
+        self.pools = []
+        try:
+            for k, node in enumerate(self.topology.nodes):
+                cpus = node.threads(threads_per_node, use_smt)
+                self.pools.append(ThreadPool(cpus, caller_is_worker0=(k == 0)))
+            self.store = NodeStore(self.topology, hugepages)
+            self.expert_tokens = [np.zeros(cfg.n_expert, dtype=np.int64) for _ in range(cfg.n_layer)]
+            params = self._plan_shards()
+            report = _progress_printer(progress)
+            self.store.materialize(report)
+            self.core = _native.NativeEngine([p._pool for p in self.pools], cfg.n_layer, cfg.hidden, self.ubatch)
+            for (kind, node, layer), p in params.items():
+                p = self.store.resolve(p)
+                if kind == "attn":
+                    self.core.set_attention(node, layer, p)
+                elif kind == "ffn":
+                    self.core.set_ffn(node, layer, p)
+                else:
+                    self.core.set_head(node, p)
+            self._work = [NodeArena(self.core.scratch_bytes(k) + self.ubatch * cfg.hidden * 4 + 8192,
+                                    n.memory_node, label=f"work{k}") for k, n in enumerate(self.topology.nodes)]
+            partials = [a.alloc(self.ubatch * cfg.hidden * 4).view(np.float32) for a in self._work]
+            scratches = [a.alloc(self.core.scratch_bytes(k)) for k, a in enumerate(self._work)]
+            self.core.finalize(partials, scratches)
+        except Exception:
+            self.close()
+            raise
+        self.load_seconds = time.perf_counter() - t0
+        self._logits = np.zeros((self.ubatch, cfg.n_vocab), dtype=np.float32)
+        self._blas = _limit_blas()
+
+    # ---------------------------------------------------------------- placement
+    def _plan_shards(self) -> dict:
+        cfg, w, plan, S = self.cfg, self.weights, self.plan, self.store
+        rope = cfg.attention.rope
+        cos, sin = rope_cos_sin(rope, np.arange(self.n_ctx))
+        cos, sin = np.ascontiguousarray(cos), np.ascontiguousarray(sin)
+        params: dict = {}
+        for i, (lw, lp) in enumerate(zip(w.layers, plan.layers)):
+            for node in range(plan.n_nodes):
+                params[("attn", node, i)] = self._attention_shard(i, node, lw, lp, cos, sin)
+                params[("ffn", node, i)] = self._ffn_shard(i, node, lw, lp)
+        for node, (v0, v1) in enumerate(plan.vocab):
+            out = S.raw(node, "output", w.output.raw[v0:v1], "output", source=w.output) if v1 > v0 else None
+            params[("head", node, -1)] = {
+                "hidden": cfg.hidden, "vocab": cfg.n_vocab, "rms_eps": cfg.rms_eps, "v0": v0,
+                "norm": S.floats(node, "output_norm", _f32(w.output_norm), (cfg.hidden,), "norms"),
+                "out": _mat(out, w.output, cfg.hidden) if out is not None else None}
+        return params
+
+    def _attention_shard(self, i, node, lw, lp, cos, sin) -> dict:
+        cfg, S, a = self.cfg, self.store, self.cfg.attention
+        h0, h1 = lp.heads[node]
+        nh = h1 - h0
+        key = f"L{i}."
+        p: dict[str, Any] = {"kind": "none", "hidden": cfg.hidden, "rms_eps": cfg.rms_eps, "n_head": 0,
+                             "kq_scale": a.kq_scale, "qk_dim": 0, "v_dim": 0, "rope_dims": 0, "rope_neox": 0,
+                             "rope_cos": None, "rope_sin": None, "n_ctx": self.n_ctx,
+                             "attn_norm": S.floats(node, key + "attn_norm", _f32(lw.attn_norm), (cfg.hidden,), "norms")}
+        if nh == 0:
+            return p
+        at = lw.attn
+        p.update(n_head=nh, norm_eps=a.norm_eps, rope_cos=cos, rope_sin=sin, rope_neox=int(a.rope.neox))
+        if isinstance(at, GQAWeights):
+            hd, group = a.head_dim, a.n_head // a.n_head_kv
+            k0, k1 = lp.kv_heads[node]
+            nkv = k1 - k0
+
+            def rows(t, r0, r1, name, cls="attention"):
+                return _mat(S.raw(node, key + name, t.raw[r0:r1], cls, source=t), t, t.shape[1])
+
+            def vec(t, r0, r1, name):
+                return None if t is None else S.floats(node, key + name, lambda: t.dequantize()[r0:r1], (r1 - r0,),
+                                                       "attention", replicated=False)
+            p.update(kind="gqa", n_kv=nkv, qk_dim=hd, v_dim=hd, rope_dims=hd, rope_off=0,
+                     q2kv=np.array([(h0 + j) // group - k0 for j in range(nh)], dtype=np.int32),
+                     wq=rows(at.wq, h0 * hd, h1 * hd, "wq"), wk=rows(at.wk, k0 * hd, k1 * hd, "wk"),
+                     wv=rows(at.wv, k0 * hd, k1 * hd, "wv"),
+                     wo=_mat(S.raw(node, key + "wo", _cols(at.wo, h0 * hd, h1 * hd), "attention", source=at.wo),
+                             at.wo, nh * hd),
+                     bq=vec(at.bq, h0 * hd, h1 * hd, "bq"), bk=vec(at.bk, k0 * hd, k1 * hd, "bk"),
+                     bv=vec(at.bv, k0 * hd, k1 * hd, "bv"),
+                     q_norm=None if at.q_norm is None else S.floats(node, key + "q_norm", _f32(at.q_norm), (hd,), "norms"),
+                     k_norm=None if at.k_norm is None else S.floats(node, key + "k_norm", _f32(at.k_norm), (hd,), "norms"),
+                     cache_k=S.zeros(node, key + "cache_k", (self.n_ctx, nkv, hd), "kv_cache"),
+                     cache_v=S.zeros(node, key + "cache_v", (self.n_ctx, nkv, hd), "kv_cache"))
+            return p
+        assert isinstance(at, MLAWeights)
+        qh, vd, R, rd = a.q_head_dim, a.v_head_dim, a.kv_lora_rank, a.qk_rope_dim
+
+        def whole(t, name, cls="attention"):   # replicated: every node with heads computes it
+            return _mat(S.raw(node, key + name, t.raw, cls, replicated=True, source=t), t, t.shape[1])
+        p.update(q_lora=a.q_lora_rank, kv_lora=R, nope=a.qk_nope_dim, qk_dim=qh, v_dim=vd, rope_dims=rd,
+                 rope_off=a.qk_nope_dim, n_kv=nh,
+                 wkv_a=whole(at.wkv_a, "wkv_a"),
+                 kv_a_norm=S.floats(node, key + "kv_a_norm", _f32(at.kv_a_norm), (R,), "norms"),
+                 wo=_mat(S.raw(node, key + "wo", _cols(at.wo, h0 * vd, h1 * vd), "attention", source=at.wo),
+                         at.wo, nh * vd))
+        if a.q_lora_rank:
+            p.update(wq_a=whole(at.wq_a, "wq_a"),
+                     q_a_norm=S.floats(node, key + "q_a_norm", _f32(at.q_a_norm), (a.q_lora_rank,), "norms"),
+                     wq_b=_mat(S.raw(node, key + "wq_b", at.wq_b.raw[h0 * qh:h1 * qh], "attention", source=at.wq_b),
+                               at.wq_b, a.q_lora_rank))
+        else:
+            p.update(wq=_mat(S.raw(node, key + "wq", at.wq.raw[h0 * qh:h1 * qh], "attention", source=at.wq),
+                             at.wq, cfg.hidden))
+        if at.wk_b is not None:   # newer files: absorbed attention over the latent cache
+            p.update(kind="mla",
+                     k_b=[_mat(S.raw(node, key + f"k_b{h}", at.wk_b.raw[h], "attention", source=at.wk_b),
+                               at.wk_b, a.qk_nope_dim) for h in range(h0, h1)],
+                     v_b=[_mat(S.raw(node, key + f"v_b{h}", at.wv_b.raw[h], "attention", source=at.wv_b),
+                               at.wv_b, R) for h in range(h0, h1)],
+                     cache_lat=S.zeros(node, key + "cache_lat", (self.n_ctx, R), "kv_cache"),
+                     cache_kpe=S.zeros(node, key + "cache_kpe", (self.n_ctx, rd), "kv_cache"))
+        else:                     # attn_kv_b: decompress this node's heads, cache full K/V
+            per = a.qk_nope_dim + vd
+            p.update(kind="mla_mha",
+                     wkv_b=_mat(S.raw(node, key + "wkv_b", at.wkv_b.raw[h0 * per:h1 * per], "attention",
+                                      source=at.wkv_b), at.wkv_b, R),
+                     cache_k=S.zeros(node, key + "cache_k", (self.n_ctx, nh, qh), "kv_cache"),
+                     cache_v=S.zeros(node, key + "cache_v", (self.n_ctx, nh, vd), "kv_cache"))
+        return p
+
+    def _ffn_shard(self, i, node, lw, lp) -> dict:
+        cfg, S = self.cfg, self.store
+        key = f"L{i}."
+        p: dict[str, Any] = {"kind": "dense", "hidden": cfg.hidden, "rms_eps": cfg.rms_eps,
+                             "ffn_norm": S.floats(node, key + "ffn_norm", _f32(lw.ffn_norm), (cfg.hidden,), "norms")}
+        f0, f1 = lp.ffn_slices[node]
+        ffn = lw.ffn
+        if isinstance(ffn, MoEWeights):
+            r = cfg.router
+            experts = {}
+            for e in lp.experts[node]:
+                experts[e] = tuple(S.raw(node, f"{key}e{e}.{name}", getattr(ffn, f"{name}_exps").raw[e],
+                                         "routed_experts", source=getattr(ffn, f"{name}_exps"))
+                                   for name in ("gate", "up", "down"))
+            p.update(kind="moe", n_expert=r.n_expert, n_used=r.n_used, norm_w=int(r.norm_weights),
+                     gating=1 if r.gating == GATING_SIGMOID else 0, w_scale=r.weights_scale,
+                     n_groups=r.n_groups if r.n_groups > 1 else 0, n_groups_used=r.n_groups_used,
+                     group_rule=0 if r.group_rule == "top2_sum" else 1,
+                     router=_mat(S.raw(node, key + "router", ffn.router.raw, "router", replicated=True,
+                                       source=ffn.router), ffn.router, cfg.hidden),
+                     probs_bias=None if ffn.probs_bias is None else
+                     S.floats(node, key + "probs_bias", _f32(ffn.probs_bias), (r.n_expert,), "router"),
+                     expert_types=(int(ffn.gate_exps.qtype), int(ffn.up_exps.qtype), int(ffn.down_exps.qtype)),
+                     inter=cfg.expert_ff, experts=experts, expert_tokens=self.expert_tokens[i],
+                     sh_gate_vec=None if ffn.shared_gate is None else
+                     S.floats(node, key + "shared_gate", _f32(ffn.shared_gate), (cfg.hidden,), "shared_expert"))
+            dense, cls = ffn.shared, "shared_expert"
+        else:
+            dense, cls = ffn, "dense_ffn"
+        if dense is not None and f1 > f0:
+            p.update(sh_ff=f1 - f0,
+                     sh_gate=_mat(S.raw(node, key + "sh_gate", dense.gate.raw[f0:f1], cls, source=dense.gate),
+                                  dense.gate, cfg.hidden),
+                     sh_up=_mat(S.raw(node, key + "sh_up", dense.up.raw[f0:f1], cls, source=dense.up),
+                                dense.up, cfg.hidden),
+                     sh_down=_mat(S.raw(node, key + "sh_down", _cols(dense.down, f0, f1), cls, source=dense.down),
+                                  dense.down, f1 - f0))
+        return p
+
+    # ---------------------------------------------------------------- running
+    def reset(self) -> None:
+        self.n_past = 0
+
+    def embed(self, ids: np.ndarray) -> np.ndarray:
+        t = self.weights.token_embd
+        rows = np.asarray(t.raw[np.asarray(ids, dtype=np.int64)])
+        return np.ascontiguousarray(quants.dequantize(rows, t.qtype, (len(ids), t.shape[1])), dtype=np.float32)
+
+    def forward(self, ids: np.ndarray, all_logits: bool = True) -> np.ndarray:
+        ids = np.asarray(ids, dtype=np.int64)
+        n = len(ids)
+        if self.n_past + n > self.n_ctx:
+            raise ContextOverflowError(f"{self.n_past} cached + {n} new tokens exceed the context of "
+                                       f"{self.n_ctx} tokens")
+        out = np.empty((n if all_logits else 1, self.cfg.n_vocab), dtype=np.float32)
+        for start in range(0, n, self.ubatch):
+            chunk = ids[start:start + self.ubatch]
+            x = self.embed(chunk)
+            for layer in range(self.cfg.n_layer):
+                self.core.attention(layer, x, self.n_past)
+                self.core.ffn(layer, x)
+            self.n_past += len(chunk)
+            if all_logits:
+                self.core.head(x, out[start:start + len(chunk)])
+            elif start + self.ubatch >= n:
+                self.core.head(np.ascontiguousarray(x[-1:]), out)
+        return out
+
+    # ---------------------------------------------------------------- reports
+    def placement_report(self, check_pages: bool = False, sample: int = 8) -> dict:
+        """Bytes per node by tensor class (and, on request, where sampled pages really are)."""
+        rep = self.store.report()
+        gguf_bytes = sum(t.nbytes for t in _used_tensors(self.weights))
+        placed = sum(it.nbytes for it in self.store.items.values() if it.cls != "kv_cache")
+        replicated = sum(it.nbytes for it in self.store.items.values() if it.replicated)
+        rep.update(gguf_weight_bytes=gguf_bytes, placed_weight_bytes=placed, replicated_bytes=replicated,
+                   kv_cache_bytes=sum(it.nbytes for it in self.store.items.values() if it.cls == "kv_cache"),
+                   process=resident_bytes(), topology=self.topology.describe(),
+                   notes=list(self.plan.notes) + list(self.topology.notes))
+        if check_pages:
+            rep["pages"] = self.check_pages(sample)
+        return rep
+
+    def check_pages(self, sample: int = 8) -> list[dict]:
+        """For every placed shard of a bound node: the share of sampled pages on that node."""
+        from ..numa.memory import page_nodes
+        out = []
+        for (node, key), it in self.store.items.items():
+            arena = self.store.arenas[node]
+            if not arena.bound or it.nbytes < 4096:
+                continue
+            arr = self.store.arrays[(node, key)]
+            status = page_nodes(arr.ctypes.data, arr.nbytes, sample)
+            out.append({"node": node, "key": key, "class": it.cls, "pages": int(status.size),
+                        "on_node": int((status == arena.node).sum()), "status": sorted(set(status.tolist()))})
+        return out
+
+    def counters(self) -> dict:
+        st = self.core.stats()
+        pools = [p.stats() for p in self.pools]
+        return {"expert_tokens": [c.copy() for c in self.expert_tokens], "syncs": st["syncs"],
+                "wait_ns": st["wait_ns"], "node_busy_ns": st["busy_ns"], "pools": pools}
+
+    def reset_counters(self) -> None:
+        self.core.reset_stats()
+        for c in self.expert_tokens:
+            c[:] = 0
+        for p in self.pools:
+            p.reset_stats()
+
+    def close(self) -> None:
+        for p in getattr(self, "pools", []):
+            p.close()
+        self.pools = []
+        blas = getattr(self, "_blas", None)
+        if blas is not None:
+            blas.restore_original_limits()
+            self._blas = None
+
+
+def _used_tensors(w) -> list[Tensor]:
+    seen: dict[str, Tensor] = {}
+
+    def visit(obj):
+        if isinstance(obj, Tensor):
+            seen.setdefault(obj.name, obj)
+        elif hasattr(obj, "__dataclass_fields__"):
+            for f in obj.__dataclass_fields__:
+                visit(getattr(obj, f))
+        elif isinstance(obj, (list, tuple)):
+            for v in obj:
+                visit(v)
+    visit(w)
+    return list(seen.values())
+
+
+def _limit_blas():
+    """numpy's BLAS threads must not compete with the pools for their cores."""
+    try:
+        from threadpoolctl import threadpool_limits
+        return threadpool_limits(limits=1, user_api="blas")
+    except Exception:  # pragma: no cover - threadpoolctl is a hard dependency, but never fail a load on it
+        return None
+
+
+def _progress_printer(progress):
+    if callable(progress):
+        return progress
+    if not progress:
+        return None
+    import sys
+    state = {"last": 0.0}
+
+    def report(done, total):
+        now = time.perf_counter()
+        if now - state["last"] > 0.5 or done == total:
+            state["last"] = now
+            sys.stderr.write(f"\rplacing weights: {done / 2**20:8.1f} / {total / 2**20:.1f} MiB "
+                             f"({100 * done / max(total, 1):5.1f}%)")
+            if done == total:
+                sys.stderr.write("\n")
+            sys.stderr.flush()
+    return report

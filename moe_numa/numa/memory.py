@@ -1,0 +1,160 @@
+"""Node-bound memory: anonymous mappings whose pages the kernel must place on a
+given NUMA node (mbind with MPOL_BIND), optional transparent hugepages, and a
+check of where pages really are (move_pages).
+
+Weights are copied once from the memory-mapped GGUF into one arena per node,
+so each byte lives in exactly one node's memory. The syscalls go through libc's
+`syscall()` with ctypes: nothing to compile, no libnuma headers needed. Where
+binding is impossible (no such node, a kernel or container that refuses
+mbind), memory falls back to the default policy and the fallback is logged once.
+"""
+from __future__ import annotations
+
+import ctypes
+import logging
+import mmap
+import os
+import platform
+
+import numpy as np
+
+log = logging.getLogger("moe_numa.numa")
+
+_SYSCALLS = {
+    "x86_64": {"mbind": 237, "move_pages": 279, "get_mempolicy": 239},
+    "aarch64": {"mbind": 235, "move_pages": 239, "get_mempolicy": 236},
+}
+MPOL_BIND = 2
+MPOL_MF_STRICT = 1
+MPOL_MF_MOVE = 2
+MADV_HUGEPAGE = 14
+MADV_DONTNEED = 4
+PAGE = mmap.PAGESIZE
+ALIGN = 64          # shard alignment inside an arena: a cache line, enough for every SIMD path
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.syscall.restype = ctypes.c_long
+_libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+_warned: set[str] = set()
+
+
+def _warn_once(key: str, msg: str) -> None:
+    if key not in _warned:
+        _warned.add(key)
+        log.warning(msg)
+
+
+def _syscall(name: str, *args) -> int:
+    nr = _SYSCALLS.get(platform.machine(), {}).get(name)
+    if nr is None:
+        ctypes.set_errno(38)   # ENOSYS
+        return -1
+    return _libc.syscall(nr, *args)
+
+
+def address_of(buf) -> int:
+    """Address of a writable buffer (mmap, bytearray, numpy array)."""
+    if isinstance(buf, np.ndarray):
+        return buf.ctypes.data
+    return ctypes.addressof(ctypes.c_char.from_buffer(buf))
+
+
+def mbind(addr: int, length: int, node: int) -> bool:
+    """Bind [addr, addr+length) to `node` (strict, moving pages already there). True on success."""
+    mask = (ctypes.c_ulong * 16)()
+    mask[node // 64] = 1 << (node % 64)
+    rc = _syscall("mbind", ctypes.c_void_p(addr), ctypes.c_ulong(length), ctypes.c_int(MPOL_BIND),
+                  mask, ctypes.c_ulong(64 * 16 + 1), ctypes.c_uint(MPOL_MF_STRICT | MPOL_MF_MOVE))
+    if rc != 0:
+        err = ctypes.get_errno()
+        _warn_once(f"mbind{err}", f"mbind to node {node} failed ({os.strerror(err)}); "
+                                  f"memory uses the default policy")
+        return False
+    return True
+
+
+def page_nodes(addr: int, length: int, sample: int = 0) -> np.ndarray:
+    """Node of each page of [addr, addr+length) (negative: -errno, e.g. -2 not present).
+    `sample` > 0 checks that many pages evenly spread instead of all."""
+    first = addr - addr % PAGE
+    n_pages = (addr + length - first + PAGE - 1) // PAGE
+    idx = np.arange(n_pages) if not sample or sample >= n_pages else \
+        np.unique(np.linspace(0, n_pages - 1, sample).astype(np.int64))
+    pages = (ctypes.c_void_p * len(idx))(*[first + int(i) * PAGE for i in idx])
+    status = (ctypes.c_int * len(idx))()
+    rc = _syscall("move_pages", 0, ctypes.c_ulong(len(idx)), pages, None, status, 0)
+    if rc < 0:
+        raise OSError(ctypes.get_errno(), f"move_pages failed: {os.strerror(ctypes.get_errno())}")
+    return np.frombuffer(status, dtype=np.int32).copy()
+
+
+class NodeArena:
+    """One anonymous mapping for one node's weights, filled by bump allocation.
+
+    `node` is the real node to bind to, or None for the default policy."""
+
+    def __init__(self, size: int, node: int | None, hugepages: bool = False, label: str = ""):
+        self.size = max(PAGE, (size + PAGE - 1) // PAGE * PAGE)
+        self.node = node
+        self.label = label
+        self._map = mmap.mmap(-1, self.size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        self.addr = address_of(self._map)
+        self.buffer = np.frombuffer(self._map, dtype=np.uint8)
+        self.bound = node is not None and mbind(self.addr, self.size, node)
+        if hugepages and _libc.madvise(ctypes.c_void_p(self.addr), self.size, MADV_HUGEPAGE) != 0:
+            _warn_once("thp", "transparent hugepages unavailable (madvise failed); using 4 KiB pages")
+        self.used = 0
+
+    def alloc(self, nbytes: int) -> np.ndarray:
+        start = (self.used + ALIGN - 1) // ALIGN * ALIGN
+        if start + nbytes > self.size:
+            raise MemoryError(f"arena {self.label or self.node}: {nbytes} bytes do not fit "
+                              f"({self.size - start} left)")
+        self.used = start + nbytes
+        return self.buffer[start:start + nbytes]
+
+    def place(self, src: np.ndarray) -> np.ndarray:
+        """Copy `src` (any shape, e.g. a memory-mapped tensor slice) into the arena; return the copy."""
+        src = np.asarray(src)
+        dst = self.alloc(src.nbytes).view(src.dtype).reshape(src.shape)
+        np.copyto(dst, src)
+        return dst
+
+    def page_nodes(self, sample: int = 0) -> np.ndarray:
+        return page_nodes(self.addr, max(self.used, 1), sample)
+
+    def close(self) -> None:
+        self.buffer = None  # type: ignore[assignment]
+        try:
+            self._map.close()
+        except BufferError:
+            pass   # views still alive; the mapping goes when they do
+
+
+def drop_file_pages(arr: np.ndarray) -> None:
+    """Let the kernel reclaim the pages of a file-backed view we no longer need
+    (after copying a tensor into node memory), so the file does not stay resident."""
+    if arr.size == 0:
+        return
+    start = arr.ctypes.data
+    first = start - start % PAGE
+    end = start + arr.nbytes
+    # Only whole pages inside the view: neighbouring tensors may still be in use.
+    first_full = first if first == start else first + PAGE
+    length = (end - first_full) // PAGE * PAGE
+    if length > 0:
+        _libc.madvise(ctypes.c_void_p(first_full), length, MADV_DONTNEED)
+
+
+def resident_bytes() -> dict[str, int]:
+    """RssAnon / RssFile / VmHWM of this process from /proc/self/status, in bytes."""
+    out = {}
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                key, _, rest = line.partition(":")
+                if key in ("RssAnon", "RssFile", "VmRSS", "VmHWM"):
+                    out[key] = int(rest.split()[0]) * 1024
+    except OSError:
+        pass
+    return out
