@@ -132,6 +132,14 @@ def _prompt_ids(model, n_vocab: int, n_tokens: int, seed: int, log) -> tuple[lis
 
 # ----------------------------------------------------------------------------- the runs
 
+#: llama.cpp settings compared on each F32 file (ours against llama.cpp run that way)
+SETTINGS_VARIANTS = {
+    "one token per decode (-b 1)": {"batch": 1},
+    "F16 KV cache": {"kv_type": "f16"},
+    "flash attention on": {"flash_attn": True},
+    "F16 KV + flash attention (llama.cpp defaults)": {"kv_type": "f16", "flash_attn": True},
+}
+
 #: writer fix-ups applied to a preset's spec so that llama.cpp can load the file, each with
 #: the reason; a fix-up equal to the preset's own value is a no-op and is not reported
 SPEC_FIXUPS = {
@@ -197,6 +205,14 @@ def run_model(build, preset: str, qtypes, workdir: Path, threads: int, n_tokens:
         if q == "f32":
             llama_f32, ours_f32 = llama, ours
             row["ok"] = row["max_rel"] <= F32_REL_TOL and row["argmax_agree"] == 1.0
+            # how llama.cpp's other settings move it away from a float32 reference
+            row["settings"] = {}
+            for name, kw in SETTINGS_VARIANTS.items():
+                try:
+                    v = compare_logits(ours, lc.llama_logits(build, path, ids, threads=threads, **kw))
+                    row["settings"][name] = {"max_rel": v["max_rel"], "argmax_agree": v["argmax_agree"]}
+                except Exception as e:
+                    row["settings"][name] = {"error": _err_line(e)}
         else:
             try:
                 deq_path = path.with_suffix(".deq-f32.gguf")
@@ -371,6 +387,21 @@ def render(build, model_rows, tok_rows, args, seconds) -> str:
             f"{_f(r['max_rel'])} | {100 * r['argmax_agree']:.1f}% | {deq_rel} | {deq_am} | "
             f"{_f(r.get('pos_median'))} | {_f(r.get('llama_noise_median'))} | "
             f"{_f(r.get('ratio'), '.2f')} | {rp_s} | {'yes' if r.get('ok') else '**no**'} |")
+    srows = [r for r in model_rows if r.get("settings")]
+    if srows:
+        names = list(SETTINGS_VARIANTS)
+        out += ["", "### llama.cpp settings (F32 files)", "",
+                "rel (max |Δ| / scale) and argmax agreement of our reference against llama.cpp run with "
+                "other settings than the accurate ones used above (F32 KV cache, flash attention off, "
+                "the whole prompt in one decode).", "",
+                "| preset | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+        for r in srows:
+            cells = []
+            for n in names:
+                v = r["settings"].get(n, {})
+                cells.append("error" if "error" in v else
+                             f"{v['max_rel']:.1e} / {100 * v['argmax_agree']:.1f}%" if v else "—")
+            out.append(f"| {r['preset']} | " + " | ".join(cells) + " |")
     fixed = sorted({r["preset"] for r in model_rows if "(" in r["preset"]})
     notes = []
     if fixed:
