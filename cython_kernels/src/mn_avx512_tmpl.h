@@ -131,16 +131,16 @@ MN_TILED_AS(K(dot_q8_0), K(dot_q8_0_t))
 MN_TILED_AS(K(dot_q4_0), K(dot_q4_0_t))
 
 /* ---------------------------------------------------------------- Q4_K */
+/* the 12 packed scale bytes -> 8 scales (bytes 0-7) and 8 mins (bytes 8-15), in
+ * registers (reads 16 bytes: safe inside a Q4_K/Q5_K block) */
 MN_INLINE __m128i K(k4_scales)(const uint8_t *s) {
-    uint32_t u[4];
-    memcpy(u, s, 12);
-    const uint32_t km1 = 0x3f3f3f3f, km2 = 0x0f0f0f0f, km3 = 0x03030303;
-    u[3] = ((u[2] >> 4) & km2) | (((u[1] >> 6) & km3) << 4);
-    const uint32_t ua = u[1] & km1;
-    u[1] = (u[2] & km2) | (((u[0] >> 6) & km3) << 4);
-    u[2] = ua;
-    u[0] &= km1;
-    return _mm_loadu_si128((const __m128i *)u);
+    const __m128i v = _mm_loadu_si128((const __m128i *)s);                 /* u0 u1 u2 . */
+    const __m128i b = _mm_shuffle_epi32(v, _MM_SHUFFLE(1, 1, 0, 0));       /* u0 u0 u1 u1 */
+    const __m128i x = _mm_and_si128(b, _mm_set1_epi32(0x3f3f3f3f));
+    const __m128i a = _mm_srlv_epi32(_mm_shuffle_epi32(v, _MM_SHUFFLE(2, 2, 2, 2)), _mm_setr_epi32(0, 0, 0, 4));
+    const __m128i y = _mm_or_si128(_mm_and_si128(a, _mm_set1_epi32(0x0f0f0f0f)),
+                                   _mm_and_si128(_mm_srli_epi32(b, 2), _mm_set1_epi32(0x30303030)));
+    return _mm_blend_epi32(x, y, 0xA);
 }
 
 MN_INLINE void K(dot_q4_K_t)(const uint8_t *w, int64_t nb, const uint8_t *xq, size_t xs, const int NT, float *res) {
@@ -169,8 +169,7 @@ MN_INLINE void K(dot_q4_K_t)(const uint8_t *w, int64_t nb, const uint8_t *xq, si
             const uint8_t *xr = xq + t * xs;
             const int8_t *x = (const int8_t *)xr + QK_K * i;
             const float dy = ((const float *)(xr + QK_K * nb))[i];
-            const __m256i bs = _mm256_loadu_si256((const __m256i *)(xr + (QK_K + 4) * nb + 32 * i));
-            const __m128i pair = _mm_hadd_epi16(_mm256_castsi256_si128(bs), _mm256_extracti128_si256(bs, 1));
+            const __m128i pair = _mm_loadu_si128((const __m128i *)(xr + (QK_K + 36) * nb + 16 * i));
             macc[t] = _mm_fmadd_ps(_mm_set1_ps(dmin * dy), _mm_cvtepi32_ps(_mm_madd_epi16(mins, pair)), macc[t]);
             __m512i s0 = _mm512_setzero_si512(), s1 = _mm512_setzero_si512();
             s0 = K(dpwssd)(s0, _mm512_maddubs_epi16(qv[0], _mm512_loadu_si512((const void *)x)), sv[0]);

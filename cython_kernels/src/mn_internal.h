@@ -22,7 +22,8 @@
 
 /* Activation row layouts (private):
  *  Q8_0 partner: int8 qs[32*nb] | float d[nb] (fp16-rounded scales) | int32 sum[nb]
- *  Q8_K partner: int8 qs[256*nb] | float d[nb] | int16 bsums[16*nb]
+ *  Q8_K partner: int8 qs[256*nb] | float d[nb] | int16 bsums[16*nb] (sums of 16)
+ *                | int16 psums[8*nb] (sums of 32)
  *  float partner: float x[cols]
  * Each row is padded to a multiple of 64 bytes. */
 #define ACT_FLOAT 0

@@ -84,7 +84,7 @@ size_t mn_act_row_bytes(int wtype, int64_t cols) {
     switch (mn_act_kind(wtype)) {
     case ACT_FLOAT: return pad64((size_t)cols * 4);
     case ACT_Q8_0: return pad64((size_t)(cols / 32) * 40);
-    default: return pad64((size_t)(cols / QK_K) * 292);
+    default: return pad64((size_t)(cols / QK_K) * 308);
     }
 }
 
@@ -113,13 +113,14 @@ static void quantize_q8_K(const float *x, uint8_t *xq, int64_t nb) {
     int8_t *qs = (int8_t *)xq;
     float *dd = (float *)(xq + QK_K * nb);
     int16_t *bs = (int16_t *)(xq + (QK_K + 4) * nb);
+    int16_t *ps = (int16_t *)(xq + (QK_K + 4 + 32) * nb);
     for (int64_t i = 0; i < nb; i++) {
         const float *v = x + QK_K * i;
         int8_t *q = qs + QK_K * i;
         float max = 0.f, amax = 0.f;
         for (int j = 0; j < QK_K; j++) { float a = fabsf(v[j]); if (a > amax) { amax = a; max = v[j]; } }
         if (amax == 0.f) {
-            dd[i] = 0.f; memset(q, 0, QK_K); memset(bs + 16 * i, 0, 32);
+            dd[i] = 0.f; memset(q, 0, QK_K); memset(bs + 16 * i, 0, 32); memset(ps + 8 * i, 0, 16);
             continue;
         }
         const float iscale = -127.f / max;
@@ -129,6 +130,7 @@ static void quantize_q8_K(const float *x, uint8_t *xq, int64_t nb) {
             for (int l = 0; l < 16; l++) s += q[16 * k + l];
             bs[16 * i + k] = (int16_t)s;
         }
+        for (int k = 0; k < 8; k++) ps[8 * i + k] = (int16_t)(bs[16 * i + 2 * k] + bs[16 * i + 2 * k + 1]);
         dd[i] = 1.f / iscale;
     }
 }
