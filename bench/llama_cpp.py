@@ -400,8 +400,9 @@ def _use_existing(bdir: Path, log: Callable) -> LlamaCppBuild:
     cache = bdir / "CMakeCache.txt"
     if cache.is_file():
         for line in cache.read_text(errors="replace").splitlines():
-            if re.match(r"(GGML_\w+|CMAKE_BUILD_TYPE|CMAKE_C_COMPILER|CMAKE_CXX_COMPILER)"
-                        r"(:\w+)?=", line) and not line.startswith("GGML_ALL_WARNINGS"):
+            if re.match(r"(GGML_(NATIVE|AVX\w*|AMX\w*|OPENMP|BLAS\w*|CPU\w*|F16C|FMA|BMI2)"
+                        r"|CMAKE_BUILD_TYPE|CMAKE_C_COMPILER|CMAKE_CXX_COMPILER|CMAKE_C_FLAGS"
+                        r"|CMAKE_CXX_FLAGS|BUILD_SHARED_LIBS)(:\w+)?=", line):
                 k, v = line.split("=", 1)
                 flags.append(f"-D{k.split(':')[0]}={v}")
     build = LlamaCppBuild(bin_dir=bin_dir, lib_dir=lib_dir, include_dir=inc, source_dir=src,
