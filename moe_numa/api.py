@@ -18,7 +18,7 @@ from .sampling import SamplingParams
 from .tokenizer import GGUFTokenizer
 
 BACKENDS = ("reference", "engine")
-DEFAULT_BACKEND = "reference"
+DEFAULT_BACKEND = "engine"
 DEFAULT_CTX = 4096
 
 

@@ -88,6 +88,35 @@ def cmd_make_test_model(args) -> int:
     return 0
 
 
+def cmd_topology(args) -> int:
+    from .numa.topology import topology
+    print(topology(args.numa_nodes).describe())
+    return 0
+
+
+def cmd_map(args) -> int:
+    from .gguf_file import GGUFModelFile
+    from .models import load_model
+    from .numa.expert_map import make_map
+    gguf = GGUFModelFile(args.model)
+    _, cfg, _ = load_model(gguf)
+    emap = make_map(cfg.n_expert, args.nodes, args.strategy,
+                    model={"name": cfg.name, "arch": cfg.arch, "n_layer": cfg.n_layer})
+    text = emap.dump()
+    if args.output:
+        with open(args.output, "w") as f:
+            f.write(text)
+        print(f"wrote {args.output}", file=sys.stderr)
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+def cmd_check_placement(args) -> int:
+    from .numa import check
+    return check.main(args.rest)
+
+
 def cmd_bench_kernels(args) -> int:
     from .bench import kernels
     return kernels.main(args.rest)
@@ -127,6 +156,22 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--split", type=int, default=0, metavar="N", help="split into files of N tensors")
     t.set_defaults(func=cmd_make_test_model)
+
+    tp = sub.add_parser("topology", help="print the NUMA nodes, CPUs and memory detected")
+    tp.add_argument("--numa-nodes", type=int, help="show N virtual nodes instead")
+    tp.set_defaults(func=cmd_topology)
+
+    mp = sub.add_parser("map", help="write a YAML expert map for a model")
+    mp.add_argument("-m", "--model", required=True)
+    mp.add_argument("--nodes", type=int, required=True)
+    mp.add_argument("--strategy", choices=("contiguous", "round-robin"), default="contiguous")
+    mp.add_argument("-o", "--output", help="file to write (default: stdout)")
+    mp.set_defaults(func=cmd_map)
+
+    cp = sub.add_parser("check-placement", help="check where the engine's pages and threads really are",
+                        add_help=False)
+    cp.add_argument("rest", nargs=argparse.REMAINDER)
+    cp.set_defaults(func=cmd_check_placement)
 
     k = sub.add_parser("bench-kernels", help="kernel bandwidth benchmark (bench/kernels.py)", add_help=False)
     k.add_argument("rest", nargs=argparse.REMAINDER)

@@ -85,6 +85,10 @@ def mla_attention(cfg: MLAConfig, w: MLAWeights, x: np.ndarray, cache: LayerCach
     lat = cache.view("latent", end)
     kr = cache.view("k_rope", end)
 
+    if w.wkv_b is not None:
+        # The merged layout multiplies attn_kv_b with the latent (llama.cpp and the
+        # engine decompress K/V that way): its input is the latent, rounded as such.
+        lat = deq.act(np.ascontiguousarray(lat), w.wkv_b)
     k_b, v_b = absorbed_kv_b(cfg, w, deq)
     # q_nope . (k_b^T c) == (k_b q_nope) . c : attend in the latent space.
     if w.wk_b is not None:

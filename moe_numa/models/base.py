@@ -196,7 +196,7 @@ class ReferenceForward:
 
     def logits(self, hidden: np.ndarray) -> np.ndarray:
         h = rms_norm(hidden, self.deq(self.w.output_norm), self.cfg.rms_eps)
-        return (h @ self.deq(self.w.output).T).astype(np.float32)
+        return self.deq.linear(h, self.w.output).astype(np.float32)
 
 
 def pre_norm_block(cfg: ModelConfig, w: LayerWeights, x: np.ndarray, attention_fn, ffn_fn, deq) -> np.ndarray:

@@ -42,7 +42,7 @@ _FILE_TYPE = {
 @dataclass(frozen=True)
 class ModelSpec:
     arch: str
-    vocab: str                    # "qwen2" or "deepseek-v3"
+    vocab: str                    # "qwen2", "qwen3" (Qwen2 BPE, Qwen3 specials/template) or "deepseek-v3"
     n_vocab_regular: int          # regular BPE tokens kept from the real vocabulary (0: all)
     hidden: int
     n_layer: int
@@ -80,7 +80,7 @@ class ModelSpec:
 
 PRESETS: dict[str, ModelSpec] = {
     "qwen3moe": ModelSpec(
-        arch="qwen3moe", vocab="qwen2", n_vocab_regular=6000, hidden=256, n_layer=2, n_head=8, n_head_kv=2,
+        arch="qwen3moe", vocab="qwen3", n_vocab_regular=6000, hidden=256, n_layer=2, n_head=8, n_head_kv=2,
         head_dim=64, n_expert=8, n_used=2, expert_ff=256),
     "qwen2moe": ModelSpec(
         arch="qwen2moe", vocab="qwen2", n_vocab_regular=6000, hidden=256, n_layer=2, n_head=4, n_head_kv=2,
@@ -99,7 +99,7 @@ PRESETS: dict[str, ModelSpec] = {
         yarn=(40.0, 512, 0.707)),
     # Benchmark models: realistic proportions that fit a 24 GiB machine.
     "qwen3moe-bench": ModelSpec(
-        arch="qwen3moe", vocab="qwen2", n_vocab_regular=0, hidden=2048, n_layer=24, n_head=32, n_head_kv=4,
+        arch="qwen3moe", vocab="qwen3", n_vocab_regular=0, hidden=2048, n_layer=24, n_head=32, n_head_kv=4,
         head_dim=128, n_expert=64, n_used=8, expert_ff=512, context_length=32768),
     "deepseek-v3-bench": ModelSpec(
         arch="deepseek2", vocab="deepseek-v3", n_vocab_regular=0, hidden=2048, n_layer=16, n_head=16,
@@ -275,9 +275,16 @@ def _write_metadata(w: gguf.GGUFWriter, spec: ModelSpec, vocab: VocabSpec, qname
     add_vocab(w, vocab)
 
 
+# Rows of the embedding in real full-vocabulary files (the tokenizer pads to them).
+_FULL_ROWS = {"qwen2": 151936, "qwen3": 151936, "deepseek-v3": 129280}
+
+
 def make_vocab(spec: ModelSpec) -> VocabSpec:
-    kwargs = {"n_tokens": spec.n_vocab_regular} if spec.n_vocab_regular else {"n_tokens": None}
-    return qwen2_vocab(**kwargs) if spec.vocab == "qwen2" else deepseek_v3_vocab(**kwargs)
+    n = spec.n_vocab_regular or None
+    pad = None if n else _FULL_ROWS[spec.vocab]
+    if spec.vocab in ("qwen2", "qwen3"):
+        return qwen2_vocab(n, flavor=spec.vocab, pad_to=pad)
+    return deepseek_v3_vocab(n, pad_to=pad)
 
 
 def make_test_model(path: str | os.PathLike[str], preset: str = "qwen3moe", qtype: str = "f32", seed: int = 0,

@@ -1,0 +1,57 @@
+"""The moe-numa command: generate (default model and a given file), inspect, map, topology, errors."""
+import json
+
+import yaml
+
+from moe_numa.cli import main
+
+
+def test_generate_on_a_model(make_model, capsys):
+    assert main(["generate", "-m", str(make_model("qwen3moe", "q8_0")), "-p", "Hello", "-n", "5",
+                 "--temp", "0", "--numa-nodes", "2"]) == 0
+    out, err = capsys.readouterr()
+    assert out.strip() and "[engine] prompt" in err and "generated" in err
+
+
+def test_generate_default_model(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("MOE_NUMA_CACHE", str(tmp_path))
+    assert main(["generate", "-p", "Hi", "-n", "3", "--seed", "1", "--chat"]) == 0
+    assert list(tmp_path.glob("default/*.gguf"))
+    assert "finish:" in capsys.readouterr().err
+
+
+def test_inspect(make_model, capsys):
+    path = make_model("deepseek-v3", "q4_k_m")
+    assert main(["inspect", str(path)]) == 0
+    out = capsys.readouterr().out
+    for text in ("architecture:    deepseek2", "experts:         16, top-4", "Q4_K", "routed_experts",
+                 "shared_expert", "weight bytes read per generated token"):
+        assert text in out
+    assert main(["inspect", str(path), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["bytes_per_token"] < sum(info["bytes_by_class"].values())
+
+
+def test_map_and_topology(make_model, tmp_path, capsys):
+    out = tmp_path / "m.yaml"
+    assert main(["map", "-m", str(make_model("qwen2moe")), "--nodes", "3", "--strategy", "round-robin",
+                 "-o", str(out)]) == 0
+    m = yaml.safe_load(out.read_text())
+    assert m["nodes"] == [0, 1, 2] and m["experts"][1] == "1,4,7" and m["model"]["arch"] == "qwen2moe"
+    assert main(["topology", "--numa-nodes", "2"]) == 0
+    assert "node 1:" in capsys.readouterr().out
+
+
+def test_make_test_model(tmp_path, capsys):
+    assert main(["make-test-model", str(tmp_path / "t.gguf"), "--preset", "qwen2moe", "--type", "q6_k"]) == 0
+    assert (tmp_path / "t.gguf").exists()
+
+
+def test_errors_are_reported_not_raised(make_model, tmp_path, capsys):
+    assert main(["generate", "-m", str(tmp_path / "missing.gguf"), "-p", "x"]) == 2
+    assert "not found" in capsys.readouterr().err
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("nodes: [0]\nexperts: {0: 0-5}\n")
+    assert main(["generate", "-m", str(make_model("qwen3moe", "q8_0")), "-p", "x",
+                 "--numa-expert-map", str(bad)]) == 2
+    assert "experts: expert(s) 6-7 missing" in capsys.readouterr().err
