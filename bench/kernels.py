@@ -4,8 +4,9 @@ against this machine's measured read bandwidth, in the same run.
     python -m moe_numa.bench.kernels [--types q8_0,q4_k,q6_k] [--threads 1,2] [--json]
     moe-numa bench-kernels ...
 
-Read bandwidth: a STREAM-like read (native float sum) over an array several
-times the L3, with the same pool of 1 or N threads, timed in alternation with
+Read bandwidth: a STREAM-like read (native AVX2 float sum) over an array
+several times the L3, with the same pool of 1 or N threads, the better of plain
+loads and loads with the kernels' software prefetch, timed in alternation with
 each kernel (so both see the same load on a shared machine).  GEMV: y = W @ x with W
 well beyond the L3 (>= 256 MiB by default); effective GB/s = weight bytes /
 time; ratio = that / read bandwidth at the same thread count.  GEMM: n_tok = 64
@@ -64,19 +65,20 @@ def _best(fn, reps: int) -> float:
 
 
 def paired(read_buf, pool, fn, reps: int) -> tuple[float, float]:
-    """Best times of a STREAM-like read of read_buf and of fn, measured in
-    alternation so that both see the same machine load."""
+    """(read GB/s, best time of fn): the read is a STREAM-like sum of read_buf,
+    the better of plain loads and loads with software prefetch, timed in
+    alternation with fn so that both see the same machine load."""
     K.read_sum(read_buf, pool)
     fn()
     tr, tf = [], []
     for _ in range(reps):
-        t0 = time.perf_counter()
-        K.read_sum(read_buf, pool)
+        for pf in (False, True):
+            t0 = time.perf_counter()
+            K.read_sum(read_buf, pool, prefetch=pf)
+            tr.append(time.perf_counter() - t0)
         t1 = time.perf_counter()
         fn()
-        t2 = time.perf_counter()
-        tr.append(t1 - t0)
-        tf.append(t2 - t1)
+        tf.append(time.perf_counter() - t1)
     return read_buf.nbytes / min(tr) / 1e9, min(tf)
 
 

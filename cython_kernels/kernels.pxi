@@ -109,13 +109,14 @@ ctypedef struct sum_ctx:
     const float *x
     int64_t n
     double *res
+    int prefetch
 
 
 cdef void sum_task(void *c, int ith, int nth) noexcept nogil:
     cdef sum_ctx *s = <sum_ctx *>c
     cdef int64_t a = (s.n * ith // nth) & ~(<int64_t>15)
     cdef int64_t b = s.n if ith == nth - 1 else ((s.n * (ith + 1) // nth) & ~(<int64_t>15))
-    s.res[ith] = mn_read_sum(s.x + a, b - a)
+    s.res[ith] = mn_read_sum2(s.x + a, b - a, s.prefetch)
 
 
 cdef void noop_task(void *c, int ith, int nth) noexcept nogil:
@@ -128,7 +129,7 @@ cdef inline int64_t _now() noexcept nogil:
     return ts.tv_sec * 1000000000 + ts.tv_nsec
 
 
-def read_sum_ptr(uintptr_t x, int64_t n, Pool pool=None):
+def read_sum_ptr(uintptr_t x, int64_t n, Pool pool=None, bint prefetch=False):
     """Sum of n floats, split among the pool's threads (a STREAM-like read)."""
     cdef double res[256]
     cdef sum_ctx s
@@ -137,7 +138,7 @@ def read_sum_ptr(uintptr_t x, int64_t n, Pool pool=None):
     cdef double tot = 0
     if nth > 256:
         raise ValueError("at most 256 threads")
-    s.x = <const float *>x; s.n = n; s.res = res
+    s.x = <const float *>x; s.n = n; s.res = res; s.prefetch = prefetch
     with nogil:
         if pool is None:
             sum_task(&s, 0, 1)

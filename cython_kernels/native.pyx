@@ -69,6 +69,7 @@ cdef extern from "mn_kernels.h":
     void mn_moe_task(void *args, int ith, int nth) nogil
     void mn_moe_experts(mn_moe_args *a) nogil
     double mn_read_sum(const float *x, int64_t n) nogil
+    double mn_read_sum2(const float *x, int64_t n, int prefetch) nogil
 
 include "kernels.pxi"
 include "engine.pxi"

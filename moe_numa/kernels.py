@@ -392,10 +392,11 @@ def limit_blas_threads(n: int = 1):
         yield
 
 
-def read_sum(x: np.ndarray, pool: "ThreadPool | None" = None) -> float:
-    """Sum of a float32 array read by the pool's threads (a STREAM-like read)."""
+def read_sum(x: np.ndarray, pool: "ThreadPool | None" = None, prefetch: bool = False) -> float:
+    """Sum of a float32 array read by the pool's threads (a STREAM-like read);
+    prefetch adds software prefetch ahead of the loads, as the kernels do."""
     _check_float(x, "x", tuple(range(1, 8)))
-    return _native.read_sum_ptr(_addr(x), x.size, _pool_native(pool))
+    return _native.read_sum_ptr(_addr(x), x.size, _pool_native(pool), prefetch)
 
 
 # ------------------------------------------------------------------------ MoE

@@ -115,6 +115,8 @@ void   mn_moe_experts(mn_moe_args *a);
 
 /* STREAM-like read: sum of n floats (used by the benchmark) */
 double mn_read_sum(const float *x, int64_t n);
+/* same, SIMD; prefetch=1 adds software prefetch as the kernels use */
+double mn_read_sum2(const float *x, int64_t n, int prefetch);
 
 #ifdef __cplusplus
 }

@@ -3,6 +3,7 @@
 #include <immintrin.h>
 #include "mn_internal.h"
 #include "mn_tile.h"
+#define MN_PF_DIST 4096
 
 #pragma GCC push_options
 #pragma GCC target("avx2,fma,f16c,bmi2,popcnt")
@@ -21,12 +22,13 @@ MN_INLINE float hsum4(__m128 s) {
 MN_INLINE float h2f(const uint8_t *p) { return _cvtsh_ss(mn_rd16(p)); }
 
 /* ---------------------------------------------------------------- floats */
-#define FLOAT_KERNEL(name, LOAD8) \
+#define FLOAT_KERNEL(name, LOAD8, ESZ) \
 MN_INLINE void name##_t(const uint8_t *w, int64_t n, const uint8_t *xq, size_t xs, const int NT, float *res) { \
     __m256 a0[MN_TILE], a1[MN_TILE]; \
     for (int t = 0; t < NT; t++) { a0[t] = _mm256_setzero_ps(); a1[t] = _mm256_setzero_ps(); } \
     int64_t i = 0; \
     for (; i + 16 <= n; i += 16) { \
+        _mm_prefetch((const char *)w + (i) * (int64_t)(ESZ) + MN_PF_DIST, _MM_HINT_T0); \
         __m256 w0 = LOAD8(i), w1 = LOAD8(i + 8); \
         for (int t = 0; t < NT; t++) { \
             const float *x = (const float *)(xq + t * xs) + i; \
@@ -50,9 +52,9 @@ static inline float bf16_one(const uint8_t *w, int64_t j) { return mn_bf2f(mn_rd
 #define LD_F32(i) _mm256_loadu_ps((const float *)w + (i))
 #define LD_F16(i) _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(w + 2 * (i))))
 #define LD_BF16(i) _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(w + 2 * (i)))), 16))
-FLOAT_KERNEL(dot_f32, LD_F32)
-FLOAT_KERNEL(dot_f16, LD_F16)
-FLOAT_KERNEL(dot_bf16, LD_BF16)
+FLOAT_KERNEL(dot_f32, LD_F32, 4)
+FLOAT_KERNEL(dot_f16, LD_F16, 2)
+FLOAT_KERNEL(dot_bf16, LD_BF16, 2)
 MN_TILED(dot_f32)
 MN_TILED(dot_f16)
 MN_TILED(dot_bf16)
@@ -74,7 +76,7 @@ MN_INLINE void name##_t(const uint8_t *w, int64_t nb, const uint8_t *xq, size_t 
     int64_t i = 0; \
     for (; i + 2 <= nb; i += 2) { \
         const uint8_t *b0 = w + i * BS, *b1 = b0 + BS; \
-        _mm_prefetch((const char *)(b0 + 512), _MM_HINT_T0); \
+        _mm_prefetch((const char *)(b0 + MN_PF_DIST), _MM_HINT_T0); _mm_prefetch((const char *)(b0 + MN_PF_DIST + 64), _MM_HINT_T0); \
         const __m256i q0 = VALS(b0), q1 = VALS(b1); \
         const __m256i u0 = _mm256_sign_epi8(q0, q0), u1 = _mm256_sign_epi8(q1, q1); \
         const float d0 = h2f(b0), d1 = h2f(b1); \
@@ -125,8 +127,9 @@ MN_INLINE void dot_q4_K_t(const uint8_t *w, int64_t nb, const uint8_t *xq, size_
     for (int t = 0; t < NT; t++) { acc[t] = _mm256_setzero_ps(); macc[t] = _mm_setzero_ps(); }
     for (int64_t i = 0; i < nb; i++) {
         const uint8_t *b = w + i * BS_Q4_K;
-        _mm_prefetch((const char *)(b + 576), _MM_HINT_T0);
-        _mm_prefetch((const char *)(b + 640), _MM_HINT_T0);
+        _mm_prefetch((const char *)(b + MN_PF_DIST), _MM_HINT_T0);
+        _mm_prefetch((const char *)(b + MN_PF_DIST + 64), _MM_HINT_T0);
+        _mm_prefetch((const char *)(b + MN_PF_DIST + 128), _MM_HINT_T0);
         const float d = h2f(b), dmin = h2f(b + 2);
         const __m128i sm = k4_scales(b + 4);
         const __m128i mins = _mm_cvtepu8_epi16(_mm_unpackhi_epi64(sm, sm));
@@ -168,9 +171,10 @@ MN_INLINE void dot_q6_K_t(const uint8_t *w, int64_t nb, const uint8_t *xq, size_
     for (int t = 0; t < NT; t++) acc[t] = _mm256_setzero_ps();
     for (int64_t i = 0; i < nb; i++) {
         const uint8_t *b = w + i * BS_Q6_K;
-        _mm_prefetch((const char *)(b + 640), _MM_HINT_T0);
-        _mm_prefetch((const char *)(b + 704), _MM_HINT_T0);
-        _mm_prefetch((const char *)(b + 768), _MM_HINT_T0);
+        _mm_prefetch((const char *)(b + MN_PF_DIST), _MM_HINT_T0);
+        _mm_prefetch((const char *)(b + MN_PF_DIST + 64), _MM_HINT_T0);
+        _mm_prefetch((const char *)(b + MN_PF_DIST + 128), _MM_HINT_T0);
+        _mm_prefetch((const char *)(b + MN_PF_DIST + 192), _MM_HINT_T0);
         const float d = h2f(b + 208);
         const __m128i sc8 = _mm_loadu_si128((const __m128i *)(b + 192));
         const __m256i sc16 = _mm256_cvtepi8_epi16(sc8);
@@ -249,10 +253,14 @@ KGEN(q2_K, Q2_K)
 KGEN(q3_K, Q3_K)
 KGEN(q5_K, Q5_K)
 
-static double read_sum_avx2(const float *x, int64_t n) {
+static double read_sum_avx2(const float *x, int64_t n, int prefetch) {
     __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
     int64_t i = 0;
     for (; i + 32 <= n; i += 32) {
+        if (prefetch) {
+            _mm_prefetch((const char *)(x + i) + MN_PF_DIST, _MM_HINT_T0);
+            _mm_prefetch((const char *)(x + i) + MN_PF_DIST + 64, _MM_HINT_T0);
+        }
         a0 = _mm256_add_ps(a0, _mm256_loadu_ps(x + i)); a1 = _mm256_add_ps(a1, _mm256_loadu_ps(x + i + 8));
         a2 = _mm256_add_ps(a2, _mm256_loadu_ps(x + i + 16)); a3 = _mm256_add_ps(a3, _mm256_loadu_ps(x + i + 24));
     }
@@ -263,7 +271,7 @@ static double read_sum_avx2(const float *x, int64_t n) {
 
 #pragma GCC pop_options
 
-double (*mn_read_sum_avx2)(const float *, int64_t) = read_sum_avx2;
+double (*mn_read_sum_avx2)(const float *, int64_t, int) = read_sum_avx2;
 
 void mn_fill_avx2(mn_kernel_set *k) {
     k->dot[MN_F32] = dot_f32; k->dot[MN_F16] = dot_f16; k->dot[MN_BF16] = dot_bf16;

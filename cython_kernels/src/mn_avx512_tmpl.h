@@ -2,6 +2,9 @@
  * and mn_avx512vnni.c (MN_VNNI 1) inside their target pragmas.  SFX names the
  * variant. */
 #include "mn_tile.h"
+#ifndef MN_PF_DIST
+#define MN_PF_DIST 4096
+#endif
 
 #define CAT_(a, b) a##b
 #define CAT(a, b) CAT_(a, b)
@@ -27,12 +30,14 @@ MN_INLINE __m512i K(dpwssd)(__m512i acc, __m512i a, __m512i b) {
 }
 
 /* ---------------------------------------------------------------- floats */
-#define F512_KERNEL(name, LOAD16, ONE) \
+#define F512_KERNEL(name, LOAD16, ONE, ESZ) \
 MN_INLINE void K(name##_t)(const uint8_t *w, int64_t n, const uint8_t *xq, size_t xs, const int NT, float *res) { \
     __m512 a0[MN_TILE], a1[MN_TILE]; \
     for (int t = 0; t < NT; t++) { a0[t] = _mm512_setzero_ps(); a1[t] = _mm512_setzero_ps(); } \
     int64_t i = 0; \
     for (; i + 32 <= n; i += 32) { \
+        _mm_prefetch((const char *)w + (i) * (int64_t)(ESZ) + MN_PF_DIST, _MM_HINT_T0); \
+        _mm_prefetch((const char *)w + (i) * (int64_t)(ESZ) + MN_PF_DIST + 64, _MM_HINT_T0); \
         const __m512 w0 = LOAD16(i), w1 = LOAD16(i + 16); \
         for (int t = 0; t < NT; t++) { \
             const float *x = (const float *)(xq + t * xs) + i; \
@@ -53,9 +58,9 @@ MN_INLINE void K(name##_t)(const uint8_t *w, int64_t n, const uint8_t *xq, size_
 static inline float K(f32_one)(const uint8_t *w, int64_t j) { float v; memcpy(&v, w + 4 * j, 4); return v; }
 static inline float K(f16_one)(const uint8_t *w, int64_t j) { return _cvtsh_ss(mn_rd16(w + 2 * j)); }
 static inline float K(bf16_one)(const uint8_t *w, int64_t j) { return mn_bf2f(mn_rd16(w + 2 * j)); }
-F512_KERNEL(dot_f32, L5_F32, K(f32_one))
-F512_KERNEL(dot_f16, L5_F16, K(f16_one))
-F512_KERNEL(dot_bf16, L5_BF16, K(bf16_one))
+F512_KERNEL(dot_f32, L5_F32, K(f32_one), 4)
+F512_KERNEL(dot_f16, L5_F16, K(f16_one), 2)
+F512_KERNEL(dot_bf16, L5_BF16, K(bf16_one), 2)
 MN_TILED_AS(K(dot_f32), K(dot_f32_t))
 MN_TILED_AS(K(dot_f16), K(dot_f16_t))
 MN_TILED_AS(K(dot_bf16), K(dot_bf16_t))
@@ -89,8 +94,7 @@ MN_INLINE void K(name##_t)(const uint8_t *w, int64_t nb, const uint8_t *xq, size
     int64_t i = 0; \
     for (; i + 8 <= nb; i += 8) { \
         const uint8_t *b = w + i * BS; \
-        _mm_prefetch((const char *)(b + 8 * BS + 256), _MM_HINT_T0); \
-        _mm_prefetch((const char *)(b + 8 * BS + 320), _MM_HINT_T0); \
+        for (int k = 0; k < 5; k++) _mm_prefetch((const char *)(b + MN_PF_DIST + 64 * k), _MM_HINT_T0); \
         const __m256 dw = K(scales8)(b, BS); \
         __m512i u[4]; __mmask64 m[4]; \
         for (int p = 0; p < 4; p++) { \
@@ -149,9 +153,9 @@ MN_INLINE void K(dot_q4_K_t)(const uint8_t *w, int64_t nb, const uint8_t *xq, si
     for (int t = 0; t < NT; t++) { acc[t] = _mm512_setzero_ps(); macc[t] = _mm_setzero_ps(); }
     for (int64_t i = 0; i < nb; i++) {
         const uint8_t *b = w + i * BS_Q4_K;
-        _mm_prefetch((const char *)(b + 4 * BS_Q4_K), _MM_HINT_T0);
-        _mm_prefetch((const char *)(b + 4 * BS_Q4_K + 64), _MM_HINT_T0);
-        _mm_prefetch((const char *)(b + 4 * BS_Q4_K + 128), _MM_HINT_T0);
+        _mm_prefetch((const char *)(b + MN_PF_DIST), _MM_HINT_T0);
+        _mm_prefetch((const char *)(b + MN_PF_DIST + 64), _MM_HINT_T0);
+        _mm_prefetch((const char *)(b + MN_PF_DIST + 128), _MM_HINT_T0);
         const float d = _cvtsh_ss(mn_rd16(b)), dmin = _cvtsh_ss(mn_rd16(b + 2));
         const __m128i sm = K(k4_scales)(b + 4);
         const __m128i mins = _mm_cvtepu8_epi16(_mm_unpackhi_epi64(sm, sm));
@@ -197,10 +201,10 @@ MN_INLINE void K(dot_q6_K_t)(const uint8_t *w, int64_t nb, const uint8_t *xq, si
     for (int t = 0; t < NT; t++) acc[t] = _mm512_setzero_ps();
     for (int64_t i = 0; i < nb; i++) {
         const uint8_t *b = w + i * BS_Q6_K;
-        _mm_prefetch((const char *)(b + 4 * BS_Q6_K), _MM_HINT_T0);
-        _mm_prefetch((const char *)(b + 4 * BS_Q6_K + 64), _MM_HINT_T0);
-        _mm_prefetch((const char *)(b + 4 * BS_Q6_K + 128), _MM_HINT_T0);
-        _mm_prefetch((const char *)(b + 4 * BS_Q6_K + 192), _MM_HINT_T0);
+        _mm_prefetch((const char *)(b + MN_PF_DIST), _MM_HINT_T0);
+        _mm_prefetch((const char *)(b + MN_PF_DIST + 64), _MM_HINT_T0);
+        _mm_prefetch((const char *)(b + MN_PF_DIST + 128), _MM_HINT_T0);
+        _mm_prefetch((const char *)(b + MN_PF_DIST + 192), _MM_HINT_T0);
         const float d = _cvtsh_ss(mn_rd16(b + 208));
         const __m256i sc16 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(b + 192)));
         const __m512i scz = _mm512_castsi256_si512(sc16);

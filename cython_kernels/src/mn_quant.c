@@ -302,7 +302,14 @@ void mn_matmul_rows(int wtype, const uint8_t *w, size_t w_row_stride, int64_t co
     }
 }
 
-/* STREAM-like read used by the benchmark */
+/* STREAM-like read used by the benchmark: prefetch 0 = plain loads (hardware
+ * prefetchers only), 1 = software prefetch as the kernels do */
+extern double (*mn_read_sum_avx2)(const float *, int64_t, int);
+double mn_read_sum2(const float *x, int64_t n, int prefetch) {
+    if (mn_simd_level_cpu() >= MN_SIMD_AVX2) return mn_read_sum_avx2(x, n, prefetch);
+    return mn_read_sum(x, n);
+}
+
 double mn_read_sum(const float *x, int64_t n) {
     float a0 = 0, a1 = 0, a2 = 0, a3 = 0, a4 = 0, a5 = 0, a6 = 0, a7 = 0;
     int64_t i = 0;
