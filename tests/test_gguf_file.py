@@ -82,7 +82,7 @@ def test_unsupported_architecture(make_model, tmp_path):
 
 def test_unsupported_quant_type_is_named(make_model, tmp_path):
     from gguf import quants
-    raw = quants.quantize(np.zeros((64, 256), dtype=np.float32), Q.Q4_1)
+    raw = quants.quantize(np.zeros((128, 256), dtype=np.float32), Q.Q4_1)
     dst = rewrite_gguf(make_model("qwen3moe"), tmp_path / "q41.gguf",
                        replace_tensors={"blk.1.attn_k.weight": (raw, Q.Q4_1)})
     with pytest.raises(UnsupportedError, match=r"blk\.1\.attn_k\.weight \(Q4_1\)"):
