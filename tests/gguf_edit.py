@@ -34,11 +34,11 @@ def rewrite_gguf(src, dst, drop_keys=(), set_keys=None, drop_tensors=(), add_ten
         data = np.array(t.data)
         if replace_tensors and t.name in replace_tensors:
             raw, qtype = replace_tensors[t.name]
-            w.add_tensor(t.name, raw, raw_shape=shape, raw_dtype=qtype)
+            w.add_tensor(t.name, raw, raw_dtype=qtype)      # byte-shaped rows: the writer infers the shape
         elif t.tensor_type in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
             w.add_tensor(t.name, data.reshape(shape))
         else:
-            w.add_tensor(t.name, data, raw_shape=shape, raw_dtype=t.tensor_type)
+            w.add_tensor(t.name, data, raw_dtype=t.tensor_type)
     for name, arr in (add_tensors or {}).items():
         w.add_tensor(name, np.asarray(arr, dtype=np.float32))
     w.write_header_to_file()
