@@ -205,7 +205,8 @@ static void dot_q4_0_s(const uint8_t *w, int64_t nb, const uint8_t *xq, size_t x
 static inline void dot_kq_s(mn_unpack_fn unpack, size_t bsz, const uint8_t *w, int64_t nb,
                             const uint8_t *xq, size_t xs, int nt, float *res) {
     mn_kblock u;
-    float acc[MN_TILE] = {0};
+    float acc[MN_TILE];
+    for (int t = 0; t < nt; t++) acc[t] = 0.f;
     for (int64_t i = 0; i < nb; i++) {
         unpack(w + i * bsz, &u);
         for (int t = 0; t < nt; t++) {
