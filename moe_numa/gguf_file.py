@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -18,6 +19,49 @@ from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType
 
 from . import quants
 from .errors import GGUFError, UnsupportedError
+
+class _StringArray:
+    """The strings of a GGUF string array, located once and decoded on demand."""
+
+    def __init__(self, data: np.ndarray, start: int, end: int, spans: list[tuple[int, int]]):
+        self.data, self.start, self.end, self.spans = data, start, end, spans
+
+    def decode(self) -> list[str]:
+        blob = bytes(self.data[self.start:self.end])
+        base = self.start
+        return [blob[a - base:a - base + n].decode("utf-8") for a, n in self.spans]
+
+
+class _Reader(GGUFReader):
+    """gguf's reader with a fast path for arrays: it makes one numpy object per
+    array element, which takes seconds for a 150k-token vocabulary."""
+
+    def _get_field_parts(self, orig_offs: int, raw_type: int):
+        if GGUFValueType(raw_type) != GGUFValueType.ARRAY:
+            return super()._get_field_parts(orig_offs, raw_type)
+        raw_itype = self._get(orig_offs, np.uint32)
+        alen = self._get(orig_offs + 4, np.uint64)
+        offs = orig_offs + 12
+        itype, n = GGUFValueType(int(raw_itype[0])), int(alen[0])
+        if itype == GGUFValueType.STRING:
+            buf = memoryview(self.data)
+            spans = []
+            for _ in range(n):
+                (length,) = struct.unpack_from("<Q", buf, offs)
+                spans.append((offs + 8, length))
+                offs += 8 + length
+            if offs > len(self.data):
+                raise ValueError("string array runs past the end of the file")
+            return offs - orig_offs, [raw_itype, alen, _StringArray(self.data, orig_offs + 12, offs, spans)], \
+                [2], [GGUFValueType.ARRAY, GGUFValueType.STRING]
+        nptype = self.gguf_scalar_to_np.get(itype)
+        if nptype is None:
+            return super()._get_field_parts(orig_offs, raw_type)   # nested arrays: the slow general path
+        values = self._get(offs, nptype, n)
+        if len(values) != n:
+            raise ValueError("array runs past the end of the file")
+        return 12 + int(values.nbytes), [raw_itype, alen, values], [2], [GGUFValueType.ARRAY, itype]
+
 
 _SPLIT_RE = re.compile(r"^(?P<prefix>.*)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf$")
 
@@ -169,8 +213,8 @@ def _open_reader(path: str) -> GGUFReader:
     if magic != b"GGUF":
         raise GGUFError(f"{path}: not a GGUF file (magic {magic!r}, expected b'GGUF')")
     try:
-        return GGUFReader(path, "r")
-    except (ValueError, IndexError, KeyError, OverflowError, UnicodeDecodeError) as e:
+        return _Reader(path, "r")
+    except (ValueError, IndexError, KeyError, OverflowError, UnicodeDecodeError, struct.error) as e:
         if "GGMLQuantizationType" in str(e):
             raise UnsupportedError(f"{path}: a tensor uses an unknown GGML type id ({e})") from None
         # The reader indexes past the end of a truncated file, or meets a bad
@@ -194,6 +238,8 @@ def _field_value(field) -> Any:
     main = field.types[0]
     if main == GGUFValueType.ARRAY:
         sub = field.types[-1]
+        if field.parts and isinstance(field.parts[-1], _StringArray):
+            return field.parts[-1].decode()
         if sub == GGUFValueType.STRING:
             return [bytes(field.parts[i]).decode("utf-8") for i in field.data]
         if sub == GGUFValueType.ARRAY:
