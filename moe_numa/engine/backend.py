@@ -199,8 +199,11 @@ class EngineBackend:
             self.close()
             raise
         self.load_seconds = time.perf_counter() - t0
-        self._logits = np.zeros((self.ubatch, cfg.n_vocab), dtype=np.float32)
         self._blas = _limit_blas()
+        # The calling thread is node 0's thread 0: keep it on that node's first core
+        # (restored on close), so the scheduler never stacks it on a pool thread's core.
+        self._caller_affinity = os.sched_getaffinity(0)
+        os.sched_setaffinity(0, {self.pools[0].cpus[0]})
 
     # ---------------------------------------------------------------- placement
     def _plan_shards(self) -> dict:
@@ -408,6 +411,10 @@ class EngineBackend:
         for p in getattr(self, "pools", []):
             p.close()
         self.pools = []
+        affinity = getattr(self, "_caller_affinity", None)
+        if affinity is not None:
+            os.sched_setaffinity(0, affinity)
+            self._caller_affinity = None
         blas = getattr(self, "_blas", None)
         if blas is not None:
             blas.restore_original_limits()
