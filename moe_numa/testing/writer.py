@@ -47,7 +47,7 @@ class ModelSpec:
     hidden: int
     n_layer: int
     n_head: int
-    n_head_kv: int
+    n_head_kv: int                # split attn_k_b/attn_v_b (MLA as MQA over the latent): 1, as converters write
     head_dim: int
     n_expert: int
     n_used: int
@@ -87,7 +87,7 @@ PRESETS: dict[str, ModelSpec] = {
         head_dim=64, n_expert=8, n_used=2, expert_ff=256, shared_ff=512, qkv_bias=True),
     "deepseek-v3": ModelSpec(
         arch="deepseek2", vocab="deepseek-v3", n_vocab_regular=6000, hidden=256, n_layer=3, n_head=4,
-        n_head_kv=4, head_dim=0, n_expert=16, n_used=4, expert_ff=256, rope_base=10000.0,
+        n_head_kv=1, head_dim=0, n_expert=16, n_used=4, expert_ff=256, rope_base=10000.0,
         q_lora_rank=256, kv_lora_rank=256, qk_nope=64, qk_rope=32, v_head=64, n_dense_lead=1, dense_ff=512,
         n_shared=1, gating=2, norm_weights=True, weights_scale=2.5, n_groups=4, n_groups_used=2,
         probs_bias=True, split_kv_b=True, yarn=(4.0, 1024, 1.0)),
@@ -103,7 +103,7 @@ PRESETS: dict[str, ModelSpec] = {
         head_dim=128, n_expert=64, n_used=8, expert_ff=512, context_length=32768),
     "deepseek-v3-bench": ModelSpec(
         arch="deepseek2", vocab="deepseek-v3", n_vocab_regular=0, hidden=2048, n_layer=16, n_head=16,
-        n_head_kv=16, head_dim=0, n_expert=64, n_used=6, expert_ff=768, rope_base=10000.0, context_length=32768,
+        n_head_kv=1, head_dim=0, n_expert=64, n_used=6, expert_ff=768, rope_base=10000.0, context_length=32768,
         q_lora_rank=768, kv_lora_rank=512, qk_nope=128, qk_rope=64, v_head=128, n_dense_lead=1, dense_ff=5632,
         n_shared=2, gating=2, norm_weights=True, weights_scale=2.5, n_groups=8, n_groups_used=4,
         probs_bias=True, split_kv_b=True, yarn=(40.0, 4096, 1.0)),
