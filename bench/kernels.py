@@ -101,6 +101,7 @@ def main(argv=None) -> int:
     ap.add_argument("--reps", type=int, default=9)
     ap.add_argument("--smt", action="store_true", help="also use SMT siblings")
     ap.add_argument("--json", action="store_true", help="print a JSON list of rows")
+    ap.add_argument("--json-out", default=None, help="also write the JSON rows to this file")
     a = ap.parse_args(argv)
 
     cpus = K.order_cpus(K.available_cpus(), use_smt=a.smt)
@@ -166,6 +167,9 @@ def main(argv=None) -> int:
                 p.close()
     if a.json:
         print(json.dumps(rows_out, indent=1))
+    if a.json_out:
+        with open(a.json_out, "w") as f:
+            json.dump(rows_out, f, indent=1)
     return 0
 
 
