@@ -108,17 +108,16 @@ MN_TILED(dot_q8_0)
 MN_TILED(dot_q4_0)
 
 /* --------------------------------------------------------------- Q4_K */
-/* unpacks the 12 scale bytes to 8 scales (bytes 0-7) and 8 mins (bytes 8-15) */
+/* the 12 packed scale bytes -> 8 scales (bytes 0-7) and 8 mins (bytes 8-15), in
+ * registers (reads 16 bytes: safe inside a Q4_K/Q5_K block) */
 MN_INLINE __m128i k4_scales(const uint8_t *s) {
-    uint32_t u[4];
-    memcpy(u, s, 12);
-    const uint32_t km1 = 0x3f3f3f3f, km2 = 0x0f0f0f0f, km3 = 0x03030303;
-    u[3] = ((u[2] >> 4) & km2) | (((u[1] >> 6) & km3) << 4);
-    const uint32_t ua = u[1] & km1;
-    u[1] = (u[2] & km2) | (((u[0] >> 6) & km3) << 4);
-    u[2] = ua;
-    u[0] &= km1;
-    return _mm_loadu_si128((const __m128i *)u);
+    const __m128i v = _mm_loadu_si128((const __m128i *)s);                 /* u0 u1 u2 . */
+    const __m128i b = _mm_shuffle_epi32(v, _MM_SHUFFLE(1, 1, 0, 0));       /* u0 u0 u1 u1 */
+    const __m128i x = _mm_and_si128(b, _mm_set1_epi32(0x3f3f3f3f));
+    const __m128i a = _mm_srlv_epi32(_mm_shuffle_epi32(v, _MM_SHUFFLE(2, 2, 2, 2)), _mm_setr_epi32(0, 0, 0, 4));
+    const __m128i y = _mm_or_si128(_mm_and_si128(a, _mm_set1_epi32(0x0f0f0f0f)),
+                                   _mm_and_si128(_mm_srli_epi32(b, 2), _mm_set1_epi32(0x30303030)));
+    return _mm_blend_epi32(x, y, 0xA);
 }
 
 MN_INLINE void dot_q4_K_t(const uint8_t *w, int64_t nb, const uint8_t *xq, size_t xs, const int NT, float *res) {
@@ -211,47 +210,115 @@ MN_INLINE void dot_q6_K_t(const uint8_t *w, int64_t nb, const uint8_t *xq, size_
 }
 MN_TILED(dot_q6_K)
 
-/* ------------------------------------------ other K-quants: unpack + SIMD dot */
-MN_INLINE void dot_kgen_t(mn_unpack_fn unpack, size_t bsz, const uint8_t *w, int64_t nb,
+/* ----------------------------- Q2_K, Q3_K, Q5_K: SIMD unpack + generic dot
+ * Each super-block is unpacked in registers to 8 x 32 unsigned values u (0..31),
+ * int16 scales per 16 values sc[16], mins per 16 m[16] and an offset o so that
+ * value = u - o:  dot = dy*(d*sum_k sc_k*(sum u*x - o*bsum_k) - dmin*sum_k m_k*bsum_k). */
+#define KT_Q2 0
+#define KT_Q3 1
+#define KT_Q5 2
+
+MN_INLINE void kgen_unpack(const int KT, const uint8_t *b, __m256i u[8], int16_t *sc, int16_t *mn,
+                           float *d, float *dmin) {
+    const __m256i m3 = _mm256_set1_epi8(3), m1 = _mm256_set1_epi8(1), m4 = _mm256_set1_epi8(0xF);
+    if (KT == KT_Q2) {
+        const __m128i s = _mm_loadu_si128((const __m128i *)b);
+        _mm256_store_si256((__m256i *)sc, _mm256_cvtepu8_epi16(_mm_and_si128(s, _mm_set1_epi8(0xF))));
+        _mm256_store_si256((__m256i *)mn, _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(s, 4), _mm_set1_epi8(0xF))));
+        *d = h2f(b + 80); *dmin = h2f(b + 82);
+        for (int n = 0; n < 2; n++) {
+            const __m256i v = _mm256_loadu_si256((const __m256i *)(b + 16 + 32 * n));
+            u[4 * n + 0] = _mm256_and_si256(v, m3);
+            u[4 * n + 1] = _mm256_and_si256(_mm256_srli_epi16(v, 2), m3);
+            u[4 * n + 2] = _mm256_and_si256(_mm256_srli_epi16(v, 4), m3);
+            u[4 * n + 3] = _mm256_and_si256(_mm256_srli_epi16(v, 6), m3);
+        }
+    } else if (KT == KT_Q3) {
+        /* 12 bytes a0 a1 a2 -> 16 six-bit scales (llama.cpp's aux trick, in registers) */
+        uint32_t a2; memcpy(&a2, b + 104, 4);
+        const __m128i v = _mm_insert_epi32(_mm_loadl_epi64((const __m128i *)(b + 96)), (int)a2, 2);
+        const __m128i A = _mm_srlv_epi32(_mm_shuffle_epi32(v, _MM_SHUFFLE(1, 0, 1, 0)), _mm_setr_epi32(0, 0, 4, 4));
+        const __m128i T = _mm_srlv_epi32(_mm_shuffle_epi32(v, _MM_SHUFFLE(2, 2, 2, 2)), _mm_setr_epi32(0, 2, 4, 6));
+        const __m128i s6 = _mm_or_si128(_mm_and_si128(A, _mm_set1_epi32(0x0f0f0f0f)),
+                                        _mm_slli_epi32(_mm_and_si128(T, _mm_set1_epi32(0x03030303)), 4));
+        const __m128i s = _mm_sub_epi8(s6, _mm_set1_epi8(32));
+        _mm256_store_si256((__m256i *)sc, _mm256_cvtepi8_epi16(s));
+        *d = h2f(b + 108); *dmin = 0.f;
+        const __m256i hm = _mm256_loadu_si256((const __m256i *)b);
+        for (int n = 0; n < 2; n++) {
+            const __m256i v = _mm256_loadu_si256((const __m256i *)(b + 32 + 32 * n));
+            for (int k = 0; k < 4; k++) {
+                const int bit = 4 * n + k;
+                const __m256i lo = _mm256_and_si256(_mm256_srli_epi16(v, 2 * k), m3);
+                const __m256i hb = _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hm, bit), m1), 2);
+                u[bit] = _mm256_or_si256(lo, hb);          /* (q & 3) + 4*hbit = value + 4 */
+            }
+        }
+    } else {
+        const __m128i sm = k4_scales(b + 4);
+        const __m128i sd = _mm_unpacklo_epi8(sm, sm), md = _mm_unpackhi_epi8(sm, sm);
+        _mm256_store_si256((__m256i *)sc, _mm256_cvtepu8_epi16(sd));
+        _mm256_store_si256((__m256i *)mn, _mm256_cvtepu8_epi16(md));
+        *d = h2f(b); *dmin = h2f(b + 2);
+        const __m256i qh = _mm256_loadu_si256((const __m256i *)(b + 16));
+        for (int j = 0; j < 4; j++) {
+            const __m256i v = _mm256_loadu_si256((const __m256i *)(b + 48 + 32 * j));
+            const __m256i h0 = _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 2 * j), m1), 4);
+            const __m256i h1 = _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 2 * j + 1), m1), 4);
+            u[2 * j] = _mm256_or_si256(_mm256_and_si256(v, m4), h0);
+            u[2 * j + 1] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(v, 4), m4), h1);
+        }
+    }
+}
+
+MN_INLINE void dot_kgen_t(const int KT, size_t bsz, const uint8_t *w, int64_t nb,
                           const uint8_t *xq, size_t xs, const int NT, float *res) {
-    mn_kblock u;
+    int16_t sc[16] __attribute__((aligned(32))), mn[16] __attribute__((aligned(32)));
     __m256 acc[MN_TILE], macc[MN_TILE];
     for (int t = 0; t < NT; t++) { acc[t] = _mm256_setzero_ps(); macc[t] = _mm256_setzero_ps(); }
     for (int64_t i = 0; i < nb; i++) {
-        unpack(w + i * bsz, &u);
+        const uint8_t *b = w + i * bsz;
+        _mm_prefetch((const char *)(b + MN_PF_DIST), _MM_HINT_T0);
+        _mm_prefetch((const char *)(b + MN_PF_DIST + 64), _MM_HINT_T0);
+        _mm_prefetch((const char *)(b + MN_PF_DIST + 128), _MM_HINT_T0);
+        __m256i u[8];
+        float d, dmin;
+        kgen_unpack(KT, b, u, sc, mn, &d, &dmin);
+        const __m256i scv = _mm256_load_si256((const __m256i *)sc);
         __m256i isum[MN_TILE];
-        const __m256i mv = _mm256_load_si256((const __m256i *)u.m);
         for (int t = 0; t < NT; t++) {
             const uint8_t *xr = xq + t * xs;
-            const float dy = ((const float *)(xr + QK_K * nb))[i];
             const __m256i bs = _mm256_loadu_si256((const __m256i *)(xr + (QK_K + 4) * nb + 32 * i));
-            macc[t] = _mm256_fmadd_ps(_mm256_set1_ps(dy * u.dmin), _mm256_cvtepi32_ps(_mm256_madd_epi16(mv, bs)), macc[t]);
-            isum[t] = _mm256_setzero_si256();
+            if (KT != KT_Q3) {
+                const float dy = ((const float *)(xr + QK_K * nb))[i];
+                const __m256i mv = _mm256_load_si256((const __m256i *)mn);
+                macc[t] = _mm256_fmadd_ps(_mm256_set1_ps(dy * dmin), _mm256_cvtepi32_ps(_mm256_madd_epi16(mv, bs)), macc[t]);
+                isum[t] = _mm256_setzero_si256();
+            } else {
+                isum[t] = _mm256_sub_epi32(_mm256_setzero_si256(), _mm256_slli_epi32(_mm256_madd_epi16(scv, bs), 2));
+            }
         }
         for (int c = 0; c < 8; c++) {
-            const __m256i q = _mm256_load_si256((const __m256i *)(u.q + 32 * c));
-            const __m256i aq = _mm256_sign_epi8(q, q);
-            const __m256i s = _mm256_set_m128i(_mm_set1_epi16(u.sc[2 * c + 1]), _mm_set1_epi16(u.sc[2 * c]));
+            const __m256i s = _mm256_set_m128i(_mm_set1_epi16(sc[2 * c + 1]), _mm_set1_epi16(sc[2 * c]));
             for (int t = 0; t < NT; t++) {
                 const int8_t *x = (const int8_t *)(xq + t * xs) + QK_K * i + 32 * c;
-                const __m256i sx = _mm256_sign_epi8(_mm256_loadu_si256((const __m256i *)x), q);
-                isum[t] = _mm256_add_epi32(isum[t], _mm256_madd_epi16(_mm256_maddubs_epi16(aq, sx), s));
+                isum[t] = _mm256_add_epi32(isum[t], _mm256_madd_epi16(_mm256_maddubs_epi16(u[c], _mm256_loadu_si256((const __m256i *)x)), s));
             }
         }
         for (int t = 0; t < NT; t++) {
             const float dy = ((const float *)(xq + t * xs + QK_K * nb))[i];
-            acc[t] = _mm256_fmadd_ps(_mm256_set1_ps(dy * u.d), _mm256_cvtepi32_ps(isum[t]), acc[t]);
+            acc[t] = _mm256_fmadd_ps(_mm256_set1_ps(dy * d), _mm256_cvtepi32_ps(isum[t]), acc[t]);
         }
     }
     for (int t = 0; t < NT; t++) res[t] = hsum8(acc[t]) - hsum8(macc[t]);
 }
-#define KGEN(name, T) \
+#define KGEN(name, T, KT) \
     MN_INLINE void dot_##name##_t(const uint8_t *w, int64_t nb, const uint8_t *xq, size_t xs, const int NT, float *res) { \
-        dot_kgen_t(mn_unpack_##name, BS_##T, w, nb, xq, xs, NT, res); } \
+        dot_kgen_t(KT, BS_##T, w, nb, xq, xs, NT, res); } \
     MN_TILED(dot_##name)
-KGEN(q2_K, Q2_K)
-KGEN(q3_K, Q3_K)
-KGEN(q5_K, Q5_K)
+KGEN(q2_K, Q2_K, KT_Q2)
+KGEN(q3_K, Q3_K, KT_Q3)
+KGEN(q5_K, Q5_K, KT_Q5)
 
 static double read_sum_avx2(const float *x, int64_t n, int prefetch) {
     __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;

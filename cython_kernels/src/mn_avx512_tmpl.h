@@ -147,23 +147,31 @@ MN_INLINE __m128i K(k4_scales)(const uint8_t *s) {
     return _mm_blend_epi32(x, y, 0xA);
 }
 
-MN_INLINE void K(dot_q4_K_t)(const uint8_t *w, int64_t nb, const uint8_t *xq, size_t xs, const int NT, float *res) {
-    const __m512i m4 = _mm512_set1_epi8(0xF);
+/* Q4_K, and Q5_K (Q5 = 1: a fifth bit from qh) */
+MN_INLINE void K(dot_q45_K_t)(const int Q5, const uint8_t *w, int64_t nb, const uint8_t *xq, size_t xs, const int NT, float *res) {
+    const __m512i m4 = _mm512_set1_epi8(0xF), m1 = _mm512_set1_epi8(1);
+    const size_t BS = Q5 ? BS_Q5_K : BS_Q4_K, QOFF = Q5 ? 48 : 16;
     __m512 acc[MN_TILE]; __m128 macc[MN_TILE];
     for (int t = 0; t < NT; t++) { acc[t] = _mm512_setzero_ps(); macc[t] = _mm_setzero_ps(); }
     for (int64_t i = 0; i < nb; i++) {
-        const uint8_t *b = w + i * BS_Q4_K;
+        const uint8_t *b = w + i * BS;
         _mm_prefetch((const char *)(b + MN_PF_DIST), _MM_HINT_T0);
         _mm_prefetch((const char *)(b + MN_PF_DIST + 64), _MM_HINT_T0);
         _mm_prefetch((const char *)(b + MN_PF_DIST + 128), _MM_HINT_T0);
+        __m512i hb = _mm512_setzero_si512();
+        if (Q5) hb = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)(b + 16)));
         const float d = _cvtsh_ss(mn_rd16(b)), dmin = _cvtsh_ss(mn_rd16(b + 2));
         const __m128i sm = K(k4_scales)(b + 4);
         const __m128i mins = _mm_cvtepu8_epi16(_mm_unpackhi_epi64(sm, sm));
         const __m512i sc = _mm512_broadcast_i32x4(_mm_cvtepu8_epi16(sm));
         __m512i qv[4], sv[4];
         for (int j = 0; j < 4; j++) {
-            const __m512i v = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)(b + 16 + 32 * j)));
+            const __m512i v = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)(b + QOFF + 32 * j)));
             qv[j] = _mm512_and_si512(_mm512_mask_srli_epi16(v, 0xFFFF0000u, v, 4), m4);
+            if (Q5) {   /* bit 2j of qh for the low half, bit 2j+1 for the high half */
+                const __m512i sh = _mm512_inserti64x4(_mm512_set1_epi16((short)(2 * j)), _mm256_set1_epi16((short)(2 * j + 1)), 1);
+                qv[j] = _mm512_or_si512(qv[j], _mm512_slli_epi16(_mm512_and_si512(_mm512_srlv_epi16(hb, sh), m1), 4));
+            }
             /* lanes 0,1 <- scale 2j, lanes 2,3 <- scale 2j+1 (int16 in each lane) */
             const int lo = 0x0100 + 0x0202 * (2 * j), hi = 0x0100 + 0x0202 * (2 * j + 1);
             const __m512i ctl = _mm512_inserti64x4(_mm512_set1_epi16((short)lo), _mm256_set1_epi16((short)hi), 1);
@@ -190,7 +198,14 @@ MN_INLINE void K(dot_q4_K_t)(const uint8_t *w, int64_t nb, const uint8_t *xq, si
         res[t] = K(hsum16)(acc[t]) - _mm_cvtss_f32(m);
     }
 }
+MN_INLINE void K(dot_q4_K_t)(const uint8_t *w, int64_t nb, const uint8_t *xq, size_t xs, const int NT, float *res) {
+    K(dot_q45_K_t)(0, w, nb, xq, xs, NT, res);
+}
+MN_INLINE void K(dot_q5_K_t)(const uint8_t *w, int64_t nb, const uint8_t *xq, size_t xs, const int NT, float *res) {
+    K(dot_q45_K_t)(1, w, nb, xq, xs, NT, res);
+}
 MN_TILED_AS(K(dot_q4_K), K(dot_q4_K_t))
+MN_TILED_AS(K(dot_q5_K), K(dot_q5_K_t))
 
 /* ---------------------------------------------------------------- Q6_K */
 MN_INLINE void K(dot_q6_K_t)(const uint8_t *w, int64_t nb, const uint8_t *xq, size_t xs, const int NT, float *res) {
@@ -245,5 +260,5 @@ MN_TILED_AS(K(dot_q6_K), K(dot_q6_K_t))
 static void K(fill)(mn_kernel_set *k) {
     k->dot[MN_F32] = K(dot_f32); k->dot[MN_F16] = K(dot_f16); k->dot[MN_BF16] = K(dot_bf16);
     k->dot[MN_Q8_0] = K(dot_q8_0); k->dot[MN_Q4_0] = K(dot_q4_0);
-    k->dot[MN_Q4_K] = K(dot_q4_K); k->dot[MN_Q6_K] = K(dot_q6_K);
+    k->dot[MN_Q4_K] = K(dot_q4_K); k->dot[MN_Q5_K] = K(dot_q5_K); k->dot[MN_Q6_K] = K(dot_q6_K);
 }
