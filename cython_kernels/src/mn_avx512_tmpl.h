@@ -70,14 +70,6 @@ MN_INLINE __m512i K(q8_0_pair)(const uint8_t *b) {
     return _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)(b + 2))),
                               _mm256_loadu_si256((const __m256i *)(b + BS_Q8_0 + 2)), 1);
 }
-MN_INLINE __m512i K(q4_0_pair)(const uint8_t *b) {
-    const __m128i v0 = _mm_loadu_si128((const __m128i *)(b + 2));
-    const __m128i v1 = _mm_loadu_si128((const __m128i *)(b + BS_Q4_0 + 2));
-    const __m512i v = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_set_m128i(v0, v0)), _mm256_set_m128i(v1, v1), 1);
-    /* lanes 0,2: low nibbles; lanes 1,3: high nibbles */
-    const __m512i sh = _mm512_mask_srli_epi16(v, 0xFF00FF00u, v, 4);
-    return _mm512_sub_epi8(_mm512_and_si512(sh, _mm512_set1_epi8(0xF)), _mm512_set1_epi8(8));
-}
 MN_INLINE __m256 K(scales8)(const uint8_t *b, size_t bs) {
     const __m128i h = _mm_setr_epi16((short)mn_rd16(b), (short)mn_rd16(b + bs), (short)mn_rd16(b + 2 * bs),
                                      (short)mn_rd16(b + 3 * bs), (short)mn_rd16(b + 4 * bs), (short)mn_rd16(b + 5 * bs),
@@ -117,8 +109,7 @@ MN_INLINE void K(name##_t)(const uint8_t *w, int64_t nb, const uint8_t *xq, size
     for (; i < nb; i++) { /* tail blocks: scalar */ \
         const uint8_t *b = w + i * BS; \
         int8_t q[32]; \
-        if (BS == BS_Q8_0) memcpy(q, b + 2, 32); \
-        else for (int j = 0; j < 16; j++) { q[j] = (int8_t)((b[2 + j] & 0xF) - 8); q[j + 16] = (int8_t)((b[2 + j] >> 4) - 8); } \
+        memcpy(q, b + 2, 32); \
         const float dw = _cvtsh_ss(mn_rd16(b)); \
         for (int t = 0; t < NT; t++) { \
             const int8_t *x = (const int8_t *)(xq + t * xs) + 32 * i; \
@@ -130,8 +121,59 @@ MN_INLINE void K(name##_t)(const uint8_t *w, int64_t nb, const uint8_t *xq, size
     for (int t = 0; t < NT; t++) res[t] = K(hsum16)(_mm512_add_ps(acc[t][0], acc[t][1])) + tail[t]; \
 }
 Q80_512(dot_q8_0, BS_Q8_0, K(q8_0_pair))
-Q80_512(dot_q4_0, BS_Q4_0, K(q4_0_pair))
 MN_TILED_AS(K(dot_q8_0), K(dot_q8_0_t))
+/* Q4_0: unsigned nibbles u = q + 8 straight into dpbusd; the offset is removed
+ * with the activation block sums: sum (u - 8) x = sum u x - 8 sum x */
+MN_INLINE __m512i K(q4_0_upair)(const uint8_t *b) {
+    const __m512i v = _mm512_inserti64x4(
+        _mm512_castsi256_si512(_mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(b + 2)))),
+        _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(b + BS_Q4_0 + 2))), 1);
+    return _mm512_and_si512(_mm512_mask_srli_epi16(v, 0xFF00FF00u, v, 4), _mm512_set1_epi8(0xF));
+}
+MN_INLINE void K(dot_q4_0_t)(const uint8_t *w, int64_t nb, const uint8_t *xq, size_t xs, const int NT, float *res) {
+    __m512 acc[MN_TILE][2];
+    __m256 corr[MN_TILE];
+    float tail[MN_TILE];
+    for (int t = 0; t < NT; t++) { acc[t][0] = acc[t][1] = _mm512_setzero_ps(); corr[t] = _mm256_setzero_ps(); tail[t] = 0.f; }
+    const __m512i zero = _mm512_setzero_si512();
+    int64_t i = 0;
+    for (; i + 8 <= nb; i += 8) {
+        const uint8_t *b = w + i * BS_Q4_0;
+        for (int k = 0; k < 3; k++) _mm_prefetch((const char *)(b + MN_PF_DIST + 64 * k), _MM_HINT_T0);
+        const __m256 dw = K(scales8)(b, BS_Q4_0);
+        __m512i u[4];
+        for (int p = 0; p < 4; p++) u[p] = K(q4_0_upair)(b + 2 * p * BS_Q4_0);
+        for (int t = 0; t < NT; t++) {
+            const int8_t *x = (const int8_t *)(xq + t * xs) + 32 * i;
+            const __m256 s8 = _mm256_mul_ps(dw, _mm256_loadu_ps((const float *)(xq + t * xs + 32 * nb) + i));
+            const __m256i sums = _mm256_loadu_si256((const __m256i *)(xq + t * xs + 36 * nb + 4 * i));
+            corr[t] = _mm256_fmadd_ps(s8, _mm256_cvtepi32_ps(sums), corr[t]);
+            const __m512 s = _mm512_castps256_ps512(s8);
+            for (int p = 0; p < 4; p++) {
+                const __m512i d = K(dpbusd)(zero, u[p], _mm512_loadu_si512((const void *)(x + 64 * p)));
+                const __m512i idx = _mm512_set_epi32(2*p+1, 2*p+1, 2*p+1, 2*p+1, 2*p+1, 2*p+1, 2*p+1, 2*p+1,
+                                                     2*p, 2*p, 2*p, 2*p, 2*p, 2*p, 2*p, 2*p);
+                acc[t][p & 1] = _mm512_fmadd_ps(_mm512_permutexvar_ps(idx, s), _mm512_cvtepi32_ps(d), acc[t][p & 1]);
+            }
+        }
+    }
+    for (; i < nb; i++) {
+        const uint8_t *b = w + i * BS_Q4_0;
+        const float dw = _cvtsh_ss(mn_rd16(b));
+        for (int t = 0; t < NT; t++) {
+            const int8_t *x = (const int8_t *)(xq + t * xs) + 32 * i;
+            int sum = 0;
+            for (int j = 0; j < 16; j++) sum += ((b[2 + j] & 0xF) - 8) * x[j] + ((b[2 + j] >> 4) - 8) * x[j + 16];
+            tail[t] += (float)sum * (dw * ((const float *)(xq + t * xs + 32 * nb))[i]);
+        }
+    }
+    for (int t = 0; t < NT; t++) {
+        __m128 c = _mm_add_ps(_mm256_castps256_ps128(corr[t]), _mm256_extractf128_ps(corr[t], 1));
+        c = _mm_add_ps(c, _mm_movehl_ps(c, c));
+        c = _mm_add_ss(c, _mm_movehdup_ps(c));
+        res[t] = K(hsum16)(_mm512_add_ps(acc[t][0], acc[t][1])) - 8.f * _mm_cvtss_f32(c) + tail[t];
+    }
+}
 MN_TILED_AS(K(dot_q4_0), K(dot_q4_0_t))
 
 /* ---------------------------------------------------------------- Q4_K */
