@@ -1,0 +1,1123 @@
+"""End-to-end benchmark: moe_numa against llama.cpp's llama-bench, same GGUF file, same threads.
+
+    moe-numa bench [-m MODEL.gguf ...] [-t THREADS] [--tests pp64,pp512,tg32,tg128] [-r 3]
+                   [--llama-bench PATH | --llama-build DIR] [--repack 1] [--out PREFIX]
+    moe-numa make-bench-model [--preset qwen3moe-bench] [--type q8_0,q4_k_m] [-o PATH] [--force]
+
+What one ``moe-numa bench`` does, per model:
+
+1. reads the file once (page cache), takes its facts (``model_info``: weight bytes read
+   per generated token);
+2. runs ``--reps`` rounds; each round measures read bandwidth at the benchmark's thread
+   count (bench/kernels.py's STREAM-like read), then runs A = our engine
+   (``python -m moe_numa.bench.run_ours``, a fresh process) and B = ``llama-bench -r 1``
+   (a fresh process), alternating A B A B; every process loads the model and does
+   llama-bench's warm-ups before its timed repetitions (``--inner-reps``, default 1);
+3. accounts for CPU time taken by other processes during every timed sample
+   (/proc/stat busy time minus the benchmarked process's and the harness's own CPU
+   time); a run with a disturbed sample is repeated (``--max-retries``), and a
+   disturbed sample that stays is flagged in the table;
+4. reports medians [min-max] over rounds, the ratio ours / llama.cpp of the medians
+   (same run), decode as a share of the bandwidth bound (read GB/s / weight bytes per
+   token), load time and peak RSS of both, and whether the targets are met.
+
+Outputs ``PREFIX.md`` (llama-bench-style markdown), ``PREFIX.json`` (every sample and
+fact) and ``PREFIX.png`` (matplotlib, when installed).  matplotlib and psutil are
+optional: the accounting reads /proc directly.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import os
+import platform
+import re
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+DEFAULT_TESTS = ("pp64", "pp512", "tg32", "tg128")
+DEFAULT_TARGET_TG = 1.25
+DEFAULT_TARGET_PP = 1.0
+DEFAULT_NOISE = 0.05          # other processes may use 5% of one core during a sample
+BENCH_PRESETS_DEFAULT = ("qwen3moe-bench",)
+DEFAULT_QTYPES = ("q8_0", "q4_k_m")
+ENGINES = ("moe_numa", "llama.cpp")
+
+
+# ============================================================================ arithmetic
+
+def summarize(values: Sequence[float]) -> dict | None:
+    """{"median", "min", "max", "n"} of the values (None if there are none)."""
+    vals = [float(v) for v in values if v is not None]
+    if not vals:
+        return None
+    return {"median": statistics.median(vals), "min": min(vals), "max": max(vals), "n": len(vals)}
+
+
+def ratio(a: float | None, b: float | None) -> float | None:
+    if a is None or b is None or b == 0:
+        return None
+    return a / b
+
+
+def bound_tps(bandwidth_gbps: float | None, bytes_per_token: int | None) -> float | None:
+    """Decode tokens/s if every generated token streamed its weights at the read bandwidth."""
+    if not bandwidth_gbps or not bytes_per_token:
+        return None
+    return bandwidth_gbps * 1e9 / bytes_per_token
+
+
+def tokens_per_s(n_tokens: int, ns: int | float) -> float:
+    return n_tokens / (ns * 1e-9)
+
+
+def kind_of_test(test: str) -> str:
+    return "tg" if test.startswith("tg") else "pp"
+
+
+def target_for(test: str, target_pp: float, target_tg: float) -> float:
+    return target_tg if kind_of_test(test) == "tg" else target_pp
+
+
+# ============================================================================ CPU accounting
+
+def clock_ticks() -> int:
+    return os.sysconf("SC_CLK_TCK")
+
+
+def parse_proc_stat(text: str) -> tuple[int, int]:
+    """(busy, total) clock ticks of the machine from /proc/stat's ``cpu`` line.
+
+    busy = user + nice + system + irq + softirq + steal (steal: the hypervisor gave our
+    CPU to someone else, which disturbs a benchmark as much as a local process);
+    guest time is already inside user/nice; idle and iowait are not busy.
+    """
+    for line in text.splitlines():
+        if line.startswith("cpu "):
+            v = [int(x) for x in line.split()[1:]]
+            v += [0] * (8 - len(v))
+            user, nice, system, idle, iowait, irq, softirq, steal = v[:8]
+            busy = user + nice + system + irq + softirq + steal
+            return busy, busy + idle + iowait
+    raise ValueError("no 'cpu ' line in /proc/stat text")
+
+
+def parse_pid_stat_ticks(text: str) -> int:
+    """utime + stime (clock ticks, all threads) from a /proc/<pid>/stat line."""
+    rest = text[text.rindex(")") + 1:].split()
+    # rest[0] is field 3 (state); utime and stime are fields 14 and 15
+    return int(rest[11]) + int(rest[12])
+
+
+def read_busy_ticks() -> int:
+    with open("/proc/stat") as f:
+        return parse_proc_stat(f.read())[0]
+
+
+def pid_cpu_s(pid: int) -> float | None:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return parse_pid_stat_ticks(f.read()) / clock_ticks()
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def self_cpu_s() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+def others_cpu_s(busy0: int, busy1: int, own_s: float, hz: int | None = None) -> float:
+    """CPU seconds used by everything else: machine busy time minus our own CPU seconds."""
+    return (busy1 - busy0) / (hz or clock_ticks()) - own_s
+
+
+def noise_slack_s(threads: int, hz: int | None = None) -> float:
+    """Tick quantisation of /proc/stat: one tick per busy CPU at each end of a sample."""
+    return (threads + 1) / (hz or clock_ticks())
+
+
+def is_disturbed(others_s: float | None, wall_s: float, threshold: float, slack_s: float = 0.0) -> bool:
+    """Did other processes use more than ``threshold`` of one core during ``wall_s``?"""
+    if others_s is None:
+        return False
+    return others_s > threshold * wall_s + slack_s
+
+
+@dataclass
+class Snap:
+    """A point in time: wall clock, machine busy ticks, harness CPU, child CPU."""
+    t: float
+    busy: int
+    self_s: float
+    child_s: float | None = None
+
+    @classmethod
+    def take(cls, pid: int | None = None) -> "Snap":
+        return cls(time.perf_counter(), read_busy_ticks(), self_cpu_s(),
+                   pid_cpu_s(pid) if pid else None)
+
+
+def snap_others(a: Snap, b: Snap, hz: int | None = None) -> float | None:
+    """Other processes' CPU seconds between two snaps (None without child CPU times)."""
+    if a.child_s is None or b.child_s is None:
+        return None
+    return others_cpu_s(a.busy, b.busy, (b.child_s - a.child_s) + (b.self_s - a.self_s), hz)
+
+
+# ============================================================================ llama-bench progress
+
+_PROGRESS_RE = re.compile(
+    r"llama-bench: benchmark (\d+)/(\d+): (starting|warmup prompt run|warmup generation run"
+    r"|prompt run (\d+)/(\d+)|generation run (\d+)/(\d+)|depth run (\d+)/(\d+)(?: \(cached\))?)\s*$")
+
+
+def parse_progress(line: str) -> dict | None:
+    """A ``--progress`` line of llama-bench -> {"bench": i (1-based), "of": n, "kind", "rep"}.
+
+    kind: "starting", "warmup" (prompt or generation), "prompt", "gen" or "depth";
+    rep is the 1-based repetition for prompt/gen/depth lines, else None.
+    """
+    m = _PROGRESS_RE.search(line.strip())
+    if not m:
+        return None
+    what = m.group(3)
+    if what == "starting":
+        kind, rep = "starting", None
+    elif what.startswith("warmup"):
+        kind, rep = "warmup", None
+    elif what.startswith("prompt"):
+        kind, rep = "prompt", int(m.group(4))
+    elif what.startswith("generation"):
+        kind, rep = "gen", int(m.group(6))
+    else:
+        kind, rep = "depth", int(m.group(8))
+    return {"bench": int(m.group(1)), "of": int(m.group(2)), "kind": kind, "rep": rep}
+
+
+@dataclass
+class Event:
+    line: str
+    snap: Snap
+    progress: dict | None = None
+
+
+def llama_sample_noise(events: Sequence[Event], end: Snap, hz: int | None = None) -> dict[int, list[dict]]:
+    """Per llama-bench instance (1-based), one {"wall_s", "others_cpu_s"} per timed repetition.
+
+    A repetition spans from its "prompt run r/R" or "generation run r/R" line to the
+    next progress line (or the end of the process): a little more than the timed part,
+    never less.
+    """
+    prog = [e for e in events if e.progress]
+    out: dict[int, list[dict]] = {}
+    for i, e in enumerate(prog):
+        p = e.progress
+        if p["kind"] not in ("prompt", "gen"):
+            continue
+        # a pp+tg test prints "prompt run r" then "generation run r": one sample
+        if p["kind"] == "gen" and i > 0 and prog[i - 1].progress["kind"] == "prompt" \
+                and prog[i - 1].progress["bench"] == p["bench"] and prog[i - 1].progress["rep"] == p["rep"]:
+            continue
+        j = i + 1
+        if p["kind"] == "prompt" and j < len(prog) and prog[j].progress["kind"] == "gen" \
+                and prog[j].progress["bench"] == p["bench"] and prog[j].progress["rep"] == p["rep"]:
+            j += 1
+        stop = prog[j].snap if j < len(prog) else end
+        out.setdefault(p["bench"], []).append(
+            {"wall_s": stop.t - e.snap.t, "others_cpu_s": snap_others(e.snap, stop, hz)})
+    return out
+
+
+def llama_load_s(events: Sequence[Event]) -> float | None:
+    """llama-bench's model load (+ context creation) time: from "benchmark 1/N: starting"
+    to the first later progress line of that benchmark (its warm-up, or its first run)."""
+    start = None
+    for e in events:
+        p = e.progress
+        if not p or p["bench"] != 1:
+            continue
+        if p["kind"] == "starting":
+            start = e.snap.t
+        elif start is not None:
+            return e.snap.t - start
+    return None
+
+
+# ============================================================================ child processes
+
+@dataclass
+class ChildResult:
+    cmd: list[str]
+    returncode: int
+    stdout: str
+    events: list[Event]
+    start: Snap
+    end: Snap
+    wall_s: float
+    cpu_s: float | None            # the child's own CPU seconds (wait4 rusage, all threads)
+    peak_rss_bytes: int            # max VmHWM seen while it ran
+    others_cpu_s: float | None     # other processes' CPU seconds over the whole run
+
+    def stderr_tail(self, n: int = 30) -> str:
+        return "\n".join(e.line for e in self.events[-n:])
+
+
+def _vm_hwm(pid: int) -> int:
+    from .run_ours import vm_hwm_bytes
+    return vm_hwm_bytes(pid)
+
+
+def run_child(cmd: Sequence[str], timeout: float | None = None, env: dict | None = None,
+              poll_s: float = 0.05, on_line: Callable[[str], None] | None = None) -> ChildResult:
+    """Run a benchmarked process: stderr lines are time-stamped with CPU snapshots as
+    they arrive, its peak RSS is its VmHWM polled while it runs (ru_maxrss of a child
+    would include the harness's own RSS at fork time), its CPU time comes from wait4."""
+    cmd = [str(c) for c in cmd]
+    start = Snap.take()
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
+                         text=True, errors="replace", bufsize=1)
+    start.child_s = 0.0
+    out_chunks: list[str] = []
+    peak = [0]
+    done = threading.Event()
+
+    def read_stdout():
+        out_chunks.append(p.stdout.read())
+
+    def poll_rss():
+        while not done.wait(poll_s):
+            peak[0] = max(peak[0], _vm_hwm(p.pid))
+
+    t_out = threading.Thread(target=read_stdout, daemon=True)
+    t_rss = threading.Thread(target=poll_rss, daemon=True)
+    t_out.start()
+    t_rss.start()
+    killed = []
+    timer = None
+    if timeout:
+        def kill():
+            killed.append(True)
+            p.kill()
+        timer = threading.Timer(timeout, kill)
+        timer.start()
+    events: list[Event] = []
+    try:
+        for line in p.stderr:
+            line = line.rstrip("\n")
+            snap = Snap.take(p.pid)
+            peak[0] = max(peak[0], _vm_hwm(p.pid))
+            events.append(Event(line, snap, parse_progress(line)))
+            if on_line:
+                on_line(line)
+        end_busy = read_busy_ticks()
+        end_t = time.perf_counter()
+        end_self = self_cpu_s()
+        _, status, ru = os.wait4(p.pid, 0)
+        p.returncode = os.waitstatus_to_exitcode(status)
+    finally:
+        done.set()
+        if timer:
+            timer.cancel()
+        t_out.join(timeout=10)
+        t_rss.join(timeout=10)
+        if p.returncode is None:       # interrupted: end the child we started
+            p.kill()
+            p.wait()
+    cpu = ru.ru_utime + ru.ru_stime
+    end = Snap(end_t, end_busy, end_self, cpu)
+    if killed:
+        raise TimeoutError(f"{cmd[0]} ran longer than {timeout:.0f} s and was killed")
+    return ChildResult(cmd=cmd, returncode=p.returncode, stdout="".join(out_chunks), events=events,
+                       start=start, end=end, wall_s=end.t - start.t, cpu_s=cpu, peak_rss_bytes=peak[0],
+                       others_cpu_s=snap_others(start, end))
+
+
+def wait_quiet(max_wait_s: float, threshold: float, interval: float = 0.5,
+               log: Callable[[str], None] = print) -> dict:
+    """Wait (up to max_wait_s) until other processes use at most ``threshold`` of a core
+    over ``interval``; returns {"waited_s", "others_frac"} of the last interval."""
+    t0 = time.perf_counter()
+    hz = clock_ticks()
+    frac = 0.0
+    while True:
+        a = Snap.take()
+        time.sleep(interval)
+        b = Snap.take()
+        others = others_cpu_s(a.busy, b.busy, b.self_s - a.self_s, hz)
+        frac = max(0.0, others) / (b.t - a.t)
+        waited = time.perf_counter() - t0
+        if frac <= threshold or waited >= max_wait_s:
+            if waited > 2 * interval:
+                log(f"  waited {waited:.1f} s for a quiet machine (others now {100 * frac:.0f}% of a core)")
+            return {"waited_s": round(waited, 2), "others_frac": round(frac, 4)}
+
+
+# ============================================================================ the two engines
+
+def parse_ours_json(text: str) -> dict:
+    """The JSON object our runner prints on its last JSON line, checked and normalised:
+    every test gets ``samples_ts`` recomputed from ``samples_ns``."""
+    obj = None
+    for line in reversed(text.strip().splitlines()):
+        line = line.strip()
+        if line.startswith("{"):
+            try:
+                obj = json.loads(line)
+            except ValueError as e:
+                raise ValueError(f"run_ours printed bad JSON: {e}") from None
+            break
+    if obj is None:
+        raise ValueError("run_ours printed no JSON object")
+    for key in ("load_s", "tests", "threads"):
+        if key not in obj:
+            raise ValueError(f"run_ours JSON has no {key!r}")
+    for t in obj["tests"]:
+        n = int(t["n_prompt"]) + int(t["n_gen"])
+        t["samples_ts"] = [tokens_per_s(n, ns) for ns in t["samples_ns"]]
+        if len(t.get("others_cpu_s", [])) != len(t["samples_ns"]):
+            t["others_cpu_s"] = [None] * len(t["samples_ns"])
+        t.setdefault("samples_wall_s", [ns * 1e-9 for ns in t["samples_ns"]])
+    return obj
+
+
+def _finish_run(rec: dict, threads: int, threshold: float) -> dict:
+    """Flag the disturbed samples of a run record; ``excess_others_s`` is how far the worst
+    sample went over the allowance (<= 0: undisturbed), used to pick the least bad run."""
+    slack = noise_slack_s(threads)
+    n_dist = 0
+    worst = 0.0
+    excess = float("-inf")
+    for t in rec["tests"].values():
+        flags = []
+        for o, w in zip(t["others_cpu_s"], t["wall_s"]):
+            d = is_disturbed(o, w, threshold, slack)
+            flags.append(d)
+            if o is not None:
+                excess = max(excess, o - threshold * w - slack)
+                if d and w > 0:
+                    worst = max(worst, o / w)
+        t["disturbed"] = flags
+        n_dist += sum(flags)
+    rec["disturbed_samples"] = n_dist
+    rec["disturbed"] = n_dist > 0
+    rec["worst_others_frac"] = round(worst, 4)       # over the disturbed samples
+    rec["excess_others_s"] = None if excess == float("-inf") else round(excess, 4)
+    return rec
+
+
+def run_ours_once(model: str, threads: int, tests: Sequence[str], inner_reps: int, threshold: float,
+                  numa_nodes: int | None = None, expert_map: str | None = None, seed: int = 0,
+                  timeout: float | None = None, python: str | None = None) -> dict:
+    cmd = [python or sys.executable, "-m", "moe_numa.bench.run_ours", model, "--threads", str(threads),
+           "--tests", ",".join(tests), "--reps", str(inner_reps), "--seed", str(seed), "--json"]
+    if numa_nodes:
+        cmd += ["--numa-nodes", str(numa_nodes)]
+    if expert_map:
+        cmd += ["--expert-map", expert_map]
+    res = run_child(cmd, timeout=timeout)
+    if res.returncode != 0:
+        raise RuntimeError(f"our runner failed (exit {res.returncode}): {' '.join(res.cmd)}\n"
+                           + res.stderr_tail() + "\n" + res.stdout[-2000:])
+    obj = parse_ours_json(res.stdout)
+    rec = {"engine": "moe_numa", "load_s": obj["load_s"],
+           "peak_rss_bytes": max(int(obj.get("peak_rss_bytes") or 0), res.peak_rss_bytes),
+           "wall_s": res.wall_s, "cpu_s": res.cpu_s, "others_cpu_s": res.others_cpu_s,
+           "simd": obj.get("simd"), "n_nodes": obj.get("n_nodes"), "threads_per_node": obj.get("threads_per_node"),
+           "n_ctx": obj.get("n_ctx"), "cmd": res.cmd,
+           "tests": {t["test"]: {"samples_ts": t["samples_ts"], "samples_ns": t["samples_ns"],
+                                 "wall_s": t["samples_wall_s"], "others_cpu_s": t["others_cpu_s"],
+                                 "warmup_ns": t.get("warmup_ns")} for t in obj["tests"]}}
+    return _finish_run(rec, threads, threshold)
+
+
+def llama_bench_cmd(bench_path: str, model: str, threads: int, tests: Sequence[str], inner_reps: int,
+                    repack: bool, extra_args: Sequence[str] = ()) -> list[str]:
+    from .llama_cpp import _bench_test_args
+    return ([str(bench_path), "-m", str(model), "-o", "json", "-t", str(threads), "-r", str(inner_reps),
+             "--repack", "1" if repack else "0"] + _bench_test_args(tests) + ["--progress"]
+            + list(extra_args))
+
+
+def llama_record(res: ChildResult, threads: int, threshold: float) -> dict:
+    """Turn a finished llama-bench process into a run record (samples, noise, load, RSS)."""
+    from .llama_cpp import parse_llama_bench_json
+    recs = parse_llama_bench_json(res.stdout)
+    noise = llama_sample_noise(res.events, res.end)
+    tests = {}
+    for i, r in enumerate(recs, start=1):
+        ns = r["samples_ns"]
+        n = r["n_prompt"] + r["n_gen"]
+        nz = noise.get(i, [])
+        if len(nz) != len(ns):           # no usable progress lines: account nothing
+            nz = [{"wall_s": x * 1e-9, "others_cpu_s": None} for x in ns]
+        tests[r["test"]] = {"samples_ts": [tokens_per_s(n, x) for x in ns], "samples_ns": ns,
+                            "wall_s": [z["wall_s"] for z in nz], "others_cpu_s": [z["others_cpu_s"] for z in nz]}
+    first = recs[0]["raw"] if recs else {}
+    rec = {"engine": "llama.cpp", "load_s": llama_load_s(res.events), "peak_rss_bytes": res.peak_rss_bytes,
+           "wall_s": res.wall_s, "cpu_s": res.cpu_s, "others_cpu_s": res.others_cpu_s, "cmd": res.cmd,
+           "llama_bench": {k: first.get(k) for k in ("build_commit", "build_number", "cpu_info", "backends",
+                                                     "model_type", "model_size", "model_n_params", "n_batch",
+                                                     "n_ubatch", "type_k", "type_v", "flash_attn", "repack",
+                                                     "n_threads", "poll", "use_mmap", "load_mode")
+                           if k in first},
+           "tests": tests}
+    return _finish_run(rec, threads, threshold)
+
+
+def run_llama_once(bench_path: str, model: str, threads: int, tests: Sequence[str], inner_reps: int,
+                   threshold: float, repack: bool = True, extra_args: Sequence[str] = (),
+                   timeout: float | None = None) -> dict:
+    cmd = llama_bench_cmd(bench_path, model, threads, tests, inner_reps, repack, extra_args)
+    res = run_child(cmd, timeout=timeout)
+    if res.returncode != 0:
+        raise RuntimeError(f"llama-bench failed (exit {res.returncode}): {' '.join(res.cmd)}\n"
+                           + res.stderr_tail())
+    return llama_record(res, threads, threshold)
+
+
+def run_with_retries(fn: Callable[[], dict], max_retries: int, quiet: Callable[[], dict] | None = None,
+                     log: Callable[[str], None] = print) -> list[dict]:
+    """Run ``fn`` until a run is undisturbed or the retries are spent.  Returns every
+    attempt; exactly one has ``accepted`` True: the undisturbed one, or else the least
+    disturbed."""
+    attempts = []
+    for k in range(max_retries + 1):
+        q = quiet() if quiet else None
+        rec = fn()
+        rec["attempt"] = k
+        rec["quiet_wait"] = q
+        rec["accepted"] = False
+        attempts.append(rec)
+        if not rec["disturbed"]:
+            break
+        log(f"  {rec['engine']}: {rec['disturbed_samples']} disturbed sample(s) (others up to "
+            f"{100 * rec['worst_others_frac']:.0f}% of a core)"
+            + ("; repeating" if k < max_retries else "; keeping the least disturbed run"))
+    best = min(attempts, key=lambda r: (r["disturbed_samples"], r["excess_others_s"] or 0.0)) \
+        if attempts[-1]["disturbed"] else attempts[-1]
+    best["accepted"] = True
+    return attempts
+
+
+# ============================================================================ bandwidth
+
+def measure_bandwidth(threads: int, nbytes: int | None = None, reps: int = 5) -> float:
+    """Read GB/s at ``threads`` threads with bench/kernels.py's STREAM-like read
+    (the better of plain and prefetched loads, best of ``reps``)."""
+    import numpy as np
+    from moe_numa import kernels as K
+    from .kernels import l3_bytes, paired
+    cpus = K.order_cpus(K.available_cpus())
+    if threads > len(cpus):
+        cpus = [cpus[i % len(cpus)] for i in range(threads)]
+    nbytes = nbytes or max(256 << 20, 8 * l3_bytes())
+    buf = np.ones(nbytes // 4, dtype=np.float32)
+    pool = K.ThreadPool(cpus[:threads])
+    try:
+        gbps, _ = paired(buf, pool, lambda: None, reps)
+    finally:
+        pool.close()
+        del buf
+    return gbps
+
+
+# ============================================================================ facts
+
+def model_facts(path: str) -> dict:
+    import gguf
+    from moe_numa.gguf_file import GGUFModelFile
+    from moe_numa.model_info import model_info
+    from moe_numa.models import load_model
+    g = GGUFModelFile(path)
+    _, cfg, _ = load_model(g)
+    info = model_info(g, cfg)
+    ft = g.get("general.file_type")
+    try:
+        quant = gguf.LlamaFileType(int(ft)).name.removeprefix("MOSTLY_") if ft is not None else None
+    except ValueError:
+        quant = None
+    if quant is None and info.quant_types:
+        quant = max(info.quant_types, key=info.quant_types.get)
+    return {"path": str(path), "name": Path(path).name.removesuffix(".gguf"), "arch": info.arch,
+            "quant": quant, "n_params": info.n_params, "weight_bytes": sum(info.bytes_by_class.values()),
+            "file_bytes": info.file_bytes, "bytes_per_token": info.bytes_per_token, "n_layer": info.n_layer,
+            "n_expert": info.n_expert, "n_used": info.n_used, "hidden": info.hidden, "n_vocab": info.n_vocab}
+
+
+def _lscpu() -> dict:
+    out = {}
+    try:
+        text = subprocess.run(["lscpu"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                              timeout=20).stdout
+        for line in text.splitlines():
+            if ":" in line:
+                k, v = line.split(":", 1)
+                out[k.strip()] = v.strip()
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return out
+
+
+def machine_facts(threads: int) -> dict:
+    from moe_numa import kernels as K
+    from moe_numa.numa.topology import topology
+    ls = _lscpu()
+    topo = topology(None)
+    mem = 0
+    try:
+        with open("/proc/meminfo") as f:
+            mem = int(f.readline().split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return {"cpu": ls.get("Model name") or platform.processor(), "cpus": os.cpu_count(),
+            "physical_cores": sum(len(n.physical) for n in topo.nodes), "numa_nodes": topo.n_nodes,
+            "memory_bytes": mem, "hypervisor": ls.get("Hypervisor vendor"), "simd": K.simd_level(),
+            "kernel": platform.release(), "threads": threads, "loadavg_start": _loadavg()}
+
+
+def _loadavg() -> list[float]:
+    try:
+        with open("/proc/loadavg") as f:
+            return [float(x) for x in f.read().split()[:3]]
+    except OSError:
+        return []
+
+
+def _git_commit() -> str | None:
+    here = Path(__file__).resolve().parent.parent
+    try:
+        p = subprocess.run(["git", "-C", str(here), "describe", "--always", "--dirty"], stdout=subprocess.PIPE,
+                           stderr=subprocess.DEVNULL, text=True, timeout=20)
+        return p.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def llama_facts(args, log) -> tuple[str, dict]:
+    """(path of llama-bench, what build it is)."""
+    if args.llama_bench:
+        path = Path(args.llama_bench).resolve()
+        if not (path.is_file() and os.access(path, os.X_OK)):
+            raise SystemExit(f"--llama-bench {path}: not an executable file")
+        return str(path), {"source": "given binary (--llama-bench)", "path": str(path),
+                           "version": _bench_version(path)}
+    if args.llama_build:
+        d = Path(args.llama_build).resolve()
+        for cand in (d / "bin" / "llama-bench", d / "llama-bench"):
+            if cand.is_file():
+                return str(cand), {"source": "given build dir (--llama-build)", "build_dir": str(d),
+                                   "path": str(cand), "version": _bench_version(cand),
+                                   "cmake_flags": _cmake_cache_flags(d)}
+        raise SystemExit(f"--llama-build {d}: no bin/llama-bench there")
+    from .llama_cpp import find_or_build
+    b = find_or_build(log=log, allow_build=not args.no_build)
+    path = b.path("llama-bench")
+    info = {k: b.info.get(k) for k in ("tag", "source", "compiler", "cmake_flags", "date", "system_info")}
+    info.update(source=f"cached build of {b.info.get('source', 'llama.cpp')}", build_dir=str(b.build_dir),
+                path=str(path), version=_bench_version(path))
+    return str(path), info
+
+
+def _bench_version(path) -> str:
+    try:
+        p = subprocess.run([str(path), "--version"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                           text=True, timeout=60)
+        return " ".join(p.stdout.split())
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def _cmake_cache_flags(d: Path) -> list[str]:
+    flags = []
+    cache = d / "CMakeCache.txt"
+    if cache.is_file():
+        for line in cache.read_text(errors="replace").splitlines():
+            if re.match(r"(GGML_\w+|CMAKE_BUILD_TYPE|CMAKE_C_COMPILER|CMAKE_CXX_COMPILER|CMAKE_C_FLAGS"
+                        r"|CMAKE_CXX_FLAGS)(:\w+)?=", line) and not line.split("=", 1)[1] in ("", "OFF"):
+                k, v = line.split("=", 1)
+                flags.append(f"-D{k.split(':')[0]}={v}")
+    return flags
+
+
+def prefetch_file(path: str, chunk: int = 64 << 20) -> float:
+    """Read the file once so both engines start from a warm page cache; seconds taken."""
+    t0 = time.perf_counter()
+    with open(path, "rb", buffering=0) as f:
+        buf = bytearray(chunk)
+        while f.readinto(buf):
+            pass
+    return time.perf_counter() - t0
+
+
+# ============================================================================ aggregation
+
+def _accepted(runs: Sequence[dict], engine: str) -> list[dict]:
+    return [r for r in runs if r["engine"] == engine and r.get("accepted") and not r.get("warmup_round")]
+
+
+def aggregate(runs: Sequence[dict], tests: Sequence[str], bandwidth_gbps: float | None,
+              bytes_per_token: int | None, target_pp: float = DEFAULT_TARGET_PP,
+              target_tg: float = DEFAULT_TARGET_TG) -> dict:
+    """Rows of the summary table from run records (accepted, non-warm-up runs only)."""
+    ours, theirs = _accepted(runs, "moe_numa"), _accepted(runs, "llama.cpp")
+    bound = bound_tps(bandwidth_gbps, bytes_per_token)
+    rows = []
+    for test in tests:
+        s = {}
+        for name, rr in (("moe_numa", ours), ("llama.cpp", theirs)):
+            vals = [v for r in rr if test in r["tests"] for v in r["tests"][test]["samples_ts"]]
+            flags = sum(sum(r["tests"][test].get("disturbed", [])) for r in rr if test in r["tests"])
+            s[name] = (summarize(vals), flags)
+        (so, fo), (sl, fl) = s["moe_numa"], s["llama.cpp"]
+        # per-round ratios: the two runs of one round saw the same machine state
+        paired = []
+        for r in sorted({x["round"] for x in ours} & {x["round"] for x in theirs}):
+            a = [x for x in ours if x["round"] == r and test in x["tests"]]
+            b = [x for x in theirs if x["round"] == r and test in x["tests"]]
+            if a and b:
+                paired.append(ratio(statistics.median(a[0]["tests"][test]["samples_ts"]),
+                                    statistics.median(b[0]["tests"][test]["samples_ts"])))
+        rat = ratio(so and so["median"], sl and sl["median"])
+        tgt = target_for(test, target_pp, target_tg)
+        is_tg = kind_of_test(test) == "tg"
+        rows.append({
+            "test": test, "moe_numa": so, "llama.cpp": sl, "ratio": rat,
+            "paired_ratios": paired, "paired_ratio": summarize(paired),
+            "target": tgt, "met": None if rat is None else rat >= tgt,
+            "bound_tps": bound if is_tg else None,
+            "share_moe_numa": ratio(so and so["median"], bound) if is_tg else None,
+            "share_llama.cpp": ratio(sl and sl["median"], bound) if is_tg else None,
+            "disturbed_kept": {"moe_numa": fo, "llama.cpp": fl},
+        })
+    extra = {}
+    for key in ("load_s", "peak_rss_bytes"):
+        a = summarize([r[key] for r in ours if r.get(key) is not None])
+        b = summarize([r[key] for r in theirs if r.get(key) is not None])
+        extra[key] = {"moe_numa": a, "llama.cpp": b, "ratio": ratio(a and a["median"], b and b["median"])}
+    return {"rows": rows, "load_s": extra["load_s"], "peak_rss_bytes": extra["peak_rss_bytes"],
+            "bound_tps": bound}
+
+
+def targets_summary(rows: Sequence[dict]) -> tuple[list[str], list[str]]:
+    """(met, missed) as short strings like "tg32 1.31x >= 1.25x"."""
+    met, missed = [], []
+    for r in rows:
+        if r["met"] is None:
+            continue
+        s = f"{r['test']} {r['ratio']:.2f}x {'>=' if r['met'] else '<'} {r['target']:.2f}x"
+        (met if r["met"] else missed).append(s)
+    return met, missed
+
+
+# ============================================================================ markdown
+
+def _fmt(v: float | None, digits: int = 2) -> str:
+    return "–" if v is None else f"{v:.{digits}f}"
+
+
+def fmt_summary(s: dict | None, scale: float = 1.0, digits: int = 2, flags: int = 0) -> str:
+    """"median [min–max]" (with a dagger when disturbed samples were kept)."""
+    if not s:
+        return "–"
+    dag = " †" if flags else ""
+    if s["n"] == 1:
+        return f"{s['median'] / scale:.{digits}f}{dag}"
+    return f"{s['median'] / scale:.{digits}f} [{s['min'] / scale:.{digits}f}–{s['max'] / scale:.{digits}f}]{dag}"
+
+
+def _gib(n: float | None) -> str:
+    return "–" if not n else f"{n / 2**30:.2f} GiB"
+
+
+def format_markdown(report: dict) -> str:
+    s = report["settings"]
+    m = report["machine"]
+    L = report.get("llama_cpp") or {}
+    lines = ["# moe_numa vs llama.cpp (`moe-numa bench`)", ""]
+    lines.append(f"- date: {report['created']}; moe_numa {report.get('moe_numa_commit') or '?'} "
+                 f"(SIMD {m.get('simd')})")
+    lines.append(f"- machine: {m.get('cpu')}, {m.get('physical_cores')} physical cores / {m.get('cpus')} CPUs, "
+                 f"{m.get('numa_nodes')} NUMA node(s), {_gib(m.get('memory_bytes'))} RAM"
+                 + (f", {m['hypervisor']} guest" if m.get("hypervisor") else "")
+                 + f"; loadavg at start {' '.join(str(x) for x in m.get('loadavg_start', []))}")
+    lines.append(f"- threads: {s['threads']} for both (llama-bench `-t {s['threads']}`; moe_numa "
+                 f"{report.get('ours_layout') or '-'})")
+    if s["engine_only"]:
+        lines.append("- llama.cpp: not run (`--engine-only`)")
+    else:
+        lines.append(f"- llama.cpp: {L.get('version', '?')}; {L.get('source', '')}"
+                     + (f"; {L['compiler']}" if L.get("compiler") else "")
+                     + f"; binary `{L.get('path')}`")
+        if L.get("cmake_flags"):
+            lines.append(f"  - cmake flags: `{' '.join(L['cmake_flags'])}`")
+        lb = report.get("llama_bench_settings") or {}
+        fa = {-1: "auto", 0: "off", 1: "on"}.get(lb.get("flash_attn"), lb.get("flash_attn"))
+        lines.append(f"  - llama-bench settings: repack {'on' if s['repack'] else 'off'}"
+                     + (f", extra args `{' '.join(s['llama_args'])}`" if s["llama_args"] else "")
+                     + (f"; as it ran: batch {lb.get('n_batch')}, ubatch {lb.get('n_ubatch')}, KV cache "
+                        f"{lb.get('type_k')}/{lb.get('type_v')}, flash attention {fa}" if lb else ""))
+    lines.append(f"- method: {s['reps']} round(s)"
+                 + (f" after {s['warmup_rounds']} discarded warm-up round(s)" if s["warmup_rounds"] else "")
+                 + ", each a fresh process per engine (model loaded each time), alternating A B A B "
+                 "(moe_numa, llama.cpp); in every process llama-bench's warm-up (ppN: the prompt once; tgN: one "
+                 f"token) then {s['inner_reps']} timed repetition(s) per test from an empty context; "
+                 "tgN times N single-token steps including the first. t/s: median [min–max] over all samples; "
+                 "ratio = moe_numa / llama.cpp of the medians.")
+    lines.append(f"- noise: a sample is disturbed when other processes used more than {100 * s['noise_threshold']:.0f}% "
+                 "of one core during it (/proc/stat busy time minus the benchmarked process and the harness); "
+                 f"disturbed runs are repeated up to {s['max_retries']} time(s). Repeated runs: "
+                 f"{report['noise']['repeated']}; disturbed samples kept (marked †): {report['noise']['kept']}.")
+    lines.append("- bound: decode tokens/s if each token read its weights (weight bytes per token, "
+                 "`moe_numa.model_info`) at the read bandwidth measured in the same run "
+                 "(bench/kernels.py STREAM-like read at the same thread count, once per round); share = t/s ÷ bound.")
+    all_missed = []
+    for mrep in report["models"]:
+        f = mrep["facts"]
+        a = mrep["summary"]
+        bw = mrep.get("bandwidth_gbps")
+        lines += ["", f"## {f['name']}", ""]
+        bws = summarize(mrep.get("bandwidth_samples_gbps", []))
+        lines.append(f"`{f['path']}`: {f['arch']}, {f['n_layer']} layers, {f['n_expert']} experts top-{f['n_used']}, "
+                     f"hidden {f['hidden']}, vocab {f['n_vocab']}; weight bytes per token "
+                     f"{f['bytes_per_token'] / 2**30:.3f} GiB")
+        if bw:
+            lines.append(f"read bandwidth at {s['threads']} threads: {fmt_summary(bws)} GB/s → decode bound "
+                         f"{_fmt(a['bound_tps'])} t/s")
+        lines += ["", "| model | size | params | quant | threads | test | moe_numa t/s | llama.cpp t/s | ratio "
+                  "| target | share of bound (moe_numa / llama.cpp) |",
+                  "| --- | ---: | ---: | --- | ---: | --- | ---: | ---: | ---: | --- | --- |"]
+        head = (f"| {f['arch']} {f['name']} | {_gib(f['weight_bytes'])} | {f['n_params'] / 1e9:.2f} B | "
+                f"{f['quant']} | {s['threads']} ")
+        for r in a["rows"]:
+            tgt = "–" if r["met"] is None else f"≥ {r['target']:.2f}: {'met' if r['met'] else '**missed**'}"
+            share = "" if r["bound_tps"] is None else \
+                f"{_pct(r['share_moe_numa'])} / {_pct(r['share_llama.cpp'])}"
+            lines.append(head + f"| {r['test']} | {fmt_summary(r['moe_numa'], flags=r['disturbed_kept']['moe_numa'])} "
+                         f"| {fmt_summary(r['llama.cpp'], flags=r['disturbed_kept']['llama.cpp'])} "
+                         f"| {_fmt(r['ratio'])} | {tgt} | {share} |")
+        ld, rss = a["load_s"], a["peak_rss_bytes"]
+        lines.append(head + f"| load time (s, lower is better) | {fmt_summary(ld['moe_numa'])} | "
+                     f"{fmt_summary(ld['llama.cpp'])} | {_fmt(ld['ratio'])} | | |")
+        lines.append(head + f"| peak RSS (GiB, lower is better) | {fmt_summary(rss['moe_numa'], scale=2**30)} | "
+                     f"{fmt_summary(rss['llama.cpp'], scale=2**30)} | {_fmt(rss['ratio'])} | | |")
+        met, missed = targets_summary(a["rows"])
+        lines.append("")
+        if missed:
+            lines.append("**Targets missed:** " + "; ".join(missed) + ("." if not met else ". Met: " + "; ".join(met) + "."))
+            all_missed += [f"{f['name']} {x}" for x in missed]
+        elif met:
+            lines.append("**All targets met:** " + "; ".join(met) + ".")
+        else:
+            lines.append("Targets: not evaluated (no llama.cpp numbers).")
+    lines += ["", "llama.cpp load time: from llama-bench's `benchmark 1/N: starting` to its first warm-up line "
+              "(model load, repacking, context creation); moe_numa load time: `moe_numa.load` (placement "
+              "into node arenas included). Peak RSS: the process's VmHWM.", ""]
+    if all_missed:
+        lines.append(f"Overall: {len(all_missed)} target(s) missed.")
+    lines.append("")
+    return "\n".join(lines)
+
+
+def _pct(x: float | None) -> str:
+    return "–" if x is None else f"{100 * x:.0f}%"
+
+
+# ============================================================================ plot
+
+def write_plot(report: dict, path: str | os.PathLike) -> bool:
+    """PNG of t/s per test for both engines (median, min–max bars) with the decode bound.
+    Returns False when matplotlib is not installed."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    models = report["models"]
+    fig, axes = plt.subplots(1, len(models), figsize=(max(6.0, 5.5 * len(models)), 4.2), squeeze=False)
+    colors = {"moe_numa": "#1f77b4", "llama.cpp": "#ff7f0e"}
+    for ax, mrep in zip(axes[0], models):
+        rows = mrep["summary"]["rows"]
+        x = list(range(len(rows)))
+        w = 0.38
+        for k, eng in enumerate(ENGINES):
+            med = [r[eng]["median"] if r[eng] else 0 for r in rows]
+            lo = [r[eng]["median"] - r[eng]["min"] if r[eng] else 0 for r in rows]
+            hi = [r[eng]["max"] - r[eng]["median"] if r[eng] else 0 for r in rows]
+            if not any(med):
+                continue
+            ax.bar([i + (k - 0.5) * w for i in x], med, w, yerr=[lo, hi], capsize=3, label=eng,
+                   color=colors[eng])
+        bound_drawn = False
+        for i, r in enumerate(rows):
+            if r["bound_tps"]:
+                ax.hlines(r["bound_tps"], i - 0.45, i + 0.45, colors="k", linestyles="dashed",
+                          label=None if bound_drawn else "bandwidth bound")
+                bound_drawn = True
+            if r["ratio"] is not None:
+                top = max([r[e]["max"] for e in ENGINES if r[e]] + [r["bound_tps"] or 0])
+                ax.annotate(f"{r['ratio']:.2f}x", (i, top), textcoords="offset points", xytext=(0, 4),
+                            ha="center", fontsize=8)
+        ax.set_xticks(x)
+        ax.set_xticklabels([r["test"] for r in rows])
+        ax.set_ylabel("tokens/s")
+        ax.set_title(f"{mrep['facts']['name']} ({report['settings']['threads']} threads)", fontsize=10)
+        ax.legend(fontsize=8)
+        ax.margins(y=0.12)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+# ============================================================================ make-bench-model
+
+def cache_dir() -> Path:
+    from moe_numa.default_model import cache_dir as _cd
+    return _cd()
+
+
+def bench_model_path(preset: str, qtype: str) -> Path:
+    """Default location of a bench model: $MOE_NUMA_CACHE/bench/<preset>-<qtype>.gguf."""
+    return cache_dir() / "bench" / f"{preset}-{qtype.lower()}.gguf"
+
+
+def _progress_printer(label: str, stream=None, every_s: float = 1.0) -> Callable[[int, int], None]:
+    stream = stream or sys.stderr
+    t0 = time.perf_counter()
+    last = [0.0]
+
+    def cb(k: int, n: int) -> None:
+        now = time.perf_counter()
+        if k == n or now - last[0] >= every_s:
+            last[0] = now
+            end = "\n" if k == n else ""
+            stream.write(f"\r{label}: tensor {k}/{n} ({100 * k / n:.0f}%), {now - t0:.0f} s{end}")
+            stream.flush()
+    return cb
+
+
+def make_bench_model(preset: str, qtype: str, output: str | os.PathLike | None = None, force: bool = False,
+                     seed: int = 0, progress: bool | Callable[[int, int], None] = True,
+                     log: Callable[[str], None] = print) -> tuple[Path, bool]:
+    """Write a random-weight bench model atomically (temp file + rename).
+
+    Returns (path, written); an existing file is kept unless ``force``.
+    """
+    from moe_numa.testing import PRESETS, QTYPES, make_test_model
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; presets: {', '.join(PRESETS)}")
+    if qtype.lower() not in QTYPES:
+        raise ValueError(f"unknown quant type {qtype!r}; choose from {', '.join(QTYPES)}")
+    path = Path(output) if output else bench_model_path(preset, qtype)
+    if path.exists() and not force:
+        log(f"{path} exists; keeping it (--force rewrites it)")
+        return path, False
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}.gguf")
+    cb = progress if callable(progress) else (_progress_printer(path.name) if progress else None)
+    t0 = time.perf_counter()
+    try:
+        written = make_test_model(tmp, preset, qtype.lower(), seed=seed, progress=cb)
+        if Path(written) != tmp:
+            raise RuntimeError(f"make_test_model wrote {written}, expected {tmp}")
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    log(f"wrote {path} ({path.stat().st_size / 2**30:.2f} GiB) in {time.perf_counter() - t0:.0f} s")
+    return path, True
+
+
+def make_bench_model_main(argv: Sequence[str] | None = None) -> int:
+    from moe_numa.testing import PRESETS
+    ap = argparse.ArgumentParser(
+        prog="moe-numa make-bench-model",
+        description="write random-weight benchmark models of realistic proportions "
+                    "(default $MOE_NUMA_CACHE/bench/<preset>-<type>.gguf; kept if present)")
+    ap.add_argument("--preset", default=",".join(BENCH_PRESETS_DEFAULT),
+                    help=f"comma-separated presets (bench presets: qwen3moe-bench, deepseek-v3-bench; "
+                         f"any of {', '.join(PRESETS)})")
+    ap.add_argument("--type", default=",".join(DEFAULT_QTYPES), help="comma-separated quant types")
+    ap.add_argument("-o", "--output", help="output file (one preset and one type only)")
+    ap.add_argument("--force", action="store_true", help="rewrite an existing file")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("-q", "--quiet", action="store_true", help="no progress")
+    a = ap.parse_args(argv)
+    presets = [p.strip() for p in a.preset.split(",") if p.strip()]
+    types = [t.strip().lower() for t in a.type.split(",") if t.strip()]
+    if a.output and len(presets) * len(types) != 1:
+        ap.error("-o/--output needs exactly one preset and one type")
+    for p in presets:
+        for t in types:
+            path, _ = make_bench_model(p, t, a.output, force=a.force, seed=a.seed, progress=not a.quiet,
+                                       log=lambda s: print(s, file=sys.stderr))
+            print(path)
+    return 0
+
+
+# ============================================================================ main
+
+def default_models() -> list[str]:
+    found = [bench_model_path("qwen3moe-bench", q) for q in DEFAULT_QTYPES]
+    return [str(p) for p in found if p.exists()]
+
+
+def build_arg_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="moe-numa bench", description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("-m", "--model", action="append",
+                    help="GGUF file (repeatable; default: the qwen3moe-bench q8_0/q4_k_m files in "
+                         "$MOE_NUMA_CACHE/bench, see make-bench-model)")
+    ap.add_argument("-t", "--threads", type=int, default=None,
+                    help="threads for both engines (default: every physical core)")
+    ap.add_argument("--tests", default=",".join(DEFAULT_TESTS), help="comma-separated ppN/tgN tests")
+    ap.add_argument("-r", "--reps", type=int, default=3, help="A/B rounds (one process per engine each)")
+    ap.add_argument("--inner-reps", type=int, default=1, help="timed repetitions per test in each process")
+    ap.add_argument("--warmup-rounds", type=int, default=0, help="extra discarded rounds before the measured ones")
+    g = ap.add_mutually_exclusive_group()
+    g.add_argument("--llama-bench", metavar="PATH", help="a llama-bench binary to use")
+    g.add_argument("--llama-build", metavar="DIR", help="a llama.cpp build dir (with bin/llama-bench)")
+    g.add_argument("--engine-only", action="store_true", help="run only our engine")
+    ap.add_argument("--no-build", action="store_true",
+                    help="fail instead of building llama.cpp when no cached build exists")
+    ap.add_argument("--repack", type=int, choices=(0, 1), default=1, help="llama-bench --repack (default 1)")
+    ap.add_argument("--llama-args", default="", help="extra llama-bench arguments, one string")
+    ap.add_argument("--numa-nodes", type=int, default=None, help="our engine: N virtual nodes")
+    ap.add_argument("--expert-map", default=None, help="our engine: YAML expert map")
+    ap.add_argument("--noise-threshold", type=float, default=DEFAULT_NOISE,
+                    help="disturbed if others used more than this fraction of one core (default 0.05)")
+    ap.add_argument("--max-retries", type=int, default=2, help="repeats of a disturbed run")
+    ap.add_argument("--quiet-wait", type=float, default=10.0,
+                    help="before each run, wait up to this many seconds for a quiet machine (0: off)")
+    ap.add_argument("--no-bandwidth", action="store_true", help="skip the read-bandwidth measurement")
+    ap.add_argument("--bandwidth-mib", type=int, default=0, help="read buffer MiB (default max(256, 8 x L3))")
+    ap.add_argument("--no-prefetch", action="store_true", help="do not read the model file into the page cache first")
+    ap.add_argument("--target-tg", type=float, default=DEFAULT_TARGET_TG, help="decode ratio target (1.25)")
+    ap.add_argument("--target-pp", type=float, default=DEFAULT_TARGET_PP, help="prefill ratio target (1.0)")
+    ap.add_argument("--timeout", type=float, default=1800, help="seconds per benchmarked process")
+    ap.add_argument("--out", default=None,
+                    help="output prefix: writes PREFIX.md, PREFIX.json, PREFIX.png (default bench/out/bench-<time>)")
+    ap.add_argument("--no-plot", action="store_true")
+    ap.add_argument("--seed", type=int, default=0)
+    return ap
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = build_arg_parser()
+    a = ap.parse_args(argv)
+
+    def log(msg: str) -> None:
+        print(msg, file=sys.stderr, flush=True)
+
+    from .run_ours import parse_tests
+    try:
+        tests = [t for t, _, _ in parse_tests(a.tests)]
+    except ValueError as e:
+        ap.error(str(e))
+    models = a.model or default_models()
+    if not models:
+        ap.error("no model: pass -m FILE.gguf, or write the default bench models first with "
+                 "`moe-numa make-bench-model`")
+    for mpath in models:
+        if not Path(mpath).is_file():
+            ap.error(f"model file not found: {mpath}")
+    if a.reps < 1 or a.inner_reps < 1:
+        ap.error("--reps and --inner-reps must be at least 1")
+    from moe_numa import kernels as K
+    threads = a.threads or len(K.order_cpus(K.available_cpus()))
+    llama_args = a.llama_args.split() if a.llama_args else []
+    created = _dt.datetime.now().astimezone()
+    prefix = Path(a.out) if a.out else Path("bench") / "out" / f"bench-{created:%Y%m%d-%H%M%S}"
+    prefix.parent.mkdir(parents=True, exist_ok=True)
+
+    machine = machine_facts(threads)
+    bench_path, linfo = (None, None) if a.engine_only else llama_facts(a, log)
+    settings = {"threads": threads, "tests": tests, "reps": a.reps, "inner_reps": a.inner_reps,
+                "warmup_rounds": a.warmup_rounds, "repack": bool(a.repack), "llama_args": llama_args,
+                "engine_only": a.engine_only, "numa_nodes": a.numa_nodes, "expert_map": a.expert_map,
+                "noise_threshold": a.noise_threshold, "max_retries": a.max_retries, "quiet_wait_s": a.quiet_wait,
+                "target_tg": a.target_tg, "target_pp": a.target_pp, "seed": a.seed}
+    report = {"version": 1, "created": created.isoformat(timespec="seconds"), "argv": list(argv or sys.argv[1:]),
+              "moe_numa_commit": _git_commit(), "machine": machine, "llama_cpp": linfo, "settings": settings,
+              "models": [], "noise": {"repeated": 0, "kept": 0}}
+    log(f"# moe-numa bench: {len(models)} model(s), {threads} threads, tests {','.join(tests)}, "
+        f"{a.reps} round(s){'' if a.engine_only else ' A/B with ' + str(bench_path)}; loadavg {_loadavg()}")
+    quiet = (lambda: wait_quiet(a.quiet_wait, a.noise_threshold, log=log)) if a.quiet_wait > 0 else None
+    timeout = a.timeout or None
+
+    for mpath in models:
+        facts = model_facts(mpath)
+        mrep = {"facts": facts, "runs": [], "bandwidth_samples_gbps": []}
+        report["models"].append(mrep)
+        log(f"## {facts['name']}: {facts['weight_bytes'] / 2**30:.2f} GiB of weights, "
+            f"{facts['bytes_per_token'] / 2**30:.3f} GiB read per token")
+        if not a.no_prefetch:
+            mrep["prefetch_s"] = prefetch_file(mpath)
+            log(f"  page cache: read the file in {mrep['prefetch_s']:.1f} s")
+        n_rounds = a.warmup_rounds + a.reps
+        for rnd in range(n_rounds):
+            warm = rnd < a.warmup_rounds
+            tag = f"warm-up round {rnd + 1}" if warm else f"round {rnd - a.warmup_rounds + 1}/{a.reps}"
+            if not a.no_bandwidth:
+                bw = measure_bandwidth(threads, a.bandwidth_mib << 20 if a.bandwidth_mib else None)
+                if not warm:
+                    mrep["bandwidth_samples_gbps"].append(bw)
+                log(f"  {tag}: read bandwidth {bw:.1f} GB/s")
+            jobs = [("moe_numa", lambda: run_ours_once(mpath, threads, tests, a.inner_reps, a.noise_threshold,
+                                                       a.numa_nodes, a.expert_map, a.seed, timeout))]
+            if not a.engine_only:
+                jobs.append(("llama.cpp", lambda: run_llama_once(bench_path, mpath, threads, tests, a.inner_reps,
+                                                                  a.noise_threshold, bool(a.repack), llama_args,
+                                                                  timeout)))
+            for eng, fn in jobs:
+                attempts = run_with_retries(fn, a.max_retries, quiet, log)
+                for rec in attempts:
+                    rec["round"] = rnd - a.warmup_rounds
+                    rec["warmup_round"] = warm
+                    mrep["runs"].append(rec)
+                acc = next(r for r in attempts if r["accepted"])
+                if not warm:
+                    report["noise"]["repeated"] += len(attempts) - 1
+                    report["noise"]["kept"] += acc["disturbed_samples"]
+                log(f"  {tag} {eng}: load {_fmt(acc['load_s'])} s, peak RSS {_gib(acc['peak_rss_bytes'])}, "
+                    + ", ".join(f"{t} {statistics.median(v['samples_ts']):.2f} t/s"
+                                for t, v in acc["tests"].items()))
+                if eng == "llama.cpp" and "llama_bench_settings" not in report:
+                    report["llama_bench_settings"] = acc.get("llama_bench")
+                if eng == "moe_numa" and "ours_layout" not in report:
+                    report["ours_layout"] = f"{acc.get('n_nodes')} node(s) x {acc.get('threads_per_node')} threads"
+        bws = summarize(mrep["bandwidth_samples_gbps"])
+        mrep["bandwidth_gbps"] = bws["median"] if bws else None
+        mrep["summary"] = aggregate(mrep["runs"], tests, mrep["bandwidth_gbps"], facts["bytes_per_token"],
+                                    a.target_pp, a.target_tg)
+    machine["loadavg_end"] = _loadavg()
+
+    md = format_markdown(report)
+    paths = {"md": str(prefix) + ".md", "json": str(prefix) + ".json"}
+    Path(paths["md"]).write_text(md)
+    if not a.no_plot:
+        png = str(prefix) + ".png"
+        if write_plot(report, png):
+            paths["png"] = png
+        else:
+            log("matplotlib is not installed (pip install 'moe_numa[bench]'): no plot")
+    report["outputs"] = paths
+    Path(paths["json"]).write_text(json.dumps(report, indent=1, default=str) + "\n")
+    print(md)
+    log("wrote " + ", ".join(paths.values()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,198 @@
+"""One benchmark run of our engine, in its own process, the way llama-bench runs its tests.
+
+    python -m moe_numa.bench.run_ours MODEL.gguf --threads 2 --tests pp64,pp512,tg32,tg128 \
+        [--reps 1] [--numa-nodes N] [--expert-map FILE] [--n-ctx N] [--seed 0] [--json]
+
+It is started by ``moe-numa bench`` (bench/bench.py) once per A/B round so that its
+load time and peak RSS are its own.  Methodology, as llama-bench b11434
+(tools/llama-bench/llama-bench.cpp, ``test_prompt`` / ``test_gen``):
+
+- the model is loaded once per process (``moe_numa.load`` wall time, placement included,
+  is the load time);
+- per test, one warm-up: ppN runs the whole prompt once, tgN generates one token;
+- then ``--reps`` timed repetitions, each from an empty cache (``backend.reset()``):
+  ppN is one forward of N tokens (BOS first when the vocabulary adds one, then random
+  ids), tgN is N forwards of one token each starting at position 0, the first token BOS
+  (or random), the next ones random (no sampling); the first token is timed too;
+- tokens/s of a repetition = tokens / its wall time.
+
+Around every timed repetition it samples the machine's busy CPU time (/proc/stat) and
+its own CPU time (getrusage, all threads), so the harness can tell whether another
+process took CPU during the sample (``others_cpu_s``).
+
+``--json`` prints one JSON object on the last line of stdout::
+
+    {"engine": "moe_numa", "model": ..., "threads": 2, "n_nodes": 1, "threads_per_node": 2,
+     "n_ctx": 512, "load_s": 1.23, "peak_rss_bytes": ..., "simd": "avx512vnni",
+     "tests": [{"test": "pp64", "n_prompt": 64, "n_gen": 0, "warmup_ns": ...,
+                "samples_ns": [...], "samples_ts": [...],
+                "samples_wall_s": [...], "others_cpu_s": [...]}]}
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import resource
+import sys
+import time
+
+import numpy as np
+
+_TEST_RE = re.compile(r"(pp|tg)(\d+)")
+
+
+def parse_tests(spec) -> list[tuple[str, int, int]]:
+    """"pp64,tg32" (or a list) -> [("pp64", 64, 0), ("tg32", 0, 32)]."""
+    items = spec.split(",") if isinstance(spec, str) else list(spec)
+    out = []
+    for t in (s.strip() for s in items):
+        if not t:
+            continue
+        m = _TEST_RE.fullmatch(t)
+        if not m or int(m.group(2)) <= 0:
+            raise ValueError(f"benchmark test {t!r} is not ppN or tgN (N > 0)")
+        n = int(m.group(2))
+        out.append((t, n, 0) if m.group(1) == "pp" else (t, 0, n))
+    if not out:
+        raise ValueError("no benchmark tests given")
+    return out
+
+
+def busy_ticks() -> int:
+    """Busy CPU time of the whole machine in clock ticks (see bench.parse_proc_stat)."""
+    from .bench import parse_proc_stat
+    with open("/proc/stat") as f:
+        return parse_proc_stat(f.read())[0]
+
+
+def own_cpu_s() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+def vm_hwm_bytes(pid: int | str = "self") -> int:
+    """Peak resident set size (VmHWM) of a process, 0 if unknown."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+class _Runner:
+    def __init__(self, backend, n_vocab: int, bos: int | None, seed: int):
+        self.backend = backend
+        self.n_vocab = n_vocab
+        self.bos = bos
+        self.rng = np.random.default_rng(seed)
+
+    def _ids(self, n: int) -> np.ndarray:
+        ids = self.rng.integers(0, self.n_vocab, size=n).astype(np.int32)
+        if self.bos is not None:
+            ids[0] = self.bos
+        return ids
+
+    def prompt(self, n: int) -> None:
+        self.backend.forward(self._ids(n), all_logits=False)
+
+    def gen(self, n: int) -> None:
+        tok = np.empty(1, dtype=np.int32)
+        tok[0] = self.bos if self.bos is not None else self.rng.integers(0, self.n_vocab)
+        for _ in range(n):
+            self.backend.forward(tok, all_logits=False)
+            tok[0] = self.rng.integers(0, self.n_vocab)
+
+
+def run(model_path: str, threads: int, tests, reps: int = 1, numa_nodes: int | None = None,
+        expert_map: str | None = None, n_ctx: int | None = None, seed: int = 0,
+        warmup: bool = True) -> dict:
+    import moe_numa
+    from moe_numa import kernels as K
+    from moe_numa.numa.topology import topology
+
+    tests = parse_tests(tests)
+    n_nodes = topology(numa_nodes).n_nodes
+    if threads % n_nodes:
+        raise ValueError(f"{threads} threads do not split evenly over {n_nodes} NUMA node(s)")
+    need = max(p + g for _, p, g in tests)
+    n_ctx = n_ctx or -(-need // 256) * 256          # llama-bench: n_ctx = n_prompt + n_gen
+    opts = {"backend": "engine", "numa_nodes": numa_nodes, "threads_per_node": threads // n_nodes,
+            "n_ctx": n_ctx}
+    if expert_map:
+        opts["expert_map"] = expert_map
+    t0 = time.perf_counter()
+    model = moe_numa.load(model_path, **opts)
+    load_s = time.perf_counter() - t0
+    out = {"engine": "moe_numa", "model": str(model_path), "threads": threads, "n_nodes": n_nodes,
+           "threads_per_node": threads // n_nodes, "n_ctx": n_ctx, "reps": reps, "warmup": warmup,
+           "load_s": load_s, "simd": K.simd_level(), "tests": []}
+    try:
+        tok = model.tokenizer
+        bos = tok.bos_id if getattr(tok, "add_bos", False) else None
+        r = _Runner(model.backend, model.config.n_vocab, bos, seed)
+        hz = os.sysconf("SC_CLK_TCK")
+        for name, n_prompt, n_gen in tests:
+            fn = (lambda: r.prompt(n_prompt)) if n_prompt else (lambda: r.gen(n_gen))
+            rec = {"test": name, "n_prompt": n_prompt, "n_gen": n_gen, "warmup_ns": None,
+                   "samples_ns": [], "samples_ts": [], "samples_wall_s": [], "others_cpu_s": []}
+            if warmup:
+                model.backend.reset()
+                w0 = time.perf_counter_ns()
+                if n_prompt:
+                    r.prompt(n_prompt)
+                else:
+                    r.gen(1)
+                rec["warmup_ns"] = time.perf_counter_ns() - w0
+            for _ in range(reps):
+                model.backend.reset()
+                b0, c0 = busy_ticks(), own_cpu_s()
+                t_start = time.perf_counter_ns()
+                fn()
+                ns = time.perf_counter_ns() - t_start
+                b1, c1 = busy_ticks(), own_cpu_s()
+                rec["samples_ns"].append(ns)
+                rec["samples_ts"].append((n_prompt + n_gen) / (ns * 1e-9))
+                rec["samples_wall_s"].append(ns * 1e-9)
+                rec["others_cpu_s"].append((b1 - b0) / hz - (c1 - c0))
+            out["tests"].append(rec)
+    finally:
+        model.close()
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    out["peak_rss_bytes"] = vm_hwm_bytes() or ru.ru_maxrss * 1024
+    out["cpu_s"] = ru.ru_utime + ru.ru_stime
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m moe_numa.bench.run_ours",
+                                 description="one llama-bench-style run of the moe_numa engine")
+    ap.add_argument("model")
+    ap.add_argument("-t", "--threads", type=int, required=True, help="total threads (split over the nodes)")
+    ap.add_argument("--tests", default="pp64,pp512,tg32,tg128")
+    ap.add_argument("-r", "--reps", type=int, default=1)
+    ap.add_argument("--numa-nodes", type=int, default=None)
+    ap.add_argument("--expert-map", default=None)
+    ap.add_argument("--n-ctx", type=int, default=None)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--no-warmup", action="store_true")
+    ap.add_argument("--json", action="store_true", help="print the result as JSON on the last line")
+    a = ap.parse_args(argv)
+    res = run(a.model, a.threads, a.tests, reps=a.reps, numa_nodes=a.numa_nodes, expert_map=a.expert_map,
+              n_ctx=a.n_ctx, seed=a.seed, warmup=not a.no_warmup)
+    if a.json:
+        sys.stdout.write(json.dumps(res) + "\n")
+    else:
+        print(f"load {res['load_s']:.2f} s, peak RSS {res['peak_rss_bytes'] / 2**30:.2f} GiB")
+        for t in res["tests"]:
+            ts = t["samples_ts"]
+            print(f"{t['test']:>8}: {np.median(ts):10.2f} t/s  (n={len(ts)})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
