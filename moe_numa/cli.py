@@ -122,6 +122,16 @@ def cmd_bench_kernels(args) -> int:
     return kernels.main(args.rest)
 
 
+def cmd_bench(args) -> int:
+    from .bench import bench
+    return bench.main(args.rest)
+
+
+def cmd_make_bench_model(args) -> int:
+    from .bench import bench
+    return bench.make_bench_model_main(args.rest)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .testing import PRESETS, QTYPES
     parser = argparse.ArgumentParser(prog="moe-numa", description=__doc__)
@@ -176,6 +186,16 @@ def build_parser() -> argparse.ArgumentParser:
     k = sub.add_parser("bench-kernels", help="kernel bandwidth benchmark (bench/kernels.py)", add_help=False)
     k.add_argument("rest", nargs=argparse.REMAINDER)
     k.set_defaults(func=cmd_bench_kernels)
+
+    b = sub.add_parser("bench", help="ours vs llama.cpp's llama-bench, same file and threads (bench/bench.py)",
+                       add_help=False, prefix_chars="+")   # "+": every -flag goes to bench.main
+    b.add_argument("rest", nargs=argparse.REMAINDER)
+    b.set_defaults(func=cmd_bench)
+
+    bm = sub.add_parser("make-bench-model", help="write the random-weight benchmark models (bench/bench.py)",
+                        add_help=False, prefix_chars="+")
+    bm.add_argument("rest", nargs=argparse.REMAINDER)
+    bm.set_defaults(func=cmd_make_bench_model)
     return parser
 
 
