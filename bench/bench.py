@@ -796,7 +796,8 @@ def format_markdown(report: dict) -> str:
         lines += ["", "| model | size | params | quant | threads | test | moe_numa t/s | llama.cpp t/s | ratio "
                   "| target | share of bound (moe_numa / llama.cpp) |",
                   "| --- | ---: | ---: | --- | ---: | --- | ---: | ---: | ---: | --- | --- |"]
-        head = (f"| {f['arch']} {f['name']} | {_gib(f['weight_bytes'])} | {f['n_params'] / 1e9:.2f} B | "
+        label = f["name"] if f["name"].startswith(f["arch"]) else f"{f['arch']} {f['name']}"
+        head = (f"| {label} | {_gib(f['weight_bytes'])} | {f['n_params'] / 1e9:.2f} B | "
                 f"{f['quant']} | {s['threads']} ")
         for r in a["rows"]:
             tgt = "–" if r["met"] is None else f"≥ {r['target']:.2f}: {'met' if r['met'] else '**missed**'}"
