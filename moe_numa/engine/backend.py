@@ -158,7 +158,7 @@ class EngineBackend:
     name = "engine"
 
     def __init__(self, model, expert_map=None, numa_nodes: int | None = None,
-                 threads_per_node: int | None = None, use_smt: bool = False, hugepages: bool = False,
+                 threads_per_node: int | None = None, use_smt: bool = False, hugepages: bool = True,
                  ubatch: int = 512, progress: bool | Callable[[int, int], None] = False):
         from .. import _native
         self.cfg = cfg = model.config
