@@ -179,11 +179,12 @@ def build_parser() -> argparse.ArgumentParser:
     mp.set_defaults(func=cmd_map)
 
     cp = sub.add_parser("check-placement", help="check where the engine's pages and threads really are",
-                        add_help=False)
+                        add_help=False, prefix_chars="+")   # "+": every -flag goes to check.main
     cp.add_argument("rest", nargs=argparse.REMAINDER)
     cp.set_defaults(func=cmd_check_placement)
 
-    k = sub.add_parser("bench-kernels", help="kernel bandwidth benchmark (bench/kernels.py)", add_help=False)
+    k = sub.add_parser("bench-kernels", help="kernel bandwidth benchmark (bench/kernels.py)", add_help=False,
+                       prefix_chars="+")
     k.add_argument("rest", nargs=argparse.REMAINDER)
     k.set_defaults(func=cmd_bench_kernels)
 

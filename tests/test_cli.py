@@ -55,3 +55,8 @@ def test_errors_are_reported_not_raised(make_model, tmp_path, capsys):
     assert main(["generate", "-m", str(make_model("qwen3moe", "q8_0")), "-p", "x",
                  "--numa-expert-map", str(bad)]) == 2
     assert "experts: expert(s) 6-7 missing" in capsys.readouterr().err
+
+
+def test_pass_through_subcommands_take_flags(capsys):
+    assert main(["check-placement", "--preset", "qwen2moe", "--type", "q8_0", "--numa-nodes", "2"]) == 0
+    assert "routed_experts" in capsys.readouterr().out
