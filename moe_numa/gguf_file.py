@@ -173,6 +173,17 @@ class GGUFModelFile:
     def tensor_bytes(self) -> int:
         return sum(t.nbytes for t in self.tensors.values())
 
+    def locate(self, arr: np.ndarray) -> tuple[str, int] | None:
+        """(file, byte offset) of a C-contiguous view of one of our files, or None."""
+        if not arr.flags.c_contiguous:
+            return None
+        addr = arr.ctypes.data
+        for path, reader in zip(self.paths, self._readers):
+            base = reader.data.ctypes.data
+            if base <= addr and addr + arr.nbytes <= base + reader.data.nbytes:
+                return path, addr - base
+        return None
+
     def close(self) -> None:
         """Drop the memory maps (views handed out earlier keep their own reference)."""
         self._readers.clear()

@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -49,7 +51,7 @@ class _Item:
     key: str
     cls: str
     nbytes: int
-    fill: Callable[[np.ndarray], None] | None   # None: zero-filled (caches)
+    fill: Callable[[np.ndarray], None] | None   # None: zeros (caches), left untouched
     shape: tuple[int, ...]
     dtype: Any
     replicated: bool
@@ -58,11 +60,17 @@ class _Item:
 
 class NodeStore:
     """Collects shards per node, then allocates one bound arena per node and
-    copies every shard in (with progress)."""
+    copies every shard in (with progress).
 
-    def __init__(self, topo: Topology, hugepages: bool = False):
+    Contiguous shards are read from the file straight into their arena (pread):
+    the file is never faulted into this process, so the weights are resident
+    once. Strided shards (column slices) are copied from the memory map, whose
+    pages are released right after."""
+
+    def __init__(self, topo: Topology, hugepages: bool = False, gguf=None):
         self.topo = topo
         self.hugepages = hugepages
+        self.gguf = gguf
         self.items: dict[tuple[int, str], _Item] = {}
         self.arrays: dict[tuple[int, str], np.ndarray] = {}
         self.arenas: list[NodeArena] = []
@@ -72,9 +80,16 @@ class NodeStore:
         """Copy a (possibly strided) uint8 view of GGML blocks, rows kept."""
         view = np.asarray(view)
         shape = view.shape if view.ndim == 2 else (1, view.shape[0])
+        where = self.gguf.locate(view) if self.gguf is not None else None
 
-        def fill(dst, v=view):
-            np.copyto(dst, v.reshape(dst.shape))
+        if where is not None:
+            def fill(dst, where=where):
+                _pread_into(where[0], where[1], dst)
+        else:
+            def fill(dst, v=view, whole=None if source is None else source.raw):
+                np.copyto(dst, v.reshape(dst.shape))
+                if whole is not None and whole.flags.c_contiguous:
+                    drop_file_pages(whole)   # later shards of this tensor fault it back in if needed
         return self._add(_Item(node, key, cls, int(np.prod(shape)), fill, shape, np.uint8, replicated, source))
 
     def floats(self, node: int, key: str, values_fn: Callable[[], np.ndarray], shape, cls: str,
@@ -98,20 +113,26 @@ class NodeStore:
         for k, node in enumerate(self.topo.nodes):
             self.arenas.append(NodeArena(per_node[k] + 4096, node.memory_node, self.hugepages, label=f"node{k}"))
         total = sum(it.nbytes for it in self.items.values())
-        done = 0
         for (node, key), it in self.items.items():
-            arr = self.arenas[node].alloc(it.nbytes).view(it.dtype).reshape(it.shape)
-            if it.fill is None:
-                arr[...] = 0
-            else:
-                it.fill(arr)
-            self.arrays[(node, key)] = arr
-            done += it.nbytes
-            if progress:
-                progress(done, total)
-        for it in self.items.values():
-            if it.source is not None:
-                drop_file_pages(it.source.raw)
+            self.arrays[(node, key)] = self.arenas[node].alloc(it.nbytes).view(it.dtype).reshape(it.shape)
+        state = {"done": 0}
+        lock = threading.Lock()
+
+        def fill(entry):
+            (node, key), it = entry
+            arr = self.arrays[(node, key)]
+            if it.fill is not None:   # zero items (caches): fresh anonymous memory is already zero,
+                it.fill(arr)          # and stays unfaulted until first written
+            with lock:
+                state["done"] += it.nbytes
+                if progress:
+                    progress(state["done"], total)
+
+        # Filling fresh memory is fault-bound; threads scale it (the copies release the GIL).
+        workers = max(1, min(32, len(os.sched_getaffinity(0))))
+        with ThreadPoolExecutor(workers) as ex:
+            list(ex.map(fill, self.items.items()))
+        _close_files()
 
     def resolve(self, obj):
         if isinstance(obj, Ref):
@@ -135,6 +156,30 @@ class NodeStore:
                           "bound_to": self.topo.nodes[k].memory_node,
                           "bound": bool(self.arenas and self.arenas[k].bound)})
         return {"nodes": nodes}
+
+
+_files: dict[str, int] = {}
+_files_lock = threading.Lock()
+
+
+def _pread_into(path: str, offset: int, dst: np.ndarray) -> None:
+    with _files_lock:
+        fd = _files.get(path)
+        if fd is None:
+            fd = _files[path] = os.open(path, os.O_RDONLY)
+    buf = memoryview(dst.reshape(-1))
+    done = 0
+    while done < len(buf):
+        n = os.preadv(fd, [buf[done:]], offset + done)
+        if n <= 0:
+            raise MoeNumaError(f"{path}: short read at byte {offset + done} (file truncated while loading?)")
+        done += n
+
+
+def _close_files() -> None:
+    for fd in _files.values():
+        os.close(fd)
+    _files.clear()
 
 
 def _f32(t: Tensor | None):
@@ -176,7 +221,7 @@ class EngineBackend:
             for k, node in enumerate(self.topology.nodes):
                 cpus = node.threads(threads_per_node, use_smt)
                 self.pools.append(ThreadPool(cpus, caller_is_worker0=(k == 0)))
-            self.store = NodeStore(self.topology, hugepages)
+            self.store = NodeStore(self.topology, hugepages, model.gguf)
             self.expert_tokens = [np.zeros(cfg.n_expert, dtype=np.int64) for _ in range(cfg.n_layer)]
             params = self._plan_shards()
             report = _progress_printer(progress)
@@ -390,8 +435,12 @@ class EngineBackend:
                 continue
             arr = self.store.arrays[(node, key)]
             status = page_nodes(arr.ctypes.data, arr.nbytes, sample)
-            out.append({"node": node, "key": key, "class": it.cls, "pages": int(status.size),
-                        "on_node": int((status == arena.node).sum()), "status": sorted(set(status.tolist()))})
+            # -ENOENT (never touched) and -EFAULT (only read: the shared zero page): no page of
+            # ours exists there yet, e.g. a cache's unused tail; mbind places it when first written.
+            present = status[(status != -2) & (status != -14)]
+            out.append({"node": node, "key": key, "class": it.cls, "pages": int(present.size),
+                        "on_node": int((present == arena.node).sum()), "absent": int(status.size - present.size),
+                        "status": sorted(set(status.tolist()))})
         return out
 
     def counters(self) -> dict:
