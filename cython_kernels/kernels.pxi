@@ -275,11 +275,11 @@ def pin_current_thread(cpus):
 
 
 def moe_scratch_bytes(int gate_type, int up_type, int down_type, int64_t hidden, int64_t inter,
-                      int n_expert, int64_t n_assign):
+                      int n_expert, int64_t n_assign, int64_t n_tok):
     cdef mn_moe_args a
     memset(&a, 0, sizeof(a))
     a.gate_type = gate_type; a.up_type = up_type; a.down_type = down_type
-    a.hidden = hidden; a.inter = inter; a.n_expert = n_expert; a.n_assign = n_assign
+    a.hidden = hidden; a.inter = inter; a.n_expert = n_expert; a.n_assign = n_assign; a.n_tok = n_tok
     return int(mn_moe_scratch_bytes(&a))
 
 

@@ -495,7 +495,7 @@ def moe_experts(x: np.ndarray, gate, up, down, types, experts, tokens, weights,
     e32 = np.ascontiguousarray(experts, dtype=np.int32)
     t32 = np.ascontiguousarray(tokens, dtype=np.int32)
     w32 = np.ascontiguousarray(weights, dtype=np.float32)
-    nbytes = _native.moe_scratch_bytes(int(tg), int(tu), int(td), hidden, inter, n_expert, n_assign)
+    nbytes = _native.moe_scratch_bytes(int(tg), int(tu), int(td), hidden, inter, n_expert, n_assign, n_tok)
     scratch = _aligned_empty(nbytes)
     try:
         _native.moe_ptr(int(tg), int(tu), int(td), hidden, inter, n_expert,

@@ -104,7 +104,7 @@ typedef struct {
     mn_pool *pool;   /* pool whose task runs mn_moe_task (for barriers); NULL: one thread */
 } mn_moe_args;
 
-size_t mn_moe_scratch_bytes(const mn_moe_args *a);
+size_t mn_moe_scratch_bytes(const mn_moe_args *a);   /* depends on n_assign and n_tok */
 /* 0 if args are consistent; else -1 with a message naming the bad field. */
 int    mn_moe_check(const mn_moe_args *a, char *err, size_t errlen);
 /* Pool task body: run as fn(args, ith, nth) by all threads of args->pool,

@@ -10,7 +10,7 @@
 #define ALIGN64(n) (((n) + 63) & ~(size_t)63)
 
 typedef struct {
-    size_t off_order, off_eoff, off_chunk, off_ctr, off_xg, off_xu, off_g, off_u, off_hq, off_y, total;
+    size_t off_order, off_eoff, off_chunk, off_ctr, off_xg, off_xu, off_g, off_u, off_hq, off_y, off_tq, total;
     size_t xgb, xub, hqb;
     int share_xu;
 } moe_layout;
@@ -31,7 +31,7 @@ static void layout(const mn_moe_args *a, moe_layout *L) {
     L->off_order = o; o = ALIGN64(o + 4 * A);
     L->off_eoff = o;  o = ALIGN64(o + 8 * ((size_t)a->n_expert + 1));
     L->off_chunk = o; o = ALIGN64(o + 8 * ((size_t)a->n_expert + 1) * 2);
-    L->off_ctr = o;   o = ALIGN64(o + 128);
+    L->off_ctr = o;   o = ALIGN64(o + 256);
     L->off_xg = o;    o = ALIGN64(o + A * L->xgb);
     L->off_xu = L->share_xu ? L->off_xg : o;
     if (!L->share_xu) o = ALIGN64(o + A * L->xub);
@@ -39,6 +39,9 @@ static void layout(const mn_moe_args *a, moe_layout *L) {
     L->off_u = o;     o = ALIGN64(o + A * (size_t)a->inter * 4);
     L->off_hq = o;    o = ALIGN64(o + A * L->hqb);
     L->off_y = o;     o = ALIGN64(o + A * (size_t)a->hidden * 4);
+    /* each token's activations, quantized once (gate format, then up format if it differs) */
+    const size_t T = (size_t)(a->n_tok > 0 ? a->n_tok : 0);
+    L->off_tq = o;    o = ALIGN64(o + T * (L->xgb + (L->share_xu ? 0 : L->xub)));
     L->total = o + 64;   /* room to align the base */
 }
 
@@ -98,12 +101,22 @@ void mn_moe_task(void *argp, int ith, int nth) {
     uint8_t *xg = base + L.off_xg, *xu = base + L.off_xu, *hq = base + L.off_hq;
     float *G = (float *)(base + L.off_g), *U = (float *)(base + L.off_u), *Y = (float *)(base + L.off_y);
     const int64_t A = a->n_assign, E = a->n_expert, H = a->hidden, I = a->inter;
-    const int64_t chg = chunk_rows((int64_t)mn_row_bytes(a->gate_type, H));
-    const int64_t chd = chunk_rows((int64_t)mn_row_bytes(a->down_type, I));
+    int64_t chg = chunk_rows((int64_t)mn_row_bytes(a->gate_type, H));
+    int64_t chd = chunk_rows((int64_t)mn_row_bytes(a->down_type, I));
 
     if (ith == 0) {   /* group by expert (counting sort, stable) */
         for (int64_t e = 0; e <= E; e++) eoff[e] = 0;
         for (int64_t i = 0; i < A; i++) eoff[a->expert[i] + 1]++;
+        /* Few active experts (decode): hand out long contiguous runs, about two
+         * per thread per phase, so each thread streams whole matrices and the
+         * prefetchers are not restarted every chunk; many (prefill): the
+         * cache-sized chunks balance the compute. */
+        int64_t active = 0;
+        for (int64_t e = 0; e < E; e++) active += eoff[e + 1] > 0;
+        const int64_t want_g = (active * I + 2 * nth - 1) / (2 * nth), want_d = (active * H + 2 * nth - 1) / (2 * nth);
+        if (want_g > chg) chg = want_g < I ? want_g : I;
+        if (want_d > chd) chd = want_d < H ? want_d : H;
+        atomic_store(&ctr[16], chg); atomic_store(&ctr[24], chd);
         cg[0] = cd[0] = 0;
         for (int64_t e = 0; e < E; e++) {
             const int64_t m = eoff[e + 1];
@@ -118,10 +131,20 @@ void mn_moe_task(void *argp, int ith, int nth) {
         atomic_store(&ctr[0], 0); atomic_store(&ctr[8], 0);
     }
     mn_pool_barrier(a->pool, ith);
+    chg = atomic_load(&ctr[16]); chd = atomic_load(&ctr[24]);
+    /* Quantize each token once (a token goes to n_used experts), then gather the
+     * rows into expert order, which the GEMM reads contiguously. */
+    uint8_t *tq = base + L.off_tq, *tqu = tq + (size_t)a->n_tok * L.xgb;
+    for (int64_t t = ith; t < a->n_tok; t += nth) {
+        const float *xr = a->x + t * a->x_stride;
+        mn_quantize_act(a->gate_type, xr, tq + t * L.xgb, H);
+        if (!L.share_xu) mn_quantize_act(a->up_type, xr, tqu + t * L.xub, H);
+    }
+    mn_pool_barrier(a->pool, ith);
     for (int64_t s = ith; s < A; s += nth) {
-        const float *xr = a->x + (int64_t)a->token[order[s]] * a->x_stride;
-        mn_quantize_act(a->gate_type, xr, xg + s * L.xgb, H);
-        if (!L.share_xu) mn_quantize_act(a->up_type, xr, xu + s * L.xub, H);
+        const int64_t t = a->token[order[s]];
+        memcpy(xg + s * L.xgb, tq + t * L.xgb, L.xgb);
+        if (!L.share_xu) memcpy(xu + s * L.xub, tqu + t * L.xub, L.xub);
     }
     mn_pool_barrier(a->pool, ith);
     /* gate/up + SiLU, dynamic chunks */
