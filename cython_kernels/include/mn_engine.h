@@ -48,7 +48,7 @@ typedef struct {
     const mn_mat *k_b, *v_b;            /* per local head: [kv_lora, nope], [v_dim, kv_lora] (MLA) */
     /* cache (this node's part) */
     int64_t n_ctx;
-    float *cache_k, *cache_v;           /* GQA/MLA_MHA: [n_ctx, n_kv, qk_dim], [n_ctx, n_kv, v_dim] */
+    float *cache_k, *cache_v;           /* GQA/MLA_MHA: keys in tiles [n_kv, ceil(n_ctx/32), qk_dim, 32], values [n_ctx, n_kv, v_dim] */
     float *cache_lat, *cache_kpe;       /* MLA: [n_ctx, kv_lora], [n_ctx, rope_dims] */
 } mn_attn_layer;
 

@@ -104,6 +104,39 @@ static vec_ops vec_for_level(void) {
     return (vec_ops){dot_s, axpy_s};
 }
 
+/* attention micro-kernels per SIMD level (mn_attn_tmpl.h) */
+typedef float v16 __attribute__((vector_size(64)));
+typedef float v16u __attribute__((vector_size(64), aligned(4)));
+#define ATTN_SUFFIX avx512
+#define ATTN_TARGET __attribute__((target("avx512f")))
+#include "mn_attn_tmpl.h"
+#undef ATTN_SUFFIX
+#undef ATTN_TARGET
+#define ATTN_SUFFIX avx2
+#define ATTN_TARGET __attribute__((target("avx2,fma")))
+#include "mn_attn_tmpl.h"
+#undef ATTN_SUFFIX
+#undef ATTN_TARGET
+#define ATTN_SUFFIX base
+#define ATTN_TARGET
+#include "mn_attn_tmpl.h"
+#undef ATTN_SUFFIX
+#undef ATTN_TARGET
+
+typedef struct {
+    void (*scores)(const float *const *q, int nh, const float *ktiles, int qk, int64_t S, float scale,
+                   float *const *sc);
+    void (*values)(const float *const *p, int nh, const float *v, int64_t vstride, int vd, int64_t S,
+                   float *const *out);
+} attn_ops;
+
+static attn_ops attn_for_level(void) {
+    const int lvl = mn_active_level();
+    if (lvl >= MN_SIMD_AVX512) return (attn_ops){attn_scores_avx512, attn_values_avx512};
+    if (lvl >= MN_SIMD_AVX2) return (attn_ops){attn_scores_avx2, attn_values_avx2};
+    return (attn_ops){attn_scores_base, attn_values_base};
+}
+
 static void rms_norm_row(const float *x, const float *w, float *y, int64_t n, float eps) {
     double s = 0;
     for (int64_t i = 0; i < n; i++) s += (double)x[i] * (double)x[i];
@@ -178,6 +211,7 @@ typedef struct {
     const float *x; int64_t T, pos0;
     /* scratch, carved identically by every thread */
     float *xn, *q, *k, *v, *qa, *kva, *kvb, *lat_n, *qlat, *olat, *ao, *att;
+    int64_t att_stride;
     act_set in, qa_act, lat_act, ao_act;
     uint8_t *qn_q, *olat_q;           /* MLA: per-head activations of q_nope / o_lat */
     size_t qn_row, olat_row;
@@ -220,8 +254,12 @@ static void attn_layout(attn_ctx *c, arena *a, int nth) {
     if (nq > 0) act_add(&c->ao_act, L->wo.type, nq * L->v_dim);
     act_alloc(&c->in, a, T); act_alloc(&c->qa_act, a, T); act_alloc(&c->lat_act, a, T); act_alloc(&c->ao_act, a, T);
     const int64_t s_max = c->pos0 + T;
-    const int64_t per_thread = L->kind == MN_ATTN_MLA ? s_max + L->kv_lora : s_max + L->v_dim;
-    c->att = (float *)carve(a, sizeof(float) * per_thread * nth);
+    if (L->kind == MN_ATTN_MLA) {
+        c->att_stride = s_max + L->kv_lora;
+    } else {   /* scores of up to 4 heads of one kv group */
+        c->att_stride = 4 * s_max;
+    }
+    c->att = (float *)carve(a, sizeof(float) * c->att_stride * nth);
 }
 
 static size_t attn_scratch(const mn_attn_layer *L, int64_t T, int64_t n_ctx, int nth) {
@@ -235,25 +273,18 @@ static size_t attn_scratch(const mn_attn_layer *L, int64_t T, int64_t n_ctx, int
     return a.used + 64;
 }
 
-/* scores over cache rows 0..S-1 of one head, softmax, weighted sum of values */
-static void attend(const vec_ops *V, const float *q, const float *keys, size_t key_stride, int64_t kdim,
-                   const float *vals, size_t val_stride, int64_t vdim, int64_t S, float scale,
-                   float *scores, float *out) {
-    float mx = -INFINITY;
-    for (int64_t s = 0; s < S; s++) {
-        const float d = V->dot(q, keys + s * key_stride, kdim) * scale;
-        scores[s] = d;
-        if (d > mx) mx = d;
-    }
-    float sum = 0;
-    for (int64_t s = 0; s < S; s++) { scores[s] = expf(scores[s] - mx); sum += scores[s]; }
-    memset(out, 0, sizeof(float) * vdim);
-    for (int64_t s = 0; s < S; s++) V->axpy(out, scores[s], vals + s * val_stride, vdim);
-    const float inv = 1.0f / sum;
-    for (int64_t i = 0; i < vdim; i++) out[i] *= inv;
-}
-
 static void head_norm(float *v, const float *w, int n, float eps) { rms_norm_row(v, w, v, n, eps); }
+
+#define MAX_HEAD_DIM 1024
+#define KV_TILES(n_ctx) (((n_ctx) + 31) / 32)
+
+/* exp(x - max) in place; returns 1 / sum */
+static float softmax_unnormalized(float *x, int64_t n) {
+    float mx = -INFINITY, sum = 0;
+    for (int64_t i = 0; i < n; i++) if (x[i] > mx) mx = x[i];
+    for (int64_t i = 0; i < n; i++) { x[i] = expf(x[i] - mx); sum += x[i]; }
+    return 1.0f / sum;
+}
 
 static void attn_task(void *p, int ith, int nth) {
     attn_ctx *c = (attn_ctx *)p;
@@ -336,7 +367,7 @@ static void attn_task(void *p, int ith, int nth) {
                 rope_apply(qh + L->rope_off, L->rope_dims, L->rope_neox, L->rope_cos, L->rope_sin, pos);
             } else {
                 const int64_t h = j - nq;
-                float *kc = L->cache_k + (pos * L->n_kv + h) * qk;
+                float kc[MAX_HEAD_DIM];
                 float *vc = L->cache_v + (pos * L->n_kv + h) * vd;
                 if (L->kind == MN_ATTN_GQA) {
                     const float *kh = C.k + t * L->n_kv * qk + h * qk;
@@ -352,17 +383,38 @@ static void attn_task(void *p, int ith, int nth) {
                     memcpy(vc, kvh + L->nope, sizeof(float) * vd);
                 }
                 rope_apply(kc + L->rope_off, L->rope_dims, L->rope_neox, L->rope_cos, L->rope_sin, pos);
+                /* keys are cached in transposed tiles, [kv head][position / 32][dim][32] */
+                float *kt = L->cache_k + (h * KV_TILES(L->n_ctx) + pos / 32) * qk * 32 + pos % 32;
+                for (int64_t i = 0; i < qk; i++) kt[i * 32] = kc[i];
             }
         }
         mn_pool_barrier(pool, ith);
-        /* P3: attention per (token, head) */
-        split(T * nq, ith, nth, &a0, &a1);
-        float *scores = C.att + (pos0 + T + vd) * ith;
+        /* P3: attention per (token, kv head): the group's query heads share each key and value load */
+        const attn_ops A = attn_for_level();
+        split(T * L->n_kv, ith, nth, &a0, &a1);
+        float *scores = C.att + C.att_stride * ith;
         for (int64_t u = a0; u < a1; u++) {
-            const int64_t t = u / nq, h = u % nq, kvh = L->q2kv[h];
-            attend(&V, C.q + t * nq * qk + h * qk, L->cache_k + kvh * qk, L->n_kv * qk, qk,
-                   L->cache_v + kvh * vd, L->n_kv * vd, vd, pos0 + t + 1, L->kq_scale, scores,
-                   C.ao + t * nq * vd + h * vd);
+            const int64_t t = u / L->n_kv, g = u % L->n_kv, S = pos0 + t + 1;
+            int h = 0;
+            while (h < nq && L->q2kv[h] != g) h++;
+            for (; h < nq && L->q2kv[h] == g; h += 4) {
+                int nb = 0;
+                const float *qs[4];
+                float *sc[4], *out[4];
+                while (nb < 4 && h + nb < nq && L->q2kv[h + nb] == g) {
+                    qs[nb] = C.q + t * nq * qk + (h + nb) * qk;
+                    sc[nb] = scores + nb * S;
+                    out[nb] = C.ao + t * nq * vd + (h + nb) * vd;
+                    nb++;
+                }
+                A.scores(qs, nb, L->cache_k + g * KV_TILES(L->n_ctx) * qk * 32, (int)qk, S, L->kq_scale, sc);
+                float inv[4];
+                for (int j = 0; j < nb; j++) inv[j] = softmax_unnormalized(sc[j], S);
+                A.values((const float *const *)sc, nb, L->cache_v + g * vd, L->n_kv * vd, (int)vd, S, out);
+                for (int j = 0; j < nb; j++)
+                    for (int64_t i = 0; i < vd; i++) out[j][i] *= inv[j];
+                if (nb < 4) break;
+            }
         }
     } else if (L->kind == MN_ATTN_MLA) {
         const int64_t R = L->kv_lora, rd = L->rope_dims, kvw = R + rd;
@@ -397,7 +449,7 @@ static void attn_task(void *p, int ith, int nth) {
         mn_pool_barrier(pool, ith);
         /* P4: attention in the latent space */
         split(T * nq, ith, nth, &a0, &a1);
-        float *scores = C.att + (pos0 + T + R) * ith;
+        float *scores = C.att + C.att_stride * ith;
         for (int64_t u = a0; u < a1; u++) {
             const int64_t t = u / nq, h = u % nq, S = pos0 + t + 1;
             const float *ql = C.qlat + (h * T + t) * R, *qpe = C.q + t * nq * qk + h * qk + L->nope;
@@ -765,6 +817,10 @@ int mn_engine_check(const mn_engine *e, char *err, size_t errlen) {
         for (int l = 0; l < e->n_layers; l++) {
             const mn_attn_layer *A = &nd->attn[l];
             const int64_t H = A->hidden;
+            if ((A->kind == MN_ATTN_GQA || A->kind == MN_ATTN_MLA_MHA) && A->qk_dim > MAX_HEAD_DIM) {
+                snprintf(err, errlen, "node %d layer %d: head size %d exceeds %d", n, l, A->qk_dim, MAX_HEAD_DIM);
+                return -1;
+            }
             if (A->kind == MN_ATTN_GQA) {
                 if (check_mat(&A->wq, H, "attn_q", n, l, err, errlen) || check_mat(&A->wk, H, "attn_k", n, l, err, errlen) ||
                     check_mat(&A->wv, H, "attn_v", n, l, err, errlen) ||

@@ -303,7 +303,8 @@ class EngineBackend:
                      bv=vec(at.bv, k0 * hd, k1 * hd, "bv"),
                      q_norm=None if at.q_norm is None else S.floats(node, key + "q_norm", _f32(at.q_norm), (hd,), "norms"),
                      k_norm=None if at.k_norm is None else S.floats(node, key + "k_norm", _f32(at.k_norm), (hd,), "norms"),
-                     cache_k=S.zeros(node, key + "cache_k", (self.n_ctx, nkv, hd), "kv_cache"),
+                     cache_k=S.zeros(node, key + "cache_k", (nkv, -(-self.n_ctx // 32), hd, 32),
+                                     "kv_cache"),   # keys in transposed tiles of 32 positions
                      cache_v=S.zeros(node, key + "cache_v", (self.n_ctx, nkv, hd), "kv_cache"))
             return p
         assert isinstance(at, MLAWeights)
@@ -338,7 +339,8 @@ class EngineBackend:
             p.update(kind="mla_mha",
                      wkv_b=_mat(S.raw(node, key + "wkv_b", at.wkv_b.raw[h0 * per:h1 * per], "attention",
                                       source=at.wkv_b), at.wkv_b, R),
-                     cache_k=S.zeros(node, key + "cache_k", (self.n_ctx, nh, qh), "kv_cache"),
+                     cache_k=S.zeros(node, key + "cache_k", (nh, -(-self.n_ctx // 32), qh, 32),
+                                     "kv_cache"),   # keys in transposed tiles of 32 positions
                      cache_v=S.zeros(node, key + "cache_v", (self.n_ctx, nh, vd), "kv_cache"))
         return p
 
