@@ -41,7 +41,7 @@ cdef extern from "mn_engine.h":
         float *cache_k
         float *cache_v
         float *cache_lat
-        float *cache_kpe
+        float *cache_ktiles
 
     ctypedef struct mn_ffn_layer:
         int kind
@@ -239,7 +239,7 @@ cdef class NativeEngine:
         L.cache_k = self._fw(p.get("cache_k"))
         L.cache_v = self._fw(p.get("cache_v"))
         L.cache_lat = self._fw(p.get("cache_lat"))
-        L.cache_kpe = self._fw(p.get("cache_kpe"))
+        L.cache_ktiles = self._fw(p.get("cache_ktiles"))
 
     def set_ffn(self, int node, int layer, dict p):
         cdef mn_ffn_layer *L = &self.e.nodes[node].ffn[layer]

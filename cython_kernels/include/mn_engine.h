@@ -49,7 +49,8 @@ typedef struct {
     /* cache (this node's part) */
     int64_t n_ctx;
     float *cache_k, *cache_v;           /* GQA/MLA_MHA: keys in tiles [n_kv, ceil(n_ctx/32), qk_dim, 32], values [n_ctx, n_kv, v_dim] */
-    float *cache_lat, *cache_kpe;       /* MLA: [n_ctx, kv_lora], [n_ctx, rope_dims] */
+    float *cache_lat;                   /* MLA: latents [n_ctx, kv_lora] (values) */
+    float *cache_ktiles;                /* MLA: keys [latent | roped k_pe] in tiles [ceil(n_ctx/32), kv_lora + rope_dims, 32] */
 } mn_attn_layer;
 
 typedef struct {

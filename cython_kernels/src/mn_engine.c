@@ -36,74 +36,6 @@ static void *carve(arena *a, size_t n) {
     return r;
 }
 
-/* float vector ops, per SIMD level */
-typedef struct {
-    float (*dot)(const float *a, const float *b, int64_t n);
-    void (*axpy)(float *y, float alpha, const float *x, int64_t n);   /* y += alpha * x */
-} vec_ops;
-
-static float dot_s(const float *a, const float *b, int64_t n) {
-    float s0 = 0, s1 = 0, s2 = 0, s3 = 0;
-    int64_t i = 0;
-    for (; i + 4 <= n; i += 4) { s0 += a[i] * b[i]; s1 += a[i+1] * b[i+1]; s2 += a[i+2] * b[i+2]; s3 += a[i+3] * b[i+3]; }
-    for (; i < n; i++) s0 += a[i] * b[i];
-    return (s0 + s1) + (s2 + s3);
-}
-static void axpy_s(float *y, float alpha, const float *x, int64_t n) { for (int64_t i = 0; i < n; i++) y[i] += alpha * x[i]; }
-
-__attribute__((target("avx2,fma")))
-static float dot_avx2(const float *a, const float *b, int64_t n) {
-    __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
-    int64_t i = 0;
-    for (; i + 16 <= n; i += 16) {
-        s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), s0);
-        s1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), s1);
-    }
-    for (; i + 8 <= n; i += 8) s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), s0);
-    s0 = _mm256_add_ps(s0, s1);
-    __m128 h = _mm_add_ps(_mm256_castps256_ps128(s0), _mm256_extractf128_ps(s0, 1));
-    h = _mm_add_ps(h, _mm_movehl_ps(h, h));
-    h = _mm_add_ss(h, _mm_movehdup_ps(h));
-    float s = _mm_cvtss_f32(h);
-    for (; i < n; i++) s += a[i] * b[i];
-    return s;
-}
-__attribute__((target("avx2,fma")))
-static void axpy_avx2(float *y, float alpha, const float *x, int64_t n) {
-    const __m256 va = _mm256_set1_ps(alpha);
-    int64_t i = 0;
-    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(y + i, _mm256_fmadd_ps(va, _mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i)));
-    for (; i < n; i++) y[i] += alpha * x[i];
-}
-
-__attribute__((target("avx512f")))
-static float dot_avx512(const float *a, const float *b, int64_t n) {
-    __m512 s0 = _mm512_setzero_ps(), s1 = _mm512_setzero_ps();
-    int64_t i = 0;
-    for (; i + 32 <= n; i += 32) {
-        s0 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), s0);
-        s1 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i + 16), _mm512_loadu_ps(b + i + 16), s1);
-    }
-    for (; i + 16 <= n; i += 16) s0 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), s0);
-    float s = _mm512_reduce_add_ps(_mm512_add_ps(s0, s1));
-    for (; i < n; i++) s += a[i] * b[i];
-    return s;
-}
-__attribute__((target("avx512f")))
-static void axpy_avx512(float *y, float alpha, const float *x, int64_t n) {
-    const __m512 va = _mm512_set1_ps(alpha);
-    int64_t i = 0;
-    for (; i + 16 <= n; i += 16) _mm512_storeu_ps(y + i, _mm512_fmadd_ps(va, _mm512_loadu_ps(x + i), _mm512_loadu_ps(y + i)));
-    for (; i < n; i++) y[i] += alpha * x[i];
-}
-
-static vec_ops vec_for_level(void) {
-    const int lvl = mn_active_level();
-    if (lvl >= MN_SIMD_AVX512) return (vec_ops){dot_avx512, axpy_avx512};
-    if (lvl >= MN_SIMD_AVX2) return (vec_ops){dot_avx2, axpy_avx2};
-    return (vec_ops){dot_s, axpy_s};
-}
-
 /* attention micro-kernels per SIMD level (mn_attn_tmpl.h) */
 typedef float v16 __attribute__((vector_size(64)));
 typedef float v16u __attribute__((vector_size(64), aligned(4)));
@@ -254,8 +186,8 @@ static void attn_layout(attn_ctx *c, arena *a, int nth) {
     if (nq > 0) act_add(&c->ao_act, L->wo.type, nq * L->v_dim);
     act_alloc(&c->in, a, T); act_alloc(&c->qa_act, a, T); act_alloc(&c->lat_act, a, T); act_alloc(&c->ao_act, a, T);
     const int64_t s_max = c->pos0 + T;
-    if (L->kind == MN_ATTN_MLA) {
-        c->att_stride = s_max + L->kv_lora;
+    if (L->kind == MN_ATTN_MLA) {   /* scores of 4 heads, then their [latent | rope] queries */
+        c->att_stride = 4 * s_max + 4 * (L->kv_lora + L->rope_dims);
     } else {   /* scores of up to 4 heads of one kv group */
         c->att_stride = 4 * s_max;
     }
@@ -291,7 +223,6 @@ static void attn_task(void *p, int ith, int nth) {
     const mn_attn_layer *L = c->L;
     const int64_t t_start = ith == 0 ? now_ns() : 0;
     const int64_t T = c->T, H = L->hidden, nq = L->n_head, pos0 = c->pos0;
-    const vec_ops V = vec_for_level();
     mn_pool *pool = c->node->pool;
     arena a = {(uint8_t *)(((uintptr_t)c->node->scratch + 63) & ~(uintptr_t)63), 0, c->node->scratch_bytes};
     float *partial = c->node->partial;
@@ -428,10 +359,14 @@ static void attn_task(void *p, int ith, int nth) {
                 rope_apply(qh + L->nope, (int)rd, L->rope_neox, L->rope_cos, L->rope_sin, pos);
                 mn_quantize_act(L->k_b[j].type, qh, C.qn_q + (j * T + t) * C.qn_row, L->nope);
             } else {
-                rms_norm_row(C.kva + t * kvw, L->kv_a_norm, L->cache_lat + pos * R, R, L->norm_eps);
-                float *kpe = L->cache_kpe + pos * rd;
+                float *lat = L->cache_lat + pos * R, kpe[MAX_HEAD_DIM];
+                rms_norm_row(C.kva + t * kvw, L->kv_a_norm, lat, R, L->norm_eps);
                 memcpy(kpe, C.kva + t * kvw + R, sizeof(float) * rd);
                 rope_apply(kpe, (int)rd, L->rope_neox, L->rope_cos, L->rope_sin, pos);
+                /* key = [latent | roped k_pe], cached in transposed tiles [position / 32][dim][32] */
+                float *kt = L->cache_ktiles + (pos / 32) * kvw * 32 + pos % 32;
+                for (int64_t i = 0; i < R; i++) kt[i * 32] = lat[i];
+                for (int64_t i = 0; i < rd; i++) kt[(R + i) * 32] = kpe[i];
             }
         }
         mn_pool_barrier(pool, ith);
@@ -447,26 +382,33 @@ static void attn_task(void *p, int ith, int nth) {
             }
         }
         mn_pool_barrier(pool, ith);
-        /* P4: attention in the latent space */
-        split(T * nq, ith, nth, &a0, &a1);
+        /* P4: attention in the latent space, 4 heads per kernel call (all heads share the keys) */
+        const attn_ops A = attn_for_level();
+        const int64_t nblk = (nq + 3) / 4;
+        split(T * nblk, ith, nth, &a0, &a1);
         float *scores = C.att + C.att_stride * ith;
+        float *qcat = scores + 4 * (pos0 + T);
         for (int64_t u = a0; u < a1; u++) {
-            const int64_t t = u / nq, h = u % nq, S = pos0 + t + 1;
-            const float *ql = C.qlat + (h * T + t) * R, *qpe = C.q + t * nq * qk + h * qk + L->nope;
-            float mx = -INFINITY;
-            for (int64_t s = 0; s < S; s++) {
-                const float d = (V.dot(ql, L->cache_lat + s * R, R) + V.dot(qpe, L->cache_kpe + s * rd, rd)) * L->kq_scale;
-                scores[s] = d;
-                if (d > mx) mx = d;
+            const int64_t t = u / nblk, h0 = (u % nblk) * 4, S = pos0 + t + 1;
+            const int nb = nq - h0 < 4 ? (int)(nq - h0) : 4;
+            const float *qs[4];
+            float *sc[4], *out[4];
+            for (int j = 0; j < nb; j++) {   /* query = [k_b-absorbed q_nope | roped q_pe] */
+                float *qj = qcat + j * kvw;
+                memcpy(qj, C.qlat + ((h0 + j) * T + t) * R, sizeof(float) * R);
+                memcpy(qj + R, C.q + t * nq * qk + (h0 + j) * qk + L->nope, sizeof(float) * rd);
+                qs[j] = qj;
+                sc[j] = scores + j * S;
+                out[j] = C.olat + ((h0 + j) * T + t) * R;
             }
-            float sum = 0;
-            for (int64_t s = 0; s < S; s++) { scores[s] = expf(scores[s] - mx); sum += scores[s]; }
-            float *o = C.olat + (h * T + t) * R;
-            memset(o, 0, sizeof(float) * R);
-            for (int64_t s = 0; s < S; s++) V.axpy(o, scores[s], L->cache_lat + s * R, R);
-            const float inv = 1.0f / sum;
-            for (int64_t i = 0; i < R; i++) o[i] *= inv;
-            mn_quantize_act(L->v_b[h].type, o, C.olat_q + (h * T + t) * C.olat_row, R);
+            A.scores(qs, nb, L->cache_ktiles, (int)kvw, S, L->kq_scale, sc);
+            float inv[4];
+            for (int j = 0; j < nb; j++) inv[j] = softmax_unnormalized(sc[j], S);
+            A.values((const float *const *)sc, nb, L->cache_lat, R, (int)R, S, out);
+            for (int j = 0; j < nb; j++) {
+                for (int64_t i = 0; i < R; i++) out[j][i] *= inv[j];
+                mn_quantize_act(L->v_b[h0 + j].type, out[j], C.olat_q + ((h0 + j) * T + t) * C.olat_row, R);
+            }
         }
         mn_pool_barrier(pool, ith);
         /* P5: values out of the latent: ao[t, h] = v_b[h] @ o_lat[h, t] */
@@ -817,7 +759,8 @@ int mn_engine_check(const mn_engine *e, char *err, size_t errlen) {
         for (int l = 0; l < e->n_layers; l++) {
             const mn_attn_layer *A = &nd->attn[l];
             const int64_t H = A->hidden;
-            if ((A->kind == MN_ATTN_GQA || A->kind == MN_ATTN_MLA_MHA) && A->qk_dim > MAX_HEAD_DIM) {
+            if (((A->kind == MN_ATTN_GQA || A->kind == MN_ATTN_MLA_MHA) && A->qk_dim > MAX_HEAD_DIM) ||
+                (A->kind == MN_ATTN_MLA && A->rope_dims > MAX_HEAD_DIM)) {
                 snprintf(err, errlen, "node %d layer %d: head size %d exceeds %d", n, l, A->qk_dim, MAX_HEAD_DIM);
                 return -1;
             }

@@ -333,7 +333,8 @@ class EngineBackend:
                      v_b=[_mat(S.raw(node, key + f"v_b{h}", at.wv_b.raw[h], "attention", source=at.wv_b),
                                at.wv_b, R) for h in range(h0, h1)],
                      cache_lat=S.zeros(node, key + "cache_lat", (self.n_ctx, R), "kv_cache"),
-                     cache_kpe=S.zeros(node, key + "cache_kpe", (self.n_ctx, rd), "kv_cache"))
+                     cache_ktiles=S.zeros(node, key + "cache_ktiles", (-(-self.n_ctx // 32), R + rd, 32),
+                                          "kv_cache"))
         else:                     # attn_kv_b: decompress this node's heads, cache full K/V
             per = a.qk_nope_dim + vd
             p.update(kind="mla_mha",
