@@ -25,6 +25,7 @@ def _model_options(args) -> dict:
     from .api import DEFAULT_BACKEND
     backend = args.backend or DEFAULT_BACKEND
     if backend == "engine":
+        opts["progress"] = True          # placing a large model takes a while: show it on stderr
         if args.numa_expert_map:
             opts["expert_map"] = args.numa_expert_map
         if args.numa_nodes:
