@@ -147,6 +147,13 @@ class Model:
             raise MoeNumaError("placement_report() needs the engine backend")
         return report()
 
+    def rebalance(self, **options) -> dict:
+        """Move hot experts between nodes to even out routed tokens (engine only)."""
+        rebalance = getattr(self.backend, "rebalance", None)
+        if rebalance is None:
+            raise MoeNumaError("rebalance() needs the engine backend")
+        return rebalance(**options)
+
     def close(self) -> None:
         self.backend.close()
 

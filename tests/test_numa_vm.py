@@ -1,7 +1,7 @@
 """Placement on a kernel with real NUMA nodes: ../shared/numa-vm boots a QEMU
 guest with 2 or 4 nodes (AVX2 only, emulated, slow) and runs the placement
-check there: every page of every expert on the node the map gives, TP shards
-on their nodes, pool threads only on their node's CPUs, and the engine's
+check there: every page of every expert on the node the map gives (also after
+the rebalancer moved hot experts), TP shards on their nodes, pool threads only on their node's CPUs, and the engine's
 logits (AVX2 kernels) against the reference."""
 import json
 import os
@@ -18,18 +18,18 @@ pytestmark = [pytest.mark.numa_vm, pytest.mark.skipif(not RUN.exists(), reason="
 
 @pytest.mark.parametrize("nodes,preset", [(2, "qwen3moe"), (4, "deepseek-v3")])
 def test_placement_on_real_numa_nodes(nodes, preset):
-    map_arg = []
+    map_arg = ["--rebalance"] if nodes == 2 else []
     if nodes == 4:
         map_path = REPO / "expert_maps" / "test-deepseek-v3-4node.yaml.tmp"
         map_path.write_text("model: {n_expert: 16}\nnodes: [0, 1, 2, 3]\n"
                             "experts: {0: 0-3, 1: 4-7, 2: 8-11, 3: 12-15}\nlayers: {2: {3: 0-7, 1: 8-15}}\n")
-        map_arg = ["--expert-map", str(map_path)]
+        map_arg += ["--expert-map", str(map_path)]
     cmd = [str(RUN), "--nodes", str(nodes), "--timeout", "600", "--",
            "python3", "-m", "moe_numa.numa.check", "--preset", preset, "--type", "q8_0", "--json",
            "--compare-reference", *map_arg]
     env = dict(os.environ, OPENBLAS_NUM_THREADS="1")
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900, env=env)
-    if map_arg:
+    if nodes == 4:
         map_path.unlink()
     line = next((l for l in proc.stdout.splitlines() if l.startswith("{")), None)
     assert line, f"no result from the guest (rc {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
@@ -37,6 +37,8 @@ def test_placement_on_real_numa_nodes(nodes, preset):
     assert r["real_nodes"] == nodes and all(r["bound"])
     assert r["expert_shards"] > 0 and r["expert_pages_on_node"] == r["expert_pages"]
     assert r["experts_on_mapped_node"]
+    if nodes == 2:
+        assert r["rebalance_swaps"] > 0        # experts moved at run time are on their new node too
     assert not r["misplaced"], r["misplaced"]
     for cls in ("attention", "routed_experts", "kv_cache", "output"):
         c = r["pages_by_class"][cls]

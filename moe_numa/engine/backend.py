@@ -204,7 +204,8 @@ class EngineBackend:
 
     def __init__(self, model, expert_map=None, numa_nodes: int | None = None,
                  threads_per_node: int | None = None, use_smt: bool = False, hugepages: bool = True,
-                 ubatch: int = 512, progress: bool | Callable[[int, int], None] = False):
+                 ubatch: int = 512, progress: bool | Callable[[int, int], None] = False,
+                 rebalance_every: int | None = 1024):
         from .. import _native
         self.cfg = cfg = model.config
         self.weights = w = model.weights
@@ -224,6 +225,8 @@ class EngineBackend:
             self.store = NodeStore(self.topology, hugepages, model.gguf)
             self.expert_tokens = [np.zeros(cfg.n_expert, dtype=np.int64) for _ in range(cfg.n_layer)]
             params = self._plan_shards()
+            # FFN params keep their Refs: the rebalancer re-resolves them after moving experts.
+            self._ffn_params = {(node, layer): p for (kind, node, layer), p in params.items() if kind == "ffn"}
             report = _progress_printer(progress)
             self.store.materialize(report)
             self.core = _native.NativeEngine([p._pool for p in self.pools], cfg.n_layer, cfg.hidden, self.ubatch)
@@ -244,6 +247,9 @@ class EngineBackend:
             self.close()
             raise
         self.load_seconds = time.perf_counter() - t0
+        self.rebalance_every = rebalance_every
+        self._since_rebalance = 0
+        self.rebalance_log: list[dict] = []
         self._blas = _limit_blas()
         # The calling thread is node 0's thread 0: keep it on that node's first core
         # (restored on close), so the scheduler never stacks it on a pool thread's core.
@@ -407,11 +413,98 @@ class EngineBackend:
                 self.core.attention(layer, x, self.n_past)
                 self.core.ffn(layer, x)
             self.n_past += len(chunk)
+            self._since_rebalance += len(chunk)
             if all_logits:
                 self.core.head(x, out[start:start + len(chunk)])
             elif start + self.ubatch >= n:
                 self.core.head(np.ascontiguousarray(x[-1:]), out)
+        if self.rebalance_every and self._since_rebalance >= self.rebalance_every and self.plan.n_nodes > 1:
+            self.rebalance()
         return out
+
+    # ---------------------------------------------------------------- hot experts
+    def rebalance(self, min_tokens: int = 64, tolerance: float = 0.10, max_swaps: int = 64) -> dict:
+        """Even out the tokens each node's experts received since the last call
+        (layers that saw fewer than `min_tokens` tokens are left alone).
+
+        Per MoE layer, while the busiest node's load exceeds the mean by more than
+        `tolerance`, swap one of its hot experts with a colder expert of the
+        least busy node (the swap that best closes their gap). Experts of a layer
+        have the same size, so a swap exchanges the contents of two shard slots:
+        weights stay one copy, each in bound memory of its new node. Counters are
+        reset afterwards. Returns {layer: {"swaps": [(e_from, node_from, e_to, node_to)],
+        "before": max/mean, "after": max/mean}} for the layers that changed."""
+        report = {}
+        n = self.plan.n_nodes
+        for layer, counts in enumerate(self.expert_tokens):
+            lp = self.plan.layers[layer]
+            if not any(lp.experts) or counts.sum() < min_tokens * self.cfg.router.n_used or n < 2:
+                continue
+            owner = {e: node for node in range(n) for e in lp.experts[node]}
+            load = np.array([counts[lp.experts[node]].sum() for node in range(n)], dtype=np.float64)
+            before = load.max() / load.mean()
+            swaps = []
+            while len(swaps) < max_swaps and load.max() > (1 + tolerance) * load.mean():
+                hot, cold = int(load.argmax()), int(load.argmin())
+                gap = load[hot] - load[cold]
+                best = None
+                for e1 in (e for e, o in owner.items() if o == hot):
+                    for e2 in (e for e, o in owner.items() if o == cold):
+                        d = counts[e1] - counts[e2]
+                        if 0 < d < gap and (best is None or abs(gap - 2 * d) < best[0]):
+                            best = (abs(gap - 2 * d), e1, e2, d)
+                if best is None:
+                    break
+                _, e1, e2, d = best
+                self._swap_experts(layer, e1, hot, e2, cold)
+                owner[e1], owner[e2] = cold, hot
+                load[hot] -= d
+                load[cold] += d
+                swaps.append((e1, hot, e2, cold))
+            if swaps:
+                report[layer] = {"swaps": swaps, "before": float(before), "after": float(load.max() / load.mean())}
+                for node in {m for s in swaps for m in (s[1], s[3])}:
+                    self.core.set_ffn(node, layer, self.store.resolve(self._ffn_params[(node, layer)]))
+        if report:
+            self._update_map(report)
+            self.rebalance_log.append(report)
+        for c in self.expert_tokens:
+            c[:] = 0
+        self._since_rebalance = 0
+        return report
+
+    def _swap_experts(self, layer: int, e1: int, n1: int, e2: int, n2: int) -> None:
+        """Expert e1 moves from node n1 to n2 and e2 from n2 to n1, by swapping slot contents."""
+        S, key = self.store, f"L{layer}."
+        for name in ("gate", "up", "down"):
+            k1, k2 = f"{key}e{e1}.{name}", f"{key}e{e2}.{name}"
+            a, b = S.arrays.pop((n1, k1)), S.arrays.pop((n2, k2))
+            tmp = a.copy()
+            a[...] = b
+            b[...] = tmp
+            S.arrays[(n1, k2)], S.arrays[(n2, k1)] = a, b
+            S.items[(n1, k2)], S.items[(n2, k1)] = S.items.pop((n1, k1)), S.items.pop((n2, k2))
+            S.items[(n1, k2)].key, S.items[(n2, k1)].key = k2, k1
+        p1, p2 = self._ffn_params[(n1, layer)]["experts"], self._ffn_params[(n2, layer)]["experts"]
+        p1[e2] = tuple(Ref(n1, f"{key}e{e2}.{name}") for name in ("gate", "up", "down"))
+        p2[e1] = tuple(Ref(n2, f"{key}e{e1}.{name}") for name in ("gate", "up", "down"))
+        del p1[e1], p2[e2]
+        lp = self.plan.layers[layer]
+        lp.experts[n1][:] = sorted(set(lp.experts[n1]) - {e1} | {e2})
+        lp.experts[n2][:] = sorted(set(lp.experts[n2]) - {e2} | {e1})
+
+    def _update_map(self, report: dict) -> None:
+        """The expert map now in force: the old one with the rebalanced layers overridden."""
+        from dataclasses import replace
+        emap = self.plan.expert_map
+        overrides = dict(emap.overrides)
+        for layer in report:
+            owner = [0] * emap.n_expert
+            for node, experts in enumerate(self.plan.layers[layer].experts):
+                for e in experts:
+                    owner[e] = node
+            overrides[layer] = tuple(owner)
+        self.plan.expert_map = replace(emap, overrides=overrides)
 
     # ---------------------------------------------------------------- reports
     def placement_report(self, check_pages: bool = False, sample: int = 8) -> dict:

@@ -34,12 +34,19 @@ def _thread_cpus() -> dict[int, dict]:
     return out
 
 
-def check(model, run_tokens: int = 8) -> dict:
-    """Placement facts of a model loaded with the engine backend."""
+def check(model, run_tokens: int = 8, rebalance: bool = False) -> dict:
+    """Placement facts of a model loaded with the engine backend. With
+    `rebalance`, hot experts are first moved between nodes (any imbalance), so
+    the check also covers experts that changed node at run time."""
     backend = model.backend
     before = _thread_cpus()
     # Run a few tokens so every pool thread has run on its CPU at least once.
     model.logits(list(range(1, run_tokens + 1)))
+    swaps = 0
+    if rebalance:
+        report = backend.rebalance(min_tokens=1, tolerance=0.0)
+        swaps = sum(len(r["swaps"]) for r in report.values())
+        model.logits(list(range(1, run_tokens + 1)))
     threads = _thread_cpus()
     main = threading.get_native_id()
     pools = []
@@ -70,6 +77,7 @@ def check(model, run_tokens: int = 8) -> dict:
         "expert_pages": sum(p["pages"] for p in experts),
         "expert_pages_on_node": sum(p["on_node"] for p in experts),
         "experts_on_mapped_node": expert_nodes_ok,
+        "rebalance_swaps": swaps,
         "misplaced": [p for p in pages if p["on_node"] != p["pages"]][:20],
         "pools": pools,
         "pool_threads": pool_threads,
@@ -89,6 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--expert-map")
     ap.add_argument("--numa-nodes", type=int)
     ap.add_argument("--compare-reference", action="store_true", help="also check logits against the reference")
+    ap.add_argument("--rebalance", action="store_true", help="move hot experts between nodes first")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
     path = args.model
@@ -97,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
         tmp = tempfile.TemporaryDirectory()
         path = str(make_test_model(os.path.join(tmp.name, "m.gguf"), args.preset, args.type))
     model = moe_numa.load(path, backend="engine", expert_map=args.expert_map, numa_nodes=args.numa_nodes)
-    result = check(model)
+    result = check(model, rebalance=args.rebalance)
     if args.compare_reference:
         ids = list(range(1, 9))
         ref = moe_numa.load(path, backend="reference", act_quant=True)
