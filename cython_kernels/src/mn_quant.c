@@ -136,6 +136,9 @@ static void quantize_q8_K(const float *x, uint8_t *xq, int64_t nb) {
 }
 
 void mn_quantize_act(int wtype, const float *x, void *xq, int64_t cols) {
+    /* Q8_0 scales are rounded through mn_fp16_table, which init_once fills: the
+     * first kernel call of a process may be a quantization (it was zeros then) */
+    (void)mn_kernels();
     size_t rb = mn_act_row_bytes(wtype, cols);
     if (!rb) return;
     switch (mn_act_kind(wtype)) {
