@@ -27,6 +27,7 @@ import pytest
 
 import moe_numa
 from moe_numa.bench import llama_cpp as lc
+from moe_numa.bench.compat_llama_cpp import BLOCK_FLIP, engine_block_errors
 
 from conftest import TEST_PRESETS
 
@@ -41,8 +42,7 @@ F32_REL = 1e-4
 Q_LOGITS_MEDIAN = 5e-2
 Q_ARGMAX = 0.85
 BLOCK_MEDIAN = 1e-5
-BLOCK_FLIP = 1e-4            # a position beyond this in a block counts as a rounding flip
-BLOCK_FLIP_SHARE = 0.25      # per block
+BLOCK_FLIP_SHARE = 0.25      # per block, positions beyond BLOCK_FLIP (a rounding flip)
 
 
 @pytest.fixture(scope="module")
@@ -85,23 +85,6 @@ def test_f32_reference_and_engine_match_llama_cpp(llama, make_model, preset):
         assert (g.argmax(-1) == want.argmax(-1)).all(), name
 
 
-def _block_errors(eng, llama_nodes, n_layer) -> list[tuple[str, np.ndarray]]:
-    """The engine's attention and FFN blocks, each on llama.cpp's input to it:
-    per-position max |Δ| relative to the block's largest contribution."""
-    core = eng.backend.core
-    eng.backend.reset()
-    out = []
-    for i in range(n_layer):
-        x = llama_nodes["embd"] if i == 0 else llama_nodes[f"l_out-{i - 1}"]
-        for kind, want in (("attention", llama_nodes[f"ffn_inp-{i}"]), ("ffn", llama_nodes[f"l_out-{i}"])):
-            got = np.array(x, dtype=np.float32, order="C")
-            core.attention(i, got, 0) if kind == "attention" else core.ffn(i, got)
-            err = np.abs(got - want).max(axis=1) / np.abs(want - x).max()
-            out.append((f"layer {i} {kind}", err))
-            x = want
-    return out
-
-
 @pytest.mark.parametrize("preset", TEST_PRESETS)
 @pytest.mark.parametrize("qtype", ["q8_0", "q4_k_m"])
 def test_quantized_engine_matches_llama_cpp(llama, make_model, preset, qtype):
@@ -113,7 +96,7 @@ def test_quantized_engine_matches_llama_cpp(llama, make_model, preset, qtype):
         nodes.setdefault(r["name"], r["array"])    # first node of a name: "embd" before its copies
     with moe_numa.load(path, backend="engine", numa_nodes=2) as eng:
         got = eng.logits(ids)
-        blocks = _block_errors(eng, nodes, eng.config.n_layer)
+        blocks = engine_block_errors(eng, nodes, eng.config.n_layer)
     rel = per_position(got, want)
     agree = (got.argmax(-1) == want.argmax(-1)).mean()
     assert np.median(rel) <= Q_LOGITS_MEDIAN, f"logits: median rel {np.median(rel):.2e}"
