@@ -417,12 +417,19 @@ ENGINE_BLOCK_MEDIAN = 1e-5
 ENGINE_ARGMAX = 0.85
 
 
-def engine_ok(row: dict) -> bool:
+#: weight types whose matmul inputs llama.cpp rounds to F16/BF16 (their vec_dot_type) and we keep float32
+FLOAT_ACT_TYPES = ("f16", "bf16")
+
+
+def engine_ok(row: dict) -> bool | None:
+    """None: not comparable block by block (F16/BF16 files, see FLOAT_ACT_TYPES)."""
     e = row.get("engine") or {}
     if "error" in e or not e:
         return False
     if row["qtype"] == "f32":
         return e["max_rel"] <= F32_REL_TOL and e["argmax_agree"] == 1.0
+    if row["qtype"] in FLOAT_ACT_TYPES:
+        return None
     return e["block_median"] <= ENGINE_BLOCK_MEDIAN and e["argmax_agree"] >= ENGINE_ARGMAX
 
 
@@ -537,7 +544,7 @@ def render(build, model_rows, tok_rows, args, seconds) -> str:
             out.append(f"| {r['preset']} | {r['qtype']} | {_f(e['median_rel'], '.1e')} | {_f(e['max_rel'], '.1e')} | "
                        f"{100 * e['argmax_agree']:.1f}% | {_f(e['block_median'], '.1e')} | "
                        f"{e['block_flips']}/{e['block_n']} | {self_(b1)} | {self_(rp)} | "
-                       f"{'yes' if engine_ok(r) else '**no**'} |")
+                       f"{ {True: 'yes', False: '**no**', None: '— (F16/BF16: see below)'}[engine_ok(r)]} |")
         out += ["", "Reading the table. Every block agrees with llama.cpp to ~1e-7 at almost every "
                 "position, so no op rounds differently: a missing or extra rounding, or another "
                 "`vec_dot_type`, would move *every* position of a block by ~1e-3. The logits can still "
@@ -556,7 +563,16 @@ def render(build, model_rows, tok_rows, args, seconds) -> str:
                 "393216 latent outputs (28 ppm) and 1 of 98304 `q_nope` values, none at its norms or "
                 "`attn_output` input; qwen3moe none of 131072 attention outputs. Matching ggml bit "
                 "for bit would mean copying its accumulation order in every kernel (per ggml build "
-                "and SIMD level) and in the attention; we do not."]
+                "and SIMD level) and in the attention; we do not.", "",
+                "F16 and BF16 files are a real difference in what is rounded: llama.cpp rounds every "
+                "matmul input to F16 resp. BF16 (the `vec_dot_type` of F16/BF16 weights in "
+                "ggml-cpu), while the engine and the reference keep float32 activations for "
+                "F16/BF16 weights (as for F32). Every position of every block differs by that "
+                "rounding (blocks median ~3e-4 for F16, ~2e-3 for BF16; all positions count as "
+                "flipped). Matching llama.cpp there would cost nothing in speed (round the "
+                "float activations once per row) but loses precision and changes the kernels' "
+                "contract (float activations for float weights, which the kernel, MoE and engine "
+                "tests rely on); not done."]
     fixed = sorted({r["preset"] for r in model_rows if "(" in r["preset"]})
     notes = []
     if fixed:
@@ -656,7 +672,7 @@ def main(argv=None) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps({"models": model_rows, "tokenizer": tok_rows}, indent=1))
     ok = (all(r.get("ok") for r in model_rows) and all(r.get("identical") for r in tok_rows)
-          and all(engine_ok(r) for r in model_rows if r.get("engine")))
+          and all(engine_ok(r) is not False for r in model_rows if r.get("engine")))
     return 0 if ok else 1
 
 
