@@ -29,6 +29,7 @@ from gguf import GGMLQuantizationType
 
 from . import _native
 from .errors import ShapeError, TopologyError, UnsupportedError
+from .numa.topology import core_of, order_cpus  # noqa: F401  (CPU ordering lives in numa.topology)
 
 Q = GGMLQuantizationType
 
@@ -258,54 +259,6 @@ def matmul(w_raw: np.ndarray, qtype, x: np.ndarray, out: np.ndarray | None = Non
 
 
 # ----------------------------------------------------------------------- pools
-def _sys_cpu_file(cpu: int, name: str) -> str | None:
-    try:
-        with open(f"/sys/devices/system/cpu/cpu{cpu}/topology/{name}") as f:
-            return f.read().strip()
-    except OSError:
-        return None
-
-
-def _parse_list(text: str) -> list[int]:
-    out: list[int] = []
-    for part in text.split(","):
-        part = part.strip()
-        if not part:
-            continue
-        if "-" in part:
-            a, b = part.split("-")
-            out.extend(range(int(a), int(b) + 1))
-        else:
-            out.append(int(part))
-    return out
-
-
-def core_of(cpu: int) -> int:
-    """An id of the physical core a CPU belongs to (its lowest SMT sibling)."""
-    for name in ("core_cpus_list", "thread_siblings_list"):
-        text = _sys_cpu_file(cpu, name)
-        if text:
-            return min(_parse_list(text))
-    return cpu
-
-
-def order_cpus(cpus: Sequence[int], use_smt: bool = False) -> list[int]:
-    """The CPUs, physical cores first (one CPU per core, in the given order);
-    SMT siblings of cores already listed are appended only when use_smt."""
-    seen: set[int] = set()
-    first: list[int] = []
-    siblings: list[int] = []
-    for c in cpus:
-        c = int(c)
-        core = core_of(c)
-        if core in seen:
-            siblings.append(c)
-        else:
-            seen.add(core)
-            first.append(c)
-    return first + siblings if use_smt else first
-
-
 def available_cpus() -> list[int]:
     """CPUs this process may run on."""
     return sorted(os.sched_getaffinity(0))

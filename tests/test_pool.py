@@ -94,7 +94,8 @@ def test_closed_pool_and_bad_cpus():
 
 def test_order_cpus_physical_first(monkeypatch):
     # 4 cores with 2 threads each: cpu c and c+4 are siblings
-    monkeypatch.setattr(K, "core_of", lambda c: c % 4)
+    from moe_numa.numa import topology
+    monkeypatch.setattr(topology, "core_of", lambda c: c % 4)
     assert K.order_cpus([0, 4, 1, 5, 2, 6, 3, 7]) == [0, 1, 2, 3]
     assert K.order_cpus([0, 4, 1, 5, 2, 6, 3, 7], use_smt=True) == [0, 1, 2, 3, 4, 5, 6, 7]
     assert K.order_cpus([5, 1]) == [5]

@@ -107,25 +107,35 @@ def _read(path: Path, default: str = "") -> str:
         return default
 
 
-def _core_key(cpu: int) -> tuple[int, int]:
-    topo = SYS_CPU / f"cpu{cpu}" / "topology"
-    pkg = _read(topo / "physical_package_id", "0").strip() or "0"
-    core = _read(topo / "core_id", str(cpu)).strip() or str(cpu)
-    return int(pkg), int(core)
+def core_of(cpu: int) -> int:
+    """An id of the physical core a CPU belongs to (its lowest SMT sibling)."""
+    for name in ("core_cpus_list", "thread_siblings_list"):
+        text = _read(SYS_CPU / f"cpu{cpu}" / "topology" / name).strip()
+        if text:
+            return min(parse_cpulist(text))
+    return cpu
+
+
+def order_cpus(cpus, use_smt: bool = False) -> list[int]:
+    """The CPUs, one per physical core first (in the given order); SMT siblings of
+    cores already listed are appended only when use_smt."""
+    seen: set[int] = set()
+    first: list[int] = []
+    siblings: list[int] = []
+    for c in cpus:
+        c = int(c)
+        core = core_of(c)
+        if core in seen:
+            siblings.append(c)
+        else:
+            seen.add(core)
+            first.append(c)
+    return first + siblings if use_smt else first
 
 
 def order_physical_first(cpus: list[int]) -> tuple[list[int], list[int]]:
     """(all CPUs with one per physical core first, one CPU per physical core)."""
-    seen: dict[tuple[int, int], int] = {}
-    first, rest = [], []
-    for c in sorted(cpus):
-        key = _core_key(c)
-        if key in seen:
-            rest.append(c)
-        else:
-            seen[key] = c
-            first.append(c)
-    return first + rest, first
+    return order_cpus(sorted(cpus), use_smt=True), order_cpus(sorted(cpus))
 
 
 def _meminfo_bytes(node_dir: Path) -> int:
