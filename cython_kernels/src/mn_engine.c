@@ -137,6 +137,21 @@ static void matmul_segs(const seg *s, int n, int64_t T, int ith, int nth) {
     }
 }
 
+/* One matrix per head (rows x m[h].cols), rows of all heads split over the threads.
+ * Head h reads T activation rows at xq + h*T*xq_row and writes row r of token t
+ * to out[h*out_head + t*out_stride + r]. */
+static void matmul_heads(const mn_mat *m, int64_t n_head, int64_t rows, const uint8_t *xq, size_t xq_row, int64_t T,
+                         float *out, int64_t out_head, int64_t out_stride, int ith, int nth) {
+    int64_t b0, b1;
+    split(n_head * rows, ith, nth, &b0, &b1);
+    for (int64_t h = 0; h < n_head; h++) {
+        const int64_t r0 = b0 > h * rows ? b0 - h * rows : 0, r1 = (b1 - h * rows) < rows ? b1 - h * rows : rows;
+        if (r1 > r0)
+            mn_matmul_rows(m[h].type, m[h].data, m[h].stride, m[h].cols, xq + h * T * xq_row, xq_row, T,
+                           out + h * out_head, out_stride, r0, r1);
+    }
+}
+
 /* ------------------------------------------------------------ attention */
 typedef struct {
     mn_engine *e; mn_node *node; const mn_attn_layer *L;
@@ -371,16 +386,7 @@ static void attn_task(void *p, int ith, int nth) {
         }
         mn_pool_barrier(pool, ith);
         /* P3: absorb k_b into the query: q_lat[h, t] = k_b[h] @ q_nope[t, h] */
-        {
-            int64_t b0, b1;
-            split(nq * R, ith, nth, &b0, &b1);
-            for (int64_t h = 0; h < nq; h++) {
-                const int64_t r0 = b0 > h * R ? b0 - h * R : 0, r1 = (b1 - h * R) < R ? b1 - h * R : R;
-                if (r1 > r0)
-                    mn_matmul_rows(L->k_b[h].type, L->k_b[h].data, L->k_b[h].stride, L->nope,
-                                   C.qn_q + h * T * C.qn_row, C.qn_row, T, C.qlat + h * T * R, R, r0, r1);
-            }
-        }
+        matmul_heads(L->k_b, nq, R, C.qn_q, C.qn_row, T, C.qlat, T * R, R, ith, nth);
         mn_pool_barrier(pool, ith);
         /* P4: attention in the latent space, 4 heads per kernel call (all heads share the keys) */
         const attn_ops A = attn_for_level();
@@ -412,16 +418,7 @@ static void attn_task(void *p, int ith, int nth) {
         }
         mn_pool_barrier(pool, ith);
         /* P5: values out of the latent: ao[t, h] = v_b[h] @ o_lat[h, t] */
-        {
-            int64_t b0, b1;
-            split(nq * vd, ith, nth, &b0, &b1);
-            for (int64_t h = 0; h < nq; h++) {
-                const int64_t r0 = b0 > h * vd ? b0 - h * vd : 0, r1 = (b1 - h * vd) < vd ? b1 - h * vd : vd;
-                if (r1 > r0)
-                    mn_matmul_rows(L->v_b[h].type, L->v_b[h].data, L->v_b[h].stride, R,
-                                   C.olat_q + h * T * C.olat_row, C.olat_row, T, C.ao + h * vd, nq * vd, r0, r1);
-            }
-        }
+        matmul_heads(L->v_b, nq, vd, C.olat_q, C.olat_row, T, C.ao, vd, nq * vd, ith, nth);
     }
     mn_pool_barrier(pool, ith);
 
