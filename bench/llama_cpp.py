@@ -502,21 +502,26 @@ def llama_intermediates(build: LlamaCppBuild, gguf_path, token_ids, name_filter:
         return out
 
 
-def llama_tokenize(build: LlamaCppBuild, gguf_path, text: str, add_special: bool = True,
-                   parse_special: bool = False, timeout: float = 600) -> list[int]:
-    """llama.cpp's tokenizer (vocab only is loaded): ``llama_tokenize(vocab, text, ...)``."""
+def _run_tokenize(build: LlamaCppBuild, gguf_path, data: bytes, add_special: bool, parse_special: bool,
+                  timeout: float, extra: Sequence[str] = ()) -> np.ndarray:
+    """Run our probe's `tokenize` mode on `data`; the raw int32 output."""
     with tempfile.TemporaryDirectory(prefix="moe_numa_tok_") as td:
-        fin, fout = Path(td) / "text.txt", Path(td) / "ids.bin"
-        fin.write_bytes(text.encode("utf-8"))
-        cmd = [build.path("llama_logits"), "tokenize", "-m", str(gguf_path), "-f", fin,
-               "-o", fout, "--add-special", "1" if add_special else "0",
-               "--parse-special", "1" if parse_special else "0"]
+        fin, fout = Path(td) / "text.bin", Path(td) / "ids.bin"
+        fin.write_bytes(data)
+        cmd = [build.path("llama_logits"), "tokenize", "-m", str(gguf_path), "-f", fin, "-o", fout, *extra,
+               "--add-special", "1" if add_special else "0", "--parse-special", "1" if parse_special else "0"]
         p = subprocess.run([str(c) for c in cmd], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                            text=True, errors="replace", timeout=timeout)
         if p.returncode != 0:
             raise LlamaCppError(f"llama_logits tokenize failed on {gguf_path} "
                                 f"(exit {p.returncode}):\n" + "\n".join(p.stderr.splitlines()[-30:]))
-        return np.fromfile(fout, dtype=np.int32).tolist()
+        return np.fromfile(fout, dtype=np.int32)
+
+
+def llama_tokenize(build: LlamaCppBuild, gguf_path, text: str, add_special: bool = True,
+                   parse_special: bool = False, timeout: float = 600) -> list[int]:
+    """llama.cpp's tokenizer (vocab only is loaded): ``llama_tokenize(vocab, text, ...)``."""
+    return _run_tokenize(build, gguf_path, text.encode("utf-8"), add_special, parse_special, timeout).tolist()
 
 
 def llama_tokenize_many(build: LlamaCppBuild, gguf_path, texts: Sequence[str],
@@ -528,18 +533,9 @@ def llama_tokenize_many(build: LlamaCppBuild, gguf_path, texts: Sequence[str],
         raise LlamaCppError("llama_tokenize_many: a text contains a NUL character")
     if not texts:
         return []
-    with tempfile.TemporaryDirectory(prefix="moe_numa_tok_") as td:
-        fin, fout = Path(td) / "texts.bin", Path(td) / "ids.bin"
-        fin.write_bytes("\0".join(texts).encode("utf-8"))
-        cmd = [build.path("llama_logits"), "tokenize", "-m", str(gguf_path), "-f", fin,
-               "-o", fout, "--split-nul", "1", "--add-special", "1" if add_special else "0",
-               "--parse-special", "1" if parse_special else "0"]
-        p = subprocess.run([str(c) for c in cmd], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                           text=True, errors="replace", timeout=timeout)
-        if p.returncode != 0:
-            raise LlamaCppError(f"llama_logits tokenize failed on {gguf_path} "
-                                f"(exit {p.returncode}):\n" + "\n".join(p.stderr.splitlines()[-30:]))
-        return _unframe(np.fromfile(fout, dtype=np.int32), len(texts))
+    flat = _run_tokenize(build, gguf_path, "\0".join(texts).encode("utf-8"), add_special, parse_special,
+                         timeout, extra=("--split-nul", "1"))
+    return _unframe(flat, len(texts))
 
 
 def _unframe(flat: np.ndarray, n_texts: int) -> list[list[int]]:
