@@ -239,29 +239,33 @@ def _as_str_list(md: Mapping[str, Any], key: str) -> list[str] | None:
     return out
 
 
-def _as_int(md: Mapping[str, Any], key: str) -> int | None:
-    if key not in md:
-        return None
-    value = md[key]
+_MISSING = object()
+
+
+def _scalar(md: Mapping[str, Any], key: str) -> Any:
+    """md[key] with numpy scalars unwrapped, or _MISSING."""
+    value = md.get(key, _MISSING)
     if hasattr(value, "item") and not isinstance(value, (list, tuple)):
         try:
             value = value.item()
         except (ValueError, TypeError):
             pass
+    return value
+
+
+def _as_int(md: Mapping[str, Any], key: str) -> int | None:
+    value = _scalar(md, key)
+    if value is _MISSING:
+        return None
     if isinstance(value, bool) or not isinstance(value, int):
         raise GGUFError(f"GGUF key {key!r}: expected an integer, got {value!r}")
     return value
 
 
 def _as_bool(md: Mapping[str, Any], key: str) -> bool | None:
-    if key not in md:
+    value = _scalar(md, key)
+    if value is _MISSING:
         return None
-    value = md[key]
-    if hasattr(value, "item") and not isinstance(value, (list, tuple)):
-        try:
-            value = value.item()
-        except (ValueError, TypeError):
-            pass
     if isinstance(value, bool) or (isinstance(value, int) and value in (0, 1)):
         return bool(value)
     raise GGUFError(f"GGUF key {key!r}: expected a bool, got {value!r}")
