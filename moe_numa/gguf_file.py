@@ -102,12 +102,10 @@ class Tensor:
             raise IndexError(f"index {index} out of range for tensor {self.name} with {n} slices")
         return Tensor(f"{self.name}[{index % n}]", self.qtype, self.shape[1:], self.raw[index], self.file)
 
-    def rows(self, start: int, stop: int) -> "Tensor":
-        """Rows [start, stop) of a 2-D tensor, as a view."""
-        if len(self.shape) != 2:
-            raise ValueError(f"rows() needs a 2-D tensor, {self.name} has shape {self.shape}")
-        return Tensor(f"{self.name}[{start}:{stop}]", self.qtype, (stop - start, self.shape[1]),
-                      self.raw[start:stop], self.file)
+    def dequantize_rows(self, ids) -> np.ndarray:
+        """float32 values of rows `ids` of a 2-D tensor (an embedding lookup), decoding only those rows."""
+        ids = np.asarray(ids, dtype=np.int64)
+        return quants.dequantize(np.asarray(self.raw[ids]), self.qtype, (len(ids), self.shape[1]))
 
     def dequantize(self) -> np.ndarray:
         """The values as a new float32 array of `shape`."""

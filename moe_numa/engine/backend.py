@@ -16,7 +16,7 @@ import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import numpy as np
@@ -29,7 +29,6 @@ from ..layers.attention import GQAWeights
 from ..layers.mla import MLAWeights
 from ..layers.moe import GATING_SIGMOID, MoEWeights
 from ..layers.rope import rope_cos_sin
-from ..model_info import tensor_class
 from ..numa.expert_map import load_map
 from ..numa.memory import NodeArena, drop_file_pages, resident_bytes
 from ..numa.topology import Topology, topology
@@ -55,7 +54,6 @@ class _Item:
     shape: tuple[int, ...]
     dtype: Any
     replicated: bool
-    source: Tensor | None = None
 
 
 class NodeStore:
@@ -90,7 +88,7 @@ class NodeStore:
                 np.copyto(dst, v.reshape(dst.shape))
                 if whole is not None and whole.flags.c_contiguous:
                     drop_file_pages(whole)   # later shards of this tensor fault it back in if needed
-        return self._add(_Item(node, key, cls, int(np.prod(shape)), fill, shape, np.uint8, replicated, source))
+        return self._add(_Item(node, key, cls, int(np.prod(shape)), fill, shape, np.uint8, replicated))
 
     def floats(self, node: int, key: str, values_fn: Callable[[], np.ndarray], shape, cls: str,
                replicated: bool = True) -> Ref:
@@ -395,9 +393,7 @@ class EngineBackend:
         self.n_past = 0
 
     def embed(self, ids: np.ndarray) -> np.ndarray:
-        t = self.weights.token_embd
-        rows = np.asarray(t.raw[np.asarray(ids, dtype=np.int64)])
-        return np.ascontiguousarray(quants.dequantize(rows, t.qtype, (len(ids), t.shape[1])), dtype=np.float32)
+        return np.ascontiguousarray(self.weights.token_embd.dequantize_rows(ids), dtype=np.float32)
 
     def forward(self, ids: np.ndarray, all_logits: bool = True) -> np.ndarray:
         ids = np.asarray(ids, dtype=np.int64)

@@ -64,9 +64,6 @@ class PlacementPlan:
     expert_map: ExpertMap | None
     notes: list[str] = field(default_factory=list)
 
-    def heads_of(self, node: int) -> list[tuple[int, int]]:
-        return [lp.heads[node] for lp in self.layers]
-
 
 def _head_cuts(n_head: int, group: int, v_dim: int, wo_block: int, parts: int) -> list[tuple[int, int]]:
     aligned = [h for h in range(n_head + 1) if (h * v_dim) % wo_block == 0]

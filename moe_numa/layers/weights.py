@@ -56,6 +56,4 @@ class Dequantizer:
 
     def rows(self, t: Tensor, ids: np.ndarray) -> np.ndarray:
         """Rows `ids` of a 2-D tensor (embedding lookup) without dequantizing it all."""
-        from .. import quants
-        sel = np.asarray(t.raw[np.asarray(ids)])
-        return quants.dequantize(sel, t.qtype, (len(ids), t.shape[1]))
+        return t.dequantize_rows(ids)

@@ -18,7 +18,7 @@ import math
 import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 import numpy as np
 import gguf
@@ -343,13 +343,6 @@ def _encoded_layout(p: TensorPlan) -> tuple[int, tuple[int, ...], np.dtype]:
     block, size = gguf.GGML_QUANT_SIZES[p.qtype]
     byte_shape = (*p.shape[:-1], p.shape[-1] // block * size)
     return int(np.prod(byte_shape)), byte_shape, np.dtype(np.uint8)
-
-
-def iter_presets(kind: str = "test") -> Iterator[str]:
-    """Names of the tiny test presets (`kind="test"`) or the bench presets."""
-    for name in PRESETS:
-        if name.endswith("-bench") == (kind == "bench"):
-            yield name
 
 
 def variant(preset: str, **changes) -> ModelSpec:
