@@ -163,6 +163,24 @@ def take_moe(pick: TensorPicker, i: int, hidden: int, ff: int, n_expert: int) ->
     )
 
 
+def take_gqa(pick: TensorPicker, prefix: str, a: AttentionConfig, hidden: int, biases: bool = False,
+             qk_norm: bool = False) -> GQAWeights:
+    """q/k/v/output projections of a GQA layer; optional q/k/v biases (`biases`),
+    required per-head q/k RMSNorm weights (`qk_norm`)."""
+    q_dim, kv_dim = a.n_head * a.head_dim, a.n_head_kv * a.head_dim
+    return GQAWeights(
+        wq=pick.take(prefix + "attn_q.weight", (q_dim, hidden)),
+        wk=pick.take(prefix + "attn_k.weight", (kv_dim, hidden)),
+        wv=pick.take(prefix + "attn_v.weight", (kv_dim, hidden)),
+        wo=pick.take(prefix + "attn_output.weight", (hidden, q_dim)),
+        bq=pick.maybe(prefix + "attn_q.bias", (q_dim,)) if biases else None,
+        bk=pick.maybe(prefix + "attn_k.bias", (kv_dim,)) if biases else None,
+        bv=pick.maybe(prefix + "attn_v.bias", (kv_dim,)) if biases else None,
+        q_norm=pick.take(prefix + "attn_q_norm.weight", (a.head_dim,)) if qk_norm else None,
+        k_norm=pick.take(prefix + "attn_k_norm.weight", (a.head_dim,)) if qk_norm else None,
+    )
+
+
 def take_ffn(pick: TensorPicker, prefix: str, suffix: str, hidden: int, ff: int) -> FFNWeights:
     return FFNWeights(
         gate=pick.take(f"{prefix}ffn_gate{suffix}.weight", (ff, hidden)),

@@ -8,11 +8,11 @@ from dataclasses import dataclass
 
 from ..errors import UnsupportedError
 from ..gguf_file import GGUFModelFile
-from ..layers.attention import AttentionConfig, GQAWeights, gqa_attention
+from ..layers.attention import AttentionConfig, gqa_attention
 from ..layers.moe import GATING_SOFTMAX, MoEWeights, RouterConfig, moe_block
 from ..layers.rope import rope_from_metadata
 from .base import (LayerWeights, MetadataReader, ModelConfig, ModelWeights, TensorPicker,
-                   pre_norm_block, take_common, take_ffn, take_moe, vocab_size)
+                   pre_norm_block, take_common, take_ffn, take_gqa, take_moe, vocab_size)
 
 ARCH = "qwen2moe"
 
@@ -55,20 +55,11 @@ class Qwen2MoeConfig(ModelConfig):
 def load_weights(gguf: GGUFModelFile, cfg: Qwen2MoeConfig) -> ModelWeights:
     pick = TensorPicker(gguf)
     a, H = cfg.attention, cfg.hidden
-    q_dim, kv_dim = a.n_head * a.head_dim, a.n_head_kv * a.head_dim
     embd, out_norm, out = take_common(pick, cfg.n_vocab, H)
     layers = []
     for i in range(cfg.n_layer):
         p = f"blk.{i}."
-        attn = GQAWeights(
-            wq=pick.take(p + "attn_q.weight", (q_dim, H)),
-            wk=pick.take(p + "attn_k.weight", (kv_dim, H)),
-            wv=pick.take(p + "attn_v.weight", (kv_dim, H)),
-            wo=pick.take(p + "attn_output.weight", (H, q_dim)),
-            bq=pick.maybe(p + "attn_q.bias", (q_dim,)),
-            bk=pick.maybe(p + "attn_k.bias", (kv_dim,)),
-            bv=pick.maybe(p + "attn_v.bias", (kv_dim,)),
-        )
+        attn = take_gqa(pick, p, a, H, biases=True)
         moe = MoEWeights(
             **take_moe(pick, i, H, cfg.expert_ff, cfg.n_expert),
             shared=take_ffn(pick, p, "_shexp", H, cfg.shared_ff),

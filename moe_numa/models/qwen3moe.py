@@ -7,11 +7,11 @@ import math
 from dataclasses import dataclass
 
 from ..gguf_file import GGUFModelFile
-from ..layers.attention import AttentionConfig, GQAWeights, gqa_attention
+from ..layers.attention import AttentionConfig, gqa_attention
 from ..layers.moe import GATING_SOFTMAX, MoEWeights, RouterConfig, moe_block
 from ..layers.rope import rope_from_metadata
 from .base import (LayerWeights, MetadataReader, ModelConfig, ModelWeights, TensorPicker,
-                   pre_norm_block, take_common, take_moe, vocab_size)
+                   pre_norm_block, take_common, take_gqa, take_moe, vocab_size)
 
 ARCH = "qwen3moe"
 
@@ -54,14 +54,7 @@ def load_weights(gguf: GGUFModelFile, cfg: Qwen3MoeConfig) -> ModelWeights:
     layers = []
     for i in range(cfg.n_layer):
         p = f"blk.{i}."
-        attn = GQAWeights(
-            wq=pick.take(p + "attn_q.weight", (a.n_head * a.head_dim, H)),
-            wk=pick.take(p + "attn_k.weight", (a.n_head_kv * a.head_dim, H)),
-            wv=pick.take(p + "attn_v.weight", (a.n_head_kv * a.head_dim, H)),
-            wo=pick.take(p + "attn_output.weight", (H, a.n_head * a.head_dim)),
-            q_norm=pick.take(p + "attn_q_norm.weight", (a.head_dim,)),
-            k_norm=pick.take(p + "attn_k_norm.weight", (a.head_dim,)),
-        )
+        attn = take_gqa(pick, p, a, H, qk_norm=True)
         moe = MoEWeights(**take_moe(pick, i, H, cfg.expert_ff, cfg.n_expert))
         layers.append(LayerWeights(pick.take(p + "attn_norm.weight", (H,)), attn,
                                    pick.take(p + "ffn_norm.weight", (H,)), moe))
