@@ -22,7 +22,6 @@ import argparse
 import datetime as _dt
 import difflib
 import json
-import os
 import platform
 import sys
 import tempfile

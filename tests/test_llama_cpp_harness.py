@@ -4,7 +4,6 @@ None of these needs llama.cpp built; the few that do are marked slow and skip wh
 no build is cached.
 """
 import json
-import os
 from pathlib import Path
 
 import numpy as np
