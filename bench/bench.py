@@ -416,14 +416,15 @@ def _finish_run(rec: dict, threads: int, threshold: float) -> dict:
 
 def run_ours_once(model: str, threads: int, tests: Sequence[str], inner_reps: int, threshold: float,
                   numa_nodes: int | None = None, expert_map: str | None = None, seed: int = 0,
-                  timeout: float | None = None, python: str | None = None) -> dict:
+                  timeout: float | None = None, python: str | None = None, simd: str = "native") -> dict:
     cmd = [python or sys.executable, "-m", "moe_numa.bench.run_ours", model, "--threads", str(threads),
            "--tests", ",".join(tests), "--reps", str(inner_reps), "--seed", str(seed), "--json"]
     if numa_nodes:
         cmd += ["--numa-nodes", str(numa_nodes)]
     if expert_map:
         cmd += ["--expert-map", expert_map]
-    res = run_child(cmd, timeout=timeout)
+    env = None if simd == "native" else dict(os.environ, MOE_NUMA_SIMD=simd)
+    res = run_child(cmd, timeout=timeout, env=env)
     if res.returncode != 0:
         raise RuntimeError(f"our runner failed (exit {res.returncode}): {' '.join(res.cmd)}\n"
                            + res.stderr_tail() + "\n" + res.stdout[-2000:])
@@ -619,9 +620,10 @@ def llama_facts(args, log) -> tuple[str, dict]:
                                    "cmake_flags": _cmake_cache_flags(d)}
         raise SystemExit(f"--llama-build {d}: no bin/llama-bench there")
     from .llama_cpp import find_or_build
-    b = find_or_build(log=log, allow_build=not args.no_build)
+    b = find_or_build(log=log, allow_build=not args.no_build, simd=args.simd)
     path = b.path("llama-bench")
-    info = {k: b.info.get(k) for k in ("tag", "source", "compiler", "cmake_flags", "date", "system_info")}
+    info = {k: b.info.get(k) for k in ("tag", "source", "compiler", "cmake_flags", "simd_variant", "date",
+                                       "system_info")}
     info.update(source=f"cached build of {b.info.get('source', 'llama.cpp')}", build_dir=str(b.build_dir),
                 path=str(path), version=_bench_version(path))
     return str(path), info
@@ -989,6 +991,9 @@ def build_arg_parser() -> argparse.ArgumentParser:
     g.add_argument("--llama-bench", metavar="PATH", help="a llama-bench binary to use")
     g.add_argument("--llama-build", metavar="DIR", help="a llama.cpp build dir (with bin/llama-bench)")
     g.add_argument("--engine-only", action="store_true", help="run only our engine")
+    ap.add_argument("--simd", choices=("native", "avx2"), default="native",
+                    help="avx2: run ours with MOE_NUMA_SIMD=avx2 against an AVX2-only llama.cpp build of the "
+                         "same tag (built and cached on first use), as on an AVX2 server")
     ap.add_argument("--no-build", action="store_true",
                     help="fail instead of building llama.cpp when no cached build exists")
     ap.add_argument("--repack", type=int, choices=(0, 1), default=1, help="llama-bench --repack (default 1)")
@@ -1045,7 +1050,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     bench_path, linfo = (None, None) if a.engine_only else llama_facts(a, log)
     settings = {"threads": threads, "tests": tests, "reps": a.reps, "inner_reps": a.inner_reps,
                 "warmup_rounds": a.warmup_rounds, "repack": bool(a.repack), "llama_args": llama_args,
-                "engine_only": a.engine_only, "numa_nodes": a.numa_nodes, "expert_map": a.expert_map,
+                "engine_only": a.engine_only, "simd": a.simd, "numa_nodes": a.numa_nodes, "expert_map": a.expert_map,
                 "noise_threshold": a.noise_threshold, "max_retries": a.max_retries, "quiet_wait_s": a.quiet_wait,
                 "target_tg": a.target_tg, "target_pp": a.target_pp, "seed": a.seed}
     report = {"version": 1, "created": created.isoformat(timespec="seconds"), "argv": list(argv or sys.argv[1:]),
@@ -1075,7 +1080,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                     mrep["bandwidth_samples_gbps"].append(bw)
                 log(f"  {tag}: read bandwidth {bw:.1f} GB/s")
             jobs = [("moe_numa", lambda: run_ours_once(mpath, threads, tests, a.inner_reps, a.noise_threshold,
-                                                       a.numa_nodes, a.expert_map, a.seed, timeout))]
+                                                       a.numa_nodes, a.expert_map, a.seed, timeout,
+                                                       simd=a.simd))]
             if not a.engine_only:
                 jobs.append(("llama.cpp", lambda: run_llama_once(bench_path, mpath, threads, tests, a.inner_reps,
                                                                   a.noise_threshold, bool(a.repack), llama_args,

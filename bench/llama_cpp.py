@@ -57,6 +57,14 @@ OPTIONAL_TARGETS = ("llama-eval-callback",)
 TOOLS_SRC_DIR = Path(__file__).resolve().parent / "tools"
 #: gcc-12 miscompiles AMX tile configuration (upstream issue #20824)
 GCC_NO_AMX = "-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
+#: ggml CPU feature flags per build variant: "native" is the best build for this CPU;
+#: "avx2" is what an AVX2-only server (EPYC Zen 2/3, pre-Ice-Lake Xeon) runs, built anywhere
+SIMD_VARIANTS = {
+    "native": ["-DGGML_NATIVE=ON"],
+    "avx2": ["-DGGML_NATIVE=OFF", "-DGGML_AVX=ON", "-DGGML_AVX2=ON", "-DGGML_FMA=ON", "-DGGML_F16C=ON",
+             "-DGGML_BMI2=ON", "-DGGML_AVX512=OFF", "-DGGML_AVX_VNNI=OFF", "-DGGML_AMX_TILE=OFF",
+             "-DGGML_AMX_INT8=OFF", "-DGGML_AMX_BF16=OFF"],
+}
 
 
 class LlamaCppError(_Base):
@@ -158,12 +166,12 @@ def _choose_compiler(compiler: str, log: Callable) -> tuple[str, str, str, list[
     return "gcc", cc, cxx, [f"-DCMAKE_C_FLAGS={GCC_NO_AMX}", f"-DCMAKE_CXX_FLAGS={GCC_NO_AMX}"]
 
 
-def _cmake_flags(cc: str, cxx: str, extra: list[str]) -> list[str]:
+def _cmake_flags(cc: str, cxx: str, extra: list[str], simd: str = "native") -> list[str]:
     flags = [
         "-DCMAKE_BUILD_TYPE=Release",
         f"-DCMAKE_C_COMPILER={cc}",
         f"-DCMAKE_CXX_COMPILER={cxx}",
-        "-DGGML_NATIVE=ON",
+        *SIMD_VARIANTS[simd],
         "-DBUILD_SHARED_LIBS=ON",
         "-DLLAMA_OPENSSL=OFF",
         "-DLLAMA_BUILD_TESTS=OFF",
@@ -289,7 +297,8 @@ def _tool_cxx(info: dict) -> str:
 
 def find_or_build(build_dir: str | os.PathLike | None = None, compiler: str = "clang",
                   rebuild: bool = False, log: Callable = print,
-                  extra_targets: Sequence[str] = (), allow_build: bool = True) -> LlamaCppBuild:
+                  extra_targets: Sequence[str] = (), allow_build: bool = True,
+                  simd: str = "native") -> LlamaCppBuild:
     """Return a llama.cpp build, building it (once, cached, under a lock) if needed.
 
     ``build_dir``: a user's own llama.cpp build dir (with ``bin/llama-bench`` ...);
@@ -298,21 +307,26 @@ def find_or_build(build_dir: str | os.PathLike | None = None, compiler: str = "c
     ("clang" = clang-16, installed by apt-get when root; "gcc" = gcc-12 without AMX).
     ``allow_build=False``: raise :class:`LlamaCppError` instead of fetching or building
     llama.cpp (tests use it to run only where a build is already cached).
+    ``simd``: "native" (``build-<compiler>``) or "avx2" (``build-<compiler>-avx2``: AVX2+FMA
+    only, what an AVX2 server runs; used to pair with ``MOE_NUMA_SIMD=avx2`` on any CPU).
     """
+    if simd not in SIMD_VARIANTS:
+        raise LlamaCppError(f"unknown llama.cpp build variant {simd!r}; choose from {', '.join(SIMD_VARIANTS)}")
     if build_dir is not None:
         return _use_existing(Path(build_dir).resolve(), log)
 
     root = cache_root() / f"llama.cpp-{TAG}"
     if not allow_build:
-        infos = [root / f"build-{c}" / "build-info.json" for c in (compiler, "clang", "gcc")]
+        suffix = "" if simd == "native" else f"-{simd}"
+        infos = [root / f"build-{c}{suffix}" / "build-info.json" for c in (compiler, "clang", "gcc")]
         if not any(p.is_file() for p in infos) or not (root / "src" / "include" / "llama.h").is_file():
             raise LlamaCppError(f"no cached llama.cpp {TAG} build under {root}")
     root.mkdir(parents=True, exist_ok=True)
     with _file_lock(root / ".lock", log):
         src = _fetch_source(root, log)
         name, cc, cxx, extra = _choose_compiler(compiler, log)
-        bdir = root / f"build-{name}"
-        flags = _cmake_flags(cc, cxx, extra)
+        bdir = root / (f"build-{name}" if simd == "native" else f"build-{name}-{simd}")
+        flags = _cmake_flags(cc, cxx, extra, simd)
         targets = list(TARGETS) + [t for t in extra_targets if t not in TARGETS]
         info_path = bdir / "build-info.json"
         info = {}
@@ -346,6 +360,7 @@ def find_or_build(build_dir: str | os.PathLike | None = None, compiler: str = "c
                 "compiler": f"{name}: {_compiler_version(cc)}",
                 "cc": cc, "cxx": cxx,
                 "cmake_flags": flags,
+                "simd_variant": simd,
                 "targets": targets,
                 "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
                 "build_seconds": round(secs, 1),
