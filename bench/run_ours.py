@@ -16,7 +16,7 @@ load time and peak RSS are its own.  Methodology, as llama-bench b11434
   (or random), the next ones random (no sampling); the first token is timed too;
 - tokens/s of a repetition = tokens / its wall time.
 
-Around every timed repetition it samples the machine's busy CPU time (/proc/stat) and
+Around every timed repetition it samples the machine's busy CPU time (psutil) and
 its own CPU time (getrusage, all threads), so the harness can tell whether another
 process took CPU during the sample (``others_cpu_s``).
 
@@ -40,6 +40,8 @@ import time
 
 import numpy as np
 
+from .bench import others_cpu_s, read_busy_ticks, self_cpu_s
+
 _TEST_RE = re.compile(r"(pp|tg)(\d+)")
 
 
@@ -58,30 +60,6 @@ def parse_tests(spec) -> list[tuple[str, int, int]]:
     if not out:
         raise ValueError("no benchmark tests given")
     return out
-
-
-def busy_ticks() -> int:
-    """Busy CPU time of the whole machine in clock ticks (see bench.parse_proc_stat)."""
-    from .bench import parse_proc_stat
-    with open("/proc/stat") as f:
-        return parse_proc_stat(f.read())[0]
-
-
-def own_cpu_s() -> float:
-    r = resource.getrusage(resource.RUSAGE_SELF)
-    return r.ru_utime + r.ru_stime
-
-
-def vm_hwm_bytes(pid: int | str = "self") -> int:
-    """Peak resident set size (VmHWM) of a process, 0 if unknown."""
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
 
 
 class _Runner:
@@ -135,7 +113,6 @@ def run(model_path: str, threads: int, tests, reps: int = 1, numa_nodes: int | N
         tok = model.tokenizer
         bos = tok.bos_id if getattr(tok, "add_bos", False) else None
         r = _Runner(model.backend, model.config.n_vocab, bos, seed)
-        hz = os.sysconf("SC_CLK_TCK")
         for name, n_prompt, n_gen in tests:
             fn = (lambda: r.prompt(n_prompt)) if n_prompt else (lambda: r.gen(n_gen))
             rec = {"test": name, "n_prompt": n_prompt, "n_gen": n_gen, "warmup_ns": None,
@@ -150,20 +127,20 @@ def run(model_path: str, threads: int, tests, reps: int = 1, numa_nodes: int | N
                 rec["warmup_ns"] = time.perf_counter_ns() - w0
             for _ in range(reps):
                 model.backend.reset()
-                b0, c0 = busy_ticks(), own_cpu_s()
+                b0, c0 = read_busy_ticks(), self_cpu_s()
                 t_start = time.perf_counter_ns()
                 fn()
                 ns = time.perf_counter_ns() - t_start
-                b1, c1 = busy_ticks(), own_cpu_s()
+                b1, c1 = read_busy_ticks(), self_cpu_s()
                 rec["samples_ns"].append(ns)
                 rec["samples_ts"].append((n_prompt + n_gen) / (ns * 1e-9))
                 rec["samples_wall_s"].append(ns * 1e-9)
-                rec["others_cpu_s"].append((b1 - b0) / hz - (c1 - c0))
+                rec["others_cpu_s"].append(others_cpu_s(b0, b1, c1 - c0))
             out["tests"].append(rec)
     finally:
         model.close()
     ru = resource.getrusage(resource.RUSAGE_SELF)
-    out["peak_rss_bytes"] = vm_hwm_bytes() or ru.ru_maxrss * 1024
+    out["peak_rss_bytes"] = ru.ru_maxrss * 1024     # Linux: the process's VmHWM, in KiB
     out["cpu_s"] = ru.ru_utime + ru.ru_stime
     return out
 

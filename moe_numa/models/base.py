@@ -10,7 +10,7 @@ from typing import Any, Callable, Union
 import numpy as np
 
 from ..errors import GGUFError, UnsupportedError
-from ..gguf_file import GGUFModelFile, Tensor
+from ..gguf_file import GGUFModelFile, Tensor, metadata_value
 from ..layers.attention import AttentionConfig, GQAWeights
 from ..layers.ffn import FFNWeights
 from ..layers.kv_cache import KVCache
@@ -75,26 +75,21 @@ class MetadataReader:
         return self.key(suffix) in self.gguf.metadata
 
     def int(self, suffix: str, default: int | None = None) -> int:
-        return int(self._get(suffix, default, (int,)))
+        return self._get(suffix, default, "int")
 
     def float(self, suffix: str, default: float | None = None) -> float:
-        return float(self._get(suffix, default, (int, float)))
+        return self._get(suffix, default, "float")
 
     def bool(self, suffix: str, default: bool | None = None) -> bool:
-        return bool(self._get(suffix, default, (bool, int)))
+        return self._get(suffix, default, "bool")
 
-    def _get(self, suffix, default, types):
-        key = self.key(suffix)
-        if key not in self.gguf.metadata:
+    def _get(self, suffix, default, kind):
+        value = metadata_value(self.gguf.metadata, self.key(suffix), kind, where=str(self.gguf.path))
+        if value is None:
             if default is None:
-                raise GGUFError(f"{self.gguf.path}: missing metadata key {key!r} (required for {self.arch})")
+                raise GGUFError(f"{self.gguf.path}: missing metadata key {self.key(suffix)!r} "
+                                f"(required for {self.arch})")
             return default
-        value = self.gguf.metadata[key]
-        if isinstance(value, (list, np.ndarray)):
-            raise UnsupportedError(f"{self.gguf.path}: {key} is a per-layer array; only a single value is supported")
-        if not isinstance(value, types):
-            raise GGUFError(f"{self.gguf.path}: metadata key {key!r} has type {type(value).__name__}, "
-                            f"expected {'/'.join(t.__name__ for t in types)}")
         return value
 
 

@@ -21,13 +21,12 @@ import numpy as np
 log = logging.getLogger("moe_numa.numa")
 
 _SYSCALLS = {
-    "x86_64": {"mbind": 237, "move_pages": 279, "get_mempolicy": 239},
-    "aarch64": {"mbind": 235, "move_pages": 239, "get_mempolicy": 236},
+    "x86_64": {"mbind": 237, "move_pages": 279},
+    "aarch64": {"mbind": 235, "move_pages": 239},
 }
 MPOL_BIND = 2
 MPOL_MF_STRICT = 1
 MPOL_MF_MOVE = 2
-MADV_HUGEPAGE = 14
 MADV_DONTNEED = 4
 PAGE = mmap.PAGESIZE
 ALIGN = 64          # shard alignment inside an arena: a cache line, enough for every SIMD path
@@ -101,8 +100,11 @@ class NodeArena:
         self.addr = address_of(self._map)
         self.buffer = np.frombuffer(self._map, dtype=np.uint8)
         self.bound = node is not None and mbind(self.addr, self.size, node)
-        if hugepages and _libc.madvise(ctypes.c_void_p(self.addr), self.size, MADV_HUGEPAGE) != 0:
-            _warn_once("thp", "transparent hugepages unavailable (madvise failed); using 4 KiB pages")
+        if hugepages:
+            try:
+                self._map.madvise(mmap.MADV_HUGEPAGE)
+            except (OSError, AttributeError):
+                _warn_once("thp", "transparent hugepages unavailable (madvise failed); using 4 KiB pages")
         self.used = 0
 
     def alloc(self, nbytes: int) -> np.ndarray:
@@ -112,16 +114,6 @@ class NodeArena:
                               f"({self.size - start} left)")
         self.used = start + nbytes
         return self.buffer[start:start + nbytes]
-
-    def place(self, src: np.ndarray) -> np.ndarray:
-        """Copy `src` (any shape, e.g. a memory-mapped tensor slice) into the arena; return the copy."""
-        src = np.asarray(src)
-        dst = self.alloc(src.nbytes).view(src.dtype).reshape(src.shape)
-        np.copyto(dst, src)
-        return dst
-
-    def page_nodes(self, sample: int = 0) -> np.ndarray:
-        return page_nodes(self.addr, max(self.used, 1), sample)
 
     def close(self) -> None:
         self.buffer = None  # type: ignore[assignment]
@@ -133,7 +125,8 @@ class NodeArena:
 
 def drop_file_pages(arr: np.ndarray) -> None:
     """Let the kernel reclaim the pages of a file-backed view we no longer need
-    (after copying a tensor into node memory), so the file does not stay resident."""
+    (after copying a tensor into node memory), so the file does not stay resident.
+    (ctypes: the view belongs to the GGUF reader's numpy memmap, not an mmap object we hold.)"""
     if arr.size == 0:
         return
     start = arr.ctypes.data
