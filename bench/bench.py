@@ -914,12 +914,16 @@ def make_bench_model(preset: str, qtype: str, output: str | os.PathLike | None =
     return path, True
 
 
-def make_bench_model_main(argv: Sequence[str] | None = None) -> int:
+MAKE_BENCH_MODEL_HELP = ("write random-weight benchmark models of realistic proportions "
+                         "(default $MOE_NUMA_CACHE/bench/<preset>-<type>.gguf; kept if present)")
+
+
+def _usage_error(prog: str, msg: str):
+    raise SystemExit(f"moe-numa {prog}: error: {msg}")
+
+
+def add_make_bench_model_arguments(ap: argparse.ArgumentParser) -> None:
     from moe_numa.testing import PRESETS
-    ap = argparse.ArgumentParser(
-        prog="moe-numa make-bench-model",
-        description="write random-weight benchmark models of realistic proportions "
-                    "(default $MOE_NUMA_CACHE/bench/<preset>-<type>.gguf; kept if present)")
     ap.add_argument("--preset", default=",".join(BENCH_PRESETS_DEFAULT),
                     help=f"comma-separated presets (bench presets: qwen3moe-bench, deepseek-v3-bench; "
                          f"any of {', '.join(PRESETS)})")
@@ -928,11 +932,19 @@ def make_bench_model_main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--force", action="store_true", help="rewrite an existing file")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("-q", "--quiet", action="store_true", help="no progress")
-    a = ap.parse_args(argv)
+
+
+def make_bench_model_main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="moe-numa make-bench-model", description=MAKE_BENCH_MODEL_HELP)
+    add_make_bench_model_arguments(ap)
+    return run_make_bench_model(ap.parse_args(argv))
+
+
+def run_make_bench_model(a: argparse.Namespace) -> int:
     presets = [p.strip() for p in a.preset.split(",") if p.strip()]
     types = [t.strip().lower() for t in a.type.split(",") if t.strip()]
     if a.output and len(presets) * len(types) != 1:
-        ap.error("-o/--output needs exactly one preset and one type")
+        _usage_error("make-bench-model", "-o/--output needs exactly one preset and one type")
     for p in presets:
         for t in types:
             path, _ = make_bench_model(p, t, a.output, force=a.force, seed=a.seed, progress=not a.quiet,
@@ -948,9 +960,7 @@ def default_models() -> list[str]:
     return [str(p) for p in found if p.exists()]
 
 
-def build_arg_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="moe-numa bench", description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("-m", "--model", action="append",
                     help="GGUF file (repeatable; default: the qwen3moe-bench q8_0/q4_k_m files in "
                          "$MOE_NUMA_CACHE/bench, see make-bench-model)")
@@ -988,13 +998,15 @@ def build_arg_parser() -> argparse.ArgumentParser:
                     help="output prefix: writes PREFIX.md, PREFIX.json, PREFIX.png (default bench/out/bench-<time>)")
     ap.add_argument("--no-plot", action="store_true")
     ap.add_argument("--seed", type=int, default=0)
-    return ap
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    ap = build_arg_parser()
-    a = ap.parse_args(argv)
+    ap = argparse.ArgumentParser(prog="moe-numa bench", description=__doc__.split("\n\n")[0])
+    add_arguments(ap)
+    return run(ap.parse_args(argv))
 
+
+def run(a: argparse.Namespace) -> int:
     def log(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
 
@@ -1002,16 +1014,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         tests = [t for t, _, _ in parse_tests(a.tests)]
     except ValueError as e:
-        ap.error(str(e))
+        _usage_error("bench", str(e))
     models = a.model or default_models()
     if not models:
-        ap.error("no model: pass -m FILE.gguf, or write the default bench models first with "
-                 "`moe-numa make-bench-model`")
+        _usage_error("bench", "no model: pass -m FILE.gguf, or write the default bench models first with "
+                              "`moe-numa make-bench-model`")
     for mpath in models:
         if not Path(mpath).is_file():
-            ap.error(f"model file not found: {mpath}")
+            _usage_error("bench", f"model file not found: {mpath}")
     if a.reps < 1 or a.inner_reps < 1:
-        ap.error("--reps and --inner-reps must be at least 1")
+        _usage_error("bench", "--reps and --inner-reps must be at least 1")
     from moe_numa import kernels as K
     threads = a.threads or len(K.order_cpus(K.available_cpus()))
     llama_args = a.llama_args.split() if a.llama_args else []
@@ -1026,7 +1038,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "engine_only": a.engine_only, "simd": a.simd, "numa_nodes": a.numa_nodes, "expert_map": a.expert_map,
                 "noise_threshold": a.noise_threshold, "max_retries": a.max_retries, "quiet_wait_s": a.quiet_wait,
                 "target_tg": a.target_tg, "target_pp": a.target_pp, "seed": a.seed}
-    report = {"version": 1, "created": created.isoformat(timespec="seconds"), "argv": list(argv or sys.argv[1:]),
+    report = {"version": 1, "created": created.isoformat(timespec="seconds"), "argv": sys.argv[1:], "args": {k: v for k, v in vars(a).items() if k != "func"},
               "moe_numa_commit": _git_commit(), "machine": machine, "llama_cpp": linfo, "settings": settings,
               "models": [], "noise": {"repeated": 0, "kept": 0}}
     log(f"# moe-numa bench: {len(models)} model(s), {threads} threads, tests {','.join(tests)}, "

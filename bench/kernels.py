@@ -90,8 +90,7 @@ def big_weights(qtype, nbytes: int, cols: int, rng) -> np.ndarray:
     return np.ascontiguousarray(np.tile(tile, (reps, 1))[:rows])
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="moe-numa bench-kernels", description=__doc__.split("\n\n")[0])
+def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--types", default=DEFAULT_TYPES, help="comma-separated weight types")
     ap.add_argument("--threads", default=None, help="thread counts, e.g. 1,2 (default: 1 and all CPUs)")
     ap.add_argument("--cols", type=int, default=4096, help="columns of the weight matrices")
@@ -102,7 +101,15 @@ def main(argv=None) -> int:
     ap.add_argument("--smt", action="store_true", help="also use SMT siblings")
     ap.add_argument("--json", action="store_true", help="print a JSON list of rows")
     ap.add_argument("--json-out", default=None, help="also write the JSON rows to this file")
-    a = ap.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="moe-numa bench-kernels", description=__doc__.split("\n\n")[0])
+    add_arguments(ap)
+    return run(ap.parse_args(argv))
+
+
+def run(a: argparse.Namespace) -> int:
 
     cpus = K.order_cpus(K.available_cpus(), use_smt=a.smt)
     threads = [int(t) for t in a.threads.split(",")] if a.threads else sorted({1, len(cpus)})

@@ -1,14 +1,19 @@
-"""The `moe-numa` command. Flag names follow llama.cpp's where one exists."""
+"""The `moe-numa` command, assembled from `COMMANDS`: each names the module whose
+`add_arguments(subparser)` declares a subcommand's flags and whose `run(args)` runs it
+(a new subcommand is one line there). Flag names follow llama.cpp's where one exists."""
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
+from dataclasses import dataclass
 
 from .errors import MoeNumaError
 
 
-def _add_engine_flags(p: argparse.ArgumentParser) -> None:
+def add_engine_flags(p: argparse.ArgumentParser) -> None:
+    """The flags of every command that loads a model (`model_options` reads them)."""
     p.add_argument("--backend", choices=("engine", "reference"), default=None,
                    help="engine (the NUMA engine) or reference (the numpy oracle)")
     p.add_argument("--numa-expert-map", metavar="FILE", help="YAML expert map (see docs/expert-maps.md)")
@@ -18,7 +23,7 @@ def _add_engine_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("-c", "--ctx-size", type=int, default=None, help="context size in tokens (default 4096)")
 
 
-def _model_options(args) -> dict:
+def model_options(args) -> dict:
     opts = {}
     if args.ctx_size:
         opts["n_ctx"] = args.ctx_size
@@ -37,11 +42,30 @@ def _model_options(args) -> dict:
     return {"backend": backend, **opts}
 
 
-def cmd_generate(args) -> int:
+# ---------------------------------------------------------------- the commands defined here
+
+def add_generate_arguments(g: argparse.ArgumentParser) -> None:
+    g.add_argument("-m", "--model", help="GGUF file (default: the embedded small model)")
+    g.add_argument("-p", "--prompt", help="prompt text")
+    g.add_argument("-f", "--file", help="read the prompt from a file")
+    g.add_argument("-n", "--n-predict", type=int, default=64, help="tokens to generate")
+    g.add_argument("--temp", type=float, default=0.8)
+    g.add_argument("--top-k", type=int, default=40)
+    g.add_argument("--top-p", type=float, default=0.95)
+    g.add_argument("--min-p", type=float, default=0.05)
+    g.add_argument("--repeat-penalty", type=float, default=1.0)
+    g.add_argument("--repeat-last-n", type=int, default=64)
+    g.add_argument("-s", "--seed", type=int, default=None)
+    g.add_argument("--stop", action="append", help="stop string (repeatable)")
+    g.add_argument("--chat", action="store_true", help="wrap the prompt with the model's chat template")
+    add_engine_flags(g)
+
+
+def run_generate(args) -> int:
     from . import load
     from .default_model import default_model_path
     path = args.model or str(default_model_path())
-    model = load(path, **_model_options(args))
+    model = load(path, **model_options(args))
     prompt = args.prompt
     if args.file:
         with open(args.file, encoding="utf-8") as f:
@@ -67,7 +91,12 @@ def cmd_generate(args) -> int:
     return 0
 
 
-def cmd_inspect(args) -> int:
+def add_inspect_arguments(i: argparse.ArgumentParser) -> None:
+    i.add_argument("model")
+    i.add_argument("--json", action="store_true")
+
+
+def run_inspect(args) -> int:
     from .gguf_file import GGUFModelFile, check_supported_types
     from .model_info import format_info, model_info
     from .models import load_model
@@ -82,20 +111,40 @@ def cmd_inspect(args) -> int:
     return 0
 
 
-def cmd_make_test_model(args) -> int:
+def add_make_test_model_arguments(t: argparse.ArgumentParser) -> None:
+    from .testing import PRESETS, QTYPES
+    t.add_argument("output")
+    t.add_argument("--preset", default="qwen3moe", choices=sorted(PRESETS))
+    t.add_argument("--type", default="f32", choices=sorted(QTYPES))
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--split", type=int, default=0, metavar="N", help="split into files of N tensors")
+
+
+def run_make_test_model(args) -> int:
     from .testing import make_test_model
     path = make_test_model(args.output, args.preset, args.type, seed=args.seed, split_max_tensors=args.split)
     print(path)
     return 0
 
 
-def cmd_topology(args) -> int:
+def add_topology_arguments(tp: argparse.ArgumentParser) -> None:
+    tp.add_argument("--numa-nodes", type=int, help="show N virtual nodes instead")
+
+
+def run_topology(args) -> int:
     from .numa.topology import topology
     print(topology(args.numa_nodes).describe())
     return 0
 
 
-def cmd_map(args) -> int:
+def add_map_arguments(mp: argparse.ArgumentParser) -> None:
+    mp.add_argument("-m", "--model", required=True)
+    mp.add_argument("--nodes", type=int, required=True)
+    mp.add_argument("--strategy", choices=("contiguous", "round-robin"), default="contiguous")
+    mp.add_argument("-o", "--output", help="file to write (default: stdout)")
+
+
+def run_map(args) -> int:
     from .gguf_file import GGUFModelFile
     from .models import load_model
     from .numa.expert_map import make_map
@@ -113,91 +162,45 @@ def cmd_map(args) -> int:
     return 0
 
 
-def cmd_check_placement(args) -> int:
-    from .numa import check
-    return check.main(args.rest)
+# ---------------------------------------------------------------- the command table
+
+@dataclass(frozen=True)
+class Command:
+    """A subcommand: `module.<add>(subparser)` declares its flags, `module.<run>(args)` runs it."""
+    name: str
+    module: str
+    help: str
+    add: str = "add_arguments"
+    run: str = "run"
 
 
-def cmd_bench_kernels(args) -> int:
-    from .bench import kernels
-    return kernels.main(args.rest)
-
-
-def cmd_bench(args) -> int:
-    from .bench import bench
-    return bench.main(args.rest)
-
-
-def cmd_make_bench_model(args) -> int:
-    from .bench import bench
-    return bench.make_bench_model_main(args.rest)
+COMMANDS = (
+    Command("generate", __name__, "generate text from a prompt", "add_generate_arguments", "run_generate"),
+    Command("inspect", __name__, "architecture, quant types and bytes by tensor class",
+            "add_inspect_arguments", "run_inspect"),
+    Command("make-test-model", __name__, "write a small random-weight GGUF model",
+            "add_make_test_model_arguments", "run_make_test_model"),
+    Command("topology", __name__, "print the NUMA nodes, CPUs and memory detected",
+            "add_topology_arguments", "run_topology"),
+    Command("map", __name__, "write a YAML expert map for a model", "add_map_arguments", "run_map"),
+    Command("check-placement", "moe_numa.numa.check", "check where the engine's pages and threads really are"),
+    Command("bench-kernels", "moe_numa.bench.kernels", "kernel bandwidth benchmark (bench/kernels.py)"),
+    Command("bench", "moe_numa.bench.bench",
+            "ours vs llama.cpp's llama-bench, same file and threads (bench/bench.py)"),
+    Command("make-bench-model", "moe_numa.bench.bench",
+            "write the random-weight benchmark models (bench/bench.py)",
+            "add_make_bench_model_arguments", "run_make_bench_model"),
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .testing import PRESETS, QTYPES
     parser = argparse.ArgumentParser(prog="moe-numa", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-
-    g = sub.add_parser("generate", help="generate text from a prompt")
-    g.add_argument("-m", "--model", help="GGUF file (default: the embedded small model)")
-    g.add_argument("-p", "--prompt", help="prompt text")
-    g.add_argument("-f", "--file", help="read the prompt from a file")
-    g.add_argument("-n", "--n-predict", type=int, default=64, help="tokens to generate")
-    g.add_argument("--temp", type=float, default=0.8)
-    g.add_argument("--top-k", type=int, default=40)
-    g.add_argument("--top-p", type=float, default=0.95)
-    g.add_argument("--min-p", type=float, default=0.05)
-    g.add_argument("--repeat-penalty", type=float, default=1.0)
-    g.add_argument("--repeat-last-n", type=int, default=64)
-    g.add_argument("-s", "--seed", type=int, default=None)
-    g.add_argument("--stop", action="append", help="stop string (repeatable)")
-    g.add_argument("--chat", action="store_true", help="wrap the prompt with the model's chat template")
-    _add_engine_flags(g)
-    g.set_defaults(func=cmd_generate)
-
-    i = sub.add_parser("inspect", help="architecture, quant types and bytes by tensor class")
-    i.add_argument("model")
-    i.add_argument("--json", action="store_true")
-    i.set_defaults(func=cmd_inspect)
-
-    t = sub.add_parser("make-test-model", help="write a small random-weight GGUF model")
-    t.add_argument("output")
-    t.add_argument("--preset", default="qwen3moe", choices=sorted(PRESETS))
-    t.add_argument("--type", default="f32", choices=sorted(QTYPES))
-    t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--split", type=int, default=0, metavar="N", help="split into files of N tensors")
-    t.set_defaults(func=cmd_make_test_model)
-
-    tp = sub.add_parser("topology", help="print the NUMA nodes, CPUs and memory detected")
-    tp.add_argument("--numa-nodes", type=int, help="show N virtual nodes instead")
-    tp.set_defaults(func=cmd_topology)
-
-    mp = sub.add_parser("map", help="write a YAML expert map for a model")
-    mp.add_argument("-m", "--model", required=True)
-    mp.add_argument("--nodes", type=int, required=True)
-    mp.add_argument("--strategy", choices=("contiguous", "round-robin"), default="contiguous")
-    mp.add_argument("-o", "--output", help="file to write (default: stdout)")
-    mp.set_defaults(func=cmd_map)
-
-    cp = sub.add_parser("check-placement", help="check where the engine's pages and threads really are",
-                        add_help=False, prefix_chars="+")   # "+": every -flag goes to check.main
-    cp.add_argument("rest", nargs=argparse.REMAINDER)
-    cp.set_defaults(func=cmd_check_placement)
-
-    k = sub.add_parser("bench-kernels", help="kernel bandwidth benchmark (bench/kernels.py)", add_help=False,
-                       prefix_chars="+")
-    k.add_argument("rest", nargs=argparse.REMAINDER)
-    k.set_defaults(func=cmd_bench_kernels)
-
-    b = sub.add_parser("bench", help="ours vs llama.cpp's llama-bench, same file and threads (bench/bench.py)",
-                       add_help=False, prefix_chars="+")   # "+": every -flag goes to bench.main
-    b.add_argument("rest", nargs=argparse.REMAINDER)
-    b.set_defaults(func=cmd_bench)
-
-    bm = sub.add_parser("make-bench-model", help="write the random-weight benchmark models (bench/bench.py)",
-                        add_help=False, prefix_chars="+")
-    bm.add_argument("rest", nargs=argparse.REMAINDER)
-    bm.set_defaults(func=cmd_make_bench_model)
+    for c in COMMANDS:
+        module = importlib.import_module(c.module)
+        p = sub.add_parser(c.name, help=c.help, description=c.help)
+        getattr(module, c.add)(p)
+        p.set_defaults(func=getattr(module, c.run))
     return parser
 
 

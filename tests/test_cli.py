@@ -60,3 +60,20 @@ def test_errors_are_reported_not_raised(make_model, tmp_path, capsys):
 def test_pass_through_subcommands_take_flags(capsys):
     assert main(["check-placement", "--preset", "qwen2moe", "--type", "q8_0", "--numa-nodes", "2"]) == 0
     assert "routed_experts" in capsys.readouterr().out
+
+
+def test_every_command_has_its_flags_in_the_one_parser(capsys):
+    """The parser is assembled from the modules' add_arguments: each subcommand's --help
+    lists that module's own flags (no pass-through argument lists)."""
+    import pytest
+    from moe_numa.cli import COMMANDS
+    flags = {"generate": "--n-predict", "inspect": "--json", "make-test-model": "--preset",
+             "topology": "--numa-nodes", "map": "--strategy", "check-placement": "--compare-reference",
+             "bench-kernels": "--gemv-mib", "bench": "--noise-threshold", "make-bench-model": "--force"}
+    assert {c.name for c in COMMANDS} >= set(flags)
+    for name, flag in flags.items():
+        with pytest.raises(SystemExit) as e:
+            main([name, "--help"])
+        assert e.value.code == 0 and flag in capsys.readouterr().out, name
+    with pytest.raises(SystemExit):
+        main(["bench-kernels", "--no-such-flag"])

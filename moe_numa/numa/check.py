@@ -87,10 +87,7 @@ def check(model, run_tokens: int = 8, rebalance: bool = False) -> dict:
     }
 
 
-def main(argv: list[str] | None = None) -> int:
-    import moe_numa
-    from moe_numa.testing import make_test_model
-    ap = argparse.ArgumentParser(prog="moe-numa check-placement", description=__doc__)
+def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("-m", "--model")
     ap.add_argument("--preset", default="qwen3moe")
     ap.add_argument("--type", default="q8_0")
@@ -99,7 +96,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--compare-reference", action="store_true", help="also check logits against the reference")
     ap.add_argument("--rebalance", action="store_true", help="move hot experts between nodes first")
     ap.add_argument("--json", action="store_true")
-    args = ap.parse_args(argv)
+
+
+def run(args: argparse.Namespace) -> int:
+    import moe_numa
+    from moe_numa.testing import make_test_model
     path = args.model
     tmp = None
     if path is None:
@@ -124,6 +125,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  pool threads pinned to their node: {result['pool_threads_pinned']}/{len(result['pool_threads'])}")
     ok = not result["misplaced"] and result["experts_on_mapped_node"] and result["thread_cpu_ok"]
     return 0 if ok else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="moe-numa check-placement", description=__doc__)
+    add_arguments(ap)
+    return run(ap.parse_args(argv))
 
 
 if __name__ == "__main__":
