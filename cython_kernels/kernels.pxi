@@ -196,10 +196,6 @@ cdef class Pool:
     def size(self):
         return 0 if self.p == NULL else mn_pool_size(self.p)
 
-    def address(self):
-        """The C mn_pool* as an integer (for the engine's own C code)."""
-        return <uintptr_t>self.p
-
     def set_spin_ns(self, int64_t ns):
         self._check()
         mn_pool_set_spin_ns(self.p, ns)
@@ -253,21 +249,6 @@ def check_cpus(cpus):
         for i in range(n):
             c[i] = int(cpus[i])
         rc = mn_check_cpus(c, n, err, sizeof(err))
-    finally:
-        free(c)
-    if rc:
-        raise ValueError(err.decode())
-
-
-def pin_current_thread(cpus):
-    cdef int n = len(cpus)
-    cdef int *c = <int *>malloc(sizeof(int) * max(n, 1))
-    cdef char err[512]
-    cdef int i, rc
-    try:
-        for i in range(n):
-            c[i] = int(cpus[i])
-        rc = mn_pin_current_thread(c, n, err, sizeof(err))
     finally:
         free(c)
     if rc:

@@ -40,7 +40,6 @@ cdef extern from "mn_kernels.h":
         int64_t wait_ns
     int mn_pool_stats(const mn_pool *pool, mn_thread_stats *out, int n) nogil
     void mn_pool_reset_stats(mn_pool *pool) nogil
-    int mn_pin_current_thread(const int *cpus, int n, char *err, size_t errlen) nogil
     int mn_check_cpus(const int *cpus, int n, char *err, size_t errlen) nogil
     ctypedef struct mn_moe_args:
         int gate_type, up_type, down_type

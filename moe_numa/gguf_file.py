@@ -146,11 +146,6 @@ class GGUFModelFile:
     def get(self, key: str, default: Any = None) -> Any:
         return self.metadata.get(key, default)
 
-    def require(self, key: str) -> Any:
-        if key not in self.metadata:
-            raise GGUFError(f"{self.path}: missing metadata key {key!r} (needed by {self.architecture})")
-        return self.metadata[key]
-
     def tensor(self, name: str) -> Tensor:
         try:
             return self.tensors[name]
@@ -312,11 +307,6 @@ def _read_tensors(reader: GGUFReader, path: str) -> list[Tensor]:
         row_bytes = shape[-1] // block * type_size
         tensors.append(Tensor(t.name, qtype, shape, raw.reshape(*shape[:-1], row_bytes), path))
     return tensors
-
-
-def open_gguf(path: str | os.PathLike[str]) -> GGUFModelFile:
-    """Open a GGUF model (the first file of a split set, or a single file)."""
-    return GGUFModelFile(path)
 
 
 def check_supported_types(gguf: GGUFModelFile) -> None:

@@ -296,10 +296,6 @@ class ThreadPool:
     def closed(self) -> bool:
         return self._pool.closed
 
-    def address(self) -> int:
-        """The C `mn_pool *` (for native code of the engine)."""
-        return self._pool.address()
-
     def stats(self) -> dict:
         """{'threads', 'cpus', 'tasks', 'busy_ns', 'wait_ns' (lists per thread),
         'busy_ns_total', 'wait_ns_total'}; busy = inside tasks, wait = waiting for

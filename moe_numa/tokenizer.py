@@ -435,10 +435,6 @@ class GGUFTokenizer:
     def pad_id(self) -> int | None:
         return self._ids["pad"]
 
-    def special_id(self, kind: str) -> int | None:
-        """Id of "bos", "eos", "eot", "eom", "unk", "sep", "pad", "mask", "fim_pre", ... or None."""
-        return self._ids[kind]
-
     def _check_id(self, token_id: int) -> int:
         try:
             i = int(token_id)
@@ -457,9 +453,6 @@ class GGUFTokenizer:
     def is_control(self, token_id: int) -> bool:
         """CONTROL or UNKNOWN: parsed only with parse_special, hidden by skip_special."""
         return bool(self._attrs[self._check_id(token_id)] & (_ATTR_CONTROL | _ATTR_UNKNOWN))
-
-    def is_stop(self, token_id: int) -> bool:
-        return int(token_id) in self.stop_ids
 
     def id_to_token(self, token_id: int) -> str:
         """The vocabulary string (byte-level encoded for normal tokens)."""
@@ -602,9 +595,6 @@ class StreamDecoder:
 
     def push(self, token_id: int) -> str:
         return self._dec.decode(self._tok.token_to_piece(token_id, self._special))
-
-    def push_many(self, ids: Iterable[int]) -> str:
-        return "".join(self.push(i) for i in ids)
 
     def flush(self) -> str:
         """The held-back bytes (as U+FFFD); the decoder is reset and can be reused."""

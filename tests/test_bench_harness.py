@@ -8,7 +8,6 @@ import os
 import stat
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest

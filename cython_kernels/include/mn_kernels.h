@@ -52,8 +52,8 @@ void   mn_matmul_rows(int wtype, const uint8_t *w, size_t w_row_stride, int64_t 
 /* ---- thread pools ---------------------------------------------------------
  * A pool owns n threads, thread i pinned to cpus[i].  With caller_is_worker0,
  * only n-1 threads are created (pinned to cpus[1..n-1]); the thread that calls
- * mn_pool_wait() runs slice 0 itself (it is not pinned by the pool; use
- * mn_pin_current_thread() if wanted).  A task fn(ctx, ith, nth) is run once by
+ * mn_pool_wait() runs slice 0 itself (it is not pinned by the pool: the engine
+ * pins it with sched_setaffinity).  A task fn(ctx, ith, nth) is run once by
  * every ith in [0, nth), nth = n.  Submit and wait alternate; several pools may
  * have tasks in flight at once. */
 typedef struct mn_pool mn_pool;
@@ -74,8 +74,6 @@ void     mn_pool_set_spin_ns(mn_pool *pool, int64_t ns);
 typedef struct { int64_t tasks; int64_t busy_ns; int64_t wait_ns; } mn_thread_stats;
 int      mn_pool_stats(const mn_pool *pool, mn_thread_stats *out, int n);  /* returns n threads */
 void     mn_pool_reset_stats(mn_pool *pool);
-/* Validate and pin the calling thread to the given CPUs; 0 on success. */
-int      mn_pin_current_thread(const int *cpus, int n, char *err, size_t errlen);
 /* 0 if every CPU exists and is available to this process; otherwise -1 and a
  * message naming the CPU.  A CPU may repeat (two threads on one CPU). */
 int      mn_check_cpus(const int *cpus, int n, char *err, size_t errlen);

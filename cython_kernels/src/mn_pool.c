@@ -141,15 +141,6 @@ int mn_check_cpus(const int *cpus, int n, char *err, size_t errlen) {
     return 0;
 }
 
-int mn_pin_current_thread(const int *cpus, int n, char *err, size_t errlen) {
-    if (mn_check_cpus(cpus, n, err, errlen)) return -1;
-    cpu_set_t set; CPU_ZERO(&set);
-    for (int i = 0; i < n; i++) CPU_SET(cpus[i], &set);
-    int rc = pthread_setaffinity_np(pthread_self(), sizeof set, &set);
-    if (rc) { snprintf(err, errlen, "pthread_setaffinity_np failed: %s", strerror(rc)); return -1; }
-    return 0;
-}
-
 mn_pool *mn_pool_create(const int *cpus, int n, int caller_is_worker0, char *err, size_t errlen) {
     if (mn_check_cpus(cpus, n, err, errlen)) return NULL;
     mn_pool *p = aligned_alloc(CACHELINE, (sizeof(mn_pool) + CACHELINE - 1) / CACHELINE * CACHELINE);

@@ -4,8 +4,8 @@ forward pass that runs an architecture's layer code over a KV cache.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, Callable, Union
+from dataclasses import dataclass
+from typing import Callable, Union
 
 import numpy as np
 
@@ -59,7 +59,6 @@ class ModelWeights:
     layers: list[LayerWeights]
     output_norm: Tensor
     output: Tensor             # [n_vocab, hidden] (token_embd when tied)
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 class MetadataReader:
