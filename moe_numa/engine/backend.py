@@ -297,7 +297,7 @@ class EngineBackend:
             def vec(t, r0, r1, name):
                 return None if t is None else S.floats(node, key + name, lambda: t.dequantize()[r0:r1], (r1 - r0,),
                                                        "attention", replicated=False)
-            p.update(kind="gqa", n_kv=nkv, qk_dim=hd, v_dim=hd, rope_dims=hd, rope_off=0,
+            p.update(kind="gqa", n_kv=nkv, qk_dim=hd, v_dim=hd, rope_dims=a.rope.n_dims, rope_off=0,
                      q2kv=np.array([(h0 + j) // group - k0 for j in range(nh)], dtype=np.int32),
                      wq=rows(at.wq, h0 * hd, h1 * hd, "wq"), wk=rows(at.wk, k0 * hd, k1 * hd, "wk"),
                      wv=rows(at.wv, k0 * hd, k1 * hd, "wv"),

@@ -1,6 +1,7 @@
-"""Grouped-query attention (Qwen2-MoE, Qwen3-MoE): q/k/v projections with
-optional biases and per-head q/k RMSNorm, RoPE, causal softmax attention over
-the cache, and the output projection."""
+"""Grouped-query attention (Qwen2-MoE, Qwen3-MoE, GLM-4.5): q/k/v projections
+with optional biases and per-head q/k RMSNorm, RoPE over all or the first
+`rope.n_dims` dims of each head, causal softmax attention over the cache, and
+the output projection."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -66,9 +67,13 @@ def gqa_attention(cfg: AttentionConfig, w: GQAWeights, x: np.ndarray, cache: Lay
     if w.q_norm is not None:
         q = rms_norm(q, deq(w.q_norm), cfg.norm_eps)
         k = rms_norm(k, deq(w.k_norm), cfg.norm_eps)
+    # Partial rotary (GLM-4.5: rope.n_dims = head_dim / 2): only the first n_dims of each head
+    # turn, the rest pass through, as ggml's rope does.
     cos, sin = rope_cos_sin(cfg.rope, positions)
-    q = apply_rope(q, cos, sin, cfg.rope.neox)
-    k = apply_rope(k, cos, sin, cfg.rope.neox)
+    nd = cfg.rope.n_dims
+    q, k = q.copy(), k.copy()
+    q[..., :nd] = apply_rope(q[..., :nd], cos, sin, cfg.rope.neox)
+    k[..., :nd] = apply_rope(k[..., :nd], cos, sin, cfg.rope.neox)
     start = int(positions[0])
     cache.store(start, k=k, v=v)
     end = start + T

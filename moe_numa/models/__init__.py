@@ -1,19 +1,37 @@
-"""One module per GGUF architecture; each has a config dataclass built from the
-file's metadata (`Config.from_gguf`), `load_weights` and `forward_layer`."""
+"""One module per GGUF architecture; each has `ARCH` (the `general.architecture`
+value), a config dataclass built from the file's metadata (`Config.from_gguf`, a
+`ModelConfig` subclass), `load_weights` and `forward_layer`. Modules are found
+here by discovery: adding an architecture is adding its file."""
 from __future__ import annotations
 
+import importlib
+import pkgutil
 from types import ModuleType
 
 from ..errors import UnsupportedError
 from ..gguf_file import GGUFModelFile
-from . import deepseek2, qwen2moe, qwen3moe
 from .base import ModelConfig, ModelWeights
 
-ARCHITECTURES: dict[str, tuple[ModuleType, type]] = {
-    qwen2moe.ARCH: (qwen2moe, qwen2moe.Qwen2MoeConfig),
-    qwen3moe.ARCH: (qwen3moe, qwen3moe.Qwen3MoeConfig),
-    deepseek2.ARCH: (deepseek2, deepseek2.DeepSeek2Config),
-}
+
+def _config_class(module: ModuleType) -> type:
+    found = [v for v in vars(module).values()
+             if isinstance(v, type) and issubclass(v, ModelConfig) and v.__module__ == module.__name__]
+    if len(found) != 1:
+        raise TypeError(f"{module.__name__} must define exactly one ModelConfig subclass, found {len(found)}")
+    return found[0]
+
+
+def _discover() -> dict[str, tuple[ModuleType, type]]:
+    out = {}
+    for info in sorted(pkgutil.iter_modules(__path__), key=lambda i: i.name):
+        if info.name == "base":
+            continue
+        module = importlib.import_module(f"{__name__}.{info.name}")
+        out[module.ARCH] = (module, _config_class(module))
+    return out
+
+
+ARCHITECTURES: dict[str, tuple[ModuleType, type]] = _discover()
 
 
 def architecture(gguf: GGUFModelFile) -> tuple[ModuleType, type]:
