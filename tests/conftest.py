@@ -32,4 +32,4 @@ def make_model(model_dir):
     return make
 
 
-TEST_PRESETS = ["qwen3moe", "qwen2moe", "deepseek-v3", "deepseek-v2-lite"]
+TEST_PRESETS = ["qwen3moe", "qwen2moe", "deepseek-v3", "deepseek-v2-lite", "glm4moe"]

@@ -67,3 +67,34 @@ def test_deepseek_v2_lite_config(make_model):
 
 def test_group_rule_override(make_model):
     assert config(make_model, "deepseek-v3", group_rule="max").router.group_rule == "max"
+
+
+def test_glm4moe_config(make_model):
+    spec, cfg = PRESETS["glm4moe"], config(make_model, "glm4moe")
+    a, r = cfg.attention, cfg.router
+    assert cfg.arch == "glm4moe" and cfg.n_layer == spec.n_layer and cfg.n_nextn == 1   # block_count 4
+    assert (a.n_head, a.n_head_kv, a.head_dim) == (spec.n_head, spec.n_head_kv, spec.head_dim)
+    assert a.rope.neox and a.rope.n_dims == spec.rope_dims < a.head_dim        # partial rotary
+    assert a.kq_scale == pytest.approx(1 / math.sqrt(spec.head_dim))
+    assert (r.gating, r.norm_weights, r.weights_scale) == (GATING_SIGMOID, True, pytest.approx(2.5))
+    assert cfg.n_dense_lead == 1 and not cfg.is_moe_layer(0) and cfg.is_moe_layer(2)
+    assert cfg.shared_ff == spec.expert_ff and cfg.dense_ff == spec.dense_ff
+    _, _, w = load_model(GGUFModelFile(make_model("glm4moe")))
+    assert len(w.layers) == spec.n_layer                     # the NextN layer is not loaded
+    assert w.layers[1].ffn.probs_bias is not None and w.layers[1].attn.bq is not None
+    assert w.layers[0].ffn_norm.name == "blk.0.post_attention_norm.weight"
+    assert w.layers[0].attn.q_norm is not None
+
+
+def test_glm4moe_without_qk_norm_and_refusals(make_model, tmp_path):
+    from gguf import GGUFValueType
+
+    from moe_numa.errors import UnsupportedError
+    from moe_numa.testing import make_test_model, variant
+    air = make_test_model(tmp_path / "air.gguf", spec=variant("glm4moe", qk_norm=False, n_nextn=0))
+    _, cfg, w = load_model(GGUFModelFile(air))               # GLM-4.5-Air: no q/k norms
+    assert cfg.n_nextn == 0 and w.layers[0].attn.q_norm is None and w.layers[0].attn.k_norm is None
+    mrope = make_test_model(tmp_path / "v.gguf", spec=variant(
+        "glm4moe", extra={"glm4moe.rope.dimension_sections": ([8, 12, 12, 0], GGUFValueType.ARRAY, GGUFValueType.INT32)}))
+    with pytest.raises(UnsupportedError, match="M-RoPE"):
+        load_model(GGUFModelFile(mrope))

@@ -58,6 +58,10 @@ def moe_layers(cfg):
 @given(preset=st.sampled_from(TEST_PRESETS), qtype=st.sampled_from(["f32", "bf16"]),
        n_nodes=st.integers(1, 4), data=st.data())
 def test_float_models_match_reference(make_model, preset, qtype, n_nodes, data):
+    check_float_model(make_model, preset, qtype, n_nodes, data)
+
+
+def check_float_model(make_model, preset, qtype, n_nodes, data):
     ref = reference(make_model, preset, qtype)
     cfg = ref.config
     emap = random_map(cfg.n_expert, n_nodes, data, moe_layers(cfg))
@@ -102,6 +106,10 @@ def _blocks(ref, eng, ids):
 @given(preset=st.sampled_from(TEST_PRESETS), qtype=st.sampled_from(["q8_0", "q4_k_m", "q6_k", "q4_0"]),
        n_nodes=st.integers(1, 4), data=st.data())
 def test_quantized_blocks_match_reference(make_model, preset, qtype, n_nodes, data):
+    check_quantized_blocks(make_model, preset, qtype, n_nodes, data)
+
+
+def check_quantized_blocks(make_model, preset, qtype, n_nodes, data):
     ref = reference(make_model, preset, qtype)
     cfg = ref.config
     emap = random_map(cfg.n_expert, n_nodes, data, moe_layers(cfg))
@@ -110,6 +118,17 @@ def test_quantized_blocks_match_reference(make_model, preset, qtype, n_nodes, da
         errs = _blocks(ref, eng, ids)
     assert np.median(errs) <= 1e-4            # most blocks: summation order only
     assert errs.max() <= 3e-2                 # an isolated rounding-boundary flip at worst
+
+
+# The architectures added last, at every node count (the sampled tests above may not draw them).
+@pytest.mark.parametrize("n_nodes", [1, 2, 3, 4])
+@pytest.mark.parametrize("preset", ["glm4moe"])
+@settings(max_examples=3)
+@given(data=st.data())
+def test_newest_architectures_at_every_node_count(make_model, preset, n_nodes, data):
+    check_float_model(make_model, preset, data.draw(st.sampled_from(["f32", "bf16"])), n_nodes, data)
+    check_quantized_blocks(make_model, preset, data.draw(st.sampled_from(["q8_0", "q4_k_m", "q6_k", "q4_0"])),
+                           n_nodes, data)
 
 
 @pytest.mark.parametrize("preset", TEST_PRESETS)

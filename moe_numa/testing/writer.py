@@ -9,6 +9,8 @@ loads in llama.cpp as well as here. Presets:
   score bias, normalised and scaled weights, a leading dense layer, YaRN;
 - `deepseek-v2-lite`: MLA without q LoRA and the older merged attn_kv_b, softmax
   gating, two shared experts;
+- `glm4moe`: GLM-4.5 (GQA with q/k/v biases, q/k norms, half-head RoPE; sigmoid
+  routing with score bias, a shared expert, a leading dense layer, one NextN layer);
 - `qwen3moe-bench`, `deepseek-v3-bench`: realistic proportions for benchmarks.
 """
 from __future__ import annotations
@@ -75,6 +77,10 @@ class ModelSpec:
     probs_bias: bool = False
     split_kv_b: bool = True
     yarn: tuple[float, int, float] | None = None   # (factor, original ctx, mscale_all_dim)
+    # GLM-4.5 (GQA with the DeepSeek-style router and leading dense layers)
+    rope_dims: int = 0            # rotated dims per head (0: all of head_dim)
+    qk_norm: bool = False         # per-head q/k RMSNorm (always on for qwen3moe)
+    n_nextn: int = 0              # trailing multi-token-prediction layers (written, not run)
     extra: dict = field(default_factory=dict)
 
 
@@ -98,6 +104,11 @@ PRESETS: dict[str, ModelSpec] = {
         n_shared=2, gating=1, norm_weights=False, weights_scale=1.0, split_kv_b=False,
         yarn=(40.0, 512, 0.707)),
     # Benchmark models: realistic proportions that fit a 24 GiB machine.
+    "glm4moe": ModelSpec(
+        arch="glm4moe", vocab="qwen3", n_vocab_regular=6000, hidden=256, n_layer=3, n_head=8, n_head_kv=2,
+        head_dim=64, n_expert=16, n_used=4, expert_ff=256, n_dense_lead=1, dense_ff=512, n_shared=1,
+        gating=2, norm_weights=True, weights_scale=2.5, probs_bias=True, qkv_bias=True, rope_dims=32,
+        qk_norm=True, n_nextn=1),
     "qwen3moe-bench": ModelSpec(
         arch="qwen3moe", vocab="qwen3", n_vocab_regular=0, hidden=2048, n_layer=24, n_head=32, n_head_kv=4,
         head_dim=128, n_expert=64, n_used=8, expert_ff=512, context_length=32768),
@@ -160,11 +171,16 @@ def plan_tensors(spec: ModelSpec, n_vocab: int, qname: str) -> list[TensorPlan]:
     add("token_embd.weight", (n_vocab, H), _normal((n_vocab, H), 1.0))
     add("output_norm.weight", (H,), _normal((H,), 0.1, 1.0))
     add("output.weight", (n_vocab, H), _matrix((n_vocab, H), 4.0))
-    for i in range(L):
+    ffn_norm = "post_attention_norm" if spec.arch == "glm4moe" else "ffn_norm"
+    for i in range(L + spec.n_nextn):
         p = f"blk.{i}."
+        if i >= L:   # a NextN layer: its own input projection and norms, then a normal MoE layer
+            add(p + "nextn.eh_proj.weight", (H, 2 * H), _matrix((H, 2 * H)), i)
+            for name in ("enorm", "hnorm", "shared_head_norm"):
+                add(p + f"nextn.{name}.weight", (H,), _normal((H,), 0.1, 1.0), i)
         add(p + "attn_norm.weight", (H,), _normal((H,), 0.1, 1.0), i)
-        add(p + "ffn_norm.weight", (H,), _normal((H,), 0.1, 1.0), i)
-        if spec.arch in ("qwen2moe", "qwen3moe"):
+        add(p + ffn_norm + ".weight", (H,), _normal((H,), 0.1, 1.0), i)
+        if spec.arch != "deepseek2":
             q_dim, kv_dim = spec.n_head * spec.head_dim, spec.n_head_kv * spec.head_dim
             add(p + "attn_q.weight", (q_dim, H), _matrix((q_dim, H)), i)
             add(p + "attn_k.weight", (kv_dim, H), _matrix((kv_dim, H)), i)
@@ -173,7 +189,7 @@ def plan_tensors(spec: ModelSpec, n_vocab: int, qname: str) -> list[TensorPlan]:
             if spec.qkv_bias:
                 for n, d in (("q", q_dim), ("k", kv_dim), ("v", kv_dim)):
                     add(p + f"attn_{n}.bias", (d,), _normal((d,), 0.1), i)
-            if spec.arch == "qwen3moe":
+            if spec.arch == "qwen3moe" or spec.qk_norm:
                 add(p + "attn_q_norm.weight", (spec.head_dim,), _normal((spec.head_dim,), 0.1, 1.0), i)
                 add(p + "attn_k_norm.weight", (spec.head_dim,), _normal((spec.head_dim,), 0.1, 1.0), i)
         else:
@@ -197,7 +213,7 @@ def plan_tensors(spec: ModelSpec, n_vocab: int, qname: str) -> list[TensorPlan]:
                 kvb = (spec.n_head * (spec.qk_nope + spec.v_head), spec.kv_lora_rank)
                 add(p + "attn_kv_b.weight", kvb, _matrix(kvb), i)
             add(p + "attn_output.weight", (H, spec.n_head * spec.v_head), _matrix((H, spec.n_head * spec.v_head)), i)
-        if spec.arch == "deepseek2" and i < spec.n_dense_lead:
+        if i < spec.n_dense_lead:
             ff = spec.dense_ff
             add(p + "ffn_gate.weight", (ff, H), _matrix((ff, H)), i)
             add(p + "ffn_up.weight", (ff, H), _matrix((ff, H)), i)
@@ -227,7 +243,7 @@ def _write_metadata(w: gguf.GGUFWriter, spec: ModelSpec, vocab: VocabSpec, qname
     w.add_uint32("general.quantization_version", gguf.GGML_QUANT_VERSION)
     w.add_uint32(f"{a}.context_length", spec.context_length)
     w.add_uint32(f"{a}.embedding_length", spec.hidden)
-    w.add_uint32(f"{a}.block_count", spec.n_layer)
+    w.add_uint32(f"{a}.block_count", spec.n_layer + spec.n_nextn)
     w.add_uint32(f"{a}.attention.head_count", spec.n_head)
     w.add_uint32(f"{a}.attention.head_count_kv", spec.n_head_kv)
     w.add_float32(f"{a}.attention.layer_norm_rms_epsilon", spec.rms_eps)
@@ -242,6 +258,18 @@ def _write_metadata(w: gguf.GGUFWriter, spec: ModelSpec, vocab: VocabSpec, qname
         w.add_uint32(f"{a}.feed_forward_length", spec.shared_ff or spec.expert_ff * spec.n_used)
         if spec.shared_ff:
             w.add_uint32(f"{a}.expert_shared_feed_forward_length", spec.shared_ff)
+    elif a == "glm4moe":
+        w.add_uint32(f"{a}.attention.key_length", spec.head_dim)
+        w.add_uint32(f"{a}.attention.value_length", spec.head_dim)
+        w.add_uint32(f"{a}.rope.dimension_count", spec.rope_dims or spec.head_dim)
+        w.add_uint32(f"{a}.leading_dense_block_count", spec.n_dense_lead)
+        w.add_uint32(f"{a}.feed_forward_length", spec.dense_ff)
+        w.add_uint32(f"{a}.expert_shared_count", spec.n_shared)
+        w.add_float32(f"{a}.expert_weights_scale", spec.weights_scale)
+        w.add_bool(f"{a}.expert_weights_norm", spec.norm_weights)
+        w.add_uint32(f"{a}.expert_gating_func", spec.gating)
+        if spec.n_nextn:
+            w.add_uint32(f"{a}.nextn_predict_layers", spec.n_nextn)
     else:
         w.add_uint32(f"{a}.leading_dense_block_count", spec.n_dense_lead)
         w.add_uint32(f"{a}.feed_forward_length", spec.dense_ff)
