@@ -11,6 +11,7 @@ loads in llama.cpp as well as here. Presets:
   gating, two shared experts;
 - `glm4moe`: GLM-4.5 (GQA with q/k/v biases, q/k norms, half-head RoPE; sigmoid
   routing with score bias, a shared expert, a leading dense layer, one NextN layer);
+- `kimi-k2`, `moonlight`: DeepSeek-V3's architecture with 384 / 64 experts;
 - `qwen3moe-bench`, `deepseek-v3-bench`: realistic proportions for benchmarks.
 """
 from __future__ import annotations
@@ -109,6 +110,19 @@ PRESETS: dict[str, ModelSpec] = {
         head_dim=64, n_expert=16, n_used=4, expert_ff=256, n_dense_lead=1, dense_ff=512, n_shared=1,
         gating=2, norm_weights=True, weights_scale=2.5, probs_bias=True, qkv_bias=True, rope_dims=32,
         qk_norm=True, n_nextn=1),
+    # Kimi-K2 / Moonlight: DeepSeek-V3's architecture (deepseek2), 384 / 64 experts, one expert group.
+    "kimi-k2": ModelSpec(
+        arch="deepseek2", vocab="deepseek-v3", n_vocab_regular=6000, hidden=256, n_layer=2, n_head=4,
+        n_head_kv=1, head_dim=0, n_expert=384, n_used=8, expert_ff=32, rope_base=50000.0,
+        q_lora_rank=128, kv_lora_rank=128, qk_nope=64, qk_rope=32, v_head=64, n_dense_lead=1, dense_ff=512,
+        n_shared=1, gating=2, norm_weights=True, weights_scale=2.827, n_groups=1, n_groups_used=1,
+        probs_bias=True, split_kv_b=True, yarn=(32.0, 4096, 1.0)),
+    "moonlight": ModelSpec(
+        arch="deepseek2", vocab="deepseek-v3", n_vocab_regular=6000, hidden=256, n_layer=2, n_head=4,
+        n_head_kv=1, head_dim=0, n_expert=64, n_used=6, expert_ff=64, rope_base=50000.0,
+        q_lora_rank=0, kv_lora_rank=128, qk_nope=64, qk_rope=32, v_head=64, n_dense_lead=1, dense_ff=512,
+        n_shared=2, gating=2, norm_weights=True, weights_scale=2.446, n_groups=1, n_groups_used=1,
+        probs_bias=True, split_kv_b=True),
     "qwen3moe-bench": ModelSpec(
         arch="qwen3moe", vocab="qwen3", n_vocab_regular=0, hidden=2048, n_layer=24, n_head=32, n_head_kv=4,
         head_dim=128, n_expert=64, n_used=8, expert_ff=512, context_length=32768),
