@@ -34,7 +34,7 @@ from . import llama_cpp as lc
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
 TEXT_PATH = DATA_DIR / "tokenizer_text.txt"
-DEFAULT_PRESETS = ("qwen2moe", "qwen3moe", "deepseek-v3", "deepseek-v2-lite")
+DEFAULT_PRESETS = ("qwen2moe", "qwen3moe", "deepseek-v3", "deepseek-v2-lite", "glm4moe")
 DEFAULT_QTYPES = ("f32", "f16", "bf16", "q8_0", "q6_k", "q4_k", "q4_k_m")
 #: F32 files: ours vs llama.cpp within this fraction of the logits' scale (max |logit|)
 F32_REL_TOL = 1e-4

@@ -10,7 +10,9 @@ from dataclasses import dataclass
 from .gguf_file import GGUFModelFile
 from .models.base import ModelConfig
 
-CLASSES = ("embeddings", "output", "attention", "router", "dense_ffn", "shared_expert", "routed_experts", "norms")
+CLASSES = ("embeddings", "output", "attention", "router", "dense_ffn", "shared_expert", "routed_experts", "norms",
+           "nextn")
+_LAYER = re.compile(r"blk\.(\d+)\.")
 
 
 def tensor_class(name: str) -> str:
@@ -59,7 +61,10 @@ def model_info(gguf: GGUFModelFile, cfg: ModelConfig) -> ModelInfo:
     types: Counter = Counter()
     n_params = 0
     for t in gguf:
-        by_class[tensor_class(t.name)] += t.nbytes
+        m = _LAYER.match(t.name)
+        # Layers past n_layer are multi-token-prediction (NextN) layers: stored, never run.
+        cls = "nextn" if m and int(m.group(1)) >= cfg.n_layer else tensor_class(t.name)
+        by_class[cls] += t.nbytes
         types[t.qtype.name] += 1
         n_params += t.n_elements
     embd = gguf.tensor("token_embd.weight")
@@ -67,7 +72,7 @@ def model_info(gguf: GGUFModelFile, cfg: ModelConfig) -> ModelInfo:
     n_moe = sum(cfg.is_moe_layer(i) for i in range(cfg.n_layer))
     # Decode reads every tensor once, except: one embedding row, and top-k of the
     # routed experts in each MoE layer. A tied output head reads the embedding whole.
-    per_token = sum(b for c, b in by_class.items() if c not in ("embeddings", "routed_experts"))
+    per_token = sum(b for c, b in by_class.items() if c not in ("embeddings", "routed_experts", "nextn"))
     per_token += embd.nbytes if tied else embd.nbytes // embd.shape[0]
     per_token += int(by_class["routed_experts"] * cfg.router.n_used / cfg.router.n_expert)
     return ModelInfo(

@@ -77,3 +77,18 @@ def test_every_command_has_its_flags_in_the_one_parser(capsys):
         assert e.value.code == 0 and flag in capsys.readouterr().out, name
     with pytest.raises(SystemExit):
         main(["bench-kernels", "--no-such-flag"])
+
+
+def test_inspect_counts_nextn_layers_apart(make_model, capsys):
+    """GLM-4.5's NextN layer is stored but never run: it is its own class and not read per token."""
+    from moe_numa.gguf_file import GGUFModelFile
+    from moe_numa.model_info import model_info
+    from moe_numa.models import load_model
+    gguf = GGUFModelFile(make_model("glm4moe", "q8_0"))
+    _, cfg, _ = load_model(gguf)
+    info = model_info(gguf, cfg)
+    nextn = sum(t.nbytes for t in gguf if t.name.startswith(f"blk.{cfg.n_layer}."))
+    assert nextn > 0 and info.bytes_by_class["nextn"] == nextn
+    others = sum(b for c, b in info.bytes_by_class.items() if c not in ("nextn", "embeddings", "routed_experts"))
+    assert info.bytes_per_token < others + info.bytes_by_class["routed_experts"]
+    assert main(["inspect", str(gguf.path)]) == 0 and "nextn" in capsys.readouterr().out
