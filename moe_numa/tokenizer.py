@@ -2,8 +2,9 @@
 
 :class:`GGUFTokenizer` reproduces llama.cpp b11434's ``llama_tokenize`` /
 ``llama_token_to_piece`` for ``tokenizer.ggml.model == "gpt2"`` with the
-pre-tokenizers ``qwen2`` (also ``deepseek-r1-qwen``) and ``deepseek-v3`` (also
-``joyai-llm``).  The BPE merges and the regex splitting run in the HF
+pre-tokenizers ``qwen2`` (also ``deepseek-r1-qwen``), ``deepseek-v3`` (also
+``joyai-llm``) and ``glm4`` (also ``glm5``: qwen2's splitting with numbers in runs of
+up to three digits, words that are whole tokens taken as they are, no default BOS).  The BPE merges and the regex splitting run in the HF
 ``tokenizers`` library; what llama.cpp does around them is done here:
 
 * **special tokens** -- tokens of type CONTROL, USER_DEFINED or UNKNOWN are cut
@@ -82,7 +83,10 @@ _TYPE_TO_ATTR = {
 SUPPORTED_PRE_TOKENIZERS = {
     "qwen2": "qwen2", "deepseek-r1-qwen": "qwen2",
     "deepseek-v3": "deepseek-v3", "joyai-llm": "deepseek-v3",
+    "glm4": "glm4", "glm5": "glm4",
 }
+# splittings whose words that are whole tokens skip the merges (llama.cpp's ignore_merges)
+_IGNORE_MERGES = frozenset({"glm4"})
 
 _KEY_PREFIX = "tokenizer.ggml."
 _GPT2_DEFAULT_BOS_EOS = 11   # llama.cpp's default bos/eos for tokenizer model "gpt2"
@@ -134,6 +138,17 @@ def pre_tokenizer_regexes(kind: str) -> tuple[str, ...]:
             _CONTRACTIONS,
             _ncls(r"\r\n\p{L}\p{N}") + "?" + L + "+",
             N,
+            " ?" + _ncls(r"\s\p{L}\p{N}") + r"+[\r\n]*",
+            r"\s*[\r\n]+",
+            r"\s+(?!\S)",
+            r"\s+",
+        ]),)
+    if kind == "glm4":
+        # qwen2's with numbers in runs of up to three digits (llama.cpp's CHATGLM4)
+        return ("|".join([
+            _CONTRACTIONS,
+            _ncls(r"\r\n\p{L}\p{N}") + "?" + L + "+",
+            N + "{1,3}",
             " ?" + _ncls(r"\s\p{L}\p{N}") + r"+[\r\n]*",
             r"\s*[\r\n]+",
             r"\s+(?!\S)",
@@ -276,6 +291,8 @@ class GGUFTokenizer:
         # special ids: llama.cpp's gpt2 defaults, then the keys
         ids: dict[str, int | None] = {k: None for k, _ in _ID_KEYS}
         ids["bos"] = ids["eos"] = _GPT2_DEFAULT_BOS_EOS if _GPT2_DEFAULT_BOS_EOS < n else None
+        if SUPPORTED_PRE_TOKENIZERS.get(pre) == "glm4":
+            ids["bos"] = None            # GLM has no BOS unless the file names one
         given = dict(special_ids or {})
         if bos_id is not None:
             given["bos"] = bos_id
@@ -355,7 +372,8 @@ class GGUFTokenizer:
             seen.add((a, b))
             pairs.append((a, b))
         try:
-            bpe = models.BPE(vocab=token_to_id, merges=pairs, ignore_merges=False)
+            bpe = models.BPE(vocab=token_to_id, merges=pairs,
+                             ignore_merges=SUPPORTED_PRE_TOKENIZERS[self.pre] in _IGNORE_MERGES)
         except Exception as e:  # pragma: no cover - validated above
             raise GGUFError(f"tokenizer.ggml.merges: cannot build the BPE model: {e}") from e
         hf = Tokenizer(bpe)

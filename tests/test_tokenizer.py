@@ -6,6 +6,7 @@ otherwise).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -465,13 +466,33 @@ def _agreement(tmp_path, specs):
 
 
 def test_agrees_with_llama_tokenize_truncated(tmp_path, qspec, dspec):
-    _agreement(tmp_path, [("qwen", qspec, "qwen3moe"), ("deepseek", dspec, "deepseek2")])
+    # "glm4": the Qwen vocabulary under GLM-4.5's pre-tokenizer (digit runs, ignore_merges)
+    _agreement(tmp_path, [("qwen", qspec, "qwen3moe"), ("deepseek", dspec, "deepseek2"),
+                          ("glm4", dataclasses.replace(qspec, pre="glm4"), "qwen3moe")])
+
+
+def test_glm4_pre_tokenizer():
+    spec = V.qwen2_vocab()
+    qwen = GGUFTokenizer.from_metadata(spec.metadata())
+    md = dict(spec.metadata(), **{"tokenizer.ggml.pre": "glm4"})
+    del md["tokenizer.ggml.bos_token_id"]
+    glm = GGUFTokenizer.from_metadata(md)
+    assert glm.bos_id is None and qwen.bos_id is not None          # no default BOS for GLM
+    text = "In 2025, 1234567 tokens."
+    assert glm.decode(glm.encode(text)) == text
+    digits = lambda t: [t.decode([i]) for i in t.encode(text) if t.decode([i]).strip().isdigit()]  # noqa: E731
+    assert all(len(p.strip()) == 1 for p in digits(qwen))               # qwen2: one digit per split
+    assert glm._splitter.pre_tokenize_str("1234567")[0][0] == "123"     # glm4: runs of up to three
 
 
 @pytest.mark.slow
 def test_agrees_with_llama_tokenize_full(tmp_path):
+    dfull = V.deepseek_v3_vocab(None)
+    # glm4 over DeepSeek's vocabulary, which has multi-digit and whole-word tokens: the
+    # digit runs and ignore_merges change the ids here (they do not on the truncated ones)
     _agreement(tmp_path, [("qwen-full", V.qwen2_vocab(None, pad_to=151936), "qwen3moe"),
-                          ("deepseek-full", V.deepseek_v3_vocab(None), "deepseek2")])
+                          ("deepseek-full", dfull, "deepseek2"),
+                          ("glm4-full", dataclasses.replace(dfull, pre="glm4"), "qwen3moe")])
 
 
 # ----------------------------------------------------------------------------- shipped vocabularies
