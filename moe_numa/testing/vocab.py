@@ -313,52 +313,14 @@ def _add_any(writer, key: str, value: Any) -> None:
         writer.add_array(key, list(value))
 
 
-# Minimal hyper-parameters per architecture so that llama.cpp's loader accepts a
-# vocabulary-only file (it reads the hparams even with vocab_only).  Tiny but valid.
-_MINIMAL_HPARAMS: dict[str, dict[str, Any]] = {
-    "qwen3moe": {
-        "context_length": 4096, "embedding_length": 64, "block_count": 1,
-        "feed_forward_length": 128, "expert_feed_forward_length": 32,
-        "attention.head_count": 4, "attention.head_count_kv": 2,
-        "attention.key_length": 16, "attention.value_length": 16,
-        "rope.freq_base": 1000000.0, "attention.layer_norm_rms_epsilon": 1e-6,
-        "expert_count": 4, "expert_used_count": 2,
-    },
-    "qwen2moe": {
-        "context_length": 4096, "embedding_length": 64, "block_count": 1,
-        "feed_forward_length": 128, "expert_feed_forward_length": 32,
-        "expert_shared_feed_forward_length": 32,
-        "attention.head_count": 4, "attention.head_count_kv": 2,
-        "rope.freq_base": 1000000.0, "attention.layer_norm_rms_epsilon": 1e-6,
-        "expert_count": 4, "expert_used_count": 2,
-    },
-    "deepseek2": {
-        "context_length": 4096, "embedding_length": 64, "block_count": 1,
-        "feed_forward_length": 128, "expert_feed_forward_length": 32,
-        "attention.head_count": 4, "attention.head_count_kv": 4,
-        "attention.q_lora_rank": 0, "attention.kv_lora_rank": 16,
-        "attention.key_length": 24, "attention.value_length": 16,
-        "rope.dimension_count": 8, "rope.freq_base": 10000.0,
-        "attention.layer_norm_rms_epsilon": 1e-6,
-        "leading_dense_block_count": 0, "expert_count": 4, "expert_used_count": 2,
-        "expert_shared_count": 1, "expert_weights_scale": 1.0,
-        "expert_weights_norm": True, "expert_gating_func": 2,
-    },
-}
-
-
-def add_minimal_hparams(writer, arch: str) -> None:
-    """``{arch}.*`` hyper-parameters that let llama.cpp load a vocab-only file."""
-    if arch not in _MINIMAL_HPARAMS:
-        raise ValueError(f"arch={arch!r}: expected one of {sorted(_MINIMAL_HPARAMS)}")
-    for key, value in _MINIMAL_HPARAMS[arch].items():
-        full = f"{arch}.{key}"
-        if isinstance(value, bool):
-            writer.add_bool(full, value)
-        elif isinstance(value, float):
-            writer.add_float32(full, value)
-        else:
-            writer.add_uint32(full, value)
+def add_minimal_hparams(writer, arch: str, n_vocab: int) -> None:
+    """``{arch}.*`` hyper-parameters that let llama.cpp load a vocab-only file (it reads
+    them even with vocab_only): those of the first test-model preset of that architecture."""
+    from .writer import PRESETS, write_hparams
+    spec = next((s for s in PRESETS.values() if s.arch == arch), None)
+    if spec is None:
+        raise ValueError(f"arch={arch!r}: expected one of {sorted({s.arch for s in PRESETS.values()})}")
+    write_hparams(writer, spec, n_vocab)
 
 
 def write_vocab_gguf(path: str | Path, spec: VocabSpec, arch: str = "qwen3moe",
@@ -371,7 +333,7 @@ def write_vocab_gguf(path: str | Path, spec: VocabSpec, arch: str = "qwen3moe",
     try:
         writer.add_name(f"moe_numa vocab {spec.name} ({spec.n_vocab} tokens)")
         if hparams:
-            add_minimal_hparams(writer, arch)
+            add_minimal_hparams(writer, arch, spec.n_vocab)
         add_vocab(writer, spec)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()

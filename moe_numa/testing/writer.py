@@ -251,10 +251,16 @@ def plan_tensors(spec: ModelSpec, n_vocab: int, qname: str) -> list[TensorPlan]:
 
 
 def _write_metadata(w: gguf.GGUFWriter, spec: ModelSpec, vocab: VocabSpec, qname: str, name: str) -> None:
-    a = spec.arch
     w.add_name(name)
     w.add_uint32("general.file_type", _FILE_TYPE[qname])
     w.add_uint32("general.quantization_version", gguf.GGML_QUANT_VERSION)
+    write_hparams(w, spec, len(vocab.tokens))
+    add_vocab(w, vocab)
+
+
+def write_hparams(w: gguf.GGUFWriter, spec: ModelSpec, n_vocab: int) -> None:
+    """The `{arch}.*` hyper-parameters of `spec`, as the converter writes them."""
+    a = spec.arch
     w.add_uint32(f"{a}.context_length", spec.context_length)
     w.add_uint32(f"{a}.embedding_length", spec.hidden)
     w.add_uint32(f"{a}.block_count", spec.n_layer + spec.n_nextn)
@@ -265,7 +271,7 @@ def _write_metadata(w: gguf.GGUFWriter, spec: ModelSpec, vocab: VocabSpec, qname
     w.add_uint32(f"{a}.expert_count", spec.n_expert)
     w.add_uint32(f"{a}.expert_used_count", spec.n_used)
     w.add_uint32(f"{a}.expert_feed_forward_length", spec.expert_ff)
-    w.add_uint32(f"{a}.vocab_size", len(vocab.tokens))
+    w.add_uint32(f"{a}.vocab_size", n_vocab)
     if a in ("qwen2moe", "qwen3moe"):
         w.add_uint32(f"{a}.attention.key_length", spec.head_dim)
         w.add_uint32(f"{a}.attention.value_length", spec.head_dim)
@@ -314,7 +320,6 @@ def _write_metadata(w: gguf.GGUFWriter, spec: ModelSpec, vocab: VocabSpec, qname
             w.add_float32(f"{a}.rope.scaling.yarn_log_multiplier", 0.1 * mscale_all_dim)
     for key, value in spec.extra.items():
         w.add_key_value(key, *value)
-    add_vocab(w, vocab)
 
 
 # Rows of the embedding in real full-vocabulary files (the tokenizer pads to them).
