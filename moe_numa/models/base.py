@@ -4,6 +4,7 @@ forward pass that runs an architecture's layer code over a KV cache.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Callable, Union
 
@@ -12,10 +13,10 @@ import numpy as np
 from ..errors import GGUFError, UnsupportedError
 from ..gguf_file import GGUFModelFile, Tensor, metadata_value
 from ..layers.attention import AttentionConfig, GQAWeights
-from ..layers.ffn import FFNWeights
+from ..layers.ffn import FFNWeights, swiglu
 from ..layers.kv_cache import KVCache
 from ..layers.mla import MLAConfig, MLAWeights
-from ..layers.moe import MoEWeights, RouterConfig
+from ..layers.moe import MoEWeights, RouterConfig, moe_block
 from ..layers.norm import rms_norm
 from ..layers.weights import Dequantizer
 
@@ -43,6 +44,54 @@ class ModelConfig:
 
     def cache_shapes(self) -> list[dict[str, tuple[int, ...]]]:
         return [self.attention.cache_shapes() for _ in range(self.n_layer)]
+
+
+@dataclass(frozen=True)
+class DenseLeadConfig(ModelConfig):
+    """Leading dense FFN layers, then MoE layers with `n_shared` shared experts of the
+    routed experts' size (DeepSeek-V2/V3, GLM-4.5); `n_nextn` multi-token-prediction
+    layers after the `n_layer` that run, stored in the file but never run or loaded."""
+    n_dense_lead: int = 0
+    dense_ff: int = 0
+    n_shared: int = 0
+    n_nextn: int = 0
+
+    def is_moe_layer(self, i: int) -> bool:
+        return i >= self.n_dense_lead
+
+    @staticmethod
+    def common_fields(gguf: GGUFModelFile, md: "MetadataReader", gating: dict[int, str],
+                      overrides: dict) -> dict:
+        """The fields these architectures read alike: sizes, layer counts (NextN layers
+        off `block_count`), the router (`expert_gating_func` through `gating`, weight
+        normalisation and scale, groups) and the dense / shared FFN sizes."""
+        gating_id = md.int("expert_gating_func", 0)
+        if gating_id not in gating:
+            raise UnsupportedError(f"{gguf.path}: {md.key('expert_gating_func')} = {gating_id} is not "
+                                   f"supported (1 softmax, 2 sigmoid)")
+        n_nextn = md.int("nextn_predict_layers", 0)
+        n_dense = md.int("leading_dense_block_count", 0)
+        return dict(
+            arch=md.arch, name=str(gguf.get("general.name", md.arch)), n_vocab=vocab_size(gguf),
+            n_ctx_train=md.int("context_length"), hidden=md.int("embedding_length"),
+            n_layer=md.int("block_count") - n_nextn, rms_eps=md.float("attention.layer_norm_rms_epsilon"),
+            router=RouterConfig(
+                n_expert=md.int("expert_count"), n_used=md.int("expert_used_count"), gating=gating[gating_id],
+                norm_weights=md.bool("expert_weights_norm", False),
+                weights_scale=md.float("expert_weights_scale", 0.0),
+                n_groups=md.int("expert_group_count", 0), n_groups_used=md.int("expert_group_used_count", 0),
+                **overrides),
+            expert_ff=md.int("expert_feed_forward_length"),
+            n_dense_lead=n_dense, dense_ff=md.int("feed_forward_length", 0 if n_dense == 0 else None),
+            n_shared=md.int("expert_shared_count", 0), n_nextn=n_nextn)
+
+    def is_nextn_tensor(self, name: str) -> bool:
+        m = re.match(r"blk\.(\d+)\.", name)
+        return m is not None and self.n_layer <= int(m.group(1)) < self.n_layer + self.n_nextn
+
+    @property
+    def shared_ff(self) -> int:
+        return self.expert_ff * self.n_shared
 
 
 @dataclass(frozen=True)
@@ -175,6 +224,19 @@ def take_gqa(pick: TensorPicker, prefix: str, a: AttentionConfig, hidden: int, b
     )
 
 
+def take_dense_or_moe(pick: TensorPicker, cfg: DenseLeadConfig, i: int,
+                      require_bias: bool = False) -> FFNWeights | MoEWeights:
+    """Layer i's FFN of a DenseLeadConfig model: the dense FFN of a leading layer, or
+    the routed experts with the score bias (`exp_probs_b`, required with
+    `require_bias`) and the shared experts."""
+    p = f"blk.{i}."
+    if not cfg.is_moe_layer(i):
+        return take_ffn(pick, p, "", cfg.hidden, cfg.dense_ff)
+    bias = (pick.take if require_bias else pick.maybe)(p + "exp_probs_b.bias", (cfg.n_expert,))
+    return MoEWeights(**take_moe(pick, i, cfg.hidden, cfg.expert_ff, cfg.n_expert), probs_bias=bias,
+                      shared=take_ffn(pick, p, "_shexp", cfg.hidden, cfg.shared_ff) if cfg.n_shared else None)
+
+
 def take_ffn(pick: TensorPicker, prefix: str, suffix: str, hidden: int, ff: int) -> FFNWeights:
     return FFNWeights(
         gate=pick.take(f"{prefix}ffn_gate{suffix}.weight", (ff, hidden)),
@@ -211,7 +273,9 @@ class ReferenceForward:
         return self.deq.linear(h, self.w.output).astype(np.float32)
 
 
-def pre_norm_block(cfg: ModelConfig, w: LayerWeights, x: np.ndarray, attention_fn, ffn_fn, deq) -> np.ndarray:
-    """x + attention(norm(x)), then + ffn(norm(.)): the layer shape all our models share."""
+def pre_norm_block(cfg: ModelConfig, w: LayerWeights, x: np.ndarray, attention_fn, deq) -> np.ndarray:
+    """x + attention(norm(x)), then + ffn(norm(.)) with the layer's MoE block or dense
+    SwiGLU FFN: the layer shape all our models share."""
     h = x + attention_fn(rms_norm(x, deq(w.attn_norm), cfg.rms_eps))
-    return h + ffn_fn(rms_norm(h, deq(w.ffn_norm), cfg.rms_eps))
+    g = rms_norm(h, deq(w.ffn_norm), cfg.rms_eps)
+    return h + (moe_block(cfg.router, w.ffn, g, deq) if isinstance(w.ffn, MoEWeights) else swiglu(w.ffn, g, deq))

@@ -16,37 +16,25 @@ from dataclasses import dataclass
 
 from ..errors import UnsupportedError
 from ..gguf_file import GGUFModelFile
-from ..layers.ffn import swiglu
 from ..layers.mla import MLAConfig, MLAWeights, mla_attention
-from ..layers.moe import GATING_SIGMOID, GATING_SOFTMAX, MoEWeights, RouterConfig, moe_block
+from ..layers.moe import GATING_SIGMOID, GATING_SOFTMAX
 from ..layers.rope import rope_from_metadata
-from .base import (LayerWeights, MetadataReader, ModelConfig, ModelWeights, TensorPicker,
-                   pre_norm_block, take_common, take_ffn, take_moe, vocab_size)
+from .base import (DenseLeadConfig, LayerWeights, MetadataReader, ModelWeights, TensorPicker,
+                   pre_norm_block, take_common, take_dense_or_moe)
 
 ARCH = "deepseek2"
 _GATING = {0: GATING_SOFTMAX, 1: GATING_SOFTMAX, 2: GATING_SIGMOID}
 
 
 @dataclass(frozen=True)
-class DeepSeek2Config(ModelConfig):
-    n_dense_lead: int = 0
-    dense_ff: int = 0
-    n_shared: int = 0
+class DeepSeek2Config(DenseLeadConfig):
     split_kv_b: bool = True      # attn_k_b / attn_v_b (newer files) rather than attn_kv_b
-
-    def is_moe_layer(self, i: int) -> bool:
-        return i >= self.n_dense_lead
-
-    @property
-    def shared_ff(self) -> int:
-        return self.expert_ff * self.n_shared
 
     @classmethod
     def from_gguf(cls, gguf: GGUFModelFile, **overrides) -> "DeepSeek2Config":
         md = MetadataReader(gguf, ARCH)
         hidden = md.int("embedding_length")
         n_head = md.int("attention.head_count")
-        n_layer = md.int("block_count") - md.int("nextn_predict_layers", 0)
         if md.float("attention.temperature_scale", 0.0) != 0.0:
             raise UnsupportedError(f"{gguf.path}: {ARCH}.attention.temperature_scale (attention temperature "
                                    f"tuning) is not supported")
@@ -59,11 +47,8 @@ class DeepSeek2Config(ModelConfig):
         if not 0 < rope_dim < q_head or rope_dim % 2:
             raise UnsupportedError(f"{gguf.path}: rope.dimension_count {rope_dim} must be even and smaller "
                                    f"than the query head size {q_head}")
-        gating_id = md.int("expert_gating_func", 0)
-        if gating_id not in _GATING:
-            raise UnsupportedError(f"{gguf.path}: {ARCH}.expert_gating_func = {gating_id} is not supported "
-                                   f"(1 softmax, 2 sigmoid)")
-        n_ctx = md.int("context_length")
+        common = cls.common_fields(gguf, md, _GATING, overrides)
+        n_ctx, eps = common["n_ctx_train"], common["rms_eps"]
         # The converter stores 0.1 * mscale_all_dim; llama.cpp divides it back out.
         log_mul = md.float("rope.scaling.yarn_log_multiplier", 0.0) / 0.1
         rope = rope_from_metadata(gguf.metadata, ARCH, rope_dim, neox=False, n_ctx_train=n_ctx,
@@ -71,33 +56,18 @@ class DeepSeek2Config(ModelConfig):
         # YaRN's magnitude correction goes into the softmax scale (llama.cpp's deepseek2 graph).
         ln_inv_scale = math.log(1.0 / rope.freq_scale)
         mscale = rope.attn_factor * (1.0 + 0.1 * ln_inv_scale) * (1.0 + 0.1 * log_mul * ln_inv_scale)
-        n_expert, n_used = md.int("expert_count"), md.int("expert_used_count")
-        eps = md.float("attention.layer_norm_rms_epsilon")
-        n_dense = md.int("leading_dense_block_count", 0)
         return cls(
-            arch=ARCH, name=str(gguf.get("general.name", ARCH)), n_vocab=vocab_size(gguf),
-            n_ctx_train=n_ctx, hidden=hidden, n_layer=n_layer, rms_eps=eps,
-            router=RouterConfig(
-                n_expert=n_expert, n_used=n_used, gating=_GATING[gating_id],
-                norm_weights=md.bool("expert_weights_norm", False),
-                weights_scale=md.float("expert_weights_scale", 0.0),
-                n_groups=md.int("expert_group_count", 0), n_groups_used=md.int("expert_group_used_count", 0),
-                **overrides),
-            expert_ff=md.int("expert_feed_forward_length"),
+            **common, split_kv_b=split,
             attention=MLAConfig(
                 n_head=n_head, q_lora_rank=md.int("attention.q_lora_rank", 0),
                 kv_lora_rank=md.int("attention.kv_lora_rank"), qk_nope_dim=q_head - rope_dim,
                 qk_rope_dim=rope_dim, v_head_dim=v_head, rope=rope,
                 kq_scale=mscale * mscale / math.sqrt(q_head), norm_eps=eps),
-            n_dense_lead=n_dense, dense_ff=md.int("feed_forward_length", 0 if n_dense == 0 else None),
-            n_shared=md.int("expert_shared_count", 0), split_kv_b=split,
         )
 
 
 def load_weights(gguf: GGUFModelFile, cfg: DeepSeek2Config) -> ModelWeights:
-    # Layers past n_layer are multi-token-prediction heads, which we do not run.
-    mtp = tuple(f"blk.{i}." for i in range(cfg.n_layer, cfg.n_layer + 8))
-    pick = TensorPicker(gguf, ignore=lambda name: name.startswith(mtp))
+    pick = TensorPicker(gguf, ignore=cfg.is_nextn_tensor)
     a, H = cfg.attention, cfg.hidden
     embd, out_norm, out = take_common(pick, cfg.n_vocab, H)
     layers = []
@@ -120,24 +90,11 @@ def load_weights(gguf: GGUFModelFile, cfg: DeepSeek2Config) -> ModelWeights:
             wkv_b=None if cfg.split_kv_b else pick.take(
                 p + "attn_kv_b.weight", (a.n_head * (a.qk_nope_dim + a.v_head_dim), a.kv_lora_rank)),
         )
-        if cfg.is_moe_layer(i):
-            ffn = MoEWeights(
-                **take_moe(pick, i, H, cfg.expert_ff, cfg.n_expert),
-                probs_bias=pick.maybe(p + "exp_probs_b.bias", (cfg.n_expert,)),
-                shared=take_ffn(pick, p, "_shexp", H, cfg.shared_ff) if cfg.n_shared else None,
-            )
-        else:
-            ffn = take_ffn(pick, p, "", H, cfg.dense_ff)
         layers.append(LayerWeights(pick.take(p + "attn_norm.weight", (H,)), attn,
-                                   pick.take(p + "ffn_norm.weight", (H,)), ffn))
+                                   pick.take(p + "ffn_norm.weight", (H,)), take_dense_or_moe(pick, cfg, i)))
     pick.check_all_used()
     return ModelWeights(embd, layers, out_norm, out)
 
 
 def forward_layer(cfg: DeepSeek2Config, i: int, w: LayerWeights, x, cache, positions, deq):
-    if cfg.is_moe_layer(i):
-        ffn = lambda h: moe_block(cfg.router, w.ffn, h, deq)  # noqa: E731
-    else:
-        ffn = lambda h: swiglu(w.ffn, h, deq)  # noqa: E731
-    return pre_norm_block(
-        cfg, w, x, lambda h: mla_attention(cfg.attention, w.attn, h, cache, positions, deq), ffn, deq)
+    return pre_norm_block(cfg, w, x, lambda h: mla_attention(cfg.attention, w.attn, h, cache, positions, deq), deq)

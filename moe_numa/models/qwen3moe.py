@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from ..gguf_file import GGUFModelFile
 from ..layers.attention import AttentionConfig, gqa_attention
-from ..layers.moe import GATING_SOFTMAX, MoEWeights, RouterConfig, moe_block
+from ..layers.moe import GATING_SOFTMAX, MoEWeights, RouterConfig
 from ..layers.rope import rope_from_metadata
 from .base import (LayerWeights, MetadataReader, ModelConfig, ModelWeights, TensorPicker,
                    pre_norm_block, take_common, take_gqa, take_moe, vocab_size)
@@ -63,8 +63,4 @@ def load_weights(gguf: GGUFModelFile, cfg: Qwen3MoeConfig) -> ModelWeights:
 
 
 def forward_layer(cfg: Qwen3MoeConfig, i: int, w: LayerWeights, x, cache, positions, deq):
-    return pre_norm_block(
-        cfg, w, x,
-        lambda h: gqa_attention(cfg.attention, w.attn, h, cache, positions, deq),
-        lambda h: moe_block(cfg.router, w.ffn, h, deq),
-        deq)
+    return pre_norm_block(cfg, w, x, lambda h: gqa_attention(cfg.attention, w.attn, h, cache, positions, deq), deq)
