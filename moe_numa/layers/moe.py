@@ -1,8 +1,9 @@
 """Mixture-of-Experts: the router (gating, grouped top-k, bias, normalisation,
 scaling) and the expert block, as DeepSeek and Qwen define them in GGUF files.
 
-`route` is shared by the reference and the NUMA engine, so both pick the same
-experts with the same weights for the same router logits.
+`route` is the reference's router. The NUMA engine has its own in C
+(`mn_engine.c`) with the same rules; the engine tests compare whole MoE blocks,
+routing included, against `moe_block` here.
 """
 from __future__ import annotations
 
