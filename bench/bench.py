@@ -1038,7 +1038,8 @@ def run(a: argparse.Namespace) -> int:
                 "engine_only": a.engine_only, "simd": a.simd, "numa_nodes": a.numa_nodes, "expert_map": a.expert_map,
                 "noise_threshold": a.noise_threshold, "max_retries": a.max_retries, "quiet_wait_s": a.quiet_wait,
                 "target_tg": a.target_tg, "target_pp": a.target_pp, "seed": a.seed}
-    report = {"version": 1, "created": created.isoformat(timespec="seconds"), "argv": sys.argv[1:], "args": {k: v for k, v in vars(a).items() if k != "func"},
+    report = {"version": 1, "created": created.isoformat(timespec="seconds"), "argv": sys.argv[1:],
+              "args": {k: v for k, v in vars(a).items() if k != "func"},
               "moe_numa_commit": _git_commit(), "machine": machine, "llama_cpp": linfo, "settings": settings,
               "models": [], "noise": {"repeated": 0, "kept": 0}}
     log(f"# moe-numa bench: {len(models)} model(s), {threads} threads, tests {','.join(tests)}, "
