@@ -4,7 +4,7 @@
 # head, each releasing the GIL and synchronising the nodes once.
 from libc.stdlib cimport calloc, free
 from libc.string cimport memset
-from libc.stdint cimport int32_t, int64_t, uint8_t
+from libc.stdint cimport int32_t, int64_t, uint8_t, uint64_t
 
 import numpy as np
 
@@ -58,6 +58,11 @@ cdef extern from "mn_engine.h":
         const uint8_t **up_ptrs
         const uint8_t **down_ptrs
         size_t gate_stride, up_stride, down_stride
+        const int64_t *inter_of
+        const size_t *down_stride_of
+        int node_id, n_nodes
+        const uint64_t *repl_nodes
+        const float *node_share
         int64_t sh_ff
         mn_mat sh_gate, sh_up, sh_down
         const float *sh_gate_vec
@@ -79,6 +84,9 @@ cdef extern from "mn_engine.h":
         uint8_t *scratch
         size_t scratch_bytes
         int64_t busy_ns
+        int64_t idle_ns
+        int64_t ffn_busy_ns
+        int64_t moe_assign
 
     ctypedef struct mn_engine:
         int n_nodes, n_layers
@@ -86,6 +94,8 @@ cdef extern from "mn_engine.h":
         mn_node *nodes
         int64_t syncs
         int64_t wait_ns
+        int64_t crit_ns
+        int64_t ffn_crit_ns
 
     size_t mn_node_scratch_bytes(const mn_engine *e, int node)
     int mn_engine_check(const mn_engine *e, char *err, size_t errlen)
@@ -268,13 +278,40 @@ cdef class NativeEngine:
             L.up_ptrs = ptrs + L.n_expert
             L.down_ptrs = ptrs + 2 * L.n_expert
             strides = [0, 0, 0]
-            for e, mats in p["experts"].items():      # expert id -> (gate raw, up raw, down raw)
+            split = any(len(mats) == 4 for mats in p["experts"].values())
+            if split:   # some local experts are slices: per-expert intermediate size and down stride
+                inter_of = np.zeros(L.n_expert, dtype=np.int64)
+                down_stride_of = np.zeros(L.n_expert, dtype=np.uint64)
+                self._keep += [inter_of, down_stride_of]
+                L.inter_of = <const int64_t *><size_t>inter_of.ctypes.data
+                L.down_stride_of = <const size_t *><size_t>down_stride_of.ctypes.data
+            for e, mats in p["experts"].items():      # expert id -> (gate raw, up raw, down raw[, local inter])
+                if not 0 <= e < L.n_expert:
+                    raise ValueError(f"expert {e} out of range 0..{L.n_expert - 1}")
+                ie = mats[3] if len(mats) == 4 else L.inter
+                if not (0 < ie <= L.inter and mats[0].shape[0] == ie and mats[1].shape[0] == ie
+                        and mats[2].shape[1] == mn_row_bytes(L.down_type, ie) and mats[2].strides[1] == 1):
+                    raise ValueError(f"expert {e}: shards do not hold {ie} intermediate rows")
                 for k in range(3):
                     raw = mats[k]
                     self._keep.append(raw)
                     ptrs[k * L.n_expert + e] = <const uint8_t *><size_t>raw.ctypes.data
-                    strides[k] = raw.strides[0]
+                    if k < 2 or not split:
+                        strides[k] = raw.strides[0]
+                if split:
+                    inter_of[e] = ie
+                    down_stride_of[e] = mats[2].strides[0]
             L.gate_stride, L.up_stride, L.down_stride = strides
+            L.node_id = p.get("node_id", node)
+            L.n_nodes = p.get("n_nodes", self.e.n_nodes)
+            if p.get("repl_nodes") is not None:
+                repl = np.ascontiguousarray(p["repl_nodes"], dtype=np.uint64)
+                share = np.ascontiguousarray(p["node_share"], dtype=np.float32)
+                if repl.shape != (L.n_expert,) or share.shape != (L.n_nodes, L.n_expert):
+                    raise ValueError("repl_nodes must be [n_expert] and node_share [n_nodes, n_expert]")
+                self._keep += [repl, share]
+                L.repl_nodes = <const uint64_t *><size_t>repl.ctypes.data
+                L.node_share = <const float *><size_t>share.ctypes.data
             counts = p["expert_tokens"]
             if not (counts.dtype == np.int64 and counts.flags.c_contiguous and counts.shape == (L.n_expert,)):
                 raise ValueError("expert_tokens must be a C-contiguous int64 array of n_expert counters")
@@ -358,11 +395,20 @@ cdef class NativeEngine:
             mn_engine_head(&self.e, px, T, pl)
 
     def stats(self):
-        return {"syncs": self.e.syncs, "wait_ns": self.e.wait_ns,
-                "busy_ns": [self.e.nodes[i].busy_ns for i in range(self.e.n_nodes)]}
+        return {"syncs": self.e.syncs, "wait_ns": self.e.wait_ns, "crit_ns": self.e.crit_ns,
+                "ffn_crit_ns": self.e.ffn_crit_ns,
+                "busy_ns": [self.e.nodes[i].busy_ns for i in range(self.e.n_nodes)],
+                "idle_ns": [self.e.nodes[i].idle_ns for i in range(self.e.n_nodes)],
+                "ffn_busy_ns": [self.e.nodes[i].ffn_busy_ns for i in range(self.e.n_nodes)],
+                "moe_assign": [self.e.nodes[i].moe_assign for i in range(self.e.n_nodes)]}
 
     def reset_stats(self):
         self.e.syncs = 0
         self.e.wait_ns = 0
+        self.e.crit_ns = 0
+        self.e.ffn_crit_ns = 0
         for i in range(self.e.n_nodes):
             self.e.nodes[i].busy_ns = 0
+            self.e.nodes[i].idle_ns = 0
+            self.e.nodes[i].ffn_busy_ns = 0
+            self.e.nodes[i].moe_assign = 0

@@ -68,11 +68,20 @@ typedef struct {
     int64_t inter;
     const uint8_t **gate_ptrs, **up_ptrs, **down_ptrs;
     size_t gate_stride, up_stride, down_stride;
+    /* split experts here: per expert local intermediate size and down row stride
+     * (inter is then the largest); NULL when every local expert is whole */
+    const int64_t *inter_of;
+    const size_t *down_stride_of;
+    /* replicated experts: every node makes the same greedy choice of which
+     * holder runs each selected replicated expert for this batch (see ffn_task) */
+    int node_id, n_nodes;
+    const uint64_t *repl_nodes;     /* [n_expert]: bit n set if node n holds a copy; 0: not replicated; NULL: none */
+    const float *node_share;        /* [n_nodes * n_expert]: share of expert e's rows on node n (non-replicated) */
     /* dense FFN or shared expert: this node's slice of the intermediate dim */
     int64_t sh_ff;
     mn_mat sh_gate, sh_up, sh_down; /* [sh_ff, hidden], [sh_ff, hidden], [hidden, sh_ff] */
     const float *sh_gate_vec;       /* [hidden]: sigmoid gate of the shared expert (Qwen2-MoE), or NULL */
-    int64_t *expert_tokens;         /* [n_expert]: tokens routed to each local expert (counter) */
+    int64_t *expert_tokens;         /* [n_expert]: tokens routed to each expert (counted by node 0) */
 } mn_ffn_layer;
 
 typedef struct {
@@ -92,6 +101,9 @@ typedef struct {
     uint8_t *scratch;
     size_t scratch_bytes;
     int64_t busy_ns;                /* wall time inside block tasks (thread 0) */
+    int64_t idle_ns;                /* time finished but waiting for the slowest node, per block, summed */
+    int64_t ffn_busy_ns;            /* busy_ns of FFN blocks only */
+    int64_t moe_assign;             /* (token, expert) pairs this node ran, summed */
 } mn_node;
 
 typedef struct {
@@ -100,6 +112,8 @@ typedef struct {
     mn_node *nodes;
     int64_t syncs;                  /* cross-node synchronisations so far */
     int64_t wait_ns;                /* caller's time waiting for nodes 1.. after node 0 finished */
+    int64_t crit_ns;                /* per block, the slowest node's busy time, summed (the critical path) */
+    int64_t ffn_crit_ns;            /* crit_ns of FFN blocks only */
 } mn_engine;
 
 /* Scratch bytes one node needs for blocks of up to t_max tokens with its layers. */

@@ -85,7 +85,10 @@ int      mn_check_cpus(const int *cpus, int n, char *err, size_t errlen);
  * Expert weights are separate buffers (arrays of n_expert row pointers); each
  * expert's rows are w_stride bytes apart.  A NULL pointer means the expert is
  * not local: assignments to it are an error (mn_moe_check).  Assignments are
- * grouped by expert; experts with several tokens use the tiled GEMM path. */
+ * grouped by expert; experts with several tokens use the tiled GEMM path.
+ * A split expert (its FFN rows spread over nodes) has a smaller local
+ * intermediate size: inter_of[e] rows of gate/up, columns of down (rows
+ * down_stride_of[e] bytes apart); inter is then the largest of them. */
 typedef struct {
     int gate_type, up_type, down_type;
     int64_t hidden, inter;
@@ -93,6 +96,8 @@ typedef struct {
     const uint8_t *const *gate;  size_t gate_stride;
     const uint8_t *const *up;    size_t up_stride;
     const uint8_t *const *down;  size_t down_stride;
+    const int64_t *inter_of;     /* [n_expert] or NULL: every expert has inter */
+    const size_t *down_stride_of;   /* [n_expert], with inter_of */
     int64_t n_assign;
     const int32_t *expert, *token;
     const float *weight;

@@ -443,6 +443,7 @@ typedef struct {
     int64_t n_assign;
     act_set in, h_act;
     float *probs, *sel;
+    int32_t *r_cnt, *r_chosen, *r_list;   /* replica choice: tokens per expert, chosen holder, order */
     uint8_t *moe_scratch; size_t moe_scratch_bytes;
 } ffn_ctx;
 
@@ -454,6 +455,7 @@ static void ffn_moe_args(const ffn_ctx *c, mn_moe_args *m) {
     m->gate = L->gate_ptrs; m->gate_stride = L->gate_stride;
     m->up = L->up_ptrs; m->up_stride = L->up_stride;
     m->down = L->down_ptrs; m->down_stride = L->down_stride;
+    m->inter_of = L->inter_of; m->down_stride_of = L->down_stride_of;
     m->n_assign = c->n_assign; m->expert = c->a_exp; m->token = c->a_tok; m->weight = c->a_w;
     m->x = c->xn; m->n_tok = c->T; m->x_stride = L->hidden;
     m->out = c->node ? c->node->partial : NULL; m->out_stride = L->hidden;
@@ -476,6 +478,11 @@ static void ffn_layout(ffn_ctx *c, arena *a) {
         c->a_exp = (int32_t *)carve(a, sizeof(int32_t) * T * L->n_used);
         c->a_tok = (int32_t *)carve(a, sizeof(int32_t) * T * L->n_used);
         c->a_w = (float *)carve(a, sizeof(float) * T * L->n_used);
+        if (L->repl_nodes) {
+            c->r_cnt = (int32_t *)carve(a, sizeof(int32_t) * L->n_expert);
+            c->r_chosen = (int32_t *)carve(a, sizeof(int32_t) * L->n_expert);
+            c->r_list = (int32_t *)carve(a, sizeof(int32_t) * L->n_expert);
+        }
         mn_moe_args m;
         ffn_ctx probe = *c;
         probe.n_assign = T * L->n_used;
@@ -559,6 +566,43 @@ static void route(const mn_ffn_layer *L, const float *logit, float *probs, float
         for (int k = 0; k < L->n_used; k++) w[k] *= L->w_scale;
 }
 
+/* Which holder runs each selected replicated expert for this batch.  Every node
+ * runs this on the same routing and tables, so all agree without talking and
+ * the result does not depend on timing.  A node's load is the sum, over the
+ * batch's selected experts it holds without choice (whole or a split slice),
+ * of its share of the expert's rows x (tokens + REPL_BIAS): an expert costs its
+ * weight reads (the bias, about the tokens a tile amortises) plus its tokens.
+ * Replicated experts then go, most tokens first (lower id on ties), to the
+ * least-loaded holder (lower node id on ties). */
+#define REPL_BIAS 4.0
+static void choose_replicas(const mn_ffn_layer *L, const int32_t *a_exp, int64_t n, int32_t *cnt, int32_t *chosen,
+                            int32_t *list) {
+    const int E = L->n_expert, N = L->n_nodes;
+    double load[64] = {0};
+    for (int e = 0; e < E; e++) { cnt[e] = 0; chosen[e] = -1; }
+    for (int64_t i = 0; i < n; i++) cnt[a_exp[i]]++;
+    int nl = 0;
+    for (int e = 0; e < E; e++) {
+        if (!cnt[e]) continue;
+        if (L->repl_nodes[e]) { list[nl++] = e; continue; }
+        for (int k = 0; k < N; k++) load[k] += L->node_share[(int64_t)k * E + e] * (cnt[e] + REPL_BIAS);
+    }
+    for (int i = 1; i < nl; i++) {          /* insertion sort: tokens descending, id ascending */
+        const int v = list[i];
+        int j = i - 1;
+        while (j >= 0 && (cnt[list[j]] < cnt[v] || (cnt[list[j]] == cnt[v] && list[j] > v))) { list[j + 1] = list[j]; j--; }
+        list[j + 1] = v;
+    }
+    for (int i = 0; i < nl; i++) {
+        const int e = list[i];
+        int best = -1;
+        for (int k = 0; k < N; k++)
+            if ((L->repl_nodes[e] >> k & 1) && (best < 0 || load[k] < load[best])) best = k;
+        chosen[e] = best;
+        load[best] += cnt[e] + REPL_BIAS;
+    }
+}
+
 static void ffn_task(void *p, int ith, int nth) {
     ffn_ctx *c = (ffn_ctx *)p;
     const mn_ffn_layer *L = c->L;
@@ -592,16 +636,28 @@ static void ffn_task(void *p, int ith, int nth) {
         mn_pool_barrier(pool, ith);
         if (ith == 0) {   /* routing is replicated on every node; keep the local assignments */
             int64_t n = 0;
+            int64_t *counts = L->node_id == 0 ? L->expert_tokens : NULL;
             for (int64_t t = 0; t < T; t++) {
                 route(L, C.logits + t * L->n_expert, C.probs, C.sel, C.ids, C.wts);
                 for (int k = 0; k < L->n_used; k++) {
                     const int e = C.ids[k];
-                    if (!L->gate_ptrs[e]) continue;
+                    if (counts) counts[e]++;
+                    if (!L->repl_nodes && !L->gate_ptrs[e]) continue;
                     C.a_exp[n] = e; C.a_tok[n] = (int32_t)t; C.a_w[n] = C.wts[k]; n++;
-                    if (L->expert_tokens) L->expert_tokens[e]++;
                 }
             }
+            if (L->repl_nodes) {   /* all assignments were kept for the choice; keep this node's share */
+                choose_replicas(L, C.a_exp, n, C.r_cnt, C.r_chosen, C.r_list);
+                int64_t m = 0;
+                for (int64_t i = 0; i < n; i++) {
+                    const int e = C.a_exp[i];
+                    if (L->repl_nodes[e] ? C.r_chosen[e] != L->node_id : !L->gate_ptrs[e]) continue;
+                    C.a_exp[m] = e; C.a_tok[m] = C.a_tok[i]; C.a_w[m] = C.a_w[i]; m++;
+                }
+                n = m;
+            }
             c->n_assign = n;
+            c->node->moe_assign += n;
         }
         mn_pool_barrier(pool, ith);
         C.n_assign = c->n_assign;
@@ -667,7 +723,11 @@ static void head_task(void *p, int ith, int nth) {
 }
 
 /* ------------------------------------------------------------ dispatch */
-static void run_nodes(mn_engine *e, mn_task_fn fn, void *ctxs, size_t ctx_size) {
+#define MAX_NODES 64
+
+static void run_nodes(mn_engine *e, mn_task_fn fn, void *ctxs, size_t ctx_size, int is_ffn) {
+    int64_t before[MAX_NODES];
+    for (int n = 0; n < e->n_nodes; n++) before[n] = e->nodes[n].busy_ns;
     for (int n = 1; n < e->n_nodes; n++) mn_pool_submit(e->nodes[n].pool, fn, (char *)ctxs + n * ctx_size);
     mn_pool_submit(e->nodes[0].pool, fn, ctxs);
     mn_pool_wait(e->nodes[0].pool);
@@ -675,6 +735,18 @@ static void run_nodes(mn_engine *e, mn_task_fn fn, void *ctxs, size_t ctx_size) 
     for (int n = 1; n < e->n_nodes; n++) mn_pool_wait(e->nodes[n].pool);
     e->wait_ns += now_ns() - t0;
     e->syncs++;
+    /* each node's idle time in this block: how long it waited on the slowest */
+    int64_t slowest = 0;
+    for (int n = 0; n < e->n_nodes; n++) {
+        before[n] = e->nodes[n].busy_ns - before[n];
+        if (before[n] > slowest) slowest = before[n];
+    }
+    for (int n = 0; n < e->n_nodes; n++) {
+        e->nodes[n].idle_ns += slowest - before[n];
+        if (is_ffn) e->nodes[n].ffn_busy_ns += before[n];
+    }
+    e->crit_ns += slowest;
+    if (is_ffn) e->ffn_crit_ns += slowest;
 }
 
 static void reduce_partials(mn_engine *e, float *x, int64_t T) {
@@ -685,7 +757,6 @@ static void reduce_partials(mn_engine *e, float *x, int64_t T) {
     }
 }
 
-#define MAX_NODES 64
 
 void mn_engine_attention(mn_engine *e, int layer, float *x, int64_t T, int64_t pos0) {
     attn_ctx ctx[MAX_NODES];
@@ -694,7 +765,7 @@ void mn_engine_attention(mn_engine *e, int layer, float *x, int64_t T, int64_t p
         ctx[n].e = e; ctx[n].node = &e->nodes[n]; ctx[n].L = &e->nodes[n].attn[layer];
         ctx[n].x = x; ctx[n].T = T; ctx[n].pos0 = pos0;
     }
-    run_nodes(e, attn_task, ctx, sizeof(attn_ctx));
+    run_nodes(e, attn_task, ctx, sizeof(attn_ctx), 0);
     reduce_partials(e, x, T);
 }
 
@@ -705,7 +776,7 @@ void mn_engine_ffn(mn_engine *e, int layer, float *x, int64_t T) {
         ctx[n].e = e; ctx[n].node = &e->nodes[n]; ctx[n].L = &e->nodes[n].ffn[layer];
         ctx[n].x = x; ctx[n].T = T;
     }
-    run_nodes(e, ffn_task, ctx, sizeof(ffn_ctx));
+    run_nodes(e, ffn_task, ctx, sizeof(ffn_ctx), 1);
     reduce_partials(e, x, T);
 }
 
@@ -714,7 +785,7 @@ void mn_engine_head(mn_engine *e, const float *x, int64_t T, float *logits) {
     for (int n = 0; n < e->n_nodes; n++) {
         ctx[n].e = e; ctx[n].node = &e->nodes[n]; ctx[n].x = x; ctx[n].T = T; ctx[n].logits = logits;
     }
-    run_nodes(e, head_task, ctx, sizeof(head_ctx));
+    run_nodes(e, head_task, ctx, sizeof(head_ctx), 0);
 }
 
 size_t mn_node_scratch_bytes(const mn_engine *e, int node) {
@@ -781,6 +852,9 @@ int mn_engine_check(const mn_engine *e, char *err, size_t errlen) {
             if (F->kind == MN_FFN_MOE) {
                 if (check_mat(&F->router, F->hidden, "ffn_gate_inp", n, l, err, errlen)) return -1;
                 if (F->n_expert > 256 * 64 || (F->n_groups > 256)) { snprintf(err, errlen, "node %d layer %d: too many experts/groups", n, l); return -1; }
+                if (F->repl_nodes && (!F->node_share || F->n_nodes != e->n_nodes || F->node_id != n)) {
+                    snprintf(err, errlen, "node %d layer %d: replicated experts need node_share and this node's id", n, l); return -1;
+                }
             }
             if (F->sh_ff > 0 && (check_mat(&F->sh_gate, F->hidden, "ffn_gate(_shexp)", n, l, err, errlen) ||
                                  check_mat(&F->sh_up, F->hidden, "ffn_up(_shexp)", n, l, err, errlen) ||

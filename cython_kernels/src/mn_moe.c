@@ -67,6 +67,20 @@ int mn_moe_check(const mn_moe_args *a, char *err, size_t errlen) {
     if (a->n_assign > 0 && (!a->expert || !a->token || !a->weight)) { snprintf(err, errlen, "assignment arrays missing"); return -1; }
     if (!a->x || !a->out) { snprintf(err, errlen, "x and out are required"); return -1; }
     if (a->x_stride < a->hidden || a->out_stride < a->hidden) { snprintf(err, errlen, "x/out row stride smaller than hidden"); return -1; }
+    if (a->inter_of) {
+        if (!a->down_stride_of) { snprintf(err, errlen, "inter_of needs down_stride_of"); return -1; }
+        for (int e = 0; e < a->n_expert; e++) {
+            if (!a->down[e]) continue;
+            const int64_t ie = a->inter_of[e];
+            const size_t rb = mn_row_bytes(a->down_type, ie);
+            if (ie <= 0 || ie > a->inter || !rb) {
+                snprintf(err, errlen, "expert %d: local intermediate size %lld must be in 1..%lld and a multiple of "
+                         "down's block size %lld", e, (long long)ie, (long long)a->inter, (long long)mn_block_size(a->down_type));
+                return -1;
+            }
+            if (a->down_stride_of[e] < rb) { snprintf(err, errlen, "expert %d: down row stride %zu is smaller than a row (%zu bytes)", e, a->down_stride_of[e], rb); return -1; }
+        }
+    }
     for (int64_t i = 0; i < a->n_assign; i++) {
         int e = a->expert[i]; int64_t t = a->token[i];
         if (e < 0 || e >= a->n_expert) { snprintf(err, errlen, "assignment %lld: expert %d out of range [0, %d)", (long long)i, e, a->n_expert); return -1; }
@@ -101,6 +115,10 @@ void mn_moe_task(void *argp, int ith, int nth) {
     uint8_t *xg = base + L.off_xg, *xu = base + L.off_xu, *hq = base + L.off_hq;
     float *G = (float *)(base + L.off_g), *U = (float *)(base + L.off_u), *Y = (float *)(base + L.off_y);
     const int64_t A = a->n_assign, E = a->n_expert, H = a->hidden, I = a->inter;
+    /* whole experts: every expert has I rows; split experts: their local slice */
+    const int64_t *IE = a->inter_of;
+#define INTER(e) (IE ? IE[e] : I)
+#define DSTRIDE(e) (IE ? a->down_stride_of[e] : a->down_stride)
     int64_t chg = chunk_rows((int64_t)mn_row_bytes(a->gate_type, H));
     int64_t chd = chunk_rows((int64_t)mn_row_bytes(a->down_type, I));
 
@@ -111,16 +129,16 @@ void mn_moe_task(void *argp, int ith, int nth) {
          * per thread per phase, so each thread streams whole matrices and the
          * prefetchers are not restarted every chunk; many (prefill): the
          * cache-sized chunks balance the compute. */
-        int64_t active = 0;
-        for (int64_t e = 0; e < E; e++) active += eoff[e + 1] > 0;
-        const int64_t want_g = (active * I + 2 * nth - 1) / (2 * nth), want_d = (active * H + 2 * nth - 1) / (2 * nth);
+        int64_t active = 0, active_rows = 0;
+        for (int64_t e = 0; e < E; e++) if (eoff[e + 1] > 0) { active++; active_rows += INTER(e); }
+        const int64_t want_g = (active_rows + 2 * nth - 1) / (2 * nth), want_d = (active * H + 2 * nth - 1) / (2 * nth);
         if (want_g > chg) chg = want_g < I ? want_g : I;
         if (want_d > chd) chd = want_d < H ? want_d : H;
         atomic_store(&ctr[16], chg); atomic_store(&ctr[24], chd);
         cg[0] = cd[0] = 0;
         for (int64_t e = 0; e < E; e++) {
             const int64_t m = eoff[e + 1];
-            cg[e + 1] = cg[e] + (m ? (I + chg - 1) / chg : 0);
+            cg[e + 1] = cg[e] + (m ? (INTER(e) + chg - 1) / chg : 0);
             cd[e + 1] = cd[e] + (m ? (H + chd - 1) / chd : 0);
             eoff[e + 1] += eoff[e];
         }
@@ -154,7 +172,8 @@ void mn_moe_task(void *argp, int ith, int nth) {
             const int64_t c = atomic_fetch_add(&ctr[0], 1);
             if (c >= cg[E]) break;
             while (cg[e + 1] <= c) e++;
-            const int64_t r0 = (c - cg[e]) * chg, r1 = r0 + chg < I ? r0 + chg : I;
+            const int64_t Ie = INTER(e);
+            const int64_t r0 = (c - cg[e]) * chg, r1 = r0 + chg < Ie ? r0 + chg : Ie;
             const int64_t o = eoff[e], m = eoff[e + 1] - o;
             mn_matmul_rows(a->gate_type, a->gate[e], a->gate_stride, H, xg + o * L.xgb, L.xgb, m, G + o * I, I, r0, r1);
             mn_matmul_rows(a->up_type, a->up[e], a->up_stride, H, xu + o * (L.share_xu ? L.xgb : L.xub),
@@ -164,7 +183,8 @@ void mn_moe_task(void *argp, int ith, int nth) {
         }
     }
     mn_pool_barrier(a->pool, ith);
-    for (int64_t s = ith; s < A; s += nth) mn_quantize_act(a->down_type, G + s * I, hq + s * L.hqb, I);
+    for (int64_t s = ith; s < A; s += nth)
+        mn_quantize_act(a->down_type, G + s * I, hq + s * L.hqb, IE ? INTER(a->expert[order[s]]) : I);
     mn_pool_barrier(a->pool, ith);
     {
         int64_t e = 0;
@@ -174,7 +194,7 @@ void mn_moe_task(void *argp, int ith, int nth) {
             while (cd[e + 1] <= c) e++;
             const int64_t r0 = (c - cd[e]) * chd, r1 = r0 + chd < H ? r0 + chd : H;
             const int64_t o = eoff[e], m = eoff[e + 1] - o;
-            mn_matmul_rows(a->down_type, a->down[e], a->down_stride, I, hq + o * L.hqb, L.hqb, m, Y + o * H, H, r0, r1);
+            mn_matmul_rows(a->down_type, a->down[e], DSTRIDE(e), INTER(e), hq + o * L.hqb, L.hqb, m, Y + o * H, H, r0, r1);
         }
     }
     mn_pool_barrier(a->pool, ith);
@@ -187,6 +207,8 @@ void mn_moe_task(void *argp, int ith, int nth) {
         const float *y = Y + s * H;
         for (int64_t c = c0; c < c1; c++) o[c] += wgt * y[c];
     }
+#undef INTER
+#undef DSTRIDE
 }
 
 void mn_moe_experts(mn_moe_args *a) {

@@ -29,10 +29,11 @@ from ..layers.attention import GQAWeights
 from ..layers.mla import MLAWeights
 from ..layers.moe import GATING_SIGMOID, MoEWeights
 from ..layers.rope import rope_cos_sin
-from ..numa.expert_map import load_map
+from ..errors import ExpertMapError
+from ..numa.expert_map import STRATEGIES, load_map, make_map
 from ..numa.memory import NodeArena, drop_file_pages, resident_bytes
 from ..numa.topology import Topology, topology
-from .plan import PlacementPlan, make_plan
+from .plan import PlacementPlan, expert_blocks, make_plan
 
 log = logging.getLogger("moe_numa.engine")
 
@@ -72,6 +73,10 @@ class NodeStore:
         self.items: dict[tuple[int, str], _Item] = {}
         self.arrays: dict[tuple[int, str], np.ndarray] = {}
         self.arenas: list[NodeArena] = []
+        # Address space kept free in every arena for expert replicas made at run time
+        # (untouched anonymous pages are not resident), and freed replica slots by size.
+        self.reserve = 0
+        self.free_slots: dict[tuple[int, int], list[np.ndarray]] = {}
 
     def raw(self, node: int, key: str, view: np.ndarray, cls: str, replicated: bool = False,
             source: Tensor | None = None) -> Ref:
@@ -109,7 +114,8 @@ class NodeStore:
         for it in self.items.values():
             per_node[it.node] += (it.nbytes + 63) // 64 * 64
         for k, node in enumerate(self.topo.nodes):
-            self.arenas.append(NodeArena(per_node[k] + 4096, node.memory_node, self.hugepages, label=f"node{k}"))
+            self.arenas.append(NodeArena(per_node[k] + self.reserve + 4096, node.memory_node, self.hugepages,
+                                         label=f"node{k}"))
         total = sum(it.nbytes for it in self.items.values())
         for (node, key), it in self.items.items():
             self.arrays[(node, key)] = self.arenas[node].alloc(it.nbytes).view(it.dtype).reshape(it.shape)
@@ -131,6 +137,21 @@ class NodeStore:
         with ThreadPoolExecutor(workers) as ex:
             list(ex.map(fill, self.items.items()))
         _close_files()
+
+    def add_copy(self, node: int, key: str, src: np.ndarray, cls: str) -> None:
+        """Place a copy of `src` on `node` at run time (a freed slot of that size, or the reserve)."""
+        slots = self.free_slots.get((node, src.nbytes))
+        dst = slots.pop() if slots else self.arenas[node].alloc(src.nbytes)
+        dst = dst.view(src.dtype).reshape(src.shape)
+        np.copyto(dst, src)
+        self.arrays[(node, key)] = dst
+        self.items[(node, key)] = _Item(node, key, cls, src.nbytes, None, src.shape, src.dtype, True)
+
+    def drop(self, node: int, key: str) -> None:
+        """Forget a run-time copy; its memory becomes a free slot of its size on that node."""
+        arr = self.arrays.pop((node, key))
+        del self.items[(node, key)]
+        self.free_slots.setdefault((node, arr.nbytes), []).append(arr.reshape(-1).view(np.uint8))
 
     def resolve(self, obj):
         if isinstance(obj, Ref):
@@ -203,7 +224,7 @@ class EngineBackend:
     def __init__(self, model, expert_map=None, numa_nodes: int | None = None,
                  threads_per_node: int | None = None, use_smt: bool = False, hugepages: bool = True,
                  ubatch: int = 512, progress: bool | Callable[[int, int], None] = False,
-                 rebalance_every: int | None = 1024):
+                 rebalance_every: int | None = 1024, replica_budget: float | int | str | None = None):
         from .. import _native
         self.cfg = cfg = model.config
         self.weights = w = model.weights
@@ -211,9 +232,15 @@ class EngineBackend:
         self.n_past = 0
         self.ubatch = int(ubatch)
         self.topology = topology(numa_nodes)
-        emap = load_map(expert_map, cfg.n_expert) if expert_map is not None else None
+        n_nodes = self.topology.n_nodes
+        if isinstance(expert_map, str) and expert_map in STRATEGIES and not os.path.exists(expert_map):
+            emap = make_map(cfg.n_expert, n_nodes, expert_map, ffn_blocks=expert_blocks(w))
+        else:
+            emap = load_map(expert_map, cfg.n_expert) if expert_map is not None else None
         # Validates the map against the model before anything is copied.
         self.plan: PlacementPlan = make_plan(cfg, w, self.topology, emap)
+        self.expert_bytes = sum(t.nbytes for t in _used_tensors(w) if "_exps" in t.name)
+        self.replica_budget = self._replica_budget(replica_budget)
         t0 = time.perf_counter()
         self.pools = []
         try:
@@ -221,6 +248,7 @@ class EngineBackend:
                 cpus = node.threads(threads_per_node, use_smt)
                 self.pools.append(ThreadPool(cpus, caller_is_worker0=(k == 0)))
             self.store = NodeStore(self.topology, hugepages, model.gguf)
+            self.store.reserve = self.replica_budget
             self.expert_tokens = [np.zeros(cfg.n_expert, dtype=np.int64) for _ in range(cfg.n_layer)]
             params = self._plan_shards()
             # FFN params keep their Refs: the rebalancer re-resolves them after moving experts.
@@ -248,6 +276,7 @@ class EngineBackend:
         self.rebalance_every = rebalance_every
         self._since_rebalance = 0
         self.rebalance_log: list[dict] = []
+        self.last_forward: dict = {}
         self._blas = _limit_blas()
         # The calling thread is node 0's thread 0: keep it on that node's first core
         # (restored on close), so the scheduler never stacks it on a pool thread's core.
@@ -255,6 +284,43 @@ class EngineBackend:
         os.sched_setaffinity(0, {self.pools[0].cpus[0]})
 
     # ---------------------------------------------------------------- placement
+    def _expert_copy_bytes(self, layer: int) -> int:
+        f = self.weights.layers[layer].ffn
+        return sum(getattr(f, f"{n}_exps").raw[0].nbytes for n in ("gate", "up", "down"))
+
+    def _replica_bytes(self) -> int:
+        return sum(self._expert_copy_bytes(layer) * (len(holders) - 1)
+                   for layer, lp in enumerate(self.plan.layers) for holders in lp.replicas.values())
+
+    def _replica_budget(self, budget) -> int:
+        """Bytes replicas may take: a fraction of the routed-expert bytes (0.05, '5%'), a byte
+        count ('2GiB', 123456), or None: what the map places (replicas may move, not grow)."""
+        placed = self._replica_bytes()
+        if budget is None:
+            return placed
+        b = budget
+        try:
+            if isinstance(b, str):
+                t = b.strip().lower()
+                units = {"kib": 2**10, "mib": 2**20, "gib": 2**30, "kb": 10**3, "mb": 10**6, "gb": 10**9}
+                unit = next((u for u in units if t.endswith(u)), None)
+                if t.endswith("%"):
+                    b = float(t[:-1]) / 100
+                elif unit:
+                    b = int(float(t[:-len(unit)]) * units[unit])
+                else:
+                    b = float(t) if "." in t else int(t)
+            if isinstance(b, bool) or b < 0:
+                raise ValueError
+        except (TypeError, ValueError):
+            raise ExpertMapError(f"replica_budget: {budget!r} is not a fraction of the expert bytes (0.05, '5%') "
+                                 f"or a size ('2GiB')") from None
+        nbytes = int(b * self.expert_bytes) if isinstance(b, float) else int(b)
+        if placed > nbytes:
+            raise ExpertMapError(f"{self.plan.expert_map.source}: replicas: the map's replicas take {placed} bytes, "
+                                 f"over the replica budget of {nbytes} bytes ({budget!r})")
+        return nbytes
+
     def _plan_shards(self) -> dict:
         cfg, w, plan, S = self.cfg, self.weights, self.plan, self.store
         rope = cfg.attention.rope
@@ -360,9 +426,7 @@ class EngineBackend:
             r = cfg.router
             experts = {}
             for e in lp.experts[node]:
-                experts[e] = tuple(S.raw(node, f"{key}e{e}.{name}", getattr(ffn, f"{name}_exps").raw[e],
-                                         "routed_experts", source=getattr(ffn, f"{name}_exps"))
-                                   for name in ("gate", "up", "down"))
+                experts[e] = self._expert_shard(i, node, e, ffn, lp)
             p.update(kind="moe", n_expert=r.n_expert, n_used=r.n_used, norm_w=int(r.norm_weights),
                      gating=1 if r.gating == GATING_SIGMOID else 0, w_scale=r.weights_scale,
                      n_groups=r.n_groups if r.n_groups > 1 else 0, n_groups_used=r.n_groups_used,
@@ -373,6 +437,7 @@ class EngineBackend:
                      S.floats(node, key + "probs_bias", _f32(ffn.probs_bias), (r.n_expert,), "router"),
                      expert_types=(int(ffn.gate_exps.qtype), int(ffn.up_exps.qtype), int(ffn.down_exps.qtype)),
                      inter=cfg.expert_ff, experts=experts, expert_tokens=self.expert_tokens[i],
+                     node_id=node, n_nodes=self.plan.n_nodes, **self._replica_tables(lp),
                      sh_gate_vec=None if ffn.shared_gate is None else
                      S.floats(node, key + "shared_gate", _f32(ffn.shared_gate), (cfg.hidden,), "shared_expert"))
             dense, cls = ffn.shared, "shared_expert"
@@ -388,6 +453,34 @@ class EngineBackend:
                                   dense.down, f1 - f0))
         return p
 
+    def _expert_shard(self, i, node, e, ffn, lp) -> tuple:
+        """(gate, up, down) Refs of expert e on node: whole, a replica copy, or a split
+        slice (gate/up rows and down columns [f0, f1), then its size)."""
+        S, key = self.store, f"L{i}."
+        tensors = [getattr(ffn, f"{name}_exps") for name in ("gate", "up", "down")]
+        if e in lp.slices:
+            f0, f1 = lp.slices[e][node]
+            d = tensors[2]
+            block, size = quants.block_size(d.qtype)
+            views = (tensors[0].raw[e][f0:f1], tensors[1].raw[e][f0:f1],
+                     d.raw[e][:, f0 // block * size: f1 // block * size])
+            return tuple(S.raw(node, f"{key}e{e}.{n}", v, "routed_experts", source=t)
+                         for n, v, t in zip(("gate", "up", "down"), views, tensors)) + (f1 - f0,)
+        copy = e in lp.replicas and lp.replicas[e][0] != node
+        return tuple(S.raw(node, f"{key}e{e}.{n}", t.raw[e], "expert_replicas" if copy else "routed_experts",
+                           replicated=copy, source=t) for n, t in zip(("gate", "up", "down"), tensors))
+
+    def _replica_tables(self, lp) -> dict:
+        """What every node needs to make the same replica choice: holders and shares."""
+        if not lp.replicas:
+            return {"repl_nodes": None, "node_share": None}
+        repl = np.zeros(self.cfg.n_expert, dtype=np.uint64)
+        for e, holders in lp.replicas.items():
+            for node in holders:
+                repl[e] |= np.uint64(1 << node)
+        return {"repl_nodes": repl, "node_share": lp.node_share(self.plan.n_nodes, self.cfg.n_expert,
+                                                                self.cfg.expert_ff)}
+
     # ---------------------------------------------------------------- running
     def reset(self) -> None:
         self.n_past = 0
@@ -402,6 +495,7 @@ class EngineBackend:
             raise ContextOverflowError(f"{self.n_past} cached + {n} new tokens exceed the context of "
                                        f"{self.n_ctx} tokens")
         out = np.empty((n if all_logits else 1, self.cfg.n_vocab), dtype=np.float32)
+        st0 = self.core.stats()
         for start in range(0, n, self.ubatch):
             chunk = ids[start:start + self.ubatch]
             x = self.embed(chunk)
@@ -414,6 +508,7 @@ class EngineBackend:
                 self.core.head(x, out[start:start + len(chunk)])
             elif start + self.ubatch >= n:
                 self.core.head(np.ascontiguousarray(x[-1:]), out)
+        self.last_forward = {"tokens": n, **_balance(self.core.stats(), st0)}
         if self.rebalance_every and self._since_rebalance >= self.rebalance_every and self.plan.n_nodes > 1:
             self.rebalance()
         return out
@@ -536,10 +631,15 @@ class EngineBackend:
         return out
 
     def counters(self) -> dict:
+        """Since the last reset: tokens routed per layer and expert, syncs, and the balance of
+        the nodes: each node's busy time in blocks, its wait (idle while the slowest node of a
+        block finished), and the imbalance, critical path / mean node busy time (1.0: no node
+        ever waits). `last_forward` has the same for the latest forward() call alone."""
         st = self.core.stats()
         pools = [p.stats() for p in self.pools]
         return {"expert_tokens": [c.copy() for c in self.expert_tokens], "syncs": st["syncs"],
-                "wait_ns": st["wait_ns"], "node_busy_ns": st["busy_ns"], "pools": pools}
+                "wait_ns": st["wait_ns"], "pools": pools, **_balance(st),
+                "moe_assign": st["moe_assign"], "last_forward": dict(self.last_forward)}
 
     def reset_counters(self) -> None:
         self.core.reset_stats()
@@ -560,6 +660,20 @@ class EngineBackend:
         if blas is not None:
             blas.restore_original_limits()
             self._blas = None
+
+
+def _balance(st: dict, before: dict | None = None) -> dict:
+    """Per-node busy/wait and imbalance from engine stats (minus `before`, if given)."""
+    def d(key):
+        v = st[key]
+        if before is None:
+            return v
+        return [a - b for a, b in zip(v, before[key])] if isinstance(v, list) else v - before[key]
+    busy, idle, ffn = d("busy_ns"), d("idle_ns"), d("ffn_busy_ns")
+    mean, ffn_mean = sum(busy) / len(busy), sum(ffn) / len(ffn)
+    return {"node_busy_ns": busy, "node_wait_ns": idle, "critical_ns": d("crit_ns"),
+            "imbalance": d("crit_ns") / mean if mean else 1.0,
+            "ffn_imbalance": d("ffn_crit_ns") / ffn_mean if ffn_mean else 1.0}
 
 
 def _used_tensors(w) -> list[Tensor]:

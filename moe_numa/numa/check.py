@@ -64,10 +64,17 @@ def check(model, run_tokens: int = 8, rebalance: bool = False) -> dict:
         c["shards"] += 1
         c["pages"] += p["pages"]
         c["on_node"] += p["on_node"]
-    experts = [p for p in pages if p["class"] == "routed_experts"]
+    experts = [p for p in pages if p["class"] in ("routed_experts", "expert_replicas")]
     emap = backend.plan.expert_map
+    # whole, split slice or replica: the shard's node is one the map gives the expert
     expert_nodes_ok = all(
-        emap.owners(int(p["key"].split(".")[0][1:]))[int(p["key"].split(".")[1][1:])] == p["node"] for p in experts)
+        p["node"] in emap.holders(int(p["key"].split(".")[0][1:]), int(p["key"].split(".")[1][1:])) for p in experts)
+    modes = {}
+    for layer, lp in enumerate(backend.plan.layers):
+        if any(lp.experts):
+            for e in range(emap.n_expert):
+                m = emap.mode(layer, e)
+                modes[m] = modes.get(m, 0) + 1
     return {
         "topology": backend.topology.describe(),
         "real_nodes": backend.topology.real_nodes,
@@ -78,6 +85,7 @@ def check(model, run_tokens: int = 8, rebalance: bool = False) -> dict:
         "expert_pages_on_node": sum(p["on_node"] for p in experts),
         "experts_on_mapped_node": expert_nodes_ok,
         "rebalance_swaps": swaps,
+        "expert_modes": modes,
         "misplaced": [p for p in pages if p["on_node"] != p["pages"]][:20],
         "pools": pools,
         "pool_threads": pool_threads,
