@@ -651,7 +651,7 @@ static void ffn_task(void *p, int ith, int nth) {
                 int64_t m = 0;
                 for (int64_t i = 0; i < n; i++) {
                     const int e = C.a_exp[i];
-                    if (L->repl_nodes[e] ? C.r_chosen[e] != L->node_id : !L->gate_ptrs[e]) continue;
+                    if ((L->repl_nodes[e] && C.r_chosen[e] != L->node_id) || !L->gate_ptrs[e]) continue;
                     C.a_exp[m] = e; C.a_tok[m] = C.a_tok[i]; C.a_w[m] = C.a_w[i]; m++;
                 }
                 n = m;
@@ -855,6 +855,10 @@ int mn_engine_check(const mn_engine *e, char *err, size_t errlen) {
                 if (F->repl_nodes && (!F->node_share || F->n_nodes != e->n_nodes || F->node_id != n)) {
                     snprintf(err, errlen, "node %d layer %d: replicated experts need node_share and this node's id", n, l); return -1;
                 }
+                for (int x = 0; F->repl_nodes && x < F->n_expert; x++)
+                    if (F->repl_nodes[x] && (F->repl_nodes[x] >> n & 1) != (F->gate_ptrs[x] != NULL)) {
+                        snprintf(err, errlen, "node %d layer %d: expert %d: the replica table and this node's weights disagree", n, l, x); return -1;
+                    }
             }
             if (F->sh_ff > 0 && (check_mat(&F->sh_gate, F->hidden, "ffn_gate(_shexp)", n, l, err, errlen) ||
                                  check_mat(&F->sh_up, F->hidden, "ffn_up(_shexp)", n, l, err, errlen) ||

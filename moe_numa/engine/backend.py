@@ -518,22 +518,34 @@ class EngineBackend:
         """Even out the tokens each node's experts received since the last call
         (layers that saw fewer than `min_tokens` tokens are left alone).
 
-        Per MoE layer, while the busiest node's load exceeds the mean by more than
-        `tolerance`, swap one of its hot experts with a colder expert of the
-        least busy node (the swap that best closes their gap). Experts of a layer
-        have the same size, so a swap exchanges the contents of two shard slots:
-        weights stay one copy, each in bound memory of its new node. Counters are
-        reset afterwards. Returns {layer: {"swaps": [(e_from, node_from, e_to, node_to)],
-        "before": max/mean, "after": max/mean}} for the layers that changed."""
+        A node's projected load counts a whole expert's tokens on its node, a split
+        expert's by each node's share of its rows, and a replicated expert's spread
+        over its holders. Per MoE layer:
+        1. replicas of experts that turned cold (at most the layer's mean tokens per
+           expert) are dropped, freeing replica budget;
+        2. while the busiest node exceeds the mean by more than `tolerance` and the
+           replica budget allows, its hottest unsplit expert gets a copy on the least
+           busy node that lacks one (a freed slot of that size, or the reserve);
+        3. while still over, a hot whole expert of the busiest node swaps places with a
+           colder whole expert of the least busy node (the swap that best closes their
+           gap): experts of a layer have the same size, so a swap exchanges the contents
+           of two shard slots, one copy each, in the bound memory of its new node.
+        Split experts stay: they are balanced by construction. Counters are reset
+        afterwards. Returns {layer: {"swaps": [(e_from, node_from, e_to, node_to)],
+        "replicated": [(e, node)], "dropped": [(e, node)], "before": max/mean,
+        "after": max/mean}} for the layers that changed."""
         report = {}
         n = self.plan.n_nodes
         for layer, counts in enumerate(self.expert_tokens):
             lp = self.plan.layers[layer]
             if not any(lp.experts) or counts.sum() < min_tokens * self.cfg.router.n_used or n < 2:
                 continue
-            owner = {e: node for node in range(n) for e in lp.experts[node]}
-            load = np.array([counts[lp.experts[node]].sum() for node in range(n)], dtype=np.float64)
+            load = self._projected_load(lp, counts)
             before = load.max() / load.mean()
+            dropped, replicated = self._rebalance_replicas(layer, counts, tolerance)
+            load = self._projected_load(lp, counts)
+            owner = {e: node for node in range(n) for e in lp.experts[node]
+                     if e not in lp.slices and e not in lp.replicas}
             swaps = []
             while len(swaps) < max_swaps and load.max() > (1 + tolerance) * load.mean():
                 hot, cold = int(load.argmax()), int(load.argmin())
@@ -552,10 +564,14 @@ class EngineBackend:
                 load[hot] -= d
                 load[cold] += d
                 swaps.append((e1, hot, e2, cold))
-            if swaps:
-                report[layer] = {"swaps": swaps, "before": float(before), "after": float(load.max() / load.mean())}
-                for node in {m for s in swaps for m in (s[1], s[3])}:
-                    self.core.set_ffn(node, layer, self.store.resolve(self._ffn_params[(node, layer)]))
+            if swaps or dropped or replicated:
+                report[layer] = {"swaps": swaps, "replicated": replicated, "dropped": dropped,
+                                 "before": float(before), "after": float(load.max() / load.mean())}
+                nodes = range(n) if (dropped or replicated) else {m for s in swaps for m in (s[1], s[3])}
+                for node in nodes:
+                    p = self._ffn_params[(node, layer)]
+                    p.update(self._replica_tables(lp))
+                    self.core.set_ffn(node, layer, self.store.resolve(p))
         if report:
             self._update_map(report)
             self.rebalance_log.append(report)
@@ -563,6 +579,66 @@ class EngineBackend:
             c[:] = 0
         self._since_rebalance = 0
         return report
+
+    def _projected_load(self, lp, counts) -> np.ndarray:
+        share = lp.node_share(self.plan.n_nodes, self.cfg.n_expert, self.cfg.expert_ff)
+        load = (share * counts[None, :]).sum(axis=1).astype(np.float64)
+        for e, holders in lp.replicas.items():
+            for node in holders:
+                load[node] += counts[e] / len(holders)
+        return load
+
+    def _rebalance_replicas(self, layer: int, counts, tolerance: float):
+        """Steps 1 and 2 of rebalance(): drop cold replicas, add hot ones within the budget."""
+        lp, n = self.plan.layers[layer], self.plan.n_nodes
+        size = self._expert_copy_bytes(layer)
+        mean = counts.sum() / len(counts)
+        dropped, replicated = [], []
+        for e in sorted(lp.replicas):
+            if counts[e] <= mean:
+                for node in lp.replicas[e][1:]:
+                    self._drop_replica(layer, e, node)
+                    dropped.append((e, node))
+        while True:
+            load = self._projected_load(lp, counts)
+            if load.max() <= (1 + tolerance) * load.mean() or self._replica_bytes() + size > self.replica_budget:
+                break
+            hot = int(load.argmax())
+            cands = [e for e in lp.experts[hot] if e not in lp.slices and counts[e] > mean
+                     and len(lp.replicas.get(e, (hot,))) < n]
+            if not cands:
+                break
+            e = max(cands, key=lambda x: (counts[x], -x))
+            holders = lp.replicas.get(e, (hot,))
+            target = min((m for m in range(n) if m not in holders), key=lambda m: (load[m], m))
+            k = len(holders)
+            # the copy must lower the busiest node's load without making the target the new peak
+            if load[target] + counts[e] / (k + 1) >= load[hot]:
+                break
+            self._add_replica(layer, e, target)
+            replicated.append((e, target))
+        return dropped, replicated
+
+    def _add_replica(self, layer: int, e: int, node: int) -> None:
+        lp, S, key = self.plan.layers[layer], self.store, f"L{layer}.e{e}."
+        holders = lp.replicas.get(e) or (next(m for m in range(self.plan.n_nodes) if e in lp.experts[m]),)
+        for name in ("gate", "up", "down"):
+            S.add_copy(node, key + name, S.arrays[(holders[0], key + name)], "expert_replicas")
+        self._ffn_params[(node, layer)]["experts"][e] = tuple(Ref(node, key + name) for name in ("gate", "up", "down"))
+        lp.replicas[e] = holders + (node,)
+        lp.experts[node][:] = sorted(set(lp.experts[node]) | {e})
+
+    def _drop_replica(self, layer: int, e: int, node: int) -> None:
+        lp, key = self.plan.layers[layer], f"L{layer}.e{e}."
+        for name in ("gate", "up", "down"):
+            self.store.drop(node, key + name)
+        del self._ffn_params[(node, layer)]["experts"][e]
+        holders = tuple(m for m in lp.replicas[e] if m != node)
+        if len(holders) > 1:
+            lp.replicas[e] = holders
+        else:
+            del lp.replicas[e]
+        lp.experts[node][:] = [x for x in lp.experts[node] if x != e]
 
     def _swap_experts(self, layer: int, e1: int, n1: int, e2: int, n2: int) -> None:
         """Expert e1 moves from node n1 to n2 and e2 from n2 to n1, by swapping slot contents."""
@@ -585,17 +661,24 @@ class EngineBackend:
         lp.experts[n2][:] = sorted(set(lp.experts[n2]) - {e2} | {e1})
 
     def _update_map(self, report: dict) -> None:
-        """The expert map now in force: the old one with the rebalanced layers overridden."""
+        """The expert map now in force: the old one with the rebalanced layers overridden,
+        and the replicas as they are now."""
         from dataclasses import replace
         emap = self.plan.expert_map
         overrides = dict(emap.overrides)
         for layer in report:
-            owner = [0] * emap.n_expert
-            for node, experts in enumerate(self.plan.layers[layer].experts):
+            lp = self.plan.layers[layer]
+            owner: list = list(emap.owners(layer))
+            for node, experts in enumerate(lp.experts):
                 for e in experts:
-                    owner[e] = node
+                    if e not in lp.slices and e not in lp.replicas:
+                        owner[e] = node
+            for e, holders in lp.replicas.items():
+                owner[e] = holders[0]
             overrides[layer] = tuple(owner)
-        self.plan.expert_map = replace(emap, overrides=overrides)
+        replicas = {(layer, e): holders[1:] for layer, lp in enumerate(self.plan.layers)
+                    for e, holders in lp.replicas.items()}
+        self.plan.expert_map = replace(emap, overrides=overrides, replicas=replicas)
 
     # ---------------------------------------------------------------- reports
     def placement_report(self, check_pages: bool = False, sample: int = 8) -> dict:
@@ -604,6 +687,15 @@ class EngineBackend:
         gguf_bytes = sum(t.nbytes for t in _used_tensors(self.weights))
         placed = sum(it.nbytes for it in self.store.items.values() if it.cls != "kv_cache")
         replicated = sum(it.nbytes for it in self.store.items.values() if it.replicated)
+        emap, modes = self.plan.expert_map, {}
+        for layer, lp in enumerate(self.plan.layers):
+            if any(lp.experts):
+                for e in range(self.cfg.n_expert):
+                    modes[emap.mode(layer, e)] = modes.get(emap.mode(layer, e), 0) + 1
+        c = self.counters()
+        rep.update(replica_bytes=sum(it.nbytes for it in self.store.items.values() if it.cls == "expert_replicas"),
+                   replica_budget_bytes=self.replica_budget, expert_bytes=self.expert_bytes, expert_modes=modes,
+                   balance={k: c[k] for k in ("imbalance", "ffn_imbalance", "node_busy_ns", "node_wait_ns")})
         rep.update(gguf_weight_bytes=gguf_bytes, placed_weight_bytes=placed, replicated_bytes=replicated,
                    kv_cache_bytes=sum(it.nbytes for it in self.store.items.values() if it.cls == "kv_cache"),
                    process=resident_bytes(), topology=self.topology.describe(),
