@@ -432,7 +432,8 @@ def run_ours_once(model: str, threads: int, tests: Sequence[str], inner_reps: in
            "n_ctx": obj.get("n_ctx"), "cmd": res.cmd,
            "tests": {t["test"]: {"samples_ts": t["samples_ts"], "samples_ns": t["samples_ns"],
                                  "wall_s": t["samples_wall_s"], "others_cpu_s": t["others_cpu_s"],
-                                 "warmup_ns": t.get("warmup_ns")} for t in obj["tests"]}}
+                                 "warmup_ns": t.get("warmup_ns"), "imbalance": t.get("imbalance"),
+                                 "wait_frac": t.get("wait_frac")} for t in obj["tests"]}}
     return _finish_run(rec, threads, threshold)
 
 
@@ -728,6 +729,20 @@ def _gib(n: float | None) -> str:
     return "–" if not n else f"{n / 2**30:.2f} GiB"
 
 
+def _balance_line(mrep: dict) -> str | None:
+    """Node balance of our runs per test: imbalance (critical path ÷ mean node busy time)
+    and the share of node time spent waiting on the slowest node, medians over samples."""
+    parts = []
+    runs = _accepted(mrep.get("runs") or [], "moe_numa")
+    for test in dict.fromkeys(t for r in runs for t in r["tests"]):
+        imb = [v for r in runs for v in r["tests"].get(test, {}).get("imbalance") or []]
+        wf = [v for r in runs for v in r["tests"].get(test, {}).get("wait_frac") or []]
+        if imb:
+            parts.append(f"{test} {statistics.median(imb):.3f} (waits {100 * statistics.median(wf):.1f}%)")
+    return ("Node balance (moe_numa, imbalance = critical path ÷ mean node busy time): " + "; ".join(parts) + ".") \
+        if parts else None
+
+
 def format_markdown(report: dict) -> str:
     s = report["settings"]
     m = report["machine"]
@@ -802,6 +817,9 @@ def format_markdown(report: dict) -> str:
                      f"{fmt_summary(rss['llama.cpp'], scale=2**30)} | {_fmt(rss['ratio'])} | | |")
         met, missed = targets_summary(a["rows"])
         lines.append("")
+        bal = _balance_line(mrep)
+        if bal:
+            lines += [bal, ""]
         if missed:
             lines.append("**Targets missed:** " + "; ".join(missed) + ("." if not met else ". Met: " + "; ".join(met) + "."))
             all_missed += [f"{f['name']} {x}" for x in missed]
@@ -1084,6 +1102,8 @@ def run(a: argparse.Namespace) -> int:
                     report["noise"]["kept"] += acc["disturbed_samples"]
                 log(f"  {tag} {eng}: load {_fmt(acc['load_s'])} s, peak RSS {_gib(acc['peak_rss_bytes'])}, "
                     + ", ".join(f"{t} {statistics.median(v['samples_ts']):.2f} t/s"
+                                + (f" (imbalance {statistics.median(v['imbalance']):.3f}, waits "
+                                   f"{100 * statistics.median(v['wait_frac']):.1f}%)" if v.get("imbalance") else "")
                                 for t, v in acc["tests"].items()))
                 if eng == "llama.cpp" and "llama_bench_settings" not in report:
                     report["llama_bench_settings"] = acc.get("llama_bench")

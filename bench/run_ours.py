@@ -115,7 +115,8 @@ def run(model_path: str, threads: int, tests, reps: int = 1, numa_nodes: int | N
         for name, n_prompt, n_gen in tests:
             fn = (lambda: r.prompt(n_prompt)) if n_prompt else (lambda: r.gen(n_gen))
             rec = {"test": name, "n_prompt": n_prompt, "n_gen": n_gen, "warmup_ns": None,
-                   "samples_ns": [], "samples_ts": [], "samples_wall_s": [], "others_cpu_s": []}
+                   "samples_ns": [], "samples_ts": [], "samples_wall_s": [], "others_cpu_s": [],
+                   "imbalance": [], "wait_frac": []}
             if warmup:
                 model.backend.reset()
                 w0 = time.perf_counter_ns()
@@ -126,6 +127,7 @@ def run(model_path: str, threads: int, tests, reps: int = 1, numa_nodes: int | N
                 rec["warmup_ns"] = time.perf_counter_ns() - w0
             for _ in range(reps):
                 model.backend.reset()
+                model.backend.reset_counters()
                 b0, c0 = read_busy_ticks(), self_cpu_s()
                 t_start = time.perf_counter_ns()
                 fn()
@@ -135,6 +137,10 @@ def run(model_path: str, threads: int, tests, reps: int = 1, numa_nodes: int | N
                 rec["samples_ts"].append((n_prompt + n_gen) / (ns * 1e-9))
                 rec["samples_wall_s"].append(ns * 1e-9)
                 rec["others_cpu_s"].append(others_cpu_s(b0, b1, c1 - c0))
+                # node balance: critical path / mean node busy time, and the share of node time spent waiting
+                c = model.backend.counters()
+                rec["imbalance"].append(c["imbalance"])
+                rec["wait_frac"].append(sum(c["node_wait_ns"]) / max(1, sum(c["node_wait_ns"]) + sum(c["node_busy_ns"])))
             out["tests"].append(rec)
     finally:
         model.close()
@@ -166,7 +172,8 @@ def main(argv=None) -> int:
         print(f"load {res['load_s']:.2f} s, peak RSS {res['peak_rss_bytes'] / 2**30:.2f} GiB")
         for t in res["tests"]:
             ts = t["samples_ts"]
-            print(f"{t['test']:>8}: {np.median(ts):10.2f} t/s  (n={len(ts)})")
+            print(f"{t['test']:>8}: {np.median(ts):10.2f} t/s  (n={len(ts)})  imbalance "
+                  f"{np.median(t['imbalance']):.3f}, waits {100 * np.median(t['wait_frac']):.1f}% of node time")
     return 0
 
 

@@ -16,7 +16,11 @@ def add_engine_flags(p: argparse.ArgumentParser) -> None:
     """The flags of every command that loads a model (`model_options` reads them)."""
     p.add_argument("--backend", choices=("engine", "reference"), default=None,
                    help="engine (the NUMA engine) or reference (the numpy oracle)")
-    p.add_argument("--numa-expert-map", metavar="FILE", help="YAML expert map (see docs/expert-maps.md)")
+    p.add_argument("--numa-expert-map", metavar="FILE",
+                   help="YAML expert map (see docs/expert-maps.md), or a strategy: contiguous, round-robin, split")
+    p.add_argument("--replica-budget", metavar="B",
+                   help="memory for expert replicas, placed by the map or the rebalancer: a fraction of the "
+                        "expert bytes (0.05 or 5%%) or a size (2GiB); default: what the map places")
     p.add_argument("--numa-nodes", type=int, metavar="N",
                    help="split the CPUs into N virtual nodes (default: the machine's real nodes)")
     p.add_argument("--threads-per-node", "-t", type=int, metavar="T", help="threads per node (default: all cores)")
@@ -37,8 +41,11 @@ def model_options(args) -> dict:
             opts["numa_nodes"] = args.numa_nodes
         if args.threads_per_node:
             opts["threads_per_node"] = args.threads_per_node
-    elif args.numa_expert_map or args.numa_nodes or args.threads_per_node:
-        raise SystemExit("--numa-expert-map, --numa-nodes and --threads-per-node need --backend engine")
+        if args.replica_budget is not None:
+            opts["replica_budget"] = args.replica_budget
+    elif args.numa_expert_map or args.numa_nodes or args.threads_per_node or args.replica_budget is not None:
+        raise SystemExit("--numa-expert-map, --numa-nodes, --threads-per-node and --replica-budget need "
+                         "--backend engine")
     return {"backend": backend, **opts}
 
 

@@ -1,7 +1,8 @@
 """Placement on a kernel with real NUMA nodes: ../shared/numa-vm boots a QEMU
 guest with 2 or 4 nodes (AVX2 only, emulated, slow) and runs the placement
 check there: every page of every expert on the node the map gives (also after
-the rebalancer moved hot experts), TP shards on their nodes, pool threads only on their node's CPUs, and the engine's
+the rebalancer moved hot experts), including split slices and replicas (also
+the replicas the rebalancer made within the budget), TP shards on their nodes, pool threads only on their node's CPUs, and the engine's
 logits (AVX2 kernels) against the reference."""
 import json
 import os
@@ -16,9 +17,18 @@ RUN = REPO.parent / "shared" / "numa-vm" / "run"
 pytestmark = [pytest.mark.numa_vm, pytest.mark.skipif(not RUN.exists(), reason="../shared/numa-vm is not present")]
 
 
-@pytest.mark.parametrize("nodes,preset", [(2, "qwen3moe"), (4, "deepseek-v3")])
-def test_placement_on_real_numa_nodes(nodes, preset):
+MIXED = ("model: {n_expert: 8}\nnodes: [0, 1]\nexperts: {0: 2-4, 1: 5-7, 0+1: 0-1}\n"
+         "replicas: [{layer: 0, expert: 3, nodes: [1]}, {layer: 1, expert: 6, nodes: [0]}]\n")
+
+
+@pytest.mark.parametrize("nodes,preset,mixed", [(2, "qwen3moe", False), (4, "deepseek-v3", False),
+                                                (2, "qwen3moe", True)])
+def test_placement_on_real_numa_nodes(nodes, preset, mixed):
     map_arg = ["--rebalance"] if nodes == 2 else []
+    if mixed:   # split and replicated experts, then a rebalance that adds replicas within the budget
+        map_path = REPO / "expert_maps" / "test-qwen3moe-mixed.yaml.tmp"
+        map_path.write_text(MIXED)
+        map_arg += ["--expert-map", str(map_path), "--replica-budget", "40%"]
     if nodes == 4:
         map_path = REPO / "expert_maps" / "test-deepseek-v3-4node.yaml.tmp"
         map_path.write_text("model: {n_expert: 16}\nnodes: [0, 1, 2, 3]\n"
@@ -29,7 +39,7 @@ def test_placement_on_real_numa_nodes(nodes, preset):
            "--compare-reference", *map_arg]
     env = dict(os.environ, OPENBLAS_NUM_THREADS="1")
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900, env=env)
-    if nodes == 4:
+    if nodes == 4 or mixed:
         map_path.unlink()
     line = next((l for l in proc.stdout.splitlines() if l.startswith("{")), None)
     assert line, f"no result from the guest (rc {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
@@ -37,8 +47,16 @@ def test_placement_on_real_numa_nodes(nodes, preset):
     assert r["real_nodes"] == nodes and all(r["bound"])
     assert r["expert_shards"] > 0 and r["expert_pages_on_node"] == r["expert_pages"]
     assert r["experts_on_mapped_node"]
-    if nodes == 2:
+    if nodes == 2 and not mixed:
         assert r["rebalance_swaps"] > 0        # experts moved at run time are on their new node too
+    if mixed:
+        modes = r["expert_modes"]            # after the rebalance: split experts stay split
+        assert modes["split"] == 4 and sum(modes.values()) == 16 and modes["replicated"] >= 1
+        assert r["rebalance_replicated"] > 0   # copies made at run time are on their node too
+        for cls in ("expert_replicas",):
+            c = r["pages_by_class"][cls]
+            assert c["on_node"] == c["pages"] > 0
+        assert r["report"]["replica_bytes"] <= r["report"]["replica_budget_bytes"]
     assert not r["misplaced"], r["misplaced"]
     for cls in ("attention", "routed_experts", "kv_cache", "output"):
         c = r["pages_by_class"][cls]

@@ -42,10 +42,11 @@ def check(model, run_tokens: int = 8, rebalance: bool = False) -> dict:
     before = _thread_cpus()
     # Run a few tokens so every pool thread has run on its CPU at least once.
     model.logits(list(range(1, run_tokens + 1)))
-    swaps = 0
+    swaps = replicated = 0
     if rebalance:
         report = backend.rebalance(min_tokens=1, tolerance=0.0)
         swaps = sum(len(r["swaps"]) for r in report.values())
+        replicated = sum(len(r["replicated"]) for r in report.values())
         model.logits(list(range(1, run_tokens + 1)))
     threads = _thread_cpus()
     main = threading.get_native_id()
@@ -85,6 +86,7 @@ def check(model, run_tokens: int = 8, rebalance: bool = False) -> dict:
         "expert_pages_on_node": sum(p["on_node"] for p in experts),
         "experts_on_mapped_node": expert_nodes_ok,
         "rebalance_swaps": swaps,
+        "rebalance_replicated": replicated,
         "expert_modes": modes,
         "misplaced": [p for p in pages if p["on_node"] != p["pages"]][:20],
         "pools": pools,
@@ -103,6 +105,7 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--numa-nodes", type=int)
     ap.add_argument("--compare-reference", action="store_true", help="also check logits against the reference")
     ap.add_argument("--rebalance", action="store_true", help="move hot experts between nodes first")
+    ap.add_argument("--replica-budget", help="memory for expert replicas: a fraction (0.05), 5%%, or a size (2GiB)")
     ap.add_argument("--json", action="store_true")
 
 
@@ -114,7 +117,8 @@ def run(args: argparse.Namespace) -> int:
     if path is None:
         tmp = tempfile.TemporaryDirectory()
         path = str(make_test_model(os.path.join(tmp.name, "m.gguf"), args.preset, args.type))
-    model = moe_numa.load(path, backend="engine", expert_map=args.expert_map, numa_nodes=args.numa_nodes)
+    model = moe_numa.load(path, backend="engine", expert_map=args.expert_map, numa_nodes=args.numa_nodes,
+                          replica_budget=args.replica_budget)
     result = check(model, rebalance=args.rebalance)
     if args.compare_reference:
         ids = list(range(1, 9))
