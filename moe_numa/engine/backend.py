@@ -298,24 +298,7 @@ class EngineBackend:
         placed = self._replica_bytes()
         if budget is None:
             return placed
-        b = budget
-        try:
-            if isinstance(b, str):
-                t = b.strip().lower()
-                units = {"kib": 2**10, "mib": 2**20, "gib": 2**30, "kb": 10**3, "mb": 10**6, "gb": 10**9}
-                unit = next((u for u in units if t.endswith(u)), None)
-                if t.endswith("%"):
-                    b = float(t[:-1]) / 100
-                elif unit:
-                    b = int(float(t[:-len(unit)]) * units[unit])
-                else:
-                    b = float(t) if "." in t else int(t)
-            if isinstance(b, bool) or b < 0:
-                raise ValueError
-        except (TypeError, ValueError):
-            raise ExpertMapError(f"replica_budget: {budget!r} is not a fraction of the expert bytes (0.05, '5%') "
-                                 f"or a size ('2GiB')") from None
-        nbytes = int(b * self.expert_bytes) if isinstance(b, float) else int(b)
+        nbytes = parse_budget(budget, self.expert_bytes)
         if placed > nbytes:
             raise ExpertMapError(f"{self.plan.expert_map.source}: replicas: the map's replicas take {placed} bytes, "
                                  f"over the replica budget of {nbytes} bytes ({budget!r})")
@@ -752,6 +735,28 @@ class EngineBackend:
         if blas is not None:
             blas.restore_original_limits()
             self._blas = None
+
+
+def parse_budget(budget, expert_bytes: int) -> int:
+    """A replica budget in bytes: a fraction of `expert_bytes` (0.05, '5%'), or a size (123456, '2GiB')."""
+    b = budget
+    try:
+        if isinstance(b, str):
+            t = b.strip().lower()
+            units = {"kib": 2**10, "mib": 2**20, "gib": 2**30, "kb": 10**3, "mb": 10**6, "gb": 10**9}
+            unit = next((u for u in units if t.endswith(u)), None)
+            if t.endswith("%"):
+                b = float(t[:-1]) / 100
+            elif unit:
+                b = int(float(t[:-len(unit)]) * units[unit])
+            else:
+                b = float(t) if "." in t else int(t)
+        if isinstance(b, bool) or b < 0:
+            raise ValueError
+    except (TypeError, ValueError):
+        raise ExpertMapError(f"replica_budget: {budget!r} is not a fraction of the expert bytes (0.05, '5%') "
+                             f"or a size ('2GiB')") from None
+    return int(b * expert_bytes) if isinstance(b, float) else int(b)
 
 
 def _balance(st: dict, before: dict | None = None) -> dict:
