@@ -895,24 +895,30 @@ def cache_dir() -> Path:
     return _cd()
 
 
-def bench_model_path(preset: str, qtype: str) -> Path:
-    """Default location of a bench model: $MOE_NUMA_CACHE/bench/<preset>-<qtype>.gguf."""
-    return cache_dir() / "bench" / f"{preset}-{qtype.lower()}.gguf"
+def bench_model_path(preset: str, qtype: str, routing_skew: float = 0.0) -> Path:
+    """Default location of a bench model: $MOE_NUMA_CACHE/bench/<preset>[-skewS]-<qtype>.gguf."""
+    skew = f"-skew{routing_skew:g}" if routing_skew else ""
+    return cache_dir() / "bench" / f"{preset}{skew}-{qtype.lower()}.gguf"
 
 
 def make_bench_model(preset: str, qtype: str, output: str | os.PathLike | None = None, force: bool = False,
                      seed: int = 0, progress: bool | Callable[[int, int], None] = True,
-                     log: Callable[[str], None] = print) -> tuple[Path, bool]:
+                     log: Callable[[str], None] = print, routing_skew: float = 0.0) -> tuple[Path, bool]:
     """Write a random-weight bench model atomically (temp file + rename).
 
+    `routing_skew` > 0: Zipf-like expert popularity per layer with that exponent
+    (moe_numa.testing.writer, through the router weights and DeepSeek's score bias).
     Returns (path, written); an existing file is kept unless ``force``.
     """
+    from dataclasses import replace
     from moe_numa.testing import PRESETS, QTYPES, make_test_model
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; presets: {', '.join(PRESETS)}")
     if qtype.lower() not in QTYPES:
         raise ValueError(f"unknown quant type {qtype!r}; choose from {', '.join(QTYPES)}")
-    path = Path(output) if output else bench_model_path(preset, qtype)
+    if routing_skew < 0:
+        raise ValueError(f"routing skew must be >= 0, got {routing_skew}")
+    path = Path(output) if output else bench_model_path(preset, qtype, routing_skew)
     if path.exists() and not force:
         log(f"{path} exists; keeping it (--force rewrites it)")
         return path, False
@@ -921,7 +927,8 @@ def make_bench_model(preset: str, qtype: str, output: str | os.PathLike | None =
     cb = progress if callable(progress) else (progress_bar(path.name, unit="tensor") if progress else None)
     t0 = time.perf_counter()
     try:
-        written = make_test_model(tmp, preset, qtype.lower(), seed=seed, progress=cb)
+        spec = replace(PRESETS[preset], routing_skew=routing_skew) if routing_skew else None
+        written = make_test_model(tmp, preset, qtype.lower(), seed=seed, progress=cb, spec=spec)
         if Path(written) != tmp:
             raise RuntimeError(f"make_test_model wrote {written}, expected {tmp}")
         os.replace(tmp, path)
@@ -949,6 +956,8 @@ def add_make_bench_model_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("-o", "--output", help="output file (one preset and one type only)")
     ap.add_argument("--force", action="store_true", help="rewrite an existing file")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--routing-skew", type=float, default=0.0, metavar="S",
+                    help="Zipf exponent of per-layer expert popularity (0: uniform routing; 1 is realistic)")
     ap.add_argument("-q", "--quiet", action="store_true", help="no progress")
 
 
@@ -966,7 +975,7 @@ def run_make_bench_model(a: argparse.Namespace) -> int:
     for p in presets:
         for t in types:
             path, _ = make_bench_model(p, t, a.output, force=a.force, seed=a.seed, progress=not a.quiet,
-                                       log=lambda s: print(s, file=sys.stderr))
+                                       log=lambda s: print(s, file=sys.stderr), routing_skew=a.routing_skew)
             print(path)
     return 0
 

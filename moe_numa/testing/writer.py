@@ -13,6 +13,12 @@ loads in llama.cpp as well as here. Presets:
   routing with score bias, a shared expert, a leading dense layer, one NextN layer);
 - `kimi-k2`, `moonlight`: DeepSeek-V3's architecture with 384 / 64 experts;
 - `qwen3moe-bench`, `deepseek-v3-bench`: realistic proportions for benchmarks.
+
+`routing_skew` > 0 gives every MoE layer a Zipf-like expert popularity (see
+_skew_bias): one hidden dimension of the token embeddings carries a large
+constant, as real models' "massive activations" do, and each router row reads
+it with a weight that adds the expert's log-popularity to its logit; DeepSeek's
+score-correction bias gets the same ranking.
 """
 from __future__ import annotations
 
@@ -82,6 +88,7 @@ class ModelSpec:
     rope_dims: int = 0            # rotated dims per head (0: all of head_dim)
     qk_norm: bool = False         # per-head q/k RMSNorm (always on for qwen3moe)
     n_nextn: int = 0              # trailing multi-token-prediction layers (written, not run)
+    routing_skew: float = 0.0     # Zipf exponent of per-layer expert popularity (0: uniform)
     extra: dict = field(default_factory=dict)
 
 
@@ -175,6 +182,41 @@ def _tensor_qtype(name: str, shape: tuple[int, ...], qname: str, layer: int | No
     return Q.F32
 
 
+SKEW_DIM, SKEW_MAGNITUDE = 0, 8.0     # the embedding dimension that carries the constant, and its value
+
+
+def _skew_bias(spec: ModelSpec, layer: int) -> np.ndarray:
+    """Per-expert logit offsets of one layer: -s * log(rank), ranks a per-layer permutation,
+    centred; softmax over offsets alone gives popularity proportional to rank**-s."""
+    rng = _rng_for(0, f"skew:{layer}")
+    rank = rng.permutation(spec.n_expert) + 1
+    b = -spec.routing_skew * np.log(rank)
+    return (b - b.mean()).astype(np.float32)
+
+
+def _skewed_router(spec: ModelSpec, layer: int, shape):
+    base = _matrix(shape, 2.0)
+    H = spec.hidden
+    # after RMSNorm the constant dimension is about M / sqrt(1 + M^2 / H) (other dims ~N(0, 1))
+    x_const = SKEW_MAGNITUDE / math.sqrt(1.0 + SKEW_MAGNITUDE ** 2 / H)
+
+    def make(rng):
+        w = base(rng)
+        w[:, SKEW_DIM] = _skew_bias(spec, layer) / x_const
+        return w
+    return make
+
+
+def _skewed_embeddings(shape):
+    base = _normal(shape, 1.0)
+
+    def make(rng):
+        e = base(rng)
+        e[:, SKEW_DIM] = SKEW_MAGNITUDE
+        return e
+    return make
+
+
 def plan_tensors(spec: ModelSpec, n_vocab: int, qname: str) -> list[TensorPlan]:
     H, L = spec.hidden, spec.n_layer
     items: list[tuple[str, tuple[int, ...], Callable, int | None]] = []
@@ -182,7 +224,8 @@ def plan_tensors(spec: ModelSpec, n_vocab: int, qname: str) -> list[TensorPlan]:
     def add(name, shape, make, layer=None):
         items.append((name, tuple(shape), make, layer))
 
-    add("token_embd.weight", (n_vocab, H), _normal((n_vocab, H), 1.0))
+    skew = spec.routing_skew > 0
+    add("token_embd.weight", (n_vocab, H), _skewed_embeddings((n_vocab, H)) if skew else _normal((n_vocab, H), 1.0))
     add("output_norm.weight", (H,), _normal((H,), 0.1, 1.0))
     add("output.weight", (n_vocab, H), _matrix((n_vocab, H), 4.0))
     ffn_norm = "post_attention_norm" if spec.arch == "glm4moe" else "ffn_norm"
@@ -234,12 +277,14 @@ def plan_tensors(spec: ModelSpec, n_vocab: int, qname: str) -> list[TensorPlan]:
             add(p + "ffn_down.weight", (H, ff), _matrix((H, ff)), i)
             continue
         E, ff = spec.n_expert, spec.expert_ff
-        add(p + "ffn_gate_inp.weight", (E, H), _matrix((E, H), 2.0), i)
+        add(p + "ffn_gate_inp.weight", (E, H), _skewed_router(spec, i, (E, H)) if skew else _matrix((E, H), 2.0), i)
         add(p + "ffn_gate_exps.weight", (E, ff, H), _matrix((E, ff, H)), i)
         add(p + "ffn_up_exps.weight", (E, ff, H), _matrix((E, ff, H)), i)
         add(p + "ffn_down_exps.weight", (E, H, ff), _matrix((E, H, ff)), i)
         if spec.probs_bias:
-            add(p + "exp_probs_b.bias", (E,), _normal((E,), 0.1), i)
+            # sigmoid scores sit in (0, 1): the bias ranks experts like the router's offsets
+            add(p + "exp_probs_b.bias", (E,), (lambda rng, i=i: 0.05 * _skew_bias(spec, i)) if skew else
+                _normal((E,), 0.1), i)
         shared_ff = spec.shared_ff or spec.expert_ff * spec.n_shared
         if shared_ff:
             add(p + "ffn_gate_shexp.weight", (shared_ff, H), _matrix((shared_ff, H)), i)
