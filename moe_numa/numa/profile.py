@@ -8,8 +8,8 @@ how often two experts were selected by the same token (co-selection).
 A map (`moe-numa map --profile`) is chosen to minimise the projected per-token
 critical path: for each token of the trace, each node's work is the sum, over
 the token's selected experts it runs, of its share of the expert's rows (1 for
-a whole expert, its slice for a split one, plus `split_overhead` per slice for
-the smaller matmuls), replicated experts going to the least-loaded holder as
+a whole expert, its slice for a split one, made `split_overhead` (10%) dearer
+for the shorter rows), replicated experts going to the least-loaded holder as
 the engine does (engine/backend.py, mn_engine.c choose_replicas); the token
 waits for the busiest node. Strategies:
 
@@ -18,7 +18,7 @@ waits for the busiest node. Strategies:
 - split: every expert across all nodes (balanced by construction; the default
   when there is no profile);
 - hybrid: start from whole, then split or replicate (within the replica
-  budget) the expert that shortens the path most, while one does.
+  budget) the hot experts that shorten the path; all-split if that is shorter.
 """
 from __future__ import annotations
 
@@ -138,7 +138,7 @@ def critical_path(trace: np.ndarray, pl: LayerPlacement, n_nodes: int, split_ove
     repl = [False] * E
     for e, (h, s) in enumerate(zip(pl.holders, pl.split)):
         if s:
-            fixed[e, list(h)] = 1.0 / len(h) + split_overhead
+            fixed[e, list(h)] = (1.0 + split_overhead) / len(h)
         elif len(h) == 1:
             fixed[e, h[0]] = 1.0
         else:
@@ -218,6 +218,10 @@ def plan_layer(trace, counts, n_nodes: int, strategy: str, ffn_blocks: int, repl
             c, used, cand = min(options, key=lambda o: (o[0], o[1]))
             if c < best - 1e-12:
                 pl, best, slots = cand, c, slots - used
+    if k > 1:
+        every = plan_layer(trace, counts, n_nodes, "split", ffn_blocks, split_overhead=split_overhead)
+        if critical_path(trace, every, n_nodes, **kw) < best - 1e-12:
+            return every
     return pl
 
 
