@@ -230,6 +230,21 @@ def format_rows(rows: list[dict], title: str) -> str:
     return "\n".join(lines)
 
 
+def format_compact(rows: list[dict], title: str) -> str:
+    """One row per mode: decode / prefill t/s per node count, and memory."""
+    nodes = sorted({r["nodes"] for r in rows})
+    by = {(r["mode"], r["nodes"]): r for r in rows}
+    lines = [f"**{title}**", "", "| mode | " + " | ".join(f"{n} nodes: tg / pp512 t/s" for n in nodes)
+             + " | memory |", "| --- |" + " ---: |" * (len(nodes) + 1)]
+    for mode in MODES:
+        cells = []
+        for n in nodes:
+            r, w = by[(mode, n)], by[("whole", n)]
+            cells.append(f"{r['decode_tps']:.1f} / {r['prefill_tps']:.0f} ({r['decode_tps'] / w['decode_tps']:.2f}x)")
+        lines.append(f"| {mode} | " + " | ".join(cells) + f" | {by[(mode, nodes[-1])]['memory_x']:.2f}x at {nodes[-1]} |")
+    return "\n".join(lines)
+
+
 # ---------------------------------------------------------------- calibration
 
 def calibrate(model_path: str, n_nodes: int = 2, tokens: int = 32, prefill: int = 128, skew_trace=None) -> dict:
@@ -301,6 +316,7 @@ def main(argv=None) -> int:
     ap.add_argument("--nodes", default="2,4,8")
     ap.add_argument("--calibrate", action="store_true", help="measure this machine's virtual nodes (needs -m)")
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--compact", action="store_true", help="one row per mode (markdown)")
     a = ap.parse_args(argv)
     nodes = tuple(int(x) for x in a.nodes.split(","))
     if a.calibrate:
@@ -329,8 +345,8 @@ def main(argv=None) -> int:
         rows = project(shape, mach, trace, nodes, a.replica_budget)
         out.append({"machine": asdict(mach), "rows": rows})
         if not a.json:
-            print(format_rows(rows, f"{shape.name} on {mach.name}-class sockets (routing skew "
-                                    f"{'profile' if a.profile else a.skew})"))
+            title = f"{shape.name} on {mach.name}-class sockets (routing skew {'profile' if a.profile else a.skew})"
+            print(format_compact(rows, title) if a.compact else format_rows(rows, title))
             print(f"\nassumed: {mach.read_gbps:.0f} GB/s per node, link {mach.link_gbps:.0f} GB/s, sync "
                   f"{mach.sync_us} us; {mach.source}\n")
     if a.json:

@@ -47,3 +47,14 @@ def test_calibration_runs(make_model, capsys):
     out = capsys.readouterr().out
     for mode in ("whole", "split", "hybrid"):
         assert f"| {mode} |" in out
+
+
+def test_balance_benchmark_runs(make_model, capsys):
+    from moe_numa.bench import balance
+    assert balance.parse_layout("2x1:split") == (2, 1, "split")
+    with pytest.raises(SystemExit, match="expected NODESxTHREADS:MAP"):
+        balance.parse_layout("two:split")
+    path = str(make_model("qwen3moe", "q8_0"))
+    assert balance.main(["-m", path, "--layouts", "1x1:contiguous,2x1:split", "--tests", "tg2", "-r", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "| 2 node(s) x 1 thread(s), split |" in out and "imbalance" in out
