@@ -58,6 +58,7 @@ def test_placement_on_real_numa_nodes(nodes, preset, mixed):
             assert c["on_node"] == c["pages"] > 0
         assert r["report"]["replica_bytes"] <= r["report"]["replica_budget_bytes"]
     assert not r["misplaced"], r["misplaced"]
+    assert not r["misplaced_before_rebalance"], r["misplaced_before_rebalance"]
     for cls in ("attention", "routed_experts", "kv_cache", "output"):
         c = r["pages_by_class"][cls]
         assert c["on_node"] == c["pages"] > 0
