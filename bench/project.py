@@ -308,6 +308,11 @@ def calibrate(model_path: str, n_nodes: int = 2, tokens: int = 32, prefill: int 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="moe-numa project", description=__doc__.split("\n\n")[0])
+    add_arguments(ap)
+    return run(ap.parse_args(argv))
+
+
+def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("-m", "--model", help="GGUF file (its shapes)")
     ap.add_argument("--model-preset", choices=sorted(MODELS), default="deepseek-v3-q4_k_m")
     ap.add_argument("--profile", help="routing profile (moe-numa profile); default: a synthetic trace")
@@ -317,11 +322,13 @@ def main(argv=None) -> int:
     ap.add_argument("--calibrate", action="store_true", help="measure this machine's virtual nodes (needs -m)")
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--compact", action="store_true", help="one row per mode (markdown)")
-    a = ap.parse_args(argv)
+
+
+def run(a: argparse.Namespace) -> int:
     nodes = tuple(int(x) for x in a.nodes.split(","))
     if a.calibrate:
         if not a.model:
-            ap.error("--calibrate needs -m FILE (a bench model)")
+            raise SystemExit("moe-numa project: error: --calibrate needs -m FILE (a bench model)")
         res = calibrate(a.model, nodes[0])
         if a.json:
             print(json.dumps(res))

@@ -147,19 +147,44 @@ def run_topology(args) -> int:
 def add_map_arguments(mp: argparse.ArgumentParser) -> None:
     mp.add_argument("-m", "--model", required=True)
     mp.add_argument("--nodes", type=int, required=True)
-    mp.add_argument("--strategy", choices=("contiguous", "round-robin"), default="contiguous")
+    mp.add_argument("--strategy", choices=("contiguous", "round-robin", "whole", "split", "hybrid"), default=None,
+                    help="whole/split/hybrid minimise the projected per-token critical path of --profile; "
+                         "default: hybrid with a profile, split (every expert over all nodes) without")
+    mp.add_argument("--profile", metavar="JSON", help="routing profile from `moe-numa profile`")
+    mp.add_argument("--replica-budget", metavar="B", help="memory for replicas (hybrid): 0.05, 5%%, 2GiB")
     mp.add_argument("-o", "--output", help="file to write (default: stdout)")
 
 
 def run_map(args) -> int:
+    from .engine.plan import expert_blocks
     from .gguf_file import GGUFModelFile
     from .models import load_model
     from .numa.expert_map import make_map
+    from .numa.profile import Profile, make_profile_map
     gguf = GGUFModelFile(args.model)
-    _, cfg, _ = load_model(gguf)
-    emap = make_map(cfg.n_expert, args.nodes, args.strategy,
-                    model={"name": cfg.name, "arch": cfg.arch, "n_layer": cfg.n_layer})
+    _, cfg, w = load_model(gguf)
+    meta = {"name": cfg.name, "arch": cfg.arch, "n_layer": cfg.n_layer}
+    if args.strategy in ("contiguous", "round-robin") and not args.profile:
+        emap, proj = make_map(cfg.n_expert, args.nodes, args.strategy, model=meta), {}
+    else:
+        strategy = args.strategy or ("hybrid" if args.profile else "split")
+        if strategy not in ("whole", "split", "hybrid"):
+            raise SystemExit(f"--strategy {strategy} does not take a profile (whole, split or hybrid do)")
+        moe = [i for i in range(cfg.n_layer) if cfg.is_moe_layer(i)]
+        slots = 0
+        if args.replica_budget:
+            from .engine.backend import parse_budget
+            exps = sum(t.nbytes for t in gguf if "_exps" in t.name)
+            copy = exps // max(1, len(moe) * cfg.n_expert)
+            slots = parse_budget(args.replica_budget, exps) // max(1, copy)
+        profile = Profile.load(args.profile) if args.profile else None
+        emap, proj = make_profile_map(profile, cfg.n_expert, args.nodes, moe, expert_blocks(w), strategy, slots,
+                                      model=meta)
     text = emap.dump()
+    if proj:
+        base, chosen = proj["mean"]
+        text += (f"# projected per-token critical path (busiest node's work, whole experts): contiguous "
+                 f"{base:.3f}, this map {chosen:.3f} ({base / max(chosen, 1e-9):.2f}x)\n")
     if args.output:
         with open(args.output, "w") as f:
             f.write(text)
@@ -190,10 +215,13 @@ COMMANDS = (
     Command("topology", __name__, "print the NUMA nodes, CPUs and memory detected",
             "add_topology_arguments", "run_topology"),
     Command("map", __name__, "write a YAML expert map for a model", "add_map_arguments", "run_map"),
+    Command("profile", "moe_numa.numa.profile", "record routed-token counts and co-selection over prompts"),
     Command("check-placement", "moe_numa.numa.check", "check where the engine's pages and threads really are"),
     Command("bench-kernels", "moe_numa.bench.kernels", "kernel bandwidth benchmark (bench/kernels.py)"),
     Command("bench", "moe_numa.bench.bench",
             "ours vs llama.cpp's llama-bench, same file and threads (bench/bench.py)"),
+    Command("project", "moe_numa.bench.project",
+            "projected tok/s on 2-8 sockets per placement mode (bench/project.py)"),
     Command("make-bench-model", "moe_numa.bench.bench",
             "write the random-weight benchmark models (bench/bench.py)",
             "add_make_bench_model_arguments", "run_make_bench_model"),

@@ -22,7 +22,9 @@ waits for the busiest node. Strategies:
 """
 from __future__ import annotations
 
+import argparse
 import json
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -260,3 +262,33 @@ def make_profile_map(profile: Profile | None, n_expert: int, n_nodes: int, moe_l
                      {layer: o for layer, o in owners.items() if o != default}, replicas, meta, "<profile map>")
     means = tuple(float(np.mean([p[i] for p in projection.values()])) for i in (0, 1)) if projection else (0, 0)
     return emap, {"layers": projection, "mean": means}
+
+
+# ---------------------------------------------------------------- `moe-numa profile`
+
+def add_arguments(ap: argparse.ArgumentParser) -> None:
+    from ..cli import add_engine_flags
+    ap.add_argument("-m", "--model", required=True)
+    ap.add_argument("-f", "--file", required=True, help="prompts, separated by blank lines")
+    ap.add_argument("-o", "--output", required=True, help="profile JSON to write")
+    ap.add_argument("--max-tokens", type=int, default=4096)
+    ap.add_argument("--max-trace", type=int, default=4096, help="tokens whose selections are kept")
+    add_engine_flags(ap)
+
+
+def run(args: argparse.Namespace) -> int:
+    from .. import load
+    from ..cli import model_options
+    with open(args.file, encoding="utf-8") as f:
+        prompts = [p.strip() for p in f.read().split("\n\n") if p.strip()]
+    opts = model_options(args)
+    opts.update(backend="engine", rebalance_every=None)
+    model = load(args.model, **opts)
+    try:
+        prof = collect(model, prompts, max_tokens=args.max_tokens, max_trace=args.max_trace)
+    finally:
+        model.close()
+    with open(args.output, "w") as f:
+        json.dump(prof.to_json(), f)
+    print(f"wrote {args.output}: {prof.tokens} tokens, {len(prof.counts)} MoE layers", file=sys.stderr)
+    return 0
