@@ -30,6 +30,35 @@ def set_simd_level(name=None):
     return mn_simd_name(mn_set_simd_level(lvl)).decode()
 
 
+_ACT_NAMES = {-1: None, 0: "float", 1: "q8_0", 2: "q8_k"}
+
+
+def type_table():
+    """The C type table (mn_types.c), one dict per GGML type id it defines:
+    id, name, block (values per block), type_size (bytes per block), act (the
+    activation format of its dot product, None if the type is not multiplied
+    with), scale_offsets (byte offsets of its fp16 block scales) and kernels
+    (per SIMD level of this CPU, the level whose code runs it; empty if the
+    kernels do not compute with it)."""
+    cdef const mn_type_info *ti
+    cdef int t, lv, k
+    rows = []
+    for t in range(MN_MAX_TYPE):
+        ti = mn_type(t)
+        if ti == NULL:
+            continue
+        kernels = {}
+        for lv in range(MN_N_LEVELS):
+            k = mn_kernel_level(t, lv)
+            if k >= 0:
+                kernels[mn_simd_name(lv).decode()] = mn_simd_name(k).decode()
+        rows.append({"id": t, "name": ti.name.decode(), "block": ti.block, "type_size": ti.bytes,
+                     "act": _ACT_NAMES[ti.act],
+                     "scale_offsets": tuple(o for o in (ti.scale_off[0], ti.scale_off[1]) if o >= 0),
+                     "kernels": kernels})
+    return rows
+
+
 def type_supported(int wtype):
     return bool(mn_type_supported(wtype))
 
@@ -48,11 +77,16 @@ def act_row_bytes(int wtype, int64_t cols):
 
 def quantize_act_ptr(int wtype, uintptr_t x, int64_t x_stride, uintptr_t xq, size_t xq_stride,
                      int64_t cols, int64_t n):
-    """Quantize n float rows (x_stride floats apart) into activation rows."""
+    """Quantize n float rows (x_stride floats apart) into activation rows;
+    returns the C error code (0: done)."""
     cdef int64_t t
+    cdef int rc = 0
     with nogil:
         for t in range(n):
-            mn_quantize_act(wtype, <const float *>x + t * x_stride, <uint8_t *>xq + t * xq_stride, cols)
+            rc = mn_quantize_act(wtype, <const float *>x + t * x_stride, <uint8_t *>xq + t * xq_stride, cols)
+            if rc:
+                break
+    return rc
 
 
 ctypedef struct mm_ctx:
@@ -69,28 +103,35 @@ ctypedef struct mm_ctx:
     float *out
     int64_t out_stride
     mn_pool *pool
+    int rc
 
 
 cdef void mm_task(void *c, int ith, int nth) noexcept nogil:
     cdef mm_ctx *m = <mm_ctx *>c
     cdef int64_t t
+    cdef int rc = 0
     if m.x != NULL:
         t = ith
-        while t < m.n_tok:
-            mn_quantize_act(m.wtype, m.x + t * m.x_stride, m.xq + t * m.xqs, m.cols)
+        while t < m.n_tok and rc == 0:
+            rc = mn_quantize_act(m.wtype, m.x + t * m.x_stride, m.xq + t * m.xqs, m.cols)
             t += nth
         mn_pool_barrier(m.pool, ith)
     cdef int64_t r0 = m.rows * ith // nth
     cdef int64_t r1 = m.rows * (ith + 1) // nth
-    mn_matmul_rows(m.wtype, m.w, m.ws, m.cols, m.xq, m.xqs, m.n_tok, m.out, m.out_stride, r0, r1)
+    if rc == 0:
+        rc = mn_matmul_rows(m.wtype, m.w, m.ws, m.cols, m.xq, m.xqs, m.n_tok, m.out, m.out_stride, r0, r1)
+    if rc:
+        m.rc = rc      # any thread's error; they all see the same arguments
 
 
 def matmul_ptr(int wtype, uintptr_t w, size_t w_stride, int64_t rows, int64_t cols,
                uintptr_t x, int64_t x_stride, int64_t n_tok, uintptr_t xq, size_t xq_stride,
                uintptr_t out, int64_t out_stride, Pool pool=None, bint prequantized=False):
     """out[t, r] = W[r] . x[t] for n_tok float rows x (quantized into xq first,
-    unless prequantized: then xq already holds them)."""
+    unless prequantized: then xq already holds them).  Returns the C error
+    code (0: done)."""
     cdef mm_ctx m
+    m.rc = 0
     m.wtype = wtype; m.w = <const uint8_t *>w; m.ws = w_stride; m.cols = cols; m.rows = rows
     m.x = NULL if prequantized else <const float *>x
     m.x_stride = x_stride; m.xq = <uint8_t *>xq; m.xqs = xq_stride; m.n_tok = n_tok
@@ -103,6 +144,7 @@ def matmul_ptr(int wtype, uintptr_t w, size_t w_stride, int64_t rows, int64_t co
             mm_task(&m, 0, 1)
         else:
             mn_pool_run(m.pool, mm_task, &m)
+    return m.rc
 
 
 ctypedef struct sum_ctx:

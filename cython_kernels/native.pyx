@@ -15,12 +15,22 @@ cdef extern from "mn_kernels.h":
     int MN_TILE
     int mn_active_level() nogil
     int mn_set_simd_level(int level) nogil
+    int MN_MAX_TYPE
+    int MN_N_LEVELS
+    ctypedef struct mn_type_info:
+        const char *name
+        int32_t block
+        int32_t bytes
+        int32_t act
+        int32_t scale_off[2]
+    const mn_type_info *mn_type(int wtype) nogil
+    int mn_kernel_level(int wtype, int level) nogil
     int mn_type_supported(int wtype) nogil
     int64_t mn_block_size(int wtype) nogil
     size_t mn_row_bytes(int wtype, int64_t cols) nogil
     size_t mn_act_row_bytes(int wtype, int64_t cols) nogil
-    void mn_quantize_act(int wtype, const float *x, void *xq, int64_t cols) nogil
-    void mn_matmul_rows(int wtype, const uint8_t *w, size_t w_row_stride, int64_t cols,
+    int mn_quantize_act(int wtype, const float *x, void *xq, int64_t cols) nogil
+    int mn_matmul_rows(int wtype, const uint8_t *w, size_t w_row_stride, int64_t cols,
                         const void *xq, size_t xq_stride, int64_t n_tok,
                         float *out, int64_t out_stride, int64_t r0, int64_t r1) nogil
     ctypedef struct mn_pool:
@@ -67,6 +77,8 @@ cdef extern from "mn_kernels.h":
     int mn_moe_check(const mn_moe_args *a, char *err, size_t errlen) nogil
     void mn_moe_task(void *args, int ith, int nth) nogil
     void mn_moe_experts(mn_moe_args *a) nogil
+
+cdef extern from "mn_bench.h":
     double mn_read_sum(const float *x, int64_t n) nogil
     double mn_read_sum2(const float *x, int64_t n, int prefetch) nogil
 

@@ -27,8 +27,8 @@ from collections.abc import Sequence
 import numpy as np
 from gguf import GGMLQuantizationType
 
-from . import _native
-from .errors import ShapeError, TopologyError, UnsupportedError
+from . import _native, quants
+from .errors import MoeNumaError, ShapeError, TopologyError, UnsupportedError
 from .numa.topology import core_of, order_cpus  # noqa: F401  (CPU ordering lives in numa.topology)
 
 Q = GGMLQuantizationType
@@ -36,12 +36,19 @@ Q = GGMLQuantizationType
 #: SIMD paths, lowest first.
 SIMD_LEVELS = ("scalar", "avx2", "avx512", "avx512vnni")
 
-#: Weight types the kernels compute with.
-SUPPORTED_TYPES = (Q.Q8_0, Q.Q4_K, Q.Q6_K, Q.BF16, Q.F16, Q.F32, Q.Q5_K, Q.Q4_0, Q.Q2_K, Q.Q3_K)
+#: Weight types the kernels compute with (from the type table, quants.traits).
+SUPPORTED_TYPES = quants.SUPPORTED
 
-# offsets of the fp16 super-block scales inside each block: (d offset, dmin offset or None)
-_SCALE_FIELDS = {Q.Q8_0: (0, None), Q.Q4_0: (0, None), Q.Q4_K: (0, 2), Q.Q5_K: (0, 2),
-                 Q.Q2_K: (80, 82), Q.Q3_K: (108, None), Q.Q6_K: (208, None)}
+# C error codes of the kernel entry points (mn_kernels.h)
+_C_ERRORS = {-1: (UnsupportedError, "no kernel for this weight type"),
+             -2: (ShapeError, "the column count is not a positive multiple of the block size"),
+             -3: (ShapeError, "negative token count")}
+
+
+def _raise_c_error(rc: int, what: str) -> None:
+    if rc:
+        cls, msg = _C_ERRORS.get(rc, (MoeNumaError, f"native error {rc}"))
+        raise cls(f"{what}: {msg}")
 
 
 def simd_level() -> str:
@@ -75,19 +82,11 @@ def simd(name: str):
 
 
 def _qtype(qtype) -> GGMLQuantizationType:
-    if isinstance(qtype, str):
-        try:
-            qtype = Q[qtype.upper()]
-        except KeyError:
-            raise UnsupportedError(f"unknown weight type {qtype!r}") from None
-    try:
-        t = Q(int(qtype))
-    except (ValueError, TypeError):
-        raise UnsupportedError(f"unknown GGML type id {qtype!r}") from None
-    if not _native.type_supported(int(t)):
-        raise UnsupportedError(f"weight type {t.name} is not supported by the kernels; supported: "
+    tr = quants.traits(qtype)
+    if not tr.supported:
+        raise UnsupportedError(f"weight type {tr.name} is not supported by the kernels; supported: "
                                f"{', '.join(x.name for x in SUPPORTED_TYPES)}")
-    return t
+    return tr.qtype
 
 
 def is_supported(qtype) -> bool:
@@ -100,7 +99,7 @@ def is_supported(qtype) -> bool:
 
 def block_size(qtype) -> int:
     """Weights per block of a supported type (1 for float types)."""
-    return _native.block_size(int(_qtype(qtype)))
+    return quants.traits(_qtype(qtype)).block
 
 
 def row_bytes(qtype, cols: int) -> int:
@@ -109,7 +108,7 @@ def row_bytes(qtype, cols: int) -> int:
     t = _qtype(qtype)
     n = _native.row_bytes(int(t), int(cols))
     if n == 0:
-        raise ShapeError(f"{t.name} rows need a positive multiple of {_native.block_size(int(t))} "
+        raise ShapeError(f"{t.name} rows need a positive multiple of {quants.traits(t).block} "
                          f"columns, got {cols}")
     return n
 
@@ -141,19 +140,21 @@ def random_blocks(qtype, rows: int, cols: int, rng: np.random.Generator | None =
     if t == Q.BF16:
         f = rng.normal(0, scale, (rows, cols)).astype(np.float32).view(np.uint32)
         return (f >> 16).astype(np.uint16).view(np.uint8).reshape(rows, rb)
-    bsz = rb // (cols // _native.block_size(int(t)))
-    nb = cols // _native.block_size(int(t))
-    raw = rng.integers(0, 256, (rows, nb, bsz), dtype=np.uint8)
+    tr = quants.traits(t)
+    nb = cols // tr.block
+    raw = rng.integers(0, 256, (rows, nb, tr.type_size), dtype=np.uint8)
     # typical magnitude of the integer part times its sub-block scale
-    span = {Q.Q8_0: 64, Q.Q4_0: 4, Q.Q4_K: 8 * 32, Q.Q5_K: 16 * 32, Q.Q2_K: 2 * 8,
-            Q.Q3_K: 2 * 16, Q.Q6_K: 32 * 64}[t]
-    d_off, m_off = _SCALE_FIELDS[t]
-    d = (rng.uniform(0.5, 1.5, (rows, nb)) * scale / span).astype(np.float16)
-    raw[:, :, d_off:d_off + 2] = d.view(np.uint8).reshape(rows, nb, 2)
-    if m_off is not None:
-        dm = (rng.uniform(0.5, 1.5, (rows, nb)) * scale / span).astype(np.float16)
-        raw[:, :, m_off:m_off + 2] = dm.view(np.uint8).reshape(rows, nb, 2)
+    span = _SPAN[t]
+    for off in tr.scale_offsets:
+        d = (rng.uniform(0.5, 1.5, (rows, nb)) * scale / span).astype(np.float16)
+        raw[:, :, off:off + 2] = d.view(np.uint8).reshape(rows, nb, 2)
     return raw.reshape(rows, rb)
+
+
+# typical |integer value x sub-block scale| of each type's random blocks, so that
+# random_blocks' values come out O(scale)
+_SPAN = {Q.Q8_0: 64, Q.Q4_0: 4, Q.Q4_1: 8, Q.Q5_0: 8, Q.Q5_1: 16, Q.IQ4_NL: 64, Q.IQ4_XS: 64 * 16,
+         Q.Q4_K: 8 * 32, Q.Q5_K: 16 * 32, Q.Q2_K: 2 * 8, Q.Q3_K: 2 * 16, Q.Q6_K: 32 * 64}
 
 
 # ------------------------------------------------------------------ validation
@@ -223,7 +224,8 @@ def quantize_act(x: np.ndarray, qtype) -> np.ndarray:
     cols = x2.shape[1]
     arb = act_row_bytes(t, cols)
     out = _aligned_empty(arb * x2.shape[0]).reshape(x2.shape[0], arb)
-    _native.quantize_act_ptr(int(t), _addr(x2), cols, _addr(out), arb, cols, x2.shape[0])
+    _raise_c_error(_native.quantize_act_ptr(int(t), _addr(x2), cols, _addr(out), arb, cols, x2.shape[0]),
+                   f"quantize_act({t.name}, {cols} columns)")
     return out
 
 
@@ -253,8 +255,9 @@ def matmul(w_raw: np.ndarray, qtype, x: np.ndarray, out: np.ndarray | None = Non
         return out
     arb = _native.act_row_bytes(int(t), cols)
     xq = _aligned_empty(arb * n_tok)
-    _native.matmul_ptr(int(t), _addr(w_raw), w_raw.strides[0], rows, cols, _addr(x), cols, n_tok,
-                       _addr(xq), arb, _addr(out), rows, _pool_native(pool))
+    rc = _native.matmul_ptr(int(t), _addr(w_raw), w_raw.strides[0], rows, cols, _addr(x), cols, n_tok,
+                            _addr(xq), arb, _addr(out), rows, _pool_native(pool))
+    _raise_c_error(rc, f"matmul({t.name}, {rows}x{cols})")
     return out
 
 

@@ -1,23 +1,67 @@
-"""GGML tensor types: which ones we support, their block geometry, and
-dequantization to float32 through `gguf.quants` (the reference path)."""
+"""GGML tensor types: the one accessor of the native type table (`traits`:
+block geometry, activation format, fp16 scale fields, kernels per SIMD level;
+the table itself lives in cython_kernels/src/mn_types.c), the supported set
+derived from it, and dequantization to float32 through `gguf.quants` (the
+reference path)."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+from gguf import GGMLQuantizationType
 from gguf import quants as gguf_quants
 
+from . import _native
 from .errors import UnsupportedError
 
 Q = GGMLQuantizationType
 
-# Types both the reference and the native kernels compute with.
-SUPPORTED = (Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_K, Q.Q5_K, Q.Q6_K, Q.Q2_K, Q.Q3_K)
+
+@dataclass(frozen=True)
+class TypeTraits:
+    """One row of the type table."""
+    qtype: GGMLQuantizationType
+    name: str
+    block: int                      # values per block (1 for plain types)
+    type_size: int                  # bytes per block
+    act: str | None                 # activation format of its dot product: 'float', 'q8_0', 'q8_k'
+    scale_offsets: tuple[int, ...]  # byte offsets of the fp16 block scales (d, then dmin / m)
+    kernels: dict                   # SIMD level -> level whose code runs it (this CPU); {}: no kernel
+
+    @property
+    def supported(self) -> bool:
+        """The engine's kernels (and so the reference) compute with this type."""
+        return bool(self.kernels)
+
+
+_TABLE = {int(r["id"]): TypeTraits(Q(r["id"]), r["name"], r["block"], r["type_size"], r["act"],
+                                   r["scale_offsets"], r["kernels"])
+          for r in _native.type_table() if r["id"] in Q._value2member_map_}
+
+#: Types both the reference and the native kernels compute with, in id order.
+SUPPORTED = tuple(t.qtype for t in _TABLE.values() if t.supported)
 
 _BY_NAME = {t.name.lower(): t for t in SUPPORTED}
 
 
-def is_supported(qtype: int) -> bool:
-    return int(qtype) in {int(t) for t in SUPPORTED}
+def traits(qtype) -> TypeTraits:
+    """The type table's row for a GGML type (id, GGMLQuantizationType or name)."""
+    if isinstance(qtype, str):
+        try:
+            qtype = Q[qtype.upper()]
+        except KeyError:
+            raise UnsupportedError(f"unknown GGML type {qtype!r}") from None
+    try:
+        return _TABLE[int(qtype)]
+    except (KeyError, ValueError, TypeError):
+        raise UnsupportedError(f"unknown GGML type id {qtype!r}") from None
+
+
+def is_supported(qtype) -> bool:
+    try:
+        return traits(qtype).supported
+    except UnsupportedError:
+        return False
 
 
 def supported_names() -> list[str]:
@@ -34,10 +78,8 @@ def qtype_from_name(name: str) -> GGMLQuantizationType:
 
 def block_size(qtype: int) -> tuple[int, int]:
     """(values per block, bytes per block) of a GGML type."""
-    try:
-        return GGML_QUANT_SIZES[GGMLQuantizationType(int(qtype))]
-    except (KeyError, ValueError):
-        raise UnsupportedError(f"unknown GGML type id {qtype}") from None
+    t = traits(qtype)
+    return t.block, t.type_size
 
 
 def row_bytes(qtype: int, cols: int) -> int:
@@ -71,21 +113,17 @@ def quantize(values: np.ndarray, qtype: int) -> np.ndarray:
 
 
 # -- activation quantization, as the native kernels (and llama.cpp) do it -----------------
-_ACT_Q8_0 = {int(Q.Q8_0), int(Q.Q4_0)}
-_ACT_Q8_K = {int(Q.Q4_K), int(Q.Q5_K), int(Q.Q6_K), int(Q.Q2_K), int(Q.Q3_K)}
-
-
 def simulate_act_quant(x: np.ndarray, wtype: int) -> np.ndarray:
     """The activations a kernel multiplies a `wtype` weight with, dequantized:
-    Q8_0 blocks of 32 (fp16 scale) for Q8_0/Q4_0, Q8_K blocks of 256 for
-    K-quants, unchanged floats for F32/F16/BF16."""
-    wtype = int(wtype)
-    if wtype not in _ACT_Q8_0 and wtype not in _ACT_Q8_K:
+    Q8_0 blocks of 32 (fp16 scale), Q8_K blocks of 256, or unchanged floats, as
+    the type table's activation format says."""
+    act = traits(wtype).act
+    if act not in ("q8_0", "q8_k"):
         return x
     x = np.ascontiguousarray(x, dtype=np.float32)
-    size = 32 if wtype in _ACT_Q8_0 else 256
+    size = 32 if act == "q8_0" else 256
     b = x.reshape(-1, size)
-    if wtype in _ACT_Q8_0:
+    if act == "q8_0":
         amax = np.abs(b).max(axis=1, keepdims=True)
         d = (amax / np.float32(127)).astype(np.float16).astype(np.float32)
         with np.errstate(divide="ignore"):

@@ -5,7 +5,8 @@
  * released and from inside pool tasks.  Weight rows are contiguous GGML blocks
  * (GGML type ids as in gguf.GGMLQuantizationType).  Activations are quantized
  * once per row into the partner format of the weight type: Q8_K for K-quants,
- * Q8_0 for Q8_0/Q4_0, plain float for F32/F16/BF16.  The activation row layout
+ * Q8_0 for the 32-value types, plain float for F32/F16/BF16 (the type table,
+ * mn_type(), says which).  The activation row layout
  * is private to the kernels; size it with mn_act_row_bytes() and fill it with
  * mn_quantize_act(). */
 #ifndef MN_KERNELS_H
@@ -20,10 +21,42 @@ extern "C" {
 
 /* GGML type ids (gguf.GGMLQuantizationType) */
 enum {
-    MN_F32 = 0, MN_F16 = 1, MN_Q4_0 = 2, MN_Q8_0 = 8, MN_Q2_K = 10, MN_Q3_K = 11,
-    MN_Q4_K = 12, MN_Q5_K = 13, MN_Q6_K = 14, MN_Q8_K = 15, MN_BF16 = 30,
+    MN_F32 = 0, MN_F16 = 1, MN_Q4_0 = 2, MN_Q4_1 = 3, MN_Q5_0 = 6, MN_Q5_1 = 7, MN_Q8_0 = 8, MN_Q8_1 = 9,
+    MN_Q2_K = 10, MN_Q3_K = 11, MN_Q4_K = 12, MN_Q5_K = 13, MN_Q6_K = 14, MN_Q8_K = 15,
+    MN_IQ2_XXS = 16, MN_IQ2_XS = 17, MN_IQ3_XXS = 18, MN_IQ1_S = 19, MN_IQ4_NL = 20, MN_IQ3_S = 21,
+    MN_IQ2_S = 22, MN_IQ4_XS = 23, MN_I8 = 24, MN_I16 = 25, MN_I32 = 26, MN_I64 = 27, MN_F64 = 28,
+    MN_IQ1_M = 29, MN_BF16 = 30, MN_TQ1_0 = 34, MN_TQ2_0 = 35, MN_MXFP4 = 39, MN_NVFP4 = 40, MN_Q1_0 = 41,
 };
-#define MN_MAX_TYPE 40
+#define MN_MAX_TYPE 42
+/* SIMD levels (as mn_cpu.h): scalar, avx2, avx512, avx512vnni */
+#define MN_N_LEVELS 4
+
+/* Activation formats (the partner of a weight type in its dot product).  The
+ * Q8_0 rows carry each block's integer sum, which is all that Q8_1 adds, so the
+ * types with a min (Q4_1, Q5_1) use them too. */
+enum { MN_ACT_NONE = -1, MN_ACT_FLOAT = 0, MN_ACT_Q8_0 = 1, MN_ACT_Q8_K = 2 };
+
+/* One row of the type table. */
+typedef struct {
+    const char *name;
+    int32_t block;          /* values per block (1 for plain types) */
+    int32_t bytes;          /* bytes per block */
+    int32_t act;            /* MN_ACT_*; MN_ACT_NONE: not a weight type we multiply with */
+    int32_t scale_off[2];   /* byte offsets of the fp16 block scales (d, then dmin/m), -1 if none */
+} mn_type_info;
+
+/* The table row of a GGML type id; NULL for an id GGML does not define. */
+const mn_type_info *mn_type(int wtype);
+/* The SIMD level whose code runs wtype's kernel at `level` (lower where that
+ * level reuses another's code); -1 if there is no kernel there. */
+int    mn_kernel_level(int wtype, int level);
+
+/* Error codes of the kernel entry points */
+#define MN_OK 0
+#define MN_ERR_TYPE (-1)    /* no kernel for this weight type */
+#define MN_ERR_COLS (-2)    /* cols not a positive multiple of the type's block */
+#define MN_ERR_ARGS (-3)    /* negative token count */
+
 /* token tile of the GEMM path: each weight block is loaded once per MN_TILE tokens */
 #define MN_TILE 4
 
@@ -36,16 +69,19 @@ int    mn_active_level(void);
 int    mn_set_simd_level(int level);
 
 /* ---- types and matmul ---------------------------------------------------- */
-int    mn_type_supported(int wtype);
+int    mn_type_supported(int wtype);                  /* 1 if the kernels compute with wtype */
 int64_t mn_block_size(int wtype);                     /* weights per block, 0 if unsupported */
 size_t mn_row_bytes(int wtype, int64_t cols);         /* 0 if unsupported or cols not a multiple of the block */
 size_t mn_act_row_bytes(int wtype, int64_t cols);     /* bytes of one quantized activation row (multiple of 64) */
-void   mn_quantize_act(int wtype, const float *x, void *xq, int64_t cols);
+/* returns MN_OK, MN_ERR_TYPE or MN_ERR_COLS (xq untouched then) */
+int    mn_quantize_act(int wtype, const float *x, void *xq, int64_t cols);
 /* out[t*out_stride + r] = dot(row r of W, x_t) for r in [r0, r1), t in [0, n_tok).
  * xq holds n_tok activation rows, xq_stride bytes apart (>= mn_act_row_bytes).
  * For n_tok > 1 rows are processed in cache-sized row blocks and tokens in tiles
- * of MN_TILE, so each weight block is read from memory once per row block. */
-void   mn_matmul_rows(int wtype, const uint8_t *w, size_t w_row_stride, int64_t cols,
+ * of MN_TILE, so each weight block is read from memory once per row block.
+ * Returns MN_OK (also for an empty row range or n_tok == 0), MN_ERR_TYPE,
+ * MN_ERR_COLS or MN_ERR_ARGS; out is untouched on an error. */
+int    mn_matmul_rows(int wtype, const uint8_t *w, size_t w_row_stride, int64_t cols,
                       const void *xq, size_t xq_stride, int64_t n_tok,
                       float *out, int64_t out_stride, int64_t r0, int64_t r1);
 
@@ -115,11 +151,6 @@ int    mn_moe_check(const mn_moe_args *a, char *err, size_t errlen);
 void   mn_moe_task(void *args, int ith, int nth);
 /* Convenience: run on pool (or inline when pool is NULL). */
 void   mn_moe_experts(mn_moe_args *a);
-
-/* STREAM-like read: sum of n floats (used by the benchmark) */
-double mn_read_sum(const float *x, int64_t n);
-/* same, SIMD; prefetch=1 adds software prefetch as the kernels use */
-double mn_read_sum2(const float *x, int64_t n, int prefetch);
 
 #ifdef __cplusplus
 }

@@ -320,29 +320,12 @@ KGEN(q2_K, Q2_K, KT_Q2)
 KGEN(q3_K, Q3_K, KT_Q3)
 KGEN(q5_K, Q5_K, KT_Q5)
 
-static double read_sum_avx2(const float *x, int64_t n, int prefetch) {
-    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-    int64_t i = 0;
-    for (; i + 32 <= n; i += 32) {
-        if (prefetch) {
-            _mm_prefetch((const char *)(x + i) + MN_PF_DIST, _MM_HINT_T0);
-            _mm_prefetch((const char *)(x + i) + MN_PF_DIST + 64, _MM_HINT_T0);
-        }
-        a0 = _mm256_add_ps(a0, _mm256_loadu_ps(x + i)); a1 = _mm256_add_ps(a1, _mm256_loadu_ps(x + i + 8));
-        a2 = _mm256_add_ps(a2, _mm256_loadu_ps(x + i + 16)); a3 = _mm256_add_ps(a3, _mm256_loadu_ps(x + i + 24));
-    }
-    double s = hsum8(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
-    for (; i < n; i++) s += x[i];
-    return s;
-}
-
 #pragma GCC pop_options
 
-double (*mn_read_sum_avx2)(const float *, int64_t, int) = read_sum_avx2;
-
-void mn_fill_avx2(mn_kernel_set *k) {
-    k->dot[MN_F32] = dot_f32; k->dot[MN_F16] = dot_f16; k->dot[MN_BF16] = dot_bf16;
-    k->dot[MN_Q8_0] = dot_q8_0; k->dot[MN_Q4_0] = dot_q4_0;
-    k->dot[MN_Q4_K] = dot_q4_K; k->dot[MN_Q6_K] = dot_q6_K;
-    k->dot[MN_Q2_K] = dot_q2_K; k->dot[MN_Q3_K] = dot_q3_K; k->dot[MN_Q5_K] = dot_q5_K;
+void mn_fill_avx2(mn_traits *tab) {
+#define SET(T, f) tab[MN_##T].dot[MN_SIMD_AVX2] = f
+    SET(F32, dot_f32); SET(F16, dot_f16); SET(BF16, dot_bf16);
+    SET(Q8_0, dot_q8_0); SET(Q4_0, dot_q4_0);
+    SET(Q4_K, dot_q4_K); SET(Q6_K, dot_q6_K); SET(Q2_K, dot_q2_K); SET(Q3_K, dot_q3_K); SET(Q5_K, dot_q5_K);
+#undef SET
 }

@@ -10,4 +10,4 @@
 #include "mn_avx512_tmpl.h"
 #pragma GCC pop_options
 
-void mn_fill_avx512(mn_kernel_set *k) { fill_avx512(k); }
+void mn_fill_avx512(mn_traits *tab) { fill_avx512(tab, MN_SIMD_AVX512); }

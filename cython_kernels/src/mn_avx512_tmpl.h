@@ -299,8 +299,10 @@ MN_INLINE void K(dot_q6_K_t)(const uint8_t *w, int64_t nb, const uint8_t *xq, si
 }
 MN_TILED_AS(K(dot_q6_K), K(dot_q6_K_t))
 
-static void K(fill)(mn_kernel_set *k) {
-    k->dot[MN_F32] = K(dot_f32); k->dot[MN_F16] = K(dot_f16); k->dot[MN_BF16] = K(dot_bf16);
-    k->dot[MN_Q8_0] = K(dot_q8_0); k->dot[MN_Q4_0] = K(dot_q4_0);
-    k->dot[MN_Q4_K] = K(dot_q4_K); k->dot[MN_Q5_K] = K(dot_q5_K); k->dot[MN_Q6_K] = K(dot_q6_K);
+static void K(fill)(mn_traits *tab, int level) {
+#define SET(T, f) tab[MN_##T].dot[level] = f
+    SET(F32, K(dot_f32)); SET(F16, K(dot_f16)); SET(BF16, K(dot_bf16));
+    SET(Q8_0, K(dot_q8_0)); SET(Q4_0, K(dot_q4_0));
+    SET(Q4_K, K(dot_q4_K)); SET(Q5_K, K(dot_q5_K)); SET(Q6_K, K(dot_q6_K));
+#undef SET
 }

@@ -9,4 +9,4 @@
 #include "mn_avx512_tmpl.h"
 #pragma GCC pop_options
 
-void mn_fill_avx512vnni(mn_kernel_set *k) { fill_avx512vnni(k); }
+void mn_fill_avx512vnni(mn_traits *tab) { fill_avx512vnni(tab, MN_SIMD_AVX512_VNNI); }

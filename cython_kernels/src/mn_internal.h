@@ -11,14 +11,22 @@
 #define QK_K 256
 #define QK8_0 32
 
-/* GGML block sizes in bytes */
-#define BS_Q4_0 18   /* fp16 d; u8 qs[16] */
+/* GGML block layouts (bytes per block); the type table (mn_types.c) is built from these */
+#define BS_Q4_0 18   /* fp16 d; u8 qs[16] (low nibbles: values 0-15, high: 16-31) */
+#define BS_Q4_1 20   /* fp16 d; fp16 m; u8 qs[16] */
+#define BS_Q5_0 22   /* fp16 d; u8 qh[4] (bit j: fifth bit of value j); u8 qs[16] */
+#define BS_Q5_1 24   /* fp16 d; fp16 m; u8 qh[4]; u8 qs[16] */
 #define BS_Q8_0 34   /* fp16 d; i8 qs[32] */
+#define BS_IQ4_NL 18 /* fp16 d; u8 qs[16]: nibbles index kvalues_iq4nl */
 #define BS_Q2_K 84   /* u8 scales[16]; u8 qs[64]; fp16 d; fp16 dmin */
 #define BS_Q3_K 110  /* u8 hmask[32]; u8 qs[64]; u8 scales[12]; fp16 d */
 #define BS_Q4_K 144  /* fp16 d; fp16 dmin; u8 scales[12]; u8 qs[128] */
 #define BS_Q5_K 176  /* fp16 d; fp16 dmin; u8 scales[12]; u8 qh[32]; u8 qs[128] */
 #define BS_Q6_K 210  /* u8 ql[128]; u8 qh[64]; i8 scales[16]; fp16 d */
+#define BS_IQ4_XS 136 /* fp16 d; u16 scales_h; u8 scales_l[4]; u8 qs[128] */
+
+/* the non-linear 4-bit values of IQ4_NL / IQ4_XS */
+static const int8_t mn_kvalues_iq4nl[16] = {-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113};
 
 /* Activation row layouts (private):
  *  Q8_0 partner: int8 qs[32*nb] | float d[nb] (fp16-rounded scales) | int32 sum[nb]
@@ -26,37 +34,39 @@
  *                | int16 psums[8*nb] (sums of 32)
  *  float partner: float x[cols]
  * Each row is padded to a multiple of 64 bytes. */
-#define ACT_FLOAT 0
-#define ACT_Q8_0 1
-#define ACT_Q8_K 2
+#define ACT_FLOAT MN_ACT_FLOAT
+#define ACT_Q8_0 MN_ACT_Q8_0
+#define ACT_Q8_K MN_ACT_Q8_K
+
+/* kernel: res[t] = dot(weight row w (nb blocks), activation row t) for t < nt (1..MN_TILE) */
+typedef void (*mn_dot_fn)(const uint8_t *w, int64_t nb, const uint8_t *xq, size_t xs,
+                          int nt, float *res);
+
+/* a row of the type table: the public facts plus a kernel per SIMD level
+ * (NULL: none; the levels above the scalar one inherit the level below) */
+typedef struct {
+    mn_type_info info;
+    mn_dot_fn dot[MN_N_LEVELS];
+} mn_traits;
+extern mn_traits mn_traits_table[MN_MAX_TYPE];
 
 static inline int mn_act_kind(int wtype) {
-    switch (wtype) {
-    case MN_F32: case MN_F16: case MN_BF16: return ACT_FLOAT;
-    case MN_Q8_0: case MN_Q4_0: return ACT_Q8_0;
-    default: return ACT_Q8_K;
-    }
+    return (wtype >= 0 && wtype < MN_MAX_TYPE && mn_traits_table[wtype].info.block)
+        ? mn_traits_table[wtype].info.act : MN_ACT_NONE;
 }
+
+/* fills the kernel columns of the table once (and the fp16 table); returns the active level */
+int mn_kernels_init(void);
+void mn_fill_scalar(mn_traits *tab);
+void mn_fill_avx2(mn_traits *tab);
+void mn_fill_avx512(mn_traits *tab);
+void mn_fill_avx512vnni(mn_traits *tab);
 
 static inline uint16_t mn_rd16(const uint8_t *p) { uint16_t v; memcpy(&v, p, 2); return v; }
 
 extern float mn_fp16_table[65536];
 static inline float mn_h2f(uint16_t h) { return mn_fp16_table[h]; }
 static inline float mn_bf2f(uint16_t h) { uint32_t u = (uint32_t)h << 16; float f; memcpy(&f, &u, 4); return f; }
-
-/* kernel: res[t] = dot(weight row w (nb blocks), activation row t) for t < nt (1..MN_TILE) */
-typedef void (*mn_dot_fn)(const uint8_t *w, int64_t nb, const uint8_t *xq, size_t xq_stride,
-                          int nt, float *res);
-
-typedef struct {
-    mn_dot_fn dot[MN_MAX_TYPE];
-} mn_kernel_set;
-
-const mn_kernel_set *mn_kernels(void);
-void mn_fill_scalar(mn_kernel_set *k);
-void mn_fill_avx2(mn_kernel_set *k);
-void mn_fill_avx512(mn_kernel_set *k);
-void mn_fill_avx512vnni(mn_kernel_set *k);
 
 /* ---- K-quant superblock unpacked to int8 values and per-16 integer scales ----
  * dot(block, x) = dy * (d * sum_k sc[k] * sum_{i<16} q[16k+i] x[16k+i]

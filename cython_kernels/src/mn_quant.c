@@ -1,5 +1,6 @@
-/* Types, activation quantization (llama.cpp numerics), the portable scalar
- * kernels, the run-time dispatch table and the row/tile driver mn_matmul_rows. */
+/* Activation quantization (llama.cpp numerics), the portable scalar kernels,
+ * the run-time dispatch (the kernel columns of the type table) and the
+ * row/tile driver mn_matmul_rows. */
 #include <math.h>
 #include <pthread.h>
 #include <stdlib.h>
@@ -44,39 +45,6 @@ static inline int nearest_int(float fval) {
     return (i & 0x007fffff) - 0x00400000;
 }
 
-/* ------------------------------------------------------------------ types */
-int64_t mn_block_size(int wtype) {
-    switch (wtype) {
-    case MN_F32: case MN_F16: case MN_BF16: return 1;
-    case MN_Q4_0: case MN_Q8_0: return 32;
-    case MN_Q2_K: case MN_Q3_K: case MN_Q4_K: case MN_Q5_K: case MN_Q6_K: return QK_K;
-    default: return 0;
-    }
-}
-
-static size_t block_bytes(int wtype) {
-    switch (wtype) {
-    case MN_F32: return 4;
-    case MN_F16: case MN_BF16: return 2;
-    case MN_Q4_0: return BS_Q4_0;
-    case MN_Q8_0: return BS_Q8_0;
-    case MN_Q2_K: return BS_Q2_K;
-    case MN_Q3_K: return BS_Q3_K;
-    case MN_Q4_K: return BS_Q4_K;
-    case MN_Q5_K: return BS_Q5_K;
-    case MN_Q6_K: return BS_Q6_K;
-    default: return 0;
-    }
-}
-
-int mn_type_supported(int wtype) { return mn_block_size(wtype) > 0; }
-
-size_t mn_row_bytes(int wtype, int64_t cols) {
-    int64_t bs = mn_block_size(wtype);
-    if (bs == 0 || cols <= 0 || cols % bs) return 0;
-    return (size_t)(cols / bs) * block_bytes(wtype);
-}
-
 static size_t pad64(size_t n) { return (n + 63) & ~(size_t)63; }
 
 size_t mn_act_row_bytes(int wtype, int64_t cols) {
@@ -84,7 +52,8 @@ size_t mn_act_row_bytes(int wtype, int64_t cols) {
     switch (mn_act_kind(wtype)) {
     case ACT_FLOAT: return pad64((size_t)cols * 4);
     case ACT_Q8_0: return pad64((size_t)(cols / 32) * 40);
-    default: return pad64((size_t)(cols / QK_K) * 308);
+    case ACT_Q8_K: return pad64((size_t)(cols / QK_K) * 308);
+    default: return 0;
     }
 }
 
@@ -135,17 +104,19 @@ static void quantize_q8_K(const float *x, uint8_t *xq, int64_t nb) {
     }
 }
 
-void mn_quantize_act(int wtype, const float *x, void *xq, int64_t cols) {
+int mn_quantize_act(int wtype, const float *x, void *xq, int64_t cols) {
     /* Q8_0 scales are rounded through mn_fp16_table, which init_once fills: the
      * first kernel call of a process may be a quantization (it was zeros then) */
-    (void)mn_kernels();
+    (void)mn_kernels_init();
+    if (!mn_type_supported(wtype)) return MN_ERR_TYPE;
     size_t rb = mn_act_row_bytes(wtype, cols);
-    if (!rb) return;
+    if (!rb) return MN_ERR_COLS;
     switch (mn_act_kind(wtype)) {
     case ACT_FLOAT: memcpy(xq, x, (size_t)cols * 4); memset((char *)xq + cols * 4, 0, rb - cols * 4); break;
     case ACT_Q8_0: quantize_q8_0(x, (uint8_t *)xq, cols / 32); break;
     default: quantize_q8_K(x, (uint8_t *)xq, cols / QK_K); break;
     }
+    return MN_OK;
 }
 
 /* ------------------------------------------------------- scalar kernels */
@@ -237,33 +208,38 @@ KQ_SCALAR(q4_K, Q4_K)
 KQ_SCALAR(q5_K, Q5_K)
 KQ_SCALAR(q6_K, Q6_K)
 
-void mn_fill_scalar(mn_kernel_set *k) {
-    memset(k, 0, sizeof(*k));
-    k->dot[MN_F32] = dot_f32_s; k->dot[MN_F16] = dot_f16_s; k->dot[MN_BF16] = dot_bf16_s;
-    k->dot[MN_Q8_0] = dot_q8_0_s; k->dot[MN_Q4_0] = dot_q4_0_s;
-    k->dot[MN_Q2_K] = dot_q2_K_s; k->dot[MN_Q3_K] = dot_q3_K_s; k->dot[MN_Q4_K] = dot_q4_K_s;
-    k->dot[MN_Q5_K] = dot_q5_K_s; k->dot[MN_Q6_K] = dot_q6_K_s;
+void mn_fill_scalar(mn_traits *tab) {
+#define SET(T, f) tab[MN_##T].dot[MN_SIMD_SCALAR] = f
+    SET(F32, dot_f32_s); SET(F16, dot_f16_s); SET(BF16, dot_bf16_s);
+    SET(Q8_0, dot_q8_0_s); SET(Q4_0, dot_q4_0_s);
+    SET(Q2_K, dot_q2_K_s); SET(Q3_K, dot_q3_K_s); SET(Q4_K, dot_q4_K_s); SET(Q5_K, dot_q5_K_s); SET(Q6_K, dot_q6_K_s);
+#undef SET
 }
 
 /* ------------------------------------------------------------- dispatch */
-static mn_kernel_set g_sets[4];
 static volatile int g_level = -1;
 static pthread_once_t g_once = PTHREAD_ONCE_INIT;
 
 static void init_once(void) {
     for (uint32_t h = 0; h < 65536; h++) mn_fp16_table[h] = fp16_to_fp32_bits((uint16_t)h);
     int cpu = mn_simd_level_cpu();
-    mn_fill_scalar(&g_sets[0]);
-    if (cpu >= MN_SIMD_AVX2) { g_sets[1] = g_sets[0]; mn_fill_avx2(&g_sets[1]); }
-    if (cpu >= MN_SIMD_AVX512) { g_sets[2] = g_sets[1]; mn_fill_avx512(&g_sets[2]); }
-    if (cpu >= MN_SIMD_AVX512_VNNI) { g_sets[3] = g_sets[2]; mn_fill_avx512vnni(&g_sets[3]); }
+    mn_fill_scalar(mn_traits_table);
+    if (cpu >= MN_SIMD_AVX2) mn_fill_avx2(mn_traits_table);
+    if (cpu >= MN_SIMD_AVX512) mn_fill_avx512(mn_traits_table);
+    if (cpu >= MN_SIMD_AVX512_VNNI) mn_fill_avx512vnni(mn_traits_table);
+    /* a level without its own kernel for a type runs the level below's */
+    for (int l = 1; l <= cpu && l < MN_N_LEVELS; l++)
+        for (int t = 0; t < MN_MAX_TYPE; t++)
+            if (!mn_traits_table[t].dot[l]) mn_traits_table[t].dot[l] = mn_traits_table[t].dot[l - 1];
     g_level = mn_simd_level();
 }
 
-int mn_active_level(void) { pthread_once(&g_once, init_once); return g_level; }
+int mn_kernels_init(void) { pthread_once(&g_once, init_once); return g_level; }
+
+int mn_active_level(void) { return mn_kernels_init(); }
 
 int mn_set_simd_level(int level) {
-    pthread_once(&g_once, init_once);
+    mn_kernels_init();
     int cpu = mn_simd_level_cpu();
     if (level < 0) level = mn_simd_level();   /* back to CPUID / MOE_NUMA_SIMD */
     if (level > cpu) level = cpu;
@@ -271,22 +247,22 @@ int mn_set_simd_level(int level) {
     return g_level;
 }
 
-const mn_kernel_set *mn_kernels(void) { pthread_once(&g_once, init_once); return &g_sets[g_level]; }
-
 /* --------------------------------------------------------------- driver */
-void mn_matmul_rows(int wtype, const uint8_t *w, size_t w_row_stride, int64_t cols,
-                    const void *xq_, size_t xq_stride, int64_t n_tok,
-                    float *out, int64_t out_stride, int64_t r0, int64_t r1) {
-    const mn_kernel_set *ks = mn_kernels();
-    if (wtype < 0 || wtype >= MN_MAX_TYPE || !ks->dot[wtype]) return;
+int mn_matmul_rows(int wtype, const uint8_t *w, size_t w_row_stride, int64_t cols,
+                   const void *xq_, size_t xq_stride, int64_t n_tok,
+                   float *out, int64_t out_stride, int64_t r0, int64_t r1) {
+    const int level = mn_kernels_init();
+    if (wtype < 0 || wtype >= MN_MAX_TYPE || !mn_traits_table[wtype].dot[level]) return MN_ERR_TYPE;
     const size_t rb = mn_row_bytes(wtype, cols);
-    if (!rb || r1 <= r0 || n_tok <= 0) return;
-    const mn_dot_fn f = ks->dot[wtype];
+    if (!rb) return MN_ERR_COLS;
+    if (n_tok < 0) return MN_ERR_ARGS;
+    if (r1 <= r0 || n_tok == 0) return MN_OK;
+    const mn_dot_fn f = mn_traits_table[wtype].dot[level];
     const int64_t nb = cols / mn_block_size(wtype);
     const uint8_t *xq = (const uint8_t *)xq_;
     if (n_tok == 1) {
         for (int64_t r = r0; r < r1; r++) f(w + r * w_row_stride, nb, xq, xq_stride, 1, out + r);
-        return;
+        return MN_OK;
     }
     /* GEMM: a block of rows that fits in L2 is streamed from memory once, then
      * reused from cache for every tile of MN_TILE tokens. */
@@ -304,23 +280,5 @@ void mn_matmul_rows(int wtype, const uint8_t *w, size_t w_row_stride, int64_t co
             }
         }
     }
-}
-
-/* STREAM-like read used by the benchmark: prefetch 0 = plain loads (hardware
- * prefetchers only), 1 = software prefetch as the kernels do */
-extern double (*mn_read_sum_avx2)(const float *, int64_t, int);
-double mn_read_sum2(const float *x, int64_t n, int prefetch) {
-    if (mn_simd_level_cpu() >= MN_SIMD_AVX2) return mn_read_sum_avx2(x, n, prefetch);
-    return mn_read_sum(x, n);
-}
-
-double mn_read_sum(const float *x, int64_t n) {
-    float a0 = 0, a1 = 0, a2 = 0, a3 = 0, a4 = 0, a5 = 0, a6 = 0, a7 = 0;
-    int64_t i = 0;
-    for (; i + 8 <= n; i += 8) {
-        a0 += x[i]; a1 += x[i + 1]; a2 += x[i + 2]; a3 += x[i + 3];
-        a4 += x[i + 4]; a5 += x[i + 5]; a6 += x[i + 6]; a7 += x[i + 7];
-    }
-    for (; i < n; i++) a0 += x[i];
-    return (double)a0 + a1 + a2 + a3 + a4 + a5 + a6 + a7;
+    return MN_OK;
 }

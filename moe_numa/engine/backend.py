@@ -211,8 +211,8 @@ def _mat(ref: Ref, t: Tensor, cols: int):
 
 def _cols(t: Tensor, c0: int, c1: int) -> np.ndarray:
     """Columns [c0, c1) of every row of a 2-D GGML tensor, as a strided byte view."""
-    block, size = quants.block_size(t.qtype)
-    return t.raw[:, c0 // block * size: c1 // block * size]
+    tr = quants.traits(t.qtype)
+    return t.raw[:, c0 // tr.block * tr.type_size: c1 // tr.block * tr.type_size]
 
 
 class EngineBackend:

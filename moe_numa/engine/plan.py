@@ -23,8 +23,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from gguf import GGML_QUANT_SIZES
 
+from .. import quants
 from ..layers.attention import GQAWeights
 from ..layers.ffn import FFNWeights
 from ..layers.mla import MLAWeights
@@ -36,7 +36,7 @@ from ..numa.topology import Topology
 
 
 def _block(t) -> int:
-    return GGML_QUANT_SIZES[t.qtype][0]
+    return quants.traits(t.qtype).block
 
 
 def balanced_cuts(n: int, parts: int, allowed: list[int]) -> list[tuple[int, int]]:

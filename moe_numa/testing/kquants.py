@@ -12,6 +12,8 @@ import numpy as np
 from gguf import GGMLQuantizationType as Q
 from gguf import quants as gguf_quants
 
+from .. import quants
+
 QK = 256
 
 
@@ -65,17 +67,14 @@ def quantize_q6_k(x: np.ndarray) -> np.ndarray:
     return out.reshape(*lead, -1)
 
 
-# (block bytes, byte offsets of the fp16 scale fields)
-_RANDOM_LAYOUT = {
-    Q.Q5_K: (176, (0, 2)),
-    Q.Q3_K: (110, (108,)),
-    Q.Q2_K: (84, (80, 82)),
-}
+# K-quants written as random blocks (their layouts come from the type table)
+_RANDOM = (Q.Q5_K, Q.Q3_K, Q.Q2_K)
 
 
 def random_blocks(qtype: Q, shape: tuple[int, ...], target_std: float, rng: np.random.Generator) -> np.ndarray:
     """Valid random blocks of a K-quant type whose values have about `target_std`."""
-    nbytes, d_offsets = _RANDOM_LAYOUT[qtype]
+    tr = quants.traits(qtype)
+    nbytes, d_offsets = tr.type_size, tr.scale_offsets
     n_blocks = int(np.prod(shape)) // QK
     raw = rng.integers(0, 256, size=(n_blocks, nbytes), dtype=np.uint8)
     for off in d_offsets:
@@ -99,6 +98,6 @@ def encode(values: np.ndarray, qtype: Q, rng: np.random.Generator) -> np.ndarray
         return quantize_q4_k(values)
     if qtype == Q.Q6_K:
         return quantize_q6_k(values)
-    if qtype in _RANDOM_LAYOUT:
+    if qtype in _RANDOM:
         return random_blocks(qtype, values.shape, float(values.std()), rng)
     return gguf_quants.quantize(np.ascontiguousarray(values, dtype=np.float32), qtype)

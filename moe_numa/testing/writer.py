@@ -33,6 +33,7 @@ import numpy as np
 import gguf
 from gguf import GGMLQuantizationType as Q
 
+from .. import quants
 from ..errors import UnsupportedError
 from . import kquants
 from .vocab import VocabSpec, add_vocab, deepseek_v3_vocab, qwen2_vocab
@@ -176,7 +177,7 @@ def _tensor_qtype(name: str, shape: tuple[int, ...], qname: str, layer: int | No
         if name == "output.weight" or (more_bits and any(k in name for k in ("attn_v.", "ffn_down"))):
             want = Q.Q6_K
     for candidate in (want, Q.Q8_0, Q.F16):
-        block, _ = gguf.GGML_QUANT_SIZES[candidate]
+        block, _ = quants.block_size(candidate)
         if shape[-1] % block == 0:
             return candidate
     return Q.F32
@@ -432,7 +433,7 @@ def _encoded_layout(p: TensorPlan) -> tuple[int, tuple[int, ...], np.dtype]:
         return int(np.prod(p.shape)) * 4, p.shape, np.dtype(np.float32)
     if p.qtype == Q.F16:
         return int(np.prod(p.shape)) * 2, p.shape, np.dtype(np.float16)
-    block, size = gguf.GGML_QUANT_SIZES[p.qtype]
+    block, size = quants.block_size(p.qtype)
     byte_shape = (*p.shape[:-1], p.shape[-1] // block * size)
     return int(np.prod(byte_shape)), byte_shape, np.dtype(np.uint8)
 
