@@ -63,5 +63,5 @@ def test_random_k_blocks_are_valid():
 
 def test_unsupported_quant_name():
     from moe_numa.errors import UnsupportedError
-    with pytest.raises(UnsupportedError, match="q4_1"):
-        quants.qtype_from_name("q4_1")
+    with pytest.raises(UnsupportedError, match="q8_k"):
+        quants.qtype_from_name("q8_k")

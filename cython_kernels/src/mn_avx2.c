@@ -59,20 +59,40 @@ MN_TILED(dot_f32)
 MN_TILED(dot_f16)
 MN_TILED(dot_bf16)
 
-/* ------------------------------------------------------------ Q8_0, Q4_0 */
-MN_INLINE __m256i q4_0_vals(const uint8_t *b) {
-    const __m128i v = _mm_loadu_si128((const __m128i *)(b + 2));
+/* ---------------------- 32-value blocks: Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, IQ4_NL */
+/* 16 bytes of nibbles -> 32 values: low nibbles are values 0-15, high ones 16-31 */
+MN_INLINE __m256i nib32(const uint8_t *q) {
+    const __m128i v = _mm_loadu_si128((const __m128i *)q);
     const __m128i m4 = _mm_set1_epi8(0xF);
-    const __m256i q = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(v, 4), m4), _mm_and_si128(v, m4));
-    return _mm256_sub_epi8(q, _mm256_set1_epi8(8));
+    return _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(v, 4), m4), _mm_and_si128(v, m4));
 }
+/* bit j of 32 bits -> byte j = 0x10 if set (the fifth bit of Q5 values) */
+MN_INLINE __m256i bit5_32(const uint8_t *qh) {
+    const __m256i shuf = _mm256_setr_epi64x(0, 0x0101010101010101LL, 0x0202020202020202LL, 0x0303030303030303LL);
+    const __m256i bm = _mm256_set1_epi64x((long long)0x8040201008040201ULL);
+    const __m256i v = _mm256_and_si256(_mm256_shuffle_epi8(_mm256_set1_epi32((int)mn_rd32(qh)), shuf), bm);
+    return _mm256_and_si256(_mm256_cmpeq_epi8(v, bm), _mm256_set1_epi8(0x10));
+}
+MN_INLINE __m256i q4_0_vals(const uint8_t *b) { return _mm256_sub_epi8(nib32(b + 2), _mm256_set1_epi8(8)); }
 MN_INLINE __m256i q8_0_vals(const uint8_t *b) { return _mm256_loadu_si256((const __m256i *)(b + 2)); }
+MN_INLINE __m256i q4_1_vals(const uint8_t *b) { return nib32(b + 4); }
+MN_INLINE __m256i q5_0_vals(const uint8_t *b) {
+    return _mm256_sub_epi8(_mm256_or_si256(nib32(b + 6), bit5_32(b + 2)), _mm256_set1_epi8(16));
+}
+MN_INLINE __m256i q5_1_vals(const uint8_t *b) { return _mm256_or_si256(nib32(b + 8), bit5_32(b + 4)); }
+MN_INLINE __m256i iq4_nl_vals(const uint8_t *b) {
+    const __m256i kv = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)mn_kvalues_iq4nl));
+    return _mm256_shuffle_epi8(kv, nib32(b + 2));
+}
 
-#define Q80_KERNEL(name, BS, VALS) \
+/* VALS(b): the block's 32 values as int8; MOFF >= 0: the fp16 min m at that
+ * offset adds m * dx * sum(xq) (the activation rows carry the block sums) */
+#define Q80_KERNEL(name, BS, VALS, MOFF) \
 MN_INLINE void name##_t(const uint8_t *w, int64_t nb, const uint8_t *xq, size_t xs, const int NT, float *res) { \
     const __m256i ones = _mm256_set1_epi16(1); \
     __m256 a0[MN_TILE], a1[MN_TILE]; \
-    for (int t = 0; t < NT; t++) { a0[t] = _mm256_setzero_ps(); a1[t] = _mm256_setzero_ps(); } \
+    float mc[MN_TILE]; \
+    for (int t = 0; t < NT; t++) { a0[t] = _mm256_setzero_ps(); a1[t] = _mm256_setzero_ps(); mc[t] = 0.f; } \
     int64_t i = 0; \
     for (; i + 2 <= nb; i += 2) { \
         const uint8_t *b0 = w + i * BS, *b1 = b0 + BS; \
@@ -87,6 +107,10 @@ MN_INLINE void name##_t(const uint8_t *w, int64_t nb, const uint8_t *xq, size_t 
             const __m256i p1 = _mm256_madd_epi16(_mm256_maddubs_epi16(u1, _mm256_sign_epi8(_mm256_loadu_si256((const __m256i *)(x + 32)), q1)), ones); \
             a0[t] = _mm256_fmadd_ps(_mm256_set1_ps(d0 * xd[0]), _mm256_cvtepi32_ps(p0), a0[t]); \
             a1[t] = _mm256_fmadd_ps(_mm256_set1_ps(d1 * xd[1]), _mm256_cvtepi32_ps(p1), a1[t]); \
+            if (MOFF >= 0) { \
+                const int32_t *sx = (const int32_t *)(xq + t * xs + 36 * nb) + i; \
+                mc[t] += h2f(b0 + MOFF) * xd[0] * (float)sx[0] + h2f(b1 + MOFF) * xd[1] * (float)sx[1]; \
+            } \
         } \
     } \
     for (; i < nb; i++) { \
@@ -98,14 +122,54 @@ MN_INLINE void name##_t(const uint8_t *w, int64_t nb, const uint8_t *xq, size_t 
             const float *xd = (const float *)(xq + t * xs + 32 * nb) + i; \
             const __m256i p0 = _mm256_madd_epi16(_mm256_maddubs_epi16(u0, _mm256_sign_epi8(_mm256_loadu_si256((const __m256i *)x), q0)), ones); \
             a0[t] = _mm256_fmadd_ps(_mm256_set1_ps(d0 * xd[0]), _mm256_cvtepi32_ps(p0), a0[t]); \
+            if (MOFF >= 0) mc[t] += h2f(b0 + MOFF) * xd[0] * (float)((const int32_t *)(xq + t * xs + 36 * nb))[i]; \
         } \
     } \
-    for (int t = 0; t < NT; t++) res[t] = hsum8(_mm256_add_ps(a0[t], a1[t])); \
+    for (int t = 0; t < NT; t++) res[t] = hsum8(_mm256_add_ps(a0[t], a1[t])) + mc[t]; \
 }
-Q80_KERNEL(dot_q8_0, BS_Q8_0, q8_0_vals)
-Q80_KERNEL(dot_q4_0, BS_Q4_0, q4_0_vals)
+Q80_KERNEL(dot_q8_0, BS_Q8_0, q8_0_vals, -1)
+Q80_KERNEL(dot_q4_0, BS_Q4_0, q4_0_vals, -1)
+Q80_KERNEL(dot_q4_1, BS_Q4_1, q4_1_vals, 2)
+Q80_KERNEL(dot_q5_0, BS_Q5_0, q5_0_vals, -1)
+Q80_KERNEL(dot_q5_1, BS_Q5_1, q5_1_vals, 2)
+Q80_KERNEL(dot_iq4_nl, BS_IQ4_NL, iq4_nl_vals, -1)
 MN_TILED(dot_q8_0)
 MN_TILED(dot_q4_0)
+MN_TILED(dot_q4_1)
+MN_TILED(dot_q5_0)
+MN_TILED(dot_q5_1)
+MN_TILED(dot_iq4_nl)
+
+/* ------------------------------------------------------------- IQ4_XS */
+MN_INLINE void dot_iq4_xs_t(const uint8_t *w, int64_t nb, const uint8_t *xq, size_t xs, const int NT, float *res) {
+    const __m256i kv = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)mn_kvalues_iq4nl));
+    __m256 acc[MN_TILE];
+    for (int t = 0; t < NT; t++) acc[t] = _mm256_setzero_ps();
+    for (int64_t i = 0; i < nb; i++) {
+        const uint8_t *b = w + i * BS_IQ4_XS;
+        _mm_prefetch((const char *)(b + MN_PF_DIST), _MM_HINT_T0);
+        _mm_prefetch((const char *)(b + MN_PF_DIST + 64), _MM_HINT_T0);
+        _mm_prefetch((const char *)(b + MN_PF_DIST + 128), _MM_HINT_T0);
+        const float d = h2f(b);
+        __m256i isum[MN_TILE];
+        for (int t = 0; t < NT; t++) isum[t] = _mm256_setzero_si256();
+        for (int ib = 0; ib < 8; ib++) {
+            const __m256i q = _mm256_shuffle_epi8(kv, nib32(b + 8 + 16 * ib));
+            const __m256i u = _mm256_sign_epi8(q, q);
+            const __m256i s = _mm256_set1_epi16((short)mn_iq4_xs_scale(b, ib));
+            for (int t = 0; t < NT; t++) {
+                const __m256i x = _mm256_loadu_si256((const __m256i *)((const int8_t *)(xq + t * xs) + QK_K * i + 32 * ib));
+                isum[t] = _mm256_add_epi32(isum[t], _mm256_madd_epi16(_mm256_maddubs_epi16(u, _mm256_sign_epi8(x, q)), s));
+            }
+        }
+        for (int t = 0; t < NT; t++) {
+            const float dy = ((const float *)(xq + t * xs + QK_K * nb))[i];
+            acc[t] = _mm256_fmadd_ps(_mm256_set1_ps(d * dy), _mm256_cvtepi32_ps(isum[t]), acc[t]);
+        }
+    }
+    for (int t = 0; t < NT; t++) res[t] = hsum8(acc[t]);
+}
+MN_TILED(dot_iq4_xs)
 
 /* --------------------------------------------------------------- Q4_K */
 /* the 12 packed scale bytes -> 8 scales (bytes 0-7) and 8 mins (bytes 8-15), in
@@ -327,5 +391,6 @@ void mn_fill_avx2(mn_traits *tab) {
     SET(F32, dot_f32); SET(F16, dot_f16); SET(BF16, dot_bf16);
     SET(Q8_0, dot_q8_0); SET(Q4_0, dot_q4_0);
     SET(Q4_K, dot_q4_K); SET(Q6_K, dot_q6_K); SET(Q2_K, dot_q2_K); SET(Q3_K, dot_q3_K); SET(Q5_K, dot_q5_K);
+    SET(Q4_1, dot_q4_1); SET(Q5_0, dot_q5_0); SET(Q5_1, dot_q5_1); SET(IQ4_NL, dot_iq4_nl); SET(IQ4_XS, dot_iq4_xs);
 #undef SET
 }

@@ -158,4 +158,53 @@ static inline void mn_unpack_q6_K(const uint8_t *b, mn_kblock *u) {
 
 typedef void (*mn_unpack_fn)(const uint8_t *b, mn_kblock *u);
 
+/* ---- 32-value blocks unpacked to int8 values: value j = d * q[j] + m ---- */
+typedef struct { int8_t q[32]; float d, m; } mn_b32;
+
+static inline uint32_t mn_rd32(const uint8_t *p) { uint32_t v; memcpy(&v, p, 4); return v; }
+
+static inline void mn_unpack_q4_1(const uint8_t *b, mn_b32 *u) {
+    u->d = mn_h2f(mn_rd16(b)); u->m = mn_h2f(mn_rd16(b + 2));
+    for (int j = 0; j < 16; j++) { u->q[j] = b[4 + j] & 0xF; u->q[j + 16] = b[4 + j] >> 4; }
+}
+static inline void mn_unpack_q5_0(const uint8_t *b, mn_b32 *u) {
+    const uint32_t qh = mn_rd32(b + 2);
+    u->d = mn_h2f(mn_rd16(b)); u->m = 0.f;
+    for (int j = 0; j < 16; j++) {
+        u->q[j] = (int8_t)(((b[6 + j] & 0xF) | (((qh >> j) & 1) << 4)) - 16);
+        u->q[j + 16] = (int8_t)(((b[6 + j] >> 4) | (((qh >> (j + 16)) & 1) << 4)) - 16);
+    }
+}
+static inline void mn_unpack_q5_1(const uint8_t *b, mn_b32 *u) {
+    const uint32_t qh = mn_rd32(b + 4);
+    u->d = mn_h2f(mn_rd16(b)); u->m = mn_h2f(mn_rd16(b + 2));
+    for (int j = 0; j < 16; j++) {
+        u->q[j] = (int8_t)((b[8 + j] & 0xF) | (((qh >> j) & 1) << 4));
+        u->q[j + 16] = (int8_t)((b[8 + j] >> 4) | (((qh >> (j + 16)) & 1) << 4));
+    }
+}
+static inline void mn_unpack_iq4_nl(const uint8_t *b, mn_b32 *u) {
+    u->d = mn_h2f(mn_rd16(b)); u->m = 0.f;
+    for (int j = 0; j < 16; j++) { u->q[j] = mn_kvalues_iq4nl[b[2 + j] & 0xF]; u->q[j + 16] = mn_kvalues_iq4nl[b[2 + j] >> 4]; }
+}
+typedef void (*mn_unpack32_fn)(const uint8_t *b, mn_b32 *u);
+
+/* IQ4_XS: 8 sub-blocks of 32, 6-bit scales (ls - 32), IQ4_NL values */
+static inline int mn_iq4_xs_scale(const uint8_t *b, int ib) {
+    const int lo = (b[4 + ib / 2] >> (4 * (ib & 1))) & 0xF, hi = (mn_rd16(b + 2) >> (2 * ib)) & 3;
+    return (lo | (hi << 4)) - 32;
+}
+static inline void mn_unpack_iq4_xs(const uint8_t *b, mn_kblock *u) {
+    u->d = mn_h2f(mn_rd16(b)); u->dmin = 0.f;
+    for (int ib = 0; ib < 8; ib++) {
+        const int s = mn_iq4_xs_scale(b, ib);
+        const uint8_t *q = b + 8 + 16 * ib;
+        u->sc[2 * ib] = u->sc[2 * ib + 1] = (int16_t)s; u->m[2 * ib] = u->m[2 * ib + 1] = 0;
+        for (int j = 0; j < 16; j++) {
+            u->q[32 * ib + j] = mn_kvalues_iq4nl[q[j] & 0xF];
+            u->q[32 * ib + j + 16] = mn_kvalues_iq4nl[q[j] >> 4];
+        }
+    }
+}
+
 #endif

@@ -207,12 +207,42 @@ KQ_SCALAR(q3_K, Q3_K)
 KQ_SCALAR(q4_K, Q4_K)
 KQ_SCALAR(q5_K, Q5_K)
 KQ_SCALAR(q6_K, Q6_K)
+KQ_SCALAR(iq4_xs, IQ4_XS)
+
+/* 32-value blocks with Q8_0 activations: d*dx*sum(q*xq) (+ m*dx*sum(xq)) */
+static inline void dot_b32_s(mn_unpack32_fn unpack, size_t bsz, const uint8_t *w, int64_t nb,
+                             const uint8_t *xq, size_t xs, int nt, float *res) {
+    mn_b32 u;
+    float acc[MN_TILE];
+    for (int t = 0; t < nt; t++) acc[t] = 0.f;
+    for (int64_t i = 0; i < nb; i++) {
+        unpack(w + i * bsz, &u);
+        for (int t = 0; t < nt; t++) {
+            const int8_t *x = (const int8_t *)(xq + t * xs) + 32 * i;
+            const float dx = ((const float *)(xq + t * xs + 32 * nb))[i];
+            const int32_t sx = ((const int32_t *)(xq + t * xs + 36 * nb))[i];
+            int sum = 0;
+            for (int j = 0; j < 32; j++) sum += u.q[j] * x[j];
+            acc[t] += (float)sum * (u.d * dx) + u.m * dx * (float)sx;
+        }
+    }
+    for (int t = 0; t < nt; t++) res[t] = acc[t];
+}
+#define B32_SCALAR(name, T) \
+    static void dot_##name##_s(const uint8_t *w, int64_t nb, const uint8_t *xq, size_t xs, int nt, float *res) { \
+        dot_b32_s(mn_unpack_##name, BS_##T, w, nb, xq, xs, nt, res); }
+B32_SCALAR(q4_1, Q4_1)
+B32_SCALAR(q5_0, Q5_0)
+B32_SCALAR(q5_1, Q5_1)
+B32_SCALAR(iq4_nl, IQ4_NL)
 
 void mn_fill_scalar(mn_traits *tab) {
 #define SET(T, f) tab[MN_##T].dot[MN_SIMD_SCALAR] = f
     SET(F32, dot_f32_s); SET(F16, dot_f16_s); SET(BF16, dot_bf16_s);
     SET(Q8_0, dot_q8_0_s); SET(Q4_0, dot_q4_0_s);
     SET(Q2_K, dot_q2_K_s); SET(Q3_K, dot_q3_K_s); SET(Q4_K, dot_q4_K_s); SET(Q5_K, dot_q5_K_s); SET(Q6_K, dot_q6_K_s);
+    SET(Q4_1, dot_q4_1_s); SET(Q5_0, dot_q5_0_s); SET(Q5_1, dot_q5_1_s); SET(IQ4_NL, dot_iq4_nl_s);
+    SET(IQ4_XS, dot_iq4_xs_s);
 #undef SET
 }
 
