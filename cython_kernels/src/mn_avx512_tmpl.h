@@ -176,6 +176,135 @@ MN_INLINE void K(dot_q4_0_t)(const uint8_t *w, int64_t nb, const uint8_t *xq, si
 }
 MN_TILED_AS(K(dot_q4_0), K(dot_q4_0_t))
 
+/* ------------------------------------- Q4_1, Q5_0, Q5_1, IQ4_NL (Q8_0 rows) */
+/* two blocks' 16 nibble bytes -> 64 values: block 0's low, high nibbles, block 1's */
+MN_INLINE __m512i K(nib_pair)(const uint8_t *q0, const uint8_t *q1) {
+    const __m512i v = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)q0))),
+                                         _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)q1)), 1);
+    return _mm512_and_si512(_mm512_mask_srli_epi16(v, 0xFF00FF00u, v, 4), _mm512_set1_epi8(0xF));
+}
+/* two blocks' 32 fifth bits -> 0x10 bytes */
+MN_INLINE __m512i K(bit5_pair)(const uint8_t *h0, const uint8_t *h1) {
+    return _mm512_maskz_mov_epi8((__mmask64)mn_rd32(h0) | ((__mmask64)mn_rd32(h1) << 32), _mm512_set1_epi8(0x10));
+}
+MN_INLINE __m512i K(q4_1_pair)(const uint8_t *b) { return K(nib_pair)(b + 4, b + BS_Q4_1 + 4); }
+MN_INLINE __m512i K(q5_0_pair)(const uint8_t *b) {
+    return _mm512_sub_epi8(_mm512_or_si512(K(nib_pair)(b + 6, b + BS_Q5_0 + 6), K(bit5_pair)(b + 2, b + BS_Q5_0 + 2)),
+                           _mm512_set1_epi8(16));
+}
+MN_INLINE __m512i K(q5_1_pair)(const uint8_t *b) {
+    return _mm512_or_si512(K(nib_pair)(b + 8, b + BS_Q5_1 + 8), K(bit5_pair)(b + 4, b + BS_Q5_1 + 4));
+}
+MN_INLINE __m512i K(iq4_nl_pair)(const uint8_t *b) {
+    const __m512i kv = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)mn_kvalues_iq4nl));
+    return _mm512_shuffle_epi8(kv, K(nib_pair)(b + 2, b + BS_IQ4_NL + 2));
+}
+
+/* 8 blocks per step; PAIR(b): two blocks' values as int8; MOFF >= 0: the fp16
+ * min at that offset adds m * dx * sum(xq) (the rows carry the block sums);
+ * UNPACK: the scalar unpacking, for the tail blocks */
+#define B32_512(name, BS, PAIR, MOFF, UNPACK) \
+MN_INLINE void K(name##_t)(const uint8_t *w, int64_t nb, const uint8_t *xq, size_t xs, const int NT, float *res) { \
+    __m512 acc[MN_TILE][2]; \
+    __m256 corr[MN_TILE]; \
+    float tail[MN_TILE]; \
+    for (int t = 0; t < NT; t++) { acc[t][0] = acc[t][1] = _mm512_setzero_ps(); corr[t] = _mm256_setzero_ps(); tail[t] = 0.f; } \
+    const __m512i zero = _mm512_setzero_si512(); \
+    int64_t i = 0; \
+    for (; i + 8 <= nb; i += 8) { \
+        const uint8_t *b = w + i * BS; \
+        for (int k = 0; k < (8 * BS + 63) / 64; k++) _mm_prefetch((const char *)(b + MN_PF_DIST + 64 * k), _MM_HINT_T0); \
+        const __m256 dw = K(scales8)(b, BS); \
+        __m256 mw = _mm256_setzero_ps(); \
+        if (MOFF >= 0) mw = K(scales8)(b + (MOFF), BS); \
+        __m512i u[4]; __mmask64 m[4]; \
+        for (int p = 0; p < 4; p++) { \
+            const __m512i q = PAIR(b + 2 * p * BS); \
+            u[p] = _mm512_abs_epi8(q); m[p] = _mm512_movepi8_mask(q); \
+        } \
+        for (int t = 0; t < NT; t++) { \
+            const int8_t *x = (const int8_t *)(xq + t * xs) + 32 * i; \
+            const __m256 xd = _mm256_loadu_ps((const float *)(xq + t * xs + 32 * nb) + i); \
+            if (MOFF >= 0) { \
+                const __m256i sums = _mm256_loadu_si256((const __m256i *)(xq + t * xs + 36 * nb + 4 * i)); \
+                corr[t] = _mm256_fmadd_ps(_mm256_mul_ps(mw, xd), _mm256_cvtepi32_ps(sums), corr[t]); \
+            } \
+            const __m512 s = _mm512_castps256_ps512(_mm256_mul_ps(dw, xd)); \
+            for (int p = 0; p < 4; p++) { \
+                const __m512i xv = _mm512_loadu_si512((const void *)(x + 64 * p)); \
+                const __m512i sx = _mm512_mask_sub_epi8(xv, m[p], zero, xv); \
+                const __m512i d = K(dpbusd)(zero, u[p], sx); \
+                const __m512i idx = _mm512_set_epi32(2*p+1, 2*p+1, 2*p+1, 2*p+1, 2*p+1, 2*p+1, 2*p+1, 2*p+1, \
+                                                     2*p, 2*p, 2*p, 2*p, 2*p, 2*p, 2*p, 2*p); \
+                acc[t][p & 1] = _mm512_fmadd_ps(_mm512_permutexvar_ps(idx, s), _mm512_cvtepi32_ps(d), acc[t][p & 1]); \
+            } \
+        } \
+    } \
+    for (; i < nb; i++) { /* tail blocks: scalar */ \
+        mn_b32 ub; \
+        UNPACK(w + i * BS, &ub); \
+        for (int t = 0; t < NT; t++) { \
+            const int8_t *x = (const int8_t *)(xq + t * xs) + 32 * i; \
+            const float dx = ((const float *)(xq + t * xs + 32 * nb))[i]; \
+            const int32_t sxi = ((const int32_t *)(xq + t * xs + 36 * nb))[i]; \
+            int sum = 0; \
+            for (int j = 0; j < 32; j++) sum += ub.q[j] * x[j]; \
+            tail[t] += (float)sum * (ub.d * dx) + ub.m * dx * (float)sxi; \
+        } \
+    } \
+    for (int t = 0; t < NT; t++) { \
+        __m128 c = _mm_add_ps(_mm256_castps256_ps128(corr[t]), _mm256_extractf128_ps(corr[t], 1)); \
+        c = _mm_add_ps(c, _mm_movehl_ps(c, c)); \
+        c = _mm_add_ss(c, _mm_movehdup_ps(c)); \
+        res[t] = K(hsum16)(_mm512_add_ps(acc[t][0], acc[t][1])) + _mm_cvtss_f32(c) + tail[t]; \
+    } \
+}
+B32_512(dot_q4_1, BS_Q4_1, K(q4_1_pair), 2, mn_unpack_q4_1)
+B32_512(dot_q5_0, BS_Q5_0, K(q5_0_pair), -1, mn_unpack_q5_0)
+B32_512(dot_q5_1, BS_Q5_1, K(q5_1_pair), 2, mn_unpack_q5_1)
+B32_512(dot_iq4_nl, BS_IQ4_NL, K(iq4_nl_pair), -1, mn_unpack_iq4_nl)
+MN_TILED_AS(K(dot_q4_1), K(dot_q4_1_t))
+MN_TILED_AS(K(dot_q5_0), K(dot_q5_0_t))
+MN_TILED_AS(K(dot_q5_1), K(dot_q5_1_t))
+MN_TILED_AS(K(dot_iq4_nl), K(dot_iq4_nl_t))
+
+/* ---------------------------------------------------------------- IQ4_XS */
+MN_INLINE void K(dot_iq4_xs_t)(const uint8_t *w, int64_t nb, const uint8_t *xq, size_t xs, const int NT, float *res) {
+    const __m512i kv = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)mn_kvalues_iq4nl));
+    const __m512i zero = _mm512_setzero_si512();
+    __m512 acc[MN_TILE];
+    for (int t = 0; t < NT; t++) acc[t] = _mm512_setzero_ps();
+    for (int64_t i = 0; i < nb; i++) {
+        const uint8_t *b = w + i * BS_IQ4_XS;
+        _mm_prefetch((const char *)(b + MN_PF_DIST), _MM_HINT_T0);
+        _mm_prefetch((const char *)(b + MN_PF_DIST + 64), _MM_HINT_T0);
+        _mm_prefetch((const char *)(b + MN_PF_DIST + 128), _MM_HINT_T0);
+        const float d = _cvtsh_ss(mn_rd16(b));
+        __m512i u[4], sv[4]; __mmask64 m[4];
+        for (int p = 0; p < 4; p++) {   /* sub-blocks 2p (bytes 0-15) and 2p+1 (16-31) */
+            const uint8_t *q = b + 8 + 32 * p;
+            const __m512i v = _mm512_shuffle_epi8(kv, K(nib_pair)(q, q + 16));
+            u[p] = _mm512_abs_epi8(v); m[p] = _mm512_movepi8_mask(v);
+            sv[p] = _mm512_inserti64x4(_mm512_set1_epi16((short)mn_iq4_xs_scale(b, 2 * p)),
+                                       _mm256_set1_epi16((short)mn_iq4_xs_scale(b, 2 * p + 1)), 1);
+        }
+        for (int t = 0; t < NT; t++) {
+            const int8_t *x = (const int8_t *)(xq + t * xs) + QK_K * i;
+            __m512i s0 = _mm512_setzero_si512(), s1 = _mm512_setzero_si512();
+            for (int p = 0; p < 4; p += 2) {
+                const __m512i x0 = _mm512_loadu_si512((const void *)(x + 64 * p));
+                const __m512i x1 = _mm512_loadu_si512((const void *)(x + 64 * p + 64));
+                s0 = K(dpwssd)(s0, _mm512_maddubs_epi16(u[p], _mm512_mask_sub_epi8(x0, m[p], zero, x0)), sv[p]);
+                s1 = K(dpwssd)(s1, _mm512_maddubs_epi16(u[p + 1], _mm512_mask_sub_epi8(x1, m[p + 1], zero, x1)), sv[p + 1]);
+            }
+            const float dy = ((const float *)(xq + t * xs + QK_K * nb))[i];
+            acc[t] = _mm512_fmadd_ps(_mm512_set1_ps(d * dy), _mm512_cvtepi32_ps(_mm512_add_epi32(s0, s1)), acc[t]);
+        }
+    }
+    for (int t = 0; t < NT; t++) res[t] = K(hsum16)(acc[t]);
+}
+MN_TILED_AS(K(dot_iq4_xs), K(dot_iq4_xs_t))
+
 /* ---------------------------------------------------------------- Q4_K */
 /* the 12 packed scale bytes -> 8 scales (bytes 0-7) and 8 mins (bytes 8-15), in
  * registers (reads 16 bytes: safe inside a Q4_K/Q5_K block) */
@@ -304,5 +433,7 @@ static void K(fill)(mn_traits *tab, int level) {
     SET(F32, K(dot_f32)); SET(F16, K(dot_f16)); SET(BF16, K(dot_bf16));
     SET(Q8_0, K(dot_q8_0)); SET(Q4_0, K(dot_q4_0));
     SET(Q4_K, K(dot_q4_K)); SET(Q5_K, K(dot_q5_K)); SET(Q6_K, K(dot_q6_K));
+    SET(Q4_1, K(dot_q4_1)); SET(Q5_0, K(dot_q5_0)); SET(Q5_1, K(dot_q5_1)); SET(IQ4_NL, K(dot_iq4_nl));
+    SET(IQ4_XS, K(dot_iq4_xs));
 #undef SET
 }
