@@ -148,13 +148,20 @@ def random_blocks(qtype, rows: int, cols: int, rng: np.random.Generator | None =
     for off in tr.scale_offsets:
         d = (rng.uniform(0.5, 1.5, (rows, nb)) * scale / span).astype(np.float16)
         raw[:, :, off:off + 2] = d.view(np.uint8).reshape(rows, nb, 2)
+    if t == Q.IQ1_M:     # its fp16 d is spread over the top nibbles of the four scale words
+        d = (rng.uniform(0.5, 1.5, (rows, nb)) * scale / span).astype(np.float16).view(np.uint16)
+        sc = raw[:, :, 48:56].copy().view(np.uint16)
+        for k in range(4):
+            sc[..., k] = (sc[..., k] & 0x0FFF) | (((d >> (4 * k)) & 0xF) << 12)
+        raw[:, :, 48:56] = sc.view(np.uint8)
     return raw.reshape(rows, rb)
 
 
 # typical |integer value x sub-block scale| of each type's random blocks, so that
 # random_blocks' values come out O(scale)
 _SPAN = {Q.Q8_0: 64, Q.Q4_0: 4, Q.Q4_1: 8, Q.Q5_0: 8, Q.Q5_1: 16, Q.IQ4_NL: 64, Q.IQ4_XS: 64 * 16,
-         Q.Q4_K: 8 * 32, Q.Q5_K: 16 * 32, Q.Q2_K: 2 * 8, Q.Q3_K: 2 * 16, Q.Q6_K: 32 * 64}
+         Q.Q4_K: 8 * 32, Q.Q5_K: 16 * 32, Q.Q2_K: 2 * 8, Q.Q3_K: 2 * 16, Q.Q6_K: 32 * 64,
+         Q.IQ2_XXS: 50, Q.IQ2_XS: 50, Q.IQ2_S: 50, Q.IQ3_XXS: 120, Q.IQ3_S: 128, Q.IQ1_S: 6, Q.IQ1_M: 6}
 
 
 # ------------------------------------------------------------------ validation

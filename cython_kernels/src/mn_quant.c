@@ -5,6 +5,7 @@
 #include <pthread.h>
 #include <stdlib.h>
 #include "mn_internal.h"
+#include "mn_iq.h"
 
 float mn_fp16_table[65536];
 
@@ -208,6 +209,13 @@ KQ_SCALAR(q4_K, Q4_K)
 KQ_SCALAR(q5_K, Q5_K)
 KQ_SCALAR(q6_K, Q6_K)
 KQ_SCALAR(iq4_xs, IQ4_XS)
+KQ_SCALAR(iq2_xxs, IQ2_XXS)
+KQ_SCALAR(iq2_xs, IQ2_XS)
+KQ_SCALAR(iq2_s, IQ2_S)
+KQ_SCALAR(iq3_xxs, IQ3_XXS)
+KQ_SCALAR(iq3_s, IQ3_S)
+KQ_SCALAR(iq1_s, IQ1_S)
+KQ_SCALAR(iq1_m, IQ1_M)
 
 /* 32-value blocks with Q8_0 activations: d*dx*sum(q*xq) (+ m*dx*sum(xq)) */
 static inline void dot_b32_s(mn_unpack32_fn unpack, size_t bsz, const uint8_t *w, int64_t nb,
@@ -243,6 +251,8 @@ void mn_fill_scalar(mn_traits *tab) {
     SET(Q2_K, dot_q2_K_s); SET(Q3_K, dot_q3_K_s); SET(Q4_K, dot_q4_K_s); SET(Q5_K, dot_q5_K_s); SET(Q6_K, dot_q6_K_s);
     SET(Q4_1, dot_q4_1_s); SET(Q5_0, dot_q5_0_s); SET(Q5_1, dot_q5_1_s); SET(IQ4_NL, dot_iq4_nl_s);
     SET(IQ4_XS, dot_iq4_xs_s);
+    SET(IQ2_XXS, dot_iq2_xxs_s); SET(IQ2_XS, dot_iq2_xs_s); SET(IQ2_S, dot_iq2_s_s);
+    SET(IQ3_XXS, dot_iq3_xxs_s); SET(IQ3_S, dot_iq3_s_s); SET(IQ1_S, dot_iq1_s_s); SET(IQ1_M, dot_iq1_m_s);
 #undef SET
 }
 

@@ -3,6 +3,7 @@
  * block, and (filled at first use) its kernel at each SIMD level.  Python reads
  * it through moe_numa.quants.traits(); nothing else re-derives these facts. */
 #include "mn_internal.h"
+#include "mn_iq.h"
 
 #define NO -1
 /*                       name       block bytes act          d   dmin */
@@ -23,20 +24,20 @@ mn_traits mn_traits_table[MN_MAX_TYPE] = {
     T_(MN_Q5_K,    "Q5_K",    256, BS_Q5_K, MN_ACT_Q8_K,   0,  2),
     T_(MN_Q6_K,    "Q6_K",    256, BS_Q6_K, MN_ACT_Q8_K, 208, NO),
     T_(MN_Q8_K,    "Q8_K",    256, 292, MN_ACT_NONE,  NO, NO),
-    T_(MN_IQ2_XXS, "IQ2_XXS", 256,  66, MN_ACT_Q8_K,   0, NO),
-    T_(MN_IQ2_XS,  "IQ2_XS",  256,  74, MN_ACT_Q8_K,   0, NO),
-    T_(MN_IQ3_XXS, "IQ3_XXS", 256,  98, MN_ACT_Q8_K,   0, NO),
-    T_(MN_IQ1_S,   "IQ1_S",   256,  50, MN_ACT_Q8_K,   0, NO),
+    T_(MN_IQ2_XXS, "IQ2_XXS", 256,  BS_IQ2_XXS, MN_ACT_Q8_K,   0, NO),
+    T_(MN_IQ2_XS,  "IQ2_XS",  256,  BS_IQ2_XS, MN_ACT_Q8_K,   0, NO),
+    T_(MN_IQ3_XXS, "IQ3_XXS", 256,  BS_IQ3_XXS, MN_ACT_Q8_K,   0, NO),
+    T_(MN_IQ1_S,   "IQ1_S",   256,  BS_IQ1_S, MN_ACT_Q8_K,   0, NO),
     T_(MN_IQ4_NL,  "IQ4_NL",   32,  BS_IQ4_NL, MN_ACT_Q8_0,   0, NO),
-    T_(MN_IQ3_S,   "IQ3_S",   256, 110, MN_ACT_Q8_K,   0, NO),
-    T_(MN_IQ2_S,   "IQ2_S",   256,  82, MN_ACT_Q8_K,   0, NO),
+    T_(MN_IQ3_S,   "IQ3_S",   256, BS_IQ3_S, MN_ACT_Q8_K,   0, NO),
+    T_(MN_IQ2_S,   "IQ2_S",   256,  BS_IQ2_S, MN_ACT_Q8_K,   0, NO),
     T_(MN_IQ4_XS,  "IQ4_XS",  256, BS_IQ4_XS, MN_ACT_Q8_K,   0, NO),
     T_(MN_I8,      "I8",        1,   1, MN_ACT_NONE,  NO, NO),
     T_(MN_I16,     "I16",       1,   2, MN_ACT_NONE,  NO, NO),
     T_(MN_I32,     "I32",       1,   4, MN_ACT_NONE,  NO, NO),
     T_(MN_I64,     "I64",       1,   8, MN_ACT_NONE,  NO, NO),
     T_(MN_F64,     "F64",       1,   8, MN_ACT_NONE,  NO, NO),
-    T_(MN_IQ1_M,   "IQ1_M",   256,  56, MN_ACT_Q8_K,  NO, NO),   /* scale spread over the scale nibbles */
+    T_(MN_IQ1_M,   "IQ1_M",   256,  BS_IQ1_M, MN_ACT_Q8_K,  NO, NO),   /* scale spread over the scale nibbles */
     T_(MN_TQ1_0,   "TQ1_0",   256,  54, MN_ACT_Q8_K,  52, NO),
     T_(MN_TQ2_0,   "TQ2_0",   256,  66, MN_ACT_Q8_K,  64, NO),
     T_(MN_MXFP4,   "MXFP4",    32,  17, MN_ACT_Q8_0,  NO, NO),   /* e8m0 exponent byte */
