@@ -3,6 +3,7 @@
 #include <immintrin.h>
 #include "mn_internal.h"
 #include "mn_tile.h"
+#include "mn_iq.h"
 #define MN_PF_DIST 4096
 
 #pragma GCC push_options
@@ -384,6 +385,139 @@ KGEN(q2_K, Q2_K, KT_Q2)
 KGEN(q3_K, Q3_K, KT_Q3)
 KGEN(q5_K, Q5_K, KT_Q5)
 
+/* ----------------------------------------------------------- IQ types
+ * Per 32 values (sub-block ib): magnitudes u (unsigned int8) and signs s (+1 /
+ * -1 bytes) gathered from the grids in registers, integer scales for the two
+ * halves; dot = d * dy * sum_k sc_k * sum u * sign(x, s). */
+#define IQT_2XXS 0
+#define IQT_2XS 1
+#define IQT_2S 2
+#define IQT_3XXS 3
+#define IQT_3S 4
+#define IQT_1S 5
+#define IQT_1M 6
+
+MN_INLINE __m256i sg4(uint8_t s0, uint8_t s1, uint8_t s2, uint8_t s3) {
+    return _mm256_set_epi64x((long long)mn_signs64[s3], (long long)mn_signs64[s2],
+                             (long long)mn_signs64[s1], (long long)mn_signs64[s0]);
+}
+MN_INLINE __m256i g4(uint64_t a, uint64_t b, uint64_t c, uint64_t d) {
+    return _mm256_set_epi64x((long long)d, (long long)c, (long long)b, (long long)a);
+}
+MN_INLINE __m256i g8(const uint32_t *grid, const uint8_t *q, const int hi[8]) {
+    return _mm256_setr_epi32((int)grid[q[0] | hi[0]], (int)grid[q[1] | hi[1]], (int)grid[q[2] | hi[2]], (int)grid[q[3] | hi[3]],
+                             (int)grid[q[4] | hi[4]], (int)grid[q[5] | hi[5]], (int)grid[q[6] | hi[6]], (int)grid[q[7] | hi[7]]);
+}
+/* IQ1: 8 g + delta per group of 8, delta = +-1 */
+MN_INLINE __m256i iq1_vals(__m256i g, __m256i delta) {
+    const __m256i g2 = _mm256_add_epi8(g, g), g4v = _mm256_add_epi8(g2, g2);
+    return _mm256_add_epi8(_mm256_add_epi8(g4v, g4v), delta);
+}
+MN_INLINE long long dl8(int neg) { return neg ? (long long)0xFFFFFFFFFFFFFFFFULL : 0x0101010101010101LL; }
+
+MN_INLINE void iq_sub(const int IQT, const uint8_t *b, int ib, __m256i *u, __m256i *s, int *lo, int *hi) {
+    static const int zero8[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    if (IQT == IQT_2XXS) {
+        const uint8_t *a = b + 2 + 8 * ib;
+        const uint32_t sc = mn_rd32(a + 4);
+        *u = g4(mn_iq2xxs_grid[a[0]], mn_iq2xxs_grid[a[1]], mn_iq2xxs_grid[a[2]], mn_iq2xxs_grid[a[3]]);
+        *s = sg4(mn_ksigns_iq2xs[sc & 127], mn_ksigns_iq2xs[(sc >> 7) & 127], mn_ksigns_iq2xs[(sc >> 14) & 127],
+                 mn_ksigns_iq2xs[(sc >> 21) & 127]);
+        *lo = *hi = 2 * (int)(sc >> 28) + 1;
+    } else if (IQT == IQT_2XS) {
+        const uint8_t *a = b + 2 + 8 * ib;
+        const uint16_t q0 = mn_rd16(a), q1 = mn_rd16(a + 2), q2 = mn_rd16(a + 4), q3 = mn_rd16(a + 6);
+        *u = g4(mn_iq2xs_grid[q0 & 511], mn_iq2xs_grid[q1 & 511], mn_iq2xs_grid[q2 & 511], mn_iq2xs_grid[q3 & 511]);
+        *s = sg4(mn_ksigns_iq2xs[q0 >> 9], mn_ksigns_iq2xs[q1 >> 9], mn_ksigns_iq2xs[q2 >> 9], mn_ksigns_iq2xs[q3 >> 9]);
+        const int sc = b[66 + ib];
+        *lo = 2 * (sc & 0xF) + 1; *hi = 2 * (sc >> 4) + 1;
+    } else if (IQT == IQT_2S) {
+        const uint8_t *qs = b + 2 + 4 * ib, *sg = b + 34 + 4 * ib;
+        const int h = b[66 + ib];
+        *u = g4(mn_iq2s_grid[qs[0] | ((h & 3) << 8)], mn_iq2s_grid[qs[1] | ((h & 0xC) << 6)],
+                mn_iq2s_grid[qs[2] | ((h & 0x30) << 4)], mn_iq2s_grid[qs[3] | ((h & 0xC0) << 2)]);
+        *s = sg4(sg[0], sg[1], sg[2], sg[3]);
+        const int sc = b[74 + ib];
+        *lo = 2 * (sc & 0xF) + 1; *hi = 2 * (sc >> 4) + 1;
+    } else if (IQT == IQT_3XXS) {
+        const uint32_t sc = mn_rd32(b + 66 + 4 * ib);
+        *u = g8(mn_iq3xxs_grid, b + 2 + 8 * ib, zero8);
+        *s = sg4(mn_ksigns_iq2xs[sc & 127], mn_ksigns_iq2xs[(sc >> 7) & 127], mn_ksigns_iq2xs[(sc >> 14) & 127],
+                 mn_ksigns_iq2xs[(sc >> 21) & 127]);
+        *lo = *hi = 2 * (int)(sc >> 28) + 1;
+    } else if (IQT == IQT_3S) {
+        const int h = b[66 + ib];
+        const int hb[8] = {(h << 8) & 256, (h << 7) & 256, (h << 6) & 256, (h << 5) & 256,
+                           (h << 4) & 256, (h << 3) & 256, (h << 2) & 256, (h << 1) & 256};
+        *u = g8(mn_iq3s_grid, b + 2 + 8 * ib, hb);
+        const uint8_t *sg = b + 74 + 4 * ib;
+        *s = sg4(sg[0], sg[1], sg[2], sg[3]);
+        *lo = *hi = 1 + 2 * ((b[106 + ib / 2] >> (4 * (ib & 1))) & 0xF);
+    } else if (IQT == IQT_1S) {
+        const uint8_t *qs = b + 2 + 4 * ib;
+        const uint16_t qh = mn_rd16(b + 34 + 2 * ib);
+        const __m256i g = g4(mn_iq1s_grid[qs[0] | ((qh << 8) & 0x700)], mn_iq1s_grid[qs[1] | ((qh << 5) & 0x700)],
+                             mn_iq1s_grid[qs[2] | ((qh << 2) & 0x700)], mn_iq1s_grid[qs[3] | ((qh >> 1) & 0x700)]);
+        const __m256i q = iq1_vals(g, _mm256_set1_epi8(qh & 0x8000 ? -1 : 1));
+        *u = _mm256_sign_epi8(q, q); *s = q;
+        *lo = *hi = 2 * ((qh >> 12) & 7) + 1;
+    } else {   /* IQ1_M */
+        const uint8_t *qs = b + 4 * ib, *qh = b + 32 + 2 * ib;
+        const int h0 = qh[0] & 0xF, h1 = qh[0] >> 4, h2 = qh[1] & 0xF, h3 = qh[1] >> 4;
+        const __m256i g = g4(mn_iq1s_grid[qs[0] | ((h0 & 7) << 8)], mn_iq1s_grid[qs[1] | ((h1 & 7) << 8)],
+                             mn_iq1s_grid[qs[2] | ((h2 & 7) << 8)], mn_iq1s_grid[qs[3] | ((h3 & 7) << 8)]);
+        const __m256i q = iq1_vals(g, _mm256_set_epi64x(dl8(h3 & 8), dl8(h2 & 8), dl8(h1 & 8), dl8(h0 & 8)));
+        *u = _mm256_sign_epi8(q, q); *s = q;
+        const uint16_t sw = mn_rd16(b + 48 + 2 * (ib / 2));
+        *lo = 2 * ((sw >> (6 * (ib & 1))) & 7) + 1; *hi = 2 * ((sw >> (6 * (ib & 1) + 3)) & 7) + 1;
+    }
+}
+
+MN_INLINE float iq_d(const int IQT, const uint8_t *b) {
+    if (IQT == IQT_1M) return mn_iq1_m_d(b) * 0.125f;
+    const float d = h2f(b);
+    return IQT == IQT_3S ? d : IQT == IQT_3XXS ? d * 0.25f : d * 0.125f;
+}
+
+MN_INLINE void dot_iq_t(const int IQT, size_t bsz, const uint8_t *w, int64_t nb,
+                        const uint8_t *xq, size_t xs, const int NT, float *res) {
+    __m256 acc[MN_TILE];
+    for (int t = 0; t < NT; t++) acc[t] = _mm256_setzero_ps();
+    for (int64_t i = 0; i < nb; i++) {
+        const uint8_t *b = w + i * bsz;
+        _mm_prefetch((const char *)(b + MN_PF_DIST), _MM_HINT_T0);
+        _mm_prefetch((const char *)(b + MN_PF_DIST + 64), _MM_HINT_T0);
+        const float d = iq_d(IQT, b);
+        __m256i isum[MN_TILE];
+        for (int t = 0; t < NT; t++) isum[t] = _mm256_setzero_si256();
+        for (int ib = 0; ib < 8; ib++) {
+            __m256i u, s; int lo, hi;
+            iq_sub(IQT, b, ib, &u, &s, &lo, &hi);
+            const __m256i sc = _mm256_set_m128i(_mm_set1_epi16((short)hi), _mm_set1_epi16((short)lo));
+            for (int t = 0; t < NT; t++) {
+                const __m256i x = _mm256_loadu_si256((const __m256i *)((const int8_t *)(xq + t * xs) + QK_K * i + 32 * ib));
+                isum[t] = _mm256_add_epi32(isum[t], _mm256_madd_epi16(_mm256_maddubs_epi16(u, _mm256_sign_epi8(x, s)), sc));
+            }
+        }
+        for (int t = 0; t < NT; t++) {
+            const float dy = ((const float *)(xq + t * xs + QK_K * nb))[i];
+            acc[t] = _mm256_fmadd_ps(_mm256_set1_ps(d * dy), _mm256_cvtepi32_ps(isum[t]), acc[t]);
+        }
+    }
+    for (int t = 0; t < NT; t++) res[t] = hsum8(acc[t]);
+}
+#define IQK(name, T, IQT) \
+    MN_INLINE void dot_##name##_t(const uint8_t *w, int64_t nb, const uint8_t *xq, size_t xs, const int NT, float *res) { \
+        dot_iq_t(IQT, BS_##T, w, nb, xq, xs, NT, res); } \
+    MN_TILED(dot_##name)
+IQK(iq2_xxs, IQ2_XXS, IQT_2XXS)
+IQK(iq2_xs, IQ2_XS, IQT_2XS)
+IQK(iq2_s, IQ2_S, IQT_2S)
+IQK(iq3_xxs, IQ3_XXS, IQT_3XXS)
+IQK(iq3_s, IQ3_S, IQT_3S)
+IQK(iq1_s, IQ1_S, IQT_1S)
+IQK(iq1_m, IQ1_M, IQT_1M)
+
 #pragma GCC pop_options
 
 void mn_fill_avx2(mn_traits *tab) {
@@ -392,5 +526,7 @@ void mn_fill_avx2(mn_traits *tab) {
     SET(Q8_0, dot_q8_0); SET(Q4_0, dot_q4_0);
     SET(Q4_K, dot_q4_K); SET(Q6_K, dot_q6_K); SET(Q2_K, dot_q2_K); SET(Q3_K, dot_q3_K); SET(Q5_K, dot_q5_K);
     SET(Q4_1, dot_q4_1); SET(Q5_0, dot_q5_0); SET(Q5_1, dot_q5_1); SET(IQ4_NL, dot_iq4_nl); SET(IQ4_XS, dot_iq4_xs);
+    SET(IQ2_XXS, dot_iq2_xxs); SET(IQ2_XS, dot_iq2_xs); SET(IQ2_S, dot_iq2_s);
+    SET(IQ3_XXS, dot_iq3_xxs); SET(IQ3_S, dot_iq3_s); SET(IQ1_S, dot_iq1_s); SET(IQ1_M, dot_iq1_m);
 #undef SET
 }
