@@ -67,15 +67,16 @@ def quantize_q6_k(x: np.ndarray) -> np.ndarray:
     return out.reshape(*lead, -1)
 
 
-# K-quants written as random blocks (their layouts come from the type table)
-_RANDOM = (Q.Q5_K, Q.Q3_K, Q.Q2_K)
+# types gguf.quants cannot write, written as random blocks (their layouts come
+# from the type table; IQ1_M, whose scale has no field of its own, is left out)
+_RANDOM = (Q.Q5_K, Q.Q3_K, Q.Q2_K, Q.IQ4_NL, Q.IQ4_XS, Q.IQ2_XXS, Q.IQ2_XS, Q.IQ2_S, Q.IQ3_XXS, Q.IQ3_S, Q.IQ1_S)
 
 
 def random_blocks(qtype: Q, shape: tuple[int, ...], target_std: float, rng: np.random.Generator) -> np.ndarray:
-    """Valid random blocks of a K-quant type whose values have about `target_std`."""
+    """Valid random blocks of a K-quant or IQ type whose values have about `target_std`."""
     tr = quants.traits(qtype)
     nbytes, d_offsets = tr.type_size, tr.scale_offsets
-    n_blocks = int(np.prod(shape)) // QK
+    n_blocks = int(np.prod(shape)) // tr.block
     raw = rng.integers(0, 256, size=(n_blocks, nbytes), dtype=np.uint8)
     for off in d_offsets:
         d = _f16(rng.uniform(0.5, 1.0, size=n_blocks))
@@ -85,7 +86,7 @@ def random_blocks(qtype: Q, shape: tuple[int, ...], target_std: float, rng: np.r
     for off in d_offsets:
         d = raw[:, off:off + 2].copy().view(np.float16).astype(np.float32) * (target_std / std)
         raw[:, off:off + 2] = _f16(d).view(np.uint8).reshape(-1, 2)
-    return raw.reshape(*shape[:-1], shape[-1] // QK * nbytes)
+    return raw.reshape(*shape[:-1], shape[-1] // tr.block * nbytes)
 
 
 def encode(values: np.ndarray, qtype: Q, rng: np.random.Generator) -> np.ndarray:

@@ -40,13 +40,21 @@ from .vocab import VocabSpec, add_vocab, deepseek_v3_vocab, qwen2_vocab
 
 QTYPES = {
     "f32": Q.F32, "f16": Q.F16, "bf16": Q.BF16, "q8_0": Q.Q8_0, "q4_0": Q.Q4_0,
+    "q4_1": Q.Q4_1, "q5_0": Q.Q5_0, "q5_1": Q.Q5_1, "iq4_nl": Q.IQ4_NL, "iq4_xs": Q.IQ4_XS,
     "q4_k": Q.Q4_K, "q5_k": Q.Q5_K, "q6_k": Q.Q6_K, "q2_k": Q.Q2_K, "q3_k": Q.Q3_K,
+    "iq2_xxs": Q.IQ2_XXS, "iq2_xs": Q.IQ2_XS, "iq2_s": Q.IQ2_S, "iq3_xxs": Q.IQ3_XXS, "iq3_s": Q.IQ3_S,
+    "iq1_s": Q.IQ1_S,
     "q4_k_m": Q.Q4_K,   # a mix: Q4_K, with Q6_K for output and some attn_v / ffn_down
 }
-_FILE_TYPE = {
-    "f32": 0, "f16": 1, "q4_0": 2, "q8_0": 7, "q2_k": 10, "q3_k": 12, "q4_k": 14, "q4_k_m": 15,
-    "q5_k": 16, "q6_k": 18, "bf16": 32,
+_FILE_TYPE = {   # llama_ftype
+    "f32": 0, "f16": 1, "q4_0": 2, "q4_1": 3, "q8_0": 7, "q5_0": 8, "q5_1": 9, "q2_k": 10, "q3_k": 12,
+    "q4_k": 14, "q4_k_m": 15, "q5_k": 16, "q6_k": 18, "iq2_xxs": 19, "iq2_xs": 20, "iq3_xxs": 23,
+    "iq1_s": 24, "iq4_nl": 25, "iq3_s": 26, "iq2_s": 28, "iq4_xs": 30, "bf16": 32,
 }
+# llama-quantize's per-tensor fallback when a row is not a multiple of the type's block
+_FALLBACK = {Q.Q4_K: Q.Q5_0, Q.Q5_K: Q.Q5_1, Q.Q6_K: Q.Q8_0, Q.Q2_K: Q.IQ4_NL, Q.Q3_K: Q.IQ4_NL,
+             Q.IQ2_XXS: Q.IQ4_NL, Q.IQ2_XS: Q.IQ4_NL, Q.IQ2_S: Q.IQ4_NL, Q.IQ3_XXS: Q.IQ4_NL,
+             Q.IQ3_S: Q.IQ4_NL, Q.IQ1_S: Q.IQ4_NL, Q.IQ4_XS: Q.IQ4_NL}
 
 
 @dataclass(frozen=True)
@@ -167,7 +175,8 @@ def _matrix(shape, gain=1.0):
 def _tensor_qtype(name: str, shape: tuple[int, ...], qname: str, layer: int | None, n_layer: int) -> Q:
     """Per-tensor type for a file of type `qname`, with llama-quantize-like rules:
     1-D tensors and routers stay F32; a type whose block does not divide the row
-    falls back to Q8_0, then F16."""
+    falls back as llama-quantize does (Q4_K -> Q5_0, Q6_K -> Q8_0, low-bit types ->
+    IQ4_NL, ...), then to F16."""
     if len(shape) == 1 or name.endswith("ffn_gate_inp.weight") or name.endswith("ffn_gate_inp_shexp.weight"):
         return Q.F32
     want = QTYPES[qname]
@@ -176,7 +185,7 @@ def _tensor_qtype(name: str, shape: tuple[int, ...], qname: str, layer: int | No
                                            or (layer - n_layer // 8) % 3 == 2)
         if name == "output.weight" or (more_bits and any(k in name for k in ("attn_v.", "ffn_down"))):
             want = Q.Q6_K
-    for candidate in (want, Q.Q8_0, Q.F16):
+    for candidate in (want, _FALLBACK.get(want, Q.Q8_0), Q.F16):
         block, _ = quants.block_size(candidate)
         if shape[-1] % block == 0:
             return candidate
