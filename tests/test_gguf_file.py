@@ -81,12 +81,28 @@ def test_unsupported_architecture(make_model, tmp_path):
 
 
 def test_unsupported_quant_type_is_named(make_model, tmp_path):
+    """A type the table has no kernel for (TQ2_0 here) is refused at load, the tensor named."""
     from gguf import quants
-    raw = quants.quantize(np.zeros((128, 256), dtype=np.float32), Q.Q4_1)
+    raw = quants.quantize(np.zeros((128, 256), dtype=np.float32), Q.TQ2_0)
+    dst = rewrite_gguf(make_model("qwen3moe"), tmp_path / "tq2.gguf",
+                       replace_tensors={"blk.1.attn_k.weight": (raw, Q.TQ2_0)})
+    with pytest.raises(UnsupportedError, match=r"blk\.1\.attn_k\.weight \(TQ2_0\)"):
+        moe_numa.load(dst, backend="reference")
+
+
+def test_mixed_legacy_type_loads(make_model, tmp_path):
+    """One Q4_1 tensor in an F32 file (a per-tensor mix, as llama-quantize writes)
+    loads and runs, in the reference and in the engine alike."""
+    from gguf import quants
+    rng = np.random.default_rng(0)
+    raw = quants.quantize(rng.standard_normal((128, 256)).astype(np.float32) * 0.05, Q.Q4_1)
     dst = rewrite_gguf(make_model("qwen3moe"), tmp_path / "q41.gguf",
                        replace_tensors={"blk.1.attn_k.weight": (raw, Q.Q4_1)})
-    with pytest.raises(UnsupportedError, match=r"blk\.1\.attn_k\.weight \(Q4_1\)"):
-        moe_numa.load(dst, backend="reference")
+    want = moe_numa.load(dst, backend="reference", act_quant=True).logits([1, 2, 3])
+    with moe_numa.load(dst, backend="engine", numa_nodes=1) as eng:
+        got = eng.logits([1, 2, 3])
+    assert np.isfinite(want).all()
+    assert np.abs(got - want).max() <= 1e-3 * np.abs(want).max()
 
 
 def test_unknown_type_id(make_model, tmp_path):
