@@ -513,11 +513,11 @@ def measure_bandwidth(threads: int, nbytes: int | None = None, reps: int = 5) ->
     (the better of plain and prefetched loads, best of ``reps``)."""
     import numpy as np
     from moe_numa import kernels as K
-    from .kernels import l3_bytes, paired
+    from .kernels import cache_bytes, paired
     cpus = K.order_cpus(K.available_cpus())
     if threads > len(cpus):
         cpus = [cpus[i % len(cpus)] for i in range(threads)]
-    nbytes = nbytes or max(256 << 20, 8 * l3_bytes())
+    nbytes = nbytes or max(256 << 20, 8 * cache_bytes())
     buf = np.ones(nbytes // 4, dtype=np.float32)
     pool = K.ThreadPool(cpus[:threads])
     try:

@@ -15,8 +15,17 @@ GFLOP/s (2*rows*cols*n_tok/time) is printed too.  Each number is the best of
 --reps runs (this is a shared 2-core box: timings are noisy).  Also prints the
 median time of an empty pool task (dispatch + completion).
 
+Compute ceiling: each GEMV is also timed on weights that fit in the L2 caches
+of its threads (half of each core's L2), called many times in a row: "L2 GB/s"
+is the fastest the kernel can consume weights at all.  Where that is below the
+read bandwidth at the same thread count the type is compute-bound there (its
+GEMV cannot reach the bandwidth however good the prefetch): the "bound" column
+says "compute", else "memory".
+
+Every type of the type table with a kernel is measured by default.
+
 --json prints a JSON list of rows {"kernel", "type", "threads", "tokens",
-"gbps", "bandwidth_gbps", "ratio"}.
+"gbps", "bandwidth_gbps", "ratio"} (GEMV rows also "l2_gbps", "bound").
 """
 from __future__ import annotations
 
@@ -29,29 +38,31 @@ import time
 import numpy as np
 
 from moe_numa import kernels as K
+from moe_numa import quants
 
-DEFAULT_TYPES = "q8_0,q4_k,q6_k,bf16,f16,f32,q5_k,q4_0,q2_k,q3_k"
+DEFAULT_TYPES = ",".join(t.name.lower() for t in quants.SUPPORTED)
 
 
-def l3_bytes() -> int:
+def cache_bytes(level: int = 3) -> int:
+    """Size of the largest cache of that level (cpu0's view)."""
     best = 0
     base = "/sys/devices/system/cpu/cpu0/cache"
     try:
         for d in os.listdir(base):
             try:
                 with open(f"{base}/{d}/level") as f:
-                    level = int(f.read())
+                    lvl = int(f.read())
                 with open(f"{base}/{d}/size") as f:
                     s = f.read().strip()
             except OSError:
                 continue
             mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(s[-1], 1)
             size = int(s.rstrip("KMG")) * mult
-            if level == 3:
+            if lvl == level:
                 best = max(best, size)
     except OSError:
         pass
-    return best or (32 << 20)
+    return best or ((32 << 20) if level == 3 else (1 << 20))
 
 
 def _best(fn, reps: int) -> float:
@@ -90,6 +101,26 @@ def big_weights(qtype, nbytes: int, cols: int, rng) -> np.ndarray:
     return np.ascontiguousarray(np.tile(tile, (reps, 1))[:rows])
 
 
+def l2_rate(qtype, cols: int, pool, n: int, l2: int, rng, min_s: float = 0.05) -> float:
+    """GB/s of GEMV on weights resident in the L2 of n threads (half of each core's L2)."""
+    rb = K.row_bytes(qtype, cols)
+    w = K.random_blocks(qtype, max(n, (l2 // 2) * n // rb), cols, rng)
+    x = rng.normal(size=cols).astype(np.float32)
+    out = np.empty(w.shape[0], dtype=np.float32)
+    K.matmul(w, qtype, x, out=out, pool=pool)
+    best = float("inf")
+    for _ in range(3):
+        iters, t0 = 0, time.perf_counter()
+        while True:
+            K.matmul(w, qtype, x, out=out, pool=pool)
+            iters += 1
+            dt = time.perf_counter() - t0
+            if dt >= min_s:
+                break
+        best = min(best, dt / iters)
+    return w.nbytes / best / 1e9
+
+
 def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--types", default=DEFAULT_TYPES, help="comma-separated weight types")
     ap.add_argument("--threads", default=None, help="thread counts, e.g. 1,2 (default: 1 and all CPUs)")
@@ -115,7 +146,8 @@ def run(a: argparse.Namespace) -> int:
     threads = [int(t) for t in a.threads.split(",")] if a.threads else sorted({1, len(cpus)})
     types = [t.strip() for t in a.types.split(",") if t.strip()]
     tokens = [int(t) for t in a.tokens.split(",") if t.strip()]
-    l3 = l3_bytes()
+    l3 = cache_bytes()
+    l2 = cache_bytes(2)
     gemv_bytes = (a.gemv_mib << 20) if a.gemv_mib else max(256 << 20, 8 * l3)
     rng = np.random.default_rng(0)
     rows_out = []
@@ -133,7 +165,8 @@ def run(a: argparse.Namespace) -> int:
             say(f"# empty pool task ({max(threads)} threads): median {lat:.2f} us")
             rbuf = np.ones(max(gemv_bytes, 8 * l3) // 4, dtype=np.float32)
             bw_all = {n: [] for n in threads}
-            say(f"{'kernel':6} {'type':6} {'thr':>3} {'tok':>4} {'GB/s':>7} {'read':>6} {'ratio':>6} {'GFLOP/s':>8}")
+            say(f"{'kernel':6} {'type':7} {'thr':>3} {'tok':>4} {'GB/s':>7} {'read':>6} {'ratio':>6} {'GFLOP/s':>8} "
+                f"{'L2 GB/s':>8} bound")
             for tname in types:
                 t = K._qtype(tname)
                 w = big_weights(t, gemv_bytes, a.cols, rng)
@@ -144,11 +177,13 @@ def run(a: argparse.Namespace) -> int:
                     bw = {n: b}
                     bw_all[n].append(b)
                     g = w.nbytes / s / 1e9
+                    l2g = l2_rate(t, a.cols, pools[n], n, l2, rng)
+                    bound = "compute" if l2g < bw[n] else "memory"
                     rows_out.append({"kernel": "gemv", "type": tname.lower(), "threads": n, "tokens": 1,
                                      "gbps": round(g, 3), "bandwidth_gbps": round(bw[n], 3),
-                                     "ratio": round(g / bw[n], 4)})
-                    say(f"{'gemv':6} {tname:6} {n:3d} {1:4d} {g:7.2f} {bw[n]:6.1f} {g / bw[n]:6.3f} "
-                        f"{2 * w.shape[0] * a.cols / s / 1e9:8.1f}")
+                                     "ratio": round(g / bw[n], 4), "l2_gbps": round(l2g, 3), "bound": bound})
+                    say(f"{'gemv':6} {tname:7} {n:3d} {1:4d} {g:7.2f} {bw[n]:6.1f} {g / bw[n]:6.3f} "
+                        f"{2 * w.shape[0] * a.cols / s / 1e9:8.1f} {l2g:8.1f} {bound}")
                 del w
                 if tokens:
                     w = big_weights(t, a.gemm_mib << 20, a.cols, rng)
@@ -163,7 +198,7 @@ def run(a: argparse.Namespace) -> int:
                             rows_out.append({"kernel": "gemm", "type": tname.lower(), "threads": n, "tokens": nt,
                                              "gbps": round(g, 3), "bandwidth_gbps": round(bw[n], 3),
                                              "ratio": round(g / bw[n], 4)})
-                            say(f"{'gemm':6} {tname:6} {n:3d} {nt:4d} {g:7.2f} {bw[n]:6.1f} {g / bw[n]:6.3f} "
+                            say(f"{'gemm':6} {tname:7} {n:3d} {nt:4d} {g:7.2f} {bw[n]:6.1f} {g / bw[n]:6.3f} "
                                 f"{2 * w.shape[0] * a.cols * nt / s / 1e9:8.1f}")
                     del w
             say("# read bandwidth (best per GEMV row, median over rows): " + ", ".join(
