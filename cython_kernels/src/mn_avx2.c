@@ -283,13 +283,13 @@ MN_TILED(dot_q6_K)
 #define KT_Q3 1
 #define KT_Q5 2
 
-MN_INLINE void kgen_unpack(const int KT, const uint8_t *b, __m256i u[8], int16_t *sc, int16_t *mn,
+MN_INLINE void kgen_unpack(const int KT, const uint8_t *b, __m256i u[8], __m256i *sc, __m256i *mn,
                            float *d, float *dmin) {
     const __m256i m3 = _mm256_set1_epi8(3), m1 = _mm256_set1_epi8(1), m4 = _mm256_set1_epi8(0xF);
     if (KT == KT_Q2) {
         const __m128i s = _mm_loadu_si128((const __m128i *)b);
-        _mm256_store_si256((__m256i *)sc, _mm256_cvtepu8_epi16(_mm_and_si128(s, _mm_set1_epi8(0xF))));
-        _mm256_store_si256((__m256i *)mn, _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(s, 4), _mm_set1_epi8(0xF))));
+        *sc = _mm256_cvtepu8_epi16(_mm_and_si128(s, _mm_set1_epi8(0xF)));
+        *mn = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(s, 4), _mm_set1_epi8(0xF)));
         *d = h2f(b + 80); *dmin = h2f(b + 82);
         for (int n = 0; n < 2; n++) {
             const __m256i v = _mm256_loadu_si256((const __m256i *)(b + 16 + 32 * n));
@@ -307,7 +307,7 @@ MN_INLINE void kgen_unpack(const int KT, const uint8_t *b, __m256i u[8], int16_t
         const __m128i s6 = _mm_or_si128(_mm_and_si128(A, _mm_set1_epi32(0x0f0f0f0f)),
                                         _mm_slli_epi32(_mm_and_si128(T, _mm_set1_epi32(0x03030303)), 4));
         const __m128i s = _mm_sub_epi8(s6, _mm_set1_epi8(32));
-        _mm256_store_si256((__m256i *)sc, _mm256_cvtepi8_epi16(s));
+        *sc = _mm256_cvtepi8_epi16(s); *mn = _mm256_setzero_si256();
         *d = h2f(b + 108); *dmin = 0.f;
         const __m256i hm = _mm256_loadu_si256((const __m256i *)b);
         for (int n = 0; n < 2; n++) {
@@ -322,8 +322,8 @@ MN_INLINE void kgen_unpack(const int KT, const uint8_t *b, __m256i u[8], int16_t
     } else {
         const __m128i sm = k4_scales(b + 4);
         const __m128i sd = _mm_unpacklo_epi8(sm, sm), md = _mm_unpackhi_epi8(sm, sm);
-        _mm256_store_si256((__m256i *)sc, _mm256_cvtepu8_epi16(sd));
-        _mm256_store_si256((__m256i *)mn, _mm256_cvtepu8_epi16(md));
+        *sc = _mm256_cvtepu8_epi16(sd);
+        *mn = _mm256_cvtepu8_epi16(md);
         *d = h2f(b); *dmin = h2f(b + 2);
         const __m256i qh = _mm256_loadu_si256((const __m256i *)(b + 16));
         for (int j = 0; j < 4; j++) {
@@ -338,7 +338,6 @@ MN_INLINE void kgen_unpack(const int KT, const uint8_t *b, __m256i u[8], int16_t
 
 MN_INLINE void dot_kgen_t(const int KT, size_t bsz, const uint8_t *w, int64_t nb,
                           const uint8_t *xq, size_t xs, const int NT, float *res) {
-    int16_t sc[16] __attribute__((aligned(32))), mn[16] __attribute__((aligned(32)));
     __m256 acc[MN_TILE], macc[MN_TILE];
     for (int t = 0; t < NT; t++) { acc[t] = _mm256_setzero_ps(); macc[t] = _mm256_setzero_ps(); }
     for (int64_t i = 0; i < nb; i++) {
@@ -346,17 +345,18 @@ MN_INLINE void dot_kgen_t(const int KT, size_t bsz, const uint8_t *w, int64_t nb
         _mm_prefetch((const char *)(b + MN_PF_DIST), _MM_HINT_T0);
         _mm_prefetch((const char *)(b + MN_PF_DIST + 64), _MM_HINT_T0);
         _mm_prefetch((const char *)(b + MN_PF_DIST + 128), _MM_HINT_T0);
-        __m256i u[8];
+        __m256i u[8], scv, mv;
         float d, dmin;
-        kgen_unpack(KT, b, u, sc, mn, &d, &dmin);
-        const __m256i scv = _mm256_load_si256((const __m256i *)sc);
+        kgen_unpack(KT, b, u, &scv, &mv, &d, &dmin);
+        /* scales 0-7 / 8-15 in both 128-bit lanes: one in-lane shuffle then picks
+         * scale 2c for the low 16 values of chunk c and 2c + 1 for the high 16 */
+        const __m256i scA = _mm256_permute2x128_si256(scv, scv, 0x00), scB = _mm256_permute2x128_si256(scv, scv, 0x11);
         __m256i isum[MN_TILE];
         for (int t = 0; t < NT; t++) {
             const uint8_t *xr = xq + t * xs;
             const __m256i bs = _mm256_loadu_si256((const __m256i *)(xr + (QK_K + 4) * nb + 32 * i));
             if (KT != KT_Q3) {
                 const float dy = ((const float *)(xr + QK_K * nb))[i];
-                const __m256i mv = _mm256_load_si256((const __m256i *)mn);
                 macc[t] = _mm256_fmadd_ps(_mm256_set1_ps(dy * dmin), _mm256_cvtepi32_ps(_mm256_madd_epi16(mv, bs)), macc[t]);
                 isum[t] = _mm256_setzero_si256();
             } else {
@@ -364,7 +364,10 @@ MN_INLINE void dot_kgen_t(const int KT, size_t bsz, const uint8_t *w, int64_t nb
             }
         }
         for (int c = 0; c < 8; c++) {
-            const __m256i s = _mm256_set_m128i(_mm_set1_epi16(sc[2 * c + 1]), _mm_set1_epi16(sc[2 * c]));
+            const int k0 = (2 * c) & 7, k1 = (2 * c + 1) & 7;
+            const __m256i ctl = _mm256_set_m128i(_mm_set1_epi16((short)(0x0100 + 0x0202 * k1)),
+                                                 _mm_set1_epi16((short)(0x0100 + 0x0202 * k0)));
+            const __m256i s = _mm256_shuffle_epi8(c < 4 ? scA : scB, ctl);
             for (int t = 0; t < NT; t++) {
                 const int8_t *x = (const int8_t *)(xq + t * xs) + QK_K * i + 32 * c;
                 isum[t] = _mm256_add_epi32(isum[t], _mm256_madd_epi16(_mm256_maddubs_epi16(u[c], _mm256_loadu_si256((const __m256i *)x)), s));

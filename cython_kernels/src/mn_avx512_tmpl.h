@@ -428,12 +428,124 @@ MN_INLINE void K(dot_q6_K_t)(const uint8_t *w, int64_t nb, const uint8_t *xq, si
 }
 MN_TILED_AS(K(dot_q6_K), K(dot_q6_K_t))
 
+/* ------------------------------------------------------------ Q2_K, Q3_K
+ * The 64 bytes of 2-bit quants hold value 128n + 32s + l at bits 2s of byte
+ * 32n + l.  Four shifted copies a..d (s = 0..3) are recombined with lane
+ * shuffles into qv[0..3] = values 0-63, 64-127, 128-191, 192-255, so each meets
+ * one contiguous 64-byte slice of the activations; each 128-bit lane then holds
+ * one group of 16 values and meets its scale (as int16) in dpwssd. */
+MN_INLINE void K(k2_quants)(const uint8_t *qs, __m512i qv[4]) {
+    const __m512i m3 = _mm512_set1_epi8(3);
+    const __m512i v = _mm512_loadu_si512((const void *)qs);
+    const __m512i a = _mm512_and_si512(v, m3), b = _mm512_and_si512(_mm512_srli_epi16(v, 2), m3);
+    const __m512i c = _mm512_and_si512(_mm512_srli_epi16(v, 4), m3), d = _mm512_and_si512(_mm512_srli_epi16(v, 6), m3);
+    qv[0] = _mm512_shuffle_i64x2(a, b, 0x44); qv[1] = _mm512_shuffle_i64x2(c, d, 0x44);
+    qv[2] = _mm512_shuffle_i64x2(a, b, 0xEE); qv[3] = _mm512_shuffle_i64x2(c, d, 0xEE);
+}
+/* 16 int16 scales (one per 16 values) -> per qv[k], lane j holds scale 4k + j */
+MN_INLINE void K(k16_scales)(__m256i sc16, __m512i sv[4]) {
+    const __m512i z = _mm512_castsi256_si512(sc16);
+    for (int k = 0; k < 4; k++) {
+        const __m512i idx = _mm512_inserti64x4(
+            _mm512_castsi256_si512(_mm256_set_m128i(_mm_set1_epi16((short)(4 * k + 1)), _mm_set1_epi16((short)(4 * k)))),
+            _mm256_set_m128i(_mm_set1_epi16((short)(4 * k + 3)), _mm_set1_epi16((short)(4 * k + 2))), 1);
+        sv[k] = _mm512_permutexvar_epi16(idx, z);
+    }
+}
+
+MN_INLINE void K(dot_q2_K_t)(const uint8_t *w, int64_t nb, const uint8_t *xq, size_t xs, const int NT, float *res) {
+    __m512 acc[MN_TILE]; __m256 macc[MN_TILE];
+    for (int t = 0; t < NT; t++) { acc[t] = _mm512_setzero_ps(); macc[t] = _mm256_setzero_ps(); }
+    for (int64_t i = 0; i < nb; i++) {
+        const uint8_t *b = w + i * BS_Q2_K;
+        _mm_prefetch((const char *)(b + MN_PF_DIST), _MM_HINT_T0);
+        _mm_prefetch((const char *)(b + MN_PF_DIST + 64), _MM_HINT_T0);
+        const float d = _cvtsh_ss(mn_rd16(b + 80)), dmin = _cvtsh_ss(mn_rd16(b + 82));
+        const __m128i sc8 = _mm_loadu_si128((const __m128i *)b);
+        const __m256i sc16 = _mm256_cvtepu8_epi16(_mm_and_si128(sc8, _mm_set1_epi8(0xF)));
+        const __m256i mn16 = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(sc8, 4), _mm_set1_epi8(0xF)));
+        __m512i qv[4], sv[4];
+        K(k2_quants)(b + 16, qv);
+        K(k16_scales)(sc16, sv);
+        for (int t = 0; t < NT; t++) {
+            const uint8_t *xr = xq + t * xs;
+            const int8_t *x = (const int8_t *)xr + QK_K * i;
+            const float dy = ((const float *)(xr + QK_K * nb))[i];
+            const __m256i bs = _mm256_loadu_si256((const __m256i *)(xr + (QK_K + 4) * nb + 32 * i));
+            macc[t] = _mm256_fmadd_ps(_mm256_set1_ps(dmin * dy), _mm256_cvtepi32_ps(_mm256_madd_epi16(mn16, bs)), macc[t]);
+            __m512i s0 = _mm512_setzero_si512(), s1 = _mm512_setzero_si512();
+            s0 = K(dpwssd)(s0, _mm512_maddubs_epi16(qv[0], _mm512_loadu_si512((const void *)x)), sv[0]);
+            s1 = K(dpwssd)(s1, _mm512_maddubs_epi16(qv[1], _mm512_loadu_si512((const void *)(x + 64))), sv[1]);
+            s0 = K(dpwssd)(s0, _mm512_maddubs_epi16(qv[2], _mm512_loadu_si512((const void *)(x + 128))), sv[2]);
+            s1 = K(dpwssd)(s1, _mm512_maddubs_epi16(qv[3], _mm512_loadu_si512((const void *)(x + 192))), sv[3]);
+            acc[t] = _mm512_fmadd_ps(_mm512_set1_ps(d * dy), _mm512_cvtepi32_ps(_mm512_add_epi32(s0, s1)), acc[t]);
+        }
+    }
+    for (int t = 0; t < NT; t++) {
+        __m128 m = _mm_add_ps(_mm256_castps256_ps128(macc[t]), _mm256_extractf128_ps(macc[t], 1));
+        m = _mm_add_ps(m, _mm_movehl_ps(m, m));
+        m = _mm_add_ss(m, _mm_movehdup_ps(m));
+        res[t] = K(hsum16)(acc[t]) - _mm_cvtss_f32(m);
+    }
+}
+MN_TILED_AS(K(dot_q2_K), K(dot_q2_K_t))
+
+/* Q3_K: u = 2 low bits + 4 * high bit (0..7) = value + 4, so
+ * dot = d * dy * (sum_k sc_k sum u x - 4 sum_k sc_k bsum_k) */
+MN_INLINE void K(dot_q3_K_t)(const uint8_t *w, int64_t nb, const uint8_t *xq, size_t xs, const int NT, float *res) {
+    __m512 acc[MN_TILE];
+    for (int t = 0; t < NT; t++) acc[t] = _mm512_setzero_ps();
+    const __m512i four = _mm512_set1_epi8(4);
+    /* high bit of value 128n + 32s + l: bit 4n + s of hmask[l]; qv[k] covers (n, s) pairs
+     * (0,0)(0,1) | (0,2)(0,3) | (1,0)(1,1) | (1,2)(1,3), one per 256-bit half */
+    __m512i hbit[4];
+    for (int k = 0; k < 4; k++) {
+        const int n = k >> 1, s0 = 2 * (k & 1);
+        hbit[k] = _mm512_inserti64x4(_mm512_set1_epi8((char)(1 << (4 * n + s0))), _mm256_set1_epi8((char)(1 << (4 * n + s0 + 1))), 1);
+    }
+    for (int64_t i = 0; i < nb; i++) {
+        const uint8_t *b = w + i * BS_Q3_K;
+        _mm_prefetch((const char *)(b + MN_PF_DIST), _MM_HINT_T0);
+        _mm_prefetch((const char *)(b + MN_PF_DIST + 64), _MM_HINT_T0);
+        const float d = _cvtsh_ss(mn_rd16(b + 108));
+        /* 12 bytes -> 16 six-bit scales - 32 (as the AVX2 kernel) */
+        uint32_t a2; memcpy(&a2, b + 104, 4);
+        const __m128i v = _mm_insert_epi32(_mm_loadl_epi64((const __m128i *)(b + 96)), (int)a2, 2);
+        const __m128i A = _mm_srlv_epi32(_mm_shuffle_epi32(v, _MM_SHUFFLE(1, 0, 1, 0)), _mm_setr_epi32(0, 0, 4, 4));
+        const __m128i T = _mm_srlv_epi32(_mm_shuffle_epi32(v, _MM_SHUFFLE(2, 2, 2, 2)), _mm_setr_epi32(0, 2, 4, 6));
+        const __m128i s6 = _mm_or_si128(_mm_and_si128(A, _mm_set1_epi32(0x0f0f0f0f)),
+                                        _mm_slli_epi32(_mm_and_si128(T, _mm_set1_epi32(0x03030303)), 4));
+        const __m256i sc16 = _mm256_cvtepi8_epi16(_mm_sub_epi8(s6, _mm_set1_epi8(32)));
+        __m512i qv[4], sv[4];
+        K(k2_quants)(b + 32, qv);
+        const __m512i hm = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)b));
+        for (int k = 0; k < 4; k++) qv[k] = _mm512_mask_add_epi8(qv[k], _mm512_test_epi8_mask(hm, hbit[k]), qv[k], four);
+        K(k16_scales)(sc16, sv);
+        for (int t = 0; t < NT; t++) {
+            const uint8_t *xr = xq + t * xs;
+            const int8_t *x = (const int8_t *)xr + QK_K * i;
+            const __m256i bs = _mm256_loadu_si256((const __m256i *)(xr + (QK_K + 4) * nb + 32 * i));
+            __m512i s0 = _mm512_sub_epi32(_mm512_setzero_si512(),
+                                          _mm512_zextsi256_si512(_mm256_slli_epi32(_mm256_madd_epi16(sc16, bs), 2)));
+            __m512i s1 = _mm512_setzero_si512();
+            s0 = K(dpwssd)(s0, _mm512_maddubs_epi16(qv[0], _mm512_loadu_si512((const void *)x)), sv[0]);
+            s1 = K(dpwssd)(s1, _mm512_maddubs_epi16(qv[1], _mm512_loadu_si512((const void *)(x + 64))), sv[1]);
+            s0 = K(dpwssd)(s0, _mm512_maddubs_epi16(qv[2], _mm512_loadu_si512((const void *)(x + 128))), sv[2]);
+            s1 = K(dpwssd)(s1, _mm512_maddubs_epi16(qv[3], _mm512_loadu_si512((const void *)(x + 192))), sv[3]);
+            const float dy = ((const float *)(xr + QK_K * nb))[i];
+            acc[t] = _mm512_fmadd_ps(_mm512_set1_ps(d * dy), _mm512_cvtepi32_ps(_mm512_add_epi32(s0, s1)), acc[t]);
+        }
+    }
+    for (int t = 0; t < NT; t++) res[t] = K(hsum16)(acc[t]);
+}
+MN_TILED_AS(K(dot_q3_K), K(dot_q3_K_t))
+
 static void K(fill)(mn_traits *tab, int level) {
 #define SET(T, f) tab[MN_##T].dot[level] = f
     SET(F32, K(dot_f32)); SET(F16, K(dot_f16)); SET(BF16, K(dot_bf16));
     SET(Q8_0, K(dot_q8_0)); SET(Q4_0, K(dot_q4_0));
     SET(Q4_K, K(dot_q4_K)); SET(Q5_K, K(dot_q5_K)); SET(Q6_K, K(dot_q6_K));
     SET(Q4_1, K(dot_q4_1)); SET(Q5_0, K(dot_q5_0)); SET(Q5_1, K(dot_q5_1)); SET(IQ4_NL, K(dot_iq4_nl));
-    SET(IQ4_XS, K(dot_iq4_xs));
+    SET(IQ4_XS, K(dot_iq4_xs)); SET(Q2_K, K(dot_q2_K)); SET(Q3_K, K(dot_q3_K));
 #undef SET
 }
