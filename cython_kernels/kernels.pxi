@@ -59,6 +59,14 @@ def type_table():
     return rows
 
 
+def first_bad_block_ptr(int wtype, uintptr_t w, size_t row_stride, int64_t rows, int64_t cols):
+    """mn_first_bad_block: flat index of the first block with a non-finite scale, -1 if none."""
+    cdef int64_t r
+    with nogil:
+        r = mn_first_bad_block(wtype, <const uint8_t *>w, row_stride, rows, cols)
+    return r
+
+
 def type_supported(int wtype):
     return bool(mn_type_supported(wtype))
 

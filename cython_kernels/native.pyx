@@ -25,6 +25,7 @@ cdef extern from "mn_kernels.h":
         int32_t scale_off[2]
     const mn_type_info *mn_type(int wtype) nogil
     int mn_kernel_level(int wtype, int level) nogil
+    int64_t mn_first_bad_block(int wtype, const uint8_t *w, size_t row_stride, int64_t rows, int64_t cols) nogil
     int mn_type_supported(int wtype) nogil
     int64_t mn_block_size(int wtype) nogil
     size_t mn_row_bytes(int wtype, int64_t cols) nogil

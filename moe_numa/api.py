@@ -10,7 +10,7 @@ import numpy as np
 from .chat import render_chat
 from .errors import ContextOverflowError, MoeNumaError
 from .generate import GenerationStats, generate_stream
-from .gguf_file import GGUFModelFile, check_supported_types
+from .gguf_file import GGUFModelFile, check_supported_types, check_tensor_blocks
 from .layers.weights import Dequantizer
 from .models import load_model
 from .models.base import ReferenceForward
@@ -57,12 +57,18 @@ class Model:
     """A loaded GGUF model. Create it with `moe_numa.load()`."""
 
     def __init__(self, path: str | os.PathLike[str], backend: str = DEFAULT_BACKEND, n_ctx: int | None = None,
-                 router_group_rule: str | None = None, **backend_options: Any):
+                 router_group_rule: str | None = None, check_tensors: bool = False, **backend_options: Any):
         if backend not in BACKENDS:
             raise ValueError(f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)}")
         self.path = str(path)
         self.gguf = GGUFModelFile(path)
         check_supported_types(self.gguf)
+        if check_tensors:
+            if backend == "reference":
+                for t in self.gguf:
+                    check_tensor_blocks(t)
+            else:   # the engine checks each shard as it copies it into node memory
+                backend_options["check_tensors"] = True
         overrides = {"group_rule": router_group_rule} if router_group_rule else {}
         self.arch_module, self.config, self.weights = load_model(self.gguf, **overrides)
         self.tokenizer = GGUFTokenizer.from_metadata(self.gguf.metadata)

@@ -25,12 +25,16 @@ def add_engine_flags(p: argparse.ArgumentParser) -> None:
                    help="split the CPUs into N virtual nodes (default: the machine's real nodes)")
     p.add_argument("--threads-per-node", "-t", type=int, metavar="T", help="threads per node (default: all cores)")
     p.add_argument("-c", "--ctx-size", type=int, default=None, help="context size in tokens (default 4096)")
+    p.add_argument("--check-tensors", action="store_true",
+                   help="check every block while loading (Inf/NaN scales), naming the first bad one")
 
 
 def model_options(args) -> dict:
     opts = {}
     if args.ctx_size:
         opts["n_ctx"] = args.ctx_size
+    if args.check_tensors:
+        opts["check_tensors"] = True
     from .api import DEFAULT_BACKEND
     backend = args.backend or DEFAULT_BACKEND
     if backend == "engine":

@@ -309,6 +309,23 @@ def _read_tensors(reader: GGUFReader, path: str) -> list[Tensor]:
     return tensors
 
 
+def bad_block_error(t: Tensor, index: int) -> GGUFError:
+    """The error naming block `index` (flat over the tensor's rows) of `t`."""
+    per_row = t.shape[-1] // quants.traits(t.qtype).block
+    return GGUFError(f"{t.file}: tensor {t.name!r} ({t.qtype.name}): block {index} (row {index // per_row}, "
+                     f"block {index % per_row} of the row) has a non-finite scale or value (Inf/NaN)")
+
+
+def check_tensor_blocks(t: Tensor) -> None:
+    """Raise GGUFError naming the first block of `t` whose scale (or float
+    value) is Inf or NaN (llama.cpp's --check-tensors)."""
+    from .kernels import first_bad_block
+    rows = t.raw.reshape(-1, t.row_bytes)
+    bad = first_bad_block(rows, t.qtype, t.shape[-1])
+    if bad >= 0:
+        raise bad_block_error(t, bad)
+
+
 def check_supported_types(gguf: GGUFModelFile) -> None:
     """Reject tensors whose quant type we cannot compute with, naming them."""
     bad = [(t.name, t.qtype.name) for t in gguf if not quants.is_supported(t.qtype)]

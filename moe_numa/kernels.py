@@ -119,6 +119,17 @@ def act_row_bytes(qtype, cols: int) -> int:
     return _native.act_row_bytes(int(_qtype(qtype)), int(cols))
 
 
+def first_bad_block(w_raw: np.ndarray, qtype, cols: int) -> int:
+    """Flat index (row * blocks_per_row + block) of the first block of the
+    weights [rows, row_bytes] whose fp16 scale (or float value) is Inf or NaN;
+    -1 when every block is finite.  Runs without the GIL."""
+    t = _qtype(qtype)
+    _check_weights(w_raw, t, cols, "w_raw")
+    r = _native.first_bad_block_ptr(int(t), _addr(w_raw), w_raw.strides[0], w_raw.shape[0], int(cols))
+    _raise_c_error(-2 if r == -2 else 0, f"first_bad_block({t.name}, {cols} columns)")
+    return int(r)
+
+
 # ---------------------------------------------------------------- random blocks
 def random_blocks(qtype, rows: int, cols: int, rng: np.random.Generator | None = None,
                   scale: float = 1.0) -> np.ndarray:

@@ -51,6 +51,11 @@ const mn_type_info *mn_type(int wtype);
  * level reuses another's code); -1 if there is no kernel there. */
 int    mn_kernel_level(int wtype, int level);
 
+/* Validation (--check-tensors): the index r * (cols / block) + i of the first
+ * block (row r, block i) whose fp16 scale, or plain float value, is Inf or NaN;
+ * -1 if none, -2 if the type has no kernel or cols does not fit its block. */
+int64_t mn_first_bad_block(int wtype, const uint8_t *w, size_t row_stride, int64_t rows, int64_t cols);
+
 /* Error codes of the kernel entry points */
 #define MN_OK 0
 #define MN_ERR_TYPE (-1)    /* no kernel for this weight type */

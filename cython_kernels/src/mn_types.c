@@ -72,3 +72,34 @@ size_t mn_row_bytes(int wtype, int64_t cols) {
     if (bs == 0 || cols <= 0 || cols % bs) return 0;
     return (size_t)(cols / bs) * (size_t)mn_traits_table[wtype].info.bytes;
 }
+
+/* A block is bad when one of its fp16 scales (or, for the plain float types,
+ * its value) is Inf or NaN. */
+static int bad_block(int wtype, const mn_type_info *ti, const uint8_t *b) {
+    switch (wtype) {
+    case MN_F32: { uint32_t u; memcpy(&u, b, 4); return (u & 0x7F800000u) == 0x7F800000u; }
+    case MN_F16: return (mn_rd16(b) & 0x7C00) == 0x7C00;
+    case MN_BF16: return (mn_rd16(b) & 0x7F80) == 0x7F80;
+    case MN_IQ1_M: {
+        const uint16_t s0 = mn_rd16(b + 48), s1 = mn_rd16(b + 50), s2 = mn_rd16(b + 52), s3 = mn_rd16(b + 54);
+        const uint16_t d = (uint16_t)((s0 >> 12) | ((s1 >> 8) & 0xF0) | ((s2 >> 4) & 0xF00) | (s3 & 0xF000));
+        return (d & 0x7C00) == 0x7C00;
+    }
+    default:
+        for (int k = 0; k < 2; k++)
+            if (ti->scale_off[k] >= 0 && (mn_rd16(b + ti->scale_off[k]) & 0x7C00) == 0x7C00) return 1;
+        return 0;
+    }
+}
+
+int64_t mn_first_bad_block(int wtype, const uint8_t *w, size_t row_stride, int64_t rows, int64_t cols) {
+    if (!mn_row_bytes(wtype, cols) || rows < 0) return -2;
+    const mn_type_info *ti = &mn_traits_table[wtype].info;
+    const int64_t nb = cols / ti->block;
+    for (int64_t r = 0; r < rows; r++) {
+        const uint8_t *row = w + r * row_stride;
+        for (int64_t i = 0; i < nb; i++)
+            if (bad_block(wtype, ti, row + i * ti->bytes)) return r * nb + i;
+    }
+    return -1;
+}

@@ -23,7 +23,8 @@ import numpy as np
 
 from .. import quants
 from ..errors import ContextOverflowError, MoeNumaError
-from ..gguf_file import Tensor
+from .. import kernels
+from ..gguf_file import Tensor, bad_block_error, check_tensor_blocks
 from ..kernels import ThreadPool
 from ..layers.attention import GQAWeights
 from ..layers.mla import MLAWeights
@@ -66,9 +67,11 @@ class NodeStore:
     once. Strided shards (column slices) are copied from the memory map, whose
     pages are released right after."""
 
-    def __init__(self, topo: Topology, hugepages: bool = False, gguf=None):
+    def __init__(self, topo: Topology, hugepages: bool = False, gguf=None, check_tensors: bool = False):
         self.topo = topo
         self.hugepages = hugepages
+        self.check_tensors = check_tensors
+        self.checked: set[str] = set()      # tensors whose copies are checked
         self.gguf = gguf
         self.items: dict[tuple[int, str], _Item] = {}
         self.arrays: dict[tuple[int, str], np.ndarray] = {}
@@ -93,6 +96,9 @@ class NodeStore:
                 np.copyto(dst, v.reshape(dst.shape))
                 if whole is not None and whole.flags.c_contiguous:
                     drop_file_pages(whole)   # later shards of this tensor fault it back in if needed
+        if self.check_tensors and source is not None:
+            fill = _checked(fill, view, source)
+            self.checked.add(source.name)
         return self._add(_Item(node, key, cls, int(np.prod(shape)), fill, shape, np.uint8, replicated))
 
     def floats(self, node: int, key: str, values_fn: Callable[[], np.ndarray], shape, cls: str,
@@ -205,6 +211,25 @@ def _f32(t: Tensor | None):
     return None if t is None else (lambda: t.dequantize())
 
 
+def _checked(fill, view: np.ndarray, source: Tensor):
+    """`fill`, then the blocks just copied are checked (check_tensors): the first
+    one with a non-finite scale is named by its place in the source tensor."""
+    tr = quants.traits(source.qtype)
+    row_bytes = source.row_bytes
+
+    def fill_and_check(dst):
+        fill(dst)
+        d2 = dst.reshape(-1, dst.shape[-1])
+        bad = kernels.first_bad_block(d2, source.qtype, d2.shape[1] // tr.type_size * tr.block)
+        if bad >= 0:
+            per_shard_row = d2.shape[1] // tr.type_size
+            off = view.__array_interface__["data"][0] - source.raw.__array_interface__["data"][0]
+            row = off // row_bytes + bad // per_shard_row
+            blk = (off % row_bytes) // tr.type_size + bad % per_shard_row
+            raise bad_block_error(source, row * (row_bytes // tr.type_size) + blk)
+    return fill_and_check
+
+
 def _mat(ref: Ref, t: Tensor, cols: int):
     return (int(t.qtype), ref, cols)
 
@@ -224,7 +249,8 @@ class EngineBackend:
     def __init__(self, model, expert_map=None, numa_nodes: int | None = None,
                  threads_per_node: int | None = None, use_smt: bool = False, hugepages: bool = True,
                  ubatch: int = 512, progress: bool | Callable[[int, int], None] = False,
-                 rebalance_every: int | None = 1024, replica_budget: float | int | str | None = None):
+                 rebalance_every: int | None = 1024, replica_budget: float | int | str | None = None,
+                 check_tensors: bool = False):
         from .. import _native
         self.cfg = cfg = model.config
         self.weights = w = model.weights
@@ -247,7 +273,7 @@ class EngineBackend:
             for k, node in enumerate(self.topology.nodes):
                 cpus = node.threads(threads_per_node, use_smt)
                 self.pools.append(ThreadPool(cpus, caller_is_worker0=(k == 0)))
-            self.store = NodeStore(self.topology, hugepages, model.gguf)
+            self.store = NodeStore(self.topology, hugepages, model.gguf, check_tensors)
             self.store.reserve = self.replica_budget
             self.expert_tokens = [np.zeros(cfg.n_expert, dtype=np.int64) for _ in range(cfg.n_layer)]
             params = self._plan_shards()
@@ -255,6 +281,10 @@ class EngineBackend:
             self._ffn_params = {(node, layer): p for (kind, node, layer), p in params.items() if kind == "ffn"}
             report = _progress_printer(progress)
             self.store.materialize(report)
+            if check_tensors:   # what was not copied (norms, embeddings) is read from the file: check it there
+                for t in model.gguf:
+                    if t.name not in self.store.checked:
+                        check_tensor_blocks(t)
             self.core = _native.NativeEngine([p._pool for p in self.pools], cfg.n_layer, cfg.hidden, self.ubatch)
             for (kind, node, layer), p in params.items():
                 p = self.store.resolve(p)
