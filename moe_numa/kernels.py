@@ -172,7 +172,8 @@ def random_blocks(qtype, rows: int, cols: int, rng: np.random.Generator | None =
 # random_blocks' values come out O(scale)
 _SPAN = {Q.Q8_0: 64, Q.Q4_0: 4, Q.Q4_1: 8, Q.Q5_0: 8, Q.Q5_1: 16, Q.IQ4_NL: 64, Q.IQ4_XS: 64 * 16,
          Q.Q4_K: 8 * 32, Q.Q5_K: 16 * 32, Q.Q2_K: 2 * 8, Q.Q3_K: 2 * 16, Q.Q6_K: 32 * 64,
-         Q.IQ2_XXS: 50, Q.IQ2_XS: 50, Q.IQ2_S: 50, Q.IQ3_XXS: 120, Q.IQ3_S: 128, Q.IQ1_S: 6, Q.IQ1_M: 6}
+         Q.IQ2_XXS: 50, Q.IQ2_XS: 50, Q.IQ2_S: 50, Q.IQ3_XXS: 120, Q.IQ3_S: 128, Q.IQ1_S: 6, Q.IQ1_M: 6,
+         Q.TQ2_0: 1}
 
 
 # ------------------------------------------------------------------ validation

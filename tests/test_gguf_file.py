@@ -81,12 +81,12 @@ def test_unsupported_architecture(make_model, tmp_path):
 
 
 def test_unsupported_quant_type_is_named(make_model, tmp_path):
-    """A type the table has no kernel for (TQ2_0 here) is refused at load, the tensor named."""
+    """A type the table has no kernel for (TQ1_0 here) is refused at load, the tensor named."""
     from gguf import quants
-    raw = quants.quantize(np.zeros((128, 256), dtype=np.float32), Q.TQ2_0)
-    dst = rewrite_gguf(make_model("qwen3moe"), tmp_path / "tq2.gguf",
-                       replace_tensors={"blk.1.attn_k.weight": (raw, Q.TQ2_0)})
-    with pytest.raises(UnsupportedError, match=r"blk\.1\.attn_k\.weight \(TQ2_0\)"):
+    raw = quants.quantize(np.zeros((128, 256), dtype=np.float32), Q.TQ1_0)
+    dst = rewrite_gguf(make_model("qwen3moe"), tmp_path / "tq1.gguf",
+                       replace_tensors={"blk.1.attn_k.weight": (raw, Q.TQ1_0)})
+    with pytest.raises(UnsupportedError, match=r"blk\.1\.attn_k\.weight \(TQ1_0\)"):
         moe_numa.load(dst, backend="reference")
 
 

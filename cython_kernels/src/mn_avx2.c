@@ -282,11 +282,22 @@ MN_TILED(dot_q6_K)
 #define KT_Q2 0
 #define KT_Q3 1
 #define KT_Q5 2
+#define KT_TQ2 3   /* TQ2_0: the Q2_K quant layout at offset 0, value = u - 1: sc = m = 1, dmin = d */
 
 MN_INLINE void kgen_unpack(const int KT, const uint8_t *b, __m256i u[8], __m256i *sc, __m256i *mn,
                            float *d, float *dmin) {
     const __m256i m3 = _mm256_set1_epi8(3), m1 = _mm256_set1_epi8(1), m4 = _mm256_set1_epi8(0xF);
-    if (KT == KT_Q2) {
+    if (KT == KT_TQ2) {
+        *sc = *mn = _mm256_set1_epi16(1);
+        *d = *dmin = h2f(b + 64);
+        for (int n = 0; n < 2; n++) {
+            const __m256i v = _mm256_loadu_si256((const __m256i *)(b + 32 * n));
+            u[4 * n + 0] = _mm256_and_si256(v, m3);
+            u[4 * n + 1] = _mm256_and_si256(_mm256_srli_epi16(v, 2), m3);
+            u[4 * n + 2] = _mm256_and_si256(_mm256_srli_epi16(v, 4), m3);
+            u[4 * n + 3] = _mm256_and_si256(_mm256_srli_epi16(v, 6), m3);
+        }
+    } else if (KT == KT_Q2) {
         const __m128i s = _mm_loadu_si128((const __m128i *)b);
         *sc = _mm256_cvtepu8_epi16(_mm_and_si128(s, _mm_set1_epi8(0xF)));
         *mn = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(s, 4), _mm_set1_epi8(0xF)));
@@ -387,6 +398,7 @@ MN_INLINE void dot_kgen_t(const int KT, size_t bsz, const uint8_t *w, int64_t nb
 KGEN(q2_K, Q2_K, KT_Q2)
 KGEN(q3_K, Q3_K, KT_Q3)
 KGEN(q5_K, Q5_K, KT_Q5)
+KGEN(tq2_0, TQ2_0, KT_TQ2)
 
 /* ----------------------------------------------------------- IQ types
  * Per 32 values (sub-block ib): magnitudes u (unsigned int8) and signs s (+1 /
@@ -403,6 +415,10 @@ KGEN(q5_K, Q5_K, KT_Q5)
 MN_INLINE __m256i sg4(uint8_t s0, uint8_t s1, uint8_t s2, uint8_t s3) {
     return _mm256_set_epi64x((long long)mn_signs64[s3], (long long)mn_signs64[s2],
                              (long long)mn_signs64[s1], (long long)mn_signs64[s0]);
+}
+MN_INLINE __m256i ks4(uint32_t s) {   /* four 7-bit sign indices (bits 0-27) */
+    return _mm256_set_epi64x((long long)mn_ksigns64[(s >> 21) & 127], (long long)mn_ksigns64[(s >> 14) & 127],
+                             (long long)mn_ksigns64[(s >> 7) & 127], (long long)mn_ksigns64[s & 127]);
 }
 MN_INLINE __m256i g4(uint64_t a, uint64_t b, uint64_t c, uint64_t d) {
     return _mm256_set_epi64x((long long)d, (long long)c, (long long)b, (long long)a);
@@ -424,14 +440,14 @@ MN_INLINE void iq_sub(const int IQT, const uint8_t *b, int ib, __m256i *u, __m25
         const uint8_t *a = b + 2 + 8 * ib;
         const uint32_t sc = mn_rd32(a + 4);
         *u = g4(mn_iq2xxs_grid[a[0]], mn_iq2xxs_grid[a[1]], mn_iq2xxs_grid[a[2]], mn_iq2xxs_grid[a[3]]);
-        *s = sg4(mn_ksigns_iq2xs[sc & 127], mn_ksigns_iq2xs[(sc >> 7) & 127], mn_ksigns_iq2xs[(sc >> 14) & 127],
-                 mn_ksigns_iq2xs[(sc >> 21) & 127]);
+        *s = ks4(sc);
         *lo = *hi = 2 * (int)(sc >> 28) + 1;
     } else if (IQT == IQT_2XS) {
         const uint8_t *a = b + 2 + 8 * ib;
         const uint16_t q0 = mn_rd16(a), q1 = mn_rd16(a + 2), q2 = mn_rd16(a + 4), q3 = mn_rd16(a + 6);
         *u = g4(mn_iq2xs_grid[q0 & 511], mn_iq2xs_grid[q1 & 511], mn_iq2xs_grid[q2 & 511], mn_iq2xs_grid[q3 & 511]);
-        *s = sg4(mn_ksigns_iq2xs[q0 >> 9], mn_ksigns_iq2xs[q1 >> 9], mn_ksigns_iq2xs[q2 >> 9], mn_ksigns_iq2xs[q3 >> 9]);
+        *s = _mm256_set_epi64x((long long)mn_ksigns64[q3 >> 9], (long long)mn_ksigns64[q2 >> 9],
+                               (long long)mn_ksigns64[q1 >> 9], (long long)mn_ksigns64[q0 >> 9]);
         const int sc = b[66 + ib];
         *lo = 2 * (sc & 0xF) + 1; *hi = 2 * (sc >> 4) + 1;
     } else if (IQT == IQT_2S) {
@@ -445,8 +461,7 @@ MN_INLINE void iq_sub(const int IQT, const uint8_t *b, int ib, __m256i *u, __m25
     } else if (IQT == IQT_3XXS) {
         const uint32_t sc = mn_rd32(b + 66 + 4 * ib);
         *u = g8(mn_iq3xxs_grid, b + 2 + 8 * ib, zero8);
-        *s = sg4(mn_ksigns_iq2xs[sc & 127], mn_ksigns_iq2xs[(sc >> 7) & 127], mn_ksigns_iq2xs[(sc >> 14) & 127],
-                 mn_ksigns_iq2xs[(sc >> 21) & 127]);
+        *s = ks4(sc);
         *lo = *hi = 2 * (int)(sc >> 28) + 1;
     } else if (IQT == IQT_3S) {
         const int h = b[66 + ib];
@@ -531,5 +546,6 @@ void mn_fill_avx2(mn_traits *tab) {
     SET(Q4_1, dot_q4_1); SET(Q5_0, dot_q5_0); SET(Q5_1, dot_q5_1); SET(IQ4_NL, dot_iq4_nl); SET(IQ4_XS, dot_iq4_xs);
     SET(IQ2_XXS, dot_iq2_xxs); SET(IQ2_XS, dot_iq2_xs); SET(IQ2_S, dot_iq2_s);
     SET(IQ3_XXS, dot_iq3_xxs); SET(IQ3_S, dot_iq3_s); SET(IQ1_S, dot_iq1_s); SET(IQ1_M, dot_iq1_m);
+    SET(TQ2_0, dot_tq2_0);
 #undef SET
 }

@@ -24,6 +24,7 @@
 #define BS_Q5_K 176  /* fp16 d; fp16 dmin; u8 scales[12]; u8 qh[32]; u8 qs[128] */
 #define BS_Q6_K 210  /* u8 ql[128]; u8 qh[64]; i8 scales[16]; fp16 d */
 #define BS_IQ4_XS 136 /* fp16 d; u16 scales_h; u8 scales_l[4]; u8 qs[128] */
+#define BS_TQ2_0 66   /* u8 qs[64] (2-bit q + 1, ordered as Q2_K's); fp16 d */
 
 /* the non-linear 4-bit values of IQ4_NL / IQ4_XS */
 static const int8_t mn_kvalues_iq4nl[16] = {-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113};
@@ -157,6 +158,15 @@ static inline void mn_unpack_q6_K(const uint8_t *b, mn_kblock *u) {
 }
 
 typedef void (*mn_unpack_fn)(const uint8_t *b, mn_kblock *u);
+
+static inline void mn_unpack_tq2_0(const uint8_t *b, mn_kblock *u) {
+    u->d = mn_h2f(mn_rd16(b + 64)); u->dmin = 0.f;
+    for (int k = 0; k < 16; k++) { u->sc[k] = 1; u->m[k] = 0; }
+    int8_t *y = u->q;
+    for (int n = 0; n < 2; n++)
+        for (int shift = 0; shift < 8; shift += 2)
+            for (int l = 0; l < 32; l++) *y++ = (int8_t)(((b[32 * n + l] >> shift) & 3) - 1);
+}
 
 /* ---- 32-value blocks unpacked to int8 values: value j = d * q[j] + m ---- */
 typedef struct { int8_t q[32]; float d, m; } mn_b32;

@@ -11,7 +11,7 @@
 extern const uint64_t mn_iq2xxs_grid[256], mn_iq2xs_grid[512], mn_iq2s_grid[1024], mn_iq1s_grid[2048];
 extern const uint32_t mn_iq3xxs_grid[256], mn_iq3s_grid[512];
 extern const uint8_t mn_ksigns_iq2xs[128];
-extern const uint64_t mn_signs64[256];
+extern const uint64_t mn_signs64[256], mn_ksigns64[128];
 
 #define BS_IQ2_XXS 66   /* fp16 d; u16 qs[32]: per 32 values 4 grid bytes, 4 x 7 sign bits, 4-bit scale */
 #define BS_IQ2_XS 74    /* fp16 d; u16 qs[32] (9-bit grid index, 7 sign bits); u8 scales[8] */

@@ -216,6 +216,7 @@ KQ_SCALAR(iq3_xxs, IQ3_XXS)
 KQ_SCALAR(iq3_s, IQ3_S)
 KQ_SCALAR(iq1_s, IQ1_S)
 KQ_SCALAR(iq1_m, IQ1_M)
+KQ_SCALAR(tq2_0, TQ2_0)
 
 /* 32-value blocks with Q8_0 activations: d*dx*sum(q*xq) (+ m*dx*sum(xq)) */
 static inline void dot_b32_s(mn_unpack32_fn unpack, size_t bsz, const uint8_t *w, int64_t nb,
@@ -253,6 +254,7 @@ void mn_fill_scalar(mn_traits *tab) {
     SET(IQ4_XS, dot_iq4_xs_s);
     SET(IQ2_XXS, dot_iq2_xxs_s); SET(IQ2_XS, dot_iq2_xs_s); SET(IQ2_S, dot_iq2_s_s);
     SET(IQ3_XXS, dot_iq3_xxs_s); SET(IQ3_S, dot_iq3_s_s); SET(IQ1_S, dot_iq1_s_s); SET(IQ1_M, dot_iq1_m_s);
+    SET(TQ2_0, dot_tq2_0_s);
 #undef SET
 }
 

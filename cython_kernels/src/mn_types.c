@@ -39,7 +39,7 @@ mn_traits mn_traits_table[MN_MAX_TYPE] = {
     T_(MN_F64,     "F64",       1,   8, MN_ACT_NONE,  NO, NO),
     T_(MN_IQ1_M,   "IQ1_M",   256,  BS_IQ1_M, MN_ACT_Q8_K,  NO, NO),   /* scale spread over the scale nibbles */
     T_(MN_TQ1_0,   "TQ1_0",   256,  54, MN_ACT_Q8_K,  52, NO),
-    T_(MN_TQ2_0,   "TQ2_0",   256,  66, MN_ACT_Q8_K,  64, NO),
+    T_(MN_TQ2_0,   "TQ2_0",   256,  BS_TQ2_0, MN_ACT_Q8_K,  64, NO),
     T_(MN_MXFP4,   "MXFP4",    32,  17, MN_ACT_Q8_0,  NO, NO),   /* e8m0 exponent byte */
     T_(MN_NVFP4,   "NVFP4",    64,  36, MN_ACT_NONE,  NO, NO),
     T_(MN_Q1_0,    "Q1_0",    128,  18, MN_ACT_NONE,  NO, NO),
