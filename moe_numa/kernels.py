@@ -4,15 +4,17 @@ Owns: the SIMD level in force (`simd_level`, `set_simd_level`), quantized
 matrix-vector / matrix-matrix products straight on GGUF blocks (`matmul`),
 node-local thread pools (`ThreadPool`, `order_cpus`), the fused MoE expert
 kernel (`moe_experts`), `random_blocks` (random valid GGML blocks of every
-supported type, for tests and test models) and `limit_blas_threads`.
+supported type, for tests and test models), `first_bad_block` (the block check
+of check_tensors) and `limit_blas_threads`.
 
 Every function validates its arguments here, at the Python boundary, and raises
 `moe_numa.errors.ShapeError` (shapes, dtypes, contiguity, alignment, index
 ranges), `UnsupportedError` (weight types) or `TopologyError` (CPU sets); the
 native code behind it trusts its inputs and runs without the GIL.
 
-Numerics follow llama.cpp: activations are quantized per row to Q8_K (K-quants)
-or Q8_0 (Q8_0, Q4_0) and integer dot products do the work; F32/F16/BF16 weights
+Numerics follow llama.cpp: activations are quantized per row to Q8_K (K-quants,
+IQ types) or Q8_0 (the 32-value types), as the type table's `act` column says
+(`quants.traits`), and integer dot products do the work; F32/F16/BF16 weights
 are multiplied with float activations.  The SIMD path is picked at run time from
 CPUID; `MOE_NUMA_SIMD=scalar|avx2|avx512|avx512vnni` (read on first use) or
 `set_simd_level(name)` lowers it, e.g. to test the AVX2 and scalar paths on an

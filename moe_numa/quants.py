@@ -34,9 +34,10 @@ class TypeTraits:
         return bool(self.kernels)
 
 
+_KNOWN = {int(t) for t in Q}     # ids this gguf release names (the C table may list newer ones)
 _TABLE = {int(r["id"]): TypeTraits(Q(r["id"]), r["name"], r["block"], r["type_size"], r["act"],
                                    r["scale_offsets"], r["kernels"])
-          for r in _native.type_table() if r["id"] in Q._value2member_map_}
+          for r in _native.type_table() if r["id"] in _KNOWN}
 
 #: Types both the reference and the native kernels compute with, in id order.
 SUPPORTED = tuple(t.qtype for t in _TABLE.values() if t.supported)
