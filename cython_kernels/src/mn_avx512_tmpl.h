@@ -272,6 +272,9 @@ MN_TILED_AS(K(dot_iq4_nl), K(dot_iq4_nl_t))
 MN_INLINE void K(dot_iq4_xs_t)(const uint8_t *w, int64_t nb, const uint8_t *xq, size_t xs, const int NT, float *res) {
     const __m512i kv = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)mn_kvalues_iq4nl));
     const __m512i zero = _mm512_setzero_si512();
+    /* lanes 0-7 (the low half of the result of cvtepi32_epi16) hold ib = 0..7 */
+    const __m512i shl4 = _mm512_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28, 0, 0, 0, 0, 0, 0, 0, 0);
+    const __m512i shl2 = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 0, 0, 0, 0, 0, 0, 0, 0);
     __m512 acc[MN_TILE];
     for (int t = 0; t < NT; t++) acc[t] = _mm512_setzero_ps();
     for (int64_t i = 0; i < nb; i++) {
@@ -280,13 +283,19 @@ MN_INLINE void K(dot_iq4_xs_t)(const uint8_t *w, int64_t nb, const uint8_t *xq, 
         _mm_prefetch((const char *)(b + MN_PF_DIST + 64), _MM_HINT_T0);
         _mm_prefetch((const char *)(b + MN_PF_DIST + 128), _MM_HINT_T0);
         const float d = _cvtsh_ss(mn_rd16(b));
+        /* the 8 scales (int16) in every 128-bit lane; lanes of each 256-bit half pick one */
+        const __m512i lo = _mm512_and_si512(_mm512_srlv_epi32(_mm512_set1_epi32((int)mn_rd32(b + 4)), shl4), _mm512_set1_epi32(0xF));
+        const __m512i hi = _mm512_and_si512(_mm512_srlv_epi32(_mm512_set1_epi32(mn_rd16(b + 2)), shl2), _mm512_set1_epi32(3));
+        const __m512i sc32 = _mm512_sub_epi32(_mm512_or_si512(lo, _mm512_slli_epi32(hi, 4)), _mm512_set1_epi32(32));
+        const __m512i scs = _mm512_broadcast_i32x4(_mm256_castsi256_si128(_mm512_cvtepi32_epi16(sc32)));
         __m512i u[4], sv[4]; __mmask64 m[4];
         for (int p = 0; p < 4; p++) {   /* sub-blocks 2p (bytes 0-15) and 2p+1 (16-31) */
             const uint8_t *q = b + 8 + 32 * p;
             const __m512i v = _mm512_shuffle_epi8(kv, K(nib_pair)(q, q + 16));
             u[p] = _mm512_abs_epi8(v); m[p] = _mm512_movepi8_mask(v);
-            sv[p] = _mm512_inserti64x4(_mm512_set1_epi16((short)mn_iq4_xs_scale(b, 2 * p)),
-                                       _mm256_set1_epi16((short)mn_iq4_xs_scale(b, 2 * p + 1)), 1);
+            const __m512i ctl = _mm512_inserti64x4(_mm512_set1_epi16((short)(0x0100 + 0x0202 * (2 * p))),
+                                                   _mm256_set1_epi16((short)(0x0100 + 0x0202 * (2 * p + 1))), 1);
+            sv[p] = _mm512_shuffle_epi8(scs, ctl);
         }
         for (int t = 0; t < NT; t++) {
             const int8_t *x = (const int8_t *)(xq + t * xs) + QK_K * i;
