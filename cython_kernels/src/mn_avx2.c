@@ -129,11 +129,64 @@ MN_INLINE void name##_t(const uint8_t *w, int64_t nb, const uint8_t *xq, size_t 
     for (int t = 0; t < NT; t++) res[t] = hsum8(_mm256_add_ps(a0[t], a1[t])) + mc[t]; \
 }
 Q80_KERNEL(dot_q8_0, BS_Q8_0, q8_0_vals, -1)
-Q80_KERNEL(dot_q4_0, BS_Q4_0, q4_0_vals, -1)
-Q80_KERNEL(dot_q4_1, BS_Q4_1, q4_1_vals, 2)
-Q80_KERNEL(dot_q5_0, BS_Q5_0, q5_0_vals, -1)
-Q80_KERNEL(dot_q5_1, BS_Q5_1, q5_1_vals, 2)
 Q80_KERNEL(dot_iq4_nl, BS_IQ4_NL, iq4_nl_vals, -1)
+
+/* Unsigned 32-value blocks: value = d * u + c with u >= 0 straight into maddubs
+ * (no sign juggling) and c = -OFF * d (Q4_0, Q5_0) or the fp16 min at MOFF
+ * (Q4_1, Q5_1); the c term is c * dx * sum(xq) from the rows' block sums.
+ * Four blocks per step share one conversion of their scales. */
+MN_INLINE __m256i q4_0_u(const uint8_t *b) { return nib32(b + 2); }
+MN_INLINE __m256i q5_0_u(const uint8_t *b) { return _mm256_or_si256(nib32(b + 6), bit5_32(b + 2)); }
+MN_INLINE __m128 h4(const uint8_t *b, size_t bs) {
+    return _mm_cvtph_ps(_mm_setr_epi16((short)mn_rd16(b), (short)mn_rd16(b + bs), (short)mn_rd16(b + 2 * bs),
+                                       (short)mn_rd16(b + 3 * bs), 0, 0, 0, 0));
+}
+#define U32_KERNEL(name, BS, UVALS, OFF, MOFF, UNPACK) \
+MN_INLINE void name##_t(const uint8_t *w, int64_t nb, const uint8_t *xq, size_t xs, const int NT, float *res) { \
+    const __m256i ones = _mm256_set1_epi16(1); \
+    __m256 acc[MN_TILE]; __m128 cacc[MN_TILE]; float tail[MN_TILE]; \
+    for (int t = 0; t < NT; t++) { acc[t] = _mm256_setzero_ps(); cacc[t] = _mm_setzero_ps(); tail[t] = 0.f; } \
+    int64_t i = 0; \
+    for (; i + 4 <= nb; i += 4) { \
+        const uint8_t *b = w + i * BS; \
+        _mm_prefetch((const char *)(b + MN_PF_DIST), _MM_HINT_T0); _mm_prefetch((const char *)(b + MN_PF_DIST + 64), _MM_HINT_T0); \
+        const __m256i u0 = UVALS(b), u1 = UVALS(b + BS), u2 = UVALS(b + 2 * BS), u3 = UVALS(b + 3 * BS); \
+        const __m128 d4 = h4(b, BS); \
+        const __m128 c4 = (MOFF) >= 0 ? h4(b + ((MOFF) >= 0 ? (MOFF) : 0), BS) : _mm_mul_ps(d4, _mm_set1_ps(-(float)(OFF))); \
+        for (int t = 0; t < NT; t++) { \
+            const int8_t *x = (const int8_t *)(xq + t * xs) + 32 * i; \
+            const __m128 xd = _mm_loadu_ps((const float *)(xq + t * xs + 32 * nb) + i); \
+            const __m128 sx = _mm_cvtepi32_ps(_mm_loadu_si128((const __m128i *)(xq + t * xs + 36 * nb + 4 * i))); \
+            cacc[t] = _mm_fmadd_ps(_mm_mul_ps(c4, xd), sx, cacc[t]); \
+            const __m256 s = _mm256_castps128_ps256(_mm_mul_ps(d4, xd)); \
+            const __m256i p0 = _mm256_madd_epi16(_mm256_maddubs_epi16(u0, _mm256_loadu_si256((const __m256i *)x)), ones); \
+            const __m256i p1 = _mm256_madd_epi16(_mm256_maddubs_epi16(u1, _mm256_loadu_si256((const __m256i *)(x + 32))), ones); \
+            const __m256i p2 = _mm256_madd_epi16(_mm256_maddubs_epi16(u2, _mm256_loadu_si256((const __m256i *)(x + 64))), ones); \
+            const __m256i p3 = _mm256_madd_epi16(_mm256_maddubs_epi16(u3, _mm256_loadu_si256((const __m256i *)(x + 96))), ones); \
+            __m256 a = _mm256_mul_ps(_mm256_permutevar8x32_ps(s, _mm256_set1_epi32(0)), _mm256_cvtepi32_ps(p0)); \
+            a = _mm256_fmadd_ps(_mm256_permutevar8x32_ps(s, _mm256_set1_epi32(1)), _mm256_cvtepi32_ps(p1), a); \
+            a = _mm256_fmadd_ps(_mm256_permutevar8x32_ps(s, _mm256_set1_epi32(2)), _mm256_cvtepi32_ps(p2), a); \
+            acc[t] = _mm256_add_ps(acc[t], _mm256_fmadd_ps(_mm256_permutevar8x32_ps(s, _mm256_set1_epi32(3)), _mm256_cvtepi32_ps(p3), a)); \
+        } \
+    } \
+    for (; i < nb; i++) { /* tail blocks: scalar */ \
+        mn_b32 ub; \
+        UNPACK(w + i * BS, &ub); \
+        for (int t = 0; t < NT; t++) { \
+            const int8_t *x = (const int8_t *)(xq + t * xs) + 32 * i; \
+            const float dx = ((const float *)(xq + t * xs + 32 * nb))[i]; \
+            const int32_t sxi = ((const int32_t *)(xq + t * xs + 36 * nb))[i]; \
+            int sum = 0; \
+            for (int j = 0; j < 32; j++) sum += ub.q[j] * x[j]; \
+            tail[t] += (float)sum * (ub.d * dx) + ub.m * dx * (float)sxi; \
+        } \
+    } \
+    for (int t = 0; t < NT; t++) res[t] = hsum8(acc[t]) + hsum4(cacc[t]) + tail[t]; \
+}
+U32_KERNEL(dot_q4_0, BS_Q4_0, q4_0_u, 8, -1, mn_unpack_q4_0)
+U32_KERNEL(dot_q5_0, BS_Q5_0, q5_0_u, 16, -1, mn_unpack_q5_0)
+U32_KERNEL(dot_q4_1, BS_Q4_1, q4_1_vals, 0, 2, mn_unpack_q4_1)
+U32_KERNEL(dot_q5_1, BS_Q5_1, q5_1_vals, 0, 2, mn_unpack_q5_1)
 MN_TILED(dot_q8_0)
 MN_TILED(dot_q4_0)
 MN_TILED(dot_q4_1)

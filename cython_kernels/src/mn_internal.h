@@ -173,6 +173,10 @@ typedef struct { int8_t q[32]; float d, m; } mn_b32;
 
 static inline uint32_t mn_rd32(const uint8_t *p) { uint32_t v; memcpy(&v, p, 4); return v; }
 
+static inline void mn_unpack_q4_0(const uint8_t *b, mn_b32 *u) {
+    u->d = mn_h2f(mn_rd16(b)); u->m = 0.f;
+    for (int j = 0; j < 16; j++) { u->q[j] = (int8_t)((b[2 + j] & 0xF) - 8); u->q[j + 16] = (int8_t)((b[2 + j] >> 4) - 8); }
+}
 static inline void mn_unpack_q4_1(const uint8_t *b, mn_b32 *u) {
     u->d = mn_h2f(mn_rd16(b)); u->m = mn_h2f(mn_rd16(b + 2));
     for (int j = 0; j < 16; j++) { u->q[j] = b[4 + j] & 0xF; u->q[j + 16] = b[4 + j] >> 4; }
