@@ -38,6 +38,7 @@ cdef extern from "mn_engine.h":
         const mn_mat *k_b
         const mn_mat *v_b
         int64_t n_ctx
+        int n_slots
         float *cache_k
         float *cache_v
         float *cache_lat
@@ -100,6 +101,8 @@ cdef extern from "mn_engine.h":
     size_t mn_node_scratch_bytes(const mn_engine *e, int node)
     int mn_engine_check(const mn_engine *e, char *err, size_t errlen)
     void mn_engine_attention(mn_engine *e, int layer, float *x, int64_t T, int64_t pos0) nogil
+    void mn_engine_attention_batch(mn_engine *e, int layer, float *x, int64_t T, const int64_t *pos,
+                                   const int32_t *slot) nogil
     void mn_engine_ffn(mn_engine *e, int layer, float *x, int64_t T) nogil
     void mn_engine_head(mn_engine *e, const float *x, int64_t T, float *logits) nogil
 
@@ -115,6 +118,8 @@ cdef class NativeEngine:
     cdef list _pools
     cdef list _mallocs
     cdef bint _ready
+    cdef int64_t _n_ctx
+    cdef int _n_slots
 
     def __cinit__(self, pools, int n_layers, int64_t hidden, int64_t t_max):
         n = len(pools)
@@ -124,6 +129,8 @@ cdef class NativeEngine:
         self._pools = list(pools)
         self._mallocs = []
         self._ready = False
+        self._n_ctx = -1
+        self._n_slots = -1
         memset(&self.e, 0, sizeof(mn_engine))
         self.e.n_nodes = n
         self.e.n_layers = n_layers
@@ -246,6 +253,12 @@ cdef class NativeEngine:
             L.k_b = mats
             L.v_b = mats + n
         L.n_ctx = p["n_ctx"]
+        L.n_slots = p.get("n_slots", 1)
+        if L.n_ctx < 1 or L.n_slots < 1:
+            raise ValueError(f"layer {layer}: n_ctx ({L.n_ctx}) and n_slots ({L.n_slots}) must be >= 1")
+        if self._n_ctx >= 0 and (self._n_ctx, self._n_slots) != (L.n_ctx, L.n_slots):
+            raise ValueError(f"layer {layer}: every layer needs the same n_ctx and n_slots")
+        self._n_ctx, self._n_slots = L.n_ctx, L.n_slots
         L.cache_k = self._fw(p.get("cache_k"))
         L.cache_v = self._fw(p.get("cache_v"))
         L.cache_lat = self._fw(p.get("cache_lat"))
@@ -375,6 +388,28 @@ cdef class NativeEngine:
             raise IndexError(f"layer {layer} out of range")
         with nogil:
             mn_engine_attention(&self.e, layer, px, T, pos0)
+
+    def attention_batch(self, int layer, x, pos, slot):
+        """x += attention of `layer`, token t at position pos[t] of cache slot slot[t]
+        (int64 / int32 arrays of T entries; no (slot, position) twice)."""
+        cdef int64_t T
+        cdef float *px = self._x(x, &T)
+        if not 0 <= layer < self.e.n_layers:
+            raise IndexError(f"layer {layer} out of range")
+        pos_a = np.ascontiguousarray(pos, dtype=np.int64)
+        slot_a = np.ascontiguousarray(slot, dtype=np.int32)
+        if pos_a.shape != (T,) or slot_a.shape != (T,):
+            raise ValueError(f"pos and slot need {T} entries each, got {pos_a.shape} and {slot_a.shape}")
+        if T and (pos_a.min() < 0 or pos_a.max() >= self._n_ctx):
+            raise ValueError(f"positions must be in [0, {self._n_ctx}), got {pos_a.min()}..{pos_a.max()}")
+        if T and (slot_a.min() < 0 or slot_a.max() >= self._n_slots):
+            raise ValueError(f"slots must be in [0, {self._n_slots}), got {slot_a.min()}..{slot_a.max()}")
+        if T > 1 and np.unique(slot_a.astype(np.int64) * self._n_ctx + pos_a).size != T:
+            raise ValueError("a (slot, position) pair appears twice in one batch")
+        cdef const int64_t *pp = <const int64_t *><size_t>pos_a.ctypes.data
+        cdef const int32_t *ps = <const int32_t *><size_t>slot_a.ctypes.data
+        with nogil:
+            mn_engine_attention_batch(&self.e, layer, px, T, pp, ps)
 
     def ffn(self, int layer, x):
         cdef int64_t T

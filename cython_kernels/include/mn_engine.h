@@ -46,8 +46,10 @@ typedef struct {
     mn_mat wq_a, wq_b, wkv_a, wkv_b;    /* wq (no q LoRA) in wq; wkv_b: local heads' rows (MLA_MHA) */
     const float *q_a_norm, *kv_a_norm;
     const mn_mat *k_b, *v_b;            /* per local head: [kv_lora, nope], [v_dim, kv_lora] (MLA) */
-    /* cache (this node's part) */
+    /* cache (this node's part): n_slots independent sequences of n_ctx positions each,
+     * slot-major (every shape below gets a leading [n_slots]) */
     int64_t n_ctx;
+    int n_slots;
     float *cache_k, *cache_v;           /* GQA/MLA_MHA: keys in tiles [n_kv, ceil(n_ctx/32), qk_dim, 32], values [n_ctx, n_kv, v_dim] */
     float *cache_lat;                   /* MLA: latents [n_ctx, kv_lora] (values) */
     float *cache_ktiles;                /* MLA: keys [latent | roped k_pe] in tiles [ceil(n_ctx/32), kv_lora + rope_dims, 32] */
@@ -121,8 +123,14 @@ size_t mn_node_scratch_bytes(const mn_engine *e, int node);
 /* Validate every node's layers; 0, or -1 with a message naming node, layer and field. */
 int    mn_engine_check(const mn_engine *e, char *err, size_t errlen);
 
-/* x[T, hidden] += attention(layer) at positions pos0 .. pos0+T-1 (cache updated). */
+/* x[T, hidden] += attention(layer) at positions pos0 .. pos0+T-1 of cache slot 0 (cache updated). */
 void   mn_engine_attention(mn_engine *e, int layer, float *x, int64_t T, int64_t pos0);
+/* The batched step: token t is at position pos[t] of cache slot slot[t] and attends to positions
+ * 0..pos[t] of its own slot (earlier tokens of the batch included).  The caller guarantees
+ * 0 <= pos[t] < n_ctx, 0 <= slot[t] < n_slots and no (slot, pos) twice in one call.
+ * Per token the result is bit-identical to running that token alone. */
+void   mn_engine_attention_batch(mn_engine *e, int layer, float *x, int64_t T, const int64_t *pos,
+                                 const int32_t *slot);
 /* x[T, hidden] += ffn(layer) (MoE with shared experts, or dense). */
 void   mn_engine_ffn(mn_engine *e, int layer, float *x, int64_t T);
 /* logits[T, vocab] = head(x) (final norm included). */

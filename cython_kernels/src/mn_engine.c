@@ -155,7 +155,10 @@ static void matmul_heads(const mn_mat *m, int64_t n_head, int64_t rows, const ui
 /* ------------------------------------------------------------ attention */
 typedef struct {
     mn_engine *e; mn_node *node; const mn_attn_layer *L;
-    const float *x; int64_t T, pos0;
+    const float *x; int64_t T;
+    /* token t sits at position pos[t] of cache slot slot[t]; NULL: pos0 + t, slot 0 */
+    int64_t pos0, s_max;              /* s_max: 1 + the largest position (scores per head) */
+    const int64_t *pos; const int32_t *slot;
     /* scratch, carved identically by every thread */
     float *xn, *q, *k, *v, *qa, *kva, *kvb, *lat_n, *qlat, *olat, *ao, *att;
     int64_t att_stride;
@@ -163,6 +166,9 @@ typedef struct {
     uint8_t *qn_q, *olat_q;           /* MLA: per-head activations of q_nope / o_lat */
     size_t qn_row, olat_row;
 } attn_ctx;
+
+static inline int64_t tok_pos(const attn_ctx *c, int64_t t) { return c->pos ? c->pos[t] : c->pos0 + t; }
+static inline int64_t tok_slot(const attn_ctx *c, int64_t t) { return c->slot ? c->slot[t] : 0; }
 
 static void attn_layout(attn_ctx *c, arena *a, int nth) {
     const mn_attn_layer *L = c->L;
@@ -200,7 +206,7 @@ static void attn_layout(attn_ctx *c, arena *a, int nth) {
     c->ao = (float *)carve(a, sizeof(float) * T * nq * L->v_dim);
     if (nq > 0) act_add(&c->ao_act, L->wo.type, nq * L->v_dim);
     act_alloc(&c->in, a, T); act_alloc(&c->qa_act, a, T); act_alloc(&c->lat_act, a, T); act_alloc(&c->ao_act, a, T);
-    const int64_t s_max = c->pos0 + T;
+    const int64_t s_max = c->s_max;
     if (L->kind == MN_ATTN_MLA) {   /* scores of 4 heads, then their [latent | rope] queries */
         c->att_stride = 4 * s_max + 4 * (L->kv_lora + L->rope_dims);
     } else {   /* scores of up to 4 heads of one kv group */
@@ -212,7 +218,7 @@ static void attn_layout(attn_ctx *c, arena *a, int nth) {
 static size_t attn_scratch(const mn_attn_layer *L, int64_t T, int64_t n_ctx, int nth) {
     attn_ctx c;
     memset(&c, 0, sizeof c);
-    c.L = L; c.T = T; c.pos0 = n_ctx - T;
+    c.L = L; c.T = T; c.s_max = n_ctx;
     arena a = {NULL, 0, 0};
     uint8_t probe[1];
     a.p = probe;     /* only sizes are used: carve() does not touch memory */
@@ -237,7 +243,7 @@ static void attn_task(void *p, int ith, int nth) {
     attn_ctx *c = (attn_ctx *)p;
     const mn_attn_layer *L = c->L;
     const int64_t t_start = ith == 0 ? now_ns() : 0;
-    const int64_t T = c->T, H = L->hidden, nq = L->n_head, pos0 = c->pos0;
+    const int64_t T = c->T, H = L->hidden, nq = L->n_head;
     mn_pool *pool = c->node->pool;
     arena a = {(uint8_t *)(((uintptr_t)c->node->scratch + 63) & ~(uintptr_t)63), 0, c->node->scratch_bytes};
     float *partial = c->node->partial;
@@ -305,7 +311,7 @@ static void attn_task(void *p, int ith, int nth) {
         const int64_t units = T * (nq + L->n_kv);
         split(units, ith, nth, &a0, &a1);
         for (int64_t u = a0; u < a1; u++) {
-            const int64_t t = u / (nq + L->n_kv), j = u % (nq + L->n_kv), pos = pos0 + t;
+            const int64_t t = u / (nq + L->n_kv), j = u % (nq + L->n_kv), pos = tok_pos(c, t);
             if (j < nq) {
                 float *qh = C.q + t * nq * qk + j * qk;
                 if (L->bq) for (int64_t i = 0; i < qk; i++) qh[i] += L->bq[j * qk + i];
@@ -314,7 +320,8 @@ static void attn_task(void *p, int ith, int nth) {
             } else {
                 const int64_t h = j - nq;
                 float kc[MAX_HEAD_DIM];
-                float *vc = L->cache_v + (pos * L->n_kv + h) * vd;
+                const int64_t sl = tok_slot(c, t);
+                float *vc = L->cache_v + ((sl * L->n_ctx + pos) * L->n_kv + h) * vd;
                 if (L->kind == MN_ATTN_GQA) {
                     const float *kh = C.k + t * L->n_kv * qk + h * qk;
                     const float *vh = C.v + t * L->n_kv * vd + h * vd;
@@ -330,7 +337,7 @@ static void attn_task(void *p, int ith, int nth) {
                 }
                 rope_apply(kc + L->rope_off, L->rope_dims, L->rope_neox, L->rope_cos, L->rope_sin, pos);
                 /* keys are cached in transposed tiles, [kv head][position / 32][dim][32] */
-                float *kt = L->cache_k + (h * KV_TILES(L->n_ctx) + pos / 32) * qk * 32 + pos % 32;
+                float *kt = L->cache_k + ((sl * L->n_kv + h) * KV_TILES(L->n_ctx) + pos / 32) * qk * 32 + pos % 32;
                 for (int64_t i = 0; i < qk; i++) kt[i * 32] = kc[i];
             }
         }
@@ -340,7 +347,7 @@ static void attn_task(void *p, int ith, int nth) {
         split(T * L->n_kv, ith, nth, &a0, &a1);
         float *scores = C.att + C.att_stride * ith;
         for (int64_t u = a0; u < a1; u++) {
-            const int64_t t = u / L->n_kv, g = u % L->n_kv, S = pos0 + t + 1;
+            const int64_t t = u / L->n_kv, g = u % L->n_kv, S = tok_pos(c, t) + 1, sl = tok_slot(c, t);
             int h = 0;
             while (h < nq && L->q2kv[h] != g) h++;
             for (; h < nq && L->q2kv[h] == g; h += 4) {
@@ -353,10 +360,12 @@ static void attn_task(void *p, int ith, int nth) {
                     out[nb] = C.ao + t * nq * vd + (h + nb) * vd;
                     nb++;
                 }
-                A.scores(qs, nb, L->cache_k + g * KV_TILES(L->n_ctx) * qk * 32, (int)qk, S, L->kq_scale, sc);
+                A.scores(qs, nb, L->cache_k + (sl * L->n_kv + g) * KV_TILES(L->n_ctx) * qk * 32, (int)qk, S,
+                         L->kq_scale, sc);
                 float inv[4];
                 for (int j = 0; j < nb; j++) inv[j] = softmax_unnormalized(sc[j], S);
-                A.values((const float *const *)sc, nb, L->cache_v + g * vd, L->n_kv * vd, (int)vd, S, out);
+                A.values((const float *const *)sc, nb, L->cache_v + (sl * L->n_ctx * L->n_kv + g) * vd, L->n_kv * vd,
+                         (int)vd, S, out);
                 for (int j = 0; j < nb; j++)
                     for (int64_t i = 0; i < vd; i++) out[j][i] *= inv[j];
                 if (nb < 4) break;
@@ -368,18 +377,18 @@ static void attn_task(void *p, int ith, int nth) {
         const int64_t units = T * (nq + 1);
         split(units, ith, nth, &a0, &a1);
         for (int64_t u = a0; u < a1; u++) {
-            const int64_t t = u / (nq + 1), j = u % (nq + 1), pos = pos0 + t;
+            const int64_t t = u / (nq + 1), j = u % (nq + 1), pos = tok_pos(c, t), sl = tok_slot(c, t);
             if (j < nq) {
                 float *qh = C.q + t * nq * qk + j * qk;
                 rope_apply(qh + L->nope, (int)rd, L->rope_neox, L->rope_cos, L->rope_sin, pos);
                 mn_quantize_act(L->k_b[j].type, qh, C.qn_q + (j * T + t) * C.qn_row, L->nope);
             } else {
-                float *lat = L->cache_lat + pos * R, kpe[MAX_HEAD_DIM];
+                float *lat = L->cache_lat + (sl * L->n_ctx + pos) * R, kpe[MAX_HEAD_DIM];
                 rms_norm_row(C.kva + t * kvw, L->kv_a_norm, lat, R, L->norm_eps);
                 memcpy(kpe, C.kva + t * kvw + R, sizeof(float) * rd);
                 rope_apply(kpe, (int)rd, L->rope_neox, L->rope_cos, L->rope_sin, pos);
                 /* key = [latent | roped k_pe], cached in transposed tiles [position / 32][dim][32] */
-                float *kt = L->cache_ktiles + (pos / 32) * kvw * 32 + pos % 32;
+                float *kt = L->cache_ktiles + (sl * KV_TILES(L->n_ctx) + pos / 32) * kvw * 32 + pos % 32;
                 for (int64_t i = 0; i < R; i++) kt[i * 32] = lat[i];
                 for (int64_t i = 0; i < rd; i++) kt[(R + i) * 32] = kpe[i];
             }
@@ -393,9 +402,9 @@ static void attn_task(void *p, int ith, int nth) {
         const int64_t nblk = (nq + 3) / 4;
         split(T * nblk, ith, nth, &a0, &a1);
         float *scores = C.att + C.att_stride * ith;
-        float *qcat = scores + 4 * (pos0 + T);
+        float *qcat = scores + 4 * C.s_max;
         for (int64_t u = a0; u < a1; u++) {
-            const int64_t t = u / nblk, h0 = (u % nblk) * 4, S = pos0 + t + 1;
+            const int64_t t = u / nblk, h0 = (u % nblk) * 4, S = tok_pos(c, t) + 1, sl = tok_slot(c, t);
             const int nb = nq - h0 < 4 ? (int)(nq - h0) : 4;
             const float *qs[4];
             float *sc[4], *out[4];
@@ -407,10 +416,10 @@ static void attn_task(void *p, int ith, int nth) {
                 sc[j] = scores + j * S;
                 out[j] = C.olat + ((h0 + j) * T + t) * R;
             }
-            A.scores(qs, nb, L->cache_ktiles, (int)kvw, S, L->kq_scale, sc);
+            A.scores(qs, nb, L->cache_ktiles + sl * KV_TILES(L->n_ctx) * kvw * 32, (int)kvw, S, L->kq_scale, sc);
             float inv[4];
             for (int j = 0; j < nb; j++) inv[j] = softmax_unnormalized(sc[j], S);
-            A.values((const float *const *)sc, nb, L->cache_lat, R, (int)R, S, out);
+            A.values((const float *const *)sc, nb, L->cache_lat + sl * L->n_ctx * R, R, (int)R, S, out);
             for (int j = 0; j < nb; j++) {
                 for (int64_t i = 0; i < R; i++) out[j][i] *= inv[j];
                 mn_quantize_act(L->v_b[h0 + j].type, out[j], C.olat_q + ((h0 + j) * T + t) * C.olat_row, R);
@@ -758,15 +767,31 @@ static void reduce_partials(mn_engine *e, float *x, int64_t T) {
 }
 
 
-void mn_engine_attention(mn_engine *e, int layer, float *x, int64_t T, int64_t pos0) {
+static void attention(mn_engine *e, int layer, float *x, int64_t T, int64_t pos0, const int64_t *pos,
+                      const int32_t *slot) {
     attn_ctx ctx[MAX_NODES];
+    int64_t s_max = pos0 + T;
+    if (pos) {
+        s_max = 0;
+        for (int64_t t = 0; t < T; t++) if (pos[t] + 1 > s_max) s_max = pos[t] + 1;
+    }
     for (int n = 0; n < e->n_nodes; n++) {
         memset(&ctx[n], 0, sizeof(attn_ctx));
         ctx[n].e = e; ctx[n].node = &e->nodes[n]; ctx[n].L = &e->nodes[n].attn[layer];
-        ctx[n].x = x; ctx[n].T = T; ctx[n].pos0 = pos0;
+        ctx[n].x = x; ctx[n].T = T; ctx[n].pos0 = pos0; ctx[n].s_max = s_max;
+        ctx[n].pos = pos; ctx[n].slot = slot;
     }
     run_nodes(e, attn_task, ctx, sizeof(attn_ctx), 0);
     reduce_partials(e, x, T);
+}
+
+void mn_engine_attention(mn_engine *e, int layer, float *x, int64_t T, int64_t pos0) {
+    attention(e, layer, x, T, pos0, NULL, NULL);
+}
+
+void mn_engine_attention_batch(mn_engine *e, int layer, float *x, int64_t T, const int64_t *pos,
+                               const int32_t *slot) {
+    attention(e, layer, x, T, 0, pos, slot);
 }
 
 void mn_engine_ffn(mn_engine *e, int layer, float *x, int64_t T) {

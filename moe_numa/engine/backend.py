@@ -250,12 +250,15 @@ class EngineBackend:
                  threads_per_node: int | None = None, use_smt: bool = False, hugepages: bool = True,
                  ubatch: int = 512, progress: bool | Callable[[int, int], None] = False,
                  rebalance_every: int | None = 1024, replica_budget: float | int | str | None = None,
-                 check_tensors: bool = False):
+                 check_tensors: bool = False, n_slots: int = 1):
         from .. import _native
         self.cfg = cfg = model.config
         self.weights = w = model.weights
         self.n_ctx = model.n_ctx
         self.n_past = 0
+        if int(n_slots) < 1:
+            raise MoeNumaError(f"n_slots must be >= 1, got {n_slots}")
+        self.n_slots = int(n_slots)   # independent KV-cache sequences (forward() uses slot 0)
         self.ubatch = int(ubatch)
         self.topology = topology(numa_nodes)
         n_nodes = self.topology.n_nodes
@@ -360,6 +363,7 @@ class EngineBackend:
         p: dict[str, Any] = {"kind": "none", "hidden": cfg.hidden, "rms_eps": cfg.rms_eps, "n_head": 0,
                              "kq_scale": a.kq_scale, "qk_dim": 0, "v_dim": 0, "rope_dims": 0, "rope_neox": 0,
                              "rope_cos": None, "rope_sin": None, "n_ctx": self.n_ctx,
+                             "n_slots": self.n_slots,
                              "attn_norm": S.floats(node, key + "attn_norm", _f32(lw.attn_norm), (cfg.hidden,), "norms")}
         if nh == 0:
             return p
@@ -386,9 +390,9 @@ class EngineBackend:
                      bv=vec(at.bv, k0 * hd, k1 * hd, "bv"),
                      q_norm=None if at.q_norm is None else S.floats(node, key + "q_norm", _f32(at.q_norm), (hd,), "norms"),
                      k_norm=None if at.k_norm is None else S.floats(node, key + "k_norm", _f32(at.k_norm), (hd,), "norms"),
-                     cache_k=S.zeros(node, key + "cache_k", (nkv, -(-self.n_ctx // 32), hd, 32),
+                     cache_k=S.zeros(node, key + "cache_k", (self.n_slots, nkv, -(-self.n_ctx // 32), hd, 32),
                                      "kv_cache"),   # keys in transposed tiles of 32 positions
-                     cache_v=S.zeros(node, key + "cache_v", (self.n_ctx, nkv, hd), "kv_cache"))
+                     cache_v=S.zeros(node, key + "cache_v", (self.n_slots, self.n_ctx, nkv, hd), "kv_cache"))
             return p
         assert isinstance(at, MLAWeights)
         qh, vd, R, rd = a.q_head_dim, a.v_head_dim, a.kv_lora_rank, a.qk_rope_dim
@@ -415,17 +419,17 @@ class EngineBackend:
                                at.wk_b, a.qk_nope_dim) for h in range(h0, h1)],
                      v_b=[_mat(S.raw(node, key + f"v_b{h}", at.wv_b.raw[h], "attention", source=at.wv_b),
                                at.wv_b, R) for h in range(h0, h1)],
-                     cache_lat=S.zeros(node, key + "cache_lat", (self.n_ctx, R), "kv_cache"),
-                     cache_ktiles=S.zeros(node, key + "cache_ktiles", (-(-self.n_ctx // 32), R + rd, 32),
+                     cache_lat=S.zeros(node, key + "cache_lat", (self.n_slots, self.n_ctx, R), "kv_cache"),
+                     cache_ktiles=S.zeros(node, key + "cache_ktiles", (self.n_slots, -(-self.n_ctx // 32), R + rd, 32),
                                           "kv_cache"))
         else:                     # attn_kv_b: decompress this node's heads, cache full K/V
             per = a.qk_nope_dim + vd
             p.update(kind="mla_mha",
                      wkv_b=_mat(S.raw(node, key + "wkv_b", at.wkv_b.raw[h0 * per:h1 * per], "attention",
                                       source=at.wkv_b), at.wkv_b, R),
-                     cache_k=S.zeros(node, key + "cache_k", (nh, -(-self.n_ctx // 32), qh, 32),
+                     cache_k=S.zeros(node, key + "cache_k", (self.n_slots, nh, -(-self.n_ctx // 32), qh, 32),
                                      "kv_cache"),   # keys in transposed tiles of 32 positions
-                     cache_v=S.zeros(node, key + "cache_v", (self.n_ctx, nh, vd), "kv_cache"))
+                     cache_v=S.zeros(node, key + "cache_v", (self.n_slots, self.n_ctx, nh, vd), "kv_cache"))
         return p
 
     def _ffn_shard(self, i, node, lw, lp) -> dict:
@@ -522,6 +526,48 @@ class EngineBackend:
             elif start + self.ubatch >= n:
                 self.core.head(np.ascontiguousarray(x[-1:]), out)
         self.last_forward = {"tokens": n, **_balance(self.core.stats(), st0)}
+        if self.rebalance_every and self._since_rebalance >= self.rebalance_every and self.plan.n_nodes > 1:
+            self.rebalance()
+        return out
+
+    def forward_batch(self, ids, pos, slot, logit_rows=None) -> np.ndarray:
+        """One step for several sequences at once (continuous batching): token t
+        is at position pos[t] of KV-cache slot slot[t] and sees positions 0..pos[t]
+        of its own slot (earlier tokens of this batch included), so a slot's
+        prompt chunk and other slots' decode tokens share the step. Projections,
+        the router and each expert's weights run once over all tokens; only
+        attention is per slot. Per token the result equals running its sequence
+        alone. Returns logits for the tokens in `logit_rows` (default: all),
+        [len(logit_rows), n_vocab]. The caller tracks each slot's length;
+        `n_past` (slot 0 of forward()) is left alone."""
+        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+        pos = np.asarray(pos, dtype=np.int64).reshape(-1)
+        slot = np.asarray(slot, dtype=np.int32).reshape(-1)
+        n = len(ids)
+        if not (len(pos) == len(slot) == n) or n == 0:
+            raise MoeNumaError(f"forward_batch needs ids, pos and slot of one length >= 1, got "
+                               f"{len(ids)}, {len(pos)}, {len(slot)}")
+        if pos.min() < 0 or pos.max() >= self.n_ctx:
+            raise ContextOverflowError(f"positions {pos.min()}..{pos.max()} outside the context of "
+                                       f"{self.n_ctx} tokens")
+        if slot.min() < 0 or slot.max() >= self.n_slots:
+            raise MoeNumaError(f"slots {slot.min()}..{slot.max()} outside 0..{self.n_slots - 1}")
+        rows = np.arange(n) if logit_rows is None else np.asarray(logit_rows, dtype=np.int64).reshape(-1)
+        out = np.empty((len(rows), self.cfg.n_vocab), dtype=np.float32)
+        for start in range(0, n, self.ubatch):
+            end = min(n, start + self.ubatch)
+            x = self.embed(ids[start:end])
+            p, s = pos[start:end], slot[start:end]
+            for layer in range(self.cfg.n_layer):
+                self.core.attention_batch(layer, x, p, s)
+                self.core.ffn(layer, x)
+            self._since_rebalance += end - start
+            want = np.nonzero((rows >= start) & (rows < end))[0]
+            if len(want):
+                sel = np.ascontiguousarray(x[rows[want] - start])
+                buf = np.empty((len(want), self.cfg.n_vocab), dtype=np.float32)
+                self.core.head(sel, buf)
+                out[want] = buf
         if self.rebalance_every and self._since_rebalance >= self.rebalance_every and self.plan.n_nodes > 1:
             self.rebalance()
         return out
