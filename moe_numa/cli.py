@@ -220,6 +220,7 @@ COMMANDS = (
             "add_topology_arguments", "run_topology"),
     Command("map", __name__, "write a YAML expert map for a model", "add_map_arguments", "run_map"),
     Command("profile", "moe_numa.numa.profile", "record routed-token counts and co-selection over prompts"),
+    Command("serve", "moe_numa.server", "OpenAI-compatible HTTP server, concurrent requests batched"),
     Command("check-placement", "moe_numa.numa.check", "check where the engine's pages and threads really are"),
     Command("bench-kernels", "moe_numa.bench.kernels", "kernel bandwidth benchmark (bench/kernels.py)"),
     Command("bench", "moe_numa.bench.bench",

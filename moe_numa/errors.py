@@ -32,3 +32,7 @@ class TopologyError(MoeNumaError, ValueError):
 
 class ContextOverflowError(MoeNumaError, ValueError):
     """A prompt or generation that does not fit in the context window."""
+
+
+class QueueFullError(MoeNumaError):
+    """The server has no free slot and its request queue is full (HTTP 429)."""
