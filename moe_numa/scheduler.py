@@ -44,6 +44,7 @@ class GenRequest:
     params: SamplingParams
     on_event: Callable[[str, Any], None]
     stop: Sequence[str] = ()
+    ignore_eos: bool = False
     id: int = field(default_factory=lambda: next(_ids))
     cancelled: bool = False
     submitted: float = field(default_factory=time.perf_counter)
@@ -188,7 +189,11 @@ class Scheduler:
         logits = self.backend.forward_batch(ids, pos, slot, logit_rows=rows)
         self.steps += 1
         for q, lg in zip(owners, logits):
-            self._advance(q, lg)
+            try:
+                self._advance(q, lg)
+            except Exception as e:   # one sequence's failure (its sampler) ends it, not the batch
+                log.exception("sampling failed for request %d", q.req.id)
+                self._finish(q, error=f"sampling failed: {e}")
         return True
 
     def _admit(self) -> None:
@@ -206,12 +211,16 @@ class Scheduler:
                     if n > reuse or (n == reuse and s.last_used < best.last_used):
                         best, reuse = s, n
                 reuse = min(reuse, len(req.prompt_ids) - 1)   # the last prompt token must run: its logits
-                best.seq = _Seq(req, best, reuse, self.tokenizer)
+                try:
+                    best.seq = _Seq(req, best, reuse, self.tokenizer)
+                except Exception as e:   # a request the sampler refuses fails alone
+                    _emit(req, "error", f"bad sampling parameters: {e}")
+                    continue
                 best.last_used = self.steps + 1
 
     def _advance(self, q: _Seq, logits: np.ndarray) -> None:
         token = q.sampler(logits, q.history)
-        if token in self.tokenizer.stop_ids:
+        if token in self.tokenizer.stop_ids and not q.req.ignore_eos:
             return self._finish(q, "stop")
         q.generated += 1
         self.tokens_generated += 1

@@ -66,8 +66,9 @@ class _Sampling(_Strict):
     repeat_penalty: float | None = Field(None, gt=0, le=10)
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
     presence_penalty: float | None = Field(None, ge=-2, le=2)
-    seed: int | None = None
+    seed: int | None = Field(None, ge=0, le=2**64 - 1)
     stop: str | list[str] | None = Field(None, description="up to 16 stop strings")
+    ignore_eos: bool = Field(False, description="keep generating past end-of-generation tokens (benchmarks)")
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: int = Field(1, ge=1, le=1, description="only 1 choice per request")
@@ -158,6 +159,23 @@ class ServerState:
         finally:
             model.close()
 
+    def begin_shutdown(self, grace: float) -> None:
+        """Refuse new requests; give the ones in flight `grace` seconds, then end them
+        (each stream gets an error event and [DONE], so every response completes)."""
+        if self.status == "ready":
+            self.status = "stopping"
+
+        def drain():
+            deadline = time.monotonic() + grace
+            while self.scheduler is not None and time.monotonic() < deadline:
+                st = self.scheduler.status()
+                if st["busy"] == 0 and st["queued"] == 0:
+                    break
+                time.sleep(0.05)
+            if self.scheduler is not None:
+                self.scheduler.stop(timeout=0)
+        threading.Thread(target=drain, name="moe-numa-drain", daemon=True).start()
+
     def stop(self, timeout: float = 30.0) -> None:
         """End the step loop (requests still in flight get an error event) and close the model."""
         if self.status == "ready":
@@ -236,7 +254,7 @@ def create_app(state: ServerState) -> FastAPI:
         try:
             ids = model.prompt_ids(messages)
         except (ChatTemplateError, ValueError) as e:
-            raise ApiError(400, str(e), "messages") from None
+            raise ApiError(400, f"messages: {e}", "messages") from None
         limit = body.max_completion_tokens or body.max_tokens
         return await _generate(state, request, body, ids, limit, chat=True, param="messages")
 
@@ -246,7 +264,7 @@ def create_app(state: ServerState) -> FastAPI:
         try:
             ids = model.prompt_ids(body.prompt)
         except ValueError as e:
-            raise ApiError(400, str(e), "prompt") from None
+            raise ApiError(400, f"prompt: {e}", "prompt") from None
         return await _generate(state, request, body, ids, body.max_tokens, chat=False, param="prompt")
 
     return app
@@ -293,13 +311,13 @@ async def _generate(state: ServerState, request: Request, body: _Sampling, ids: 
 
     def on_event(kind, data):
         loop.call_soon_threadsafe(events.put_nowait, (kind, data))
-    req = GenRequest(ids, max_tokens, _sampling(state, body), on_event, stop=stops)
+    req = GenRequest(ids, max_tokens, _sampling(state, body), on_event, stop=stops, ignore_eos=body.ignore_eos)
     try:
         sched.submit(req)
     except QueueFullError as e:
         raise ApiError(429, str(e), code="queue_full") from None
     except MoeNumaError as e:
-        raise ApiError(400, str(e), param) from None
+        raise ApiError(400, f"{param}: {e}", param) from None
 
     rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
     created = int(time.time())
@@ -431,8 +449,14 @@ def serve(model_path: str, host: str = "127.0.0.1", port: int = 8080, parallel: 
                         defaults or SamplingParams())
     app = create_app(state)
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=False,
-                            timeout_graceful_shutdown=shutdown_timeout, lifespan="off")
-    server = uvicorn.Server(config)
+                            timeout_graceful_shutdown=shutdown_timeout + 10, lifespan="off")
+
+    class _Server(uvicorn.Server):
+        def handle_exit(self, sig, frame):
+            if not self.should_exit:
+                state.begin_shutdown(shutdown_timeout)
+            super().handle_exit(sig, frame)
+    server = _Server(config)
     state.on_failure = lambda: setattr(server, "should_exit", True)
     # uvicorn re-raises the signal it caught once it has shut down; these no-op handlers make
     # that re-raise harmless, so a SIGTERM ends in a clean exit 0.
