@@ -391,7 +391,8 @@ cdef class NativeEngine:
 
     def attention_batch(self, int layer, x, pos, slot):
         """x += attention of `layer`, token t at position pos[t] of cache slot slot[t]
-        (int64 / int32 arrays of T entries; no (slot, position) twice)."""
+        (int64 / int32 arrays of T entries). Positions and slots are range-checked here;
+        a (slot, position) given twice is the caller's bug (EngineBackend.forward_batch checks)."""
         cdef int64_t T
         cdef float *px = self._x(x, &T)
         if not 0 <= layer < self.e.n_layers:
@@ -404,8 +405,6 @@ cdef class NativeEngine:
             raise ValueError(f"positions must be in [0, {self._n_ctx}), got {pos_a.min()}..{pos_a.max()}")
         if T and (slot_a.min() < 0 or slot_a.max() >= self._n_slots):
             raise ValueError(f"slots must be in [0, {self._n_slots}), got {slot_a.min()}..{slot_a.max()}")
-        if T > 1 and np.unique(slot_a.astype(np.int64) * self._n_ctx + pos_a).size != T:
-            raise ValueError("a (slot, position) pair appears twice in one batch")
         cdef const int64_t *pp = <const int64_t *><size_t>pos_a.ctypes.data
         cdef const int32_t *ps = <const int32_t *><size_t>slot_a.ctypes.data
         with nogil:

@@ -251,8 +251,8 @@ def create_app(state: ServerState) -> FastAPI:
                 d["content"] = "".join(texts)
             d.setdefault("content", "")
             messages.append(d)
-        try:
-            ids = model.prompt_ids(messages)
+        try:   # templating and tokenizing a long prompt off the event loop: other streams keep flowing
+            ids = await asyncio.to_thread(model.prompt_ids, messages)
         except (ChatTemplateError, ValueError) as e:
             raise ApiError(400, f"messages: {e}", "messages") from None
         limit = body.max_completion_tokens or body.max_tokens
@@ -262,7 +262,7 @@ def create_app(state: ServerState) -> FastAPI:
     async def completions(body: CompletionRequest, request: Request):
         model = _ready(state, body.model)
         try:
-            ids = model.prompt_ids(body.prompt)
+            ids = await asyncio.to_thread(model.prompt_ids, body.prompt)
         except ValueError as e:
             raise ApiError(400, f"prompt: {e}", "prompt") from None
         return await _generate(state, request, body, ids, body.max_tokens, chat=False, param="prompt")

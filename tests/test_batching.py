@@ -81,7 +81,7 @@ def test_logit_rows_and_bad_batches(make_model):
             b.forward_batch([5], [16], [0])
         with pytest.raises(MoeNumaError, match="slots"):
             b.forward_batch([5], [0], [2])
-        with pytest.raises(ValueError, match="twice"):
+        with pytest.raises(MoeNumaError, match="twice"):
             b.forward_batch([5, 6], [3, 3], [1, 1])
         with pytest.raises(MoeNumaError, match="n_slots"):
             moe_numa.load(path, backend="engine", n_slots=0)

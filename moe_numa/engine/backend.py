@@ -552,6 +552,8 @@ class EngineBackend:
                                        f"{self.n_ctx} tokens")
         if slot.min() < 0 or slot.max() >= self.n_slots:
             raise MoeNumaError(f"slots {slot.min()}..{slot.max()} outside 0..{self.n_slots - 1}")
+        if n > 1 and np.unique(slot.astype(np.int64) * self.n_ctx + pos).size != n:
+            raise MoeNumaError("a (slot, position) pair appears twice in one batch")
         rows = np.arange(n) if logit_rows is None else np.asarray(logit_rows, dtype=np.int64).reshape(-1)
         out = np.empty((len(rows), self.cfg.n_vocab), dtype=np.float32)
         for start in range(0, n, self.ubatch):
