@@ -12,10 +12,12 @@ every rep: C clients at once each stream one /v1/completions request (distinct
 prompts, greedy, `ignore_eos`, exactly -n tokens) and record when every SSE chunk
 arrives. Per sample:
 
-- aggregate decode tok/s: tokens after each stream's first, summed over streams,
-  over the time from the earliest first token to the last token of any stream;
+- aggregate decode tok/s: tokens after each stream's first (from the usage chunk),
+  summed over streams, over the time from the earliest first token to the last
+  token of any stream;
 - TTFT: submit -> first token, per stream (p50 over streams and reps);
-- per-token latency: gaps between successive tokens of a stream, p50 and p99 pooled.
+- per-token latency: gaps between successive chunks of a stream (one token each,
+  except where text is held back to complete a UTF-8 character), p50 and p99 pooled.
 
 Other processes' CPU time during each sample is recorded (the machine must be
 quiet). Reports medians over reps, ours / llama.cpp per concurrency, and our
@@ -117,7 +119,7 @@ def stream_once(url: str, prompt: str, n_predict: int, out: dict) -> None:
     """One streaming completion; out gets submit time and every token chunk's arrival time."""
     import httpx
     body = {"prompt": prompt, "max_tokens": n_predict, "n_predict": n_predict, "temperature": 0,
-            "ignore_eos": True, "stream": True, "cache_prompt": False}
+            "ignore_eos": True, "stream": True, "cache_prompt": False, "stream_options": {"include_usage": True}}
     out["t0"] = time.perf_counter()
     out["times"] = []
     try:
@@ -129,6 +131,8 @@ def stream_once(url: str, prompt: str, n_predict: int, out: dict) -> None:
                 if not line.startswith("data: ") or line == "data: [DONE]":
                     continue
                 ev = json.loads(line[6:])
+                if (ev.get("usage") or {}).get("completion_tokens"):
+                    out["n_tokens"] = ev["usage"]["completion_tokens"]
                 ch = ev.get("choices") or []
                 if ch and ch[0].get("text"):
                     out["times"].append(time.perf_counter())
@@ -152,12 +156,13 @@ def sample(url: str, concurrency: int, rep: int, n_predict: int, prompt_words: i
     errors = [o["error"] for o in outs if "error" in o]
     ok = [o for o in outs if "error" not in o and len(o["times"]) >= 2]
     rec = {"concurrency": concurrency, "rep": rep, "wall_s": wall, "others_cpu_s": others, "errors": errors,
-           "tokens": [len(o["times"]) for o in outs]}
+           "tokens": [o.get("n_tokens", len(o.get("times", []))) for o in outs]}
     if not ok:
         return rec
     first = min(o["times"][0] for o in ok)
     last = max(o["times"][-1] for o in ok)
-    decoded = sum(len(o["times"]) - 1 for o in ok)
+    # a chunk may carry several tokens (text held back until it is whole UTF-8): count from usage
+    decoded = sum(o.get("n_tokens", len(o["times"])) - 1 for o in ok)
     rec.update(agg_tps=decoded / (last - first) if last > first else None,
                ttft_s=[o["times"][0] - o["t0"] for o in ok],
                itl_s=[b - a for o in ok for a, b in zip(o["times"], o["times"][1:])])
