@@ -124,6 +124,7 @@ class ServerState:
         self.scheduler: Scheduler | None = None
         self.created = int(time.time())
         self.ready = threading.Event()
+        self.stopping = False
         self.on_failure = lambda: None
         self.thread: threading.Thread | None = None
 
@@ -145,6 +146,9 @@ class ServerState:
             kv = model.placement_report()["kv_cache_bytes"]
             log.info("KV cache: %d tokens per sequence x %d slots = %.1f MiB", model.n_ctx, self.parallel,
                      kv / 2**20)
+            if self.stopping:   # a signal came while the weights were being placed
+                model.close()
+                return
             self.status = "ready"
         except Exception as e:
             self.error = f"{type(e).__name__}: {e}"
@@ -162,7 +166,8 @@ class ServerState:
     def begin_shutdown(self, grace: float) -> None:
         """Refuse new requests; give the ones in flight `grace` seconds, then end them
         (each stream gets an error event and [DONE], so every response completes)."""
-        if self.status == "ready":
+        self.stopping = True
+        if self.status in ("ready", "loading"):
             self.status = "stopping"
 
         def drain():
@@ -428,6 +433,8 @@ def run(args) -> int:
     opts = model_options(args)
     opts.pop("progress", None)   # the server reports placement progress on /health and in its log
     path = args.model or str(default_model_path())
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"GGUF file not found: {path}")
     defaults = SamplingParams(temperature=args.temp, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
                               repeat_penalty=args.repeat_penalty, repeat_last_n=args.repeat_last_n)
     return serve(path, host=args.host, port=args.port, parallel=args.parallel, max_queue=args.queue,

@@ -296,6 +296,20 @@ def test_full_queue_gets_429_and_sigterm_exits_0():
             s.proc.kill()
 
 
+def test_bad_command_lines_fail_before_serving(tmp_path):
+    def run(*flags):
+        return subprocess.run([sys.executable, "-m", "moe_numa.cli", "serve", "--port", str(_free_port()), *flags],
+                              cwd=ROOT, capture_output=True, text=True, timeout=60)
+    r = run("-m", str(tmp_path / "missing.gguf"))
+    assert r.returncode == 2 and "missing.gguf" in r.stderr
+    r = run("--parallel", "0")
+    assert r.returncode == 2 and "--parallel" in r.stderr
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"GGUF" + b"\0" * 64)       # the loader refuses it on the engine thread: exit 1
+    r = run("-m", str(bad))
+    assert r.returncode == 1 and "bad.gguf" in r.stderr
+
+
 def test_health_reports_loading_progress():
     from fastapi.testclient import TestClient
     from moe_numa.sampling import SamplingParams
