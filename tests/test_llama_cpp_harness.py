@@ -111,6 +111,10 @@ def test_cmake_flags_pin_native_release_and_tag():
     assert f"-DLLAMA_BUILD_NUMBER={lc.TAG[1:]}" in flags
     gflags = lc._cmake_flags("gcc-12", "g++-12", [f"-DCMAKE_C_FLAGS={lc.GCC_NO_AMX}"])
     assert any("-mno-amx-tile" in f for f in gflags)
+    # the server is one flag away and otherwise identical: a build with it stays valid for everyone
+    sflags = lc._cmake_flags("clang-16", "clang++-16", [], server=True)
+    assert "-DLLAMA_BUILD_SERVER=OFF" in flags and "-DLLAMA_BUILD_SERVER=ON" in sflags
+    assert [f for f in sflags if "SERVER" not in f] == [f for f in flags if "SERVER" not in f]
 
 
 def test_cache_root_env(monkeypatch, tmp_path):
