@@ -29,12 +29,38 @@ class ReferenceBackend:
     name = "reference"
 
     def __init__(self, arch_module, cfg, weights, n_ctx: int, weight_cache_bytes: int = 8 << 30,
-                 act_quant: bool = False):
+                 act_quant: bool = False, n_slots: int = 1):
         self.cfg = cfg
         self.n_ctx = n_ctx
+        if int(n_slots) < 1:
+            raise MoeNumaError(f"n_slots must be >= 1, got {n_slots}")
+        self.n_slots = int(n_slots)
         # act_quant=True rounds matmul inputs as the native kernels do (Q8_0/Q8_K), to check the engine tightly.
         self.forward_pass = ReferenceForward(arch_module, cfg, weights, Dequantizer(weight_cache_bytes, act_quant))
         self.cache = self.forward_pass.new_cache(n_ctx)
+        self.slot_caches = {0: self.cache}   # further slots' caches, made on first use
+
+    def forward_batch(self, ids, pos, slot, logit_rows=None) -> np.ndarray:
+        """EngineBackend.forward_batch's semantics, one slot after the other: each slot's
+        tokens must be consecutive positions starting at or before what the slot holds."""
+        ids, pos, slot = (np.asarray(a, dtype=np.int64).reshape(-1) for a in (ids, pos, slot))
+        if not (len(ids) == len(pos) == len(slot)) or len(ids) == 0:
+            raise MoeNumaError("forward_batch needs ids, pos and slot of one length >= 1")
+        hidden = np.empty((len(ids), self.cfg.hidden), dtype=np.float32)
+        for s in np.unique(slot):
+            if not 0 <= s < self.n_slots:
+                raise MoeNumaError(f"slot {s} outside 0..{self.n_slots - 1}")
+            rows = np.flatnonzero(slot == s)
+            cache = self.slot_caches.get(int(s)) or self.slot_caches.setdefault(
+                int(s), self.forward_pass.new_cache(self.n_ctx))
+            p0 = int(pos[rows[0]])
+            if not (np.diff(pos[rows]) == 1).all() or p0 > cache.n_past:
+                raise MoeNumaError(f"slot {s}: positions must run on from at most {cache.n_past}, got "
+                                   f"{pos[rows].tolist()}")
+            cache.n_past = p0   # positions before p0 are already filled
+            hidden[rows] = self.forward_pass.hidden_states(ids[rows], cache)
+        want = np.arange(len(ids)) if logit_rows is None else np.asarray(logit_rows, dtype=np.int64)
+        return self.forward_pass.logits(hidden[want])
 
     @property
     def n_past(self) -> int:

@@ -82,7 +82,7 @@ class Scheduler:
     def __init__(self, model, max_queue: int = 64, prefill_chunk: int = 256):
         backend = model.backend
         if not hasattr(backend, "forward_batch"):
-            raise MoeNumaError("the server needs the engine backend (continuous batching)")
+            raise MoeNumaError(f"the {backend.name} backend has no batched step (forward_batch)")
         self.model, self.backend, self.tokenizer = model, backend, model.tokenizer
         self.n_ctx = backend.n_ctx
         self.slots = [_Slot(i) for i in range(backend.n_slots)]

@@ -140,12 +140,16 @@ class ServerState:
         def progress(done, total):
             self.progress = {"done_bytes": int(done), "total_bytes": int(total)}
         try:
-            model = load(self.model_path, n_slots=self.parallel, progress=progress, **self.load_options)
+            opts = dict(self.load_options)
+            if opts.get("backend", "engine") == "engine":
+                opts["progress"] = progress
+            model = load(self.model_path, n_slots=self.parallel, **opts)
             self.model = model
             self.scheduler = Scheduler(model, max_queue=self.max_queue, prefill_chunk=self.prefill_chunk)
-            kv = model.placement_report()["kv_cache_bytes"]
-            log.info("KV cache: %d tokens per sequence x %d slots = %.1f MiB", model.n_ctx, self.parallel,
-                     kv / 2**20)
+            if model.backend.name == "engine":
+                kv = model.placement_report()["kv_cache_bytes"]
+                log.info("KV cache: %d tokens per sequence x %d slots = %.1f MiB", model.n_ctx, self.parallel,
+                         kv / 2**20)
             if self.stopping:   # a signal came while the weights were being placed
                 model.close()
                 return
@@ -428,8 +432,6 @@ def add_arguments(sv) -> None:
 def run(args) -> int:
     from .cli import model_options
     from .default_model import default_model_path
-    if args.backend == "reference":
-        raise SystemExit("moe-numa serve needs the engine backend (continuous batching over KV-cache slots)")
     opts = model_options(args)
     opts.pop("progress", None)   # the server reports placement progress on /health and in its log
     path = args.model or str(default_model_path())

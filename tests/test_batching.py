@@ -60,12 +60,14 @@ def test_batched_step_is_bit_identical_to_single_sequences(make_model, preset):
 @pytest.mark.parametrize("preset,n_nodes", [("qwen3moe", 3), ("deepseek-v3", 2), ("deepseek-v2-lite", 2)])
 def test_batched_step_matches_reference(make_model, preset, n_nodes):
     path = make_model(preset, "f32")
-    ref = moe_numa.load(path, backend="reference")
+    ref = moe_numa.load(path, backend="reference", n_slots=3, n_ctx=32)
     with moe_numa.load(path, backend="engine", numa_nodes=n_nodes, n_slots=3, n_ctx=32) as m:
         seqs = _seqs(m.config, (6, 10, 4), seed=2)
         got = _batched(m.backend, seqs, chunk=(3, 1, 4))
+    batched_ref = _batched(ref.backend, seqs, chunk=(3, 1, 4))   # the reference's own slots, same schedule
     for k, s in enumerate(seqs):
         want = ref.logits(list(s))
+        np.testing.assert_allclose(batched_ref[k], want, atol=1e-5 * np.abs(want).max())
         assert np.abs(got[k] - want).max() <= 1e-4 * np.abs(want).max()
         assert (got[k].argmax(-1) == want.argmax(-1)).all()
 

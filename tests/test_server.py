@@ -296,6 +296,20 @@ def test_full_queue_gets_429_and_sigterm_exits_0():
             s.proc.kill()
 
 
+def test_reference_backend_serves_too():
+    s = Server("--backend", "reference", "--parallel", "2", "-c", "128")
+    try:
+        with moe_numa.load(default_model_path(), backend="reference", n_ctx=128) as ref:
+            want = [ref.generate(p, max_tokens=6, temperature=0) for p in ("Hello", "Bonjour")]
+        with ThreadPoolExecutor(2) as ex:
+            got = list(ex.map(lambda p: s.client.completions.create(model=s.model_id, prompt=p, max_tokens=6,
+                                                                    temperature=0).choices[0].text,
+                              ["Hello", "Bonjour"]))
+        assert got == want
+    finally:
+        assert s.terminate() == 0
+
+
 def test_bad_command_lines_fail_before_serving(tmp_path):
     def run(*flags):
         return subprocess.run([sys.executable, "-m", "moe_numa.cli", "serve", "--port", str(_free_port()), *flags],
