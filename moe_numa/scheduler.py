@@ -106,6 +106,7 @@ class Scheduler:
         with self.cond:
             if self.stopping:
                 raise QueueFullError("the server is shutting down")
+            self.waiting = [r for r in self.waiting if not r.cancelled]   # clients that gave up waiting
             free = sum(s.seq is None for s in self.slots)
             if len(self.waiting) >= free + self.max_queue:
                 raise QueueFullError(f"all {len(self.slots)} slots are busy and the queue of {self.max_queue} "
