@@ -35,10 +35,11 @@ def _seqs(cfg, lengths, seed=1):
     return [rng.integers(0, cfg.n_vocab, size=n) for n in lengths]
 
 
-@pytest.mark.parametrize("preset", TEST_PRESETS)
-def test_batched_step_is_bit_identical_to_single_sequences(make_model, preset):
-    path = make_model(preset, "q8_0")
-    with moe_numa.load(path, backend="engine", numa_nodes=2, n_slots=4, n_ctx=64) as m:
+@pytest.mark.parametrize("preset,n_nodes,qtype", [(p, 2, "q8_0") for p in TEST_PRESETS] + [
+    ("qwen3moe", None, "q8_0"), ("deepseek-v3", 3, "q4_k_m"), ("qwen2moe", 2, "bf16")])
+def test_batched_step_is_bit_identical_to_single_sequences(make_model, preset, n_nodes, qtype):
+    path = make_model(preset, qtype)   # n_nodes None: the real topology, all threads in one pool
+    with moe_numa.load(path, backend="engine", numa_nodes=n_nodes, n_slots=4, n_ctx=64) as m:
         b = m.backend
         seqs = _seqs(m.config, (7, 12, 9, 3))
         alone = []
