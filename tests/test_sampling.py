@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 from hypothesis import given, strategies as st
 
-from moe_numa.sampling import Sampler, SamplingParams, apply_penalties, candidate_probs
+from moe_numa.sampling import Sampler, SamplingParams, apply_penalties, candidate_probs, top_order
 
 LOGITS = np.random.default_rng(0).standard_normal(500).astype(np.float32) * 3
 
@@ -62,3 +62,13 @@ def test_bad_params():
         SamplingParams(top_p=0)
     with pytest.raises(ValueError):
         SamplingParams(min_p=2)
+
+
+@given(k=st.integers(0, 80), n=st.integers(1, 300), levels=st.integers(1, 40), seed=st.integers(0, 2**32 - 1))
+def test_top_order_is_the_stable_sort_prefix(k, n, levels, seed):
+    rng = np.random.default_rng(seed)
+    x = rng.integers(0, levels, size=n).astype(np.float32)   # few distinct values: many ties
+    if n > 3:
+        x[rng.integers(0, n)] = -np.inf
+    full = np.argsort(-x, kind="stable")
+    assert np.array_equal(top_order(x, k), full[:k] if k > 0 else full)
