@@ -125,6 +125,7 @@ class ServerState:
         self.created = int(time.time())
         self.ready = threading.Event()
         self.stopping = False
+        self.kv_cache_bytes: int | None = None
         self.on_failure = lambda: None
         self.thread: threading.Thread | None = None
 
@@ -147,7 +148,7 @@ class ServerState:
             self.model = model
             self.scheduler = Scheduler(model, max_queue=self.max_queue, prefill_chunk=self.prefill_chunk)
             if model.backend.name == "engine":
-                kv = model.placement_report()["kv_cache_bytes"]
+                kv = self.kv_cache_bytes = model.placement_report()["kv_cache_bytes"]
                 log.info("KV cache: %d tokens per sequence x %d slots = %.1f MiB", model.n_ctx, self.parallel,
                          kv / 2**20)
             if self.stopping:   # a signal came while the weights were being placed
@@ -237,6 +238,7 @@ def create_app(state: ServerState) -> FastAPI:
         if state.scheduler is not None:
             body["slots"] = state.scheduler.status()
             body["n_ctx"] = state.scheduler.n_ctx
+            body["kv_cache_bytes"] = state.kv_cache_bytes
         return JSONResponse(body, status_code=200 if state.status == "ready" else 503)
 
     @app.get("/v1/models")

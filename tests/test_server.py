@@ -70,8 +70,8 @@ class Server:
             assert time.time() < deadline, f"slots still busy: {h}"
             time.sleep(0.05)
 
-    def terminate(self, timeout=60) -> int:
-        self.proc.send_signal(signal.SIGTERM)
+    def terminate(self, timeout=60, sig=signal.SIGTERM) -> int:
+        self.proc.send_signal(sig)
         try:
             return self.proc.wait(timeout)
         finally:
@@ -106,7 +106,7 @@ def test_models_and_health(server):
     models = server.client.models.list()
     assert [m.id for m in models.data] == [server.model_id] == [Path(default_model_path()).name]
     h = server.health()
-    assert h["status"] == "ready" and h["n_ctx"] == CTX
+    assert h["status"] == "ready" and h["n_ctx"] == CTX and h["kv_cache_bytes"] > 0
     assert h["slots"]["total"] == 8 and h["slots"]["free"] + h["slots"]["busy"] == 8
     spec = httpx.get(server.url + "/openapi.json").json()
     assert {"/v1/chat/completions", "/v1/completions", "/v1/models", "/health"} <= set(spec["paths"])
@@ -307,7 +307,7 @@ def test_reference_backend_serves_too():
                               ["Hello", "Bonjour"]))
         assert got == want
     finally:
-        assert s.terminate() == 0
+        assert s.terminate(sig=signal.SIGINT) == 0         # Ctrl-C ends as cleanly as SIGTERM
 
 
 def test_bad_command_lines_fail_before_serving(tmp_path):
