@@ -123,7 +123,6 @@ class ServerState:
         self.model = None
         self.scheduler: Scheduler | None = None
         self.created = int(time.time())
-        self.ready = threading.Event()
         self.stopping = False
         self.kv_cache_bytes: int | None = None
         self.on_failure = lambda: None
@@ -159,10 +158,8 @@ class ServerState:
             self.error = f"{type(e).__name__}: {e}"
             self.status = "failed"
             log.error("loading %s failed: %s", self.model_path, self.error)
-            self.ready.set()
             self.on_failure()
             return
-        self.ready.set()
         try:
             self.scheduler.run()
         finally:
