@@ -556,6 +556,7 @@ class EngineBackend:
             raise MoeNumaError("a (slot, position) pair appears twice in one batch")
         rows = np.arange(n) if logit_rows is None else np.asarray(logit_rows, dtype=np.int64).reshape(-1)
         out = np.empty((len(rows), self.cfg.n_vocab), dtype=np.float32)
+        st0 = self.core.stats()
         for start in range(0, n, self.ubatch):
             end = min(n, start + self.ubatch)
             x = self.embed(ids[start:end])
@@ -570,6 +571,7 @@ class EngineBackend:
                 buf = np.empty((len(want), self.cfg.n_vocab), dtype=np.float32)
                 self.core.head(sel, buf)
                 out[want] = buf
+        self.last_forward = {"tokens": n, **_balance(self.core.stats(), st0)}
         if self.rebalance_every and self._since_rebalance >= self.rebalance_every and self.plan.n_nodes > 1:
             self.rebalance()
         return out
