@@ -7,11 +7,11 @@ away frees its slot; SIGTERM exits 0."""
 from __future__ import annotations
 
 import json
-import os
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -38,14 +38,15 @@ class Server:
     def __init__(self, *flags: str):
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.log = open(os.devnull, "w")
+        self.log = tempfile.TemporaryFile("w+")   # a file, not a pipe: a chatty server never blocks on it
         self.proc = subprocess.Popen([sys.executable, "-m", "moe_numa.cli", "serve", "--port", str(self.port),
                                       "--log-level", "warning", *flags], cwd=ROOT, stdout=self.log,
-                                     stderr=subprocess.PIPE, text=True)
+                                     stderr=subprocess.STDOUT, text=True)
         deadline = time.time() + 120
         while True:
             if self.proc.poll() is not None:
-                raise AssertionError(f"server exited with {self.proc.returncode}: {self.proc.stderr.read()}")
+                self.log.seek(0)
+                raise AssertionError(f"server exited with {self.proc.returncode}: {self.log.read()}")
             try:
                 r = httpx.get(self.url + "/health", timeout=2)
                 if r.status_code == 200:
