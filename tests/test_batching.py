@@ -10,7 +10,6 @@ import pytest
 import moe_numa
 from moe_numa import kernels, quants
 from moe_numa.errors import ContextOverflowError, MoeNumaError
-from moe_numa.testing import kquants as kq
 
 from conftest import TEST_PRESETS
 
@@ -22,8 +21,7 @@ def test_tiled_matmul_is_per_token_independent(qtype):
     t = quants.qtype_from_name(qtype)
     rng = np.random.default_rng(3)
     rows, cols = 37, 512
-    raw = np.ascontiguousarray(kq.encode(rng.standard_normal((rows, cols)).astype(np.float32), t, rng))
-    raw = raw.view(np.uint8).reshape(rows, -1)
+    raw = kernels.random_blocks(t, rows, cols, rng)
     x = rng.standard_normal((11, cols)).astype(np.float32)
     cpu = kernels.SIMD_LEVELS.index(kernels.simd_level_cpu())
     for level in kernels.SIMD_LEVELS[:cpu + 1]:
