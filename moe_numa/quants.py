@@ -138,3 +138,33 @@ def simulate_act_quant(x: np.ndarray, wtype: int) -> np.ndarray:
         d = np.where(mx != 0, np.float32(1) / iscale, np.float32(0)).astype(np.float32)
     q = np.minimum(np.rint(b * iscale), 127)
     return (q * d).reshape(x.shape).astype(np.float32)
+
+
+# Weight types whose dot product has a min term: llama.cpp pairs them with Q8_1
+# activations, whose block sum s = fp16(d * sum(q)) is rounded on its own.
+MIN_TYPES = (Q.Q4_1, Q.Q5_1)
+
+
+def q8_1_sum_correction(x: np.ndarray, raw: np.ndarray, wtype: int) -> np.ndarray | None:
+    """What llama.cpp's Q8_1 activations add to `simulate_act_quant(x) @ W.T` for a
+    Q4_1 / Q5_1 weight W (raw blocks, `[..., rows, row_bytes]`): per block the min m
+    multiplies fp16(d * sum(q)) rather than fp16(d) * sum(q). `x` is `[T, cols]` for a
+    2-D W, `[T, H, cols]` for a `[H, rows, row_bytes]` one. None for other types."""
+    if int(wtype) not in MIN_TYPES:
+        return None
+    t = traits(wtype)
+    raw = np.ascontiguousarray(raw)
+    blocks = raw.reshape(*raw.shape[:-1], -1, t.type_size)
+    off = t.scale_offsets[1]
+    m = blocks[..., off:off + 2].copy().view(np.float16)[..., 0].astype(np.float32)   # [..., rows, nb]
+    b = np.ascontiguousarray(x, dtype=np.float32).reshape(*x.shape[:-1], -1, 32)
+    amax = np.abs(b).max(axis=-1)
+    d = (amax / np.float32(127)).astype(np.float32)
+    with np.errstate(divide="ignore"):
+        inv = np.where(amax != 0, np.float32(127) / amax, np.float32(0)).astype(np.float32)
+    sq = np.rint(b * inv[..., None]).sum(axis=-1).astype(np.float32)
+    delta = (d * sq).astype(np.float16).astype(np.float32) - d.astype(np.float16).astype(np.float32) * sq
+    if raw.ndim == 2:
+        return (delta.reshape(-1, delta.shape[-1]) @ m.T).reshape(*x.shape[:-1], m.shape[0])
+    return np.einsum("hrb,thb->thr", m, delta)
+

@@ -133,7 +133,8 @@ Q80_KERNEL(dot_iq4_nl, BS_IQ4_NL, iq4_nl_vals, -1)
 
 /* Unsigned 32-value blocks: value = d * u + c with u >= 0 straight into maddubs
  * (no sign juggling) and c = -OFF * d (Q4_0, Q5_0) or the fp16 min at MOFF
- * (Q4_1, Q5_1); the c term is c * dx * sum(xq) from the rows' block sums.
+ * (Q4_1, Q5_1); the c term is c * dx * sum(xq) from the rows' block sums, for a min
+ * m * s with s the fp16-rounded sum llama.cpp's Q8_1 carries.
  * Four blocks per step share one conversion of their scales. */
 MN_INLINE __m256i q4_0_u(const uint8_t *b) { return nib32(b + 2); }
 MN_INLINE __m256i q5_0_u(const uint8_t *b) { return _mm256_or_si256(nib32(b + 6), bit5_32(b + 2)); }
@@ -156,8 +157,11 @@ MN_INLINE void name##_t(const uint8_t *w, int64_t nb, const uint8_t *xq, size_t 
         for (int t = 0; t < NT; t++) { \
             const int8_t *x = (const int8_t *)(xq + t * xs) + 32 * i; \
             const __m128 xd = _mm_loadu_ps((const float *)(xq + t * xs + 32 * nb) + i); \
-            const __m128 sx = _mm_cvtepi32_ps(_mm_loadu_si128((const __m128i *)(xq + t * xs + 36 * nb + 4 * i))); \
-            cacc[t] = _mm_fmadd_ps(_mm_mul_ps(c4, xd), sx, cacc[t]); \
+            if ((MOFF) >= 0) /* the min times llama.cpp's Q8_1 sum */ \
+                cacc[t] = _mm_fmadd_ps(c4, _mm_loadu_ps((const float *)(xq + t * xs + 40 * nb) + i), cacc[t]); \
+            else \
+                cacc[t] = _mm_fmadd_ps(_mm_mul_ps(c4, xd), \
+                                       _mm_cvtepi32_ps(_mm_loadu_si128((const __m128i *)(xq + t * xs + 36 * nb + 4 * i))), cacc[t]); \
             const __m256 s = _mm256_castps128_ps256(_mm_mul_ps(d4, xd)); \
             const __m256i p0 = _mm256_madd_epi16(_mm256_maddubs_epi16(u0, _mm256_loadu_si256((const __m256i *)x)), ones); \
             const __m256i p1 = _mm256_madd_epi16(_mm256_maddubs_epi16(u1, _mm256_loadu_si256((const __m256i *)(x + 32))), ones); \
@@ -175,10 +179,10 @@ MN_INLINE void name##_t(const uint8_t *w, int64_t nb, const uint8_t *xq, size_t 
         for (int t = 0; t < NT; t++) { \
             const int8_t *x = (const int8_t *)(xq + t * xs) + 32 * i; \
             const float dx = ((const float *)(xq + t * xs + 32 * nb))[i]; \
-            const int32_t sxi = ((const int32_t *)(xq + t * xs + 36 * nb))[i]; \
+            const float ms = ((const float *)(xq + t * xs + 40 * nb))[i]; \
             int sum = 0; \
             for (int j = 0; j < 32; j++) sum += ub.q[j] * x[j]; \
-            tail[t] += (float)sum * (ub.d * dx) + ub.m * dx * (float)sxi; \
+            tail[t] += (float)sum * (ub.d * dx) + ub.m * ms; \
         } \
     } \
     for (int t = 0; t < NT; t++) res[t] = hsum8(acc[t]) + hsum4(cacc[t]) + tail[t]; \

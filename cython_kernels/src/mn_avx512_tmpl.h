@@ -226,8 +226,8 @@ MN_INLINE void K(name##_t)(const uint8_t *w, int64_t nb, const uint8_t *xq, size
             const int8_t *x = (const int8_t *)(xq + t * xs) + 32 * i; \
             const __m256 xd = _mm256_loadu_ps((const float *)(xq + t * xs + 32 * nb) + i); \
             if (MOFF >= 0) { \
-                const __m256i sums = _mm256_loadu_si256((const __m256i *)(xq + t * xs + 36 * nb + 4 * i)); \
-                corr[t] = _mm256_fmadd_ps(_mm256_mul_ps(mw, xd), _mm256_cvtepi32_ps(sums), corr[t]); \
+                /* the min times llama.cpp's Q8_1 sum (fp16-rounded) */ \
+                corr[t] = _mm256_fmadd_ps(mw, _mm256_loadu_ps((const float *)(xq + t * xs + 40 * nb) + i), corr[t]); \
             } \
             const __m512 s = _mm512_castps256_ps512(_mm256_mul_ps(dw, xd)); \
             for (int p = 0; p < 4; p++) { \
@@ -246,10 +246,10 @@ MN_INLINE void K(name##_t)(const uint8_t *w, int64_t nb, const uint8_t *xq, size
         for (int t = 0; t < NT; t++) { \
             const int8_t *x = (const int8_t *)(xq + t * xs) + 32 * i; \
             const float dx = ((const float *)(xq + t * xs + 32 * nb))[i]; \
-            const int32_t sxi = ((const int32_t *)(xq + t * xs + 36 * nb))[i]; \
+            const float ms = ((const float *)(xq + t * xs + 40 * nb))[i]; \
             int sum = 0; \
             for (int j = 0; j < 32; j++) sum += ub.q[j] * x[j]; \
-            tail[t] += (float)sum * (ub.d * dx) + ub.m * dx * (float)sxi; \
+            tail[t] += (float)sum * (ub.d * dx) + ub.m * ms; \
         } \
     } \
     for (int t = 0; t < NT; t++) { \

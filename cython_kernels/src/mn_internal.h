@@ -31,6 +31,8 @@ static const int8_t mn_kvalues_iq4nl[16] = {-127, -104, -83, -65, -49, -35, -22,
 
 /* Activation row layouts (private):
  *  Q8_0 partner: int8 qs[32*nb] | float d[nb] (fp16-rounded scales) | int32 sum[nb]
+ *                | float s[nb]: fp16(d * sum) with d before its rounding, llama.cpp's Q8_1
+ *                  `s`, which the min term of Q4_1 / Q5_1 multiplies (m * s, not m * d * sum)
  *  Q8_K partner: int8 qs[256*nb] | float d[nb] | int16 bsums[16*nb] (sums of 16)
  *                | int16 psums[8*nb] (sums of 32)
  *  float partner: float x[cols]

@@ -52,7 +52,7 @@ size_t mn_act_row_bytes(int wtype, int64_t cols) {
     if (!mn_row_bytes(wtype, cols)) return 0;
     switch (mn_act_kind(wtype)) {
     case ACT_FLOAT: return pad64((size_t)cols * 4);
-    case ACT_Q8_0: return pad64((size_t)(cols / 32) * 40);
+    case ACT_Q8_0: return pad64((size_t)(cols / 32) * 44);
     case ACT_Q8_K: return pad64((size_t)(cols / QK_K) * 308);
     default: return 0;
     }
@@ -63,6 +63,7 @@ static void quantize_q8_0(const float *x, uint8_t *xq, int64_t nb) {
     int8_t *qs = (int8_t *)xq;
     float *dd = (float *)(xq + 32 * nb);
     int32_t *ss = (int32_t *)(xq + 36 * nb);
+    float *ms = (float *)(xq + 40 * nb);
     for (int64_t i = 0; i < nb; i++) {
         const float *v = x + 32 * i;
         float amax = 0.f;
@@ -76,6 +77,7 @@ static void quantize_q8_0(const float *x, uint8_t *xq, int64_t nb) {
         }
         dd[i] = mn_h2f(fp32_to_fp16(d));
         ss[i] = s;
+        ms[i] = mn_h2f(fp32_to_fp16(d * (float)s));
     }
 }
 
@@ -218,7 +220,7 @@ KQ_SCALAR(iq1_s, IQ1_S)
 KQ_SCALAR(iq1_m, IQ1_M)
 KQ_SCALAR(tq2_0, TQ2_0)
 
-/* 32-value blocks with Q8_0 activations: d*dx*sum(q*xq) (+ m*dx*sum(xq)) */
+/* 32-value blocks with Q8_0 activations: d*dx*sum(q*xq) (+ m*s, s the Q8_1 sum) */
 static inline void dot_b32_s(mn_unpack32_fn unpack, size_t bsz, const uint8_t *w, int64_t nb,
                              const uint8_t *xq, size_t xs, int nt, float *res) {
     mn_b32 u;
@@ -229,10 +231,10 @@ static inline void dot_b32_s(mn_unpack32_fn unpack, size_t bsz, const uint8_t *w
         for (int t = 0; t < nt; t++) {
             const int8_t *x = (const int8_t *)(xq + t * xs) + 32 * i;
             const float dx = ((const float *)(xq + t * xs + 32 * nb))[i];
-            const int32_t sx = ((const int32_t *)(xq + t * xs + 36 * nb))[i];
+            const float ms = ((const float *)(xq + t * xs + 40 * nb))[i];
             int sum = 0;
             for (int j = 0; j < 32; j++) sum += u.q[j] * x[j];
-            acc[t] += (float)sum * (u.d * dx) + u.m * dx * (float)sx;
+            acc[t] += (float)sum * (u.d * dx) + u.m * ms;
         }
     }
     for (int t = 0; t < nt; t++) res[t] = acc[t];

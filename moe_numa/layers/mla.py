@@ -92,14 +92,18 @@ def mla_attention(cfg: MLAConfig, w: MLAWeights, x: np.ndarray, cache: LayerCach
     k_b, v_b = absorbed_kv_b(cfg, w, deq)
     # q_nope . (k_b^T c) == (k_b q_nope) . c : attend in the latent space.
     if w.wk_b is not None:
-        q_nope = deq.act(np.ascontiguousarray(q_nope), w.wk_b)
-    q_lat = np.einsum("hrd,thd->thr", k_b, q_nope)
+        q_in = np.ascontiguousarray(q_nope)
+        q_lat = deq.min_term(q_in, w.wk_b, np.einsum("hrd,thd->thr", k_b, deq.act(q_in, w.wk_b)))
+    else:
+        q_lat = np.einsum("hrd,thd->thr", k_b, q_nope)
     query = np.concatenate([q_lat, q_rope], axis=-1)                     # [T, H, kv_lora + rope]
     key = np.concatenate([lat, kr], axis=-1)[:, None, :]                 # [S, 1, kv_lora + rope]
     key = np.broadcast_to(key, (key.shape[0], cfg.n_head, key.shape[2]))
     value = np.broadcast_to(lat[:, None, :], (lat.shape[0], cfg.n_head, lat.shape[1]))
     out_lat = causal_softmax_attention(query, key, value, positions, cfg.kq_scale)  # [T, H, kv_lora]
     if w.wv_b is not None:
-        out_lat = deq.act(np.ascontiguousarray(out_lat), w.wv_b)
-    out = np.einsum("hvr,thr->thv", v_b, out_lat)                          # [T, H, v_head]
+        o_in = np.ascontiguousarray(out_lat)
+        out = deq.min_term(o_in, w.wv_b, np.einsum("hvr,thr->thv", v_b, deq.act(o_in, w.wv_b)))
+    else:
+        out = np.einsum("hvr,thr->thv", v_b, out_lat)                      # [T, H, v_head]
     return deq.linear(out.reshape(T, -1), w.wo)

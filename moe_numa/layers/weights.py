@@ -52,7 +52,16 @@ class Dequantizer:
 
     def linear(self, x: np.ndarray, t: Tensor) -> np.ndarray:
         """x @ W.T for a [rows, cols] tensor W."""
-        return self.act(x, t) @ self(t).T
+        return self.min_term(x, t, self.act(x, t) @ self(t).T)
+
+    def min_term(self, x: np.ndarray, t: Tensor, y: np.ndarray) -> np.ndarray:
+        """`y`, the product of act(x) with `t`, plus the rounding of the activation sums
+        that the kernels (as llama.cpp's Q8_1) apply to a Q4_1 / Q5_1 weight's min term."""
+        if not self.act_quant:
+            return y
+        from ..quants import q8_1_sum_correction
+        c = q8_1_sum_correction(x, t.raw, t.qtype)
+        return y if c is None else (y + c).astype(y.dtype)
 
     def rows(self, t: Tensor, ids: np.ndarray) -> np.ndarray:
         """Rows `ids` of a 2-D tensor (embedding lookup) without dequantizing it all."""
