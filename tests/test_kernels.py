@@ -227,6 +227,38 @@ def test_quantize_act_matches_llama_formula():
     np.testing.assert_array_equal(bs, q.reshape(3, 2, 16, 16).sum(axis=3))
 
 
+@pytest.mark.parametrize("t", [Q.Q4_1, Q.Q5_1], ids=lambda t: t.name)
+@pytest.mark.parametrize("level", LEVELS)
+def test_min_types_use_llama_q8_1_sums(t, level):
+    """Q4_1 / Q5_1 weights meet llama.cpp's Q8_1 activations: per block
+    d_w d_x sum(u q) + m s, where s = fp16(d_x * sum(q)) is rounded on its own
+    (not fp16(d_x) * sum(q)). A positive mean makes the sums, and the difference, large:
+    the old product fp16(d_x) * sum(q) was 6-7e-6 of the magnitude off, float rounding is 2e-7."""
+    rng = np.random.default_rng(7)
+    rows, cols = 6, 32 * 24
+    w = K.random_blocks(t, rows, cols, rng)
+    x = (rng.standard_normal((5, cols)) + 1.5).astype(np.float32)
+    with K.simd(level):
+        y = K.matmul(w, t, x)
+    W = dequant(w, t, rows, cols)
+    bs = MQ.traits(t).type_size
+    m = w.reshape(rows, -1, bs)[:, :, 2:4].copy().view(np.float16)[..., 0].astype(np.float64)   # [rows, nb]
+    b = x.reshape(5, -1, 32)
+    amax = np.abs(b).max(axis=2)
+    d = (amax / np.float32(127)).astype(np.float32)
+    q = np.rint(b * (np.float32(127) / amax)[..., None].astype(np.float32)).astype(np.float64)
+    s = (d * q.sum(axis=2).astype(np.float32)).astype(np.float16).astype(np.float64)            # Q8_1's s
+    xq = q * d.astype(np.float16).astype(np.float64)[..., None]
+    Wu = W.reshape(rows, -1, 32) - m[..., None]                                                 # d_w * u
+    want = np.einsum("rbj,tbj->tr", Wu, xq) + s @ m.T
+    mag = np.abs(xq.reshape(5, cols)) @ np.abs(W).T
+    err = np.abs(y - want)
+    assert np.all(err <= 1e-6 * mag), f"max err/mag {np.max(err / mag):.2e}"
+    # the act-quant reference's simulation of the same rounding
+    sim = MQ.simulate_act_quant(x, t) @ W.T + MQ.q8_1_sum_correction(x, w, t)
+    assert np.all(np.abs(sim - want) <= 1e-6 * mag)
+
+
 # ----------------------------------------------------------------- bad input
 def test_bad_inputs_raise_clear_errors():
     rng = np.random.default_rng(0)

@@ -32,8 +32,8 @@ enum {
 #define MN_N_LEVELS 4
 
 /* Activation formats (the partner of a weight type in its dot product).  The
- * Q8_0 rows carry each block's integer sum, which is all that Q8_1 adds, so the
- * types with a min (Q4_1, Q5_1) use them too. */
+ * Q8_0 rows also carry each block's integer sum and llama.cpp's Q8_1 sum
+ * fp16(d * sum), which the min of Q4_1 / Q5_1 multiplies, so those use them too. */
 enum { MN_ACT_NONE = -1, MN_ACT_FLOAT = 0, MN_ACT_Q8_0 = 1, MN_ACT_Q8_K = 2 };
 
 /* One row of the type table. */
