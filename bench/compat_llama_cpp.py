@@ -512,7 +512,8 @@ def render(build, model_rows, tok_rows, args, seconds) -> str:
         out += ["", "### Engine (NUMA backend) vs llama.cpp", "",
                 "The same files and prompt through our engine on 2 virtual nodes "
                 "(`moe_numa.load(path, numa_nodes=2)`). Unlike the reference, the engine rounds "
-                "activations as llama.cpp does, at the same ops: Q8_0 for Q8_0/Q4_0 weights, Q8_K for "
+                "activations as llama.cpp does, at the same ops: Q8_0 for Q8_0/Q4_0 weights, Q8_1 for "
+                "Q4_1/Q5_1 (the Q8_0 codes; the min multiplies the block sum rounded to fp16), Q8_K for "
                 "K-quants, float for F32/F16/BF16, including MLA's per-head inputs (`q_nope` before "
                 "`attn_k_b`, the latent attention output before `attn_v_b`, the normed latent before "
                 "`attn_kv_b`). It sums in another order than ggml, so a value now and then lands on "

@@ -1,8 +1,9 @@
 """GGML tensor types: the one accessor of the native type table (`traits`:
 block geometry, activation format, fp16 scale fields, kernels per SIMD level;
 the table itself lives in cython_kernels/src/mn_types.c), the supported set
-derived from it, and dequantization to float32 through `gguf.quants` (the
-reference path)."""
+derived from it, dequantization to float32 through `gguf.quants` (the
+reference path), and the kernels' activation rounding for the act-quant
+reference (`simulate_act_quant`, `q8_1_sum_correction`)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
