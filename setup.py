@@ -13,6 +13,16 @@ from setuptools import Extension, setup
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
+# MOE_NUMA_SANITIZE=address,undefined builds the extension with ASan + UBSan
+# (CI's sanitizer run, .ci/run; load it with LD_PRELOAD of libasan, see docs/DEVELOPING.md).
+SANITIZERS = {"address", "undefined", "leak"}
+sanitize = [s for s in os.environ.get("MOE_NUMA_SANITIZE", "").replace(" ", "").split(",") if s]
+if set(sanitize) - SANITIZERS:
+    raise SystemExit(f"MOE_NUMA_SANITIZE: unknown sanitizer(s) {sorted(set(sanitize) - SANITIZERS)}; "
+                     f"choose from {sorted(SANITIZERS)}")
+san_flags = [f"-fsanitize={','.join(sanitize)}", "-fno-sanitize-recover=all", "-fno-omit-frame-pointer",
+             "-g", "-O1"] if sanitize else []
+
 native = Extension(
     "moe_numa._native",
     sources=["cython_kernels/native.pyx"] + sorted(glob.glob("cython_kernels/src/*.c")),
@@ -20,8 +30,8 @@ native = Extension(
     depends=glob.glob("cython_kernels/include/*.h") + glob.glob("cython_kernels/src/*.h")
     + glob.glob("cython_kernels/*.pxd") + glob.glob("cython_kernels/*.pxi"),
     extra_compile_args=["-O3", "-std=gnu11", "-fno-strict-aliasing", "-pthread",
-                        "-Wno-unused-function", "-fvisibility=hidden"],
-    extra_link_args=["-pthread"],
+                        "-Wno-unused-function", "-fvisibility=hidden"] + san_flags,
+    extra_link_args=["-pthread"] + san_flags[:1],
     define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
 )
 
@@ -58,6 +68,7 @@ setup(
         "vocab": VOCAB,
         "test": ["pytest>=8", "hypothesis>=6", "psutil>=5", "openai>=1.30", "httpx>=0.27"] + VOCAB,
         "bench": ["matplotlib>=3.8", "psutil>=5"] + VOCAB,
+        "fuzz": ["atheris>=2.3"],
     },
     entry_points={"console_scripts": ["moe-numa=moe_numa.cli:main"]},
     zip_safe=False,

@@ -100,53 +100,86 @@ cdef extern from "mn_engine.h":
 
     size_t mn_node_scratch_bytes(const mn_engine *e, int node)
     int mn_engine_check(const mn_engine *e, char *err, size_t errlen)
-    void mn_engine_attention(mn_engine *e, int layer, float *x, int64_t T, int64_t pos0) nogil
-    void mn_engine_attention_batch(mn_engine *e, int layer, float *x, int64_t T, const int64_t *pos,
-                                   const int32_t *slot) nogil
-    void mn_engine_ffn(mn_engine *e, int layer, float *x, int64_t T) nogil
-    void mn_engine_head(mn_engine *e, const float *x, int64_t T, float *logits) nogil
+    int mn_engine_check_layer(const mn_engine *e, int node, int layer, char *err, size_t errlen)
+    const char *mn_engine_strerror(int rc)
+    int mn_engine_attention(mn_engine *e, int layer, float *x, int64_t T, int64_t pos0) nogil
+    int mn_engine_attention_batch(mn_engine *e, int layer, float *x, int64_t T, const int64_t *pos,
+                                  const int32_t *slot) nogil
+    int mn_engine_ffn(mn_engine *e, int layer, float *x, int64_t T) nogil
+    int mn_engine_head(mn_engine *e, const float *x, int64_t T, float *logits) nogil
+
+from moe_numa.errors import ClosedError as _ClosedError, ShapeError as _ShapeError
 
 ATTN_KINDS = {"none": 0, "gqa": 1, "mla": 2, "mla_mha": 3}
 FFN_KINDS = {"none": 0, "dense": 1, "moe": 2}
 
 
+cdef _refuse(exc, str pre):
+    """Re-raise a setter's failure; a parameter of the wrong Python type or shape
+    (TypeError, ValueError, ...) becomes a ShapeError naming the slot."""
+    if isinstance(exc, (TypeError, ValueError, AttributeError, IndexError, KeyError, OverflowError)) \
+            and not isinstance(exc, _ShapeError):
+        raise _ShapeError(f"{pre}bad parameter ({type(exc).__name__}: {exc})") from exc
+    raise exc
+
+
 cdef class NativeEngine:
-    """Per-node layer shards and the block calls. Arrays handed in must stay
-    alive as long as the engine: it keeps a reference to each of them."""
+    """Per-node layer shards and the block calls.
+
+    The engine holds its pools (Pool objects) and every array handed to a
+    setter, per layer slot: re-setting a slot (rebalancing) releases what the
+    slot held before. Every field is checked before it reaches C; a bad one
+    raises ShapeError naming node, layer and field, and leaves the slot as it
+    was. After close(), or once one of its pools was closed, every call raises
+    ClosedError."""
     cdef mn_engine e
-    cdef list _keep
     cdef list _pools
-    cdef list _mallocs
+    cdef dict _slots          # (kind, node, layer) -> (arrays kept, malloc'd addresses)
+    cdef list _keep           # finalize()'s buffers
+    cdef list _cur_keep
+    cdef list _cur_mallocs
     cdef bint _ready
-    cdef int64_t _n_ctx
+    cdef bint _closed
+    cdef int64_t _n_ctx       # every layer's (n_ctx, n_slots), once one is set
     cdef int _n_slots
 
     def __cinit__(self, pools, int n_layers, int64_t hidden, int64_t t_max):
         n = len(pools)
-        if n < 1:
-            raise ValueError("NativeEngine needs at least one pool")
+        memset(&self.e, 0, sizeof(mn_engine))
+        self._pools = []
+        self._slots = {}
         self._keep = []
-        self._pools = list(pools)
-        self._mallocs = []
         self._ready = False
+        self._closed = False
         self._n_ctx = -1
         self._n_slots = -1
-        memset(&self.e, 0, sizeof(mn_engine))
-        self.e.n_nodes = n
+        if not 1 <= n <= 64:
+            raise _ShapeError(f"NativeEngine: pools: 1..64 pools (one per node), got {n}")
+        if n_layers < 0 or hidden < 1 or t_max < 1:
+            raise _ShapeError(f"NativeEngine: n_layers={n_layers}, hidden={hidden}, t_max={t_max}: "
+                              f"need n_layers >= 0, hidden >= 1, t_max >= 1")
+        for i in range(n):
+            if not isinstance(pools[i], Pool) or (<Pool>pools[i]).p == NULL:
+                raise _ShapeError(f"NativeEngine: pools[{i}] is not an open Pool")
+        self._pools = list(pools)
         self.e.n_layers = n_layers
         self.e.hidden = hidden
         self.e.t_max = t_max
         self.e.nodes = <mn_node *>calloc(n, sizeof(mn_node))
         if self.e.nodes == NULL:
             raise MemoryError()
+        self.e.n_nodes = n
         for i in range(n):
-            self.e.nodes[i].pool = (<Pool?>pools[i]).p
+            self.e.nodes[i].pool = (<Pool>pools[i]).p
             self.e.nodes[i].attn = <mn_attn_layer *>calloc(max(n_layers, 1), sizeof(mn_attn_layer))
             self.e.nodes[i].ffn = <mn_ffn_layer *>calloc(max(n_layers, 1), sizeof(mn_ffn_layer))
             if self.e.nodes[i].attn == NULL or self.e.nodes[i].ffn == NULL:
                 raise MemoryError()
 
     def __dealloc__(self):
+        self._release()
+
+    cdef void _release(self):
         cdef int i
         if self.e.nodes != NULL:
             for i in range(self.e.n_nodes):
@@ -154,42 +187,94 @@ cdef class NativeEngine:
                 free(self.e.nodes[i].ffn)
             free(self.e.nodes)
             self.e.nodes = NULL
-        for ptr in self._mallocs:
-            free(<void *><size_t>ptr)
+        self.e.n_nodes = 0
+        if self._slots:
+            for keep, mallocs in self._slots.values():
+                for ptr in mallocs:
+                    free(<void *><size_t>ptr)
+            self._slots = {}
+        self._keep = []
+        self._pools = []
+
+    def close(self):
+        """Drop every table and reference (idempotent); later calls raise ClosedError."""
+        self._closed = True
+        self._ready = False
+        self._release()
+
+    @property
+    def closed(self):
+        return self._closed
+
+    def retained(self):
+        """(arrays, native tables) the engine holds now: constant across re-sets of a slot."""
+        return (sum(len(k) for k, _ in self._slots.values()) + len(self._keep),
+                sum(len(m) for _, m in self._slots.values()))
+
+    cdef _check_open(self):
+        cdef int i
+        if self._closed:
+            raise _ClosedError("the engine is closed")
+        for i in range(self.e.n_nodes):
+            if (<Pool>self._pools[i]).p != self.e.nodes[i].pool:
+                raise _ClosedError(f"node {i}'s thread pool was closed; the engine cannot run")
+
+    cdef _check_node(self, int node, int layer, bint head=False):
+        """node (and layer, unless for the head) in range: Cython does not check indices here."""
+        self._check_open()
+        if not 0 <= node < self.e.n_nodes:
+            raise _ShapeError(f"node {node} out of range 0..{self.e.n_nodes - 1}")
+        if not head and not 0 <= layer < self.e.n_layers:
+            raise _ShapeError(f"layer {layer} out of range 0..{self.e.n_layers - 1}")
 
     # -- building ------------------------------------------------------------
-    cdef const float *_f(self, a) except? NULL:
+    cdef const float *_f(self, a, int64_t n, str name) except? NULL:
+        """A float32 vector of n values (None: NULL)."""
         if a is None:
             return NULL
-        arr = np.ascontiguousarray(a, dtype=np.float32)
-        self._keep.append(arr)
+        try:
+            arr = np.ascontiguousarray(a, dtype=np.float32)
+        except (TypeError, ValueError) as exc:
+            raise _ShapeError(f"{name}: not an array of floats ({exc})") from None
+        if arr.size != n:
+            raise _ShapeError(f"{name}: {arr.size} values, expected {n}")
+        self._cur_keep.append(arr)
         return <const float *><size_t>arr.ctypes.data
 
-    cdef float *_fw(self, a) except? NULL:
+    cdef float *_fw(self, a, int64_t n, str name) except? NULL:
+        """A writable float32 buffer of n values (caches): used in place, never copied."""
         if a is None:
             return NULL
         if not (isinstance(a, np.ndarray) and a.dtype == np.float32 and a.flags.c_contiguous and a.flags.writeable):
-            raise ValueError("cache and output buffers must be writable C-contiguous float32 arrays")
-        self._keep.append(a)
+            raise _ShapeError(f"{name}: cache and output buffers must be writable C-contiguous float32 arrays")
+        if a.size != n:
+            raise _ShapeError(f"{name}: {a.size} values, expected {n}")
+        self._cur_keep.append(a)
         return <float *><size_t>a.ctypes.data
 
-    cdef mn_mat _mat(self, m) except *:
+    cdef mn_mat _mat(self, m, str name) except *:
         """m: None, or (qtype, raw uint8 [rows, row_bytes], cols)."""
         cdef mn_mat r
         memset(&r, 0, sizeof(mn_mat))
         if m is None:
             return r
-        qtype, raw, cols = m
+        try:
+            qtype, raw, cols = m
+            qtype, cols = int(qtype), int(cols)
+        except (TypeError, ValueError):
+            raise _ShapeError(f"{name}: expected (type, raw uint8 rows, cols)") from None
         if not (isinstance(raw, np.ndarray) and raw.dtype == np.uint8 and raw.ndim == 2):
-            raise ValueError("weight shards must be 2-D uint8 arrays of GGML blocks")
-        if raw.strides[1] != 1:
-            raise ValueError("weight shard rows must be contiguous")
-        rb = mn_row_bytes(int(qtype), int(cols))
+            raise _ShapeError(f"{name}: weight shards must be 2-D uint8 arrays of GGML blocks")
+        if raw.strides[1] != 1 or raw.strides[0] < raw.shape[1]:
+            raise _ShapeError(f"{name}: weight shard rows must be contiguous")
+        if not (0 <= qtype < 1 << 16 and mn_type_supported(qtype)):
+            raise _ShapeError(f"{name}: unsupported weight type {qtype}")
+        rb = mn_row_bytes(qtype, cols) if 0 < cols < 1 << 40 else 0
         if rb == 0 or rb != raw.shape[1]:
-            raise ValueError(f"weight shard of type {qtype} has {raw.shape[1]} bytes per row, expected {rb} "
-                             f"for {cols} columns")
-        self._keep.append(raw)
-        r.type = int(qtype)
+            raise _ShapeError(f"{name}: weight shard of type {qtype} has {raw.shape[1]} bytes per row, expected "
+                              f"{rb} for {cols} columns")
+        self._cur_keep.append(raw)
+        r.type = qtype
         r.data = <const uint8_t *><size_t>raw.ctypes.data
         r.stride = raw.strides[0]
         r.rows = raw.shape[0]
@@ -200,235 +285,410 @@ cdef class NativeEngine:
         cdef void *p = calloc(n if n else 1, 1)
         if p == NULL:
             raise MemoryError()
-        self._mallocs.append(<size_t>p)
+        self._cur_mallocs.append(<size_t>p)
         return p
 
+    cdef _begin(self):
+        self._cur_keep = []
+        self._cur_mallocs = []
+
+    cdef _abort(self):
+        for ptr in self._cur_mallocs:
+            free(<void *><size_t>ptr)
+        self._cur_keep = None
+        self._cur_mallocs = None
+
+    cdef _commit(self, key):
+        """The slot now holds what was just built; release what it held before."""
+        old = self._slots.pop(key, None)
+        self._slots[key] = (self._cur_keep, self._cur_mallocs)
+        self._cur_keep = None
+        self._cur_mallocs = None
+        if old is not None:
+            for ptr in old[1]:
+                free(<void *><size_t>ptr)
+
+    cdef _check_slot(self, int node, int layer):
+        """C's structural checks of the slot just written, and (once running) its scratch."""
+        cdef char err[512]
+        err[0] = 0
+        if mn_engine_check_layer(&self.e, node, layer, err, sizeof(err)) != 0:
+            raise _ShapeError(err.decode())
+        if self._ready and mn_node_scratch_bytes(&self.e, node) > self.e.nodes[node].scratch_bytes:
+            raise _ShapeError(f"node {node} layer {layer}: needs {mn_node_scratch_bytes(&self.e, node)} scratch "
+                              f"bytes, the node has {self.e.nodes[node].scratch_bytes}")
+
     def set_attention(self, int node, int layer, dict p):
-        cdef mn_attn_layer *L = &self.e.nodes[node].attn[layer]
+        self._check_node(node, layer)
+        cdef mn_attn_layer *slot = &self.e.nodes[node].attn[layer]
+        cdef mn_attn_layer old = slot[0]
+        cdef mn_attn_layer L
         cdef mn_mat *mats
         cdef int n, h
-        memset(L, 0, sizeof(mn_attn_layer))
-        L.kind = ATTN_KINDS[p["kind"]]
-        L.hidden = p["hidden"]
-        L.rms_eps = p["rms_eps"]
-        L.norm_eps = p.get("norm_eps", p["rms_eps"])
-        L.kq_scale = p["kq_scale"]
-        L.attn_norm = self._f(p["attn_norm"])
-        L.n_head = p["n_head"]
-        L.n_kv = p.get("n_kv", p["n_head"])
-        q2kv = np.ascontiguousarray(p.get("q2kv", np.arange(L.n_head)), dtype=np.int32)
-        self._keep.append(q2kv)
-        L.q2kv = <const int32_t *><size_t>q2kv.ctypes.data
-        L.qk_dim = p["qk_dim"]
-        L.v_dim = p["v_dim"]
-        L.rope_off = p.get("rope_off", 0)
-        L.rope_dims = p["rope_dims"]
-        L.rope_neox = p["rope_neox"]
-        L.rope_cos = self._f(p["rope_cos"])
-        L.rope_sin = self._f(p["rope_sin"])
-        L.wq = self._mat(p.get("wq"))
-        L.wk = self._mat(p.get("wk"))
-        L.wv = self._mat(p.get("wv"))
-        L.wo = self._mat(p.get("wo"))
-        L.bq = self._f(p.get("bq"))
-        L.bk = self._f(p.get("bk"))
-        L.bv = self._f(p.get("bv"))
-        L.q_norm = self._f(p.get("q_norm"))
-        L.k_norm = self._f(p.get("k_norm"))
-        L.q_lora = p.get("q_lora", 0)
-        L.kv_lora = p.get("kv_lora", 0)
-        L.nope = p.get("nope", 0)
-        L.wq_a = self._mat(p.get("wq_a"))
-        L.wq_b = self._mat(p.get("wq_b"))
-        L.wkv_a = self._mat(p.get("wkv_a"))
-        L.wkv_b = self._mat(p.get("wkv_b"))
-        L.q_a_norm = self._f(p.get("q_a_norm"))
-        L.kv_a_norm = self._f(p.get("kv_a_norm"))
-        if p.get("k_b") is not None:
-            n = len(p["k_b"])
-            mats = <mn_mat *>self._malloc(2 * max(n, 1) * sizeof(mn_mat))
-            for h in range(n):
-                mats[h] = self._mat(p["k_b"][h])
-                mats[n + h] = self._mat(p["v_b"][h])
-            L.k_b = mats
-            L.v_b = mats + n
-        L.n_ctx = p["n_ctx"]
-        L.n_slots = p.get("n_slots", 1)
-        if L.n_ctx < 1 or L.n_slots < 1:
-            raise ValueError(f"layer {layer}: n_ctx ({L.n_ctx}) and n_slots ({L.n_slots}) must be >= 1")
-        if self._n_ctx >= 0 and (self._n_ctx, self._n_slots) != (L.n_ctx, L.n_slots):
-            raise ValueError(f"layer {layer}: every layer needs the same n_ctx and n_slots")
+        cdef int64_t tiles, half
+        pre = f"node {node} layer {layer}: "
+        memset(&L, 0, sizeof(mn_attn_layer))
+        self._begin()
+        try:
+            try:
+                if p["kind"] not in ATTN_KINDS:
+                    raise _ShapeError(f"{pre}attention kind {p['kind']!r} unknown ({', '.join(ATTN_KINDS)})")
+                L.kind = ATTN_KINDS[p["kind"]]
+                L.hidden = p["hidden"]
+                L.rms_eps = p["rms_eps"]
+                L.norm_eps = p.get("norm_eps", p["rms_eps"])
+                L.kq_scale = p["kq_scale"]
+                L.n_head = p["n_head"]
+                L.n_kv = p.get("n_kv", p["n_head"])
+                L.qk_dim = p["qk_dim"]
+                L.v_dim = p["v_dim"]
+                L.rope_off = p.get("rope_off", 0)
+                L.rope_dims = p["rope_dims"]
+                L.rope_neox = p["rope_neox"]
+                L.q_lora = p.get("q_lora", 0)
+                L.kv_lora = p.get("kv_lora", 0)
+                L.nope = p.get("nope", 0)
+                L.n_ctx = p["n_ctx"]
+                L.n_slots = p.get("n_slots", 1)
+            except KeyError as exc:
+                raise _ShapeError(f"{pre}attention field {exc} missing or unknown") from None
+            except (TypeError, OverflowError) as exc:
+                raise _ShapeError(f"{pre}attention field out of range: {exc}") from None
+            if L.hidden != self.e.hidden:
+                raise _ShapeError(f"{pre}hidden={L.hidden}, the engine's is {self.e.hidden}")
+            if L.n_head < 0 or L.n_kv < 0 or L.qk_dim < 0 or L.v_dim < 0 or L.rope_dims < 0 or L.rope_off < 0 \
+                    or L.q_lora < 0 or L.kv_lora < 0 or L.nope < 0 or L.n_ctx < 0 or L.rope_dims % 2:
+                raise _ShapeError(f"{pre}negative size, or odd rope_dims={L.rope_dims}")
+            if L.n_ctx > 1 << 32 or not 1 <= L.n_slots <= 1 << 16:
+                raise _ShapeError(f"{pre}n_ctx={L.n_ctx} / n_slots={L.n_slots} out of range")
+            if self._n_ctx >= 0 and (self._n_ctx, self._n_slots) != (L.n_ctx, L.n_slots):
+                raise _ShapeError(f"{pre}every layer needs the same n_ctx and n_slots "
+                                  f"({self._n_ctx}, {self._n_slots}), got ({L.n_ctx}, {L.n_slots})")
+            L.attn_norm = self._f(p["attn_norm"], L.hidden, pre + "attn_norm")
+            active = L.kind != 0 and L.n_head > 0
+            if active:
+                q2kv = p.get("q2kv")
+                q2kv = np.arange(L.n_head) if q2kv is None else q2kv
+                q2kv = np.ascontiguousarray(q2kv, dtype=np.int32)
+                if q2kv.shape != (L.n_head,):
+                    raise _ShapeError(f"{pre}q2kv has {q2kv.size} entries, expected n_head={L.n_head}")
+                self._cur_keep.append(q2kv)
+                L.q2kv = <const int32_t *><size_t>q2kv.ctypes.data
+                half = L.rope_dims // 2
+                L.rope_cos = self._f(p["rope_cos"], L.n_ctx * half, pre + "rope_cos") if half else NULL
+                L.rope_sin = self._f(p["rope_sin"], L.n_ctx * half, pre + "rope_sin") if half else NULL
+            L.wq = self._mat(p.get("wq"), pre + "wq")
+            L.wk = self._mat(p.get("wk"), pre + "wk")
+            L.wv = self._mat(p.get("wv"), pre + "wv")
+            L.wo = self._mat(p.get("wo"), pre + "wo")
+            L.bq = self._f(p.get("bq"), <int64_t>L.n_head * L.qk_dim, pre + "bq")
+            L.bk = self._f(p.get("bk"), <int64_t>L.n_kv * L.qk_dim, pre + "bk")
+            L.bv = self._f(p.get("bv"), <int64_t>L.n_kv * L.v_dim, pre + "bv")
+            L.q_norm = self._f(p.get("q_norm"), L.qk_dim, pre + "q_norm")
+            L.k_norm = self._f(p.get("k_norm"), L.qk_dim, pre + "k_norm")
+            L.wq_a = self._mat(p.get("wq_a"), pre + "wq_a")
+            L.wq_b = self._mat(p.get("wq_b"), pre + "wq_b")
+            L.wkv_a = self._mat(p.get("wkv_a"), pre + "wkv_a")
+            L.wkv_b = self._mat(p.get("wkv_b"), pre + "wkv_b")
+            L.q_a_norm = self._f(p.get("q_a_norm"), L.q_lora, pre + "q_a_norm")
+            L.kv_a_norm = self._f(p.get("kv_a_norm"), L.kv_lora, pre + "kv_a_norm")
+            if L.kind == 2 and active:
+                k_b, v_b = p.get("k_b"), p.get("v_b")
+                if k_b is None or v_b is None or len(k_b) != L.n_head or len(v_b) != L.n_head:
+                    raise _ShapeError(f"{pre}k_b and v_b need one matrix per local head ({L.n_head})")
+                n = L.n_head
+                mats = <mn_mat *>self._malloc(2 * max(n, 1) * sizeof(mn_mat))
+                for h in range(n):
+                    mats[h] = self._mat(k_b[h], f"{pre}k_b[{h}]")
+                    mats[n + h] = self._mat(v_b[h], f"{pre}v_b[{h}]")
+                L.k_b = mats
+                L.v_b = mats + n
+            tiles = (L.n_ctx + 31) // 32
+            ns = L.n_slots   # caches: n_slots sequences, slot-major
+            if active and L.kind in (1, 3):
+                L.cache_k = self._fw(p.get("cache_k"), ns * <int64_t>L.n_kv * tiles * L.qk_dim * 32, pre + "cache_k")
+                L.cache_v = self._fw(p.get("cache_v"), ns * L.n_ctx * L.n_kv * L.v_dim, pre + "cache_v")
+            elif active and L.kind == 2:
+                L.cache_lat = self._fw(p.get("cache_lat"), ns * L.n_ctx * L.kv_lora, pre + "cache_lat")
+                L.cache_ktiles = self._fw(p.get("cache_ktiles"), ns * tiles * (L.kv_lora + L.rope_dims) * 32,
+                                          pre + "cache_ktiles")
+            slot[0] = L
+            try:
+                self._check_slot(node, layer)
+            except BaseException:
+                slot[0] = old
+                raise
+        except BaseException as exc:
+            self._abort()
+            _refuse(exc, pre)
+        self._commit(("attn", node, layer))
         self._n_ctx, self._n_slots = L.n_ctx, L.n_slots
-        L.cache_k = self._fw(p.get("cache_k"))
-        L.cache_v = self._fw(p.get("cache_v"))
-        L.cache_lat = self._fw(p.get("cache_lat"))
-        L.cache_ktiles = self._fw(p.get("cache_ktiles"))
 
     def set_ffn(self, int node, int layer, dict p):
-        cdef mn_ffn_layer *L = &self.e.nodes[node].ffn[layer]
+        self._check_node(node, layer)
+        cdef mn_ffn_layer *slot = &self.e.nodes[node].ffn[layer]
+        cdef mn_ffn_layer old = slot[0]
+        cdef mn_ffn_layer L
         cdef const uint8_t **ptrs
         cdef int e, k
-        memset(L, 0, sizeof(mn_ffn_layer))
-        L.kind = FFN_KINDS[p["kind"]]
-        L.hidden = p["hidden"]
-        L.rms_eps = p["rms_eps"]
-        L.ffn_norm = self._f(p["ffn_norm"])
-        if L.kind == 2:
-            L.n_expert = p["n_expert"]
-            L.n_used = p["n_used"]
-            L.gating = p["gating"]
-            L.norm_w = p["norm_w"]
-            L.n_groups = p["n_groups"]
-            L.n_groups_used = p["n_groups_used"]
-            L.group_rule = p["group_rule"]
-            L.w_scale = p["w_scale"]
-            L.router = self._mat(p["router"])
-            L.probs_bias = self._f(p.get("probs_bias"))
-            L.gate_type, L.up_type, L.down_type = p["expert_types"]
-            L.inter = p["inter"]
-            ptrs = <const uint8_t **>self._malloc(3 * L.n_expert * sizeof(void *))
-            L.gate_ptrs = ptrs
-            L.up_ptrs = ptrs + L.n_expert
-            L.down_ptrs = ptrs + 2 * L.n_expert
-            strides = [0, 0, 0]
-            split = any(len(mats) == 4 for mats in p["experts"].values())
-            if split:   # some local experts are slices: per-expert intermediate size and down stride
-                inter_of = np.zeros(L.n_expert, dtype=np.int64)
-                down_stride_of = np.zeros(L.n_expert, dtype=np.uint64)
-                self._keep += [inter_of, down_stride_of]
-                L.inter_of = <const int64_t *><size_t>inter_of.ctypes.data
-                L.down_stride_of = <const size_t *><size_t>down_stride_of.ctypes.data
-            for e, mats in p["experts"].items():      # expert id -> (gate raw, up raw, down raw[, local inter])
-                if not 0 <= e < L.n_expert:
-                    raise ValueError(f"expert {e} out of range 0..{L.n_expert - 1}")
-                ie = mats[3] if len(mats) == 4 else L.inter
-                if not (0 < ie <= L.inter and mats[0].shape[0] == ie and mats[1].shape[0] == ie
-                        and mats[2].shape[1] == mn_row_bytes(L.down_type, ie) and mats[2].strides[1] == 1):
-                    raise ValueError(f"expert {e}: shards do not hold {ie} intermediate rows")
-                for k in range(3):
-                    raw = mats[k]
-                    self._keep.append(raw)
-                    ptrs[k * L.n_expert + e] = <const uint8_t *><size_t>raw.ctypes.data
-                    if k < 2 or not split:
-                        strides[k] = raw.strides[0]
-                if split:
-                    inter_of[e] = ie
-                    down_stride_of[e] = mats[2].strides[0]
-            L.gate_stride, L.up_stride, L.down_stride = strides
-            L.node_id = p.get("node_id", node)
-            L.n_nodes = p.get("n_nodes", self.e.n_nodes)
-            if p.get("repl_nodes") is not None:
-                repl = np.ascontiguousarray(p["repl_nodes"], dtype=np.uint64)
-                share = np.ascontiguousarray(p["node_share"], dtype=np.float32)
-                if repl.shape != (L.n_expert,) or share.shape != (L.n_nodes, L.n_expert):
-                    raise ValueError("repl_nodes must be [n_expert] and node_share [n_nodes, n_expert]")
-                self._keep += [repl, share]
-                L.repl_nodes = <const uint64_t *><size_t>repl.ctypes.data
-                L.node_share = <const float *><size_t>share.ctypes.data
-            counts = p["expert_tokens"]
-            if not (counts.dtype == np.int64 and counts.flags.c_contiguous and counts.shape == (L.n_expert,)):
-                raise ValueError("expert_tokens must be a C-contiguous int64 array of n_expert counters")
-            self._keep.append(counts)
-            L.expert_tokens = <int64_t *><size_t>counts.ctypes.data
-        L.sh_ff = p.get("sh_ff", 0)
-        if L.sh_ff:
-            L.sh_gate = self._mat(p["sh_gate"])
-            L.sh_up = self._mat(p["sh_up"])
-            L.sh_down = self._mat(p["sh_down"])
-        L.sh_gate_vec = self._f(p.get("sh_gate_vec"))
+        cdef size_t rb
+        pre = f"node {node} layer {layer}: "
+        memset(&L, 0, sizeof(mn_ffn_layer))
+        self._begin()
+        try:
+            try:
+                if p["kind"] not in FFN_KINDS:
+                    raise _ShapeError(f"{pre}ffn kind {p['kind']!r} unknown ({', '.join(FFN_KINDS)})")
+                L.kind = FFN_KINDS[p["kind"]]
+                L.hidden = p["hidden"]
+                L.rms_eps = p["rms_eps"]
+                if L.kind == 2:
+                    L.n_expert = p["n_expert"]
+                    L.n_used = p["n_used"]
+                    L.gating = p["gating"]
+                    L.norm_w = p["norm_w"]
+                    L.n_groups = p["n_groups"]
+                    L.n_groups_used = p["n_groups_used"]
+                    L.group_rule = p["group_rule"]
+                    L.w_scale = p["w_scale"]
+                    L.gate_type, L.up_type, L.down_type = p["expert_types"]
+                    L.inter = p["inter"]
+                L.sh_ff = p.get("sh_ff", 0)
+            except KeyError as exc:
+                raise _ShapeError(f"{pre}ffn field {exc} missing or unknown") from None
+            except (TypeError, ValueError, OverflowError) as exc:
+                raise _ShapeError(f"{pre}ffn field out of range: {exc}") from None
+            if L.hidden != self.e.hidden:
+                raise _ShapeError(f"{pre}hidden={L.hidden}, the engine's is {self.e.hidden}")
+            L.ffn_norm = self._f(p["ffn_norm"], L.hidden, pre + "ffn_norm")
+            if L.kind == 2:
+                if not 1 <= L.n_expert <= 1 << 14:
+                    raise _ShapeError(f"{pre}n_expert={L.n_expert} out of range 1..{1 << 14}")
+                if L.inter < 1 or L.inter > 1 << 30:
+                    raise _ShapeError(f"{pre}inter={L.inter} out of range")
+                L.router = self._mat(p["router"], pre + "router")
+                L.probs_bias = self._f(p.get("probs_bias"), L.n_expert, pre + "probs_bias")
+                ptrs = <const uint8_t **>self._malloc(3 * L.n_expert * sizeof(void *))
+                L.gate_ptrs = ptrs
+                L.up_ptrs = ptrs + L.n_expert
+                L.down_ptrs = ptrs + 2 * L.n_expert
+                types = (L.gate_type, L.up_type, L.down_type)
+                strides = [0, 0, 0]
+                experts = p["experts"]
+                if not isinstance(experts, dict):
+                    raise _ShapeError(f"{pre}experts must map expert ids to (gate, up, down[, local inter]) rows")
+                split = any(isinstance(mats, (tuple, list)) and len(mats) == 4 for mats in experts.values())
+                if split:   # some local experts are slices: per-expert intermediate size and down stride
+                    inter_of = np.zeros(L.n_expert, dtype=np.int64)
+                    down_stride_of = np.zeros(L.n_expert, dtype=np.uint64)
+                    self._cur_keep += [inter_of, down_stride_of]
+                    L.inter_of = <const int64_t *><size_t>inter_of.ctypes.data
+                    L.down_stride_of = <const size_t *><size_t>down_stride_of.ctypes.data
+                for e_, mats in experts.items():   # expert id -> (gate raw, up raw, down raw[, local inter])
+                    if not (isinstance(e_, (int, np.integer)) and 0 <= e_ < L.n_expert):
+                        raise _ShapeError(f"{pre}expert {e_!r} out of range 0..{L.n_expert - 1}")
+                    e = e_
+                    if not isinstance(mats, (tuple, list)) or len(mats) not in (3, 4):
+                        raise _ShapeError(f"{pre}expert {e}: expected (gate, up, down[, local inter])")
+                    ie = mats[3] if len(mats) == 4 else L.inter
+                    if not (isinstance(ie, (int, np.integer)) and 0 < ie <= L.inter):
+                        raise _ShapeError(f"{pre}expert {e}: local inter {ie!r} out of range 1..{L.inter}")
+                    cols = (L.hidden, L.hidden, ie)
+                    rows = (ie, ie, L.hidden)
+                    for k in range(3):
+                        raw = mats[k]
+                        what = f"{pre}expert {e} {('gate', 'up', 'down')[k]}"
+                        rb = mn_row_bytes(types[k], cols[k]) if mn_type_supported(types[k]) else 0
+                        if rb == 0:
+                            raise _ShapeError(f"{what}: type {types[k]} cannot hold {cols[k]} columns")
+                        if not (isinstance(raw, np.ndarray) and raw.dtype == np.uint8 and raw.ndim == 2
+                                and raw.shape == (rows[k], rb) and raw.strides[1] == 1):
+                            raise _ShapeError(f"{what}: expected uint8 rows of shape ({rows[k]}, {rb}), got "
+                                              f"{getattr(raw, 'dtype', type(raw))} {getattr(raw, 'shape', '')}")
+                        shared = k < 2 or not split   # split experts' down rows have their own stride
+                        if shared and strides[k] and raw.strides[0] != strides[k]:
+                            raise _ShapeError(f"{what}: row stride {raw.strides[0]} differs from the other "
+                                              f"experts' ({strides[k]})")
+                        self._cur_keep.append(raw)
+                        ptrs[k * L.n_expert + e] = <const uint8_t *><size_t>raw.ctypes.data
+                        if shared:
+                            strides[k] = raw.strides[0]
+                    if split:
+                        inter_of[e] = ie
+                        down_stride_of[e] = mats[2].strides[0]
+                L.gate_stride, L.up_stride, L.down_stride = strides
+                L.node_id = p.get("node_id", node)
+                L.n_nodes = p.get("n_nodes", self.e.n_nodes)
+                if p.get("repl_nodes") is not None:
+                    repl = np.ascontiguousarray(p["repl_nodes"], dtype=np.uint64)
+                    share = np.ascontiguousarray(p["node_share"], dtype=np.float32)
+                    if repl.shape != (L.n_expert,) or share.shape != (L.n_nodes, L.n_expert):
+                        raise _ShapeError(f"{pre}repl_nodes must be [n_expert] and node_share [n_nodes, n_expert]")
+                    self._cur_keep += [repl, share]
+                    L.repl_nodes = <const uint64_t *><size_t>repl.ctypes.data
+                    L.node_share = <const float *><size_t>share.ctypes.data
+                counts = p["expert_tokens"]
+                if not (isinstance(counts, np.ndarray) and counts.dtype == np.int64 and counts.flags.c_contiguous
+                        and counts.flags.writeable and counts.shape == (L.n_expert,)):
+                    raise _ShapeError(f"{pre}expert_tokens must be a writable C-contiguous int64 array of "
+                                      f"n_expert counters")
+                self._cur_keep.append(counts)
+                L.expert_tokens = <int64_t *><size_t>counts.ctypes.data
+            if L.sh_ff < 0:
+                raise _ShapeError(f"{pre}sh_ff={L.sh_ff} is negative")
+            if L.sh_ff:
+                L.sh_gate = self._mat(p["sh_gate"], pre + "sh_gate")
+                L.sh_up = self._mat(p["sh_up"], pre + "sh_up")
+                L.sh_down = self._mat(p["sh_down"], pre + "sh_down")
+            L.sh_gate_vec = self._f(p.get("sh_gate_vec"), L.hidden, pre + "sh_gate_vec")
+            slot[0] = L
+            try:
+                self._check_slot(node, layer)
+            except BaseException:
+                slot[0] = old
+                raise
+        except BaseException as exc:
+            self._abort()
+            _refuse(exc, pre)
+        self._commit(("ffn", node, layer))
 
     def set_head(self, int node, dict p):
-        cdef mn_head_shard *h = &self.e.nodes[node].head
-        memset(h, 0, sizeof(mn_head_shard))
-        h.hidden = p["hidden"]
-        h.vocab = p["vocab"]
-        h.rms_eps = p["rms_eps"]
-        h.norm = self._f(p["norm"])
-        h.out = self._mat(p.get("out"))
-        h.v0 = p.get("v0", 0)
+        self._check_node(node, -1, True)
+        cdef mn_head_shard *slot = &self.e.nodes[node].head
+        cdef mn_head_shard old = slot[0]
+        cdef mn_head_shard h
+        pre = f"node {node} head: "
+        memset(&h, 0, sizeof(mn_head_shard))
+        self._begin()
+        try:
+            try:
+                h.hidden = p["hidden"]
+                h.vocab = p["vocab"]
+                h.rms_eps = p["rms_eps"]
+                h.v0 = p.get("v0", 0)
+            except KeyError as exc:
+                raise _ShapeError(f"{pre}field {exc} missing") from None
+            except (TypeError, OverflowError) as exc:
+                raise _ShapeError(f"{pre}field out of range: {exc}") from None
+            if h.hidden != self.e.hidden:
+                raise _ShapeError(f"{pre}hidden={h.hidden}, the engine's is {self.e.hidden}")
+            h.norm = self._f(p["norm"], h.hidden, pre + "norm")
+            h.out = self._mat(p.get("out"), pre + "out")
+            slot[0] = h
+            try:
+                self._check_slot(node, -1)
+            except BaseException:
+                slot[0] = old
+                raise
+        except BaseException as exc:
+            self._abort()
+            _refuse(exc, pre)
+        self._commit(("head", node, -1))
 
     def scratch_bytes(self, int node):
+        self._check_node(node, -1, True)
         return mn_node_scratch_bytes(&self.e, node)
 
     def finalize(self, partials, scratches):
         """Hand each node its partial-output buffer ([t_max, hidden] float32) and
         its scratch (uint8, >= scratch_bytes(node)), then validate everything."""
         cdef char err[512]
+        self._check_open()
+        if len(partials) != self.e.n_nodes or len(scratches) != self.e.n_nodes:
+            raise _ShapeError(f"finalize: one partial buffer and one scratch per node ({self.e.n_nodes})")
+        keep = []
         for i in range(self.e.n_nodes):
             part, scr = partials[i], scratches[i]
-            if part.size < self.e.t_max * self.e.hidden:
-                raise ValueError(f"node {i}: partial buffer too small")
+            if not (isinstance(part, np.ndarray) and part.dtype == np.float32 and part.flags.c_contiguous
+                    and part.flags.writeable and part.size >= self.e.t_max * self.e.hidden):
+                raise _ShapeError(f"node {i}: partial buffer must be a writable C-contiguous float32 array of at "
+                                  f"least {self.e.t_max * self.e.hidden} values")
+            if not (isinstance(scr, np.ndarray) and scr.dtype == np.uint8 and scr.flags.c_contiguous
+                    and scr.flags.writeable):
+                raise _ShapeError(f"node {i}: scratch must be a writable C-contiguous uint8 array")
             if scr.nbytes < mn_node_scratch_bytes(&self.e, i):
-                raise ValueError(f"node {i}: scratch of {scr.nbytes} bytes, needs {mn_node_scratch_bytes(&self.e, i)}")
-            self.e.nodes[i].partial = self._fw(part)
-            self._keep.append(scr)
-            self.e.nodes[i].scratch = <uint8_t *><size_t>scr.ctypes.data
-            self.e.nodes[i].scratch_bytes = scr.nbytes
+                raise _ShapeError(f"node {i}: scratch of {scr.nbytes} bytes, needs {mn_node_scratch_bytes(&self.e, i)}")
+            keep += [part, scr]
+        for i in range(self.e.n_nodes):
+            self.e.nodes[i].partial = <float *><size_t>partials[i].ctypes.data
+            self.e.nodes[i].scratch = <uint8_t *><size_t>scratches[i].ctypes.data
+            self.e.nodes[i].scratch_bytes = scratches[i].nbytes
+        self._keep = keep
         if mn_engine_check(&self.e, err, sizeof(err)) != 0:
-            raise ValueError(err.decode())
+            raise _ShapeError(err.decode())
         self._ready = True
 
     # -- running -------------------------------------------------------------
     cdef float *_x(self, x, int64_t *T) except NULL:
+        self._check_open()
         if not self._ready:
-            raise RuntimeError("NativeEngine.finalize() was not called")
+            raise _ShapeError("NativeEngine.finalize() was not called")
         if not (isinstance(x, np.ndarray) and x.dtype == np.float32 and x.ndim == 2 and x.flags.c_contiguous
                 and x.flags.writeable and x.shape[1] == self.e.hidden):
-            raise ValueError(f"x must be a writable C-contiguous float32 array [T, {self.e.hidden}]")
+            raise _ShapeError(f"x must be a writable C-contiguous float32 array [T, {self.e.hidden}]")
         T[0] = x.shape[0]
         if T[0] < 1 or T[0] > self.e.t_max:
-            raise ValueError(f"a block call takes 1..{self.e.t_max} tokens, got {T[0]}")
+            raise _ShapeError(f"a block call takes 1..{self.e.t_max} tokens, got {T[0]}")
         return <float *><size_t>x.ctypes.data
+
+    cdef _rc(self, int rc, str what):
+        if rc != 0:
+            raise _ShapeError(f"{what}: {mn_engine_strerror(rc).decode()}")
 
     def attention(self, int layer, x, int64_t pos0):
         """x += attention of `layer` at positions pos0.. (updates the KV caches)."""
         cdef int64_t T
         cdef float *px = self._x(x, &T)
-        if not 0 <= layer < self.e.n_layers:
-            raise IndexError(f"layer {layer} out of range")
+        cdef int rc
         with nogil:
-            mn_engine_attention(&self.e, layer, px, T, pos0)
+            rc = mn_engine_attention(&self.e, layer, px, T, pos0)
+        self._rc(rc, f"attention(layer={layer}, T={T}, pos0={pos0})")
 
     def attention_batch(self, int layer, x, pos, slot):
         """x += attention of `layer`, token t at position pos[t] of cache slot slot[t]
-        (int64 / int32 arrays of T entries). Positions and slots are range-checked here;
-        a (slot, position) given twice is the caller's bug (EngineBackend.forward_batch checks)."""
+        (int64 / int32 arrays of T entries). Positions and slots are range-checked (in C
+        too); a (slot, position) given twice is the caller's bug (EngineBackend.forward_batch checks)."""
         cdef int64_t T
         cdef float *px = self._x(x, &T)
-        if not 0 <= layer < self.e.n_layers:
-            raise IndexError(f"layer {layer} out of range")
+        cdef int rc
         pos_a = np.ascontiguousarray(pos, dtype=np.int64)
         slot_a = np.ascontiguousarray(slot, dtype=np.int32)
         if pos_a.shape != (T,) or slot_a.shape != (T,):
-            raise ValueError(f"pos and slot need {T} entries each, got {pos_a.shape} and {slot_a.shape}")
+            raise _ShapeError(f"pos and slot need {T} entries each, got {pos_a.shape} and {slot_a.shape}")
         if T and (pos_a.min() < 0 or pos_a.max() >= self._n_ctx):
-            raise ValueError(f"positions must be in [0, {self._n_ctx}), got {pos_a.min()}..{pos_a.max()}")
+            raise _ShapeError(f"positions must be in [0, {self._n_ctx}), got {pos_a.min()}..{pos_a.max()}")
         if T and (slot_a.min() < 0 or slot_a.max() >= self._n_slots):
-            raise ValueError(f"slots must be in [0, {self._n_slots}), got {slot_a.min()}..{slot_a.max()}")
+            raise _ShapeError(f"slots must be in [0, {self._n_slots}), got {slot_a.min()}..{slot_a.max()}")
         cdef const int64_t *pp = <const int64_t *><size_t>pos_a.ctypes.data
         cdef const int32_t *ps = <const int32_t *><size_t>slot_a.ctypes.data
         with nogil:
-            mn_engine_attention_batch(&self.e, layer, px, T, pp, ps)
+            rc = mn_engine_attention_batch(&self.e, layer, px, T, pp, ps)
+        self._rc(rc, f"attention_batch(layer={layer}, T={T})")
 
     def ffn(self, int layer, x):
         cdef int64_t T
         cdef float *px = self._x(x, &T)
-        if not 0 <= layer < self.e.n_layers:
-            raise IndexError(f"layer {layer} out of range")
+        cdef int rc
         with nogil:
-            mn_engine_ffn(&self.e, layer, px, T)
+            rc = mn_engine_ffn(&self.e, layer, px, T)
+        self._rc(rc, f"ffn(layer={layer}, T={T})")
 
     def head(self, x, logits):
         cdef int64_t T
         cdef float *px = self._x(x, &T)
-        cdef float *pl = self._fw(logits)
-        self._keep.pop()
-        if logits.shape[0] < T or logits.size < T * self.e.nodes[0].head.vocab:
-            raise ValueError("logits buffer too small")
+        cdef int rc
+        if not (isinstance(logits, np.ndarray) and logits.dtype == np.float32 and logits.flags.c_contiguous
+                and logits.flags.writeable and logits.ndim == 2 and logits.shape[0] >= T
+                and logits.shape[1] == self.e.nodes[0].head.vocab):
+            raise _ShapeError(f"logits must be a writable C-contiguous float32 array "
+                              f"[>= {T}, {self.e.nodes[0].head.vocab}]")
+        cdef float *pl = <float *><size_t>logits.ctypes.data
         with nogil:
-            mn_engine_head(&self.e, px, T, pl)
+            rc = mn_engine_head(&self.e, px, T, pl)
+        self._rc(rc, f"head(T={T})")
 
     def stats(self):
+        self._check_open()
         return {"syncs": self.e.syncs, "wait_ns": self.e.wait_ns, "crit_ns": self.e.crit_ns,
                 "ffn_crit_ns": self.e.ffn_crit_ns,
                 "busy_ns": [self.e.nodes[i].busy_ns for i in range(self.e.n_nodes)],
@@ -437,6 +697,7 @@ cdef class NativeEngine:
                 "moe_assign": [self.e.nodes[i].moe_assign for i in range(self.e.n_nodes)]}
 
     def reset_stats(self):
+        self._check_open()
         self.e.syncs = 0
         self.e.wait_ns = 0
         self.e.crit_ns = 0

@@ -183,6 +183,8 @@ def read_sum_ptr(uintptr_t x, int64_t n, Pool pool=None, bint prefetch=False):
     """Sum of n floats, split among the pool's threads (a STREAM-like read)."""
     cdef double res[256]
     cdef sum_ctx s
+    if pool is not None and pool.p == NULL:
+        raise ValueError("pool is closed")
     cdef int nth = 1 if pool is None else mn_pool_size(pool.p)
     cdef int i
     cdef double tot = 0
@@ -384,6 +386,10 @@ def _probe_pools(pools, int iters, int n_phases):
     cdef probe_ctx *cs = <probe_ctx *>malloc(sizeof(probe_ctx) * np_)
     cdef mn_pool **ps = <mn_pool **>malloc(sizeof(mn_pool *) * np_)
     cdef int *buf
+    if cs == NULL or ps == NULL:
+        free(cs); free(ps)
+        raise MemoryError()
+    memset(cs, 0, sizeof(probe_ctx) * np_)    # the finally frees every entry's buffer, set or not
     try:
         for i in range(np_):
             pl = pools[i]

@@ -2,13 +2,14 @@
 generate), over either backend: the numpy reference or the NUMA engine."""
 from __future__ import annotations
 
+import numbers
 import os
 from typing import Any, Iterator, Sequence
 
 import numpy as np
 
 from .chat import render_chat
-from .errors import ContextOverflowError, MoeNumaError
+from .errors import ArgumentError, ClosedError, ContextOverflowError, MoeNumaError
 from .generate import GenerationStats, generate_stream
 from .gguf_file import GGUFModelFile, check_supported_types, check_tensor_blocks
 from .layers.weights import Dequantizer
@@ -20,6 +21,7 @@ from .tokenizer import GGUFTokenizer
 BACKENDS = ("reference", "engine")
 DEFAULT_BACKEND = "engine"
 DEFAULT_CTX = 4096
+MAX_CTX = 1 << 24       # positions are int32 in places; far beyond any model's training context
 
 
 class ReferenceBackend:
@@ -85,8 +87,12 @@ class Model:
     def __init__(self, path: str | os.PathLike[str], backend: str = DEFAULT_BACKEND, n_ctx: int | None = None,
                  router_group_rule: str | None = None, check_tensors: bool = False, **backend_options: Any):
         if backend not in BACKENDS:
-            raise ValueError(f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)}")
+            raise ArgumentError(f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)}")
+        if n_ctx is not None and (isinstance(n_ctx, bool) or not isinstance(n_ctx, numbers.Integral)
+                                  or not 1 <= n_ctx <= MAX_CTX):
+            raise ArgumentError(f"n_ctx must be an integer in 1..{MAX_CTX}, got {n_ctx!r}")
         self.path = str(path)
+        self._closed = True     # until the backend exists: close() and __del__ have nothing to do
         self.gguf = GGUFModelFile(path)
         check_supported_types(self.gguf)
         if check_tensors:
@@ -98,17 +104,20 @@ class Model:
         overrides = {"group_rule": router_group_rule} if router_group_rule else {}
         self.arch_module, self.config, self.weights = load_model(self.gguf, **overrides)
         self.tokenizer = GGUFTokenizer.from_metadata(self.gguf.metadata)
-        self.n_ctx = int(n_ctx or min(self.config.n_ctx_train, DEFAULT_CTX))
-        if self.n_ctx <= 0:
-            raise ValueError(f"n_ctx must be positive, got {self.n_ctx}")
+        self.n_ctx = int(n_ctx or max(1, min(self.config.n_ctx_train, DEFAULT_CTX)))
         self.chat_template = self.gguf.get("tokenizer.chat_template")
         self.last_stats: GenerationStats | None = None
-        if backend == "reference":
-            self.backend = ReferenceBackend(self.arch_module, self.config, self.weights, self.n_ctx,
-                                            **backend_options)
-        else:
-            from .engine import EngineBackend
-            self.backend = EngineBackend(self, **backend_options)
+        try:
+            if backend == "reference":
+                self.backend = ReferenceBackend(self.arch_module, self.config, self.weights, self.n_ctx,
+                                                **backend_options)
+            else:
+                from .engine import EngineBackend
+                self.backend = EngineBackend(self, **backend_options)
+        except MemoryError as e:
+            raise ArgumentError(f"{self.path}: not enough memory for this model with n_ctx={self.n_ctx} "
+                                f"({e or 'allocation failed'})") from None
+        self._closed = False
 
     # -- text ---------------------------------------------------------------
     def tokenize(self, text: str, add_special: bool = True, parse_special: bool = True) -> list[int]:
@@ -135,18 +144,25 @@ class Model:
             # The template usually writes BOS itself; don't add a second one.
             bos = self._token_text(self.tokenizer.bos_id)
             return self.tokenize(text, add_special=not (bos and text.startswith(bos)))
+        if not all(isinstance(t, numbers.Integral) and not isinstance(t, bool) for t in prompt):
+            raise ArgumentError("token ids must be integers")
         ids = [int(t) for t in prompt]
         bad = [t for t in ids if not 0 <= t < self.config.n_vocab]
         if bad:
-            raise ValueError(f"token id(s) out of range 0..{self.config.n_vocab - 1}: {bad[:5]}")
+            raise ArgumentError(f"token id(s) out of range 0..{self.config.n_vocab - 1}: {bad[:5]}")
         return ids
 
     # -- compute ------------------------------------------------------------
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ClosedError(f"{self.path}: the model is closed")
+
     def logits(self, token_ids: Sequence[int]) -> np.ndarray:
         """Next-token logits after every position, from an empty cache: [n, n_vocab] float32."""
+        self._check_open()
         ids = self.prompt_ids(list(token_ids))
         if not ids:
-            raise ValueError("logits() needs at least one token")
+            raise ArgumentError("logits() needs at least one token")
         self._check_fits(len(ids))
         self.backend.reset()
         return np.asarray(self.backend.forward(np.asarray(ids, dtype=np.int32), all_logits=True),
@@ -157,9 +173,12 @@ class Model:
                  repeat_penalty: float = 1.0, repeat_last_n: int = 64, seed: int | None = None,
                  stop: Sequence[str] = (), stream: bool = False) -> str | Iterator[str]:
         """Generate text. With `stream=True`, an iterator of text pieces."""
+        self._check_open()
+        if isinstance(max_tokens, bool) or not isinstance(max_tokens, numbers.Integral) or max_tokens < 0:
+            raise ArgumentError(f"max_tokens must be a non-negative integer, got {max_tokens!r}")
         ids = self.prompt_ids(prompt)
         if not ids:
-            raise ValueError("the prompt is empty")
+            raise ArgumentError("the prompt is empty")
         self._check_fits(len(ids))
         params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                                 repeat_penalty=repeat_penalty, repeat_last_n=repeat_last_n, seed=seed)
@@ -174,6 +193,7 @@ class Model:
                                        f"(raise n_ctx, up to the model's {self.config.n_ctx_train})")
 
     def placement_report(self) -> dict:
+        self._check_open()
         report = getattr(self.backend, "placement_report", None)
         if report is None:
             raise MoeNumaError("placement_report() needs the engine backend")
@@ -181,13 +201,20 @@ class Model:
 
     def rebalance(self, **options) -> dict:
         """Move hot experts between nodes to even out routed tokens (engine only)."""
+        self._check_open()
         rebalance = getattr(self.backend, "rebalance", None)
         if rebalance is None:
             raise MoeNumaError("rebalance() needs the engine backend")
         return rebalance(**options)
 
     def close(self) -> None:
+        """Release the backend (pools, node memory) and the file maps. Idempotent:
+        afterwards logits()/generate() raise ClosedError."""
+        if self._closed:
+            return
+        self._closed = True
         self.backend.close()
+        self.gguf.close()
 
     def __enter__(self) -> "Model":
         return self

@@ -36,3 +36,11 @@ class ContextOverflowError(MoeNumaError, ValueError):
 
 class QueueFullError(MoeNumaError):
     """The server has no free slot and its request queue is full (HTTP 429)."""
+
+
+class ClosedError(MoeNumaError, RuntimeError):
+    """A model, engine or thread pool used after close()."""
+
+
+class ArgumentError(MoeNumaError, ValueError):
+    """An API argument of the wrong type or out of range (token ids, n_ctx, sampling parameters)."""

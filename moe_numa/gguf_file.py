@@ -32,9 +32,34 @@ class _StringArray:
         return [blob[a - base:a - base + n].decode("utf-8") for a, n in self.spans]
 
 
+class _TruncatedTensor(ValueError):
+    """A tensor's data runs past the end of the file (raised inside the reader)."""
+
+    def __init__(self, name: str, offset: int, need: int, have: int):
+        super().__init__(f"tensor {name!r} needs {need} bytes from byte {offset} but the file has "
+                         f"{max(have - offset, 0)} bytes left there ({have} in all; truncated?)")
+
+
 class _Reader(GGUFReader):
-    """gguf's reader with a fast path for arrays: it makes one numpy object per
-    array element, which takes seconds for a 150k-token vocabulary."""
+    """gguf's reader with a fast path for arrays (it makes one numpy object per
+    array element, which takes seconds for a 150k-token vocabulary), and a size
+    check of every tensor before gguf reshapes its bytes."""
+
+    def _build_tensors(self, start_offs: int, fields) -> None:
+        from gguf.constants import GGML_QUANT_SIZES
+        for field in fields:
+            _name_len, name_data, _n_dims, dims, raw_dtype, offset_tensor = field.parts
+            name = bytes(name_data).decode("utf-8", errors="replace")
+            qtype = GGMLQuantizationType(int(raw_dtype[0]))
+            n_elems = 1
+            for d in dims.tolist():     # Python ints: extreme dimensions must not wrap around
+                n_elems *= int(d)
+            block, type_size = GGML_QUANT_SIZES[qtype]
+            offset = int(start_offs) + int(offset_tensor[0])
+            need = n_elems * type_size // block
+            if offset + need > len(self.data):
+                raise _TruncatedTensor(name, offset, need, len(self.data))
+        super()._build_tensors(start_offs, fields)
 
     def _get_field_parts(self, orig_offs: int, raw_type: int):
         if GGUFValueType(raw_type) != GGUFValueType.ARRAY:
@@ -46,12 +71,16 @@ class _Reader(GGUFReader):
         if itype == GGUFValueType.STRING:
             buf = memoryview(self.data)
             spans = []
-            for _ in range(n):
+            for i in range(n):
+                if offs + 8 > len(buf):
+                    raise ValueError(f"string array of {n} items: item {i} starts past the end of the file "
+                                     f"({len(buf)} bytes)")
                 (length,) = struct.unpack_from("<Q", buf, offs)
                 spans.append((offs + 8, length))
                 offs += 8 + length
             if offs > len(self.data):
-                raise ValueError("string array runs past the end of the file")
+                raise ValueError(f"string array of {n} items ends at byte {offs}, past the end of the file "
+                                 f"({len(self.data)} bytes)")
             return offs - orig_offs, [raw_itype, alen, _StringArray(self.data, orig_offs + 12, offs, spans)], \
                 [2], [GGUFValueType.ARRAY, GGUFValueType.STRING]
         nptype = self.gguf_scalar_to_np.get(itype)
@@ -218,6 +247,8 @@ def _open_reader(path: str) -> GGUFReader:
         raise GGUFError(f"{path}: not a GGUF file (magic {magic!r}, expected b'GGUF')")
     try:
         return _Reader(path, "r")
+    except _TruncatedTensor as e:
+        raise GGUFError(f"{path}: {e}") from None
     except (ValueError, IndexError, KeyError, OverflowError, UnicodeDecodeError, struct.error) as e:
         if "GGMLQuantizationType" in str(e):
             raise UnsupportedError(f"{path}: a tensor uses an unknown GGML type id ({e})") from None

@@ -332,11 +332,17 @@ class ThreadPool:
         return s
 
     def reset_stats(self) -> None:
+        self._check_open()
         self._pool.reset_stats()
 
     def noop(self) -> None:
         """Dispatch and finish one empty task."""
+        self._check_open()
         self._pool.noop_latency(1)
+
+    def _check_open(self) -> None:
+        if self.closed:
+            raise ShapeError("pool: the ThreadPool is closed")
 
     def noop_latency(self, n: int = 1000) -> np.ndarray:
         """ns taken by each of n empty tasks (submit to completion)."""

@@ -5,7 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
+import math
+import numbers
+
 import numpy as np
+
+from .errors import ArgumentError
 
 
 @dataclass(frozen=True)
@@ -21,14 +26,37 @@ class SamplingParams:
     seed: int | None = None
 
     def __post_init__(self):
+        for name in ("temperature", "top_p", "min_p", "repeat_penalty", "frequency_penalty", "presence_penalty"):
+            object.__setattr__(self, name, _finite(name, getattr(self, name)))
+        for name in ("top_k", "repeat_last_n"):
+            object.__setattr__(self, name, _integer(name, getattr(self, name)))
         if self.top_p <= 0 or self.repeat_penalty <= 0:
-            raise ValueError("top_p and repeat_penalty must be > 0")
+            raise ArgumentError(f"top_p and repeat_penalty must be > 0, got {self.top_p} and {self.repeat_penalty}")
         if not 0 <= self.min_p <= 1:
-            raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
+            raise ArgumentError(f"min_p must be in [0, 1], got {self.min_p}")
+        if self.repeat_last_n < -1:
+            raise ArgumentError(f"repeat_last_n must be >= -1 (-1: all), got {self.repeat_last_n}")
+        if self.seed is not None:
+            seed = _integer("seed", self.seed)
+            if seed < 0:
+                raise ArgumentError(f"seed must be a non-negative integer or None, got {seed}")
+            object.__setattr__(self, "seed", seed)
 
     @property
     def greedy(self) -> bool:
         return self.temperature <= 0
+
+
+def _finite(name: str, v) -> float:
+    if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v):
+        raise ArgumentError(f"{name} must be a finite number, got {v!r}")
+    return float(v)
+
+
+def _integer(name: str, v) -> int:
+    if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+        raise ArgumentError(f"{name} must be an integer, got {v!r}")
+    return int(v)
 
 
 def apply_penalties(logits: np.ndarray, history: Sequence[int], p: SamplingParams) -> np.ndarray:

@@ -120,20 +120,31 @@ typedef struct {
 
 /* Scratch bytes one node needs for blocks of up to t_max tokens with its layers. */
 size_t mn_node_scratch_bytes(const mn_engine *e, int node);
-/* Validate every node's layers; 0, or -1 with a message naming node, layer and field. */
+/* Validate the whole engine (every node's layers, buffers and scratch); 0, or -1
+ * with a message naming node, layer and field.  Array lengths the structs do not
+ * carry (norm vectors, RoPE tables, caches) are checked by the setters that have them. */
 int    mn_engine_check(const mn_engine *e, char *err, size_t errlen);
+/* The same checks for one slot: layer >= 0 (its attention and FFN), or -1 (the head). */
+int    mn_engine_check_layer(const mn_engine *e, int node, int layer, char *err, size_t errlen);
 
-/* x[T, hidden] += attention(layer) at positions pos0 .. pos0+T-1 of cache slot 0 (cache updated). */
-void   mn_engine_attention(mn_engine *e, int layer, float *x, int64_t T, int64_t pos0);
+/* Block calls return MN_ENGINE_OK, or a negative code before touching x, the
+ * caches or any node (a layer, token count or position out of range). */
+enum { MN_ENGINE_OK = 0, MN_ENGINE_ELAYER = -1, MN_ENGINE_ETOKENS = -2, MN_ENGINE_EPOS = -3,
+       MN_ENGINE_ESCRATCH = -4, MN_ENGINE_ESTATE = -5 };
+const char *mn_engine_strerror(int rc);
+
+/* x[T, hidden] += attention(layer) at positions pos0 .. pos0+T-1 (cache updated);
+ * needs 0 <= pos0 and pos0 + T <= n_ctx of every node's part of the layer. */
+int    mn_engine_attention(mn_engine *e, int layer, float *x, int64_t T, int64_t pos0);
 /* The batched step: token t is at position pos[t] of cache slot slot[t] and attends to positions
- * 0..pos[t] of its own slot (earlier tokens of the batch included).  The caller guarantees
- * 0 <= pos[t] < n_ctx, 0 <= slot[t] < n_slots and no (slot, pos) twice in one call.
+ * 0..pos[t] of its own slot (earlier tokens of the batch included); needs 0 <= pos[t] < n_ctx
+ * and 0 <= slot[t] < n_slots (checked), and no (slot, pos) twice in one call (the caller's).
  * Per token the result is bit-identical to running that token alone. */
-void   mn_engine_attention_batch(mn_engine *e, int layer, float *x, int64_t T, const int64_t *pos,
-                                 const int32_t *slot);
+int    mn_engine_attention_batch(mn_engine *e, int layer, float *x, int64_t T, const int64_t *pos,
+                              const int32_t *slot);
 /* x[T, hidden] += ffn(layer) (MoE with shared experts, or dense). */
-void   mn_engine_ffn(mn_engine *e, int layer, float *x, int64_t T);
+int    mn_engine_ffn(mn_engine *e, int layer, float *x, int64_t T);
 /* logits[T, vocab] = head(x) (final norm included). */
-void   mn_engine_head(mn_engine *e, const float *x, int64_t T, float *logits);
+int    mn_engine_head(mn_engine *e, const float *x, int64_t T, float *logits);
 
 #endif

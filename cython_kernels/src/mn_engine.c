@@ -29,11 +29,25 @@ static inline int64_t now_ns(void) {
 
 static inline size_t pad64(size_t n) { return (n + 63) & ~(size_t)63; }
 
-typedef struct { uint8_t *p; size_t used, cap; } arena;
+/* Bump allocation in a node's scratch.  p == NULL: sizing only (returns NULL).
+ * Past the capacity it returns NULL and sets `over`; the layouts are carved
+ * identically by every thread, so every thread then leaves the task alike. */
+typedef struct { uint8_t *p; size_t used, cap; int over; } arena;
 static void *carve(arena *a, size_t n) {
+    const size_t n64 = pad64(n);
+    if (n64 < n || a->used + n64 < a->used) { a->over = 1; return NULL; }
+    if (!a->p) { a->used += n64; return NULL; }
+    if (a->over || a->used + n64 > a->cap) { a->over = 1; return NULL; }
     void *r = a->p + a->used;
-    a->used += pad64(n);
+    a->used += n64;
     return r;
+}
+static arena sizing_arena(void) { arena a = {NULL, 0, SIZE_MAX, 0}; return a; }
+static arena node_arena(const mn_node *nd) {
+    const uintptr_t base = ((uintptr_t)nd->scratch + 63) & ~(uintptr_t)63;
+    const size_t skip = (size_t)(base - (uintptr_t)nd->scratch);
+    arena a = {(uint8_t *)base, 0, nd->scratch_bytes > skip ? nd->scratch_bytes - skip : 0, 0};
+    return a;
 }
 
 /* attention micro-kernels per SIMD level (mn_attn_tmpl.h) */
@@ -161,6 +175,7 @@ typedef struct {
     const int64_t *pos; const int32_t *slot;
     /* scratch, carved identically by every thread */
     float *xn, *q, *k, *v, *qa, *kva, *kvb, *lat_n, *qlat, *olat, *ao, *att;
+    int failed;                       /* the layout did not fit the scratch (set by thread 0) */
     int64_t att_stride;
     act_set in, qa_act, lat_act, ao_act;
     uint8_t *qn_q, *olat_q;           /* MLA: per-head activations of q_nope / o_lat */
@@ -219,9 +234,7 @@ static size_t attn_scratch(const mn_attn_layer *L, int64_t T, int64_t n_ctx, int
     attn_ctx c;
     memset(&c, 0, sizeof c);
     c.L = L; c.T = T; c.s_max = n_ctx;
-    arena a = {NULL, 0, 0};
-    uint8_t probe[1];
-    a.p = probe;     /* only sizes are used: carve() does not touch memory */
+    arena a = sizing_arena();
     attn_layout(&c, &a, nth);
     return a.used + 64;
 }
@@ -245,7 +258,7 @@ static void attn_task(void *p, int ith, int nth) {
     const int64_t t_start = ith == 0 ? now_ns() : 0;
     const int64_t T = c->T, H = L->hidden, nq = L->n_head;
     mn_pool *pool = c->node->pool;
-    arena a = {(uint8_t *)(((uintptr_t)c->node->scratch + 63) & ~(uintptr_t)63), 0, c->node->scratch_bytes};
+    arena a = node_arena(c->node);
     float *partial = c->node->partial;
     int64_t a0, a1;
     if (L->kind == MN_ATTN_NONE || nq == 0) {   /* no heads here: contribute nothing */
@@ -255,6 +268,7 @@ static void attn_task(void *p, int ith, int nth) {
     }
     attn_ctx C = *c;
     attn_layout(&C, &a, nth);
+    if (a.over) { if (ith == 0) c->failed = 1; return; }
 
     /* P0: norm + quantize the input rows; clear the partial output */
     split(T, ith, nth, &a0, &a1);
@@ -454,6 +468,7 @@ typedef struct {
     float *probs, *sel;
     int32_t *r_cnt, *r_chosen, *r_list;   /* replica choice: tokens per expert, chosen holder, order */
     uint8_t *moe_scratch; size_t moe_scratch_bytes;
+    int failed;
 } ffn_ctx;
 
 static void ffn_moe_args(const ffn_ctx *c, mn_moe_args *m) {
@@ -514,8 +529,7 @@ static size_t ffn_scratch(const mn_ffn_layer *L, int64_t T) {
     ffn_ctx c;
     memset(&c, 0, sizeof c);
     c.L = L; c.T = T;
-    uint8_t probe[1];
-    arena a = {probe, 0, 0};
+    arena a = sizing_arena();
     ffn_layout(&c, &a);
     return a.used + 64;
 }
@@ -618,9 +632,10 @@ static void ffn_task(void *p, int ith, int nth) {
     const int64_t t_start = ith == 0 ? now_ns() : 0;
     const int64_t T = c->T, H = L->hidden;
     mn_pool *pool = c->node->pool;
-    arena a = {(uint8_t *)(((uintptr_t)c->node->scratch + 63) & ~(uintptr_t)63), 0, c->node->scratch_bytes};
+    arena a = node_arena(c->node);
     ffn_ctx C = *c;
     ffn_layout(&C, &a);
+    if (a.over) { if (ith == 0) c->failed = 1; return; }
     float *partial = c->node->partial;
     int64_t a0, a1;
     size_t r;
@@ -703,7 +718,7 @@ static void ffn_task(void *p, int ith, int nth) {
 }
 
 /* ------------------------------------------------------------ output head */
-typedef struct { mn_engine *e; mn_node *node; const float *x; int64_t T; float *logits; } head_ctx;
+typedef struct { mn_engine *e; mn_node *node; const float *x; int64_t T; float *logits; int failed; } head_ctx;
 
 static size_t head_scratch(const mn_head_shard *h, int64_t T) {
     if (h->out.rows == 0) return 64;
@@ -715,10 +730,11 @@ static void head_task(void *p, int ith, int nth) {
     const mn_head_shard *h = &c->node->head;
     if (h->out.rows == 0) return;
     const int64_t H = h->hidden, T = c->T;
-    arena a = {(uint8_t *)(((uintptr_t)c->node->scratch + 63) & ~(uintptr_t)63), 0, c->node->scratch_bytes};
+    arena a = node_arena(c->node);
     float *xn = (float *)carve(&a, sizeof(float) * T * H);
     const size_t row = mn_act_row_bytes(h->out.type, H);
     uint8_t *xq = (uint8_t *)carve(&a, row * T);
+    if (a.over) { if (ith == 0) c->failed = 1; return; }
     int64_t a0, a1;
     split(T, ith, nth, &a0, &a1);
     for (int64_t t = a0; t < a1; t++) {
@@ -766,9 +782,45 @@ static void reduce_partials(mn_engine *e, float *x, int64_t T) {
     }
 }
 
+const char *mn_engine_strerror(int rc) {
+    switch (rc) {
+    case MN_ENGINE_OK: return "ok";
+    case MN_ENGINE_ELAYER: return "layer index out of range";
+    case MN_ENGINE_ETOKENS: return "token count out of range 1..t_max";
+    case MN_ENGINE_EPOS: return "positions or slots out of range: need 0 <= pos0, pos0 + T <= n_ctx "
+                                "(batched: 0 <= pos < n_ctx, 0 <= slot < n_slots)";
+    case MN_ENGINE_ESCRATCH: return "a node's scratch is too small for this block";
+    case MN_ENGINE_ESTATE: return "the engine has no nodes, buffers or pools (not finalized?)";
+    default: return "unknown engine error";
+    }
+}
 
-static void attention(mn_engine *e, int layer, float *x, int64_t T, int64_t pos0, const int64_t *pos,
-                      const int32_t *slot) {
+/* What every block call checks before touching anything. */
+static int check_call(const mn_engine *e, int layer, int64_t T) {
+    if (!e || !e->nodes || e->n_nodes < 1 || e->n_nodes > MAX_NODES) return MN_ENGINE_ESTATE;
+    for (int n = 0; n < e->n_nodes; n++)
+        if (!e->nodes[n].pool || !e->nodes[n].partial || !e->nodes[n].scratch) return MN_ENGINE_ESTATE;
+    if (layer < -1 || layer >= e->n_layers) return MN_ENGINE_ELAYER;
+    if (T < 1 || T > e->t_max) return MN_ENGINE_ETOKENS;
+    return MN_ENGINE_OK;
+}
+
+static int attention(mn_engine *e, int layer, float *x, int64_t T, int64_t pos0, const int64_t *pos,
+                     const int32_t *slot) {
+    int rc = check_call(e, layer, T);
+    if (rc) return rc;
+    if (layer < 0) return MN_ENGINE_ELAYER;
+    for (int n = 0; n < e->n_nodes; n++) {
+        const mn_attn_layer *L = &e->nodes[n].attn[layer];
+        if (L->kind == MN_ATTN_NONE || L->n_head == 0) continue;
+        if (!pos) {
+            if (pos0 < 0 || pos0 > L->n_ctx - T) return MN_ENGINE_EPOS;
+        } else {
+            for (int64_t t = 0; t < T; t++)
+                if (pos[t] < 0 || pos[t] >= L->n_ctx || (slot && (slot[t] < 0 || slot[t] >= L->n_slots)))
+                    return MN_ENGINE_EPOS;
+        }
+    }
     attn_ctx ctx[MAX_NODES];
     int64_t s_max = pos0 + T;
     if (pos) {
@@ -782,19 +834,25 @@ static void attention(mn_engine *e, int layer, float *x, int64_t T, int64_t pos0
         ctx[n].pos = pos; ctx[n].slot = slot;
     }
     run_nodes(e, attn_task, ctx, sizeof(attn_ctx), 0);
+    for (int n = 0; n < e->n_nodes; n++) if (ctx[n].failed) return MN_ENGINE_ESCRATCH;
     reduce_partials(e, x, T);
+    return MN_ENGINE_OK;
 }
 
-void mn_engine_attention(mn_engine *e, int layer, float *x, int64_t T, int64_t pos0) {
-    attention(e, layer, x, T, pos0, NULL, NULL);
+int mn_engine_attention(mn_engine *e, int layer, float *x, int64_t T, int64_t pos0) {
+    return attention(e, layer, x, T, pos0, NULL, NULL);
 }
 
-void mn_engine_attention_batch(mn_engine *e, int layer, float *x, int64_t T, const int64_t *pos,
-                               const int32_t *slot) {
-    attention(e, layer, x, T, 0, pos, slot);
+int mn_engine_attention_batch(mn_engine *e, int layer, float *x, int64_t T, const int64_t *pos,
+                              const int32_t *slot) {
+    if (!pos) return MN_ENGINE_EPOS;
+    return attention(e, layer, x, T, 0, pos, slot);
 }
 
-void mn_engine_ffn(mn_engine *e, int layer, float *x, int64_t T) {
+int mn_engine_ffn(mn_engine *e, int layer, float *x, int64_t T) {
+    int rc = check_call(e, layer, T);
+    if (rc) return rc;
+    if (layer < 0) return MN_ENGINE_ELAYER;
     ffn_ctx ctx[MAX_NODES];
     for (int n = 0; n < e->n_nodes; n++) {
         memset(&ctx[n], 0, sizeof(ffn_ctx));
@@ -802,20 +860,27 @@ void mn_engine_ffn(mn_engine *e, int layer, float *x, int64_t T) {
         ctx[n].x = x; ctx[n].T = T;
     }
     run_nodes(e, ffn_task, ctx, sizeof(ffn_ctx), 1);
+    for (int n = 0; n < e->n_nodes; n++) if (ctx[n].failed) return MN_ENGINE_ESCRATCH;
     reduce_partials(e, x, T);
+    return MN_ENGINE_OK;
 }
 
-void mn_engine_head(mn_engine *e, const float *x, int64_t T, float *logits) {
+int mn_engine_head(mn_engine *e, const float *x, int64_t T, float *logits) {
+    int rc = check_call(e, -1, T);
+    if (rc) return rc;
     head_ctx ctx[MAX_NODES];
     for (int n = 0; n < e->n_nodes; n++) {
+        memset(&ctx[n], 0, sizeof(head_ctx));
         ctx[n].e = e; ctx[n].node = &e->nodes[n]; ctx[n].x = x; ctx[n].T = T; ctx[n].logits = logits;
     }
     run_nodes(e, head_task, ctx, sizeof(head_ctx), 0);
+    for (int n = 0; n < e->n_nodes; n++) if (ctx[n].failed) return MN_ENGINE_ESCRATCH;
+    return MN_ENGINE_OK;
 }
 
 size_t mn_node_scratch_bytes(const mn_engine *e, int node) {
     const mn_node *nd = &e->nodes[node];
-    const int nth = mn_pool_size(nd->pool);
+    const int nth = nd->pool ? mn_pool_size(nd->pool) : 1;
     size_t need = head_scratch(&nd->head, e->t_max);
     for (int l = 0; l < e->n_layers; l++) {
         if (nd->attn[l].kind != MN_ATTN_NONE && nd->attn[l].n_head > 0) {
@@ -830,66 +895,173 @@ size_t mn_node_scratch_bytes(const mn_engine *e, int node) {
     return need;
 }
 
-static int check_mat(const mn_mat *m, int64_t cols, const char *what, int node, int layer, char *err, size_t errlen) {
-    if (m->rows == 0) return 0;
-    if (!m->data) { snprintf(err, errlen, "node %d layer %d: %s has no data", node, layer, what); return -1; }
-    if (!mn_type_supported(m->type)) {
-        snprintf(err, errlen, "node %d layer %d: %s has unsupported type %d", node, layer, what, m->type); return -1;
-    }
-    if (m->cols != cols || m->stride < mn_row_bytes(m->type, m->cols) || mn_row_bytes(m->type, m->cols) == 0) {
-        snprintf(err, errlen, "node %d layer %d: %s is %lld x %lld (stride %zu), expected %lld columns",
-                 node, layer, what, (long long)m->rows, (long long)m->cols, m->stride, (long long)cols);
-        return -1;
-    }
+#define FAIL(...) do { snprintf(err, errlen, __VA_ARGS__); return -1; } while (0)
+
+/* A matrix of `rows` x `cols` (rows == 0: must be absent). */
+static int check_mat(const mn_mat *m, int64_t rows, int64_t cols, const char *what, int node, int layer,
+                     char *err, size_t errlen) {
+    if (rows == 0 && m->rows == 0) return 0;
+    if (m->rows != rows)
+        FAIL("node %d layer %d: %s has %lld rows, expected %lld", node, layer, what, (long long)m->rows, (long long)rows);
+    if (!m->data) FAIL("node %d layer %d: %s has no data", node, layer, what);
+    if (!mn_type_supported(m->type)) FAIL("node %d layer %d: %s has unsupported type %d", node, layer, what, m->type);
+    if (m->cols != cols || mn_row_bytes(m->type, m->cols) == 0 || m->stride < mn_row_bytes(m->type, m->cols))
+        FAIL("node %d layer %d: %s is %lld x %lld (stride %zu), expected %lld columns",
+             node, layer, what, (long long)m->rows, (long long)m->cols, m->stride, (long long)cols);
     return 0;
 }
 
+static int check_attn(const mn_engine *e, int n, int l, char *err, size_t errlen) {
+    const mn_attn_layer *A = &e->nodes[n].attn[l];
+    if (A->kind < MN_ATTN_NONE || A->kind > MN_ATTN_MLA_MHA) FAIL("node %d layer %d: attention kind %d unknown", n, l, A->kind);
+    if (A->kind == MN_ATTN_NONE || A->n_head == 0) return 0;
+    const int64_t H = A->hidden, nq = A->n_head, qk = A->qk_dim, vd = A->v_dim, rd = A->rope_dims;
+    if (H != e->hidden) FAIL("node %d layer %d: attention hidden %lld, engine %lld", n, l, (long long)H, (long long)e->hidden);
+    if (!A->attn_norm) FAIL("node %d layer %d: attn_norm missing", n, l);
+    if (nq < 0 || A->n_kv < 1 || A->n_kv > nq || qk < 1 || vd < 1 || rd < 0 || rd % 2 || A->rope_off < 0)
+        FAIL("node %d layer %d: n_head %d, n_kv %d, qk_dim %d, v_dim %d, rope_dims %d, rope_off %d are inconsistent",
+             n, l, A->n_head, A->n_kv, A->qk_dim, A->v_dim, A->rope_dims, A->rope_off);
+    if (qk > MAX_HEAD_DIM || vd > MAX_HEAD_DIM || rd > MAX_HEAD_DIM)
+        FAIL("node %d layer %d: head size %lld / %lld exceeds %d", n, l, (long long)qk, (long long)vd, MAX_HEAD_DIM);
+    if (A->n_ctx < 1 || A->n_slots < 1) FAIL("node %d layer %d: n_ctx %lld, n_slots %d", n, l, (long long)A->n_ctx, A->n_slots);
+    if (rd > 0 && (!A->rope_cos || !A->rope_sin)) FAIL("node %d layer %d: RoPE tables missing", n, l);
+    if (!A->q2kv) FAIL("node %d layer %d: q2kv missing", n, l);
+    for (int h = 0; h < nq; h++) {   /* kv heads in range, and the query heads of a group contiguous */
+        if (A->q2kv[h] < 0 || A->q2kv[h] >= A->n_kv || (h > 0 && A->q2kv[h] < A->q2kv[h - 1]))
+            FAIL("node %d layer %d: q2kv[%d] = %d (need a non-decreasing map into 0..%d)", n, l, h, A->q2kv[h], A->n_kv - 1);
+    }
+    if (!(A->kq_scale == A->kq_scale)) FAIL("node %d layer %d: kq_scale is NaN", n, l);
+    if (A->kind == MN_ATTN_GQA) {
+        if (A->rope_off + rd > qk) FAIL("node %d layer %d: rope_off %d + rope_dims %d > qk_dim %d", n, l, A->rope_off, A->rope_dims, A->qk_dim);
+        if (!A->cache_k || !A->cache_v) FAIL("node %d layer %d: KV cache missing", n, l);
+        if (check_mat(&A->wq, nq * qk, H, "attn_q", n, l, err, errlen) ||
+            check_mat(&A->wk, A->n_kv * qk, H, "attn_k", n, l, err, errlen) ||
+            check_mat(&A->wv, A->n_kv * vd, H, "attn_v", n, l, err, errlen)) return -1;
+    } else {
+        const int64_t R = A->kv_lora;
+        if (R < 1 || A->nope < 0 || A->q_lora < 0 || A->nope + rd != qk)
+            FAIL("node %d layer %d: kv_lora %d, nope %d + rope_dims %d != qk_dim %d", n, l, A->kv_lora, A->nope, A->rope_dims, A->qk_dim);
+        if (!A->kv_a_norm) FAIL("node %d layer %d: attn_kv_a_norm missing", n, l);
+        if (check_mat(&A->wkv_a, R + rd, H, "attn_kv_a_mqa", n, l, err, errlen)) return -1;
+        if (A->q_lora ? (!A->q_a_norm ? (snprintf(err, errlen, "node %d layer %d: attn_q_a_norm missing", n, l), -1) : 0) ||
+                        check_mat(&A->wq_a, A->q_lora, H, "attn_q_a", n, l, err, errlen) ||
+                        check_mat(&A->wq_b, nq * qk, A->q_lora, "attn_q_b", n, l, err, errlen)
+                      : check_mat(&A->wq, nq * qk, H, "attn_q", n, l, err, errlen)) return -1;
+        if (A->kind == MN_ATTN_MLA_MHA) {
+            if (A->n_kv != nq) FAIL("node %d layer %d: MLA without k_b needs n_kv == n_head", n, l);
+            if (!A->cache_k || !A->cache_v) FAIL("node %d layer %d: KV cache missing", n, l);
+            if (check_mat(&A->wkv_b, nq * (A->nope + vd), R, "attn_kv_b", n, l, err, errlen)) return -1;
+        } else {
+            if (!A->cache_lat || !A->cache_ktiles) FAIL("node %d layer %d: latent cache missing", n, l);
+            if (A->nope < 1 || !A->k_b || !A->v_b) FAIL("node %d layer %d: attn_k_b / attn_v_b missing", n, l);
+            for (int h = 0; h < nq; h++) {
+                if (check_mat(&A->k_b[h], R, A->nope, "attn_k_b", n, l, err, errlen) ||
+                    check_mat(&A->v_b[h], vd, R, "attn_v_b", n, l, err, errlen)) return -1;
+                if (A->k_b[h].type != A->k_b[0].type || A->v_b[h].type != A->v_b[0].type)
+                    FAIL("node %d layer %d: attn_k_b / attn_v_b heads differ in type", n, l);
+            }
+        }
+    }
+    return check_mat(&A->wo, H, nq * vd, "attn_output", n, l, err, errlen);
+}
+
+static int check_ffn(const mn_engine *e, int n, int l, char *err, size_t errlen) {
+    const mn_ffn_layer *F = &e->nodes[n].ffn[l];
+    if (F->kind < MN_FFN_NONE || F->kind > MN_FFN_MOE) FAIL("node %d layer %d: ffn kind %d unknown", n, l, F->kind);
+    if (F->kind == MN_FFN_NONE) return 0;
+    const int64_t H = F->hidden;
+    if (H != e->hidden) FAIL("node %d layer %d: ffn hidden %lld, engine %lld", n, l, (long long)H, (long long)e->hidden);
+    if (!F->ffn_norm) FAIL("node %d layer %d: ffn_norm missing", n, l);
+    if (F->kind == MN_FFN_MOE) {
+        const int E = F->n_expert;
+        if (E < 1 || E > 256 * 64) FAIL("node %d layer %d: n_expert %d out of range 1..%d", n, l, E, 256 * 64);
+        if (F->n_used < 1 || F->n_used > E) FAIL("node %d layer %d: n_used %d out of range 1..n_expert (%d)", n, l, F->n_used, E);
+        if (F->gating != MN_GATE_SOFTMAX && F->gating != MN_GATE_SIGMOID) FAIL("node %d layer %d: gating %d unknown", n, l, F->gating);
+        if (F->group_rule != MN_GROUP_TOP2_SUM && F->group_rule != MN_GROUP_MAX) FAIL("node %d layer %d: group_rule %d unknown", n, l, F->group_rule);
+        if (F->n_groups < 0 || F->n_groups > 256 || (F->n_groups > 1 && E % F->n_groups))
+            FAIL("node %d layer %d: n_groups %d must be 0..256 and divide n_expert %d", n, l, F->n_groups, E);
+        if (F->n_groups > 1 && (F->n_groups_used < 1 || F->n_groups_used > F->n_groups))
+            FAIL("node %d layer %d: n_groups_used %d out of range 1..n_groups (%d)", n, l, F->n_groups_used, F->n_groups);
+        if (F->n_groups > 1 && F->group_rule == MN_GROUP_TOP2_SUM && E / F->n_groups < 2)
+            FAIL("node %d layer %d: top2_sum groups need 2 experts each", n, l);
+        if (check_mat(&F->router, E, H, "ffn_gate_inp", n, l, err, errlen)) return -1;
+        if (!F->gate_ptrs || !F->up_ptrs || !F->down_ptrs || !F->expert_tokens)
+            FAIL("node %d layer %d: expert tables missing", n, l);
+        if (F->inter < 1) FAIL("node %d layer %d: expert inter %lld", n, l, (long long)F->inter);
+        const int types[3] = {F->gate_type, F->up_type, F->down_type};
+        const int64_t cols[3] = {H, H, F->inter};
+        const size_t strides[3] = {F->gate_stride, F->up_stride, F->down_stride};
+        const uint8_t *const *ptrs[3] = {F->gate_ptrs, F->up_ptrs, F->down_ptrs};
+        const char *names[3] = {"ffn_gate_exps", "ffn_up_exps", "ffn_down_exps"};
+        int local = 0;
+        for (int x = 0; x < E; x++) {
+            const int have = (ptrs[0][x] != NULL) + (ptrs[1][x] != NULL) + (ptrs[2][x] != NULL);
+            if (have != 0 && have != 3) FAIL("node %d layer %d: expert %d has only %d of gate/up/down", n, l, x, have);
+            local += have == 3;
+        }
+        if (local)
+            for (int k = 0; k < 3; k++) {
+                const size_t rb = mn_type_supported(types[k]) ? mn_row_bytes(types[k], cols[k]) : 0;
+                if (!rb) FAIL("node %d layer %d: %s: type %d cannot hold %lld columns", n, l, names[k], types[k], (long long)cols[k]);
+                if (k == 2 && F->inter_of) continue;   /* split experts: per-expert down rows, below */
+                if (strides[k] < rb) FAIL("node %d layer %d: %s row stride %zu < row bytes %zu", n, l, names[k], strides[k], rb);
+            }
+        if (F->inter_of && !F->down_stride_of) FAIL("node %d layer %d: split experts need their down strides", n, l);
+        for (int x = 0; F->inter_of && x < E; x++) {
+            if (!ptrs[0][x]) continue;
+            const int64_t ie = F->inter_of[x];
+            const size_t rb = ie > 0 ? mn_row_bytes(F->down_type, ie) : 0;
+            if (ie < 1 || ie > F->inter || !rb || F->down_stride_of[x] < rb)
+                FAIL("node %d layer %d: expert %d: local inter %lld / down stride %zu do not fit (inter %lld)", n, l, x,
+                     (long long)ie, F->down_stride_of[x], (long long)F->inter);
+        }
+        if (F->repl_nodes && (!F->node_share || F->n_nodes != e->n_nodes || F->node_id != n))
+            FAIL("node %d layer %d: replicated experts need node_share and this node's id", n, l);
+        for (int x = 0; F->repl_nodes && x < E; x++)
+            if (F->repl_nodes[x] && ((F->repl_nodes[x] >> n & 1) != (F->gate_ptrs[x] != NULL) ||
+                                     F->repl_nodes[x] >> e->n_nodes))
+                FAIL("node %d layer %d: expert %d: the replica table and this node's weights disagree", n, l, x);
+    }
+    if (F->sh_ff < 0) FAIL("node %d layer %d: sh_ff %lld", n, l, (long long)F->sh_ff);
+    if (F->sh_ff > 0 && (check_mat(&F->sh_gate, F->sh_ff, H, "ffn_gate(_shexp)", n, l, err, errlen) ||
+                         check_mat(&F->sh_up, F->sh_ff, H, "ffn_up(_shexp)", n, l, err, errlen) ||
+                         check_mat(&F->sh_down, H, F->sh_ff, "ffn_down(_shexp)", n, l, err, errlen))) return -1;
+    return 0;
+}
+
+static int check_head(const mn_engine *e, int n, char *err, size_t errlen) {
+    const mn_head_shard *h = &e->nodes[n].head;
+    if (h->vocab < 1) FAIL("node %d: head vocab %lld", n, (long long)h->vocab);
+    if (h->vocab != e->nodes[0].head.vocab) FAIL("node %d: head vocab %lld, node 0 has %lld", n, (long long)h->vocab, (long long)e->nodes[0].head.vocab);
+    if (h->hidden != e->hidden) FAIL("node %d: head hidden %lld, engine %lld", n, (long long)h->hidden, (long long)e->hidden);
+    if (!h->norm) FAIL("node %d: output_norm missing", n);
+    if (h->v0 < 0 || h->out.rows < 0 || h->v0 > h->vocab - h->out.rows)
+        FAIL("node %d: output rows [%lld, %lld) outside the vocabulary of %lld", n, (long long)h->v0,
+             (long long)(h->v0 + h->out.rows), (long long)h->vocab);
+    return check_mat(&h->out, h->out.rows, h->hidden, "output", n, -1, err, errlen);
+}
+
+int mn_engine_check_layer(const mn_engine *e, int node, int layer, char *err, size_t errlen) {
+    if (!e || !e->nodes || node < 0 || node >= e->n_nodes || layer < -1 || layer >= e->n_layers)
+        FAIL("node %d layer %d: out of range", node, layer);
+    if (layer < 0) return e->nodes[node].head.vocab == 0 && e->nodes[node].head.hidden == 0 ? 0 : check_head(e, node, err, errlen);
+    return check_attn(e, node, layer, err, errlen) || check_ffn(e, node, layer, err, errlen) ? -1 : 0;
+}
+
 int mn_engine_check(const mn_engine *e, char *err, size_t errlen) {
-    if (e->n_nodes < 1 || e->n_nodes > MAX_NODES) { snprintf(err, errlen, "engine needs 1..%d nodes", MAX_NODES); return -1; }
+    if (!e || !e->nodes || e->n_nodes < 1 || e->n_nodes > MAX_NODES) FAIL("engine needs 1..%d nodes", MAX_NODES);
+    if (e->hidden < 1 || e->t_max < 1 || e->n_layers < 0)
+        FAIL("engine: hidden %lld, t_max %lld, n_layers %d", (long long)e->hidden, (long long)e->t_max, e->n_layers);
     for (int n = 0; n < e->n_nodes; n++) {
         const mn_node *nd = &e->nodes[n];
-        if (!nd->pool) { snprintf(err, errlen, "node %d has no thread pool", n); return -1; }
-        for (int l = 0; l < e->n_layers; l++) {
-            const mn_attn_layer *A = &nd->attn[l];
-            const int64_t H = A->hidden;
-            if (((A->kind == MN_ATTN_GQA || A->kind == MN_ATTN_MLA_MHA) && A->qk_dim > MAX_HEAD_DIM) ||
-                (A->kind == MN_ATTN_MLA && A->rope_dims > MAX_HEAD_DIM)) {
-                snprintf(err, errlen, "node %d layer %d: head size %d exceeds %d", n, l, A->qk_dim, MAX_HEAD_DIM);
-                return -1;
-            }
-            if (A->kind == MN_ATTN_GQA) {
-                if (check_mat(&A->wq, H, "attn_q", n, l, err, errlen) || check_mat(&A->wk, H, "attn_k", n, l, err, errlen) ||
-                    check_mat(&A->wv, H, "attn_v", n, l, err, errlen) ||
-                    check_mat(&A->wo, (int64_t)A->n_head * A->v_dim, "attn_output", n, l, err, errlen)) return -1;
-            } else if (A->kind == MN_ATTN_MLA || A->kind == MN_ATTN_MLA_MHA) {
-                if (check_mat(&A->wkv_a, H, "attn_kv_a_mqa", n, l, err, errlen)) return -1;
-                if (A->q_lora ? (check_mat(&A->wq_a, H, "attn_q_a", n, l, err, errlen) ||
-                                 check_mat(&A->wq_b, A->q_lora, "attn_q_b", n, l, err, errlen))
-                              : check_mat(&A->wq, H, "attn_q", n, l, err, errlen)) return -1;
-                if (A->n_head && check_mat(&A->wo, (int64_t)A->n_head * A->v_dim, "attn_output", n, l, err, errlen)) return -1;
-                if (A->kind == MN_ATTN_MLA_MHA && check_mat(&A->wkv_b, A->kv_lora, "attn_kv_b", n, l, err, errlen)) return -1;
-                if (A->kind == MN_ATTN_MLA)
-                    for (int h = 0; h < A->n_head; h++)
-                        if (check_mat(&A->k_b[h], A->nope, "attn_k_b", n, l, err, errlen) ||
-                            check_mat(&A->v_b[h], A->kv_lora, "attn_v_b", n, l, err, errlen)) return -1;
-            }
-            const mn_ffn_layer *F = &nd->ffn[l];
-            if (F->kind == MN_FFN_MOE) {
-                if (check_mat(&F->router, F->hidden, "ffn_gate_inp", n, l, err, errlen)) return -1;
-                if (F->n_expert > 256 * 64 || (F->n_groups > 256)) { snprintf(err, errlen, "node %d layer %d: too many experts/groups", n, l); return -1; }
-                if (F->repl_nodes && (!F->node_share || F->n_nodes != e->n_nodes || F->node_id != n)) {
-                    snprintf(err, errlen, "node %d layer %d: replicated experts need node_share and this node's id", n, l); return -1;
-                }
-                for (int x = 0; F->repl_nodes && x < F->n_expert; x++)
-                    if (F->repl_nodes[x] && (F->repl_nodes[x] >> n & 1) != (F->gate_ptrs[x] != NULL)) {
-                        snprintf(err, errlen, "node %d layer %d: expert %d: the replica table and this node's weights disagree", n, l, x); return -1;
-                    }
-            }
-            if (F->sh_ff > 0 && (check_mat(&F->sh_gate, F->hidden, "ffn_gate(_shexp)", n, l, err, errlen) ||
-                                 check_mat(&F->sh_up, F->hidden, "ffn_up(_shexp)", n, l, err, errlen) ||
-                                 check_mat(&F->sh_down, F->sh_ff, "ffn_down(_shexp)", n, l, err, errlen))) return -1;
-        }
-        if (check_mat(&nd->head.out, nd->head.hidden, "output", n, -1, err, errlen)) return -1;
+        if (!nd->pool) FAIL("node %d has no thread pool", n);
+        if (!nd->attn || !nd->ffn) FAIL("node %d has no layer tables", n);
+        if (!nd->partial) FAIL("node %d has no partial-output buffer", n);
+        for (int l = 0; l < e->n_layers; l++)
+            if (check_attn(e, n, l, err, errlen) || check_ffn(e, n, l, err, errlen)) return -1;
+        if (check_head(e, n, err, errlen)) return -1;
+        const size_t need = mn_node_scratch_bytes(e, n);
+        if (!nd->scratch || nd->scratch_bytes < need) FAIL("node %d: scratch of %zu bytes, needs %zu", n, nd->scratch_bytes, need);
     }
     return 0;
 }

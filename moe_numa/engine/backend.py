@@ -22,7 +22,7 @@ from typing import Any, Callable
 import numpy as np
 
 from .. import quants
-from ..errors import ContextOverflowError, MoeNumaError
+from ..errors import ClosedError, ContextOverflowError, MoeNumaError
 from .. import kernels
 from ..gguf_file import Tensor, bad_block_error, check_tensor_blocks
 from ..kernels import ThreadPool
@@ -139,10 +139,23 @@ class NodeStore:
                     progress(state["done"], total)
 
         # Filling fresh memory is fault-bound; threads scale it (the copies release the GIL).
+        # On any exception (Ctrl-C included) the shards not started yet are cancelled, so
+        # the load stops after the copies in flight instead of filling the whole model.
         workers = max(1, min(32, len(os.sched_getaffinity(0))))
-        with ThreadPoolExecutor(workers) as ex:
-            list(ex.map(fill, self.items.items()))
-        _close_files()
+        ex = ThreadPoolExecutor(workers, thread_name_prefix="moe_numa-place")
+        try:
+            for f in [ex.submit(fill, entry) for entry in self.items.items()]:
+                f.result()
+        finally:
+            ex.shutdown(wait=True, cancel_futures=True)
+            _close_files()
+
+    def close(self) -> None:
+        """Unmap the node arenas (numpy views still alive keep their pages until they go)."""
+        self.arrays.clear()
+        for a in self.arenas:
+            a.close()
+        self.arenas = []
 
     def add_copy(self, node: int, key: str, src: np.ndarray, cls: str) -> None:
         """Place a copy of `src` on `node` at run time (a freed slot of that size, or the reserve)."""
@@ -202,9 +215,10 @@ def _pread_into(path: str, offset: int, dst: np.ndarray) -> None:
 
 
 def _close_files() -> None:
-    for fd in _files.values():
-        os.close(fd)
-    _files.clear()
+    with _files_lock:
+        for fd in _files.values():
+            os.close(fd)
+        _files.clear()
 
 
 def _f32(t: Tensor | None):
@@ -272,6 +286,9 @@ class EngineBackend:
         self.replica_budget = self._replica_budget(replica_budget)
         t0 = time.perf_counter()
         self.pools = []
+        self.core = None
+        self._work = []
+        self._closed = False
         try:
             for k, node in enumerate(self.topology.nodes):
                 cpus = node.threads(threads_per_node, use_smt)
@@ -279,7 +296,8 @@ class EngineBackend:
             self.store = NodeStore(self.topology, hugepages, model.gguf, check_tensors)
             self.store.reserve = self.replica_budget
             self.expert_tokens = [np.zeros(cfg.n_expert, dtype=np.int64) for _ in range(cfg.n_layer)]
-            params = self._plan_shards()
+            # Every slot's params keep their Refs (resolved again after experts move).
+            self._params = params = self._plan_shards()
             # FFN params keep their Refs: the rebalancer re-resolves them after moving experts.
             self._ffn_params = {(node, layer): p for (kind, node, layer), p in params.items() if kind == "ffn"}
             report = _progress_printer(progress)
@@ -302,7 +320,7 @@ class EngineBackend:
             partials = [a.alloc(self.ubatch * cfg.hidden * 4).view(np.float32) for a in self._work]
             scratches = [a.alloc(self.core.scratch_bytes(k)) for k, a in enumerate(self._work)]
             self.core.finalize(partials, scratches)
-        except Exception:
+        except BaseException:   # Ctrl-C too: no pool thread may outlive a failed load
             self.close()
             raise
         self.load_seconds = time.perf_counter() - t0
@@ -310,11 +328,11 @@ class EngineBackend:
         self._since_rebalance = 0
         self.rebalance_log: list[dict] = []
         self.last_forward: dict = {}
-        self._blas = _limit_blas()
+        self._blas = _blas_controller()
         # The calling thread is node 0's thread 0: keep it on that node's first core
-        # (restored on close), so the scheduler never stacks it on a pool thread's core.
-        self._caller_affinity = os.sched_getaffinity(0)
-        os.sched_setaffinity(0, {self.pools[0].cpus[0]})
+        # (restored on close, from whichever thread closes), so the scheduler never
+        # stacks it on a pool thread's core. Only this thread is pinned, not the process.
+        self._caller_tid = _pin_caller(self.pools[0].cpus[0])
 
     # ---------------------------------------------------------------- placement
     def _expert_copy_bytes(self, layer: int) -> int:
@@ -505,7 +523,12 @@ class EngineBackend:
     def embed(self, ids: np.ndarray) -> np.ndarray:
         return np.ascontiguousarray(self.weights.token_embd.dequantize_rows(ids), dtype=np.float32)
 
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ClosedError("the engine backend is closed (Model.close() was called)")
+
     def forward(self, ids: np.ndarray, all_logits: bool = True) -> np.ndarray:
+        self._check_open()
         ids = np.asarray(ids, dtype=np.int64)
         n = len(ids)
         if self.n_past + n > self.n_ctx:
@@ -513,6 +536,14 @@ class EngineBackend:
                                        f"{self.n_ctx} tokens")
         out = np.empty((n if all_logits else 1, self.cfg.n_vocab), dtype=np.float32)
         st0 = self.core.stats()
+        with _blas_limited(self._blas):
+            self._forward(ids, n, out, all_logits)
+        self.last_forward = {"tokens": n, **_balance(self.core.stats(), st0)}
+        if self.rebalance_every and self._since_rebalance >= self.rebalance_every and self.plan.n_nodes > 1:
+            self.rebalance()
+        return out
+
+    def _forward(self, ids, n, out, all_logits) -> None:
         for start in range(0, n, self.ubatch):
             chunk = ids[start:start + self.ubatch]
             x = self.embed(chunk)
@@ -525,10 +556,6 @@ class EngineBackend:
                 self.core.head(x, out[start:start + len(chunk)])
             elif start + self.ubatch >= n:
                 self.core.head(np.ascontiguousarray(x[-1:]), out)
-        self.last_forward = {"tokens": n, **_balance(self.core.stats(), st0)}
-        if self.rebalance_every and self._since_rebalance >= self.rebalance_every and self.plan.n_nodes > 1:
-            self.rebalance()
-        return out
 
     def forward_batch(self, ids, pos, slot, logit_rows=None) -> np.ndarray:
         """One step for several sequences at once (continuous batching): token t
@@ -540,6 +567,7 @@ class EngineBackend:
         alone. Returns logits for the tokens in `logit_rows` (default: all),
         [len(logit_rows), n_vocab]. The caller tracks each slot's length;
         `n_past` (slot 0 of forward()) is left alone."""
+        self._check_open()
         ids = np.asarray(ids, dtype=np.int64).reshape(-1)
         pos = np.asarray(pos, dtype=np.int64).reshape(-1)
         slot = np.asarray(slot, dtype=np.int32).reshape(-1)
@@ -557,6 +585,14 @@ class EngineBackend:
         rows = np.arange(n) if logit_rows is None else np.asarray(logit_rows, dtype=np.int64).reshape(-1)
         out = np.empty((len(rows), self.cfg.n_vocab), dtype=np.float32)
         st0 = self.core.stats()
+        with _blas_limited(self._blas):
+            self._forward_batch(ids, pos, slot, rows, out, n)
+        self.last_forward = {"tokens": n, **_balance(self.core.stats(), st0)}
+        if self.rebalance_every and self._since_rebalance >= self.rebalance_every and self.plan.n_nodes > 1:
+            self.rebalance()
+        return out
+
+    def _forward_batch(self, ids, pos, slot, rows, out, n) -> None:
         for start in range(0, n, self.ubatch):
             end = min(n, start + self.ubatch)
             x = self.embed(ids[start:end])
@@ -571,10 +607,6 @@ class EngineBackend:
                 buf = np.empty((len(want), self.cfg.n_vocab), dtype=np.float32)
                 self.core.head(sel, buf)
                 out[want] = buf
-        self.last_forward = {"tokens": n, **_balance(self.core.stats(), st0)}
-        if self.rebalance_every and self._since_rebalance >= self.rebalance_every and self.plan.n_nodes > 1:
-            self.rebalance()
-        return out
 
     # ---------------------------------------------------------------- hot experts
     def rebalance(self, min_tokens: int = 64, tolerance: float = 0.10, max_swaps: int = 64) -> dict:
@@ -597,6 +629,7 @@ class EngineBackend:
         afterwards. Returns {layer: {"swaps": [(e_from, node_from, e_to, node_to)],
         "replicated": [(e, node)], "dropped": [(e, node)], "before": max/mean,
         "after": max/mean}} for the layers that changed."""
+        self._check_open()
         report = {}
         n = self.plan.n_nodes
         for layer, counts in enumerate(self.expert_tokens):
@@ -804,17 +837,62 @@ class EngineBackend:
             p.reset_stats()
 
     def close(self) -> None:
+        """Stop the pools, free the node memory, give the loading thread its CPU
+        affinity back. Idempotent; later calls raise ClosedError."""
+        self._closed = True
+        core, self.core = getattr(self, "core", None), None
+        if core is not None:
+            core.close()          # first: it points into the pools and arenas
         for p in getattr(self, "pools", []):
             p.close()
         self.pools = []
-        affinity = getattr(self, "_caller_affinity", None)
-        if affinity is not None:
-            os.sched_setaffinity(0, affinity)
-            self._caller_affinity = None
-        blas = getattr(self, "_blas", None)
-        if blas is not None:
-            blas.restore_original_limits()
-            self._blas = None
+        for a in getattr(self, "_work", []):
+            a.close()
+        self._work = []
+        store = getattr(self, "store", None)
+        if store is not None:
+            store.close()
+        tid = getattr(self, "_caller_tid", None)
+        if tid is not None:
+            self._caller_tid = None
+            _unpin_caller(tid)
+
+    def __del__(self):
+        # At interpreter exit module globals may already be gone; never raise from here.
+        try:
+            self.close()
+        except Exception:
+            pass
+
+
+# Threads pinned by loaded engines: tid -> [affinity before the first engine, live engines].
+# Several models loaded by one thread and closed in any order give it back its own affinity.
+_pinned: dict[int, list] = {}
+_pinned_lock = threading.Lock()
+
+
+def _pin_caller(cpu: int) -> int:
+    tid = threading.get_native_id()
+    with _pinned_lock:
+        entry = _pinned.setdefault(tid, [os.sched_getaffinity(0), 0])
+        entry[1] += 1
+    os.sched_setaffinity(0, {cpu})
+    return tid
+
+
+def _unpin_caller(tid: int) -> None:
+    with _pinned_lock:
+        entry = _pinned.get(tid)
+        if entry is None:
+            return
+        entry[1] -= 1
+        if entry[1] > 0:
+            return
+        del _pinned[tid]
+    try:
+        os.sched_setaffinity(tid, entry[0])
+    except OSError:       # that thread has exited: nothing left to restore
+        pass
 
 
 def parse_budget(budget, expert_bytes: int) -> int:
@@ -869,13 +947,23 @@ def _used_tensors(w) -> list[Tensor]:
     return list(seen.values())
 
 
-def _limit_blas():
-    """numpy's BLAS threads must not compete with the pools for their cores."""
+def _blas_controller():
+    """numpy's BLAS libraries, found once (threadpoolctl); None if there are none."""
     try:
-        from threadpoolctl import threadpool_limits
-        return threadpool_limits(limits=1, user_api="blas")
+        from threadpoolctl import ThreadpoolController
+        ctl = ThreadpoolController().select(user_api="blas")
+        return ctl if ctl.lib_controllers else None
     except Exception:  # pragma: no cover - threadpoolctl is a hard dependency, but never fail a load on it
         return None
+
+
+def _blas_limited(ctl):
+    """BLAS threads must not compete with the pools for their cores: one thread
+    while a forward pass runs (~20 us), the caller's setting at all other times.
+    (A process-wide limit for the model's lifetime could not be restored from
+    another thread: OpenBLAS keeps the setting per thread.)"""
+    import contextlib
+    return ctl.limit(limits=1) if ctl is not None else contextlib.nullcontext()
 
 
 def _progress_printer(progress):
