@@ -32,7 +32,7 @@ from ..layers.moe import GATING_SIGMOID, MoEWeights
 from ..layers.rope import rope_cos_sin
 from ..errors import ExpertMapError
 from ..numa.expert_map import STRATEGIES, load_map, make_map
-from ..numa.memory import NodeArena, drop_file_pages, resident_bytes
+from ..numa.memory import ALIGN, HUGE, PAGE, NodeArena, drop_file_pages, populate, populate_supported, resident_bytes
 from ..numa.topology import Topology, topology
 from .plan import PlacementPlan, expert_blocks, make_plan
 
@@ -115,40 +115,122 @@ class NodeStore:
         self.items[(item.node, item.key)] = item
         return Ref(item.node, item.key)
 
-    def materialize(self, progress: Callable[[int, int], None] | None = None) -> None:
-        per_node = [0] * self.topo.n_nodes
-        for it in self.items.values():
-            per_node[it.node] += (it.nbytes + 63) // 64 * 64
+    def materialize(self, progress: Callable[[int, int], None] | None = None, cache=None) -> None:
+        """Allocate each node's arena and fill it: weights first (a page-aligned prefix,
+        the part a weights cache holds), then zero items (caches) and the replica reserve.
+
+        Each node is filled by threads pinned to its CPUs, all nodes at once: a thread
+        populates a run of shards (MADV_POPULATE_WRITE, whole hugepages) and then reads
+        them in, so pages are faulted in parallel and on the node. With `cache` (a
+        numa.weights_cache.WeightsCache) a valid image is mapped instead of filled."""
+        n = self.topo.n_nodes
+        weights: list[list[tuple]] = [[] for _ in range(n)]
+        rest: list[list[tuple]] = [[] for _ in range(n)]
+        for k, it in self.items.items():
+            (weights if it.fill is not None else rest)[it.node].append((k, it))
+        size = [0] * n
+        for k in range(n):
+            w = sum((it.nbytes + ALIGN - 1) // ALIGN * ALIGN for _, it in weights[k])
+            z = sum((it.nbytes + ALIGN - 1) // ALIGN * ALIGN for _, it in rest[k])
+            size[k] = (w + PAGE - 1) // PAGE * PAGE + z
         for k, node in enumerate(self.topo.nodes):
-            self.arenas.append(NodeArena(per_node[k] + self.reserve + 4096, node.memory_node, self.hugepages,
+            self.arenas.append(NodeArena(size[k] + self.reserve + 4096, node.memory_node, self.hugepages,
                                          label=f"node{k}"))
-        total = sum(it.nbytes for it in self.items.values())
-        for (node, key), it in self.items.items():
-            self.arrays[(node, key)] = self.arenas[node].alloc(it.nbytes).view(it.dtype).reshape(it.shape)
-        state = {"done": 0}
+        self.weight_bytes = []
+        for k in range(n):
+            arena = self.arenas[k]
+            for key, it in weights[k]:
+                self.arrays[key] = arena.alloc(it.nbytes).view(it.dtype).reshape(it.shape)
+            arena.used = (arena.used + PAGE - 1) // PAGE * PAGE
+            self.weight_bytes.append(arena.used)
+            for key, it in rest[k]:   # fresh anonymous memory is zero, and stays unfaulted until written
+                self.arrays[key] = arena.alloc(it.nbytes).view(it.dtype).reshape(it.shape)
+        total = sum(it.nbytes for ws in weights for _, it in ws)
+        t0 = time.perf_counter()
+        hit = cache.attach(self) if cache is not None else [False] * n
+        todo = [ws if not hit[k] else [] for k, ws in enumerate(weights)]
+        done0 = sum(it.nbytes for k in range(n) if hit[k] for _, it in weights[k])
+        if progress and done0:
+            progress(done0, total)
+        try:
+            self._fill_nodes(todo, total, done0, progress, cache)
+        finally:
+            _close_files()
+        if cache is not None:
+            cache.commit(self)
+        secs = time.perf_counter() - t0
+        self.load_stats = {"bytes": total, "seconds": secs, "gb_per_s": total / secs / 1e9 if secs > 0 else None,
+                           "populate": populate_supported(),
+                           "weights_cache": None if cache is None else cache.summary(hit)}
+
+    def _fill_nodes(self, todo, total: int, done0: int, progress, cache) -> None:
+        """Fill each node's shards from threads pinned to that node, all nodes in parallel."""
+        state = {"done": done0, "error": None}
         lock = threading.Lock()
 
-        def fill(entry):
-            (node, key), it = entry
-            arr = self.arrays[(node, key)]
-            if it.fill is not None:   # zero items (caches): fresh anonymous memory is already zero,
-                it.fill(arr)          # and stays unfaulted until first written
-            with lock:
-                state["done"] += it.nbytes
-                if progress:
-                    progress(state["done"], total)
+        def runs(items):   # consecutive shards in runs of >= 32 MiB: one populate call each
+            run, nbytes = [], 0
+            for entry in items:
+                run.append(entry)
+                nbytes += entry[1].nbytes
+                if nbytes >= 32 << 20:
+                    yield run
+                    run, nbytes = [], 0
+            if run:
+                yield run
 
-        # Filling fresh memory is fault-bound; threads scale it (the copies release the GIL).
-        # On any exception (Ctrl-C included) the shards not started yet are cancelled, so
-        # the load stops after the copies in flight instead of filling the whole model.
-        workers = max(1, min(32, len(os.sched_getaffinity(0))))
-        ex = ThreadPoolExecutor(workers, thread_name_prefix="moe_numa-place")
+        def worker(k, queue, cpus):
+            try:
+                os.sched_setaffinity(0, cpus)   # this thread only: its faults and copies run on node k
+            except OSError:
+                pass
+            while state["error"] is None:
+                with lock:
+                    if not queue:
+                        return
+                    run = queue.pop()
+                try:
+                    first, last = self.arrays[run[0][0]], self.arrays[run[-1][0]]
+                    lo = first.ctypes.data
+                    hi = last.ctypes.data + last.nbytes
+                    base = self.arenas[k].addr
+                    lo_h = max(base, lo - (lo - base) % HUGE)
+                    hi_h = min(base + self.weight_bytes[k], hi + (-(hi - base)) % HUGE)
+                    if cache is not None:
+                        cache.reserve(k, lo_h - base, hi_h - lo_h)
+                    populate(lo_h, hi_h - lo_h)
+                    for key, it in run:
+                        it.fill(self.arrays[key])
+                    with lock:
+                        state["done"] += sum(it.nbytes for _, it in run)
+                        if progress:
+                            progress(state["done"], total)
+                except BaseException as e:   # the first error stops every thread, then is raised
+                    with lock:
+                        state["error"] = state["error"] or e
+                    return
+
+        threads = []
+        for k, items in enumerate(todo):
+            queue = list(runs(items))[::-1]
+            cpus = list(self.topo.nodes[k].cpus) or list(os.sched_getaffinity(0))
+            for _ in range(min(len(queue), len(cpus), 32)):
+                t = threading.Thread(target=worker, args=(k, queue, cpus), name=f"moe-numa-load{k}", daemon=True)
+                t.start()
+                threads.append(t)
         try:
-            for f in [ex.submit(fill, entry) for entry in self.items.items()]:
-                f.result()
-        finally:
-            ex.shutdown(wait=True, cancel_futures=True)
-            _close_files()
+            for t in threads:
+                t.join()
+        except BaseException as e:   # Ctrl-C: the workers stop after the run in hand
+            with lock:
+                state["error"] = state["error"] or e
+            for t in threads:
+                t.join()
+            raise
+        if state["error"] is not None:
+            raise state["error"]
+        if progress and state["done"] < total:
+            progress(total, total)
 
     def close(self) -> None:
         """Unmap the node arenas (numpy views still alive keep their pages until they go)."""
@@ -795,6 +877,7 @@ class EngineBackend:
         rep.update(gguf_weight_bytes=gguf_bytes, placed_weight_bytes=placed, replicated_bytes=replicated,
                    kv_cache_bytes=sum(it.nbytes for it in self.store.items.values() if it.cls == "kv_cache"),
                    process=resident_bytes(), topology=self.topology.describe(),
+                   load=dict(self.store.load_stats, total_seconds=self.load_seconds),
                    notes=list(self.plan.notes) + list(self.topology.notes))
         if check_pages:
             rep["pages"] = self.check_pages(sample)

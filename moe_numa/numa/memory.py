@@ -11,6 +11,7 @@ mbind), memory falls back to the default policy and the fallback is logged once.
 from __future__ import annotations
 
 import ctypes
+import errno
 import logging
 import mmap
 import os
@@ -28,12 +29,16 @@ MPOL_BIND = 2
 MPOL_MF_STRICT = 1
 MPOL_MF_MOVE = 2
 MADV_DONTNEED = 4
+MADV_POPULATE_WRITE = 23   # Linux >= 5.14: fault a range in, writable, in one call
+HUGE = 2 << 20             # population chunk: one transparent hugepage on x86-64 and aarch64
 PAGE = mmap.PAGESIZE
 ALIGN = 64          # shard alignment inside an arena: a cache line, enough for every SIMD path
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.syscall.restype = ctypes.c_long
 _libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+_libc.mmap.restype = ctypes.c_void_p
+_libc.mmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long)
 _warned: set[str] = set()
 
 
@@ -115,12 +120,53 @@ class NodeArena:
         self.used = start + nbytes
         return self.buffer[start:start + nbytes]
 
+    def map_file(self, length: int, fd: int, offset: int, shared: bool) -> None:
+        """Replace the first `length` bytes (page multiple) of the arena by a mapping of
+        `fd` at `offset`, at the same address (so views made before stay valid), bound
+        to the arena's node. Shared: writes go to the file (building a cache image);
+        private: the file is read, writes (rebalancing) are copied on write."""
+        if length <= 0:
+            return
+        flags = (0x01 if shared else 0x02) | 0x10          # MAP_SHARED / MAP_PRIVATE, MAP_FIXED
+        got = _libc.mmap(ctypes.c_void_p(self.addr), length, 0x3, flags, fd, offset)
+        if got in (None, ctypes.c_void_p(-1).value):
+            err = ctypes.get_errno()
+            raise OSError(err, f"mapping the weights cache failed: {os.strerror(err)}")
+        if self.node is not None:
+            mbind(self.addr, length, self.node)
+
     def close(self) -> None:
         self.buffer = None  # type: ignore[assignment]
         try:
             self._map.close()
         except BufferError:
             pass   # views still alive; the mapping goes when they do
+
+
+_populate_ok = True
+
+
+def populate(addr: int, length: int) -> bool:
+    """Fault [addr, addr+length) in, writable, with MADV_POPULATE_WRITE (page-rounded).
+
+    Pages come from the mapping's policy (mbind) and from the calling thread, so a
+    node's threads populating its arena fault it in parallel, a hugepage at a time
+    where THP is on. False (and nothing done) where the kernel lacks it (EINVAL):
+    the copy that follows then faults pages itself."""
+    global _populate_ok
+    if not _populate_ok or length <= 0:
+        return False
+    first = addr - addr % PAGE
+    end = (addr + length + PAGE - 1) // PAGE * PAGE
+    if _libc.madvise(ctypes.c_void_p(first), end - first, MADV_POPULATE_WRITE) != 0:
+        err = ctypes.get_errno()
+        if err != errno.EINVAL:   # e.g. ENOMEM: leave it to the copy, keep trying elsewhere
+            return False
+        _populate_ok = False
+        _warn_once("populate", f"MADV_POPULATE_WRITE unavailable ({os.strerror(err)}); "
+                               f"weights are faulted in by the copies")
+        return False
+    return True
 
 
 def drop_file_pages(arr: np.ndarray) -> None:
@@ -151,3 +197,8 @@ def resident_bytes() -> dict[str, int]:
     except OSError:
         pass
     return out
+
+
+def populate_supported() -> bool:
+    """Whether MADV_POPULATE_WRITE worked so far (False after the kernel refused it)."""
+    return _populate_ok
