@@ -25,6 +25,9 @@ def add_engine_flags(p: argparse.ArgumentParser) -> None:
                    help="split the CPUs into N virtual nodes (default: the machine's real nodes)")
     p.add_argument("--threads-per-node", "-t", type=int, metavar="T", help="threads per node (default: all cores)")
     p.add_argument("-c", "--ctx-size", type=int, default=None, help="context size in tokens (default 4096)")
+    p.add_argument("--weights-cache", metavar="DIR",
+                   help="engine: keep each node's placed weights in DIR (a tmpfs such as /dev/shm), one file per "
+                        "node; a restart maps them instead of copying the model again (rebuilt when stale)")
     p.add_argument("--check-tensors", action="store_true",
                    help="check every block while loading (Inf/NaN scales), naming the first bad one")
 
@@ -47,9 +50,12 @@ def model_options(args) -> dict:
             opts["threads_per_node"] = args.threads_per_node
         if args.replica_budget is not None:
             opts["replica_budget"] = args.replica_budget
-    elif args.numa_expert_map or args.numa_nodes or args.threads_per_node or args.replica_budget is not None:
-        raise SystemExit("--numa-expert-map, --numa-nodes, --threads-per-node and --replica-budget need "
-                         "--backend engine")
+        if args.weights_cache:
+            opts["weights_cache"] = args.weights_cache
+    elif (args.numa_expert_map or args.numa_nodes or args.threads_per_node or args.replica_budget is not None
+          or args.weights_cache):
+        raise SystemExit("--numa-expert-map, --numa-nodes, --threads-per-node, --replica-budget and "
+                         "--weights-cache need --backend engine")
     return {"backend": backend, **opts}
 
 

@@ -154,10 +154,14 @@ class NodeStore:
             progress(done0, total)
         try:
             self._fill_nodes(todo, total, done0, progress, cache)
+            if cache is not None:
+                cache.commit(self)
+        except BaseException:
+            if cache is not None:
+                cache.abort()
+            raise
         finally:
             _close_files()
-        if cache is not None:
-            cache.commit(self)
         secs = time.perf_counter() - t0
         self.load_stats = {"bytes": total, "seconds": secs, "gb_per_s": total / secs / 1e9 if secs > 0 else None,
                            "populate": populate_supported(),
@@ -346,7 +350,8 @@ class EngineBackend:
                  threads_per_node: int | None = None, use_smt: bool = False, hugepages: bool = True,
                  ubatch: int = 512, progress: bool | Callable[[int, int], None] = False,
                  rebalance_every: int | None = 1024, replica_budget: float | int | str | None = None,
-                 check_tensors: bool = False, n_slots: int = 1):
+                 check_tensors: bool = False, n_slots: int = 1,
+                 weights_cache: str | os.PathLike | None = None):
         from .. import _native
         self.cfg = cfg = model.config
         self.weights = w = model.weights
@@ -383,7 +388,11 @@ class EngineBackend:
             # FFN params keep their Refs: the rebalancer re-resolves them after moving experts.
             self._ffn_params = {(node, layer): p for (kind, node, layer), p in params.items() if kind == "ffn"}
             report = _progress_printer(progress)
-            self.store.materialize(report)
+            cache = None
+            if weights_cache is not None:
+                from ..numa.weights_cache import WeightsCache
+                cache = WeightsCache(weights_cache, model.gguf.paths, check_tensors)
+            self.store.materialize(report, cache)
             if check_tensors:   # what was not copied (norms, embeddings) is read from the file: check it there
                 for t in model.gguf:
                     if t.name not in self.store.checked:
