@@ -32,7 +32,7 @@ from ..layers.moe import GATING_SIGMOID, MoEWeights
 from ..layers.rope import rope_cos_sin
 from ..errors import ExpertMapError
 from ..numa.expert_map import STRATEGIES, load_map, make_map
-from ..numa.memory import ALIGN, HUGE, PAGE, NodeArena, drop_file_pages, populate, populate_supported, resident_bytes
+from ..numa.memory import ALIGN, HUGE, PAGE, NodeArena, drop_file_pages, populate, populate_read, populate_supported, resident_bytes
 from ..numa.topology import Topology, topology
 from .plan import PlacementPlan, expert_blocks, make_plan
 
@@ -153,6 +153,7 @@ class NodeStore:
         if progress and done0:
             progress(done0, total)
         try:
+            self._prefault(hit)
             self._fill_nodes(todo, total, done0, progress, cache)
             if cache is not None:
                 cache.commit(self)
@@ -166,6 +167,26 @@ class NodeStore:
         self.load_stats = {"bytes": total, "seconds": secs, "gb_per_s": total / secs / 1e9 if secs > 0 else None,
                            "populate": populate_supported(),
                            "weights_cache": None if cache is None else cache.summary(hit)}
+
+    def _prefault(self, hit: list[bool]) -> None:
+        """Map the cached images in now, from each node's pinned threads (~10 GB/s here),
+        so that the first tokens do not take minor faults page by page."""
+        def work(k, lo, hi, cpus):
+            try:
+                os.sched_setaffinity(0, cpus)
+            except OSError:
+                pass
+            populate_read(self.arenas[k].addr + lo, hi - lo)
+        threads = []
+        for k in (k for k, h in enumerate(hit) if h):
+            cpus = list(self.topo.nodes[k].cpus) or list(os.sched_getaffinity(0))
+            cuts = np.linspace(0, self.weight_bytes[k] // PAGE, min(len(cpus), 32) + 1).astype(np.int64) * PAGE
+            for lo, hi in zip(cuts[:-1], cuts[1:]):
+                threads.append(threading.Thread(target=work, args=(k, int(lo), int(hi), cpus), daemon=True))
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
 
     def _fill_nodes(self, todo, total: int, done0: int, progress, cache) -> None:
         """Fill each node's shards from threads pinned to that node, all nodes in parallel."""

@@ -29,6 +29,7 @@ MPOL_BIND = 2
 MPOL_MF_STRICT = 1
 MPOL_MF_MOVE = 2
 MADV_DONTNEED = 4
+MADV_POPULATE_READ = 22
 MADV_POPULATE_WRITE = 23   # Linux >= 5.14: fault a range in, writable, in one call
 HUGE = 2 << 20             # population chunk: one transparent hugepage on x86-64 and aarch64
 PAGE = mmap.PAGESIZE
@@ -167,6 +168,14 @@ def populate(addr: int, length: int) -> bool:
                                f"weights are faulted in by the copies")
         return False
     return True
+
+
+def populate_read(addr: int, length: int) -> bool:
+    """Map [addr, addr+length) of a file mapping in ahead of use (MADV_POPULATE_READ), so a
+    cached image does not fault page by page in the first forward passes."""
+    if length <= 0:
+        return False
+    return _libc.madvise(ctypes.c_void_p(addr), length, MADV_POPULATE_READ) == 0
 
 
 def drop_file_pages(arr: np.ndarray) -> None:
