@@ -1,6 +1,7 @@
 """End-to-end benchmark: moe_numa against llama.cpp's llama-bench, same GGUF file, same threads.
 
     moe-numa bench [-m MODEL.gguf ...] [-t THREADS] [--tests pp64,pp512,tg32,tg128] [-r 3]
+                   [-d 0,1024,4096] [--kv-type f16] [--flash-attn on]
                    [--llama-bench PATH | --llama-build DIR] [--repack 1] [--out PREFIX]
     moe-numa make-bench-model [--preset qwen3moe-bench] [--type q8_0,q4_k_m] [-o PATH] [--force]
 
@@ -13,6 +14,9 @@ What one ``moe-numa bench`` does, per model:
    (``python -m moe_numa.bench.run_ours``, a fresh process) and B = ``llama-bench -r 1``
    (a fresh process), alternating A B A B; every process loads the model and does
    llama-bench's warm-ups before its timed repetitions (``--inner-reps``, default 1);
+   with ``-d`` every test also runs at each depth (an untimed prompt of that many
+   tokens first, as llama-bench ``-d``; named ``tg32@d1024``), and both engines get the
+   same KV-cache type (``--kv-type``) and llama-bench the ``--flash-attn`` setting;
 3. accounts for CPU time taken by other processes during every timed sample
    (the machine's busy time minus the benchmarked process's and the harness's own CPU
    time); a run with a disturbed sample is repeated (``--max-retries``), and a
@@ -79,6 +83,17 @@ def bound_tps(bandwidth_gbps: float | None, bytes_per_token: int | None) -> floa
 
 def tokens_per_s(n_tokens: int, ns: int | float) -> float:
     return n_tokens / (ns * 1e-9)
+
+
+def parse_depths(spec: str) -> list[int]:
+    """"0,1024,4096" -> [0, 1024, 4096] (llama-bench's -d)."""
+    try:
+        depths = [int(x) for x in spec.split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"--depth {spec!r}: not a comma-separated list of token counts") from None
+    if not depths or any(d < 0 for d in depths):
+        raise ValueError(f"--depth {spec!r}: depths are token counts >= 0")
+    return list(dict.fromkeys(depths))
 
 
 def kind_of_test(test: str) -> str:
@@ -412,9 +427,12 @@ def _finish_run(rec: dict, threads: int, threshold: float) -> dict:
 
 def run_ours_once(model: str, threads: int, tests: Sequence[str], inner_reps: int, threshold: float,
                   numa_nodes: int | None = None, expert_map: str | None = None, seed: int = 0,
-                  timeout: float | None = None, python: str | None = None, simd: str = "native") -> dict:
+                  timeout: float | None = None, python: str | None = None, simd: str = "native",
+                  kv_type: str | None = None) -> dict:
     cmd = [python or sys.executable, "-m", "moe_numa.bench.run_ours", model, "--threads", str(threads),
            "--tests", ",".join(tests), "--reps", str(inner_reps), "--seed", str(seed), "--json"]
+    if kv_type:
+        cmd += ["--kv-type", kv_type]
     if numa_nodes:
         cmd += ["--numa-nodes", str(numa_nodes)]
     if expert_map:
@@ -429,7 +447,8 @@ def run_ours_once(model: str, threads: int, tests: Sequence[str], inner_reps: in
            "peak_rss_bytes": max(int(obj.get("peak_rss_bytes") or 0), res.peak_rss_bytes),
            "wall_s": res.wall_s, "cpu_s": res.cpu_s, "others_cpu_s": res.others_cpu_s,
            "simd": obj.get("simd"), "n_nodes": obj.get("n_nodes"), "threads_per_node": obj.get("threads_per_node"),
-           "n_ctx": obj.get("n_ctx"), "cmd": res.cmd,
+           "n_ctx": obj.get("n_ctx"), "kv_type": obj.get("kv_type"), "load_fill_gbps": obj.get("load_fill_gbps"),
+           "cmd": res.cmd,
            "tests": {t["test"]: {"samples_ts": t["samples_ts"], "samples_ns": t["samples_ns"],
                                  "wall_s": t["samples_wall_s"], "others_cpu_s": t["others_cpu_s"],
                                  "warmup_ns": t.get("warmup_ns"), "imbalance": t.get("imbalance"),
@@ -438,11 +457,23 @@ def run_ours_once(model: str, threads: int, tests: Sequence[str], inner_reps: in
 
 
 def llama_bench_cmd(bench_path: str, model: str, threads: int, tests: Sequence[str], inner_reps: int,
-                    repack: bool, extra_args: Sequence[str] = ()) -> list[str]:
+                    repack: bool, extra_args: Sequence[str] = (), kv_type: str | None = None,
+                    flash_attn: str | None = None) -> list[str]:
+    """llama-bench's command line. Tests named "tg32@d1024" become `-n 32 -d 1024`: llama-bench
+    runs every test at every depth, so `tests` must be such a product (with_depths)."""
     from .llama_cpp import _bench_test_args
-    return ([str(bench_path), "-m", str(model), "-o", "json", "-t", str(threads), "-r", str(inner_reps),
-             "--repack", "1" if repack else "0"] + _bench_test_args(tests) + ["--progress"]
-            + list(extra_args))
+    from .run_ours import test_depth
+    base = list(dict.fromkeys(t.split("@")[0] for t in tests))
+    depths = list(dict.fromkeys(test_depth(t) for t in tests))
+    cmd = ([str(bench_path), "-m", str(model), "-o", "json", "-t", str(threads), "-r", str(inner_reps),
+            "--repack", "1" if repack else "0"] + _bench_test_args(base))
+    if depths != [0]:
+        cmd += ["-d", ",".join(str(d) for d in depths)]
+    if kv_type:
+        cmd += ["-ctk", kv_type, "-ctv", kv_type]
+    if flash_attn:
+        cmd += ["-fa", flash_attn]
+    return cmd + ["--progress"] + list(extra_args)
 
 
 def llama_record(res: ChildResult, threads: int, threshold: float) -> dict:
@@ -473,8 +504,8 @@ def llama_record(res: ChildResult, threads: int, threshold: float) -> dict:
 
 def run_llama_once(bench_path: str, model: str, threads: int, tests: Sequence[str], inner_reps: int,
                    threshold: float, repack: bool = True, extra_args: Sequence[str] = (),
-                   timeout: float | None = None) -> dict:
-    cmd = llama_bench_cmd(bench_path, model, threads, tests, inner_reps, repack, extra_args)
+                   timeout: float | None = None, kv_type: str | None = None, flash_attn: str | None = None) -> dict:
+    cmd = llama_bench_cmd(bench_path, model, threads, tests, inner_reps, repack, extra_args, kv_type, flash_attn)
     res = run_child(cmd, timeout=timeout)
     if res.returncode != 0:
         raise RuntimeError(f"llama-bench failed (exit {res.returncode}): {' '.join(res.cmd)}\n"
@@ -754,6 +785,14 @@ def format_markdown(report: dict) -> str:
                  f"{m.get('numa_nodes')} NUMA node(s), {_gib(m.get('memory_bytes'))} RAM"
                  + (f", {m['hypervisor']} guest" if m.get("hypervisor") else "")
                  + f"; loadavg at start {' '.join(str(x) for x in m.get('loadavg_start', []))}")
+    if s.get("kv_type"):
+        same = s.get("llama_kv_type", s["kv_type"]) == s["kv_type"]
+        lines.append((f"- KV cache {s['kv_type']} for both engines (llama-bench `-ctk/-ctv {s['kv_type']}`)" if same
+                      else f"- KV cache: moe_numa {s['kv_type']}, llama.cpp {s['llama_kv_type']} (**not the same**: "
+                           f"llama-bench takes no f32 cache type)")
+                     + f", llama-bench flash attention `-fa {s.get('flash_attn')}`"
+                     + (f"; depths {','.join(str(d) for d in s['depths'])} (`-d`: each test after an untimed "
+                        "prompt of that many tokens, named `test@dN`)" if s.get("depths", [0]) != [0] else ""))
     lines.append(f"- threads: {s['threads']} for both (llama-bench `-t {s['threads']}`; moe_numa "
                  f"{report.get('ours_layout') or '-'})")
     if s["engine_only"]:
@@ -813,6 +852,10 @@ def format_markdown(report: dict) -> str:
         ld, rss = a["load_s"], a["peak_rss_bytes"]
         lines.append(head + f"| load time (s, lower is better) | {fmt_summary(ld['moe_numa'])} | "
                      f"{fmt_summary(ld['llama.cpp'])} | {_fmt(ld['ratio'])} | | |")
+        fill = summarize([r["load_fill_gbps"] for r in _accepted(mrep.get("runs") or [], "moe_numa")
+                          if r.get("load_fill_gbps")])
+        if fill:
+            lines.append(head + f"| load: placement fill (GB/s, higher is better) | {fmt_summary(fill)} | | | | |")
         lines.append(head + f"| peak RSS (GiB, lower is better) | {fmt_summary(rss['moe_numa'], scale=2**30)} | "
                      f"{fmt_summary(rss['llama.cpp'], scale=2**30)} | {_fmt(rss['ratio'])} | | |")
         met, missed = targets_summary(a["rows"])
@@ -994,6 +1037,13 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("-t", "--threads", type=int, default=None,
                     help="threads for both engines (default: every physical core)")
     ap.add_argument("--tests", default=",".join(DEFAULT_TESTS), help="comma-separated ppN/tgN tests")
+    ap.add_argument("-d", "--depth", default="0",
+                    help="comma-separated depths (llama-bench -d): every test also runs after an untimed "
+                         "prompt of that many tokens, e.g. 0,1024,4096")
+    ap.add_argument("--kv-type", default=None, choices=("f32", "f16", "q8_0"),
+                    help="KV-cache type for both engines (llama-bench -ctk/-ctv; default: our engine's)")
+    ap.add_argument("--flash-attn", default="on", choices=("on", "off"),
+                    help="llama-bench -fa (default on, llama.cpp's choice on CPU; ours has one attention path)")
     ap.add_argument("-r", "--reps", type=int, default=3, help="A/B rounds (one process per engine each)")
     ap.add_argument("--inner-reps", type=int, default=1, help="timed repetitions per test in each process")
     ap.add_argument("--warmup-rounds", type=int, default=0, help="extra discarded rounds before the measured ones")
@@ -1037,11 +1087,18 @@ def run(a: argparse.Namespace) -> int:
     def log(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
 
-    from .run_ours import parse_tests
+    from .run_ours import engine_kv_type, parse_tests, with_depths
     try:
-        tests = [t for t, _, _ in parse_tests(a.tests)]
+        base_tests = [t for t, _, _ in parse_tests(a.tests)]
+        depths = parse_depths(a.depth)
     except ValueError as e:
         _usage_error("bench", str(e))
+    if any("@" in t for t in base_tests):
+        _usage_error("bench", "give depths with -d/--depth, not in --tests")
+    tests = with_depths(base_tests, depths)
+    kv_type = a.kv_type or engine_kv_type()
+    # llama-bench b11434 parses -ctk/-ctv for f16, bf16 and the quantized types only: no f32
+    llama_kv = kv_type if kv_type != "f32" else None
     models = a.model or default_models()
     if not models:
         _usage_error("bench", "no model: pass -m FILE.gguf, or write the default bench models first with "
@@ -1054,6 +1111,11 @@ def run(a: argparse.Namespace) -> int:
     from moe_numa import kernels as K
     threads = a.threads or len(K.order_cpus(K.available_cpus()))
     llama_args = a.llama_args.split() if a.llama_args else []
+    clash = sorted(set(llama_args) & {"-d", "--n-depth", "-ctk", "--cache-type-k", "-ctv", "--cache-type-v",
+                                      "-fa", "--flash-attn"})
+    if clash:   # llama-bench would run the product of both values
+        _usage_error("bench", f"--llama-args {' '.join(clash)}: use --depth / --kv-type / --flash-attn, "
+                              "which set both engines")
     created = _dt.datetime.now().astimezone()
     prefix = Path(a.out) if a.out else Path("bench") / "out" / f"bench-{created:%Y%m%d-%H%M%S}"
     prefix.parent.mkdir(parents=True, exist_ok=True)
@@ -1062,6 +1124,8 @@ def run(a: argparse.Namespace) -> int:
     bench_path, linfo = (None, None) if a.engine_only else llama_facts(a, log)
     settings = {"threads": threads, "tests": tests, "reps": a.reps, "inner_reps": a.inner_reps,
                 "warmup_rounds": a.warmup_rounds, "repack": bool(a.repack), "llama_args": llama_args,
+                "depths": depths, "kv_type": kv_type, "llama_kv_type": llama_kv or "f16 (its default)",
+                "flash_attn": a.flash_attn,
                 "engine_only": a.engine_only, "simd": a.simd, "numa_nodes": a.numa_nodes, "expert_map": a.expert_map,
                 "noise_threshold": a.noise_threshold, "max_retries": a.max_retries, "quiet_wait_s": a.quiet_wait,
                 "target_tg": a.target_tg, "target_pp": a.target_pp, "seed": a.seed}
@@ -1094,11 +1158,11 @@ def run(a: argparse.Namespace) -> int:
                 log(f"  {tag}: read bandwidth {bw:.1f} GB/s")
             jobs = [("moe_numa", lambda: run_ours_once(mpath, threads, tests, a.inner_reps, a.noise_threshold,
                                                        a.numa_nodes, a.expert_map, a.seed, timeout,
-                                                       simd=a.simd))]
+                                                       simd=a.simd, kv_type=kv_type))]
             if not a.engine_only:
                 jobs.append(("llama.cpp", lambda: run_llama_once(bench_path, mpath, threads, tests, a.inner_reps,
                                                                   a.noise_threshold, bool(a.repack), llama_args,
-                                                                  timeout)))
+                                                                  timeout, llama_kv, a.flash_attn)))
             for eng, fn in jobs:
                 attempts = run_with_retries(fn, a.max_retries, quiet, log)
                 for rec in attempts:

@@ -1,7 +1,7 @@
 """One benchmark run of our engine, in its own process, the way llama-bench runs its tests.
 
-    python -m moe_numa.bench.run_ours MODEL.gguf --threads 2 --tests pp64,pp512,tg32,tg128 \
-        [--reps 1] [--numa-nodes N] [--expert-map FILE] [--n-ctx N] [--seed 0] [--json]
+    python -m moe_numa.bench.run_ours MODEL.gguf --threads 2 --tests pp64,pp512,tg32,tg128,tg32@d1024 \
+        [--reps 1] [--numa-nodes N] [--expert-map FILE] [--n-ctx N] [--kv-type f16] [--seed 0] [--json]
 
 It is started by ``moe-numa bench`` (bench/bench.py) once per A/B round so that its
 load time and peak RSS are its own.  Methodology, as llama-bench b11434
@@ -14,6 +14,8 @@ load time and peak RSS are its own.  Methodology, as llama-bench b11434
   ppN is one forward of N tokens (BOS first when the vocabulary adds one, then random
   ids), tgN is N forwards of one token each starting at position 0, the first token BOS
   (or random), the next ones random (no sampling); the first token is timed too;
+- ``@dN`` tests (llama-bench ``-d N``): each repetition first runs an untimed N-token
+  prompt into the empty cache, then the test from position N;
 - tokens/s of a repetition = tokens / its wall time.
 
 Around every timed repetition it samples the machine's busy CPU time (psutil) and
@@ -41,11 +43,12 @@ import numpy as np
 
 from .bench import others_cpu_s, read_busy_ticks, self_cpu_s
 
-_TEST_RE = re.compile(r"(pp|tg)(\d+)")
+_TEST_RE = re.compile(r"(pp|tg)(\d+)(?:@d(\d+))?")
 
 
 def parse_tests(spec) -> list[tuple[str, int, int]]:
-    """"pp64,tg32" (or a list) -> [("pp64", 64, 0), ("tg32", 0, 32)]."""
+    """"pp64,tg32" (or a list) -> [("pp64", 64, 0), ("tg32", 0, 32)].
+    "tg32@d1024" is tg32 after a 1024-token prompt (llama-bench's naming; see test_depth)."""
     items = spec.split(",") if isinstance(spec, str) else list(spec)
     out = []
     for t in (s.strip() for s in items):
@@ -53,12 +56,31 @@ def parse_tests(spec) -> list[tuple[str, int, int]]:
             continue
         m = _TEST_RE.fullmatch(t)
         if not m or int(m.group(2)) <= 0:
-            raise ValueError(f"benchmark test {t!r} is not ppN or tgN (N > 0)")
+            raise ValueError(f"benchmark test {t!r} is not ppN or tgN (N > 0), optionally @dDEPTH")
         n = int(m.group(2))
         out.append((t, n, 0) if m.group(1) == "pp" else (t, 0, n))
     if not out:
         raise ValueError("no benchmark tests given")
     return out
+
+
+def test_depth(name: str) -> int:
+    """The depth of a test name: "tg32@d1024" -> 1024, "tg32" -> 0."""
+    m = _TEST_RE.fullmatch(name)
+    return int(m.group(3) or 0) if m else 0
+
+
+def with_depths(tests, depths) -> list[str]:
+    """Every test at every depth, named as llama-bench names them ("tg32", "tg32@d1024")."""
+    return [t if d == 0 else f"{t}@d{d}" for d in depths for t in tests]
+
+
+def engine_kv_type() -> str:
+    """The KV-cache type our engine uses by default (F32 before it had a choice)."""
+    import inspect
+    from moe_numa.engine.backend import EngineBackend
+    p = inspect.signature(EngineBackend.__init__).parameters.get("cache_type_k")
+    return str(p.default).lower() if p is not None and isinstance(p.default, str) else "f32"
 
 
 class _Runner:
@@ -87,7 +109,7 @@ class _Runner:
 
 def run(model_path: str, threads: int, tests, reps: int = 1, numa_nodes: int | None = None,
         expert_map: str | None = None, n_ctx: int | None = None, seed: int = 0,
-        warmup: bool = True) -> dict:
+        warmup: bool = True, kv_type: str | None = None) -> dict:
     import moe_numa
     from moe_numa import kernels as K
     from moe_numa.numa.topology import topology
@@ -96,25 +118,30 @@ def run(model_path: str, threads: int, tests, reps: int = 1, numa_nodes: int | N
     n_nodes = topology(numa_nodes).n_nodes
     if threads % n_nodes:
         raise ValueError(f"{threads} threads do not split evenly over {n_nodes} NUMA node(s)")
-    need = max(p + g for _, p, g in tests)
+    need = max(p + g + test_depth(name) for name, p, g in tests)
     n_ctx = n_ctx or -(-need // 256) * 256          # llama-bench: n_ctx = n_prompt + n_gen
     opts = {"backend": "engine", "numa_nodes": numa_nodes, "threads_per_node": threads // n_nodes,
             "n_ctx": n_ctx}
     if expert_map:
         opts["expert_map"] = expert_map
+    if kv_type and kv_type != engine_kv_type():   # only engines with a choice accept the option
+        opts["cache_type_k"] = opts["cache_type_v"] = kv_type
     t0 = time.perf_counter()
     model = moe_numa.load(model_path, **opts)
     load_s = time.perf_counter() - t0
     out = {"engine": "moe_numa", "model": str(model_path), "threads": threads, "n_nodes": n_nodes,
            "threads_per_node": threads // n_nodes, "n_ctx": n_ctx, "reps": reps, "warmup": warmup,
-           "load_s": load_s, "simd": K.simd_level(), "tests": []}
+           "load_s": load_s, "simd": K.simd_level(), "kv_type": kv_type or engine_kv_type(), "tests": []}
+    fill = getattr(getattr(model.backend, "store", None), "load_stats", None) or {}
+    out["load_fill_gbps"] = fill.get("gb_per_s")   # the placement copy alone, GB/s
     try:
         tok = model.tokenizer
         bos = tok.bos_id if getattr(tok, "add_bos", False) else None
         r = _Runner(model.backend, model.config.n_vocab, bos, seed)
         for name, n_prompt, n_gen in tests:
+            depth = test_depth(name)
             fn = (lambda: r.prompt(n_prompt)) if n_prompt else (lambda: r.gen(n_gen))
-            rec = {"test": name, "n_prompt": n_prompt, "n_gen": n_gen, "warmup_ns": None,
+            rec = {"test": name, "n_prompt": n_prompt, "n_gen": n_gen, "n_depth": depth, "warmup_ns": None,
                    "samples_ns": [], "samples_ts": [], "samples_wall_s": [], "others_cpu_s": [],
                    "imbalance": [], "wait_frac": []}
             if warmup:
@@ -127,6 +154,8 @@ def run(model_path: str, threads: int, tests, reps: int = 1, numa_nodes: int | N
                 rec["warmup_ns"] = time.perf_counter_ns() - w0
             for _ in range(reps):
                 model.backend.reset()
+                if depth:   # llama-bench: the depth prompt fills the cache first, untimed
+                    r.prompt(depth)
                 model.backend.reset_counters()
                 b0, c0 = read_busy_ticks(), self_cpu_s()
                 t_start = time.perf_counter_ns()
@@ -161,11 +190,12 @@ def main(argv=None) -> int:
     ap.add_argument("--expert-map", default=None)
     ap.add_argument("--n-ctx", type=int, default=None)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--kv-type", default=None, help="KV-cache type (default: the engine's)")
     ap.add_argument("--no-warmup", action="store_true")
     ap.add_argument("--json", action="store_true", help="print the result as JSON on the last line")
     a = ap.parse_args(argv)
     res = run(a.model, a.threads, a.tests, reps=a.reps, numa_nodes=a.numa_nodes, expert_map=a.expert_map,
-              n_ctx=a.n_ctx, seed=a.seed, warmup=not a.no_warmup)
+              n_ctx=a.n_ctx, seed=a.seed, warmup=not a.no_warmup, kv_type=a.kv_type)
     if a.json:
         sys.stdout.write(json.dumps(res) + "\n")
     else:

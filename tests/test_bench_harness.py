@@ -218,6 +218,61 @@ def test_llama_bench_cmd():
     assert cmd[cmd.index("--repack") + 1] == "0" and cmd[-2:] == ["-fa", "off"]
 
 
+def test_depth_tests_and_llama_bench_flags():
+    assert R.parse_tests("tg32@d1024") == [("tg32@d1024", 0, 32)] and R.test_depth("tg32@d1024") == 1024
+    assert R.test_depth("pp64") == 0
+    assert B.parse_depths("0,1024,4096,1024") == [0, 1024, 4096]
+    for bad in ("", "-1", "x"):
+        with pytest.raises(ValueError):
+            B.parse_depths(bad)
+    tests = R.with_depths(["pp64", "tg32"], [0, 1024])
+    assert tests == ["pp64", "tg32", "pp64@d1024", "tg32@d1024"]
+    cmd = B.llama_bench_cmd("/x/llama-bench", "m.gguf", 2, tests, 1, True, kv_type="q8_0", flash_attn="on")
+    assert cmd[cmd.index("-p") + 1] == "64" and cmd[cmd.index("-n") + 1] == "32"
+    assert cmd[cmd.index("-d") + 1] == "0,1024"
+    assert cmd[cmd.index("-ctk") + 1] == cmd[cmd.index("-ctv") + 1] == "q8_0" and cmd[cmd.index("-fa") + 1] == "on"
+    assert "-d" not in B.llama_bench_cmd("/x/llama-bench", "m.gguf", 2, ["tg32"], 1, True)
+
+
+def test_run_ours_runs_the_depth_prompt_first(tiny_q8, monkeypatch):
+    from moe_numa.engine.backend import EngineBackend
+    calls = []
+    orig = EngineBackend.forward
+
+    def forward(self, ids, all_logits=True):
+        calls.append((self.n_past, len(ids)))
+        return orig(self, ids, all_logits)
+    monkeypatch.setattr(EngineBackend, "forward", forward)
+    res = R.run(tiny_q8, 1, "tg2@d24", reps=2)
+    assert res["n_ctx"] >= 26 and res["tests"][0]["n_depth"] == 24 and len(res["tests"][0]["samples_ns"]) == 2
+    # warm-up: one token from 0; then per repetition: the 24-token depth prompt from 0, then 2 tokens from 24
+    assert calls == [(0, 1)] + [(0, 24), (24, 1), (25, 1)] * 2
+    assert res["kv_type"] and res["load_fill_gbps"] > 0
+
+
+def test_bench_depth_with_stub_llama_bench(tmp_path, tiny_q8):
+    stub = tmp_path / "llama-bench"
+    stub.write_text(STUB.format(python=sys.executable))
+    stub.chmod(stub.stat().st_mode | stat.S_IXUSR)
+    args = _common(tmp_path, tiny_q8) + ["--llama-bench", str(stub), "-d", "0,32", "-r", "1", "--no-plot",
+                                         "--no-bandwidth", "--flash-attn", "off"]
+    assert B.main(args) == 0
+    rep = json.loads((tmp_path / "res.json").read_text())
+    rows = {r["test"]: r for r in rep["models"][0]["summary"]["rows"]}
+    assert set(rows) == {"pp16", "tg4", "pp16@d32", "tg4@d32"}
+    assert all(r["moe_numa"]["n"] == 1 and r["llama.cpp"]["n"] == 1 for r in rows.values())
+    lb = rep["llama_bench_settings"]
+    kv = rep["settings"]["kv_type"]
+    assert kv == R.engine_kv_type() and {r["kv_type"] for r in rep["models"][0]["runs"] if r["engine"] == "moe_numa"} == {kv}
+    # llama-bench gets our cache type (it has no f32: then its f16 default, said in the table's notes)
+    assert lb["type_k"] == (kv if kv != "f32" else "f16") and lb["flash_attn"] == 0   # as it ran
+    assert rep["settings"]["depths"] == [0, 32]
+    md = (tmp_path / "res.md").read_text()
+    assert "| tg4@d32 |" in md and "depths 0,32" in md and "load: placement fill" in md
+    with pytest.raises(SystemExit):
+        B.main(_common(tmp_path, tiny_q8) + ["--engine-only", "--llama-args", "-fa on"])
+
+
 def test_parse_ours_json():
     obj = {"engine": "moe_numa", "threads": 2, "load_s": 0.5, "peak_rss_bytes": 1000,
            "tests": [{"test": "tg32", "n_prompt": 0, "n_gen": 32, "samples_ns": [2_000_000_000],
@@ -372,17 +427,23 @@ if "--version" in a:
 def val(flag): return a[a.index(flag) + 1]
 reps, thr = int(val("-r")), int(val("-t"))
 tests = [(int(p), 0) for p in val("-p").split(",") if p != "0"] + [(0, int(n)) for n in val("-n").split(",") if n != "0"]
+depths = [int(d) for d in val("-d").split(",")] if "-d" in a else [0]
+tests = [(p, g, d) for d in depths for p, g in tests]
+type_k = val("-ctk") if "-ctk" in a else "f16"
+fa = {{"on": 1, "off": 0}}[val("-fa")] if "-fa" in a else -1
 out = []
-for i, (p, g) in enumerate(tests, 1):
+for i, (p, g, d) in enumerate(tests, 1):
     print(f"llama-bench: benchmark {{i}}/{{len(tests)}}: starting", file=sys.stderr, flush=True)
     print(f"llama-bench: benchmark {{i}}/{{len(tests)}}: warmup {{'prompt' if p else 'generation'}} run", file=sys.stderr, flush=True)
     for r in range(reps):
+        if d:
+            print(f"llama-bench: benchmark {{i}}/{{len(tests)}}: depth run {{r + 1}}/{{reps}}", file=sys.stderr, flush=True)
         print(f"llama-bench: benchmark {{i}}/{{len(tests)}}: {{'prompt' if p else 'generation'}} run {{r + 1}}/{{reps}}", file=sys.stderr, flush=True)
     ns = 1_000_000_000 if p else 2_000_000_000
     out.append({{"build_commit": "stub", "build_number": 1, "model_type": "stub", "n_threads": thr,
-                "n_prompt": p, "n_gen": g, "n_depth": 0, "samples_ns": [ns] * reps,
-                "samples_ts": [(p + g) / (ns * 1e-9)] * reps, "type_k": "f16", "type_v": "f16",
-                "n_batch": 2048, "n_ubatch": 512, "flash_attn": -1}})
+                "n_prompt": p, "n_gen": g, "n_depth": d, "samples_ns": [ns] * reps,
+                "samples_ts": [(p + g) / (ns * 1e-9)] * reps, "type_k": type_k, "type_v": type_k,
+                "n_batch": 2048, "n_ubatch": 512, "flash_attn": fa}})
 print(json.dumps(out, indent=1))
 '''
 
