@@ -28,8 +28,8 @@ def _load(path, cache_dir=None, **kw):
     return moe_numa.load(path, backend="engine", numa_nodes=2, weights_cache=cache_dir, **kw)
 
 
-def _files(d):
-    return sorted(f for f in os.listdir(d))
+def _files(d):   # images and temp files; the lock file stays
+    return sorted(f for f in os.listdir(d) if not f.endswith(".lock"))
 
 
 def test_load_reports_throughput_and_fills_every_node(make_model):
@@ -129,3 +129,19 @@ def test_half_written_cache_is_never_used(make_model, cache_dir, monkeypatch):
 def test_unusable_cache_dir_is_a_clear_error(make_model, tmp_path):
     with pytest.raises(WeightsCacheError, match="not a directory"):
         _load(make_model("qwen3moe", "q8_0"), str(tmp_path / "missing"))
+
+
+def test_two_processes_build_once(make_model, cache_dir):
+    """A second process loading the same model waits on the first's build, then maps it."""
+    import json
+    import subprocess
+    import sys
+    path = make_model("qwen3moe", "q8_0")
+    code = ("import json, sys, moe_numa; m = moe_numa.load(sys.argv[1], backend='engine', numa_nodes=2, "
+            "weights_cache=sys.argv[2]); print(json.dumps(m.placement_report()['load']['weights_cache']))")
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(path), cache_dir], stdout=subprocess.PIPE,
+                              text=True, cwd=os.getcwd()) for _ in range(2)]
+    out = [json.loads(p.communicate(timeout=120)[0].strip().splitlines()[-1]) for p in procs]
+    assert all(p.returncode == 0 for p in procs)
+    assert sorted(len(o["built_nodes"]) for o in out) == [0, 2]     # one built both images, one mapped them
+    assert len(_files(cache_dir)) == 2

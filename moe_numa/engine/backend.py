@@ -414,6 +414,8 @@ class EngineBackend:
                 from ..numa.weights_cache import WeightsCache
                 cache = WeightsCache(weights_cache, model.gguf.paths, check_tensors)
             self.store.materialize(report, cache)
+            if progress is True:   # the CLI's progress: say how fast placement went
+                _print_load(self.store.load_stats)
             if check_tensors:   # what was not copied (norms, embeddings) is read from the file: check it there
                 for t in model.gguf:
                     if t.name not in self.store.checked:
@@ -1077,6 +1079,15 @@ def _blas_limited(ctl):
     another thread: OpenBLAS keeps the setting per thread.)"""
     import contextlib
     return ctl.limit(limits=1) if ctl is not None else contextlib.nullcontext()
+
+
+def _print_load(st: dict) -> None:
+    import sys
+    wc = st.get("weights_cache")
+    how = "" if wc is None else (" (mapped from the weights cache)" if not wc["built_nodes"] else
+                                 f" (weights cache written for node(s) {','.join(map(str, wc['built_nodes']))})")
+    rate = f", {st['gb_per_s']:.2f} GB/s" if st.get("gb_per_s") else ""
+    print(f"placed {st['bytes'] / 2**30:.2f} GiB of weights in {st['seconds']:.2f} s{rate}{how}", file=sys.stderr)
 
 
 def _progress_printer(progress):

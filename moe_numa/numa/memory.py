@@ -102,6 +102,7 @@ class NodeArena:
         self.size = max(PAGE, (size + PAGE - 1) // PAGE * PAGE)
         self.node = node
         self.label = label
+        self.hugepages = hugepages
         self._map = mmap.mmap(-1, self.size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
         self.addr = address_of(self._map)
         self.buffer = np.frombuffer(self._map, dtype=np.uint8)
@@ -135,6 +136,8 @@ class NodeArena:
             raise OSError(err, f"mapping the weights cache failed: {os.strerror(err)}")
         if self.node is not None:
             mbind(self.addr, length, self.node)
+        if self.hugepages:   # honoured where the file's filesystem gives hugepages (huge= tmpfs)
+            _libc.madvise(ctypes.c_void_p(self.addr), length, 14)   # MADV_HUGEPAGE
 
     def close(self) -> None:
         self.buffer = None  # type: ignore[assignment]

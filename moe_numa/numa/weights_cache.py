@@ -21,6 +21,7 @@ the file intact. Needs a filesystem with fallocate and write(): tmpfs
 from __future__ import annotations
 
 import errno
+import fcntl
 import hashlib
 import json
 import logging
@@ -52,6 +53,32 @@ def _identity(paths: list[str]) -> list[dict]:
             head = hashlib.sha256(f.read(1 << 20)).hexdigest()
         out.append({"path": os.path.realpath(p), "size": st.st_size, "mtime_ns": st.st_mtime_ns, "head_sha256": head})
     return out
+
+
+def _huge_tmpfs(directory: str) -> bool:
+    """Whether the image files under `directory` get transparent hugepages: a tmpfs mounted
+    with huge=always or huge=within_size, or shmem_enabled "force". (shmem_enabled otherwise
+    governs only the kernel's internal mount, and huge=advise needs the mapping's advice at
+    fault time, which pages reserved by fallocate never see.)"""
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/shmem_enabled") as f:
+            mode = f.read().split("[")[1].split("]")[0]
+    except (OSError, IndexError):
+        mode = "never"
+    if mode in ("force", "deny"):
+        return mode == "force"
+    best, opts = "", ""
+    real = os.path.realpath(directory)
+    try:
+        with open("/proc/mounts") as f:
+            for line in f:
+                parts = line.split()
+                if len(parts) > 3 and (real == parts[1] or real.startswith(parts[1].rstrip("/") + "/")) \
+                        and len(parts[1]) >= len(best):
+                    best, opts = parts[1], parts[3]
+    except OSError:
+        return False
+    return any(o in opts.split(",") for o in ("huge=always", "huge=within_size"))
 
 
 def _native_build() -> list:
@@ -87,6 +114,12 @@ class WeightsCache:
         self.stem = f"{base}-{hashlib.sha256(self.identity[0]['path'].encode()).hexdigest()[:12]}"
         self.building: dict[int, tuple[int, str]] = {}   # node -> (fd, temp path)
         self.rejected: dict[int, str] = {}
+        self.lock_fd: int | None = None
+        self.huge = _huge_tmpfs(self.dir)
+        if not self.huge:
+            log.warning("weights cache %s: this filesystem gives 4 KiB pages (not a tmpfs mounted with "
+                        "huge=within_size), so cached weights lose transparent hugepages and decode may be "
+                        "slower: `mount -t tmpfs -o huge=within_size,size=SIZE tmpfs DIR`", self.dir)
 
     def path(self, node: int) -> str:
         return os.path.join(self.dir, f"{self.stem}.node{node}.mnw")
@@ -106,7 +139,11 @@ class WeightsCache:
     # ------------------------------------------------------------------ attach
     def attach(self, store) -> list[bool]:
         """Map every valid image over its arena's weights prefix; start a build for the rest.
-        Returns, per node, whether its weights came from the cache."""
+        Returns, per node, whether its weights came from the cache.
+        Holds a lock on the model's images until commit/abort: a second process loading the
+        same model waits, then maps what the first one built instead of building it again."""
+        self.lock_fd = os.open(os.path.join(self.dir, f"{self.stem}.lock"), os.O_RDWR | os.O_CREAT, 0o600)
+        fcntl.flock(self.lock_fd, fcntl.LOCK_EX)
         hit = []
         for node in range(store.topo.n_nodes):
             key = self.key(store, node)
@@ -209,6 +246,12 @@ class WeightsCache:
             arena.map_file(length, fd, HEADER, shared=False)
             os.close(fd)
             del self.building[node]
+        self._unlock()
+
+    def _unlock(self) -> None:
+        if self.lock_fd is not None:
+            os.close(self.lock_fd)   # releases the flock
+            self.lock_fd = None
 
     def abort(self) -> None:
         """A failed load: drop the temp files (their mappings go with the arenas)."""
@@ -219,7 +262,8 @@ class WeightsCache:
             except FileNotFoundError:
                 pass
         self.building.clear()
+        self._unlock()
 
     def summary(self, hit: list[bool]) -> dict:
-        return {"dir": self.dir, "hit_nodes": [k for k, h in enumerate(hit) if h],
+        return {"dir": self.dir, "hugepages": self.huge, "hit_nodes": [k for k, h in enumerate(hit) if h],
                 "built_nodes": [k for k, h in enumerate(hit) if not h], "rejected": dict(self.rejected)}
