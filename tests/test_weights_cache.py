@@ -122,8 +122,13 @@ def test_half_written_cache_is_never_used(make_model, cache_dir, monkeypatch):
         _load(path, cache_dir)
     assert _files(cache_dir) == []      # temp files removed, nothing published
     monkeypatch.undo()
+    # a build killed outright leaves its temp file: the next build removes it
+    from moe_numa.numa.weights_cache import WeightsCache
+    stale = WeightsCache(cache_dir, [path]).path(0) + ".tmp999999"
+    open(stale, "wb").write(b"half an image")
     with _load(path, cache_dir) as m:
         assert m.placement_report()["load"]["weights_cache"]["built_nodes"] == [0, 1]
+    assert len(_files(cache_dir)) == 2 and not os.path.exists(stale)
 
 
 def test_unusable_cache_dir_is_a_clear_error(make_model, tmp_path):

@@ -7,7 +7,7 @@ image bytes) followed by the image. The key is everything the image depends on:
 the GGUF's identity (real path, size, mtime, a hash of its first MiB, for every
 split part), the layout (a digest of every shard's key, offset, size, type and
 shape: this covers the expert map, node count and shard split), the node, the
-format and the native build. KV caches, scratch and the replica reserve live
+format, the native build and the shard-layout code. KV caches, scratch and the replica reserve live
 after the prefix, outside the image. A file whose key differs is stale and is
 rebuilt; one that fails the checks (size, magic, JSON, sampled checksum) is
 rejected with a warning and rebuilt. Images are built into a temp name (pages
@@ -81,10 +81,15 @@ def _huge_tmpfs(directory: str) -> bool:
     return any(o in opts.split(",") for o in ("huge=always", "huge=within_size"))
 
 
-def _native_build() -> list:
+def _code_id() -> list:
+    """The native build (kernels, types) and the source of the code that lays shards out:
+    a change to either may change the bytes an image should hold."""
     from .. import _native
+    from ..engine import backend
     st = os.stat(_native.__file__)
-    return [os.path.basename(_native.__file__), st.st_size, st.st_mtime_ns]
+    with open(backend.__file__, "rb") as f:
+        src = hashlib.sha256(f.read()).hexdigest()[:16]
+    return [os.path.basename(_native.__file__), st.st_size, st.st_mtime_ns, src]
 
 
 def _samples(buf: np.ndarray) -> str:
@@ -134,7 +139,7 @@ class WeightsCache:
                                     tuple(it.shape), it.cls)).encode())
         return {"format": FORMAT, "gguf": self.identity, "node": node, "n_nodes": store.topo.n_nodes,
                 "memory_node": arena.node, "image_bytes": store.weight_bytes[node], "layout": layout.hexdigest(),
-                "native": _native_build()}
+                "code": _code_id()}
 
     # ------------------------------------------------------------------ attach
     def attach(self, store) -> list[bool]:
@@ -197,10 +202,14 @@ class WeightsCache:
 
     def _start_build(self, store, node: int) -> None:
         final = self.path(node)
-        try:
-            os.unlink(final)   # never two images of one node in memory
-        except FileNotFoundError:
-            pass
+        # Under the lock no other process builds this model: temp files left are from a
+        # killed build and only hold memory. Never two images of one node in memory either.
+        for name in os.listdir(self.dir):
+            if name == os.path.basename(final) or name.startswith(os.path.basename(final) + ".tmp"):
+                try:
+                    os.unlink(os.path.join(self.dir, name))
+                except FileNotFoundError:
+                    pass
         tmp = f"{final}.tmp{os.getpid()}"
         fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
