@@ -67,3 +67,28 @@ def test_placement_on_real_numa_nodes(nodes, preset, mixed):
         assert set(p["cpus"]) <= set(p["node_cpus"])
     assert r["argmax_agree"] >= 0.75 and r["max_abs_diff_vs_reference"] < 0.1 * r["logit_scale"]
     assert proc.returncode == 0
+
+
+def test_weights_cache_on_real_numa_nodes(tmp_path_factory):
+    """Build the placed-weights cache on a 2-node guest, then restart from it: both times
+    every shard's pages (the cached images' tmpfs pages, and experts the rebalancer moved,
+    copied on write) are on their node, and the logits match the reference."""
+    from moe_numa.testing import make_test_model
+    model = REPO / "expert_maps" / "test-weights-cache-model.gguf.tmp"
+    make_test_model(model, "qwen3moe", "q8_0")
+    one = (f"python3 -m moe_numa.numa.check -m {model} --weights-cache /dev/shm/wc --json --compare-reference "
+           "--rebalance")
+    cmd = [str(RUN), "--nodes", "2", "--timeout", "600", "--", "bash", "-c", f"mkdir /dev/shm/wc && {one} && {one}"]
+    env = dict(os.environ, OPENBLAS_NUM_THREADS="1")
+    try:
+        proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900, env=env)
+    finally:
+        model.unlink()
+    lines = [json.loads(l) for l in proc.stdout.splitlines() if l.startswith("{")]
+    assert len(lines) == 2, f"rc {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    for r, built in zip(lines, ([0, 1], [])):
+        wc = r["report"]["load"]["weights_cache"]
+        assert r["real_nodes"] == 2 and all(r["bound"]) and wc["built_nodes"] == built
+        assert r["expert_pages_on_node"] == r["expert_pages"] > 0 and not r["misplaced"], r["misplaced"]
+        assert r["rebalance_swaps"] > 0 and r["argmax_agree"] >= 0.75
+        assert r["max_abs_diff_vs_reference"] <= 0.1 * r["logit_scale"]

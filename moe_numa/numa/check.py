@@ -109,6 +109,7 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--compare-reference", action="store_true", help="also check logits against the reference")
     ap.add_argument("--rebalance", action="store_true", help="move hot experts between nodes first")
     ap.add_argument("--replica-budget", help="memory for expert replicas: a fraction (0.05), 5%%, or a size (2GiB)")
+    ap.add_argument("--weights-cache", metavar="DIR", help="load through the placed-weights cache in DIR")
     ap.add_argument("--json", action="store_true")
 
 
@@ -121,7 +122,7 @@ def run(args: argparse.Namespace) -> int:
         tmp = tempfile.TemporaryDirectory()
         path = str(make_test_model(os.path.join(tmp.name, "m.gguf"), args.preset, args.type))
     model = moe_numa.load(path, backend="engine", expert_map=args.expert_map, numa_nodes=args.numa_nodes,
-                          replica_budget=args.replica_budget)
+                          replica_budget=args.replica_budget, weights_cache=args.weights_cache)
     result = check(model, rebalance=args.rebalance)
     if args.compare_reference:
         ids = list(range(1, 9))
