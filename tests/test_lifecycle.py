@@ -197,10 +197,10 @@ SIGINT_CHILD = """
     base_threads = threads()
     state = {}
     def slow_progress(done, total):      # stretches placement so that Ctrl-C lands inside it
-        if "armed" not in state:
-            state["armed"] = True
+        if "armed" not in state:         # (progress comes once per filled run of shards, so each
+            state["armed"] = True        # call stands for a run of the copy)
             print("READY", flush=True)
-        time.sleep(0.02)
+        time.sleep(0.3)
     try:
         if phase == "placement":
             m = moe_numa.load(path, n_ctx=4096, numa_nodes=2, progress=slow_progress)
