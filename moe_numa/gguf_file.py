@@ -131,6 +131,14 @@ class Tensor:
             raise IndexError(f"index {index} out of range for tensor {self.name} with {n} slices")
         return Tensor(f"{self.name}[{index % n}]", self.qtype, self.shape[1:], self.raw[index], self.file)
 
+    def with_shape(self, shape: tuple[int, ...]) -> "Tensor":
+        """The same bytes seen with another shape of the same row length (ggml's
+        degenerate dims: `[1, n]` as `[n]`)."""
+        shape = tuple(int(d) for d in shape)
+        if int(np.prod(shape)) != self.n_elements or shape[-1] != self.shape[-1]:
+            raise GGUFError(f"{self.file}: tensor {self.name!r} of shape {self.shape} cannot be seen as {shape}")
+        return Tensor(self.name, self.qtype, shape, self.raw.reshape(*shape[:-1], self.row_bytes), self.file)
+
     def dequantize_rows(self, ids) -> np.ndarray:
         """float32 values of rows `ids` of a 2-D tensor (an embedding lookup), decoding only those rows."""
         ids = np.asarray(ids, dtype=np.int64)
@@ -357,10 +365,11 @@ def check_tensor_blocks(t: Tensor) -> None:
         raise bad_block_error(t, bad)
 
 
-def check_supported_types(gguf: GGUFModelFile) -> None:
-    """Reject tensors whose quant type we cannot compute with, naming them."""
-    bad = [(t.name, t.qtype.name) for t in gguf if not quants.is_supported(t.qtype)]
+def check_supported_types(gguf: GGUFModelFile, backend: str = "engine") -> None:
+    """Reject tensors whose quant type `backend` cannot compute with, naming them
+    (the reference dequantizes every type gguf.quants knows)."""
+    bad = [(t.name, t.qtype.name) for t in gguf if not quants.is_supported(t.qtype, backend)]
     if bad:
         listed = ", ".join(f"{n} ({q})" for n, q in bad[:5]) + (" ..." if len(bad) > 5 else "")
-        raise UnsupportedError(f"{gguf.path}: unsupported quant type(s): {listed}; supported: "
-                               f"{', '.join(quants.supported_names())}")
+        raise UnsupportedError(f"{gguf.path}: unsupported quant type(s) for the {backend} backend: {listed}; "
+                               f"supported: {', '.join(quants.supported_names(backend))}")

@@ -59,15 +59,29 @@ def traits(qtype) -> TypeTraits:
         raise UnsupportedError(f"unknown GGML type id {qtype!r}") from None
 
 
-def is_supported(qtype) -> bool:
+#: Types the reference alone computes with: every other one gguf.quants dequantizes.
+REFERENCE_TYPES = SUPPORTED + tuple(
+    getattr(Q, n) for n in ("Q4_1", "Q5_0", "Q5_1", "IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S",
+                            "IQ3_XXS", "IQ3_S", "IQ4_NL", "IQ4_XS", "TQ1_0", "TQ2_0", "MXFP4")
+    if hasattr(Q, n) and getattr(Q, n) not in SUPPORTED and int(getattr(Q, n)) in _TABLE)
+
+
+def is_supported(qtype, backend: str = "engine") -> bool:
+    """Whether `backend` computes with the type: the engine where the table has kernels,
+    the reference also for the other types gguf.quants dequantizes."""
     try:
-        return traits(qtype).supported
+        t = traits(qtype)
     except UnsupportedError:
         return False
+    return t.supported or (backend == "reference" and t.qtype in REFERENCE_TYPES)
 
 
-def supported_names() -> list[str]:
-    return [t.name for t in SUPPORTED]
+def is_supported(qtype: int, backend: str = "engine") -> bool:
+    return int(qtype) in {int(t) for t in (REFERENCE_TYPES if backend == "reference" else SUPPORTED)}
+
+
+def supported_names(backend: str = "engine") -> list[str]:
+    return [t.name for t in (REFERENCE_TYPES if backend == "reference" else SUPPORTED)]
 
 
 def qtype_from_name(name: str) -> GGMLQuantizationType:
@@ -94,8 +108,9 @@ def row_bytes(qtype: int, cols: int) -> int:
 def dequantize(raw: np.ndarray, qtype: int, shape: tuple[int, ...]) -> np.ndarray:
     """Float32 values of raw GGML data (any leading shape) as an array of `shape`."""
     qtype = GGMLQuantizationType(int(qtype))
-    if not is_supported(qtype):
-        raise UnsupportedError(f"quant type {qtype.name} is not supported; supported: {', '.join(supported_names())}")
+    if not is_supported(qtype, "reference"):
+        raise UnsupportedError(f"quant type {qtype.name} is not supported; supported: "
+                               f"{', '.join(supported_names('reference'))}")
     if qtype == Q.F32:
         return np.asarray(raw).view(np.float32).reshape(shape).copy()
     if qtype == Q.F16:

@@ -81,13 +81,31 @@ def test_unsupported_architecture(make_model, tmp_path):
 
 
 def test_unsupported_quant_type_is_named(make_model, tmp_path):
-    """A type the table has no kernel for (TQ1_0 here) is refused at load, the tensor named."""
+    """Q8_K (an activation type, which gguf.quants cannot dequantize) as a weight: refused by both backends."""
+    raw = np.zeros((128, 256 // 256 * 292), dtype=np.uint8)
+    dst = rewrite_gguf(make_model("qwen3moe"), tmp_path / "q8k.gguf",
+                       replace_tensors={"blk.1.attn_k.weight": (raw, Q.Q8_K)})
+    for backend in ("reference", "engine"):
+        with pytest.raises(UnsupportedError, match=r"blk\.1\.attn_k\.weight \(Q8_K\)"):
+            moe_numa.load(dst, backend=backend)
+
+
+def test_reference_runs_every_gguf_quants_type(make_model, tmp_path):
+    """The reference dequantizes a type the engine has no kernel for (TQ1_0) through gguf.quants;
+    the engine refuses it at load, the tensor named."""
     from gguf import quants
-    raw = quants.quantize(np.zeros((128, 256), dtype=np.float32), Q.TQ1_0)
-    dst = rewrite_gguf(make_model("qwen3moe"), tmp_path / "tq1.gguf",
-                       replace_tensors={"blk.1.attn_k.weight": (raw, Q.TQ1_0)})
-    with pytest.raises(UnsupportedError, match=r"blk\.1\.attn_k\.weight \(TQ1_0\)"):
-        moe_numa.load(dst, backend="reference")
+    from moe_numa import kernels
+    src = make_model("qwen3moe")
+    w = GGUFModelFile(src).tensor("blk.1.attn_k.weight").dequantize()
+    raw = quants.quantize(w, Q.TQ1_0)
+    dst = rewrite_gguf(src, tmp_path / "tq1.gguf", replace_tensors={"blk.1.attn_k.weight": (raw, Q.TQ1_0)})
+    m = moe_numa.load(dst, backend="reference")
+    assert m.weights.layers[1].attn.wk.qtype == Q.TQ1_0
+    np.testing.assert_array_equal(m.weights.layers[1].attn.wk.dequantize(), quants.dequantize(raw, Q.TQ1_0))
+    assert np.isfinite(m.logits([1, 2, 3])).all()
+    if not kernels.is_supported("TQ1_0"):
+        with pytest.raises(UnsupportedError, match=r"blk\.1\.attn_k\.weight \(TQ1_0\)"):
+            moe_numa.load(dst, backend="engine")
 
 
 def test_mixed_legacy_type_loads(make_model, tmp_path):

@@ -141,6 +141,18 @@ class MetadataReader:
         return value
 
 
+def same_ggml_shape(a: tuple[int, ...], b: tuple[int, ...]) -> bool:
+    """Whether ggml sees two shapes (numpy order) as one: it pads a tensor's dims with
+    trailing 1s (in its own order, so leading ones here), so `[1, n]` is `[n]`
+    (e.g. Qwen2-MoE's `ffn_gate_inp_shexp`, written 2-D by the converter)."""
+    def core(s):
+        s = tuple(int(d) for d in s)
+        while len(s) > 1 and s[0] == 1:
+            s = s[1:]
+        return s
+    return core(a) == core(b)
+
+
 class TensorPicker:
     """Looks tensors up by name, checks their shapes, and remembers which were used
     so that tensors we do not understand are reported instead of ignored."""
@@ -161,9 +173,12 @@ class TensorPicker:
         return None if t is None else self._check(t, shape)
 
     def _check(self, t: Tensor, shape: tuple[int, ...]) -> Tensor:
-        if tuple(t.shape) != tuple(shape):
-            raise GGUFError(f"{self.gguf.path}: tensor {t.name!r} has shape {t.shape} but the metadata "
-                            f"implies {tuple(shape)}")
+        shape = tuple(int(d) for d in shape)
+        if tuple(t.shape) != shape:
+            if not same_ggml_shape(t.shape, shape):
+                raise GGUFError(f"{self.gguf.path}: tensor {t.name!r} has shape {t.shape} but the metadata "
+                                f"implies {shape} (numpy order)")
+            t = t.with_shape(shape)
         self.used.add(t.name)
         return t
 
