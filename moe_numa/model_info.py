@@ -1,12 +1,14 @@
-"""Facts about a model file: tensor classes and their bytes, quant types in
-use, and the weight bytes one generated token reads (the decode bandwidth bound).
-Used by `moe-numa inspect` and by the benchmarks."""
+"""Facts about a model file: tensor classes and their bytes, the type mix (tensors
+and bytes per type, overall and per class), and the weight bytes one generated
+token reads (the decode bandwidth bound). Used by `moe-numa inspect` and by the
+benchmarks."""
 from __future__ import annotations
 
 import re
 from collections import Counter, defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+from . import quants
 from .gguf_file import GGUFModelFile
 from .models.base import ModelConfig
 
@@ -51,6 +53,10 @@ class ModelInfo:
     bytes_by_class: dict[str, int]
     file_bytes: int
     bytes_per_token: int                 # weight bytes read to generate one token
+    # type -> {"tensors": n, "bytes": b}, largest first; per class the same
+    type_mix: dict[str, dict[str, int]] = field(default_factory=dict)
+    type_mix_by_class: dict[str, dict[str, dict[str, int]]] = field(default_factory=dict)
+    engine_unsupported: list[str] = field(default_factory=list)   # types only the reference runs
 
     def bandwidth_bound_tps(self, bandwidth_gbps: float) -> float:
         return bandwidth_gbps * 1e9 / self.bytes_per_token
@@ -59,6 +65,7 @@ class ModelInfo:
 def model_info(gguf: GGUFModelFile, cfg: ModelConfig) -> ModelInfo:
     by_class: dict[str, int] = defaultdict(int)
     types: Counter = Counter()
+    mix: dict[str, dict[str, dict[str, int]]] = defaultdict(lambda: defaultdict(lambda: {"tensors": 0, "bytes": 0}))
     n_params = 0
     for t in gguf:
         m = _LAYER.match(t.name)
@@ -66,7 +73,13 @@ def model_info(gguf: GGUFModelFile, cfg: ModelConfig) -> ModelInfo:
         cls = "nextn" if m and int(m.group(1)) >= cfg.n_layer else tensor_class(t.name)
         by_class[cls] += t.nbytes
         types[t.qtype.name] += 1
+        for cell in (mix["*"][t.qtype.name], mix[cls][t.qtype.name]):
+            cell["tensors"] += 1
+            cell["bytes"] += t.nbytes
         n_params += t.n_elements
+
+    def largest_first(d):
+        return {k: dict(v) for k, v in sorted(d.items(), key=lambda kv: (-kv[1]["bytes"], kv[0]))}
     embd = gguf.tensor("token_embd.weight")
     tied = "output.weight" not in gguf.tensors
     n_moe = sum(cfg.is_moe_layer(i) for i in range(cfg.n_layer))
@@ -79,7 +92,10 @@ def model_info(gguf: GGUFModelFile, cfg: ModelConfig) -> ModelInfo:
         arch=cfg.arch, name=cfg.name, n_layer=cfg.n_layer, n_moe_layers=n_moe, n_expert=cfg.router.n_expert,
         n_used=cfg.router.n_used, hidden=cfg.hidden, n_vocab=cfg.n_vocab, n_params=n_params,
         quant_types=dict(types), bytes_by_class={c: by_class.get(c, 0) for c in CLASSES + ("other",) if by_class.get(c)},
-        file_bytes=gguf.file_bytes, bytes_per_token=per_token)
+        file_bytes=gguf.file_bytes, bytes_per_token=per_token,
+        type_mix=largest_first(mix["*"]),
+        type_mix_by_class={c: largest_first(mix[c]) for c in CLASSES + ("other",) if c in mix},
+        engine_unsupported=sorted(q for q in types if not quants.is_supported(getattr(quants.Q, q))))
 
 
 def human_bytes(n: float) -> str:
@@ -99,11 +115,18 @@ def format_info(info: ModelInfo, path: str) -> str:
         f"hidden / vocab:  {info.hidden} / {info.n_vocab}",
         f"parameters:      {info.n_params / 1e9:.3f} B",
         "quant types:     " + ", ".join(f"{q} x{n}" for q, n in sorted(info.quant_types.items())),
-        "bytes by tensor class:",
+        "type mix:        type       tensors        bytes   share",
     ]
     total = sum(info.bytes_by_class.values())
+    for q, v in info.type_mix.items():
+        note = "  (reference backend only)" if q in info.engine_unsupported else ""
+        lines.append(f"                 {q:<9} {v['tensors']:>8} {human_bytes(v['bytes']):>12}  "
+                     f"{100 * v['bytes'] / total:5.1f}%{note}")
+    lines.append("bytes by tensor class (type x tensors (bytes)):")
     for c, b in sorted(info.bytes_by_class.items(), key=lambda kv: -kv[1]):
-        lines.append(f"  {c:<16} {human_bytes(b):>12}  {100 * b / total:5.1f}%")
+        cell = ", ".join(f"{q} x{v['tensors']} ({human_bytes(v['bytes'])})"
+                         for q, v in info.type_mix_by_class.get(c, {}).items())
+        lines.append(f"  {c:<16} {human_bytes(b):>12}  {100 * b / total:5.1f}%   {cell}")
     lines.append(f"weight bytes read per generated token: {human_bytes(info.bytes_per_token)} "
                  f"({100 * info.bytes_per_token / total:.1f}% of the weights)")
     return "\n".join(lines)

@@ -92,3 +92,38 @@ def test_inspect_counts_nextn_layers_apart(make_model, capsys):
     others = sum(b for c, b in info.bytes_by_class.items() if c not in ("nextn", "embeddings", "routed_experts"))
     assert info.bytes_per_token < others + info.bytes_by_class["routed_experts"]
     assert main(["inspect", str(gguf.path)]) == 0 and "nextn" in capsys.readouterr().out
+
+
+def test_inspect_shows_the_type_mix(make_model, tmp_path, capsys):
+    """Tensor count and bytes per type, overall and per class, add up to the file's tensors;
+    a type only the reference runs is marked."""
+    import numpy as np
+    from gguf import GGMLQuantizationType as Q, quants
+
+    from moe_numa.gguf_file import GGUFModelFile
+    from gguf_edit import rewrite_gguf
+
+    src = make_model("deepseek-v3", "q4_k_m")
+    w = GGUFModelFile(src).tensor("blk.1.attn_q_b.weight").dequantize()
+    path = rewrite_gguf(src, tmp_path / "mix.gguf",
+                        replace_tensors={"blk.1.attn_q_b.weight": (quants.quantize(w, Q.Q5_1), Q.Q5_1)})
+    g = GGUFModelFile(path)
+    assert main(["inspect", str(path), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    mix = info["type_mix"]
+    assert set(mix) == {t.qtype.name for t in g} >= {"Q4_K", "Q6_K", "F32", "Q5_1"}
+    for q, v in mix.items():
+        assert v["tensors"] == sum(t.qtype.name == q for t in g)
+        assert v["bytes"] == sum(t.nbytes for t in g if t.qtype.name == q)
+    assert list(mix) == sorted(mix, key=lambda q: -mix[q]["bytes"])
+    for c, b in info["bytes_by_class"].items():
+        assert sum(v["bytes"] for v in info["type_mix_by_class"][c].values()) == b
+    assert info["type_mix_by_class"]["attention"]["Q5_1"] == {"tensors": 1, "bytes": int(np.prod(w.shape) // 32 * 24)}
+    from moe_numa import kernels
+    assert info["engine_unsupported"] == sorted(q for q in mix if not kernels.is_supported(q))
+    assert main(["inspect", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "type mix:" in out and "routed_experts" in out and "Q4_K x" in out
+    line = next(l for l in out.splitlines() if l.strip().startswith("Q5_1"))
+    assert line.split()[1] == "1"
+    assert ("reference backend only" in line) == ("Q5_1" in info["engine_unsupported"])
