@@ -391,11 +391,14 @@ def make_vocab(spec: ModelSpec) -> VocabSpec:
 
 def make_test_model(path: str | os.PathLike[str], preset: str = "qwen3moe", qtype: str = "f32", seed: int = 0,
                     spec: ModelSpec | None = None, split_max_tensors: int = 0,
-                    progress: Callable[[int, int], None] | None = None) -> Path:
+                    progress: Callable[[int, int], None] | None = None,
+                    tensor_types: dict[str, str | int] | None = None) -> Path:
     """Write a random-weight GGUF model and return its path (the first file if split).
 
     `spec` overrides the preset (use `dataclasses.replace(PRESETS[p], ...)`);
-    `split_max_tensors` > 0 writes a split model (`-00001-of-0000N.gguf` files).
+    `split_max_tensors` > 0 writes a split model (`-00001-of-0000N.gguf` files);
+    `tensor_types` gives tensors their own type ({"blk.0.attn_q.weight": "Q5_K"}), as
+    llama-quantize's mixes do.
     """
     if spec is None:
         if preset not in PRESETS:
@@ -406,6 +409,8 @@ def make_test_model(path: str | os.PathLike[str], preset: str = "qwen3moe", qtyp
         raise UnsupportedError(f"unknown quant type {qtype!r}; choose from {', '.join(QTYPES)}")
     vocab = make_vocab(spec)
     plans = plan_tensors(spec, len(vocab.tokens), qname)
+    if tensor_types:
+        plans = _override_types(plans, tensor_types)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     writer_path = path
@@ -435,6 +440,25 @@ def make_test_model(path: str | os.PathLike[str], preset: str = "qwen3moe", qtyp
         first = sorted(writer_path.parent.glob(f"{writer_path.stem}-00001-of-*.gguf"))
         return first[0] if first else writer_path
     return writer_path
+
+
+def _override_types(plans: list[TensorPlan], tensor_types: dict[str, str | int]) -> list[TensorPlan]:
+    known = {p.name for p in plans}
+    unknown = sorted(set(tensor_types) - known)
+    if unknown:
+        raise UnsupportedError(f"tensor_types names tensor(s) the model does not have: {', '.join(unknown[:5])}")
+    out = []
+    for p in plans:
+        t = tensor_types.get(p.name)
+        if t is not None:
+            t = Q[t.upper()] if isinstance(t, str) else Q(int(t))
+            block, _ = gguf.GGML_QUANT_SIZES[t]
+            if p.shape[-1] % block:
+                raise UnsupportedError(f"tensor_types: {p.name} has rows of {p.shape[-1]}, not a multiple of the "
+                                       f"{t.name} block of {block}")
+            p = replace(p, qtype=t)
+        out.append(p)
+    return out
 
 
 def _encoded_layout(p: TensorPlan) -> tuple[int, tuple[int, ...], np.dtype]:
