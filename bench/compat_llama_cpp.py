@@ -212,8 +212,16 @@ def _spec_for(preset: str):
     return variant(preset, **fix), " (" + ", ".join(f"{k}={v}" for k, v in fix.items()) + ")"
 
 
+def engine_refusal(path: Path) -> str | None:
+    """'tensor (TYPE)' of the first tensor whose type the engine lacks, or None."""
+    from moe_numa import kernels
+    from moe_numa.gguf_file import GGUFModelFile
+    bad = [t for t in GGUFModelFile(path) if not kernels.is_supported(int(t.qtype))]
+    return f"{bad[0].name} ({bad[0].qtype.name})" if bad else None
+
+
 def run_model(build, preset: str, qtypes, workdir: Path, threads: int, n_tokens: int, seed: int,
-              log, engine: bool = True) -> list[dict]:
+              log, engine: bool = True, source: str = "writer") -> list[dict]:
     """Rows for one preset: one per quant type (the F32 file first, it is the yardstick).
 
     Per non-F32 file three llama.cpp runs: the file itself (its native quantized kernels,
@@ -223,19 +231,26 @@ def run_model(build, preset: str, qtypes, workdir: Path, threads: int, n_tokens:
     """
     from moe_numa.testing import make_test_model
 
-    spec, label = _spec_for(preset)
+    if source == "hf":
+        from moe_numa.testing import hf_models
+        spec, label = None, " (converter)"
+    else:
+        spec, label = _spec_for(preset)
     rows = []
     qtypes = ["f32"] + [q for q in qtypes if q != "f32"]
     llama_f32 = ours_f32 = None
     ids = None
     for q in qtypes:
-        row = {"preset": preset + label, "qtype": q}
+        row = {"preset": preset + label, "qtype": q, "source": source, "arch": preset}
         rows.append(row)
         path = workdir / f"{preset}{'-fix' if label else ''}-{q}-s{seed}.gguf"
         t0 = time.time()
         try:
-            if not path.exists():
+            if source == "hf":
+                path = hf_models.gguf_file(preset, q, seed)
+            elif not path.exists():
                 make_test_model(path, preset, qtype=q, seed=seed, spec=spec)
+            row["types"] = _type_mix(path)
             model = _load_ours(path)
             if ids is None:
                 n_vocab = _n_vocab(model, path)
@@ -267,7 +282,7 @@ def run_model(build, preset: str, qtypes, workdir: Path, threads: int, n_tokens:
                     row["settings"][name] = {"error": _err_line(e)}
         else:
             try:
-                deq_path = path.with_suffix(".deq-f32.gguf")
+                deq_path = path.with_name(path.stem + ".deq-f32.gguf")
                 if not deq_path.exists():
                     lc.llama_quantize(build, path, deq_path, "F32", threads=threads,
                                       extra_args=["--allow-requantize"])
@@ -298,7 +313,10 @@ def run_model(build, preset: str, qtypes, workdir: Path, threads: int, n_tokens:
         except Exception as e:
             row["repack_delta"] = None
             row["repack_error"] = _err_line(e)
-        if engine:
+        refused = engine_refusal(path) if engine else None
+        if refused:
+            row["engine"] = {"refused": refused}
+        elif engine:
             try:
                 row["engine"] = engine_vs_llama(build, path, ids, llama, threads)
                 e = row["engine"]
@@ -319,6 +337,17 @@ def run_model(build, preset: str, qtypes, workdir: Path, threads: int, n_tokens:
                f"{100 * row['deq_argmax_agree']:.1f}%" if "deq_max_rel" in row else "")
             + f" | repackΔ {row['repack_delta']}  [{row['seconds']} s]")
     return rows
+
+
+def _type_mix(path: Path) -> str:
+    """The file's types, largest share of bytes first ("Q4_K 81%, Q6_K 12%, Q5_0 4%, ...")."""
+    from collections import Counter
+    from moe_numa.gguf_file import GGUFModelFile
+    c = Counter()
+    for t in GGUFModelFile(path):
+        c[t.qtype.name] += t.nbytes
+    total = sum(c.values())
+    return ", ".join(f"{q} {100 * b / total:.0f}%" for q, b in c.most_common())
 
 
 def _err_line(e: Exception) -> str:
@@ -421,8 +450,11 @@ FLOAT_ACT_TYPES = ("f16", "bf16")
 
 
 def engine_ok(row: dict) -> bool | None:
-    """None: not comparable block by block (F16/BF16 files, see FLOAT_ACT_TYPES)."""
+    """None: not comparable block by block (F16/BF16 files, see FLOAT_ACT_TYPES), or refused at load
+    because the file holds a type the engine lacks (the refusal names the tensor)."""
     e = row.get("engine") or {}
+    if "refused" in e:
+        return None
     if "error" in e or not e:
         return False
     if row["qtype"] == "f32":
@@ -434,6 +466,53 @@ def engine_ok(row: dict) -> bool | None:
 
 def _f(x, fmt=".2e"):
     return "—" if x is None else format(x, fmt)
+
+
+def render_matrix(model_rows) -> list[str]:
+    """Type x architecture for the converter-made files: ours against llama.cpp on the same file."""
+    rows = [r for r in model_rows if r.get("source") == "hf"]
+    if not rows:
+        return []
+    archs = list(dict.fromkeys(r["arch"] for r in rows))
+    qtypes = list(dict.fromkeys(r["qtype"] for r in rows))
+    cell = {(r["arch"], r["qtype"]): r for r in rows}
+
+    def fmt(r):
+        if r is None:
+            return "—"
+        if "error" in r:
+            return "**error**"
+        s = f"{r['max_abs']:.2g} / {100 * r['argmax_agree']:.0f}%"
+        if "deq_max_rel" in r:
+            s += f" / {r['deq_max_rel']:.0e}"
+        if "ratio" in r:
+            s += f" / {r['ratio']:.2f}"
+        e = r.get("engine") or {}
+        s += " / " + ("refused" if "refused" in e else "—" if not e else
+                      {True: "ok", False: "**no**", None: "n/a"}[engine_ok(r)])
+        return s + ("" if r.get("ok") else " **✗**")
+
+    out = ["", "## Files made the way releases are made", "",
+           "Tiny random HF models (`moe_numa/testing/hf_models.py`: transformers' own classes, "
+           "`save_pretrained`, a truncated real tokenizer) converted by llama.cpp's `convert_hf_to_gguf.py` "
+           "(lower-case types: its `--outtype`) and quantized by `llama-quantize` from the converter's F32 "
+           "file (upper-case types; the IQ types with an importance matrix from `llama-imatrix`). Each "
+           "cell: **max |Δlogit|** of our reference against llama.cpp on the same file / **argmax** "
+           "agreement / **rel** against llama.cpp on the file dequantized to F32 (the exact float32 "
+           "evaluation of the same weights) / **ratio** of the median Δ to llama.cpp's own quantization "
+           "noise (< 1: inside it) / **engine** (2 nodes, against llama.cpp block by block; *refused*: "
+           "the file holds a type the engine lacks and load names the tensor). **✗**: not ok by the "
+           "criteria of the first table.", "",
+           "| type | " + " | ".join(archs) + " |", "|---|" + "---|" * len(archs)]
+    for q in qtypes:
+        out.append(f"| {q} | " + " | ".join(fmt(cell.get((a, q))) for a in archs) + " |")
+    out += ["", "Type mix of each file (share of tensor bytes):", ""]
+    for a in archs:
+        for q in qtypes:
+            r = cell.get((a, q))
+            if r and r.get("types"):
+                out.append(f"- {a} {q}: {r['types']}")
+    return out
 
 
 def render(build, model_rows, tok_rows, args, seconds) -> str:
@@ -539,6 +618,10 @@ def render(build, model_rows, tok_rows, args, seconds) -> str:
                 out.append(f"| {r['preset']} | {r['qtype']} | | | | | | | | **error**: "
                            f"{e['error'][:160].replace('|', '/')} |")
                 continue
+            if "refused" in e:
+                out.append(f"| {r['preset']} | {r['qtype']} | | | | | | | | refused at load: "
+                           f"`{e['refused']}` (a type the engine lacks) |")
+                continue
             b1, rp = e.get("llama_b1", {}), r.get("repack", {})
             self_ = lambda v: f"{v['median_rel']:.1e} / {100 * v['argmax_agree']:.0f}%" if v else "—"  # noqa: E731
             out.append(f"| {r['preset']} | {r['qtype']} | {_f(e['median_rel'], '.1e')} | {_f(e['max_rel'], '.1e')} | "
@@ -573,7 +656,8 @@ def render(build, model_rows, tok_rows, args, seconds) -> str:
                 "float activations once per row) but loses precision and changes the kernels' "
                 "contract (float activations for float weights, which the kernel, MoE and engine "
                 "tests rely on); not done."]
-    fixed = sorted({r["preset"] for r in model_rows if "(" in r["preset"]})
+    out += render_matrix(model_rows)
+    fixed = sorted({r["preset"] for r in model_rows if "(" in r["preset"] and r.get("source") != "hf"})
     notes = []
     if fixed:
         notes.append("- Presets marked `(key=value)` were written with that change to the preset "
@@ -648,6 +732,11 @@ def main(argv=None) -> int:
     ap.add_argument("--no-tokenizer", action="store_true")
     ap.add_argument("--no-engine", action="store_true", help="skip the engine (NUMA backend) comparison")
     ap.add_argument("--no-full-vocab", action="store_true", help="skip the full-vocabulary tokenizer files")
+    ap.add_argument("--hf-archs", default="qwen2moe,qwen3moe,deepseek-v2-lite,deepseek-v3",
+                    help="architectures of the converter-made files (moe_numa.testing.hf_models); '' for none")
+    ap.add_argument("--hf-qtypes", default="all",
+                    help="their types: converter f32,f16,bf16,q8_0 and llama-quantize Q4_K_M,IQ2_XXS,... ('all')")
+    ap.add_argument("--no-writer", action="store_true", help="only the converter-made files")
     args = ap.parse_args(argv)
 
     log = lambda *a: print(*a, file=sys.stderr, flush=True)  # noqa: E731
@@ -657,9 +746,25 @@ def main(argv=None) -> int:
         workdir = Path(args.workdir) if args.workdir else Path(td)
         workdir.mkdir(parents=True, exist_ok=True)
         model_rows = []
-        for preset in [p for p in args.presets.split(",") if p]:
+        for preset in ([] if args.no_writer else [p for p in args.presets.split(",") if p]):
             model_rows += run_model(build, preset, [q for q in args.qtypes.split(",") if q], workdir,
                                     args.threads, args.n_tokens, args.seed, log, engine=not args.no_engine)
+        hf_archs = [a for a in args.hf_archs.split(",") if a]
+        if hf_archs:
+            from moe_numa.testing import hf_models
+            why = hf_models.missing()
+            if why and "llama-imatrix" in why:       # build the two extra tools on top of the build
+                lc.find_or_build(args.llama_build, compiler=args.compiler, log=log,
+                                 extra_targets=("llama-imatrix", "llama-gguf-split"))
+                why = hf_models.missing()
+            if why:
+                log(f"converter-made files skipped: {why}")
+            else:
+                hq = (list(hf_models.CONVERTER_TYPES + hf_models.QUANTIZE_TYPES) if args.hf_qtypes == "all"
+                      else [q for q in args.hf_qtypes.split(",") if q])
+                for arch in hf_archs:
+                    model_rows += run_model(build, arch, hq, workdir, args.threads, args.n_tokens, args.seed, log,
+                                            engine=not args.no_engine, source="hf")
         tok_rows = [] if args.no_tokenizer else run_tokenizers(build, workdir, args.seed, log,
                                                                full_vocab=not args.no_full_vocab)
     md = render(build, model_rows, tok_rows, args, time.time() - t0)
