@@ -4,6 +4,7 @@
                    [-d 0,1024,4096] [--kv-type f16] [--flash-attn on]
                    [--llama-bench PATH | --llama-build DIR] [--repack 1] [--out PREFIX]
     moe-numa make-bench-model [--preset qwen3moe-bench] [--type q8_0,q4_k_m] [-o PATH] [--force]
+    moe-numa make-bench-model --type lq-iq2_xxs     # low-bit mix: llama-quantize (+ imatrix) of the Q8_0 model
 
 What one ``moe-numa bench`` does, per model:
 
@@ -944,27 +945,77 @@ def bench_model_path(preset: str, qtype: str, routing_skew: float = 0.0) -> Path
     return cache_dir() / "bench" / f"{preset}{skew}-{qtype.lower()}.gguf"
 
 
+#: low-bit bench models made by llama-quantize from the Q8_0 bench model, as releases are
+#: (an importance matrix from llama-imatrix, which IQ1/IQ2 need): "lq-<llama-quantize type>"
+LOW_BIT_PREFIX = "lq-"
+LOW_BIT_TYPES = ("iq2_xxs", "iq2_xs", "iq1_s", "iq1_m", "iq3_xxs", "q2_k", "q2_k_s", "q3_k_m")
+
+
+def _make_low_bit(preset: str, qtype: str, path: Path, seed: int, threads: int, log, build=None,
+                  routing_skew: float = 0.0) -> None:
+    """llama-quantize --allow-requantize --imatrix of the preset's Q8_0 bench model into `path`."""
+    from moe_numa.bench import llama_cpp as lc
+    lq = qtype[len(LOW_BIT_PREFIX):]
+    src, _ = make_bench_model(preset, "q8_0", seed=seed, progress=False, log=log, routing_skew=routing_skew)
+    build = build or lc.find_or_build(log=log, extra_targets=("llama-imatrix",))
+    imatrix = src.with_name(src.stem + ".imatrix.gguf")
+    if not imatrix.exists():
+        text = Path(__file__).resolve().parent / "data" / "tokenizer_text.txt"
+        tmp = imatrix.with_name(f".{imatrix.name}.tmp{os.getpid()}.gguf")
+        log(f"llama-imatrix on {src.name} over {text.name}")
+        p = subprocess.run([str(build.path("llama-imatrix")), "-m", str(src), "-f", str(text), "-o", str(tmp),
+                            "-c", "128", "-t", str(threads), "--no-ppl"], stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT, text=True, errors="replace")
+        if p.returncode != 0 or not tmp.exists():
+            tmp.unlink(missing_ok=True)
+            raise RuntimeError("llama-imatrix failed:\n" + "\n".join(p.stdout.splitlines()[-20:]))
+        os.replace(tmp, imatrix)
+    lc.llama_quantize(build, src, path, lq.upper(), threads=threads,
+                      extra_args=["--allow-requantize", "--imatrix", str(imatrix)])
+
+
 def make_bench_model(preset: str, qtype: str, output: str | os.PathLike | None = None, force: bool = False,
                      seed: int = 0, progress: bool | Callable[[int, int], None] = True,
-                     log: Callable[[str], None] = print, routing_skew: float = 0.0) -> tuple[Path, bool]:
+                     log: Callable[[str], None] = print, routing_skew: float = 0.0, threads: int | None = None,
+                     build=None) -> tuple[Path, bool]:
     """Write a random-weight bench model atomically (temp file + rename).
 
     `routing_skew` > 0: Zipf-like expert popularity per layer with that exponent
     (moe_numa.testing.writer, through the router weights and DeepSeek's score bias).
+    ``qtype`` is one of our writer's types, or ``lq-<type>`` (LOW_BIT_TYPES): llama-quantize's
+    mix of that type, made from the Q8_0 model (of the same routing skew) with an importance
+    matrix (``build``: the llama.cpp build to use, default the cached one).
     Returns (path, written); an existing file is kept unless ``force``.
     """
     from dataclasses import replace
     from moe_numa.testing import PRESETS, QTYPES, make_test_model
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; presets: {', '.join(PRESETS)}")
-    if qtype.lower() not in QTYPES:
-        raise ValueError(f"unknown quant type {qtype!r}; choose from {', '.join(QTYPES)}")
+    qtype = qtype.lower()
+    low_bit = qtype.startswith(LOW_BIT_PREFIX)
+    if low_bit and qtype[len(LOW_BIT_PREFIX):] not in LOW_BIT_TYPES:
+        raise ValueError(f"unknown low-bit type {qtype!r}; choose from "
+                         f"{', '.join(LOW_BIT_PREFIX + t for t in LOW_BIT_TYPES)}")
+    if not low_bit and qtype not in QTYPES:
+        raise ValueError(f"unknown quant type {qtype!r}; choose from {', '.join(QTYPES)} or "
+                         f"{', '.join(LOW_BIT_PREFIX + t for t in LOW_BIT_TYPES)}")
     if routing_skew < 0:
         raise ValueError(f"routing skew must be >= 0, got {routing_skew}")
     path = Path(output) if output else bench_model_path(preset, qtype, routing_skew)
     if path.exists() and not force:
         log(f"{path} exists; keeping it (--force rewrites it)")
         return path, False
+    if low_bit:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}.gguf")
+        t0 = time.perf_counter()
+        try:
+            _make_low_bit(preset, qtype, tmp, seed, threads or os.cpu_count() or 2, log, build, routing_skew)
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+        log(f"wrote {path} ({path.stat().st_size / 2**30:.2f} GiB) in {time.perf_counter() - t0:.0f} s")
+        return path, True
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}.gguf")
     cb = progress if callable(progress) else (progress_bar(path.name, unit="tensor") if progress else None)
@@ -995,7 +1046,9 @@ def add_make_bench_model_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--preset", default=",".join(BENCH_PRESETS_DEFAULT),
                     help=f"comma-separated presets (bench presets: qwen3moe-bench, deepseek-v3-bench; "
                          f"any of {', '.join(PRESETS)})")
-    ap.add_argument("--type", default=",".join(DEFAULT_QTYPES), help="comma-separated quant types")
+    ap.add_argument("--type", default=",".join(DEFAULT_QTYPES),
+                    help="comma-separated quant types: our writer's, or llama-quantize low-bit mixes made from "
+                         f"the Q8_0 model: {', '.join(LOW_BIT_PREFIX + t for t in LOW_BIT_TYPES)}")
     ap.add_argument("-o", "--output", help="output file (one preset and one type only)")
     ap.add_argument("--force", action="store_true", help="rewrite an existing file")
     ap.add_argument("--seed", type=int, default=0)

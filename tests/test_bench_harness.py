@@ -508,3 +508,25 @@ def test_bench_requires_a_model(tmp_path, monkeypatch):
     monkeypatch.setenv("MOE_NUMA_CACHE", str(tmp_path))
     with pytest.raises(SystemExit):
         B.main(["--engine-only"])
+
+
+def test_make_low_bit_bench_model(tmp_path, monkeypatch):
+    """`--type lq-iq2_xxs`: llama-quantize's IQ2_XXS mix of the Q8_0 model, with an importance matrix."""
+    from moe_numa.bench import llama_cpp as lc
+    try:
+        build = lc.find_or_build(allow_build=False, log=lambda *a: None, extra_targets=("llama-imatrix",))
+    except lc.LlamaCppError as e:
+        pytest.skip(f"no llama.cpp build with llama-imatrix ({e})")
+    import numpy as np
+
+    import moe_numa
+    from moe_numa.gguf_file import GGUFModelFile
+    monkeypatch.setenv("MOE_NUMA_CACHE", str(tmp_path))
+    with pytest.raises(ValueError, match="lq-iq2_xxs"):
+        B.make_bench_model("qwen3moe", "lq-iq9")
+    path, written = B.make_bench_model("qwen3moe", "lq-iq2_xxs", log=lambda s: None, threads=2, build=build)
+    assert written and path == B.bench_model_path("qwen3moe", "lq-iq2_xxs")
+    assert B.bench_model_path("qwen3moe", "q8_0").exists()                   # made from the Q8_0 model
+    types = {t.qtype.name for t in GGUFModelFile(path)}
+    assert "IQ2_XXS" in types and len(types) >= 3                            # a mix, as releases are
+    assert np.isfinite(moe_numa.load(path, backend="reference").logits([1, 2, 3])).all()
