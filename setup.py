@@ -69,6 +69,8 @@ setup(
         "test": ["pytest>=8", "hypothesis>=6", "psutil>=5", "openai>=1.30", "httpx>=0.27"] + VOCAB,
         "bench": ["matplotlib>=3.8", "psutil>=5"] + VOCAB,
         "fuzz": ["atheris>=2.3"],
+        # tests/test_real_files.py: tiny HF models through llama.cpp's convert_hf_to_gguf.py
+        "hf": ["torch==2.13.0", "transformers>=5", "safetensors", "sentencepiece"],
     },
     entry_points={"console_scripts": ["moe-numa=moe_numa.cli:main"]},
     zip_safe=False,
