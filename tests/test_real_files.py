@@ -2,7 +2,8 @@
 model per architecture -> convert_hf_to_gguf.py -> llama-quantize, an importance matrix
 for the IQ types, llama-gguf-split), through our reference, our engine and llama.cpp.
 
-Per architecture and file type (a subset in CI that still covers every type once;
+The reference on the converter's F32 file against transformers running the HF model itself
+(max |Δ| <= 1e-5 of the logits' scale; measured 8e-7..1.1e-6). Per architecture and file type (a subset in CI that still covers every type once;
 MOE_NUMA_REAL_FILES=all runs the whole matrix, as bench/compat_llama_cpp.py --real does):
 
 - the reference against llama.cpp on the same file dequantized to F32 by llama.cpp
@@ -68,7 +69,7 @@ def cached(key, make):
 def prompt(arch):
     def make():
         m = moe_numa.load(hf.gguf_file(arch, "f32"), backend="reference")
-        text = hf.TEXT_PATH.read_text(encoding="utf-8")
+        text = hf.text_path().read_text(encoding="utf-8")
         return m.tokenize(text, add_special=False)[:N_TOKENS]
     return cached(("ids", arch), make)
 
@@ -107,6 +108,21 @@ def test_converter_layouts_are_the_real_ones(llama):
     assert g.get("deepseek2.attention.q_lora_rank") == 0 and g.has("blk.0.attn_q.weight")
     g = GGUFModelFile(hf.gguf_file("qwen3moe", "IQ2_XXS"))
     assert g.tensor("blk.0.ffn_up_exps.weight").qtype.name == "IQ2_XXS"
+
+
+@pytest.mark.parametrize("arch", hf.ARCHS)
+def test_reference_matches_transformers(llama, arch):
+    """A third oracle: the HF model itself (transformers, float32, eager attention) against our
+    reference on the converter's F32 file: the converter's layouts and our reading of them."""
+    import torch
+    import transformers
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(hf.hf_model_dir(arch)), dtype=torch.float32,
+                                                              attn_implementation="eager")
+    ids = prompt(arch)
+    with torch.no_grad():
+        want = model(torch.tensor([ids])).logits[0].numpy()
+    c = compare_logits(moe_numa.load(hf.gguf_file(arch, "f32"), backend="reference").logits(ids), want)
+    assert c["max_rel"] <= DEQ_REL and c["argmax_agree"] == 1.0, c["max_rel"]
 
 
 @pytest.mark.parametrize("arch,qtype", CASES)

@@ -42,6 +42,8 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..errors import MoeNumaError
+
 #: bump when a recipe changes in a way the hash of its fields does not see
 RECIPE_VERSION = 1
 
@@ -55,7 +57,12 @@ QUANTIZE_TYPES = ("Q2_K", "Q3_K_M", "Q4_K_S", "Q4_K_M", "Q5_K_M", "Q6_K", "Q8_0"
 #: one for every IQ type)
 IMATRIX_TYPES = tuple(q for q in QUANTIZE_TYPES if q.startswith("IQ"))
 
-TEXT_PATH = Path(__file__).resolve().parents[1] / "bench" / "data" / "tokenizer_text.txt"
+
+
+def text_path() -> Path:
+    """bench/data/tokenizer_text.txt, the text the importance matrix and the tests' prompts come from."""
+    import moe_numa.bench
+    return Path(moe_numa.bench.__file__).resolve().parent / "data" / "tokenizer_text.txt"
 
 
 @dataclass(frozen=True)
@@ -114,7 +121,7 @@ RECIPES: dict[str, HFRecipe] = {
 ARCHS = tuple(RECIPES)
 
 
-class HFModelError(RuntimeError):
+class HFModelError(MoeNumaError):
     """A step of the HF -> GGUF pipeline failed; the message names the step."""
 
 
@@ -348,7 +355,7 @@ def imatrix(arch: str, seed: int = 0) -> Path:
     build = _build()
 
     def make(tmp: Path):
-        _run([build.path("llama-imatrix"), "-m", f32, "-f", TEXT_PATH, "-o", tmp, "-c", "128", "-t", "2",
+        _run([build.path("llama-imatrix"), "-m", f32, "-f", text_path(), "-o", tmp, "-c", "128", "-t", "2",
               "--no-ppl", "-ngl", "0"], f"llama-imatrix {arch}")
 
     return _atomic(out, make)
