@@ -3,12 +3,18 @@
     python -m moe_numa.bench.compat_llama_cpp [--llama-build DIR] [--threads N]
         [--out docs/compat.md] [--presets qwen3moe,...] [--qtypes f32,q8_0,...]
         [--n-tokens 64] [--seed 0] [--workdir DIR] [--no-tokenizer] [--json FILE]
+        [--hf-archs qwen2moe,...] [--hf-qtypes all|f32,Q4_K_M,IQ2_XXS,...] [--no-writer] [--no-engine]
 
 For each test-model preset and quant type it writes a random GGUF with
 ``moe_numa.testing.make_test_model`` (the same seed gives the same underlying float
 weights for every quant type), computes the next-token logits at every position of a
 prompt with our reference backend and with llama.cpp (``llama_logits``: one batch, F32 KV
 cache, flash attention off, no weight repacking), and tabulates the differences.
+
+The same comparisons run on files made the way releases are made
+(``moe_numa.testing.hf_models``: a tiny random HF model per architecture converted by
+``convert_hf_to_gguf.py`` and quantized by ``llama-quantize``), tabulated type ×
+architecture; a file holding a type the engine lacks is shown as refused.
 
 For a non-F32 file the yardstick is llama.cpp's own quantization noise: how far
 llama.cpp's logits move between the F32 file and the quantized file of the same seed,
@@ -713,7 +719,9 @@ def render(build, model_rows, tok_rows, args, seconds) -> str:
                 out.append(f"- {r['vocab']}/{r['kind']} add={r['add_special']} parse={r['parse_special']}: "
                            f"`{b['line']!r}` ours {b['ours']} llama {b['llama']}")
     out += ["", "Reproduce: `python -m moe_numa.bench.compat_llama_cpp --out docs/compat.md` "
-            "(builds llama.cpp into `~/.cache/moe_numa` on first use, about 3.5 minutes on 2 cores).", ""]
+            "(builds llama.cpp into `~/.cache/moe_numa` on first use, about 3.5 minutes on 2 cores; the "
+            "converter-made files need `pip install torch==2.13.0 transformers safetensors sentencepiece` "
+            "and are cached under `~/.cache/moe_numa/hf_models`).", ""]
     return "\n".join(out)
 
 
