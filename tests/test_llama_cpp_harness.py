@@ -117,6 +117,51 @@ def test_cmake_flags_pin_native_release_and_tag():
     assert [f for f in sflags if "SERVER" not in f] == [f for f in flags if "SERVER" not in f]
 
 
+def test_extra_target_builds_on_top_of_the_cached_build(monkeypatch, tmp_path):
+    """Asking for llama-imatrix adds that target to the existing build dir: same flags, the CMake cache
+    kept (so ninja rebuilds nothing that is up to date), the earlier targets still listed, the first
+    build's record kept; asking again runs nothing."""
+    monkeypatch.setenv("MOE_NUMA_CACHE", str(tmp_path))
+    root = tmp_path / f"llama.cpp-{lc.TAG}"
+    bdir = root / "build-clang"
+    (root / "src" / "include").mkdir(parents=True)
+    (bdir / "bin").mkdir(parents=True)
+    (bdir / "CMakeCache.txt").write_text("cached\n")
+    flags = lc._cmake_flags("clang-16", "clang++-16", [])
+    for t in lc.TARGETS:
+        (bdir / "bin" / t).write_text("")
+    (bdir / "bin" / "libllama.so").write_text("")
+    first = {"tag": lc.TAG, "compiler": "clang: 16", "cxx": "clang++-16", "cmake_flags": flags,
+             "targets": list(lc.TARGETS), "date": "2026-01-01T00:00:00+00:00", "build_seconds": 150.0,
+             "system_info": "CPU : AVX2 = 1"}
+    (bdir / "build-info.json").write_text(json.dumps(first))
+    runs = []
+
+    def fake_run(cmd, log, cwd=None, env=None, what=""):
+        runs.append([str(c) for c in cmd])
+        if "--build" in cmd:
+            for t in cmd[cmd.index("--target") + 1:]:
+                (bdir / "bin" / t).write_text("")
+        return ""
+
+    monkeypatch.setattr(lc, "_run", fake_run)
+    monkeypatch.setattr(lc, "_choose_compiler", lambda c, log: ("clang", "clang-16", "clang++-16", []))
+    monkeypatch.setattr(lc, "_fetch_source", lambda root, log: root / "src")
+    monkeypatch.setattr(lc, "_build_tools", lambda build, cxx, log: None)
+    b = lc.find_or_build(log=lambda *a: None, extra_targets=("llama-imatrix",))
+    assert (bdir / "CMakeCache.txt").read_text() == "cached\n"
+    build = next(r for r in runs if "--build" in r)
+    assert set(build[build.index("--target") + 1:]) == set(lc.TARGETS) | {"llama-imatrix"}
+    info = json.loads((bdir / "build-info.json").read_text())
+    assert set(info["targets"]) == set(lc.TARGETS) | {"llama-imatrix"}
+    assert (info["date"], info["build_seconds"], info["system_info"]) == (first["date"], 150.0, first["system_info"])
+    assert b.bin_dir == bdir / "bin"
+    runs.clear()
+    lc.find_or_build(log=lambda *a: None, extra_targets=("llama-imatrix",))
+    lc.find_or_build(log=lambda *a: None)
+    assert runs == []
+
+
 def test_cache_root_env(monkeypatch, tmp_path):
     monkeypatch.setenv("MOE_NUMA_CACHE", str(tmp_path))
     assert lc.cache_root() == tmp_path
