@@ -43,6 +43,7 @@ CI_TYPES = {
     "qwen3moe": ["f32", "f16", "Q2_K", "Q4_0", "Q4_1", "IQ4_XS", "IQ1_S"],
     "deepseek-v2-lite": ["f32", "q8_0", "Q4_K_S", "Q6_K", "Q5_0", "IQ4_NL", "IQ2_XS", "IQ2_S"],
     "deepseek-v3": ["f32", "bf16", "Q4_K_M", "Q5_K_M", "Q8_0", "IQ3_XXS", "IQ1_M"],
+    "glm4moe": ["f32", "bf16", "Q4_K_M", "Q2_K", "IQ4_NL", "IQ2_XXS"],
 }
 if os.environ.get("MOE_NUMA_REAL_FILES") == "all":
     CI_TYPES = {a: list(hf.CONVERTER_TYPES + hf.QUANTIZE_TYPES) for a in hf.ARCHS}

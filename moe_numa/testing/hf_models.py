@@ -75,10 +75,12 @@ class HFRecipe:
     config: dict = field(default_factory=dict)
     extra_config: dict = field(default_factory=dict)   # keys the config class drops but the converter reads
     n_tokens: int = 6000            # regular BPE tokens kept
+    pre: str = ""                   # tokenizer.ggml.pre (default: the vocabulary's own)
+    extra_tokens: tuple = ()        # added special tokens the converter looks up by name
 
     def key(self) -> str:
         blob = json.dumps([RECIPE_VERSION, self.arch, self.hf_class, self.vocab, self.config,
-                           self.extra_config, self.n_tokens], sort_keys=True)
+                           self.extra_config, self.n_tokens, self.pre, list(self.extra_tokens)], sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
@@ -116,6 +118,15 @@ RECIPES: dict[str, HFRecipe] = {
              routed_scaling_factor=2.5, rope_interleave=True,
              rope_parameters={"rope_type": "default", "rope_theta": 10000.0}),
         extra_config={"scoring_func": "sigmoid", "topk_method": "noaux_tc"}),
+    # GLM-4.5 style: sigmoid gating with the score bias, partial RoPE, q/k norms, qkv bias, a dense layer
+    "glm4moe": HFRecipe(
+        "glm4moe", "glm4moe", "Glm4MoeForCausalLM", "qwen3",
+        dict(_COMMON, num_hidden_layers=3, num_attention_heads=8, num_key_value_heads=2, head_dim=64,
+             intermediate_size=512, moe_intermediate_size=256, n_routed_experts=16, n_shared_experts=1,
+             num_experts_per_tok=4, first_k_dense_replace=1, n_group=1, topk_group=1, norm_topk_prob=True,
+             routed_scaling_factor=2.5, attention_bias=True, use_qk_norm=True,
+             rope_parameters={"rope_type": "default", "rope_theta": 1e6, "partial_rotary_factor": 0.5}),
+        pre="glm4", extra_tokens=("[gMASK]", "<sop>", "<|system|>", "<|user|>", "<|assistant|>", "<|observation|>")),
 }
 
 ARCHS = tuple(RECIPES)
@@ -191,12 +202,16 @@ def _tokenizer_files(recipe: HFRecipe, out: Path):
     merges = [tuple(m.split(" ", 1)) for m in spec.merges]
     tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, ignore_merges=False))
     splits = [pre_tokenizers.Split(Regex(rx), behavior="isolated")
-              for rx in pre_tokenizer_regexes(SUPPORTED_PRE_TOKENIZERS[spec.pre])]
+              for rx in pre_tokenizer_regexes(SUPPORTED_PRE_TOKENIZERS[recipe.pre or spec.pre])]
     tok.pre_tokenizer = pre_tokenizers.Sequence(
         splits + [pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False)])
     tok.decoder = decoders.ByteLevel()
     added = [AddedToken(t, special=ty == TOKEN_TYPE_CONTROL, normalized=False)
              for t, ty in zip(spec.tokens, spec.token_types) if ty in (TOKEN_TYPE_CONTROL, TOKEN_TYPE_USER_DEFINED)]
+    for t in recipe.extra_tokens:
+        spec.tokens.append(t)
+        spec.token_types.append(TOKEN_TYPE_CONTROL)
+        added.append(AddedToken(t, special=True, normalized=False))
     tok.add_tokens(added)
     name = lambda i: None if i is None else spec.tokens[i]  # noqa: E731
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=name(spec.bos_id), eos_token=name(spec.eos_id),
@@ -337,7 +352,7 @@ def converted(arch: str, outtype: str = "f32", seed: int = 0) -> Path:
     src = build.source_dir
 
     def make(tmp: Path):
-        pre = "deepseek-v3" if recipe.vocab == "deepseek-v3" else "qwen2"
+        pre = recipe.pre or ("deepseek-v3" if recipe.vocab == "deepseek-v3" else "qwen2")
         q_lora_zero = "1" if recipe.gguf_arch == "deepseek2" and recipe.config.get("q_lora_rank") is None else "0"
         env = dict(os.environ, NO_LOCAL_GGUF="1")      # the driver puts the tree's gguf-py first itself
         _run([sys.executable, "-c", _DRIVER, src, pre, q_lora_zero, hf, "--outtype", outtype,
