@@ -740,7 +740,8 @@ def main(argv=None) -> int:
     ap.add_argument("--no-tokenizer", action="store_true")
     ap.add_argument("--no-engine", action="store_true", help="skip the engine (NUMA backend) comparison")
     ap.add_argument("--no-full-vocab", action="store_true", help="skip the full-vocabulary tokenizer files")
-    ap.add_argument("--hf-archs", default="qwen2moe,qwen3moe,deepseek-v2-lite,deepseek-v3",
+    from moe_numa.testing.hf_models import ARCHS as HF_ARCHS
+    ap.add_argument("--hf-archs", default=",".join(HF_ARCHS),
                     help="architectures of the converter-made files (moe_numa.testing.hf_models); '' for none")
     ap.add_argument("--hf-qtypes", default="all",
                     help="their types: converter f32,f16,bf16,q8_0 and llama-quantize Q4_K_M,IQ2_XXS,... ('all')")
