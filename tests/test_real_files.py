@@ -50,23 +50,6 @@ if os.environ.get("MOE_NUMA_REAL_FILES") == "all":
     CI_TYPES = {a: list(hf.CONVERTER_TYPES + hf.QUANTIZE_TYPES) for a in hf.ARCHS}
 CASES = [(a, q) for a in hf.ARCHS for q in CI_TYPES[a]]
 
-# Known bug, measured on these files: for Q4_1/Q5_1 weights llama.cpp multiplies with Q8_1 activations,
-# whose per-block sum term s = d*sum(q) is stored as fp16; our kernels (mn_quant.c dot_b32_s and the
-# SIMD versions) use Q8_0 activations and the exact d*sum, so every block with such a weight differs
-# from llama.cpp by ~1e-3 (blocks median 1.1e-3) while matching our act-quant reference. DeepSeek
-# Q5_K_M files hold Q5_1 attn_k_b.
-Q8_1_BUG = pytest.mark.xfail(strict=True, reason="Q4_1/Q5_1: the engine's min term is not llama.cpp's "
-                             "fp16-rounded Q8_1 s = d*sum(q)")
-
-
-def _engine_case(a, q):
-    if q in ("Q4_1", "Q5_1") or (a.startswith("deepseek") and q == "Q5_K_M"):
-        return pytest.param(a, q, marks=Q8_1_BUG)
-    return (a, q)
-
-
-ENGINE_CASES = [_engine_case(a, q) for a, q in CASES]
-
 
 @pytest.fixture(scope="module")
 def llama():
@@ -160,7 +143,7 @@ def test_reference_matches_llama_cpp(llama, arch, qtype):
         assert ratio < 1.0, f"median |ours - llama| is {ratio:.2f} of llama.cpp's own quantization noise"
 
 
-@pytest.mark.parametrize("arch,qtype", ENGINE_CASES)
+@pytest.mark.parametrize("arch,qtype", CASES)
 def test_engine_matches_reference_and_llama_cpp(llama, arch, qtype):
     path = hf.gguf_file(arch, qtype)
     bad = engine_refusal(path)
