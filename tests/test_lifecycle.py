@@ -193,6 +193,9 @@ def test_load_generate_close_twenty_times_leaves_threads_and_rss(make_model):
 
 SIGINT_CHILD = """
     import signal, threading
+    # A child of a background job (nohup, `cmd &` in a script) inherits SIGINT ignored,
+    # and Python then leaves it ignored: ask for Ctrl-C as an interactive user has it.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     path, phase = sys.argv[1], sys.argv[2]
     base_threads = threads()
     state = {}
