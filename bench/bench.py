@@ -781,7 +781,8 @@ def format_markdown(report: dict) -> str:
     L = report.get("llama_cpp") or {}
     lines = ["# moe_numa vs llama.cpp (`moe-numa bench`)", ""]
     lines.append(f"- date: {report['created']}; moe_numa {report.get('moe_numa_commit') or '?'} "
-                 f"(SIMD {m.get('simd')})")
+                 f"(CPU's SIMD {m.get('simd')}"
+                 + (f"; ours run with MOE_NUMA_SIMD={s['simd']})" if s.get("simd", "native") != "native" else ")"))
     lines.append(f"- machine: {m.get('cpu')}, {m.get('physical_cores')} physical cores / {m.get('cpus')} CPUs, "
                  f"{m.get('numa_nodes')} NUMA node(s), {_gib(m.get('memory_bytes'))} RAM"
                  + (f", {m['hypervisor']} guest" if m.get("hypervisor") else "")
