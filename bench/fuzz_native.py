@@ -90,12 +90,7 @@ class Harness:
             p[f] = self._mutate(fdp, p[f])
         if fdp.ConsumeProbability() < 0.1:
             node, layer = _ints(fdp), _ints(fdp)
-        if kind == "attn":
-            self.core.set_attention(node, layer, p)
-        elif kind == "ffn":
-            self.core.set_ffn(node, layer, p)
-        else:
-            self.core.set_head(node, p)
+        self.core.set_shard(kind, node, layer, p)
         try:   # it was taken: it must also run; then the original goes back
             self.model.logits([1, 2, 3])
         finally:
@@ -103,13 +98,7 @@ class Harness:
 
     def _restore(self, key) -> None:
         kind, node, layer = key
-        p = self.params[key]
-        if kind == "attn":
-            self.core.set_attention(node, layer, p)
-        elif kind == "ffn":
-            self.core.set_ffn(node, layer, p)
-        else:
-            self.core.set_head(node, p)
+        self.core.set_shard(kind, node, layer, self.params[key])
 
     def _mutate(self, fdp, v):
         choice = fdp.ConsumeIntInRange(0, 5)

@@ -552,6 +552,18 @@ cdef class NativeEngine:
             _refuse(exc, pre)
         self._commit(("ffn", node, layer))
 
+    def set_shard(self, kind, int node, int layer, dict p):
+        """Set one shard by the kind of block the plan names it for: "attn", "ffn" or
+        "head" (the head has no layer: `layer` is ignored)."""
+        if kind == "attn":
+            self.set_attention(node, layer, p)
+        elif kind == "ffn":
+            self.set_ffn(node, layer, p)
+        elif kind == "head":
+            self.set_head(node, p)
+        else:
+            raise _ShapeError(f"node {node}: unknown shard kind {kind!r} (attn, ffn or head)")
+
     def set_head(self, int node, dict p):
         self._check_node(node, -1, True)
         cdef mn_head_shard *slot = &self.e.nodes[node].head

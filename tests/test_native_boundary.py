@@ -155,6 +155,18 @@ def test_indices_are_checked_in_every_setter(engines):
         core.set_head(1, bad(p_head, vocab=p_head["vocab"] + 1))
 
 
+def test_set_shard_dispatches_by_kind_and_names_an_unknown_one(engines):
+    m = engines["qwen3moe"]
+    core, before = m.backend.core, logits_of(m)
+    for kind, layer in (("attn", 0), ("ffn", 0), ("head", -1)):
+        core.set_shard(kind, 0, layer, params(m, kind, 0, layer))   # the plan's own shards go back in
+    np.testing.assert_array_equal(logits_of(m), before)
+    with pytest.raises(ShapeError, match="unknown shard kind 'moe'"):
+        core.set_shard("moe", 0, 0, params(m, "ffn", 0, 0))
+    with pytest.raises(ShapeError, match="out of range"):   # the kind's own checks still run
+        core.set_shard("ffn", 0, m.config.n_layer, params(m, "ffn", 0, 0))
+
+
 def test_block_calls_check_layer_tokens_and_positions(engines):
     m = engines["qwen3moe"]
     core, H, n_ctx = m.backend.core, m.config.hidden, m.n_ctx

@@ -422,13 +422,7 @@ class EngineBackend:
                         check_tensor_blocks(t)
             self.core = _native.NativeEngine([p._pool for p in self.pools], cfg.n_layer, cfg.hidden, self.ubatch)
             for (kind, node, layer), p in params.items():
-                p = self.store.resolve(p)
-                if kind == "attn":
-                    self.core.set_attention(node, layer, p)
-                elif kind == "ffn":
-                    self.core.set_ffn(node, layer, p)
-                else:
-                    self.core.set_head(node, p)
+                self.core.set_shard(kind, node, layer, self.store.resolve(p))
             self._work = [NodeArena(self.core.scratch_bytes(k) + self.ubatch * cfg.hidden * 4 + 8192,
                                     n.memory_node, label=f"work{k}") for k, n in enumerate(self.topology.nodes)]
             partials = [a.alloc(self.ubatch * cfg.hidden * 4).view(np.float32) for a in self._work]
