@@ -29,6 +29,18 @@ MN_INLINE __m512i K(dpwssd)(__m512i acc, __m512i a, __m512i b) {
 #endif
 }
 
+/* One token's integer dot over a 256-value super-block: unsigned quants qv[k] (64 each)
+ * times activations x, each 16-value group weighted by its scale in sv[k], added to
+ * `init` (an offset term, or zero); two accumulators halve the dependency chain. */
+MN_INLINE __m512i K(k_dot256)(const __m512i qv[4], const __m512i sv[4], const int8_t *x, __m512i init) {
+    __m512i s0 = init, s1 = _mm512_setzero_si512();
+    s0 = K(dpwssd)(s0, _mm512_maddubs_epi16(qv[0], _mm512_loadu_si512((const void *)x)), sv[0]);
+    s1 = K(dpwssd)(s1, _mm512_maddubs_epi16(qv[1], _mm512_loadu_si512((const void *)(x + 64))), sv[1]);
+    s0 = K(dpwssd)(s0, _mm512_maddubs_epi16(qv[2], _mm512_loadu_si512((const void *)(x + 128))), sv[2]);
+    s1 = K(dpwssd)(s1, _mm512_maddubs_epi16(qv[3], _mm512_loadu_si512((const void *)(x + 192))), sv[3]);
+    return _mm512_add_epi32(s0, s1);
+}
+
 /* ---------------------------------------------------------------- floats */
 #define F512_KERNEL(name, LOAD16, ONE, ESZ) \
 MN_INLINE void K(name##_t)(const uint8_t *w, int64_t n, const uint8_t *xq, size_t xs, const int NT, float *res) { \
@@ -363,12 +375,8 @@ MN_INLINE void K(dot_q45_K_t)(const int Q5, const uint8_t *w, int64_t nb, const 
             const float dy = ((const float *)(xr + QK_K * nb))[i];
             const __m128i pair = _mm_loadu_si128((const __m128i *)(xr + (QK_K + 36) * nb + 16 * i));
             macc[t] = _mm_fmadd_ps(_mm_set1_ps(dmin * dy), _mm_cvtepi32_ps(_mm_madd_epi16(mins, pair)), macc[t]);
-            __m512i s0 = _mm512_setzero_si512(), s1 = _mm512_setzero_si512();
-            s0 = K(dpwssd)(s0, _mm512_maddubs_epi16(qv[0], _mm512_loadu_si512((const void *)x)), sv[0]);
-            s1 = K(dpwssd)(s1, _mm512_maddubs_epi16(qv[1], _mm512_loadu_si512((const void *)(x + 64))), sv[1]);
-            s0 = K(dpwssd)(s0, _mm512_maddubs_epi16(qv[2], _mm512_loadu_si512((const void *)(x + 128))), sv[2]);
-            s1 = K(dpwssd)(s1, _mm512_maddubs_epi16(qv[3], _mm512_loadu_si512((const void *)(x + 192))), sv[3]);
-            acc[t] = _mm512_fmadd_ps(_mm512_set1_ps(d * dy), _mm512_cvtepi32_ps(_mm512_add_epi32(s0, s1)), acc[t]);
+            const __m512i q = K(k_dot256)(qv, sv, x, _mm512_setzero_si512());
+            acc[t] = _mm512_fmadd_ps(_mm512_set1_ps(d * dy), _mm512_cvtepi32_ps(q), acc[t]);
         }
     }
     for (int t = 0; t < NT; t++) {
@@ -422,15 +430,11 @@ MN_INLINE void K(dot_q6_K_t)(const uint8_t *w, int64_t nb, const uint8_t *xq, si
             const uint8_t *xr = xq + t * xs;
             const int8_t *x = (const int8_t *)xr + QK_K * i;
             const __m256i bs = _mm256_loadu_si256((const __m256i *)(xr + (QK_K + 4) * nb + 32 * i));
-            __m512i s0 = _mm512_sub_epi32(_mm512_setzero_si512(),
-                                          _mm512_zextsi256_si512(_mm256_slli_epi32(_mm256_madd_epi16(sc16, bs), 5)));
-            __m512i s1 = _mm512_setzero_si512();
-            s0 = K(dpwssd)(s0, _mm512_maddubs_epi16(qv[0], _mm512_loadu_si512((const void *)x)), sv[0]);
-            s1 = K(dpwssd)(s1, _mm512_maddubs_epi16(qv[1], _mm512_loadu_si512((const void *)(x + 64))), sv[1]);
-            s0 = K(dpwssd)(s0, _mm512_maddubs_epi16(qv[2], _mm512_loadu_si512((const void *)(x + 128))), sv[2]);
-            s1 = K(dpwssd)(s1, _mm512_maddubs_epi16(qv[3], _mm512_loadu_si512((const void *)(x + 192))), sv[3]);
+            const __m512i off = _mm512_sub_epi32(_mm512_setzero_si512(),
+                                                 _mm512_zextsi256_si512(_mm256_slli_epi32(_mm256_madd_epi16(sc16, bs), 5)));
+            const __m512i q = K(k_dot256)(qv, sv, x, off);
             const float dy = ((const float *)(xr + QK_K * nb))[i];
-            acc[t] = _mm512_fmadd_ps(_mm512_set1_ps(d * dy), _mm512_cvtepi32_ps(_mm512_add_epi32(s0, s1)), acc[t]);
+            acc[t] = _mm512_fmadd_ps(_mm512_set1_ps(d * dy), _mm512_cvtepi32_ps(q), acc[t]);
         }
     }
     for (int t = 0; t < NT; t++) res[t] = K(hsum16)(acc[t]);
@@ -482,12 +486,8 @@ MN_INLINE void K(dot_q2_K_t)(const uint8_t *w, int64_t nb, const uint8_t *xq, si
             const float dy = ((const float *)(xr + QK_K * nb))[i];
             const __m256i bs = _mm256_loadu_si256((const __m256i *)(xr + (QK_K + 4) * nb + 32 * i));
             macc[t] = _mm256_fmadd_ps(_mm256_set1_ps(dmin * dy), _mm256_cvtepi32_ps(_mm256_madd_epi16(mn16, bs)), macc[t]);
-            __m512i s0 = _mm512_setzero_si512(), s1 = _mm512_setzero_si512();
-            s0 = K(dpwssd)(s0, _mm512_maddubs_epi16(qv[0], _mm512_loadu_si512((const void *)x)), sv[0]);
-            s1 = K(dpwssd)(s1, _mm512_maddubs_epi16(qv[1], _mm512_loadu_si512((const void *)(x + 64))), sv[1]);
-            s0 = K(dpwssd)(s0, _mm512_maddubs_epi16(qv[2], _mm512_loadu_si512((const void *)(x + 128))), sv[2]);
-            s1 = K(dpwssd)(s1, _mm512_maddubs_epi16(qv[3], _mm512_loadu_si512((const void *)(x + 192))), sv[3]);
-            acc[t] = _mm512_fmadd_ps(_mm512_set1_ps(d * dy), _mm512_cvtepi32_ps(_mm512_add_epi32(s0, s1)), acc[t]);
+            const __m512i q = K(k_dot256)(qv, sv, x, _mm512_setzero_si512());
+            acc[t] = _mm512_fmadd_ps(_mm512_set1_ps(d * dy), _mm512_cvtepi32_ps(q), acc[t]);
         }
     }
     for (int t = 0; t < NT; t++) {
@@ -534,15 +534,11 @@ MN_INLINE void K(dot_q3_K_t)(const uint8_t *w, int64_t nb, const uint8_t *xq, si
             const uint8_t *xr = xq + t * xs;
             const int8_t *x = (const int8_t *)xr + QK_K * i;
             const __m256i bs = _mm256_loadu_si256((const __m256i *)(xr + (QK_K + 4) * nb + 32 * i));
-            __m512i s0 = _mm512_sub_epi32(_mm512_setzero_si512(),
-                                          _mm512_zextsi256_si512(_mm256_slli_epi32(_mm256_madd_epi16(sc16, bs), 2)));
-            __m512i s1 = _mm512_setzero_si512();
-            s0 = K(dpwssd)(s0, _mm512_maddubs_epi16(qv[0], _mm512_loadu_si512((const void *)x)), sv[0]);
-            s1 = K(dpwssd)(s1, _mm512_maddubs_epi16(qv[1], _mm512_loadu_si512((const void *)(x + 64))), sv[1]);
-            s0 = K(dpwssd)(s0, _mm512_maddubs_epi16(qv[2], _mm512_loadu_si512((const void *)(x + 128))), sv[2]);
-            s1 = K(dpwssd)(s1, _mm512_maddubs_epi16(qv[3], _mm512_loadu_si512((const void *)(x + 192))), sv[3]);
+            const __m512i off = _mm512_sub_epi32(_mm512_setzero_si512(),
+                                                 _mm512_zextsi256_si512(_mm256_slli_epi32(_mm256_madd_epi16(sc16, bs), 2)));
+            const __m512i q = K(k_dot256)(qv, sv, x, off);
             const float dy = ((const float *)(xr + QK_K * nb))[i];
-            acc[t] = _mm512_fmadd_ps(_mm512_set1_ps(d * dy), _mm512_cvtepi32_ps(_mm512_add_epi32(s0, s1)), acc[t]);
+            acc[t] = _mm512_fmadd_ps(_mm512_set1_ps(d * dy), _mm512_cvtepi32_ps(q), acc[t]);
         }
     }
     for (int t = 0; t < NT; t++) res[t] = K(hsum16)(acc[t]);
