@@ -31,7 +31,9 @@ claims are never made by tests: run this on a quiet machine.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -247,63 +249,125 @@ def format_compact(rows: list[dict], title: str) -> str:
 
 # ---------------------------------------------------------------- calibration
 
-def calibrate(model_path: str, n_nodes: int = 2, tokens: int = 32, prefill: int = 128, skew_trace=None) -> dict:
-    """On this machine's virtual nodes (one core each): measure bandwidth per core and sync cost,
-    run the engine per mode (whole, split, hybrid from a profile it records), and project the same."""
+@contextlib.contextmanager
+def _pinned_to(cpu: int):
+    """The engine's caller is node 0's worker 0, pinned to its core; measurements that stand
+    in for it must be too (unpinned, it can share a pool thread's core: ~0.2 ms per sync)."""
+    before = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {cpu})
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, before)
+
+
+def calibrate(model_path: str, n_nodes: int = 2, tokens: int = 32, rounds: int = 5) -> dict:
+    """On this machine's virtual nodes (one core each): fit the machine from runs that are not
+    the ones predicted, then project each mode and compare with its measured decode.
+
+    - per-node read bandwidth: every node's core reading at once, divided by the nodes (the
+      cores share one memory system here), measured just before and after every timed run,
+      because this VM's bandwidth drifts between states minutes apart;
+    - the decode kernels' share of it, and the routing trace: one node with all the cores;
+    - the sync cost: the per-block time outside the kernels at one node (the call from Python,
+      the dispatch), plus an empty task on pools shaped like the engine's at N nodes (the
+      pinned caller runs node 0, one pool per other node).
+    Each mode then runs `rounds` times; a round's projection uses the bandwidth measured
+    around that round. The error is median projected / median measured - 1."""
+    from moe_numa import kernels as K
+    shape = Shape.from_gguf(model_path)
+    cpus = K.order_cpus(K.available_cpus())[:n_nodes]
+
+    # made before any model is loaded: a loaded engine pins this thread, and a pool checks its CPUs
+    bw_pool = K.ThreadPool(cpus)
+    sync_pools = [K.ThreadPool([c], caller_is_worker0=False) for c in cpus[1:]]
+    try:
+        return _calibrate(model_path, n_nodes, tokens, rounds, shape, cpus, bw_pool, sync_pools)
+    finally:
+        for p in [bw_pool, *sync_pools]:
+            p.close()
+
+
+def _calibrate(model_path, n_nodes, tokens, rounds, shape, cpus, bw_pool, pools) -> dict:
     import moe_numa
     from moe_numa import kernels as K
     from moe_numa.numa.profile import collect, make_profile_map
-    shape = Shape.from_gguf(model_path)
-    cpus = K.order_cpus(K.available_cpus())[:n_nodes]
-    with K.ThreadPool(cpus[:1]) as p1:
-        buf = np.ones(64 << 20 >> 2, dtype=np.float32)
-        t0 = time.perf_counter()
-        for _ in range(5):
-            K.read_sum(buf, p1)
-        bw1 = 5 * buf.nbytes / (time.perf_counter() - t0) / 1e9
-    measured = {}
-    with moe_numa.load(model_path, numa_nodes=1, threads_per_node=1, rebalance_every=None) as m:
-        ids = list(range(100, 100 + tokens))
-        prof = collect(m, [" ".join(m.detokenize([i]) for i in ids)], max_tokens=tokens * 4)
+    buf = np.ones(256 << 20 >> 2, dtype=np.float32)          # 256 MiB: well past the L3
+
+    def node_bw() -> float:
+        with _pinned_to(cpus[0]):
+            K.read_sum(buf, bw_pool)
+            t0 = time.perf_counter()
+            for _ in range(3):
+                K.read_sum(buf, bw_pool)
+            return 3 * buf.nbytes / (time.perf_counter() - t0) / 1e9 / len(cpus)
+
+    def decode(m, first: int) -> tuple[float, dict]:
+        m.backend.reset()
+        m.backend.forward(np.array([1]), all_logits=False)     # warm-up token
         m.backend.reset()
         m.backend.reset_counters()
         t0 = time.perf_counter()
-        for t in ids:
+        for t in range(first, first + tokens):
             m.backend.forward(np.array([t]), all_logits=False)
-        wall = time.perf_counter() - t0
-        c = m.backend.counters()
-    one = tokens / wall
-    # At one node: block time (critical path) is kernel work, the rest of the wall time is the
-    # per-block dispatch and synchronisation; the kernels' share of the read bandwidth follows.
-    sync_us = max(0.0, (wall - c["critical_ns"] * 1e-9) / max(1, c["syncs"]) * 1e6)
-    # across nodes a block also waits for the other pools to wake and finish: an empty task on a
-    # pool spanning one core of each node measures that
-    with K.ThreadPool(cpus) as pn:
-        sync_us = max(sync_us, float(np.median(pn.noop_latency(2000)) / 1e3))
+        return time.perf_counter() - t0, m.backend.counters()
+
     tok_bytes = shape.other_bytes + shape.n_moe * shape.n_used * shape.expert_bytes
-    share = tokens * tok_bytes / (c["critical_ns"] * 1e-9) / (bw1 * 1e9)
-    here = Machine("this machine, 1 core per virtual node", bw1, link_gbps=1e6, link_latency_us=0.0,
-                   sync_us=sync_us, decode_share=min(1.0, share), prefill_gflops=1e3,
-                   source="measured now: read bandwidth of one core; at 1 node, the decode kernels' share of it "
-                          "and the per-block dispatch cost; an empty task across the nodes' cores")
+    shares, one, overhead = [], [], []
+    with moe_numa.load(model_path, numa_nodes=1, threads_per_node=len(cpus), rebalance_every=None) as m:
+        ids = list(range(100, 100 + tokens))
+        prof = collect(m, [" ".join(m.detokenize([i]) for i in ids)], max_tokens=tokens * 4)
+        for r in range(rounds):
+            bw = node_bw()
+            wall, c = decode(m, 100 + r)
+            bw = (bw + node_bw()) / 2
+            one.append(tokens / wall)
+            # the block time (critical path) is kernel work: its bytes/s against all the cores' bandwidth
+            shares.append(tokens * tok_bytes / (c["critical_ns"] * 1e-9) / (bw * 1e9 * len(cpus)))
+            # the rest of the wall time: per block, the call from Python and the dispatch
+            overhead.append((wall - c["critical_ns"] * 1e-9) / max(1, c["syncs"]) * 1e6)
+    share = min(1.0, float(np.median(shares)))
+    with _pinned_to(cpus[0]):
+        if len(pools) == 1:
+            lat = pools[0].noop_latency(2000)
+        else:       # several pools from Python: an overestimate by the call overhead
+            lat = []
+            for _ in range(2000):
+                t0 = time.perf_counter_ns()
+                for p in pools:
+                    p.noop()
+                lat.append(time.perf_counter_ns() - t0)
+    # a block at N nodes: that per-block cost, plus waking and hearing back from the other pools
+    sync_us = max(0.0, float(np.median(overhead))) + float(np.median(lat)) / 1e3
     moe_layers = sorted(prof.trace)
-    maps = {"whole": "contiguous", "split": "split",
-            "hybrid": make_profile_map(prof, shape.n_expert, n_nodes, moe_layers, shape.ffn_blocks, "hybrid")[0]}
-    for mode, emap in maps.items():
-        with moe_numa.load(model_path, numa_nodes=n_nodes, threads_per_node=1, expert_map=emap,
-                           rebalance_every=None) as m:
-            m.backend.forward(np.array([1]))
-            m.backend.reset()
-            t0 = time.perf_counter()
-            for t in range(100, 100 + tokens):
-                m.backend.forward(np.array([t]), all_logits=False)
-            measured[mode] = tokens / (time.perf_counter() - t0)
     trace = np.concatenate([prof.trace[l] for l in moe_layers]) if moe_layers else synthetic_trace(
         shape.n_expert, shape.n_used)
-    rows = [r for r in project(shape, here, trace, nodes=(n_nodes,)) if r["mode"] in measured]
-    return {"machine": asdict(here), "one_node_tps": one,
-            "rows": [{"mode": r["mode"], "projected_tps": r["decode_tps"], "measured_tps": measured[r["mode"]],
-                      "error": r["decode_tps"] / measured[r["mode"]] - 1} for r in rows]}
+    maps = {"whole": "contiguous", "split": "split",
+            "hybrid": make_profile_map(prof, shape.n_expert, n_nodes, moe_layers, shape.ffn_blocks, "hybrid")[0]}
+    rows, bws = [], []
+    for mode, emap in maps.items():
+        measured, projected = [], []
+        with moe_numa.load(model_path, numa_nodes=n_nodes, threads_per_node=1, expert_map=emap,
+                           rebalance_every=None) as m:
+            for r in range(rounds):
+                bw = node_bw()
+                wall, _ = decode(m, 100 + r)
+                bw = (bw + node_bw()) / 2
+                bws.append(bw)
+                mach = Machine("here", bw, link_gbps=1e6, link_latency_us=0.0, sync_us=sync_us,
+                               decode_share=share, prefill_gflops=1e3, source="")
+                row = next(x for x in project(shape, mach, trace, nodes=(n_nodes,)) if x["mode"] == mode)
+                measured.append(tokens / wall)
+                projected.append(row["decode_tps"])
+        pm, mm = float(np.median(projected)), float(np.median(measured))
+        rows.append({"mode": mode, "projected_tps": pm, "measured_tps": mm, "error": pm / mm - 1,
+                     "round_errors": [p / x - 1 for p, x in zip(projected, measured)]})
+    here = Machine(f"this machine, {n_nodes} virtual nodes of 1 core", float(np.median(bws)), link_gbps=1e6,
+                   link_latency_us=0.0, sync_us=sync_us, decode_share=share, prefill_gflops=1e3,
+                   source="measured now: per-node read bandwidth (all nodes reading, around every run), the "
+                          "decode kernels' share of it and the per-block cost at 1 node, an empty task across the "
+                          "nodes' pools")
+    return {"machine": asdict(here), "one_node_tps": float(np.median(one)), "rounds": rounds, "rows": rows}
 
 
 def main(argv=None) -> int:
@@ -333,12 +397,14 @@ def run(a: argparse.Namespace) -> int:
         if a.json:
             print(json.dumps(res))
         else:
-            print(f"# {res['machine']['name']}: {res['machine']['read_gbps']:.1f} GB/s per core, sync "
-                  f"{res['machine']['sync_us']:.1f} us, decode share {res['machine']['decode_share']:.2f}; "
-                  f"1 node: {res['one_node_tps']:.2f} t/s")
-            print("| mode | projected t/s | measured t/s | error |\n| --- | ---: | ---: | ---: |")
+            print(f"# {res['machine']['name']}: {res['machine']['read_gbps']:.1f} GB/s per node (median), "
+                  f"sync {res['machine']['sync_us']:.2f} us, decode share {res['machine']['decode_share']:.2f}; "
+                  f"1 node x {nodes[0]} cores: {res['one_node_tps']:.2f} t/s; {res['rounds']} rounds per mode")
+            print("| mode | projected t/s | measured t/s | error | per-round errors |\n"
+                  "| --- | ---: | ---: | ---: | --- |")
             for r in res["rows"]:
-                print(f"| {r['mode']} | {r['projected_tps']:.2f} | {r['measured_tps']:.2f} | {100 * r['error']:+.1f}% |")
+                print(f"| {r['mode']} | {r['projected_tps']:.2f} | {r['measured_tps']:.2f} | {100 * r['error']:+.1f}% | "
+                      + ", ".join(f"{100 * e:+.0f}%" for e in r["round_errors"]) + " |")
         return 0
     shape = Shape.from_gguf(a.model) if a.model else MODELS[a.model_preset]
     if a.profile:

@@ -25,6 +25,7 @@ import moe_numa
 from moe_numa.errors import ClosedError, MoeNumaError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ALL_CPUS = os.sched_getaffinity(0)
 
 # Helpers the child processes share: thread count, RSS, CPU time of the process.
 CHILD_PRELUDE = textwrap.dedent("""
@@ -160,6 +161,37 @@ def test_close_restores_affinity_and_blas_limits_even_from_another_thread(make_m
         m.close()
     assert os.sched_getaffinity(0) == affinity
     assert [i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"] == blas_before
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="pinning is only visible with 2+ CPUs")
+def test_forward_from_another_thread_runs_on_node0s_core_then_restores_it(make_model):
+    """The server's engine thread is not the loading thread: during a forward it must sit on
+    node 0's first core, not wherever the scheduler put it (on a pool thread's core every
+    sync waits for a time slice)."""
+    m = moe_numa.load(make_model("qwen3moe", "q8_0"), n_ctx=64, numa_nodes=1)
+    try:
+        backend = m.backend
+        core0 = backend.pools[0].cpus[0]
+        inner = backend._forward_batch
+        seen = {}
+
+        def spy(*a):
+            seen["during"] = os.sched_getaffinity(0)
+            return inner(*a)
+        backend._forward_batch = spy
+
+        def engine_thread():
+            os.sched_setaffinity(0, ALL_CPUS)     # a new thread inherits the pinned loader's mask
+            seen["before"] = os.sched_getaffinity(0)
+            backend.forward_batch([1, 2], [0, 1], [0, 0])
+            seen["after"] = os.sched_getaffinity(0)
+        t = threading.Thread(target=engine_thread)
+        t.start()
+        t.join()
+        assert seen["during"] == {core0}
+        assert seen["after"] == seen["before"] and len(seen["before"]) > 1
+    finally:
+        m.close()
 
 
 def test_models_closed_in_load_order_give_the_thread_its_affinity_back(make_model):

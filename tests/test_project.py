@@ -58,3 +58,15 @@ def test_balance_benchmark_runs(make_model, capsys):
     assert balance.main(["-m", path, "--layouts", "1x1:contiguous,2x1:split", "--tests", "tg2", "-r", "1"]) == 0
     out = capsys.readouterr().out
     assert "| 2 node(s) x 1 thread(s), split |" in out and "imbalance" in out
+
+
+def test_balance_benchmark_paired_runs_both_layouts_in_one_process(make_model, capsys):
+    from moe_numa.bench import balance
+    path = str(make_model("qwen3moe", "q8_0"))
+    assert balance.main(["-m", path, "--layouts", "1x1:contiguous,2x1:split", "--tests", "tg2,pp8", "-r", "2",
+                         "--paired"]) == 0
+    out = capsys.readouterr().out
+    row = next(line for line in out.splitlines() if line.startswith("| 2 node(s) x 1 thread(s), split |"))
+    assert len(row.split("|")) == 2 + 1 + 2 * 4      # layout + four cells per test
+    assert "Paired in one process (2 rounds" in out
+
