@@ -284,8 +284,9 @@ def matmul(w_raw: np.ndarray, qtype, x: np.ndarray, out: np.ndarray | None = Non
 
 # ----------------------------------------------------------------------- pools
 def available_cpus() -> list[int]:
-    """CPUs this process may run on."""
-    return sorted(os.sched_getaffinity(0))
+    """CPUs this thread may run on (as before a loaded engine pinned it)."""
+    from .numa.topology import allowed_cpus
+    return sorted(allowed_cpus())
 
 
 class ThreadPool:

@@ -202,6 +202,19 @@ def test_models_closed_in_load_order_give_the_thread_its_affinity_back(make_mode
     assert os.sched_getaffinity(0) == affinity
 
 
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs 2+ CPUs to split")
+def test_a_second_model_beside_a_loaded_one_gets_every_cpu(make_model):
+    """The first engine pins the loading thread to one core; the second must still see the
+    thread's CPUs, not that one core (it used to put both virtual nodes on CPU 0)."""
+    path = make_model("qwen3moe", "q8_0")
+    with moe_numa.load(path, n_ctx=32, numa_nodes=1) as a:
+        with moe_numa.load(path, n_ctx=32, numa_nodes=2, threads_per_node=1) as b:
+            cpus = [p.cpus for p in b.backend.pools]
+            assert len({c[0] for c in cpus}) == 2, cpus
+            assert b.logits([1, 2, 3]).shape == a.logits([1, 2, 3]).shape
+    assert os.sched_getaffinity(0) == ALL_CPUS
+
+
 def test_load_generate_close_twenty_times_leaves_threads_and_rss(make_model):
     path = make_model("deepseek-v2-lite", "q8_0")
     r = run_child(f"""

@@ -34,7 +34,7 @@ from ..layers.rope import rope_cos_sin
 from ..errors import ExpertMapError
 from ..numa.expert_map import STRATEGIES, load_map, make_map
 from ..numa.memory import ALIGN, HUGE, PAGE, NodeArena, drop_file_pages, populate, populate_read, populate_supported, resident_bytes
-from ..numa.topology import Topology, topology
+from ..numa.topology import Topology, pin_caller, topology, unpin_caller, unpinned
 from .plan import PlacementPlan, expert_blocks, make_plan
 
 log = logging.getLogger("moe_numa.engine")
@@ -401,7 +401,8 @@ class EngineBackend:
         try:
             for k, node in enumerate(self.topology.nodes):
                 cpus = node.threads(threads_per_node, use_smt)
-                self.pools.append(ThreadPool(cpus, caller_is_worker0=(k == 0)))
+                with unpinned():     # a pool checks its CPUs against this thread's mask
+                    self.pools.append(ThreadPool(cpus, caller_is_worker0=(k == 0)))
             self.store = NodeStore(self.topology, hugepages, model.gguf, check_tensors)
             self.store.reserve = self.replica_budget
             self.expert_tokens = [np.zeros(cfg.n_expert, dtype=np.int64) for _ in range(cfg.n_layer)]
@@ -441,7 +442,7 @@ class EngineBackend:
         # The calling thread is node 0's thread 0: keep it on that node's first core
         # (restored on close, from whichever thread closes), so the scheduler never
         # stacks it on a pool thread's core. Only this thread is pinned, not the process.
-        self._caller_tid = _pin_caller(self.pools[0].cpus[0])
+        self._caller_tid = pin_caller(self.pools[0].cpus[0])
 
     # ---------------------------------------------------------------- placement
     def _expert_copy_bytes(self, layer: int) -> int:
@@ -982,7 +983,7 @@ class EngineBackend:
         tid = getattr(self, "_caller_tid", None)
         if tid is not None:
             self._caller_tid = None
-            _unpin_caller(tid)
+            unpin_caller(tid)
 
     def __del__(self):
         # At interpreter exit module globals may already be gone; never raise from here.
@@ -990,36 +991,6 @@ class EngineBackend:
             self.close()
         except Exception:
             pass
-
-
-# Threads pinned by loaded engines: tid -> [affinity before the first engine, live engines].
-# Several models loaded by one thread and closed in any order give it back its own affinity.
-_pinned: dict[int, list] = {}
-_pinned_lock = threading.Lock()
-
-
-def _pin_caller(cpu: int) -> int:
-    tid = threading.get_native_id()
-    with _pinned_lock:
-        entry = _pinned.setdefault(tid, [os.sched_getaffinity(0), 0])
-        entry[1] += 1
-    os.sched_setaffinity(0, {cpu})
-    return tid
-
-
-def _unpin_caller(tid: int) -> None:
-    with _pinned_lock:
-        entry = _pinned.get(tid)
-        if entry is None:
-            return
-        entry[1] -= 1
-        if entry[1] > 0:
-            return
-        del _pinned[tid]
-    try:
-        os.sched_setaffinity(tid, entry[0])
-    except OSError:       # that thread has exited: nothing left to restore
-        pass
 
 
 def parse_budget(budget, expert_bytes: int) -> int:

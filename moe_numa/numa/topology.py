@@ -5,12 +5,18 @@ machine's CPUs into N groups so the whole engine runs on a one-node machine.
 A virtual node binds memory to the real node of the same id when that node
 exists; otherwise memory placement falls back to the kernel's default policy,
 and that fallback is logged once.
+
+Also the CPU mask of a thread that calls into engines: an engine pins its
+caller to node 0's first core, and the CPUs the thread may use are still those
+it had before (a second model loaded beside the first sees them all).
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -143,9 +149,63 @@ def _meminfo_bytes(node_dir: Path) -> int:
     return int(m.group(1)) * 1024 if m else 0
 
 
+# Threads pinned by loaded engines: tid -> [affinity before the first engine, live engines].
+# Several models loaded by one thread and closed in any order give it back its own affinity,
+# and a model loaded beside another sees the CPUs the thread had, not the engine's one core.
+_pinned: dict[int, list] = {}
+_pinned_lock = threading.Lock()
+
+
+def allowed_cpus() -> set[int]:
+    """The CPUs this thread may use, as they were before a loaded engine pinned it."""
+    with _pinned_lock:
+        entry = _pinned.get(threading.get_native_id())
+        return set(entry[0]) if entry else set(os.sched_getaffinity(0))
+
+
+def pin_caller(cpu: int) -> int:
+    """Pin this thread to `cpu` for an engine's life (engines count); returns its tid."""
+    tid = threading.get_native_id()
+    with _pinned_lock:
+        entry = _pinned.setdefault(tid, [os.sched_getaffinity(0), 0])
+        entry[1] += 1
+    os.sched_setaffinity(0, {cpu})
+    return tid
+
+
+def unpin_caller(tid: int) -> None:
+    """An engine pinned by `tid` closed: the last one gives the thread its affinity back."""
+    with _pinned_lock:
+        entry = _pinned.get(tid)
+        if entry is None:
+            return
+        entry[1] -= 1
+        if entry[1] > 0:
+            return
+        del _pinned[tid]
+    try:
+        os.sched_setaffinity(tid, entry[0])
+    except OSError:       # that thread has exited: nothing left to restore
+        pass
+
+
+@contextlib.contextmanager
+def unpinned():
+    """This thread with its pre-engine affinity for a moment (to start pools on other CPUs)."""
+    before = os.sched_getaffinity(0)
+    allowed = allowed_cpus()
+    if allowed != before:
+        os.sched_setaffinity(0, allowed)
+    try:
+        yield
+    finally:
+        if allowed != before:
+            os.sched_setaffinity(0, before)
+
+
 def detect() -> Topology:
     """The machine's real NUMA nodes, restricted to the CPUs this process may use."""
-    allowed = set(os.sched_getaffinity(0))
+    allowed = allowed_cpus()
     nodes = []
     node_dirs = sorted((p for p in SYS_NODE.glob("node[0-9]*")), key=lambda p: int(p.name[4:])) \
         if SYS_NODE.exists() else []
