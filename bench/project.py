@@ -268,10 +268,10 @@ def calibrate(model_path: str, n_nodes: int = 2, tokens: int = 32, rounds: int =
     - per-node read bandwidth: every node's core reading at once, divided by the nodes (the
       cores share one memory system here), measured just before and after every timed run,
       because this VM's bandwidth drifts between states minutes apart;
-    - the decode kernels' share of it, and the routing trace: one node with all the cores;
-    - the sync cost: the per-block time outside the kernels at one node (the call from Python,
-      the dispatch), plus an empty task on pools shaped like the engine's at N nodes (the
-      pinned caller runs node 0, one pool per other node).
+    - the share of it that decode reaches, all costs included, and the routing trace: one node
+      with all the cores;
+    - the sync cost: an empty task on pools shaped like the engine's at N nodes (the pinned
+      caller runs node 0, one pool per other node).
     Each mode then runs `rounds` times; a round's projection uses the bandwidth measured
     around that round. The error is median projected / median measured - 1."""
     from moe_numa import kernels as K
@@ -313,7 +313,7 @@ def _calibrate(model_path, n_nodes, tokens, rounds, shape, cpus, bw_pool, pools)
         return time.perf_counter() - t0, m.backend.counters()
 
     tok_bytes = shape.other_bytes + shape.n_moe * shape.n_used * shape.expert_bytes
-    shares, one, overhead = [], [], []
+    shares, one = [], []
     with moe_numa.load(model_path, numa_nodes=1, threads_per_node=len(cpus), rebalance_every=None) as m:
         ids = list(range(100, 100 + tokens))
         prof = collect(m, [" ".join(m.detokenize([i]) for i in ids)], max_tokens=tokens * 4)
@@ -323,9 +323,10 @@ def _calibrate(model_path, n_nodes, tokens, rounds, shape, cpus, bw_pool, pools)
             bw = (bw + node_bw()) / 2
             one.append(tokens / wall)
             # the block time (critical path) is kernel work: its bytes/s against all the cores' bandwidth
-            shares.append(tokens * tok_bytes / (c["critical_ns"] * 1e-9) / (bw * 1e9 * len(cpus)))
-            # the rest of the wall time: per block, the call from Python and the dispatch
-            overhead.append((wall - c["critical_ns"] * 1e-9) / max(1, c["syncs"]) * 1e6)
+            # bytes per second of the whole decode against all the cores' bandwidth: what a node
+            # reaches with everything a token costs at one node (quantising, routing, in-task
+            # barriers, the calls from Python), which all grow with the bytes a node reads
+            shares.append(tokens * tok_bytes / wall / (bw * 1e9 * len(cpus)))
     share = min(1.0, float(np.median(shares)))
     with _pinned_to(cpus[0]):
         if len(pools) == 1:
@@ -337,8 +338,8 @@ def _calibrate(model_path, n_nodes, tokens, rounds, shape, cpus, bw_pool, pools)
                 for p in pools:
                     p.noop()
                 lat.append(time.perf_counter_ns() - t0)
-    # a block at N nodes: that per-block cost, plus waking and hearing back from the other pools
-    sync_us = max(0.0, float(np.median(overhead))) + float(np.median(lat)) / 1e3
+    # what N nodes add per block: waking the other nodes' pools and hearing back from them
+    sync_us = float(np.median(lat)) / 1e3
     moe_layers = sorted(prof.trace)
     trace = np.concatenate([prof.trace[l] for l in moe_layers]) if moe_layers else synthetic_trace(
         shape.n_expert, shape.n_used)
@@ -365,8 +366,7 @@ def _calibrate(model_path, n_nodes, tokens, rounds, shape, cpus, bw_pool, pools)
     here = Machine(f"this machine, {n_nodes} virtual nodes of 1 core", float(np.median(bws)), link_gbps=1e6,
                    link_latency_us=0.0, sync_us=sync_us, decode_share=share, prefill_gflops=1e3,
                    source="measured now: per-node read bandwidth (all nodes reading, around every run), the "
-                          "decode kernels' share of it and the per-block cost at 1 node, an empty task across the "
-                          "nodes' pools")
+                          "share of it decode reaches at 1 node, an empty task across the nodes' pools")
     return {"machine": asdict(here), "one_node_tps": float(np.median(one)), "rounds": rounds, "rows": rows}
 
 
