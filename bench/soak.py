@@ -46,7 +46,8 @@ def process_sample() -> dict:
 def soak(path: str, tokens: int, nodes: int, rebalance: int, request: int, sample: int, n_ctx: int,
          progress: bool = True) -> dict:
     import moe_numa
-    model = moe_numa.load(path, n_ctx=n_ctx, numa_nodes=nodes, rebalance_every=rebalance)
+    # whole experts: the rebalancer moves them (split experts, the default, stay where they are)
+    model = moe_numa.load(path, n_ctx=n_ctx, numa_nodes=nodes, rebalance_every=rebalance, expert_map="contiguous")
     rows = []
     done = 0
     window_tokens, window_seconds = 0, 0.0

@@ -14,11 +14,12 @@ from moe_numa.errors import MoeNumaError, ShapeError
 
 @pytest.fixture(scope="module")
 def engines(make_model):
-    """One loaded engine per attention kind: GQA (qwen3moe), absorbed MLA (deepseek-v3), MLA+MHA (v2-lite)."""
+    """One loaded engine per attention kind: GQA (qwen3moe), absorbed MLA (deepseek-v3), MLA+MHA (v2-lite),
+    with whole experts (the FFN cases mutate whole experts' matrices)."""
     out = {}
     for preset in ("qwen3moe", "deepseek-v3", "deepseek-v2-lite"):
         out[preset] = moe_numa.load(make_model(preset, "q8_0"), n_ctx=64, numa_nodes=2, rebalance_every=None,
-                                    ubatch=16)
+                                    ubatch=16, expert_map="contiguous")
     yield out
     for m in out.values():
         m.close()

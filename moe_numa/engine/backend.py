@@ -32,7 +32,7 @@ from ..layers.mla import MLAWeights
 from ..layers.moe import GATING_SIGMOID, MoEWeights
 from ..layers.rope import rope_cos_sin
 from ..errors import ExpertMapError
-from ..numa.expert_map import STRATEGIES, load_map, make_map
+from ..numa.expert_map import DEFAULT_STRATEGY, STRATEGIES, load_map, make_map
 from ..numa.memory import ALIGN, HUGE, PAGE, NodeArena, drop_file_pages, populate, populate_read, populate_supported, resident_bytes
 from ..numa.topology import Topology, pin_caller, topology, unpin_caller, unpinned
 from .plan import PlacementPlan, expert_blocks, make_plan
@@ -385,10 +385,12 @@ class EngineBackend:
         self.ubatch = int(ubatch)
         self.topology = topology(numa_nodes)
         n_nodes = self.topology.n_nodes
+        if expert_map is None:
+            expert_map = DEFAULT_STRATEGY
         if isinstance(expert_map, str) and expert_map in STRATEGIES and not os.path.exists(expert_map):
             emap = make_map(cfg.n_expert, n_nodes, expert_map, ffn_blocks=expert_blocks(w))
         else:
-            emap = load_map(expert_map, cfg.n_expert) if expert_map is not None else None
+            emap = load_map(expert_map, cfg.n_expert)
         # Validates the map against the model before anything is copied.
         self.plan: PlacementPlan = make_plan(cfg, w, self.topology, emap)
         self.expert_bytes = sum(t.nbytes for t in _used_tensors(w) if "_exps" in t.name)

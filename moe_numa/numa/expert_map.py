@@ -31,6 +31,10 @@ import yaml
 from ..errors import ExpertMapError
 
 STRATEGIES = ("contiguous", "round-robin", "split")
+# The engine's map when none is given. Split experts leave no node waiting on the one that
+# drew the most of a token's experts (docs/expert-maps.md, "Which wins"); on one node, or where
+# an expert's FFN has a single GGML block, it is whole placement.
+DEFAULT_STRATEGY = "split"
 
 Owner = "int | tuple[int, ...]"   # a node (whole expert) or the node set of a split expert
 
