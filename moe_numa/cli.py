@@ -28,6 +28,9 @@ def add_engine_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weights-cache", metavar="DIR",
                    help="engine: keep each node's placed weights in DIR (a tmpfs such as /dev/shm), one file per "
                         "node; a restart maps them instead of copying the model again (rebuilt when stale)")
+    p.add_argument("--no-mmap", action="store_true",
+                   help="engine: copy the weights into node memory even on one node (there the default maps the "
+                        "GGUF's plain tensor ranges copy-on-write instead, as llama.cpp's mmap)")
     p.add_argument("--check-tensors", action="store_true",
                    help="check every block while loading (Inf/NaN scales), naming the first bad one")
 
@@ -52,10 +55,12 @@ def model_options(args) -> dict:
             opts["replica_budget"] = args.replica_budget
         if args.weights_cache:
             opts["weights_cache"] = args.weights_cache
+        if args.no_mmap:
+            opts["zero_copy"] = False
     elif (args.numa_expert_map or args.numa_nodes or args.threads_per_node or args.replica_budget is not None
-          or args.weights_cache):
-        raise SystemExit("--numa-expert-map, --numa-nodes, --threads-per-node, --replica-budget and "
-                         "--weights-cache need --backend engine")
+          or args.weights_cache or args.no_mmap):
+        raise SystemExit("--numa-expert-map, --numa-nodes, --threads-per-node, --replica-budget, "
+                         "--weights-cache and --no-mmap need --backend engine")
     return {"backend": backend, **opts}
 
 
@@ -229,6 +234,7 @@ COMMANDS = (
     Command("serve", "moe_numa.server", "OpenAI-compatible HTTP server, concurrent requests batched"),
     Command("check-placement", "moe_numa.numa.check", "check where the engine's pages and threads really are"),
     Command("bench-kernels", "moe_numa.bench.kernels", "kernel bandwidth benchmark (bench/kernels.py)"),
+    Command("bench-load", "moe_numa.bench.load", "load time: copy, mapped, weights-cache restart, llama.cpp's first token"),
     Command("bench", "moe_numa.bench.bench",
             "ours vs llama.cpp's llama-bench, same file and threads (bench/bench.py)"),
     Command("project", "moe_numa.bench.project",

@@ -57,6 +57,9 @@ class _Item:
     shape: tuple[int, ...]
     dtype: Any
     replicated: bool
+    src: tuple[str, int] | None = None          # a plain copy of this file range: may be mapped instead
+    check: Callable[[np.ndarray], None] | None = None   # check_tensors' block check of the placed bytes
+    mapped: bool = False    # zero_copy: a view of the file mapping, not a copy in the arena
 
 
 class NodeStore:
@@ -66,11 +69,19 @@ class NodeStore:
     Contiguous shards are read from the file straight into their arena (pread):
     the file is never faulted into this process, so the weights are resident
     once. Strided shards (column slices) are copied from the memory map, whose
-    pages are released right after."""
+    pages are released right after.
 
-    def __init__(self, topo: Topology, hugepages: bool = False, gguf=None, check_tensors: bool = False):
+    With `zero_copy` (and no weights cache), shards that are plain file ranges are not
+    copied: they are views of a copy-on-write mapping of the GGUF (numa.memory.FileMapping),
+    whose pages are the page cache's. Only sound where placement moves nothing: every
+    node on one memory node (a one-node machine), so EngineBackend asks for it only there."""
+
+    def __init__(self, topo: Topology, hugepages: bool = False, gguf=None, check_tensors: bool = False,
+                 zero_copy: bool = False):
         self.topo = topo
         self.hugepages = hugepages
+        self.zero_copy = zero_copy
+        self.file_maps: dict[str, Any] = {}   # path -> FileMapping (zero_copy)
         self.check_tensors = check_tensors
         self.checked: set[str] = set()      # tensors whose copies are checked
         self.gguf = gguf
@@ -97,10 +108,13 @@ class NodeStore:
                 np.copyto(dst, v.reshape(dst.shape))
                 if whole is not None and whole.flags.c_contiguous:
                     drop_file_pages(whole)   # later shards of this tensor fault it back in if needed
+        check = None
         if self.check_tensors and source is not None:
-            fill = _checked(fill, view, source)
+            check = _block_check(view, source)
+            fill = _checked(fill, check)
             self.checked.add(source.name)
-        return self._add(_Item(node, key, cls, int(np.prod(shape)), fill, shape, np.uint8, replicated))
+        return self._add(_Item(node, key, cls, int(np.prod(shape)), fill, shape, np.uint8, replicated,
+                               src=where, check=check))
 
     def floats(self, node: int, key: str, values_fn: Callable[[], np.ndarray], shape, cls: str,
                replicated: bool = True) -> Ref:
@@ -123,12 +137,18 @@ class NodeStore:
         Each node is filled by threads pinned to its CPUs, all nodes at once: a thread
         populates a run of shards (MADV_POPULATE_WRITE, whole hugepages) and then reads
         them in, so pages are faulted in parallel and on the node. With `cache` (a
-        numa.weights_cache.WeightsCache) a valid image is mapped instead of filled."""
+        numa.weights_cache.WeightsCache) a valid image is mapped instead of filled; with
+        zero_copy (and no cache) the plain file ranges are mapped from the GGUF instead."""
         n = self.topo.n_nodes
         weights: list[list[tuple]] = [[] for _ in range(n)]
         rest: list[list[tuple]] = [[] for _ in range(n)]
+        mapped: list[list[tuple]] = [[] for _ in range(n)]
+        zero_copy = self.zero_copy and cache is None
         for k, it in self.items.items():
-            (weights if it.fill is not None else rest)[it.node].append((k, it))
+            if zero_copy and it.src is not None:
+                mapped[it.node].append((k, it))
+            else:
+                (weights if it.fill is not None else rest)[it.node].append((k, it))
         size = [0] * n
         for k in range(n):
             w = sum((it.nbytes + ALIGN - 1) // ALIGN * ALIGN for _, it in weights[k])
@@ -147,6 +167,7 @@ class NodeStore:
             for key, it in rest[k]:   # fresh anonymous memory is zero, and stays unfaulted until written
                 self.arrays[key] = arena.alloc(it.nbytes).view(it.dtype).reshape(it.shape)
         total = sum(it.nbytes for ws in weights for _, it in ws)
+        mapped_bytes = sum(it.nbytes for ms in mapped for _, it in ms)
         t0 = time.perf_counter()
         hit = cache.attach(self) if cache is not None else [False] * n
         todo = [ws if not hit[k] else [] for k, ws in enumerate(weights)]
@@ -154,6 +175,7 @@ class NodeStore:
         if progress and done0:
             progress(done0, total)
         try:
+            self._map_file_ranges(mapped)
             self._prefault(hit)
             self._fill_nodes(todo, total, done0, progress, cache)
             if cache is not None:
@@ -165,9 +187,67 @@ class NodeStore:
         finally:
             _close_files()
         secs = time.perf_counter() - t0
-        self.load_stats = {"bytes": total, "seconds": secs, "gb_per_s": total / secs / 1e9 if secs > 0 else None,
+        moved = total + mapped_bytes
+        self.load_stats = {"bytes": moved, "seconds": secs, "gb_per_s": moved / secs / 1e9 if secs > 0 else None,
+                           "copied_bytes": total - done0, "cached_bytes": done0, "mapped_bytes": mapped_bytes,
                            "populate": populate_supported(),
                            "weights_cache": None if cache is None else cache.summary(hit)}
+
+    def _map_file_ranges(self, mapped: list[list[tuple]]) -> None:
+        """zero_copy: every plain file-range shard becomes a view of a copy-on-write mapping
+        of its file; the ranges are mapped in (MADV_POPULATE_READ: the page cache's pages, or
+        a read where the file is not cached) from each node's pinned threads, then checked."""
+        from ..numa.memory import FileMapping
+        ranges: list[list[tuple[int, int]]] = [[] for _ in mapped]
+        for k, items in enumerate(mapped):
+            for key, it in items:
+                path, off = it.src
+                fm = self.file_maps.get(path)
+                if fm is None:
+                    fm = self.file_maps[path] = FileMapping(path, self.hugepages)
+                self.arrays[key] = fm.view(off, it.nbytes).view(it.dtype).reshape(it.shape)
+                it.mapped = True
+                ranges[k].append((fm.addr + off, it.nbytes))
+        self._populate_read_ranges(ranges)
+        for items in mapped:
+            for key, it in items:
+                if it.check is not None:
+                    it.check(self.arrays[key])
+
+    def _populate_read_ranges(self, ranges: list[list[tuple[int, int]]]) -> None:
+        """MADV_POPULATE_READ of (addr, length) ranges per node, from threads pinned to the
+        node's CPUs, the node's ranges cut into one piece per thread."""
+        def work(pieces, cpus):
+            try:
+                os.sched_setaffinity(0, cpus)
+            except OSError:
+                pass
+            for addr, length in pieces:
+                first = addr - addr % PAGE
+                populate_read(first, addr + length - first)
+        threads = []
+        for k, rs in enumerate(ranges):
+            if not rs:
+                continue
+            cpus = list(self.topo.nodes[k].cpus) or list(os.sched_getaffinity(0))
+            n_thr = min(len(cpus), 32)
+            pieces: list[list[tuple[int, int]]] = [[] for _ in range(n_thr)]
+            share = -(-sum(length for _, length in rs) // n_thr)
+            t, room = 0, share
+            for addr, length in rs:   # cut the ranges into n_thr runs of about equal bytes
+                while length > 0:
+                    take = min(length, room)
+                    pieces[t].append((addr, take))
+                    addr, length, room = addr + take, length - take, room - take
+                    if room == 0 and t + 1 < n_thr:
+                        t, room = t + 1, share
+            for p in pieces:
+                if p:
+                    threads.append(threading.Thread(target=work, args=(p, cpus), daemon=True))
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
 
     def _prefault(self, hit: list[bool]) -> None:
         """Map the cached images in now, from each node's pinned threads (~10 GB/s here),
@@ -259,11 +339,15 @@ class NodeStore:
             progress(total, total)
 
     def close(self) -> None:
-        """Unmap the node arenas (numpy views still alive keep their pages until they go)."""
+        """Unmap the node arenas and file mappings (numpy views still alive keep their pages
+        until they go)."""
         self.arrays.clear()
         for a in self.arenas:
             a.close()
         self.arenas = []
+        for fm in self.file_maps.values():
+            fm.close()
+        self.file_maps = {}
 
     def add_copy(self, node: int, key: str, src: np.ndarray, cls: str) -> None:
         """Place a copy of `src` on `node` at run time (a freed slot of that size, or the reserve)."""
@@ -298,7 +382,9 @@ class NodeStore:
                 if it.node == k:
                     by_class[it.cls] = by_class.get(it.cls, 0) + it.nbytes
                     replicated += it.nbytes if it.replicated else 0
+            mapped = sum(it.nbytes for it in self.items.values() if it.node == k and it.mapped)
             nodes.append({"node": k, "bytes_by_class": by_class, "replicated_bytes": replicated,
+                          "file_mapped_bytes": mapped,
                           "bound_to": self.topo.nodes[k].memory_node,
                           "bound": bool(self.arenas and self.arenas[k].bound)})
         return {"nodes": nodes}
@@ -329,18 +415,38 @@ def _close_files() -> None:
         _files.clear()
 
 
+def _zero_copy(want: bool | None, topo: Topology) -> bool:
+    """Whether shards that are plain file ranges are mapped from the GGUF, not copied.
+    None (the default): on a one-node machine, where placement moves nothing. True: also
+    with virtual nodes over one real node. Never across real nodes: page-cache pages are
+    shared and reclaimable, so nothing would keep them on the node a shard is placed on."""
+    if want is None:
+        return topo.n_nodes == 1 and topo.real_nodes <= 1
+    if want and topo.real_nodes > 1:
+        raise MoeNumaError(f"zero_copy=True needs one NUMA node; this machine has {topo.real_nodes} "
+                           f"(across nodes the weights are copied into each node's bound memory)")
+    return bool(want)
+
+
 def _f32(t: Tensor | None):
     return None if t is None else (lambda: t.dequantize())
 
 
-def _checked(fill, view: np.ndarray, source: Tensor):
-    """`fill`, then the blocks just copied are checked (check_tensors): the first
-    one with a non-finite scale is named by its place in the source tensor."""
+def _checked(fill, check):
+    """`fill`, then the blocks just copied are checked (check_tensors)."""
+    def fill_and_check(dst):
+        fill(dst)
+        check(dst)
+    return fill_and_check
+
+
+def _block_check(view: np.ndarray, source: Tensor):
+    """The check of a shard's placed bytes (a copy of `view`): the first block with a
+    non-finite scale is named by its place in the source tensor."""
     tr = quants.traits(source.qtype)
     row_bytes = source.row_bytes
 
-    def fill_and_check(dst):
-        fill(dst)
+    def check(dst):
         d2 = dst.reshape(-1, dst.shape[-1])
         bad = kernels.first_bad_block(d2, source.qtype, d2.shape[1] // tr.type_size * tr.block)
         if bad >= 0:
@@ -349,7 +455,7 @@ def _checked(fill, view: np.ndarray, source: Tensor):
             row = off // row_bytes + bad // per_shard_row
             blk = (off % row_bytes) // tr.type_size + bad % per_shard_row
             raise bad_block_error(source, row * (row_bytes // tr.type_size) + blk)
-    return fill_and_check
+    return check
 
 
 def _mat(ref: Ref, t: Tensor, cols: int):
@@ -373,7 +479,7 @@ class EngineBackend:
                  ubatch: int = 512, progress: bool | Callable[[int, int], None] = False,
                  rebalance_every: int | None = 1024, replica_budget: float | int | str | None = None,
                  check_tensors: bool = False, n_slots: int = 1,
-                 weights_cache: str | os.PathLike | None = None):
+                 weights_cache: str | os.PathLike | None = None, zero_copy: bool | None = None):
         from .. import _native
         self.cfg = cfg = model.config
         self.weights = w = model.weights
@@ -405,7 +511,8 @@ class EngineBackend:
                 cpus = node.threads(threads_per_node, use_smt)
                 with unpinned():     # a pool checks its CPUs against this thread's mask
                     self.pools.append(ThreadPool(cpus, caller_is_worker0=(k == 0)))
-            self.store = NodeStore(self.topology, hugepages, model.gguf, check_tensors)
+            self.store = NodeStore(self.topology, hugepages, model.gguf, check_tensors,
+                                   _zero_copy(zero_copy, self.topology))
             self.store.reserve = self.replica_budget
             self.expert_tokens = [np.zeros(cfg.n_expert, dtype=np.int64) for _ in range(cfg.n_layer)]
             # Every slot's params keep their Refs (resolved again after experts move).
@@ -1071,6 +1178,8 @@ def _print_load(st: dict) -> None:
     wc = st.get("weights_cache")
     how = "" if wc is None else (" (mapped from the weights cache)" if not wc["built_nodes"] else
                                  f" (weights cache written for node(s) {','.join(map(str, wc['built_nodes']))})")
+    if st.get("mapped_bytes"):
+        how += f" ({st['mapped_bytes'] / 2**30:.2f} GiB mapped from the file, no copy)"
     rate = f", {st['gb_per_s']:.2f} GB/s" if st.get("gb_per_s") else ""
     print(f"placed {st['bytes'] / 2**30:.2f} GiB of weights in {st['seconds']:.2f} s{rate}{how}", file=sys.stderr)
 

@@ -3,7 +3,10 @@ given NUMA node (mbind with MPOL_BIND), optional transparent hugepages, and a
 check of where pages really are (move_pages).
 
 Weights are copied once from the memory-mapped GGUF into one arena per node,
-so each byte lives in exactly one node's memory. The syscalls go through libc's
+so each byte lives in exactly one node's memory. Where no placement is needed
+(one node, shards that are plain file ranges), FileMapping maps the GGUF
+copy-on-write instead: the page cache's pages are the one copy, nothing is
+copied or first-touched (as llama.cpp's mmap). The syscalls go through libc's
 `syscall()` with ctypes: nothing to compile, no libnuma headers needed. Where
 binding is impossible (no such node, a kernel or container that refuses
 mbind), memory falls back to the default policy and the fallback is logged once.
@@ -138,6 +141,40 @@ class NodeArena:
             mbind(self.addr, length, self.node)
         if self.hugepages:   # honoured where the file's filesystem gives hugepages (huge= tmpfs)
             _libc.madvise(ctypes.c_void_p(self.addr), length, 14)   # MADV_HUGEPAGE
+
+    def close(self) -> None:
+        self.buffer = None  # type: ignore[assignment]
+        try:
+            self._map.close()
+        except BufferError:
+            pass   # views still alive; the mapping goes when they do
+
+
+class FileMapping:
+    """A copy-on-write mapping of a whole file (MAP_PRIVATE, read/write): views of it
+    are the weights themselves, the page cache's pages, with no copy. Writes (none
+    expected) would copy the page on write and never reach the file.
+
+    Unlike an arena's anonymous pages, these are clean file pages: the kernel may
+    reclaim them under memory pressure and read them back on the next touch (as
+    llama.cpp's mmap), and a page read back lands where the reading thread's policy
+    says, so this is only used where every shard's node is the same memory node."""
+
+    def __init__(self, path: str, hugepages: bool = False):
+        self.path = path
+        with open(path, "rb") as f:
+            self.size = os.fstat(f.fileno()).st_size
+            self._map = mmap.mmap(f.fileno(), self.size, flags=mmap.MAP_PRIVATE,
+                                  prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        self.addr = address_of(self._map)
+        self.buffer = np.frombuffer(self._map, dtype=np.uint8)
+        if hugepages:   # page-cache large folios map as PMDs where the filesystem makes them
+            _libc.madvise(ctypes.c_void_p(self.addr), self.size, 14)   # MADV_HUGEPAGE
+
+    def view(self, offset: int, nbytes: int) -> np.ndarray:
+        if offset < 0 or offset + nbytes > self.size:
+            raise ValueError(f"{self.path}: bytes [{offset}, {offset + nbytes}) outside the file ({self.size} bytes)")
+        return self.buffer[offset:offset + nbytes]
 
     def close(self) -> None:
         self.buffer = None  # type: ignore[assignment]
