@@ -449,6 +449,7 @@ def run_ours_once(model: str, threads: int, tests: Sequence[str], inner_reps: in
            "wall_s": res.wall_s, "cpu_s": res.cpu_s, "others_cpu_s": res.others_cpu_s,
            "simd": obj.get("simd"), "n_nodes": obj.get("n_nodes"), "threads_per_node": obj.get("threads_per_node"),
            "n_ctx": obj.get("n_ctx"), "kv_type": obj.get("kv_type"), "load_fill_gbps": obj.get("load_fill_gbps"),
+           "load_mapped_bytes": obj.get("load_mapped_bytes"), "load_phases": obj.get("load_phases"),
            "cmd": res.cmd,
            "tests": {t["test"]: {"samples_ts": t["samples_ts"], "samples_ns": t["samples_ns"],
                                  "wall_s": t["samples_wall_s"], "others_cpu_s": t["others_cpu_s"],
@@ -857,7 +858,10 @@ def format_markdown(report: dict) -> str:
         fill = summarize([r["load_fill_gbps"] for r in _accepted(mrep.get("runs") or [], "moe_numa")
                           if r.get("load_fill_gbps")])
         if fill:
-            lines.append(head + f"| load: placement fill (GB/s, higher is better) | {fmt_summary(fill)} | | | | |")
+            mapped = any(r.get("load_mapped_bytes") for r in _accepted(mrep.get("runs") or [], "moe_numa"))
+            how = "mapped from the file, no copy" if mapped else "copied into node memory"
+            lines.append(head + f"| load: placement fill ({how}; GB/s, higher is better) | {fmt_summary(fill)} "
+                                f"| | | | |")
         lines.append(head + f"| peak RSS (GiB, lower is better) | {fmt_summary(rss['moe_numa'], scale=2**30)} | "
                      f"{fmt_summary(rss['llama.cpp'], scale=2**30)} | {_fmt(rss['ratio'])} | | |")
         met, missed = targets_summary(a["rows"])

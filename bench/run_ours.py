@@ -134,6 +134,8 @@ def run(model_path: str, threads: int, tests, reps: int = 1, numa_nodes: int | N
            "load_s": load_s, "simd": K.simd_level(), "kv_type": kv_type or engine_kv_type(), "tests": []}
     fill = getattr(getattr(model.backend, "store", None), "load_stats", None) or {}
     out["load_fill_gbps"] = fill.get("gb_per_s")   # the placement copy alone, GB/s
+    out["load_mapped_bytes"] = fill.get("mapped_bytes")   # one node: mapped from the GGUF, not copied
+    out["load_phases"] = getattr(model, "load_phases", None)
     try:
         tok = model.tokenizer
         bos = tok.bos_id if getattr(tok, "add_bos", False) else None

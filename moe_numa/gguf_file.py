@@ -338,7 +338,10 @@ def _read_tensors(reader: GGUFReader, path: str) -> list[Tensor]:
             raise GGUFError(f"{path}: tensor {t.name!r} ends at byte {end} but the file has {size} bytes (truncated?)")
         if any(d <= 0 for d in shape):
             raise GGUFError(f"{path}: tensor {t.name!r} has an empty dimension {shape}")
-        raw = reader.data[int(t.data_offset):end]
+        # A plain ndarray view of the memmap (which it keeps alive as its base): slicing a
+        # np.memmap runs its Python __array_finalize__ per view, ~0.3 s over a large model's
+        # per-expert shards.
+        raw = reader.data.view(np.ndarray)[int(t.data_offset):end]
         block, type_size = quants.block_size(qtype)
         if shape[-1] % block:
             raise GGUFError(f"{path}: tensor {t.name!r} has {shape[-1]} columns, not a multiple of "

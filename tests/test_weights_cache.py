@@ -150,3 +150,21 @@ def test_two_processes_build_once(make_model, cache_dir):
     assert all(p.returncode == 0 for p in procs)
     assert sorted(len(o["built_nodes"]) for o in out) == [0, 2]     # one built both images, one mapped them
     assert len(_files(cache_dir)) == 2
+
+
+def test_restart_bytes_are_accounted_and_images_hugepage_aligned(make_model, cache_dir):
+    """The load reports where each placed byte came from (copied, or mapped from the cache),
+    and images sit at a 2 MiB file offset over 2 MiB-aligned arenas: on a huge tmpfs they
+    map by PMDs (see docs/numa-tuning.md)."""
+    from moe_numa.numa.memory import HUGE
+    path = make_model("qwen3moe", "q8_0")
+    assert HEADER % HUGE == 0
+    with _load(path, cache_dir) as m:
+        ld = m.placement_report()["load"]
+        assert ld["copied_bytes"] == ld["bytes"] > 0 and ld["cached_bytes"] == ld["mapped_bytes"] == 0
+        want = m.logits(IDS)
+    with _load(path, cache_dir) as m:
+        ld = m.placement_report()["load"]
+        assert ld["cached_bytes"] == ld["bytes"] > 0 and ld["copied_bytes"] == ld["mapped_bytes"] == 0
+        assert all(a.addr % HUGE == 0 for a in m.backend.store.arenas)
+        np.testing.assert_array_equal(m.logits(IDS), want)

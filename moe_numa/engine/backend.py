@@ -180,6 +180,7 @@ class NodeStore:
             self._fill_nodes(todo, total, done0, progress, cache)
             if cache is not None:
                 cache.commit(self)
+                self._prefault([not h for h in hit])   # the images just built, now mapped private
         except BaseException:
             if cache is not None:
                 cache.abort()

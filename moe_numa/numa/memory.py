@@ -106,9 +106,13 @@ class NodeArena:
         self.node = node
         self.label = label
         self.hugepages = hugepages
-        self._map = mmap.mmap(-1, self.size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-        self.addr = address_of(self._map)
-        self.buffer = np.frombuffer(self._map, dtype=np.uint8)
+        # Start on a hugepage boundary (the slack is address space only, never touched): the
+        # anonymous pages are then whole THPs, and a weights-cache image mapped over the start
+        # (at a HUGE-aligned file offset) can be mapped by PMDs, not 4 KiB entries.
+        self._map = mmap.mmap(-1, self.size + HUGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        base = address_of(self._map)
+        self.addr = base + (-base) % HUGE
+        self.buffer = np.frombuffer(self._map, dtype=np.uint8, count=self.size, offset=self.addr - base)
         self.bound = node is not None and mbind(self.addr, self.size, node)
         if hugepages:
             try:

@@ -2,8 +2,9 @@
 one file per node holding that node's weights exactly as placed (the weights
 prefix of its arena), so a restart maps the files instead of copying the GGUF.
 
-A file is a 64 KiB header (magic, then JSON: the key and a checksum of sampled
-image bytes) followed by the image. The key is everything the image depends on:
+A file is a 2 MiB header (magic, then JSON: the key and a checksum of sampled
+image bytes) followed by the image: at a hugepage-aligned offset, so that on a
+huge tmpfs the image maps into the (hugepage-aligned) arena by PMDs. The key is everything the image depends on:
 the GGUF's identity (real path, size, mtime, a hash of its first MiB, for every
 split part), the layout (a digest of every shard's key, offset, size, type and
 shape: this covers the expert map, node count and shard split), the node, the
@@ -31,12 +32,13 @@ import struct
 import numpy as np
 
 from ..errors import MoeNumaError
+from .memory import populate_read
 
 log = logging.getLogger("moe_numa.numa")
 
 MAGIC = b"MNWCACHE"
-FORMAT = 1
-HEADER = 64 << 10
+FORMAT = 2            # 2: the image at a 2 MiB offset (1: 64 KiB, never PMD-mapped)
+HEADER = 2 << 20
 SAMPLE = 64           # bytes per sample of the checksum
 N_SAMPLES = 16384
 
@@ -190,6 +192,8 @@ class WeightsCache:
             if why is None:
                 arena = store.arenas[node]
                 arena.map_file(length, fd, HEADER, shared=False)
+                if self.huge:   # 2 MiB entries: mapping it all in first is ms; 16k faulting samples are 10x that
+                    populate_read(arena.addr, length)
                 if _samples(arena.buffer[:length]) != meta.get("samples"):
                     why = "image checksum mismatch (corrupt)"   # the build maps its temp file over it
             if why is not None:
