@@ -97,23 +97,20 @@ class Model:
         self._closed = True     # until the backend exists: close() and __del__ have nothing to do
         t0 = time.perf_counter()
         self.gguf = GGUFModelFile(path)
-        check_supported_types(self.gguf, backend)
-        if check_tensors:
-            if backend == "reference":
-                for t in self.gguf:
-                    check_tensor_blocks(t)
-            else:   # the engine checks each shard as it copies it into node memory
-                backend_options["check_tensors"] = True
-        overrides = {"group_rule": router_group_rule} if router_group_rule else {}
-        self.arch_module, self.config, self.weights = load_model(self.gguf, **overrides)
-        t1 = time.perf_counter()
         # The tokenizer (~1 s for a 150k vocabulary: Python loops and the tokenizers build) is
-        # built on a thread while the backend places the weights, whose copies and madvise
-        # calls release the GIL. Its error, if any, is raised as before (first).
+        # built on a thread while the model is read and the backend places the weights (whose
+        # copies and madvise calls release the GIL). Errors keep their order: the file's, the
+        # tokenizer's, the backend's.
         tok: dict[str, Any] = {}
         tok_thread = threading.Thread(target=_build_tokenizer, args=(self.gguf.metadata, tok),
                                       name="moe-numa-tokenizer", daemon=True)
         tok_thread.start()
+        try:
+            self._read_model(backend, check_tensors, router_group_rule, backend_options)
+        except BaseException:   # the file's errors came before the tokenizer's, and still do
+            tok_thread.join()
+            raise
+        t1 = time.perf_counter()
         self.n_ctx = int(n_ctx or max(1, min(self.config.n_ctx_train, DEFAULT_CTX)))
         self.chat_template = self.gguf.get("tokenizer.chat_template")
         self.last_stats: GenerationStats | None = None
@@ -145,6 +142,17 @@ class Model:
         self.load_phases = {"file_and_model_s": t1 - t0, "tokenizer_s": tok["seconds"], "backend_s": t2 - t1,
                             "total_s": time.perf_counter() - t0}
         self._closed = False
+
+    def _read_model(self, backend: str, check_tensors: bool, router_group_rule, backend_options: dict) -> None:
+        check_supported_types(self.gguf, backend)
+        if check_tensors:
+            if backend == "reference":
+                for t in self.gguf:
+                    check_tensor_blocks(t)
+            else:   # the engine checks each shard as it copies it into node memory
+                backend_options["check_tensors"] = True
+        overrides = {"group_rule": router_group_rule} if router_group_rule else {}
+        self.arch_module, self.config, self.weights = load_model(self.gguf, **overrides)
 
     # -- text ---------------------------------------------------------------
     def tokenize(self, text: str, add_special: bool = True, parse_special: bool = True) -> list[int]:
