@@ -109,7 +109,7 @@ class _Runner:
 
 def run(model_path: str, threads: int, tests, reps: int = 1, numa_nodes: int | None = None,
         expert_map: str | None = None, n_ctx: int | None = None, seed: int = 0,
-        warmup: bool = True, kv_type: str | None = None) -> dict:
+        warmup: bool = True, kv_type: str | None = None, zero_copy: bool | None = None) -> dict:
     import moe_numa
     from moe_numa import kernels as K
     from moe_numa.numa.topology import topology
@@ -124,6 +124,8 @@ def run(model_path: str, threads: int, tests, reps: int = 1, numa_nodes: int | N
             "n_ctx": n_ctx}
     if expert_map:
         opts["expert_map"] = expert_map
+    if zero_copy is not None:
+        opts["zero_copy"] = zero_copy
     if kv_type and kv_type != engine_kv_type():   # only engines with a choice accept the option
         opts["cache_type_k"] = opts["cache_type_v"] = kv_type
     t0 = time.perf_counter()
@@ -194,10 +196,13 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--kv-type", default=None, help="KV-cache type (default: the engine's)")
     ap.add_argument("--no-warmup", action="store_true")
+    ap.add_argument("--no-mmap", action="store_true",
+                    help="copy the weights into node memory even on one node (default there: mapped from the GGUF)")
     ap.add_argument("--json", action="store_true", help="print the result as JSON on the last line")
     a = ap.parse_args(argv)
     res = run(a.model, a.threads, a.tests, reps=a.reps, numa_nodes=a.numa_nodes, expert_map=a.expert_map,
-              n_ctx=a.n_ctx, seed=a.seed, warmup=not a.no_warmup, kv_type=a.kv_type)
+              n_ctx=a.n_ctx, seed=a.seed, warmup=not a.no_warmup, kv_type=a.kv_type,
+              zero_copy=False if a.no_mmap else None)
     if a.json:
         sys.stdout.write(json.dumps(res) + "\n")
     else:
