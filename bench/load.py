@@ -3,10 +3,10 @@ first token on the same file from a warm page cache (issue 11's load bar).
 
 Each run is a fresh process, the methods alternating round by round:
 
-- ``copy``     ours, the weights copied into node memory (`zero_copy=False`, `--no-mmap`);
-               the cold placement a multi-node machine always does;
-- ``default``  ours as loaded by default: on one node the GGUF's plain tensor ranges are
-               mapped copy-on-write (no copy); on several nodes the same as ``copy``;
+- ``copy``     ours as loaded by default, the weights copied into node memory: the cold
+               placement (a multi-node machine always does it);
+- ``mmap``     ours with `zero_copy=True` (`--mmap`): on one node the GGUF's plain tensor
+               ranges are mapped copy-on-write (no copy), as llama.cpp's mmap;
 - ``cache``    ours restarting from the placed-weights cache (`--weights-cache DIR`,
                built once, untimed, before the rounds);
 - ``llama.cpp`` our llama_logits probe (llama.cpp's public API, its default mmap and,
@@ -14,8 +14,8 @@ Each run is a fresh process, the methods alternating round by round:
 
 The time is from starting the process to the first token's logits (for ours: Python's
 start and imports included), so llama.cpp's process exit is the only thing it pays that
-ours does not. Ours also report the phases inside load(). Bars: default <= 2x llama.cpp;
-copy / cache >= 5x.
+ours does not. Ours also report the phases inside load(). Bars: load <= 2x llama.cpp's
+(copy, and mmap); copy / cache >= 5x.
 
     python -m moe_numa.bench.load -m MODEL.gguf [-t THREADS] [-r 5] [--cache-dir /dev/shm/x]
 """
@@ -31,7 +31,7 @@ import sys
 import tempfile
 import time
 
-METHODS = ("copy", "default", "cache", "llama.cpp")
+METHODS = ("copy", "mmap", "cache", "llama.cpp")
 
 
 def _child(model: str, mode: str, threads: int | None, cache_dir: str | None, numa_nodes: int | None) -> None:
@@ -42,8 +42,8 @@ def _child(model: str, mode: str, threads: int | None, cache_dir: str | None, nu
     opts: dict = {"backend": "engine", "n_ctx": 256, "numa_nodes": numa_nodes}
     if threads:
         opts["threads_per_node"] = threads
-    if mode == "copy":
-        opts["zero_copy"] = False
+    if mode == "mmap":
+        opts["zero_copy"] = True
     elif mode == "cache":
         opts["weights_cache"] = cache_dir
     m = moe_numa.load(model, **opts)
@@ -121,7 +121,7 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--llama-repack", type=int, default=1, choices=(0, 1),
                     help="llama.cpp's weight repacking (1: its default)")
     ap.add_argument("--json", action="store_true")
-    ap.add_argument("--child", choices=("copy", "default", "cache"), help=argparse.SUPPRESS)
+    ap.add_argument("--child", choices=("copy", "mmap", "cache"), help=argparse.SUPPRESS)
 
 
 def run(a: argparse.Namespace) -> int:
@@ -191,7 +191,7 @@ def run(a: argparse.Namespace) -> int:
         print(row)
     print()
     lt = summary.get("llama.cpp", {}).get("ttft_s")
-    for m in ("default", "copy"):
+    for m in ("mmap", "copy"):
         if m in summary and lt:
             r = summary[m]["ttft_s"] / lt
             print(f"{m} / llama.cpp time to first token: {r:.2f}x (bar <= 2): {'met' if r <= 2 else '**missed**'}")

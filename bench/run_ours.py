@@ -196,13 +196,14 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--kv-type", default=None, help="KV-cache type (default: the engine's)")
     ap.add_argument("--no-warmup", action="store_true")
-    ap.add_argument("--no-mmap", action="store_true",
-                    help="copy the weights into node memory even on one node (default there: mapped from the GGUF)")
+    ap.add_argument("--mmap", action="store_true",
+                    help="map the GGUF's plain tensor ranges instead of copying them (one node)")
+    ap.add_argument("--no-mmap", action="store_true", help="copy the weights into node memory (the default)")
     ap.add_argument("--json", action="store_true", help="print the result as JSON on the last line")
     a = ap.parse_args(argv)
     res = run(a.model, a.threads, a.tests, reps=a.reps, numa_nodes=a.numa_nodes, expert_map=a.expert_map,
               n_ctx=a.n_ctx, seed=a.seed, warmup=not a.no_warmup, kv_type=a.kv_type,
-              zero_copy=False if a.no_mmap else None)
+              zero_copy=True if a.mmap else (False if a.no_mmap else None))
     if a.json:
         sys.stdout.write(json.dumps(res) + "\n")
     else:

@@ -28,9 +28,11 @@ def add_engine_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weights-cache", metavar="DIR",
                    help="engine: keep each node's placed weights in DIR (a tmpfs such as /dev/shm), one file per "
                         "node; a restart maps them instead of copying the model again (rebuilt when stale)")
+    p.add_argument("--mmap", action="store_true",
+                   help="engine, one node: map the GGUF's plain tensor ranges copy-on-write instead of copying them "
+                        "(as llama.cpp's mmap): a start in about a second, but decode reads 4 KiB pages, slower")
     p.add_argument("--no-mmap", action="store_true",
-                   help="engine: copy the weights into node memory even on one node (there the default maps the "
-                        "GGUF's plain tensor ranges copy-on-write instead, as llama.cpp's mmap)")
+                   help="engine: copy the weights into node memory (the default; accepted as in llama.cpp)")
     p.add_argument("--check-tensors", action="store_true",
                    help="check every block while loading (Inf/NaN scales), naming the first bad one")
 
@@ -55,12 +57,16 @@ def model_options(args) -> dict:
             opts["replica_budget"] = args.replica_budget
         if args.weights_cache:
             opts["weights_cache"] = args.weights_cache
-        if args.no_mmap:
+        if args.mmap and args.no_mmap:
+            raise SystemExit("--mmap and --no-mmap contradict each other")
+        if args.mmap:
+            opts["zero_copy"] = True
+        elif args.no_mmap:
             opts["zero_copy"] = False
     elif (args.numa_expert_map or args.numa_nodes or args.threads_per_node or args.replica_budget is not None
-          or args.weights_cache or args.no_mmap):
+          or args.weights_cache or args.mmap or args.no_mmap):
         raise SystemExit("--numa-expert-map, --numa-nodes, --threads-per-node, --replica-budget, "
-                         "--weights-cache and --no-mmap need --backend engine")
+                         "--weights-cache, --mmap and --no-mmap need --backend engine")
     return {"backend": backend, **opts}
 
 

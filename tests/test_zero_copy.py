@@ -32,7 +32,7 @@ def test_one_node_maps_the_file_and_computes_the_same(make_model, preset, qtype)
         rep_c = copied.placement_report()
         copy_arena = copied.backend.store.arenas[0].size
         assert rep_c["load"]["mapped_bytes"] == 0
-    with moe_numa.load(path, backend="engine", numa_nodes=1) as m:   # the default on one node
+    with moe_numa.load(path, backend="engine", numa_nodes=1, zero_copy=True) as m:
         store = m.backend.store
         ld = m.placement_report()["load"]
         keys = _mapped_keys(store)
@@ -63,14 +63,14 @@ def test_one_node_maps_the_file_and_computes_the_same(make_model, preset, qtype)
 
 def test_writes_to_mapped_weights_never_reach_the_file(make_model):
     """Virtual nodes over one real node may map too (zero_copy=True): an expert swap at
-    rebalance writes into mapped shards, which is copied on write."""
+    rebalance (whole experts: split ones stay) writes into mapped shards, copied on write."""
     path = make_model("qwen3moe", "q8_0")
     before = _sha(path)
-    with moe_numa.load(path, backend="engine", numa_nodes=2, zero_copy=False) as copied:
+    with moe_numa.load(path, backend="engine", numa_nodes=2, zero_copy=False, expert_map="contiguous") as copied:
         copied.logits(IDS * 8)
         copied.backend.rebalance(min_tokens=1, tolerance=0.0)
         want = copied.logits(IDS)
-    with moe_numa.load(path, backend="engine", numa_nodes=2, zero_copy=True) as m:
+    with moe_numa.load(path, backend="engine", numa_nodes=2, zero_copy=True, expert_map="contiguous") as m:
         assert m.placement_report()["load"]["mapped_bytes"] > 0
         m.logits(IDS * 8)
         rep = m.backend.rebalance(min_tokens=1, tolerance=0.0)
@@ -91,11 +91,11 @@ def test_block_check_runs_on_mapped_shards(make_model, tmp_path):
     dst = tmp_path / "bad.gguf"
     per_row, blk = corrupt(src, dst, "blk.1.ffn_down_exps.weight", row=70, block=1)
     with pytest.raises(GGUFError, match=rf"blk\.1\.ffn_down_exps\.weight.*block {70 * per_row + blk} "):
-        moe_numa.load(dst, backend="engine", numa_nodes=1, check_tensors=True)
+        moe_numa.load(dst, backend="engine", numa_nodes=1, check_tensors=True, zero_copy=True)
 
 
 def test_weights_cache_wins_over_zero_copy(make_model, tmp_path):
-    with moe_numa.load(make_model("qwen3moe", "q8_0"), backend="engine", numa_nodes=1,
+    with moe_numa.load(make_model("qwen3moe", "q8_0"), backend="engine", numa_nodes=1, zero_copy=True,
                        weights_cache=str(tmp_path)) as m:
         ld = m.placement_report()["load"]
         assert ld["mapped_bytes"] == 0 and ld["weights_cache"]["built_nodes"] == [0]
@@ -108,4 +108,5 @@ def test_zero_copy_is_refused_across_real_nodes():
     with pytest.raises(MoeNumaError, match="zero_copy=True needs one NUMA node"):
         _zero_copy(True, two)
     one = Topology(nodes[:1], real_nodes=1)
-    assert _zero_copy(None, one) is True and _zero_copy(False, one) is False
+    # copied by default (decode reads the arenas' huge pages), mapped when asked
+    assert _zero_copy(None, one) is False and _zero_copy(True, one) is True

@@ -418,11 +418,14 @@ def _close_files() -> None:
 
 def _zero_copy(want: bool | None, topo: Topology) -> bool:
     """Whether shards that are plain file ranges are mapped from the GGUF, not copied.
-    None (the default): on a one-node machine, where placement moves nothing. True: also
-    with virtual nodes over one real node. Never across real nodes: page-cache pages are
-    shared and reclaimable, so nothing would keep them on the node a shard is placed on."""
+    None (the default): copied. The page cache maps a file mostly with 4 KiB pages, and
+    decode reading from that mapping ran 10-35% slower here than from the arenas' 2 MiB
+    pages (docs/benchmarks.md, "Load"); mapping is for a fast start (llama.cpp's mmap).
+    True: on one node, or virtual nodes over one real node. Never across real nodes:
+    page-cache pages are shared and reclaimable, so nothing would keep them on the node a
+    shard is placed on."""
     if want is None:
-        return topo.n_nodes == 1 and topo.real_nodes <= 1
+        return False
     if want and topo.real_nodes > 1:
         raise MoeNumaError(f"zero_copy=True needs one NUMA node; this machine has {topo.real_nodes} "
                            f"(across nodes the weights are copied into each node's bound memory)")
