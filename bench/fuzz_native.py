@@ -50,10 +50,10 @@ def _ints(fdp, n=1):
 class Harness:
     def __init__(self):
         import moe_numa
-        from moe_numa import kernels as K, quants
+        from moe_numa import _native, kernels as K, quants
         from moe_numa.errors import MoeNumaError
         from moe_numa.testing import make_test_model
-        self.K, self.Err = K, MoeNumaError
+        self.K, self.Err, self.Mat = K, MoeNumaError, _native.Mat
         self.types = [t for t in quants.supported_names()]
         d = tempfile.mkdtemp(prefix="moe_numa-fuzz-")
         path = make_test_model(os.path.join(d, "fuzz.gguf"), "qwen3moe", "q4_k", seed=0)
@@ -83,14 +83,14 @@ class Harness:
         keys = sorted(self.params, key=str)
         key = keys[fdp.ConsumeIntInRange(0, len(keys) - 1)]
         kind, node, layer = key
-        p = dict(self.params[key])
+        p = self.params[key].fields()
         fields = sorted(p)
         for _ in range(fdp.ConsumeIntInRange(1, 3)):
             f = fields[fdp.ConsumeIntInRange(0, len(fields) - 1)]
             p[f] = self._mutate(fdp, p[f])
         if fdp.ConsumeProbability() < 0.1:
             node, layer = _ints(fdp), _ints(fdp)
-        self.core.set_shard(kind, node, layer, p)
+        self.core.set_shard(node, layer, type(self.params[key])(**p))
         try:   # it was taken: it must also run; then the original goes back
             self.model.logits([1, 2, 3])
         finally:
@@ -98,7 +98,7 @@ class Harness:
 
     def _restore(self, key) -> None:
         kind, node, layer = key
-        self.core.set_shard(kind, node, layer, self.params[key])
+        self.core.set_shard(node, layer, self.params[key])
 
     def _mutate(self, fdp, v):
         choice = fdp.ConsumeIntInRange(0, 5)
@@ -113,14 +113,12 @@ class Harness:
                 return v.astype(np.float64 if v.dtype != np.float64 else np.float32)
             if choice == 4 and v.ndim == 2:
                 return v[: max(1, v.shape[0] - 1)]
-        if isinstance(v, tuple) and len(v) == 3 and isinstance(v[1], np.ndarray):   # (qtype, raw, cols)
-            q, raw, cols = v
-            return [(_ints(fdp), raw, cols), (q, raw[:, :-1], cols), (q, raw, _ints(fdp)), (q, raw[:-1], cols)][choice % 4]
+        if isinstance(v, self.Mat):
+            return [v.replace(type=_ints(fdp)), v.replace(raw=v.raw[:, :-1]), v.replace(cols=_ints(fdp)),
+                    v.replace(raw=v.raw[:-1])][choice % 4]
         if isinstance(v, dict) and v:   # experts
             e = sorted(v)[0]
-            return {_ints(fdp): v[e]} if choice % 2 else {e: v[e][:2]}
-        if isinstance(v, str):
-            return ["gqa", "mla", "mla_mha", "none", "dense", "moe", "x"][fdp.ConsumeIntInRange(0, 6)]
+            return {_ints(fdp): v[e]} if choice % 2 else {e: v[e].replace(inter=_ints(fdp))}
         return _ints(fdp)
 
     def block_call(self, fdp) -> None:

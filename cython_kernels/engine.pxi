@@ -9,6 +9,15 @@ from libc.stdint cimport int32_t, int64_t, uint8_t, uint64_t
 import numpy as np
 
 cdef extern from "mn_engine.h":
+    cpdef enum mn_attn_kind:
+        MN_ATTN_NONE, MN_ATTN_GQA, MN_ATTN_MLA, MN_ATTN_MLA_MHA
+    cpdef enum mn_ffn_kind:
+        MN_FFN_NONE, MN_FFN_DENSE, MN_FFN_MOE
+    cpdef enum mn_gating:
+        MN_GATE_SOFTMAX, MN_GATE_SIGMOID
+    cpdef enum mn_group_rule:
+        MN_GROUP_TOP2_SUM, MN_GROUP_MAX
+
     ctypedef struct mn_mat:
         int type
         const uint8_t *data
@@ -110,8 +119,104 @@ cdef extern from "mn_engine.h":
 
 from moe_numa.errors import ClosedError as _ClosedError, ShapeError as _ShapeError
 
-ATTN_KINDS = {"none": 0, "gqa": 1, "mla": 2, "mla_mha": 3}
-FFN_KINDS = {"none": 0, "dense": 1, "moe": 2}
+ATTN_KINDS = enum_names(mn_attn_kind, "MN_ATTN_")     # "none", "gqa", "mla", "mla_mha"
+FFN_KINDS = enum_names(mn_ffn_kind, "MN_FFN_")        # "none", "dense", "moe"
+GATINGS = enum_names(mn_gating, "MN_GATE_")           # RouterConfig.gating: "softmax", "sigmoid"
+GROUP_RULES = enum_names(mn_group_rule, "MN_GROUP_")  # RouterConfig.group_rule: "top2_sum", "max"
+
+
+# -- shard descriptors ---------------------------------------------------------
+# One Python class per struct of mn_engine.h, with the struct's fields by name (an
+# array field holds the numpy array its pointer will point into, or None for NULL).
+# Where C needs what Python holds as one value, DERIVED names the C fields it fills
+# (tests/test_enums.py checks the classes against the header field by field).
+class Descriptor:
+    """Fixed fields, every one given: an unknown or missing field is a ShapeError that
+    names it, never a silent default."""
+    __slots__ = ()
+    DERIVED = {}
+
+    def __init__(self, **fields):
+        names = type(self).__slots__
+        unknown = sorted(set(fields) - set(names))
+        missing = [n for n in names if n not in fields]
+        if unknown or missing:
+            raise _ShapeError(f"{type(self).__name__}: " + "; ".join(
+                ([f"unknown field(s) {', '.join(unknown)}"] if unknown else []) +
+                ([f"missing field(s) {', '.join(missing)}"] if missing else [])))
+        for n in names:
+            setattr(self, n, fields[n])
+
+    def fields(self):
+        return {n: getattr(self, n) for n in type(self).__slots__}
+
+    def replace(self, **changes):
+        """A copy with some fields changed (an unknown name is refused like any other)."""
+        return type(self)(**dict(self.fields(), **changes))
+
+    def map(self, fn):
+        """A copy with fn applied to every field value (containers entered)."""
+        def walk(v):
+            if isinstance(v, Descriptor):
+                return v.map(fn)
+            if isinstance(v, dict):
+                return {k: walk(x) for k, x in v.items()}
+            if isinstance(v, (list, tuple)):
+                return type(v)(walk(x) for x in v)
+            return fn(v)
+        return type(self)(**{n: walk(v) for n, v in self.fields().items()})
+
+    def __repr__(self):
+        return f"{type(self).__name__}({', '.join(f'{n}=...' if hasattr(v, 'shape') else f'{n}={v!r}' for n, v in self.fields().items())})"
+
+
+class Mat(Descriptor):
+    """mn_mat: GGML `type`, `raw` uint8 rows [rows, row_bytes] (data, stride, rows), `cols`."""
+    __slots__ = ("type", "raw", "cols")
+    DERIVED = {"raw": ("data", "stride", "rows")}
+
+
+class Expert(Descriptor):
+    """One routed expert of a node: its gate/up/down uint8 rows and its FFN size here
+    (the layer's inter for a whole expert, its slice's for a split one)."""
+    __slots__ = ("gate", "up", "down", "inter")
+
+
+class AttnShard(Descriptor):
+    """mn_attn_layer."""
+    __slots__ = ("kind", "hidden", "rms_eps", "norm_eps", "kq_scale", "attn_norm", "n_head", "n_kv", "q2kv",
+                 "qk_dim", "v_dim", "rope_off", "rope_dims", "rope_neox", "rope_cos", "rope_sin",
+                 "wq", "wk", "wv", "wo", "bq", "bk", "bv", "q_norm", "k_norm",
+                 "q_lora", "kv_lora", "nope", "wq_a", "wq_b", "wkv_a", "wkv_b", "q_a_norm", "kv_a_norm",
+                 "k_b", "v_b", "n_ctx", "n_slots", "cache_k", "cache_v", "cache_lat", "cache_ktiles")
+
+
+class FFNShard(Descriptor):
+    """mn_ffn_layer; `experts` ({expert id: Expert}) fills the per-expert pointer tables."""
+    __slots__ = ("kind", "hidden", "rms_eps", "ffn_norm", "n_expert", "n_used", "gating", "norm_w", "n_groups",
+                 "n_groups_used", "group_rule", "w_scale", "router", "probs_bias", "gate_type", "up_type",
+                 "down_type", "inter", "experts", "node_id", "n_nodes", "repl_nodes", "node_share",
+                 "sh_ff", "sh_gate", "sh_up", "sh_down", "sh_gate_vec", "expert_tokens")
+    DERIVED = {"experts": ("gate_ptrs", "up_ptrs", "down_ptrs", "gate_stride", "up_stride", "down_stride",
+                           "inter_of", "down_stride_of")}
+
+
+class HeadShard(Descriptor):
+    """mn_head_shard."""
+    __slots__ = ("hidden", "vocab", "rms_eps", "norm", "out", "v0")
+
+
+cdef _descriptor(p, cls, str pre):
+    if type(p) is not cls:
+        raise _ShapeError(f"{pre}expected a {cls.__name__} descriptor, got {type(p).__name__}")
+
+
+cdef int _member(enum, value, str what) except? -1:
+    """The C value of an enum member given as itself or its int; anything else is refused."""
+    try:
+        return int(enum(value))
+    except (TypeError, ValueError):
+        raise _ShapeError(f"{what} {value!r} unknown ({', '.join(m.name for m in enum)})") from None
 
 
 cdef _refuse(exc, str pre):
@@ -253,16 +358,16 @@ cdef class NativeEngine:
         return <float *><size_t>a.ctypes.data
 
     cdef mn_mat _mat(self, m, str name) except *:
-        """m: None, or (qtype, raw uint8 [rows, row_bytes], cols)."""
+        """m: None (NULL), or a Mat."""
         cdef mn_mat r
         memset(&r, 0, sizeof(mn_mat))
         if m is None:
             return r
+        _descriptor(m, Mat, name + ": ")
         try:
-            qtype, raw, cols = m
-            qtype, cols = int(qtype), int(cols)
+            qtype, raw, cols = int(m.type), m.raw, int(m.cols)
         except (TypeError, ValueError):
-            raise _ShapeError(f"{name}: expected (type, raw uint8 rows, cols)") from None
+            raise _ShapeError(f"{name}: type and cols must be integers") from None
         if not (isinstance(raw, np.ndarray) and raw.dtype == np.uint8 and raw.ndim == 2):
             raise _ShapeError(f"{name}: weight shards must be 2-D uint8 arrays of GGML blocks")
         if raw.strides[1] != 1 or raw.strides[0] < raw.shape[1]:
@@ -318,7 +423,7 @@ cdef class NativeEngine:
             raise _ShapeError(f"node {node} layer {layer}: needs {mn_node_scratch_bytes(&self.e, node)} scratch "
                               f"bytes, the node has {self.e.nodes[node].scratch_bytes}")
 
-    def set_attention(self, int node, int layer, dict p):
+    def set_attention(self, int node, int layer, p):
         self._check_node(node, layer)
         cdef mn_attn_layer *slot = &self.e.nodes[node].attn[layer]
         cdef mn_attn_layer old = slot[0]
@@ -327,31 +432,28 @@ cdef class NativeEngine:
         cdef int n, h
         cdef int64_t tiles, half
         pre = f"node {node} layer {layer}: "
+        _descriptor(p, AttnShard, pre)
         memset(&L, 0, sizeof(mn_attn_layer))
         self._begin()
         try:
             try:
-                if p["kind"] not in ATTN_KINDS:
-                    raise _ShapeError(f"{pre}attention kind {p['kind']!r} unknown ({', '.join(ATTN_KINDS)})")
-                L.kind = ATTN_KINDS[p["kind"]]
-                L.hidden = p["hidden"]
-                L.rms_eps = p["rms_eps"]
-                L.norm_eps = p.get("norm_eps", p["rms_eps"])
-                L.kq_scale = p["kq_scale"]
-                L.n_head = p["n_head"]
-                L.n_kv = p.get("n_kv", p["n_head"])
-                L.qk_dim = p["qk_dim"]
-                L.v_dim = p["v_dim"]
-                L.rope_off = p.get("rope_off", 0)
-                L.rope_dims = p["rope_dims"]
-                L.rope_neox = p["rope_neox"]
-                L.q_lora = p.get("q_lora", 0)
-                L.kv_lora = p.get("kv_lora", 0)
-                L.nope = p.get("nope", 0)
-                L.n_ctx = p["n_ctx"]
-                L.n_slots = p.get("n_slots", 1)
-            except KeyError as exc:
-                raise _ShapeError(f"{pre}attention field {exc} missing or unknown") from None
+                L.kind = _member(mn_attn_kind, p.kind, pre + "attention kind")
+                L.hidden = p.hidden
+                L.rms_eps = p.rms_eps
+                L.norm_eps = p.norm_eps
+                L.kq_scale = p.kq_scale
+                L.n_head = p.n_head
+                L.n_kv = p.n_kv
+                L.qk_dim = p.qk_dim
+                L.v_dim = p.v_dim
+                L.rope_off = p.rope_off
+                L.rope_dims = p.rope_dims
+                L.rope_neox = p.rope_neox
+                L.q_lora = p.q_lora
+                L.kv_lora = p.kv_lora
+                L.nope = p.nope
+                L.n_ctx = p.n_ctx
+                L.n_slots = p.n_slots
             except (TypeError, OverflowError) as exc:
                 raise _ShapeError(f"{pre}attention field out of range: {exc}") from None
             if L.hidden != self.e.hidden:
@@ -364,10 +466,10 @@ cdef class NativeEngine:
             if self._n_ctx >= 0 and (self._n_ctx, self._n_slots) != (L.n_ctx, L.n_slots):
                 raise _ShapeError(f"{pre}every layer needs the same n_ctx and n_slots "
                                   f"({self._n_ctx}, {self._n_slots}), got ({L.n_ctx}, {L.n_slots})")
-            L.attn_norm = self._f(p["attn_norm"], L.hidden, pre + "attn_norm")
+            L.attn_norm = self._f(p.attn_norm, L.hidden, pre + "attn_norm")
             active = L.kind != 0 and L.n_head > 0
             if active:
-                q2kv = p.get("q2kv")
+                q2kv = p.q2kv
                 q2kv = np.arange(L.n_head) if q2kv is None else q2kv
                 q2kv = np.ascontiguousarray(q2kv, dtype=np.int32)
                 if q2kv.shape != (L.n_head,):
@@ -375,25 +477,25 @@ cdef class NativeEngine:
                 self._cur_keep.append(q2kv)
                 L.q2kv = <const int32_t *><size_t>q2kv.ctypes.data
                 half = L.rope_dims // 2
-                L.rope_cos = self._f(p["rope_cos"], L.n_ctx * half, pre + "rope_cos") if half else NULL
-                L.rope_sin = self._f(p["rope_sin"], L.n_ctx * half, pre + "rope_sin") if half else NULL
-            L.wq = self._mat(p.get("wq"), pre + "wq")
-            L.wk = self._mat(p.get("wk"), pre + "wk")
-            L.wv = self._mat(p.get("wv"), pre + "wv")
-            L.wo = self._mat(p.get("wo"), pre + "wo")
-            L.bq = self._f(p.get("bq"), <int64_t>L.n_head * L.qk_dim, pre + "bq")
-            L.bk = self._f(p.get("bk"), <int64_t>L.n_kv * L.qk_dim, pre + "bk")
-            L.bv = self._f(p.get("bv"), <int64_t>L.n_kv * L.v_dim, pre + "bv")
-            L.q_norm = self._f(p.get("q_norm"), L.qk_dim, pre + "q_norm")
-            L.k_norm = self._f(p.get("k_norm"), L.qk_dim, pre + "k_norm")
-            L.wq_a = self._mat(p.get("wq_a"), pre + "wq_a")
-            L.wq_b = self._mat(p.get("wq_b"), pre + "wq_b")
-            L.wkv_a = self._mat(p.get("wkv_a"), pre + "wkv_a")
-            L.wkv_b = self._mat(p.get("wkv_b"), pre + "wkv_b")
-            L.q_a_norm = self._f(p.get("q_a_norm"), L.q_lora, pre + "q_a_norm")
-            L.kv_a_norm = self._f(p.get("kv_a_norm"), L.kv_lora, pre + "kv_a_norm")
+                L.rope_cos = self._f(p.rope_cos, L.n_ctx * half, pre + "rope_cos") if half else NULL
+                L.rope_sin = self._f(p.rope_sin, L.n_ctx * half, pre + "rope_sin") if half else NULL
+            L.wq = self._mat(p.wq, pre + "wq")
+            L.wk = self._mat(p.wk, pre + "wk")
+            L.wv = self._mat(p.wv, pre + "wv")
+            L.wo = self._mat(p.wo, pre + "wo")
+            L.bq = self._f(p.bq, <int64_t>L.n_head * L.qk_dim, pre + "bq")
+            L.bk = self._f(p.bk, <int64_t>L.n_kv * L.qk_dim, pre + "bk")
+            L.bv = self._f(p.bv, <int64_t>L.n_kv * L.v_dim, pre + "bv")
+            L.q_norm = self._f(p.q_norm, L.qk_dim, pre + "q_norm")
+            L.k_norm = self._f(p.k_norm, L.qk_dim, pre + "k_norm")
+            L.wq_a = self._mat(p.wq_a, pre + "wq_a")
+            L.wq_b = self._mat(p.wq_b, pre + "wq_b")
+            L.wkv_a = self._mat(p.wkv_a, pre + "wkv_a")
+            L.wkv_b = self._mat(p.wkv_b, pre + "wkv_b")
+            L.q_a_norm = self._f(p.q_a_norm, L.q_lora, pre + "q_a_norm")
+            L.kv_a_norm = self._f(p.kv_a_norm, L.kv_lora, pre + "kv_a_norm")
             if L.kind == 2 and active:
-                k_b, v_b = p.get("k_b"), p.get("v_b")
+                k_b, v_b = p.k_b, p.v_b
                 if k_b is None or v_b is None or len(k_b) != L.n_head or len(v_b) != L.n_head:
                     raise _ShapeError(f"{pre}k_b and v_b need one matrix per local head ({L.n_head})")
                 n = L.n_head
@@ -406,11 +508,11 @@ cdef class NativeEngine:
             tiles = (L.n_ctx + 31) // 32
             ns = L.n_slots   # caches: n_slots sequences, slot-major
             if active and L.kind in (1, 3):
-                L.cache_k = self._fw(p.get("cache_k"), ns * <int64_t>L.n_kv * tiles * L.qk_dim * 32, pre + "cache_k")
-                L.cache_v = self._fw(p.get("cache_v"), ns * L.n_ctx * L.n_kv * L.v_dim, pre + "cache_v")
+                L.cache_k = self._fw(p.cache_k, ns * <int64_t>L.n_kv * tiles * L.qk_dim * 32, pre + "cache_k")
+                L.cache_v = self._fw(p.cache_v, ns * L.n_ctx * L.n_kv * L.v_dim, pre + "cache_v")
             elif active and L.kind == 2:
-                L.cache_lat = self._fw(p.get("cache_lat"), ns * L.n_ctx * L.kv_lora, pre + "cache_lat")
-                L.cache_ktiles = self._fw(p.get("cache_ktiles"), ns * tiles * (L.kv_lora + L.rope_dims) * 32,
+                L.cache_lat = self._fw(p.cache_lat, ns * L.n_ctx * L.kv_lora, pre + "cache_lat")
+                L.cache_ktiles = self._fw(p.cache_ktiles, ns * tiles * (L.kv_lora + L.rope_dims) * 32,
                                           pre + "cache_ktiles")
             slot[0] = L
             try:
@@ -424,7 +526,7 @@ cdef class NativeEngine:
         self._commit(("attn", node, layer))
         self._n_ctx, self._n_slots = L.n_ctx, L.n_slots
 
-    def set_ffn(self, int node, int layer, dict p):
+    def set_ffn(self, int node, int layer, p):
         self._check_node(node, layer)
         cdef mn_ffn_layer *slot = &self.e.nodes[node].ffn[layer]
         cdef mn_ffn_layer old = slot[0]
@@ -433,64 +535,62 @@ cdef class NativeEngine:
         cdef int e, k
         cdef size_t rb
         pre = f"node {node} layer {layer}: "
+        _descriptor(p, FFNShard, pre)
         memset(&L, 0, sizeof(mn_ffn_layer))
         self._begin()
         try:
             try:
-                if p["kind"] not in FFN_KINDS:
-                    raise _ShapeError(f"{pre}ffn kind {p['kind']!r} unknown ({', '.join(FFN_KINDS)})")
-                L.kind = FFN_KINDS[p["kind"]]
-                L.hidden = p["hidden"]
-                L.rms_eps = p["rms_eps"]
+                L.kind = _member(mn_ffn_kind, p.kind, pre + "ffn kind")
+                L.hidden = p.hidden
+                L.rms_eps = p.rms_eps
                 if L.kind == 2:
-                    L.n_expert = p["n_expert"]
-                    L.n_used = p["n_used"]
-                    L.gating = p["gating"]
-                    L.norm_w = p["norm_w"]
-                    L.n_groups = p["n_groups"]
-                    L.n_groups_used = p["n_groups_used"]
-                    L.group_rule = p["group_rule"]
-                    L.w_scale = p["w_scale"]
-                    L.gate_type, L.up_type, L.down_type = p["expert_types"]
-                    L.inter = p["inter"]
-                L.sh_ff = p.get("sh_ff", 0)
-            except KeyError as exc:
-                raise _ShapeError(f"{pre}ffn field {exc} missing or unknown") from None
+                    L.n_expert = p.n_expert
+                    L.n_used = p.n_used
+                    L.gating = p.gating
+                    L.norm_w = p.norm_w
+                    L.n_groups = p.n_groups
+                    L.n_groups_used = p.n_groups_used
+                    L.group_rule = p.group_rule
+                    L.w_scale = p.w_scale
+                    L.gate_type = p.gate_type
+                    L.up_type = p.up_type
+                    L.down_type = p.down_type
+                    L.inter = p.inter
+                L.sh_ff = p.sh_ff
             except (TypeError, ValueError, OverflowError) as exc:
                 raise _ShapeError(f"{pre}ffn field out of range: {exc}") from None
             if L.hidden != self.e.hidden:
                 raise _ShapeError(f"{pre}hidden={L.hidden}, the engine's is {self.e.hidden}")
-            L.ffn_norm = self._f(p["ffn_norm"], L.hidden, pre + "ffn_norm")
+            L.ffn_norm = self._f(p.ffn_norm, L.hidden, pre + "ffn_norm")
             if L.kind == 2:
                 if not 1 <= L.n_expert <= 1 << 14:
                     raise _ShapeError(f"{pre}n_expert={L.n_expert} out of range 1..{1 << 14}")
                 if L.inter < 1 or L.inter > 1 << 30:
                     raise _ShapeError(f"{pre}inter={L.inter} out of range")
-                L.router = self._mat(p["router"], pre + "router")
-                L.probs_bias = self._f(p.get("probs_bias"), L.n_expert, pre + "probs_bias")
+                L.router = self._mat(p.router, pre + "router")
+                L.probs_bias = self._f(p.probs_bias, L.n_expert, pre + "probs_bias")
                 ptrs = <const uint8_t **>self._malloc(3 * L.n_expert * sizeof(void *))
                 L.gate_ptrs = ptrs
                 L.up_ptrs = ptrs + L.n_expert
                 L.down_ptrs = ptrs + 2 * L.n_expert
                 types = (L.gate_type, L.up_type, L.down_type)
                 strides = [0, 0, 0]
-                experts = p["experts"]
-                if not isinstance(experts, dict):
-                    raise _ShapeError(f"{pre}experts must map expert ids to (gate, up, down[, local inter]) rows")
-                split = any(isinstance(mats, (tuple, list)) and len(mats) == 4 for mats in experts.values())
+                experts = p.experts
+                if not (isinstance(experts, dict) and all(type(x) is Expert for x in experts.values())):
+                    raise _ShapeError(f"{pre}experts must map expert ids to Expert descriptors")
+                split = any(x.inter != L.inter for x in experts.values())
                 if split:   # some local experts are slices: per-expert intermediate size and down stride
                     inter_of = np.zeros(L.n_expert, dtype=np.int64)
                     down_stride_of = np.zeros(L.n_expert, dtype=np.uint64)
                     self._cur_keep += [inter_of, down_stride_of]
                     L.inter_of = <const int64_t *><size_t>inter_of.ctypes.data
                     L.down_stride_of = <const size_t *><size_t>down_stride_of.ctypes.data
-                for e_, mats in experts.items():   # expert id -> (gate raw, up raw, down raw[, local inter])
+                for e_, x in experts.items():
                     if not (isinstance(e_, (int, np.integer)) and 0 <= e_ < L.n_expert):
                         raise _ShapeError(f"{pre}expert {e_!r} out of range 0..{L.n_expert - 1}")
                     e = e_
-                    if not isinstance(mats, (tuple, list)) or len(mats) not in (3, 4):
-                        raise _ShapeError(f"{pre}expert {e}: expected (gate, up, down[, local inter])")
-                    ie = mats[3] if len(mats) == 4 else L.inter
+                    mats = (x.gate, x.up, x.down)
+                    ie = x.inter
                     if not (isinstance(ie, (int, np.integer)) and 0 < ie <= L.inter):
                         raise _ShapeError(f"{pre}expert {e}: local inter {ie!r} out of range 1..{L.inter}")
                     cols = (L.hidden, L.hidden, ie)
@@ -517,17 +617,17 @@ cdef class NativeEngine:
                         inter_of[e] = ie
                         down_stride_of[e] = mats[2].strides[0]
                 L.gate_stride, L.up_stride, L.down_stride = strides
-                L.node_id = p.get("node_id", node)
-                L.n_nodes = p.get("n_nodes", self.e.n_nodes)
-                if p.get("repl_nodes") is not None:
-                    repl = np.ascontiguousarray(p["repl_nodes"], dtype=np.uint64)
-                    share = np.ascontiguousarray(p["node_share"], dtype=np.float32)
+                L.node_id = p.node_id
+                L.n_nodes = p.n_nodes
+                if p.repl_nodes is not None:
+                    repl = np.ascontiguousarray(p.repl_nodes, dtype=np.uint64)
+                    share = np.ascontiguousarray(p.node_share, dtype=np.float32)
                     if repl.shape != (L.n_expert,) or share.shape != (L.n_nodes, L.n_expert):
                         raise _ShapeError(f"{pre}repl_nodes must be [n_expert] and node_share [n_nodes, n_expert]")
                     self._cur_keep += [repl, share]
                     L.repl_nodes = <const uint64_t *><size_t>repl.ctypes.data
                     L.node_share = <const float *><size_t>share.ctypes.data
-                counts = p["expert_tokens"]
+                counts = p.expert_tokens
                 if not (isinstance(counts, np.ndarray) and counts.dtype == np.int64 and counts.flags.c_contiguous
                         and counts.flags.writeable and counts.shape == (L.n_expert,)):
                     raise _ShapeError(f"{pre}expert_tokens must be a writable C-contiguous int64 array of "
@@ -537,10 +637,10 @@ cdef class NativeEngine:
             if L.sh_ff < 0:
                 raise _ShapeError(f"{pre}sh_ff={L.sh_ff} is negative")
             if L.sh_ff:
-                L.sh_gate = self._mat(p["sh_gate"], pre + "sh_gate")
-                L.sh_up = self._mat(p["sh_up"], pre + "sh_up")
-                L.sh_down = self._mat(p["sh_down"], pre + "sh_down")
-            L.sh_gate_vec = self._f(p.get("sh_gate_vec"), L.hidden, pre + "sh_gate_vec")
+                L.sh_gate = self._mat(p.sh_gate, pre + "sh_gate")
+                L.sh_up = self._mat(p.sh_up, pre + "sh_up")
+                L.sh_down = self._mat(p.sh_down, pre + "sh_down")
+            L.sh_gate_vec = self._f(p.sh_gate_vec, L.hidden, pre + "sh_gate_vec")
             slot[0] = L
             try:
                 self._check_slot(node, layer)
@@ -552,40 +652,40 @@ cdef class NativeEngine:
             _refuse(exc, pre)
         self._commit(("ffn", node, layer))
 
-    def set_shard(self, kind, int node, int layer, dict p):
-        """Set one shard by the kind of block the plan names it for: "attn", "ffn" or
-        "head" (the head has no layer: `layer` is ignored)."""
-        if kind == "attn":
+    def set_shard(self, int node, int layer, p):
+        """Set one shard by its descriptor's type: AttnShard, FFNShard or HeadShard (the
+        head has no layer: `layer` is ignored)."""
+        if type(p) is AttnShard:
             self.set_attention(node, layer, p)
-        elif kind == "ffn":
+        elif type(p) is FFNShard:
             self.set_ffn(node, layer, p)
-        elif kind == "head":
+        elif type(p) is HeadShard:
             self.set_head(node, p)
         else:
-            raise _ShapeError(f"node {node}: unknown shard kind {kind!r} (attn, ffn or head)")
+            raise _ShapeError(f"node {node}: {type(p).__name__} is not a shard descriptor "
+                              f"(AttnShard, FFNShard or HeadShard)")
 
-    def set_head(self, int node, dict p):
+    def set_head(self, int node, p):
         self._check_node(node, -1, True)
         cdef mn_head_shard *slot = &self.e.nodes[node].head
         cdef mn_head_shard old = slot[0]
         cdef mn_head_shard h
         pre = f"node {node} head: "
+        _descriptor(p, HeadShard, pre)
         memset(&h, 0, sizeof(mn_head_shard))
         self._begin()
         try:
             try:
-                h.hidden = p["hidden"]
-                h.vocab = p["vocab"]
-                h.rms_eps = p["rms_eps"]
-                h.v0 = p.get("v0", 0)
-            except KeyError as exc:
-                raise _ShapeError(f"{pre}field {exc} missing") from None
+                h.hidden = p.hidden
+                h.vocab = p.vocab
+                h.rms_eps = p.rms_eps
+                h.v0 = p.v0
             except (TypeError, OverflowError) as exc:
                 raise _ShapeError(f"{pre}field out of range: {exc}") from None
             if h.hidden != self.e.hidden:
                 raise _ShapeError(f"{pre}hidden={h.hidden}, the engine's is {self.e.hidden}")
-            h.norm = self._f(p["norm"], h.hidden, pre + "norm")
-            h.out = self._mat(p.get("out"), pre + "out")
+            h.norm = self._f(p.norm, h.hidden, pre + "norm")
+            h.out = self._mat(p.out, pre + "out")
             slot[0] = h
             try:
                 self._check_slot(node, -1)

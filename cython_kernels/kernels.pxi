@@ -30,7 +30,12 @@ def set_simd_level(name=None):
     return mn_simd_name(mn_set_simd_level(lvl)).decode()
 
 
-_ACT_NAMES = {-1: None, 0: "float", 1: "q8_0", 2: "q8_k"}
+def enum_names(enum, prefix):
+    """A C enum exposed by cpdef as {lower-case name without the prefix: member}."""
+    return {m.name[len(prefix):].lower(): m for m in enum}
+
+
+_ACT_NAMES = {int(m): (None if name == "none" else name) for name, m in enum_names(mn_act_format, "MN_ACT_").items()}
 
 
 def type_table():

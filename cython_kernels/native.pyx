@@ -12,6 +12,13 @@ cdef extern from "mn_cpu.h":
     const char *mn_simd_name(int level) nogil
 
 cdef extern from "mn_kernels.h":
+    # One definition, in the header; Python sees IntEnums with the C values.
+    cpdef enum mn_ggml_type:
+        MN_F32, MN_F16, MN_Q4_0, MN_Q4_1, MN_Q5_0, MN_Q5_1, MN_Q8_0, MN_Q8_1, MN_Q2_K, MN_Q3_K, MN_Q4_K, MN_Q5_K
+        MN_Q6_K, MN_Q8_K, MN_IQ2_XXS, MN_IQ2_XS, MN_IQ3_XXS, MN_IQ1_S, MN_IQ4_NL, MN_IQ3_S, MN_IQ2_S, MN_IQ4_XS
+        MN_I8, MN_I16, MN_I32, MN_I64, MN_F64, MN_IQ1_M, MN_BF16, MN_TQ1_0, MN_TQ2_0, MN_MXFP4, MN_NVFP4, MN_Q1_0
+    cpdef enum mn_act_format:
+        MN_ACT_NONE, MN_ACT_FLOAT, MN_ACT_Q8_0, MN_ACT_Q8_K
     int MN_TILE
     int mn_active_level() nogil
     int mn_set_simd_level(int level) nogil

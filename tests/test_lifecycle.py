@@ -121,8 +121,8 @@ def test_resetting_a_layer_releases_what_it_replaces(make_model):
         layer = next(i for i in range(m.config.n_layer) if m.config.is_moe_layer(i))
         p = B.store.resolve(B._ffn_params[(0, layer)])
         before = B.core.retained()
-        replaced = dict(p, ffn_norm=np.array(p["ffn_norm"], copy=True), probs_bias=None)
-        ref = weakref.ref(replaced["ffn_norm"])
+        replaced = p.replace(ffn_norm=np.array(p.ffn_norm, copy=True), probs_bias=None)
+        ref = weakref.ref(replaced.ffn_norm)
         B.core.set_ffn(0, layer, replaced)
         for _ in range(20):
             B.core.set_ffn(0, layer, p)

@@ -21,10 +21,12 @@ typedef struct {            /* a weight matrix (or shard) in node memory: rows x
     int64_t rows, cols;
 } mn_mat;
 
-enum { MN_ATTN_NONE = 0, MN_ATTN_GQA = 1, MN_ATTN_MLA = 2, MN_ATTN_MLA_MHA = 3 };
-enum { MN_FFN_NONE = 0, MN_FFN_DENSE = 1, MN_FFN_MOE = 2 };
-enum { MN_GATE_SOFTMAX = 0, MN_GATE_SIGMOID = 1 };
-enum { MN_GROUP_TOP2_SUM = 0, MN_GROUP_MAX = 1 };
+/* The one definition of these enums: engine.pxi exposes them to Python as IntEnums
+ * (cpdef enum), and tests/test_enums.py checks that both sides list the same members. */
+enum mn_attn_kind { MN_ATTN_NONE = 0, MN_ATTN_GQA = 1, MN_ATTN_MLA = 2, MN_ATTN_MLA_MHA = 3 };
+enum mn_ffn_kind { MN_FFN_NONE = 0, MN_FFN_DENSE = 1, MN_FFN_MOE = 2 };
+enum mn_gating { MN_GATE_SOFTMAX = 0, MN_GATE_SIGMOID = 1 };
+enum mn_group_rule { MN_GROUP_TOP2_SUM = 0, MN_GROUP_MAX = 1 };
 
 typedef struct {
     int kind;                       /* MN_ATTN_*; NONE: no heads on this node */

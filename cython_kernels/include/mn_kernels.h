@@ -20,7 +20,7 @@ extern "C" {
 #endif
 
 /* GGML type ids (gguf.GGMLQuantizationType) */
-enum {
+enum mn_ggml_type {   /* gguf.GGMLQuantizationType's values (tests/test_enums.py) */
     MN_F32 = 0, MN_F16 = 1, MN_Q4_0 = 2, MN_Q4_1 = 3, MN_Q5_0 = 6, MN_Q5_1 = 7, MN_Q8_0 = 8, MN_Q8_1 = 9,
     MN_Q2_K = 10, MN_Q3_K = 11, MN_Q4_K = 12, MN_Q5_K = 13, MN_Q6_K = 14, MN_Q8_K = 15,
     MN_IQ2_XXS = 16, MN_IQ2_XS = 17, MN_IQ3_XXS = 18, MN_IQ1_S = 19, MN_IQ4_NL = 20, MN_IQ3_S = 21,
@@ -34,7 +34,7 @@ enum {
 /* Activation formats (the partner of a weight type in its dot product).  The
  * Q8_0 rows also carry each block's integer sum and llama.cpp's Q8_1 sum
  * fp16(d * sum), which the min of Q4_1 / Q5_1 multiplies, so those use them too. */
-enum { MN_ACT_NONE = -1, MN_ACT_FLOAT = 0, MN_ACT_Q8_0 = 1, MN_ACT_Q8_K = 2 };
+enum mn_act_format { MN_ACT_NONE = -1, MN_ACT_FLOAT = 0, MN_ACT_Q8_0 = 1, MN_ACT_Q8_K = 2 };
 
 /* One row of the type table. */
 typedef struct {

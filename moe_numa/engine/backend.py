@@ -22,20 +22,19 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .. import quants
+from .. import _native, quants
 from ..errors import ClosedError, ContextOverflowError, MoeNumaError
 from .. import kernels
 from ..gguf_file import Tensor, bad_block_error, check_tensor_blocks
 from ..kernels import ThreadPool
-from ..layers.attention import GQAWeights
-from ..layers.mla import MLAWeights
-from ..layers.moe import GATING_SIGMOID, MoEWeights
 from ..layers.rope import rope_cos_sin
+from ..layers.split import EXPERTS, FFN, KV_HEADS, REPLICATED, VOCAB, split_rules
+from ..model_info import tensor_class
 from ..errors import ExpertMapError
 from ..numa.expert_map import DEFAULT_STRATEGY, STRATEGIES, load_map, make_map
 from ..numa.memory import ALIGN, HUGE, PAGE, NodeArena, drop_file_pages, populate, populate_read, populate_supported, resident_bytes
 from ..numa.topology import Topology, pin_caller, topology, unpin_caller, unpinned
-from .plan import PlacementPlan, expert_blocks, make_plan
+from .plan import LayerPlan, PlacementPlan, expert_blocks, make_plan
 
 log = logging.getLogger("moe_numa.engine")
 
@@ -368,6 +367,8 @@ class NodeStore:
     def resolve(self, obj):
         if isinstance(obj, Ref):
             return self.arrays[(obj.node, obj.key)]
+        if isinstance(obj, _native.Descriptor):
+            return obj.map(self.resolve)
         if isinstance(obj, dict):
             return {k: self.resolve(v) for k, v in obj.items()}
         if isinstance(obj, (list, tuple)):
@@ -463,7 +464,11 @@ def _block_check(view: np.ndarray, source: Tensor):
 
 
 def _mat(ref: Ref, t: Tensor, cols: int):
-    return (int(t.qtype), ref, cols)
+    return _native.Mat(type=int(t.qtype), raw=ref, cols=cols)
+
+
+_GUD = ("gate", "up", "down")
+_ATTN_FIELD = {"wk_b": "k_b", "wv_b": "v_b"}   # weight name -> AttnShard field, where they differ
 
 
 def _cols(t: Tensor, c0: int, c1: int) -> np.ndarray:
@@ -537,7 +542,7 @@ class EngineBackend:
                         check_tensor_blocks(t)
             self.core = _native.NativeEngine([p._pool for p in self.pools], cfg.n_layer, cfg.hidden, self.ubatch)
             for (kind, node, layer), p in params.items():
-                self.core.set_shard(kind, node, layer, self.store.resolve(p))
+                self.core.set_shard(node, layer, self.store.resolve(p))
             self._work = [NodeArena(self.core.scratch_bytes(k) + self.ubatch * cfg.hidden * 4 + 8192,
                                     n.memory_node, label=f"work{k}") for k, n in enumerate(self.topology.nodes)]
             partials = [a.alloc(self.ubatch * cfg.hidden * 4).view(np.float32) for a in self._work]
@@ -579,154 +584,134 @@ class EngineBackend:
         return nbytes
 
     def _plan_shards(self) -> dict:
+        """(kind, node, layer) -> the typed shard descriptor of every slot (arrays still Refs)."""
         cfg, w, plan, S = self.cfg, self.weights, self.plan, self.store
-        rope = cfg.attention.rope
-        cos, sin = rope_cos_sin(rope, np.arange(self.n_ctx))
-        cos, sin = np.ascontiguousarray(cos), np.ascontiguousarray(sin)
+        cos, sin = (np.ascontiguousarray(v) for v in rope_cos_sin(cfg.attention.rope, np.arange(self.n_ctx)))
         params: dict = {}
         for i, (lw, lp) in enumerate(zip(w.layers, plan.layers)):
             for node in range(plan.n_nodes):
-                params[("attn", node, i)] = self._attention_shard(i, node, lw, lp, cos, sin)
-                params[("ffn", node, i)] = self._ffn_shard(i, node, lw, lp)
+                placed = self._place(node, f"L{i}.", split_rules(lw), lp)
+                params[("attn", node, i)] = self._attention_shard(i, node, lw.attn, lp, placed, cos, sin)
+                params[("ffn", node, i)] = self._ffn_shard(i, node, lw.ffn, lp, placed)
+        rules = {name: (t, r) for name, t, r in split_rules(w) if name in ("output", "output_norm")}
         for node, (v0, v1) in enumerate(plan.vocab):
-            out = S.raw(node, "output", w.output.raw[v0:v1], "output", source=w.output) if v1 > v0 else None
-            params[("head", node, -1)] = {
-                "hidden": cfg.hidden, "vocab": cfg.n_vocab, "rms_eps": cfg.rms_eps, "v0": v0,
-                "norm": S.floats(node, "output_norm", _f32(w.output_norm), (cfg.hidden,), "norms"),
-                "out": _mat(out, w.output, cfg.hidden) if out is not None else None}
+            lp = LayerPlan({VOCAB: plan.vocab}, {VOCAB: cfg.n_vocab}, [])
+            placed = self._place(node, "", [(n, t, r) for n, (t, r) in rules.items()], lp)
+            params[("head", node, -1)] = _native.HeadShard(hidden=cfg.hidden, vocab=cfg.n_vocab, rms_eps=cfg.rms_eps,
+                                                           norm=placed["output_norm"], out=placed["output"], v0=v0)
         return params
 
-    def _attention_shard(self, i, node, lw, lp, cos, sin) -> dict:
+    def _place(self, node: int, key: str, rules, lp: LayerPlan) -> dict:
+        """Node's part of every tensor of `rules` (but routed experts), by its split rule, added to
+        the store: matrices as Mat descriptors of GGML rows, vectors (norms, biases) as floats,
+        per-head 3-D tensors as one Mat per head; None where the node has none of it."""
+        S, out = self.store, {}
+        for name, t, r in rules:
+            if r.dim == EXPERTS:
+                continue
+            whole = r.dim == REPLICATED
+            a, b, unit = (0, 1, t.shape[0]) if whole else lp.part(r, t, node)
+            k, cls, lo, hi = key + name, tensor_class(t.name), a * unit, b * unit
+            if b <= a:
+                out[name] = None
+            elif len(t.shape) == 1:
+                out[name] = S.floats(node, k, lambda t=t, lo=lo, hi=hi: t.dequantize()[lo:hi], (hi - lo,), cls,
+                                     replicated=whole)
+            elif len(t.shape) == 3:   # one matrix per index of the split axis (MLA's k_b / v_b per head)
+                out[name] = [_mat(S.raw(node, f"{k}{h}", t.raw[h], cls, source=t), t, t.shape[2])
+                             for h in range(a, b)]
+            elif r.axis == 1:
+                out[name] = _mat(S.raw(node, k, _cols(t, lo, hi), cls, source=t), t, hi - lo)
+            else:
+                out[name] = _mat(S.raw(node, k, t.raw[lo:hi], cls, replicated=whole, source=t), t, t.shape[1])
+        return out
+
+    def _attention_shard(self, i, node, at, lp, placed, cos, sin):
+        """The attention descriptor of one node: its heads' projections and cache, by the
+        weights' engine kind; kind "none" (norm only) on a node without heads. Arrays the
+        kind has no use for are None (NULL)."""
         cfg, S, a = self.cfg, self.store, self.cfg.attention
         h0, h1 = lp.heads[node]
-        nh = h1 - h0
-        key = f"L{i}."
-        p: dict[str, Any] = {"kind": "none", "hidden": cfg.hidden, "rms_eps": cfg.rms_eps, "n_head": 0,
-                             "kq_scale": a.kq_scale, "qk_dim": 0, "v_dim": 0, "rope_dims": 0, "rope_neox": 0,
-                             "rope_cos": None, "rope_sin": None, "n_ctx": self.n_ctx,
-                             "n_slots": self.n_slots,
-                             "attn_norm": S.floats(node, key + "attn_norm", _f32(lw.attn_norm), (cfg.hidden,), "norms")}
+        nh, key = h1 - h0, f"L{i}."
+        f = dict.fromkeys(_native.AttnShard.__slots__)
+        f.update(kind=_native.ATTN_KINDS["none"], hidden=cfg.hidden, rms_eps=cfg.rms_eps, norm_eps=a.norm_eps,
+                 kq_scale=a.kq_scale, attn_norm=placed["attn_norm"], n_ctx=self.n_ctx, n_slots=self.n_slots,
+                 **dict.fromkeys(("n_head", "n_kv", "qk_dim", "v_dim", "rope_off", "rope_dims", "rope_neox",
+                                  "q_lora", "kv_lora", "nope"), 0))
         if nh == 0:
-            return p
-        at = lw.attn
-        p.update(n_head=nh, norm_eps=a.norm_eps, rope_cos=cos, rope_sin=sin, rope_neox=int(a.rope.neox))
-        if isinstance(at, GQAWeights):
+            return _native.AttnShard(**f)
+        # the weights' tensors are the descriptor's fields (MLA's per-head wk_b / wv_b: k_b / v_b)
+        f.update({_ATTN_FIELD.get(n[5:], n[5:]): v for n, v in placed.items() if n.startswith("attn.")},
+                 kind=_native.ATTN_KINDS[at.kind], n_head=nh, rope_cos=cos, rope_sin=sin, rope_neox=int(a.rope.neox))
+        tiles = -(-self.n_ctx // 32)   # keys in transposed tiles of 32 positions
+        if at.kind == "gqa":
             hd, group = a.head_dim, a.n_head // a.n_head_kv
-            k0, k1 = lp.kv_heads[node]
+            k0, k1 = lp.ranges[KV_HEADS][node]
             nkv = k1 - k0
-
-            def rows(t, r0, r1, name, cls="attention"):
-                return _mat(S.raw(node, key + name, t.raw[r0:r1], cls, source=t), t, t.shape[1])
-
-            def vec(t, r0, r1, name):
-                return None if t is None else S.floats(node, key + name, lambda: t.dequantize()[r0:r1], (r1 - r0,),
-                                                       "attention", replicated=False)
-            p.update(kind="gqa", n_kv=nkv, qk_dim=hd, v_dim=hd, rope_dims=a.rope.n_dims, rope_off=0,
+            f.update(n_kv=nkv, qk_dim=hd, v_dim=hd, rope_dims=a.rope.n_dims,
                      q2kv=np.array([(h0 + j) // group - k0 for j in range(nh)], dtype=np.int32),
-                     wq=rows(at.wq, h0 * hd, h1 * hd, "wq"), wk=rows(at.wk, k0 * hd, k1 * hd, "wk"),
-                     wv=rows(at.wv, k0 * hd, k1 * hd, "wv"),
-                     wo=_mat(S.raw(node, key + "wo", _cols(at.wo, h0 * hd, h1 * hd), "attention", source=at.wo),
-                             at.wo, nh * hd),
-                     bq=vec(at.bq, h0 * hd, h1 * hd, "bq"), bk=vec(at.bk, k0 * hd, k1 * hd, "bk"),
-                     bv=vec(at.bv, k0 * hd, k1 * hd, "bv"),
-                     q_norm=None if at.q_norm is None else S.floats(node, key + "q_norm", _f32(at.q_norm), (hd,), "norms"),
-                     k_norm=None if at.k_norm is None else S.floats(node, key + "k_norm", _f32(at.k_norm), (hd,), "norms"),
-                     cache_k=S.zeros(node, key + "cache_k", (self.n_slots, nkv, -(-self.n_ctx // 32), hd, 32),
-                                     "kv_cache"),   # keys in transposed tiles of 32 positions
+                     cache_k=S.zeros(node, key + "cache_k", (self.n_slots, nkv, tiles, hd, 32), "kv_cache"),
                      cache_v=S.zeros(node, key + "cache_v", (self.n_slots, self.n_ctx, nkv, hd), "kv_cache"))
-            return p
-        assert isinstance(at, MLAWeights)
+            return _native.AttnShard(**f)
         qh, vd, R, rd = a.q_head_dim, a.v_head_dim, a.kv_lora_rank, a.qk_rope_dim
-
-        def whole(t, name, cls="attention"):   # replicated: every node with heads computes it
-            return _mat(S.raw(node, key + name, t.raw, cls, replicated=True, source=t), t, t.shape[1])
-        p.update(q_lora=a.q_lora_rank, kv_lora=R, nope=a.qk_nope_dim, qk_dim=qh, v_dim=vd, rope_dims=rd,
-                 rope_off=a.qk_nope_dim, n_kv=nh,
-                 wkv_a=whole(at.wkv_a, "wkv_a"),
-                 kv_a_norm=S.floats(node, key + "kv_a_norm", _f32(at.kv_a_norm), (R,), "norms"),
-                 wo=_mat(S.raw(node, key + "wo", _cols(at.wo, h0 * vd, h1 * vd), "attention", source=at.wo),
-                         at.wo, nh * vd))
-        if a.q_lora_rank:
-            p.update(wq_a=whole(at.wq_a, "wq_a"),
-                     q_a_norm=S.floats(node, key + "q_a_norm", _f32(at.q_a_norm), (a.q_lora_rank,), "norms"),
-                     wq_b=_mat(S.raw(node, key + "wq_b", at.wq_b.raw[h0 * qh:h1 * qh], "attention", source=at.wq_b),
-                               at.wq_b, a.q_lora_rank))
-        else:
-            p.update(wq=_mat(S.raw(node, key + "wq", at.wq.raw[h0 * qh:h1 * qh], "attention", source=at.wq),
-                             at.wq, cfg.hidden))
-        if at.wk_b is not None:   # newer files: absorbed attention over the latent cache
-            p.update(kind="mla",
-                     k_b=[_mat(S.raw(node, key + f"k_b{h}", at.wk_b.raw[h], "attention", source=at.wk_b),
-                               at.wk_b, a.qk_nope_dim) for h in range(h0, h1)],
-                     v_b=[_mat(S.raw(node, key + f"v_b{h}", at.wv_b.raw[h], "attention", source=at.wv_b),
-                               at.wv_b, R) for h in range(h0, h1)],
-                     cache_lat=S.zeros(node, key + "cache_lat", (self.n_slots, self.n_ctx, R), "kv_cache"),
-                     cache_ktiles=S.zeros(node, key + "cache_ktiles", (self.n_slots, -(-self.n_ctx // 32), R + rd, 32),
-                                          "kv_cache"))
+        f.update(q_lora=a.q_lora_rank, kv_lora=R, nope=a.qk_nope_dim, qk_dim=qh, v_dim=vd, rope_dims=rd,
+                 rope_off=a.qk_nope_dim, n_kv=nh)
+        if at.kind == "mla":      # absorbed attention over the latent cache
+            f.update(cache_lat=S.zeros(node, key + "cache_lat", (self.n_slots, self.n_ctx, R), "kv_cache"),
+                     cache_ktiles=S.zeros(node, key + "cache_ktiles", (self.n_slots, tiles, R + rd, 32), "kv_cache"))
         else:                     # attn_kv_b: decompress this node's heads, cache full K/V
-            per = a.qk_nope_dim + vd
-            p.update(kind="mla_mha",
-                     wkv_b=_mat(S.raw(node, key + "wkv_b", at.wkv_b.raw[h0 * per:h1 * per], "attention",
-                                      source=at.wkv_b), at.wkv_b, R),
-                     cache_k=S.zeros(node, key + "cache_k", (self.n_slots, nh, -(-self.n_ctx // 32), qh, 32),
-                                     "kv_cache"),   # keys in transposed tiles of 32 positions
+            f.update(cache_k=S.zeros(node, key + "cache_k", (self.n_slots, nh, tiles, qh, 32), "kv_cache"),
                      cache_v=S.zeros(node, key + "cache_v", (self.n_slots, self.n_ctx, nh, vd), "kv_cache"))
-        return p
+        return _native.AttnShard(**f)
 
-    def _ffn_shard(self, i, node, lw, lp) -> dict:
-        cfg, S = self.cfg, self.store
-        key = f"L{i}."
-        p: dict[str, Any] = {"kind": "dense", "hidden": cfg.hidden, "rms_eps": cfg.rms_eps,
-                             "ffn_norm": S.floats(node, key + "ffn_norm", _f32(lw.ffn_norm), (cfg.hidden,), "norms")}
-        f0, f1 = lp.ffn_slices[node]
-        ffn = lw.ffn
-        if isinstance(ffn, MoEWeights):
+    def _ffn_shard(self, i, node, ffn, lp, placed):
+        """The FFN descriptor of one node: the router and its routed experts (MoE), and its
+        slice of the dense FFN or shared expert."""
+        cfg = self.cfg
+        f = dict.fromkeys(_native.FFNShard.__slots__)
+        f.update(kind=_native.FFN_KINDS[ffn.kind], hidden=cfg.hidden, rms_eps=cfg.rms_eps, ffn_norm=placed["ffn_norm"],
+                 **dict.fromkeys(("n_expert", "n_used", "gating", "norm_w", "n_groups", "n_groups_used",
+                                  "group_rule", "gate_type", "up_type", "down_type", "inter", "node_id",
+                                  "n_nodes", "sh_ff"), 0), w_scale=0.0)
+        f0, f1 = lp.ranges[FFN][node] if FFN in lp.ranges else (0, 0)
+        if f1 > f0:   # the dense FFN's or the shared expert's slice
+            dense = "ffn." if ffn.kind == "dense" else "ffn.shared."
+            f.update(sh_ff=f1 - f0, **{"sh_" + n: placed[dense + n] for n in _GUD})
+        if ffn.kind == "moe":
             r = cfg.router
-            experts = {}
-            for e in lp.experts[node]:
-                experts[e] = self._expert_shard(i, node, e, ffn, lp)
-            p.update(kind="moe", n_expert=r.n_expert, n_used=r.n_used, norm_w=int(r.norm_weights),
-                     gating=1 if r.gating == GATING_SIGMOID else 0, w_scale=r.weights_scale,
+            f.update(n_expert=r.n_expert, n_used=r.n_used, norm_w=int(r.norm_weights),
+                     gating=_native.GATINGS[r.gating], w_scale=r.weights_scale,
                      n_groups=r.n_groups if r.n_groups > 1 else 0, n_groups_used=r.n_groups_used,
-                     group_rule=0 if r.group_rule == "top2_sum" else 1,
-                     router=_mat(S.raw(node, key + "router", ffn.router.raw, "router", replicated=True,
-                                       source=ffn.router), ffn.router, cfg.hidden),
-                     probs_bias=None if ffn.probs_bias is None else
-                     S.floats(node, key + "probs_bias", _f32(ffn.probs_bias), (r.n_expert,), "router"),
-                     expert_types=(int(ffn.gate_exps.qtype), int(ffn.up_exps.qtype), int(ffn.down_exps.qtype)),
-                     inter=cfg.expert_ff, experts=experts, expert_tokens=self.expert_tokens[i],
-                     node_id=node, n_nodes=self.plan.n_nodes, **self._replica_tables(lp),
-                     sh_gate_vec=None if ffn.shared_gate is None else
-                     S.floats(node, key + "shared_gate", _f32(ffn.shared_gate), (cfg.hidden,), "shared_expert"))
-            dense, cls = ffn.shared, "shared_expert"
-        else:
-            dense, cls = ffn, "dense_ffn"
-        if dense is not None and f1 > f0:
-            p.update(sh_ff=f1 - f0,
-                     sh_gate=_mat(S.raw(node, key + "sh_gate", dense.gate.raw[f0:f1], cls, source=dense.gate),
-                                  dense.gate, cfg.hidden),
-                     sh_up=_mat(S.raw(node, key + "sh_up", dense.up.raw[f0:f1], cls, source=dense.up),
-                                dense.up, cfg.hidden),
-                     sh_down=_mat(S.raw(node, key + "sh_down", _cols(dense.down, f0, f1), cls, source=dense.down),
-                                  dense.down, f1 - f0))
-        return p
+                     group_rule=_native.GROUP_RULES[r.group_rule], router=placed["ffn.router"],
+                     probs_bias=placed.get("ffn.probs_bias"), sh_gate_vec=placed.get("ffn.shared_gate"),
+                     gate_type=int(ffn.gate_exps.qtype), up_type=int(ffn.up_exps.qtype),
+                     down_type=int(ffn.down_exps.qtype), inter=cfg.expert_ff,
+                     experts={e: self._expert_shard(i, node, e, ffn, lp) for e in lp.experts[node]},
+                     expert_tokens=self.expert_tokens[i], node_id=node, n_nodes=self.plan.n_nodes,
+                     **self._replica_tables(lp))
+        return _native.FFNShard(**f)
 
-    def _expert_shard(self, i, node, e, ffn, lp) -> tuple:
-        """(gate, up, down) Refs of expert e on node: whole, a replica copy, or a split
-        slice (gate/up rows and down columns [f0, f1), then its size)."""
-        S, key = self.store, f"L{i}."
-        tensors = [getattr(ffn, f"{name}_exps") for name in ("gate", "up", "down")]
+    def _expert_shard(self, i, node, e, ffn, lp):
+        """Expert e on node: whole, a replica copy, or a split slice (gate/up rows and down
+        columns [f0, f1) of its FFN dimension)."""
+        S, key = self.store, f"L{i}.e{e}."
+        tensors = (ffn.gate_exps, ffn.up_exps, ffn.down_exps)
         if e in lp.slices:
             f0, f1 = lp.slices[e][node]
             d = tensors[2]
-            block, size = quants.block_size(d.qtype)
+            tr = quants.traits(d.qtype)
             views = (tensors[0].raw[e][f0:f1], tensors[1].raw[e][f0:f1],
-                     d.raw[e][:, f0 // block * size: f1 // block * size])
-            return tuple(S.raw(node, f"{key}e{e}.{n}", v, "routed_experts", source=t)
-                         for n, v, t in zip(("gate", "up", "down"), views, tensors)) + (f1 - f0,)
+                     d.raw[e][:, f0 // tr.block * tr.type_size: f1 // tr.block * tr.type_size])
+            refs = [S.raw(node, key + n, v, "routed_experts", source=t) for n, v, t in zip(_GUD, views, tensors)]
+            return _native.Expert(gate=refs[0], up=refs[1], down=refs[2], inter=f1 - f0)
         copy = e in lp.replicas and lp.replicas[e][0] != node
-        return tuple(S.raw(node, f"{key}e{e}.{n}", t.raw[e], "expert_replicas" if copy else "routed_experts",
-                           replicated=copy, source=t) for n, t in zip(("gate", "up", "down"), tensors))
+        refs = [S.raw(node, key + n, t.raw[e], "expert_replicas" if copy else "routed_experts", replicated=copy,
+                      source=t) for n, t in zip(_GUD, tensors)]
+        return _native.Expert(gate=refs[0], up=refs[1], down=refs[2], inter=self.cfg.expert_ff)
+
+    def _expert_refs(self, node: int, key: str):
+        """A whole expert's descriptor over the shards stored under `key` on node."""
+        return _native.Expert(**{n: Ref(node, key + n) for n in _GUD}, inter=self.cfg.expert_ff)
 
     def _replica_tables(self, lp) -> dict:
         """What every node needs to make the same replica choice: holders and shares."""
@@ -906,7 +891,8 @@ class EngineBackend:
                 nodes = range(n) if (dropped or replicated) else {m for s in swaps for m in (s[1], s[3])}
                 for node in nodes:
                     p = self._ffn_params[(node, layer)]
-                    p.update(self._replica_tables(lp))
+                    for name, value in self._replica_tables(lp).items():
+                        setattr(p, name, value)
                     self.core.set_ffn(node, layer, self.store.resolve(p))
         if report:
             self._update_map(report)
@@ -960,7 +946,7 @@ class EngineBackend:
         holders = lp.replicas.get(e) or (next(m for m in range(self.plan.n_nodes) if e in lp.experts[m]),)
         for name in ("gate", "up", "down"):
             S.add_copy(node, key + name, S.arrays[(holders[0], key + name)], "expert_replicas")
-        self._ffn_params[(node, layer)]["experts"][e] = tuple(Ref(node, key + name) for name in ("gate", "up", "down"))
+        self._ffn_params[(node, layer)].experts[e] = self._expert_refs(node, key)
         lp.replicas[e] = holders + (node,)
         lp.experts[node][:] = sorted(set(lp.experts[node]) | {e})
 
@@ -968,7 +954,7 @@ class EngineBackend:
         lp, key = self.plan.layers[layer], f"L{layer}.e{e}."
         for name in ("gate", "up", "down"):
             self.store.drop(node, key + name)
-        del self._ffn_params[(node, layer)]["experts"][e]
+        del self._ffn_params[(node, layer)].experts[e]
         holders = tuple(m for m in lp.replicas[e] if m != node)
         if len(holders) > 1:
             lp.replicas[e] = holders
@@ -988,9 +974,9 @@ class EngineBackend:
             S.arrays[(n1, k2)], S.arrays[(n2, k1)] = a, b
             S.items[(n1, k2)], S.items[(n2, k1)] = S.items.pop((n1, k1)), S.items.pop((n2, k2))
             S.items[(n1, k2)].key, S.items[(n2, k1)].key = k2, k1
-        p1, p2 = self._ffn_params[(n1, layer)]["experts"], self._ffn_params[(n2, layer)]["experts"]
-        p1[e2] = tuple(Ref(n1, f"{key}e{e2}.{name}") for name in ("gate", "up", "down"))
-        p2[e1] = tuple(Ref(n2, f"{key}e{e1}.{name}") for name in ("gate", "up", "down"))
+        p1, p2 = self._ffn_params[(n1, layer)].experts, self._ffn_params[(n2, layer)].experts
+        p1[e2] = self._expert_refs(n1, f"{key}e{e2}.")
+        p2[e1] = self._expert_refs(n2, f"{key}e{e1}.")
         del p1[e1], p2[e2]
         lp = self.plan.layers[layer]
         lp.experts[n1][:] = sorted(set(lp.experts[n1]) - {e1} | {e2})

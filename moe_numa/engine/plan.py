@@ -25,12 +25,9 @@ from dataclasses import dataclass, field
 
 
 from .. import quants
-from ..layers.attention import GQAWeights
-from ..layers.ffn import FFNWeights
-from ..layers.mla import MLAWeights
-from ..layers.moe import MoEWeights
-from ..models.base import ModelConfig, ModelWeights
 from ..errors import ExpertMapError
+from ..layers.split import EXPERTS, FOLLOWS, REPLICATED, VOCAB, Split, split_rules
+from ..models.base import ModelConfig, ModelWeights
 from ..numa.expert_map import ExpertMap, make_map
 from ..numa.topology import Topology
 
@@ -54,12 +51,21 @@ def balanced_cuts(n: int, parts: int, allowed: list[int]) -> list[tuple[int, int
 
 @dataclass
 class LayerPlan:
-    heads: list[tuple[int, int]]            # per node: query heads [h0, h1)
-    kv_heads: list[tuple[int, int]]         # per node: KV heads [k0, k1) it needs (GQA)
-    ffn_slices: list[tuple[int, int]]       # per node: dense/shared intermediate [f0, f1)
+    ranges: dict[str, list[tuple[int, int]]]   # split dimension -> per node [a, b) of it
+    sizes: dict[str, int]                      # split dimension -> its size
     experts: list[list[int]]                # per node: routed experts with weights there (empty for dense layers)
     slices: dict = field(default_factory=dict)    # split expert -> {node: (f0, f1)} of its FFN dimension
     replicas: dict = field(default_factory=dict)  # replicated expert -> holders (owner first)
+
+    def part(self, rule: Split, t, node: int) -> tuple[int, int, int]:
+        """(a, b, unit): node's range of the rule's dimension, and how many entries of t's
+        axis one index of it spans (head_dim rows per head, 1 per FFN row)."""
+        a, b = self.ranges[rule.dim][node]
+        return a, b, t.shape[rule.axis] // self.sizes[rule.dim]
+
+    @property
+    def heads(self) -> list[tuple[int, int]]:
+        return self.ranges.get("heads", [])
 
     def node_share(self, n_nodes: int, n_expert: int, inter: int):
         """[n_nodes, n_expert]: share of each non-replicated expert's FFN rows per node."""
@@ -84,24 +90,63 @@ class PlacementPlan:
     notes: list[str] = field(default_factory=list)
 
 
-def _head_cuts(n_head: int, group: int, v_dim: int, wo_block: int, parts: int) -> list[tuple[int, int]]:
-    aligned = [h for h in range(n_head + 1) if (h * v_dim) % wo_block == 0]
-    whole_groups = [h for h in aligned if h % group == 0]
-    # Prefer cuts on KV-group boundaries (no KV head needed by two nodes).
-    allowed = whole_groups if len(whole_groups) - 1 >= parts else aligned
-    return balanced_cuts(n_head, parts, allowed)
+def _is_column_split(t, axis: int) -> bool:
+    """A cut along the last axis of a matrix slices its rows' GGML blocks."""
+    return len(t.shape) > 1 and axis == len(t.shape) - 1
 
 
-def _ffn_cuts(ffn: FFNWeights, parts: int) -> list[tuple[int, int]]:
-    n = ffn.n_ff
-    blk = _block(ffn.down)
-    return balanced_cuts(n, parts, [f for f in range(0, n + 1, blk)])
+def _cut_points(n: int, tensors: list[tuple[object, int]]) -> list[int]:
+    """Cut points of a dimension of size n that keep every column slice of `tensors`
+    ((tensor, axis) pairs) on GGML block boundaries."""
+    cols = [(t, t.shape[axis] // n) for t, axis in tensors if _is_column_split(t, axis)]
+    return [c for c in range(n + 1) if all((c * unit) % _block(t) == 0 for t, unit in cols)]
+
+
+def _dimension_cuts(rules, sizes: dict[str, int], parts: int) -> dict[str, list[tuple[int, int]]]:
+    """Per split dimension of one layer, each node's contiguous range. A following dimension
+    (KV heads) is cut where its leader is, preferably on whole groups (no KV head needed by
+    two nodes); each node then gets the followers its leader range touches."""
+    by_dim: dict[str, list] = {}
+    for _, t, r in rules:
+        if r.dim not in (REPLICATED, EXPERTS):
+            by_dim.setdefault(r.dim, []).append((t, r.axis))
+    ranges = {}
+    for dim, tensors in by_dim.items():
+        if dim in FOLLOWS:
+            continue
+        n = sizes.setdefault(dim, tensors[0][0].shape[tensors[0][1]])
+        allowed = _cut_points(n, tensors)
+        followers = [f for f, lead in FOLLOWS.items() if lead == dim and f in by_dim]
+        for f in followers:
+            group = n // sizes[f]
+            whole = [c for c in allowed if c % group == 0]
+            allowed = whole if len(whole) - 1 >= parts else allowed
+        ranges[dim] = balanced_cuts(n, parts, allowed)
+        for f in followers:
+            group = n // sizes[f]
+            ranges[f] = [(a // group, -(-b // group)) if b > a else (0, 0) for a, b in ranges[dim]]
+    return ranges
+
+
+def _expert_rules(rules):
+    return [(t, r) for _, t, r in rules if r.dim == EXPERTS]
+
+
+def _expert_cut_tensor(rules):
+    """The expert tensor whose FFN axis is its columns (ffn_down_exps): it sets the block
+    a split expert is cut on."""
+    return next(t for t, r in _expert_rules(rules) if _is_column_split(t, r.inner))
 
 
 def expert_blocks(weights: ModelWeights) -> int:
-    """GGML blocks of ffn_down_exps' columns (the FFN dimension), the fewest over MoE layers."""
-    return min((lw.ffn.down_exps.shape[-1] // _block(lw.ffn.down_exps) for lw in weights.layers
-                if isinstance(lw.ffn, MoEWeights)), default=1)
+    """GGML blocks of the experts' FFN dimension (ffn_down_exps' columns), the fewest over MoE layers."""
+    counts = []
+    for lw in weights.layers:
+        rules = split_rules(lw)
+        if _expert_rules(rules):
+            t = _expert_cut_tensor(rules)
+            counts.append(t.shape[-1] // _block(t))
+    return min(counts, default=1)
 
 
 def split_slices(emap: ExpertMap, layer: int, e: int, down, inter: int) -> dict[int, tuple[int, int]]:
@@ -118,41 +163,40 @@ def split_slices(emap: ExpertMap, layer: int, e: int, down, inter: int) -> dict[
     return {nodes[(j + e) % k]: cuts[j] for j in range(k)}
 
 
+def _place_experts(expert_map: ExpertMap, i: int, rules, n: int, n_expert: int):
+    """Routed experts per node (as the map says), split experts' FFN slices, replicas."""
+    experts = [expert_map.experts_on(i, node) for node in range(n)]
+    down = _expert_cut_tensor(rules)
+    modes = [expert_map.mode(i, e) for e in range(n_expert)]
+    slices = {e: split_slices(expert_map, i, e, down, down.shape[-1])
+              for e in range(n_expert) if modes[e] == "split"}
+    replicas = {e: expert_map.holders(i, e) for e in range(n_expert) if modes[e] == "replicated"}
+    return experts, slices, replicas
+
+
 def make_plan(cfg: ModelConfig, weights: ModelWeights, topology: Topology,
               expert_map: ExpertMap | None = None) -> PlacementPlan:
+    """Apply the weights' declared split rules (moe_numa.layers.split) to `topology`."""
     n = topology.n_nodes
-    moe_layers = [i for i in range(cfg.n_layer) if cfg.is_moe_layer(i)]
+    moe_layers = [i for i, lw in enumerate(weights.layers) if _expert_rules(split_rules(lw))]
     if expert_map is None:
         expert_map = make_map(cfg.n_expert, n, "contiguous")
     expert_map.check_model(cfg.n_expert, moe_layers, cfg.n_layer, cfg.arch, n_nodes=n)
     notes: list[str] = []
     layers = []
     for i, lw in enumerate(weights.layers):
-        a = cfg.attention
-        if isinstance(lw.attn, GQAWeights):
-            group = a.n_head // a.n_head_kv
-            heads = _head_cuts(a.n_head, group, a.head_dim, _block(lw.attn.wo), n)
-            kv = [(h0 // group, -(-h1 // group)) if h1 > h0 else (0, 0) for h0, h1 in heads]
-        elif isinstance(lw.attn, MLAWeights):
-            heads = _head_cuts(a.n_head, 1, a.v_head_dim, _block(lw.attn.wo), n)
-            kv = heads
+        rules = split_rules(lw)
+        sizes = dict(cfg.attention.split_sizes())
+        ranges = _dimension_cuts(rules, sizes, n)
+        if i in moe_layers:
+            experts, slices, replicas = _place_experts(expert_map, i, rules, n, cfg.n_expert)
         else:
-            raise TypeError(f"layer {i}: unknown attention weights {type(lw.attn).__name__}")
-        if isinstance(lw.ffn, MoEWeights):
-            experts = [expert_map.experts_on(i, node) for node in range(n)]
-            ffn = _ffn_cuts(lw.ffn.shared, n) if lw.ffn.shared is not None else [(0, 0)] * n
-            modes = [expert_map.mode(i, e) for e in range(cfg.n_expert)]
-            slices = {e: split_slices(expert_map, i, e, lw.ffn.down_exps, cfg.expert_ff)
-                      for e in range(cfg.n_expert) if modes[e] == "split"}
-            replicas = {e: expert_map.holders(i, e) for e in range(cfg.n_expert) if modes[e] == "replicated"}
-        else:
-            experts = [[] for _ in range(n)]
-            ffn = _ffn_cuts(lw.ffn, n)
-            slices, replicas = {}, {}
-        layers.append(LayerPlan(heads, kv, ffn, experts, slices, replicas))
+            experts, slices, replicas = [[] for _ in range(n)], {}, {}
+        layers.append(LayerPlan(ranges, sizes, experts, slices, replicas))
     empty_heads = sorted({node for lp in layers for node, (h0, h1) in enumerate(lp.heads) if h1 == h0})
     if empty_heads and n > 1:
         notes.append(f"node(s) {empty_heads} hold no attention heads in some layers: the heads cannot be split "
                      f"{n} ways on GGML block boundaries")
-    vocab = balanced_cuts(cfg.n_vocab, n, list(range(cfg.n_vocab + 1)))
+    top = [(t, r.axis) for _, t, r in split_rules(weights) if r.dim == VOCAB]
+    vocab = balanced_cuts(cfg.n_vocab, n, _cut_points(cfg.n_vocab, top))
     return PlacementPlan(n, layers, vocab, expert_map, notes)

@@ -12,6 +12,7 @@ from ..gguf_file import Tensor
 from .kv_cache import LayerCache
 from .norm import rms_norm
 from .rope import RopeConfig, apply_rope, rope_cos_sin
+from .split import HEADS, KV_HEADS, REPLICATED, split
 
 
 @dataclass(frozen=True)
@@ -26,18 +27,23 @@ class AttentionConfig:
     def cache_shapes(self) -> dict[str, tuple[int, ...]]:
         return {"k": (self.n_head_kv, self.head_dim), "v": (self.n_head_kv, self.head_dim)}
 
+    def split_sizes(self) -> dict[str, int]:
+        return {HEADS: self.n_head, KV_HEADS: self.n_head_kv}
+
 
 @dataclass(frozen=True)
 class GQAWeights:
-    wq: Tensor               # [n_head * head_dim, hidden]
-    wk: Tensor               # [n_head_kv * head_dim, hidden]
-    wv: Tensor               # [n_head_kv * head_dim, hidden]
-    wo: Tensor               # [hidden, n_head * head_dim]
-    bq: Tensor | None = None
-    bk: Tensor | None = None
-    bv: Tensor | None = None
-    q_norm: Tensor | None = None   # [head_dim]
-    k_norm: Tensor | None = None
+    wq: Tensor = split(HEADS)                # [n_head * head_dim, hidden]
+    wk: Tensor = split(KV_HEADS)             # [n_head_kv * head_dim, hidden]
+    wv: Tensor = split(KV_HEADS)             # [n_head_kv * head_dim, hidden]
+    wo: Tensor = split(HEADS, axis=1)        # [hidden, n_head * head_dim]
+    bq: Tensor | None = split(HEADS, optional=True)
+    bk: Tensor | None = split(KV_HEADS, optional=True)
+    bv: Tensor | None = split(KV_HEADS, optional=True)
+    q_norm: Tensor | None = split(REPLICATED, optional=True)   # [head_dim]
+    k_norm: Tensor | None = split(REPLICATED, optional=True)
+
+    kind = "gqa"             # the engine's attention kind
 
 
 def _linear(x, w, b, deq):

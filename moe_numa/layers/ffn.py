@@ -6,13 +6,16 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..gguf_file import Tensor
+from .split import FFN, split
 
 
 @dataclass(frozen=True)
 class FFNWeights:
-    gate: Tensor   # [ff, hidden]
-    up: Tensor     # [ff, hidden]
-    down: Tensor   # [hidden, ff]
+    gate: Tensor = split(FFN)           # [ff, hidden]
+    up: Tensor = split(FFN)             # [ff, hidden]
+    down: Tensor = split(FFN, axis=1)   # [hidden, ff]
+
+    kind = "dense"   # the engine's FFN kind
 
     @property
     def n_ff(self) -> int:

@@ -17,6 +17,7 @@ from .attention import causal_softmax_attention
 from .kv_cache import LayerCache
 from .norm import rms_norm
 from .rope import RopeConfig, apply_rope, rope_cos_sin
+from .split import HEADS, REPLICATED, split
 
 
 @dataclass(frozen=True)
@@ -38,19 +39,29 @@ class MLAConfig:
     def cache_shapes(self) -> dict[str, tuple[int, ...]]:
         return {"latent": (self.kv_lora_rank,), "k_rope": (self.qk_rope_dim,)}
 
+    def split_sizes(self) -> dict[str, int]:
+        return {HEADS: self.n_head}
+
 
 @dataclass(frozen=True)
 class MLAWeights:
-    wkv_a: Tensor                  # [kv_lora + rope, hidden]  (attn_kv_a_mqa)
-    kv_a_norm: Tensor              # [kv_lora]
-    wo: Tensor                     # [hidden, n_head * v_head]
-    wq: Tensor | None = None       # [n_head * q_head, hidden]   (no q LoRA)
-    wq_a: Tensor | None = None     # [q_lora, hidden]
-    q_a_norm: Tensor | None = None
-    wq_b: Tensor | None = None     # [n_head * q_head, q_lora]
-    wk_b: Tensor | None = None     # [n_head, kv_lora, qk_nope]  (split layout)
-    wv_b: Tensor | None = None     # [n_head, v_head, kv_lora]
-    wkv_b: Tensor | None = None    # [n_head * (qk_nope + v_head), kv_lora]  (merged layout)
+    # The latent projection and its cache are needed by every node with heads: replicated.
+    wkv_a: Tensor = split(REPLICATED)                        # [kv_lora + rope, hidden]  (attn_kv_a_mqa)
+    kv_a_norm: Tensor = split(REPLICATED)                    # [kv_lora]
+    wo: Tensor = split(HEADS, axis=1)                        # [hidden, n_head * v_head]
+    wq: Tensor | None = split(HEADS, optional=True)          # [n_head * q_head, hidden]   (no q LoRA)
+    wq_a: Tensor | None = split(REPLICATED, optional=True)   # [q_lora, hidden]
+    q_a_norm: Tensor | None = split(REPLICATED, optional=True)
+    wq_b: Tensor | None = split(HEADS, optional=True)        # [n_head * q_head, q_lora]
+    wk_b: Tensor | None = split(HEADS, optional=True)        # [n_head, kv_lora, qk_nope]  (split layout)
+    wv_b: Tensor | None = split(HEADS, optional=True)        # [n_head, v_head, kv_lora]
+    wkv_b: Tensor | None = split(HEADS, optional=True)       # [n_head * (qk_nope + v_head), kv_lora]  (merged)
+
+    @property
+    def kind(self) -> str:
+        """The engine's attention kind: absorbed over the latent cache (split layout), or
+        decompressed per head with a full K/V cache (merged attn_kv_b)."""
+        return "mla" if self.wk_b is not None else "mla_mha"
 
 
 def absorbed_kv_b(cfg: MLAConfig, w: MLAWeights, deq) -> tuple[np.ndarray, np.ndarray]:

@@ -14,6 +14,7 @@ import numpy as np
 from ..errors import UnsupportedError
 from ..gguf_file import Tensor
 from .ffn import FFNWeights, silu, swiglu
+from .split import EXPERTS, REPLICATED, split
 
 GATING_SOFTMAX = "softmax"
 GATING_SIGMOID = "sigmoid"
@@ -52,13 +53,15 @@ class RouterConfig:
 
 @dataclass(frozen=True)
 class MoEWeights:
-    router: Tensor                 # [n_expert, hidden]
-    gate_exps: Tensor              # [n_expert, ff, hidden]
-    up_exps: Tensor                # [n_expert, ff, hidden]
-    down_exps: Tensor              # [n_expert, hidden, ff]
-    probs_bias: Tensor | None = None    # [n_expert] score correction, selection only (DeepSeek-V3)
-    shared: FFNWeights | None = None    # shared expert(s), always active
-    shared_gate: Tensor | None = None   # [hidden] sigmoid gate of the shared expert (Qwen2-MoE)
+    router: Tensor = split(REPLICATED)                 # [n_expert, hidden]
+    gate_exps: Tensor = split(EXPERTS, inner=1)        # [n_expert, ff, hidden]
+    up_exps: Tensor = split(EXPERTS, inner=1)          # [n_expert, ff, hidden]
+    down_exps: Tensor = split(EXPERTS, inner=2)        # [n_expert, hidden, ff]
+    probs_bias: Tensor | None = split(REPLICATED, optional=True)    # [n_expert] score correction (DeepSeek-V3)
+    shared: FFNWeights | None = None                   # shared expert(s), always active: its own split rules
+    shared_gate: Tensor | None = split(REPLICATED, optional=True)   # [hidden] sigmoid gate (Qwen2-MoE)
+
+    kind = "moe"   # the engine's FFN kind
 
     def expert(self, e: int) -> FFNWeights:
         """Expert e's matrices as zero-copy views of the merged tensors."""

@@ -5,7 +5,7 @@ forward pass that runs an architecture's layer code over a KV cache.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Union
 
 import numpy as np
@@ -18,6 +18,7 @@ from ..layers.kv_cache import KVCache
 from ..layers.mla import MLAConfig, MLAWeights
 from ..layers.moe import MoEWeights, RouterConfig, moe_block
 from ..layers.norm import rms_norm
+from ..layers.split import REPLICATED, VOCAB, split
 from ..layers.weights import Dequantizer
 
 
@@ -96,18 +97,18 @@ class DenseLeadConfig(ModelConfig):
 
 @dataclass(frozen=True)
 class LayerWeights:
-    attn_norm: Tensor
-    attn: Union[GQAWeights, MLAWeights]
-    ffn_norm: Tensor
-    ffn: Union[FFNWeights, MoEWeights]
+    attn_norm: Tensor = split(REPLICATED)
+    attn: Union[GQAWeights, MLAWeights] = field()   # each declares its own split rules
+    ffn_norm: Tensor = split(REPLICATED)
+    ffn: Union[FFNWeights, MoEWeights] = field()
 
 
 @dataclass(frozen=True)
 class ModelWeights:
-    token_embd: Tensor         # [n_vocab, hidden]
+    token_embd: Tensor         # [n_vocab, hidden]: rows read from the file by the caller, never placed
     layers: list[LayerWeights]
-    output_norm: Tensor
-    output: Tensor             # [n_vocab, hidden] (token_embd when tied)
+    output_norm: Tensor = split(REPLICATED)
+    output: Tensor = split(VOCAB)   # [n_vocab, hidden] (token_embd when tied)
 
 
 class MetadataReader:
