@@ -16,7 +16,6 @@ import logging
 import os
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -28,7 +27,7 @@ from .. import kernels
 from ..gguf_file import Tensor, bad_block_error, check_tensor_blocks
 from ..kernels import ThreadPool
 from ..layers.rope import rope_cos_sin
-from ..layers.split import EXPERTS, FFN, KV_HEADS, REPLICATED, VOCAB, split_rules
+from ..layers.split import EXPERTS, FFN, KV_HEADS, REPLICATED, split_rules
 from ..model_info import tensor_class
 from ..errors import ExpertMapError
 from ..numa.expert_map import DEFAULT_STRATEGY, STRATEGIES, load_map, make_map
@@ -585,7 +584,7 @@ class EngineBackend:
 
     def _plan_shards(self) -> dict:
         """(kind, node, layer) -> the typed shard descriptor of every slot (arrays still Refs)."""
-        cfg, w, plan, S = self.cfg, self.weights, self.plan, self.store
+        cfg, w, plan = self.cfg, self.weights, self.plan
         cos, sin = (np.ascontiguousarray(v) for v in rope_cos_sin(cfg.attention.rope, np.arange(self.n_ctx)))
         params: dict = {}
         for i, (lw, lp) in enumerate(zip(w.layers, plan.layers)):
@@ -593,10 +592,8 @@ class EngineBackend:
                 placed = self._place(node, f"L{i}.", split_rules(lw), lp)
                 params[("attn", node, i)] = self._attention_shard(i, node, lw.attn, lp, placed, cos, sin)
                 params[("ffn", node, i)] = self._ffn_shard(i, node, lw.ffn, lp, placed)
-        rules = {name: (t, r) for name, t, r in split_rules(w) if name in ("output", "output_norm")}
         for node, (v0, v1) in enumerate(plan.vocab):
-            lp = LayerPlan({VOCAB: plan.vocab}, {VOCAB: cfg.n_vocab}, [])
-            placed = self._place(node, "", [(n, t, r) for n, (t, r) in rules.items()], lp)
+            placed = self._place(node, "", split_rules(w), plan.head)
             params[("head", node, -1)] = _native.HeadShard(hidden=cfg.hidden, vocab=cfg.n_vocab, rms_eps=cfg.rms_eps,
                                                            norm=placed["output_norm"], out=placed["output"], v0=v0)
         return params

@@ -85,9 +85,13 @@ class LayerPlan:
 class PlacementPlan:
     n_nodes: int
     layers: list[LayerPlan]
-    vocab: list[tuple[int, int]]
+    head: LayerPlan            # the model's own tensors: output norm, vocabulary rows of the output head
     expert_map: ExpertMap | None
     notes: list[str] = field(default_factory=list)
+
+    @property
+    def vocab(self) -> list[tuple[int, int]]:
+        return self.head.ranges[VOCAB]
 
 
 def _is_column_split(t, axis: int) -> bool:
@@ -197,6 +201,6 @@ def make_plan(cfg: ModelConfig, weights: ModelWeights, topology: Topology,
     if empty_heads and n > 1:
         notes.append(f"node(s) {empty_heads} hold no attention heads in some layers: the heads cannot be split "
                      f"{n} ways on GGML block boundaries")
-    top = [(t, r.axis) for _, t, r in split_rules(weights) if r.dim == VOCAB]
-    vocab = balanced_cuts(cfg.n_vocab, n, _cut_points(cfg.n_vocab, top))
-    return PlacementPlan(n, layers, vocab, expert_map, notes)
+    sizes = {}
+    head = LayerPlan(_dimension_cuts(split_rules(weights), sizes, n), sizes, [[] for _ in range(n)])
+    return PlacementPlan(n, layers, head, expert_map, notes)

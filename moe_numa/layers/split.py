@@ -50,6 +50,11 @@ def split_rules(weights, prefix: str = "") -> list[tuple[str, object, Split]]:
             continue
         if "split" in f.metadata:
             out.append((prefix + f.name, value, f.metadata["split"]))
-        elif is_dataclass(value):
+        elif _declares(value):
             out += split_rules(value, f"{prefix}{f.name}.")
     return out
+
+
+def _declares(value) -> bool:
+    """A weight structure with split rules of its own (a Tensor, also a dataclass, has none)."""
+    return is_dataclass(value) and any("split" in f.metadata for f in fields(value))
