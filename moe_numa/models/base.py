@@ -4,6 +4,7 @@ forward pass that runs an architecture's layer code over a KV cache.
 """
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Callable, Union
@@ -18,6 +19,7 @@ from ..layers.kv_cache import KVCache
 from ..layers.mla import MLAConfig, MLAWeights
 from ..layers.moe import MoEWeights, RouterConfig, moe_block
 from ..layers.norm import rms_norm
+from ..layers.rope import rope_from_metadata
 from ..layers.split import REPLICATED, VOCAB, split
 from ..layers.weights import Dequantizer
 
@@ -42,6 +44,14 @@ class ModelConfig:
 
     def is_moe_layer(self, i: int) -> bool:
         return True
+
+    @staticmethod
+    def base_fields(gguf: GGUFModelFile, md: "MetadataReader", n_layer: int | None = None) -> dict:
+        """The fields every architecture reads alike: names, vocabulary, sizes, layer count."""
+        return dict(arch=md.arch, name=str(gguf.get("general.name", md.arch)), n_vocab=vocab_size(gguf),
+                    n_ctx_train=md.int("context_length"), hidden=md.int("embedding_length"),
+                    n_layer=md.int("block_count") if n_layer is None else n_layer,
+                    rms_eps=md.float("attention.layer_norm_rms_epsilon"))
 
     def cache_shapes(self) -> list[dict[str, tuple[int, ...]]]:
         return [self.attention.cache_shapes() for _ in range(self.n_layer)]
@@ -73,9 +83,7 @@ class DenseLeadConfig(ModelConfig):
         n_nextn = md.int("nextn_predict_layers", 0)
         n_dense = md.int("leading_dense_block_count", 0)
         return dict(
-            arch=md.arch, name=str(gguf.get("general.name", md.arch)), n_vocab=vocab_size(gguf),
-            n_ctx_train=md.int("context_length"), hidden=md.int("embedding_length"),
-            n_layer=md.int("block_count") - n_nextn, rms_eps=md.float("attention.layer_norm_rms_epsilon"),
+            **ModelConfig.base_fields(gguf, md, md.int("block_count") - n_nextn),
             router=RouterConfig(
                 n_expert=md.int("expert_count"), n_used=md.int("expert_used_count"), gating=gating[gating_id],
                 norm_weights=md.bool("expert_weights_norm", False),
@@ -220,6 +228,39 @@ def take_moe(pick: TensorPicker, i: int, hidden: int, ff: int, n_expert: int) ->
         up_exps=pick.take(p + "ffn_up_exps.weight", (n_expert, ff, hidden)),
         down_exps=pick.take(p + "ffn_down_exps.weight", (n_expert, hidden, ff)),
     )
+
+
+def gqa_config(gguf: GGUFModelFile, md: MetadataReader, rope_dims: int | None = None) -> AttentionConfig:
+    """GQA attention from `{arch}.attention.*`: head_dim = key_length (default hidden / n_head),
+    which value_length must equal; NeoX RoPE over `rope_dims` (default rope.dimension_count,
+    else the whole head); softmax scale 1/sqrt(head_dim)."""
+    n_head = md.int("attention.head_count")
+    head_dim = md.int("attention.key_length", md.int("embedding_length") // n_head)
+    if md.int("attention.value_length", head_dim) != head_dim:
+        raise UnsupportedError(f"{gguf.path}: {md.arch} needs attention.key_length == attention.value_length")
+    rope_dims = md.int("rope.dimension_count", head_dim) if rope_dims is None else rope_dims
+    return AttentionConfig(
+        n_head=n_head, n_head_kv=md.int("attention.head_count_kv", n_head), head_dim=head_dim,
+        rope=rope_from_metadata(gguf.metadata, md.arch, rope_dims, neox=True, n_ctx_train=md.int("context_length")),
+        kq_scale=1.0 / math.sqrt(head_dim), norm_eps=md.float("attention.layer_norm_rms_epsilon"))
+
+
+def load_layers(gguf: GGUFModelFile, cfg: ModelConfig, layer: Callable, ffn_norm: str = "ffn_norm",
+                ignore: Callable[[str], bool] = lambda name: False) -> ModelWeights:
+    """The loading loop all our models share: embedding, output norm and head, then per layer
+    `layer(pick, i, prefix) -> (attn, ffn)` between `attn_norm` and the FFN's pre-norm
+    (`ffn_norm`), then the check that no tensor was left unread (but those `ignore` names)."""
+    pick = TensorPicker(gguf, ignore)
+    H = cfg.hidden
+    embd, out_norm, out = take_common(pick, cfg.n_vocab, H)
+    layers = []
+    for i in range(cfg.n_layer):
+        p = f"blk.{i}."
+        attn, ffn = layer(pick, i, p)
+        layers.append(LayerWeights(pick.take(p + "attn_norm.weight", (H,)), attn,
+                                   pick.take(p + ffn_norm + ".weight", (H,)), ffn))
+    pick.check_all_used()
+    return ModelWeights(embd, layers, out_norm, out)
 
 
 def take_gqa(pick: TensorPicker, prefix: str, a: AttentionConfig, hidden: int, biases: bool = False,

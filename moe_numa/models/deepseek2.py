@@ -19,8 +19,8 @@ from ..gguf_file import GGUFModelFile
 from ..layers.mla import MLAConfig, MLAWeights, mla_attention
 from ..layers.moe import GATING_SIGMOID, GATING_SOFTMAX
 from ..layers.rope import rope_from_metadata
-from .base import (DenseLeadConfig, LayerWeights, MetadataReader, ModelWeights, TensorPicker,
-                   pre_norm_block, take_common, take_dense_or_moe)
+from .base import (DenseLeadConfig, LayerWeights, MetadataReader, ModelWeights, load_layers, pre_norm_block,
+                   take_dense_or_moe)
 
 ARCH = "deepseek2"
 _GATING = {0: GATING_SOFTMAX, 1: GATING_SOFTMAX, 2: GATING_SIGMOID}
@@ -67,14 +67,10 @@ class DeepSeek2Config(DenseLeadConfig):
 
 
 def load_weights(gguf: GGUFModelFile, cfg: DeepSeek2Config) -> ModelWeights:
-    pick = TensorPicker(gguf, ignore=cfg.is_nextn_tensor)
     a, H = cfg.attention, cfg.hidden
-    embd, out_norm, out = take_common(pick, cfg.n_vocab, H)
-    layers = []
-    for i in range(cfg.n_layer):
-        p = f"blk.{i}."
-        q_rows = a.n_head * a.q_head_dim
-        lora = a.q_lora_rank > 0
+    q_rows, lora = a.n_head * a.q_head_dim, a.q_lora_rank > 0
+
+    def layer(pick, i, p):
         attn = MLAWeights(
             wkv_a=pick.take(p + "attn_kv_a_mqa.weight", (a.kv_lora_rank + a.qk_rope_dim, H)),
             kv_a_norm=pick.take(p + "attn_kv_a_norm.weight", (a.kv_lora_rank,)),
@@ -90,10 +86,8 @@ def load_weights(gguf: GGUFModelFile, cfg: DeepSeek2Config) -> ModelWeights:
             wkv_b=None if cfg.split_kv_b else pick.take(
                 p + "attn_kv_b.weight", (a.n_head * (a.qk_nope_dim + a.v_head_dim), a.kv_lora_rank)),
         )
-        layers.append(LayerWeights(pick.take(p + "attn_norm.weight", (H,)), attn,
-                                   pick.take(p + "ffn_norm.weight", (H,)), take_dense_or_moe(pick, cfg, i)))
-    pick.check_all_used()
-    return ModelWeights(embd, layers, out_norm, out)
+        return attn, take_dense_or_moe(pick, cfg, i)
+    return load_layers(gguf, cfg, layer, ignore=cfg.is_nextn_tensor)
 
 
 def forward_layer(cfg: DeepSeek2Config, i: int, w: LayerWeights, x, cache, positions, deq):

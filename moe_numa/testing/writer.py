@@ -101,53 +101,42 @@ class ModelSpec:
     extra: dict = field(default_factory=dict)
 
 
+# The test presets are small (hidden 256, a few layers): the tests write them in every quant type.
+_QWEN3 = ModelSpec(arch="qwen3moe", vocab="qwen3", n_vocab_regular=6000, hidden=256, n_layer=2, n_head=8,
+                   n_head_kv=2, head_dim=64, n_expert=8, n_used=2, expert_ff=256)
+# DeepSeek-V3's MLA (q LoRA, split attn_k_b/attn_v_b), sigmoid router with groups and score bias.
+_DEEPSEEK_V3 = ModelSpec(
+    arch="deepseek2", vocab="deepseek-v3", n_vocab_regular=6000, hidden=256, n_layer=3, n_head=4,
+    n_head_kv=1, head_dim=0, n_expert=16, n_used=4, expert_ff=256, rope_base=10000.0,
+    q_lora_rank=256, kv_lora_rank=256, qk_nope=64, qk_rope=32, v_head=64, n_dense_lead=1, dense_ff=512,
+    n_shared=1, gating=2, norm_weights=True, weights_scale=2.5, n_groups=4, n_groups_used=2,
+    probs_bias=True, split_kv_b=True, yarn=(4.0, 1024, 1.0))
+# Kimi-K2 / Moonlight: DeepSeek-V3's architecture (deepseek2), 384 / 64 experts, one expert group.
+_KIMI = replace(_DEEPSEEK_V3, n_layer=2, n_expert=384, n_used=8, expert_ff=32, rope_base=50000.0,
+                q_lora_rank=128, kv_lora_rank=128, weights_scale=2.827, n_groups=1, n_groups_used=1,
+                yarn=(32.0, 4096, 1.0))
+
 PRESETS: dict[str, ModelSpec] = {
-    "qwen3moe": ModelSpec(
-        arch="qwen3moe", vocab="qwen3", n_vocab_regular=6000, hidden=256, n_layer=2, n_head=8, n_head_kv=2,
-        head_dim=64, n_expert=8, n_used=2, expert_ff=256),
-    "qwen2moe": ModelSpec(
-        arch="qwen2moe", vocab="qwen2", n_vocab_regular=6000, hidden=256, n_layer=2, n_head=4, n_head_kv=2,
-        head_dim=64, n_expert=8, n_used=2, expert_ff=256, shared_ff=512, qkv_bias=True),
-    "deepseek-v3": ModelSpec(
-        arch="deepseek2", vocab="deepseek-v3", n_vocab_regular=6000, hidden=256, n_layer=3, n_head=4,
-        n_head_kv=1, head_dim=0, n_expert=16, n_used=4, expert_ff=256, rope_base=10000.0,
-        q_lora_rank=256, kv_lora_rank=256, qk_nope=64, qk_rope=32, v_head=64, n_dense_lead=1, dense_ff=512,
-        n_shared=1, gating=2, norm_weights=True, weights_scale=2.5, n_groups=4, n_groups_used=2,
-        probs_bias=True, split_kv_b=True, yarn=(4.0, 1024, 1.0)),
-    "deepseek-v2-lite": ModelSpec(
-        arch="deepseek2", vocab="deepseek-v3", n_vocab_regular=6000, hidden=256, n_layer=3, n_head=4,
-        n_head_kv=4, head_dim=0, n_expert=16, n_used=4, expert_ff=256, rope_base=10000.0,
-        q_lora_rank=0, kv_lora_rank=256, qk_nope=64, qk_rope=32, v_head=64, n_dense_lead=1, dense_ff=512,
-        n_shared=2, gating=1, norm_weights=False, weights_scale=1.0, split_kv_b=False,
-        yarn=(40.0, 512, 0.707)),
-    # Benchmark models: realistic proportions that fit a 24 GiB machine.
-    "glm4moe": ModelSpec(
-        arch="glm4moe", vocab="qwen3", n_vocab_regular=6000, hidden=256, n_layer=3, n_head=8, n_head_kv=2,
-        head_dim=64, n_expert=16, n_used=4, expert_ff=256, n_dense_lead=1, dense_ff=512, n_shared=1,
+    "qwen3moe": _QWEN3,
+    "qwen2moe": replace(_QWEN3, arch="qwen2moe", vocab="qwen2", n_head=4, shared_ff=512, qkv_bias=True),
+    "deepseek-v3": _DEEPSEEK_V3,
+    "deepseek-v2-lite": replace(   # no q LoRA, merged attn_kv_b, softmax router without groups
+        _DEEPSEEK_V3, n_head_kv=4, q_lora_rank=0, n_shared=2, gating=1, norm_weights=False, weights_scale=1.0,
+        n_groups=0, n_groups_used=0, probs_bias=False, split_kv_b=False, yarn=(40.0, 512, 0.707)),
+    "glm4moe": replace(   # GQA with DeepSeek's router and leading dense layer, partial RoPE, NextN layer
+        _QWEN3, arch="glm4moe", n_layer=3, n_expert=16, n_used=4, n_dense_lead=1, dense_ff=512, n_shared=1,
         gating=2, norm_weights=True, weights_scale=2.5, probs_bias=True, qkv_bias=True, rope_dims=32,
         qk_norm=True, n_nextn=1),
-    # Kimi-K2 / Moonlight: DeepSeek-V3's architecture (deepseek2), 384 / 64 experts, one expert group.
-    "kimi-k2": ModelSpec(
-        arch="deepseek2", vocab="deepseek-v3", n_vocab_regular=6000, hidden=256, n_layer=2, n_head=4,
-        n_head_kv=1, head_dim=0, n_expert=384, n_used=8, expert_ff=32, rope_base=50000.0,
-        q_lora_rank=128, kv_lora_rank=128, qk_nope=64, qk_rope=32, v_head=64, n_dense_lead=1, dense_ff=512,
-        n_shared=1, gating=2, norm_weights=True, weights_scale=2.827, n_groups=1, n_groups_used=1,
-        probs_bias=True, split_kv_b=True, yarn=(32.0, 4096, 1.0)),
-    "moonlight": ModelSpec(
-        arch="deepseek2", vocab="deepseek-v3", n_vocab_regular=6000, hidden=256, n_layer=2, n_head=4,
-        n_head_kv=1, head_dim=0, n_expert=64, n_used=6, expert_ff=64, rope_base=50000.0,
-        q_lora_rank=0, kv_lora_rank=128, qk_nope=64, qk_rope=32, v_head=64, n_dense_lead=1, dense_ff=512,
-        n_shared=2, gating=2, norm_weights=True, weights_scale=2.446, n_groups=1, n_groups_used=1,
-        probs_bias=True, split_kv_b=True),
-    "qwen3moe-bench": ModelSpec(
-        arch="qwen3moe", vocab="qwen3", n_vocab_regular=0, hidden=2048, n_layer=24, n_head=32, n_head_kv=4,
-        head_dim=128, n_expert=64, n_used=8, expert_ff=512, context_length=32768),
-    "deepseek-v3-bench": ModelSpec(
-        arch="deepseek2", vocab="deepseek-v3", n_vocab_regular=0, hidden=2048, n_layer=16, n_head=16,
-        n_head_kv=1, head_dim=0, n_expert=64, n_used=6, expert_ff=768, rope_base=10000.0, context_length=32768,
-        q_lora_rank=768, kv_lora_rank=512, qk_nope=128, qk_rope=64, v_head=128, n_dense_lead=1, dense_ff=5632,
-        n_shared=2, gating=2, norm_weights=True, weights_scale=2.5, n_groups=8, n_groups_used=4,
-        probs_bias=True, split_kv_b=True, yarn=(40.0, 4096, 1.0)),
+    "kimi-k2": _KIMI,
+    "moonlight": replace(_KIMI, n_expert=64, n_used=6, expert_ff=64, q_lora_rank=0, n_shared=2,
+                         weights_scale=2.446, yarn=None),
+    # Benchmark models: realistic proportions that fit a 24 GiB machine.
+    "qwen3moe-bench": replace(_QWEN3, n_vocab_regular=0, hidden=2048, n_layer=24, n_head=32, n_head_kv=4,
+                              head_dim=128, n_expert=64, n_used=8, expert_ff=512, context_length=32768),
+    "deepseek-v3-bench": replace(
+        _DEEPSEEK_V3, n_vocab_regular=0, hidden=2048, n_layer=16, n_head=16, n_expert=64, n_used=6,
+        expert_ff=768, context_length=32768, q_lora_rank=768, kv_lora_rank=512, qk_nope=128, qk_rope=64,
+        v_head=128, dense_ff=5632, n_shared=2, n_groups=8, n_groups_used=4, yarn=(40.0, 4096, 1.0)),
 }
 
 
@@ -327,16 +316,14 @@ def write_hparams(w: gguf.GGUFWriter, spec: ModelSpec, n_vocab: int) -> None:
     w.add_uint32(f"{a}.expert_used_count", spec.n_used)
     w.add_uint32(f"{a}.expert_feed_forward_length", spec.expert_ff)
     w.add_uint32(f"{a}.vocab_size", n_vocab)
-    if a in ("qwen2moe", "qwen3moe"):
+    if a in ("qwen2moe", "qwen3moe", "glm4moe"):   # GQA
         w.add_uint32(f"{a}.attention.key_length", spec.head_dim)
         w.add_uint32(f"{a}.attention.value_length", spec.head_dim)
+    if a in ("qwen2moe", "qwen3moe"):
         w.add_uint32(f"{a}.feed_forward_length", spec.shared_ff or spec.expert_ff * spec.n_used)
         if spec.shared_ff:
             w.add_uint32(f"{a}.expert_shared_feed_forward_length", spec.shared_ff)
-    elif a == "glm4moe":
-        w.add_uint32(f"{a}.attention.key_length", spec.head_dim)
-        w.add_uint32(f"{a}.attention.value_length", spec.head_dim)
-        w.add_uint32(f"{a}.rope.dimension_count", spec.rope_dims or spec.head_dim)
+    else:   # DeepSeek's router, leading dense layers and shared experts (deepseek2, glm4moe)
         w.add_uint32(f"{a}.leading_dense_block_count", spec.n_dense_lead)
         w.add_uint32(f"{a}.feed_forward_length", spec.dense_ff)
         w.add_uint32(f"{a}.expert_shared_count", spec.n_shared)
@@ -345,9 +332,9 @@ def write_hparams(w: gguf.GGUFWriter, spec: ModelSpec, n_vocab: int) -> None:
         w.add_uint32(f"{a}.expert_gating_func", spec.gating)
         if spec.n_nextn:
             w.add_uint32(f"{a}.nextn_predict_layers", spec.n_nextn)
-    else:
-        w.add_uint32(f"{a}.leading_dense_block_count", spec.n_dense_lead)
-        w.add_uint32(f"{a}.feed_forward_length", spec.dense_ff)
+    if a == "glm4moe":
+        w.add_uint32(f"{a}.rope.dimension_count", spec.rope_dims or spec.head_dim)
+    elif a == "deepseek2":
         w.add_uint32(f"{a}.attention.q_lora_rank", spec.q_lora_rank)
         w.add_uint32(f"{a}.attention.kv_lora_rank", spec.kv_lora_rank)
         if spec.split_kv_b:
@@ -359,10 +346,6 @@ def write_hparams(w: gguf.GGUFWriter, spec: ModelSpec, n_vocab: int) -> None:
             w.add_uint32(f"{a}.attention.key_length", spec.qk_nope + spec.qk_rope)
             w.add_uint32(f"{a}.attention.value_length", spec.v_head)
         w.add_uint32(f"{a}.rope.dimension_count", spec.qk_rope)
-        w.add_uint32(f"{a}.expert_shared_count", spec.n_shared)
-        w.add_float32(f"{a}.expert_weights_scale", spec.weights_scale)
-        w.add_bool(f"{a}.expert_weights_norm", spec.norm_weights)
-        w.add_uint32(f"{a}.expert_gating_func", spec.gating)
     if spec.n_groups:
         w.add_uint32(f"{a}.expert_group_count", spec.n_groups)
         w.add_uint32(f"{a}.expert_group_used_count", spec.n_groups_used)
