@@ -167,7 +167,8 @@ class Descriptor:
         return type(self)(**{n: walk(v) for n, v in self.fields().items()})
 
     def __repr__(self):
-        return f"{type(self).__name__}({', '.join(f'{n}=...' if hasattr(v, 'shape') else f'{n}={v!r}' for n, v in self.fields().items())})"
+        shown = (f"{n}=<{v.dtype} {v.shape}>" if hasattr(v, "shape") else f"{n}={v!r}" for n, v in self.fields().items())
+        return f"{type(self).__name__}({', '.join(shown)})"
 
 
 class Mat(Descriptor):
@@ -183,7 +184,7 @@ class Expert(Descriptor):
 
 
 class AttnShard(Descriptor):
-    """mn_attn_layer."""
+    """mn_attn_layer (q2kv None: query head h reads KV head h)."""
     __slots__ = ("kind", "hidden", "rms_eps", "norm_eps", "kq_scale", "attn_norm", "n_head", "n_kv", "q2kv",
                  "qk_dim", "v_dim", "rope_off", "rope_dims", "rope_neox", "rope_cos", "rope_sin",
                  "wq", "wk", "wv", "wo", "bq", "bk", "bv", "q_norm", "k_norm",
