@@ -94,6 +94,9 @@ def test_map_checked_against_model():
 def test_missing_and_malformed_files(tmp_path):
     with pytest.raises(ExpertMapError, match="expert map not found"):
         load_map(tmp_path / "nope.yaml")
+    for directory in ("", tmp_path):   # "" is "." to pathlib
+        with pytest.raises(ExpertMapError, match="is a directory"):
+            load_map(directory)
     p = tmp_path / "bad.yaml"
     p.write_text("nodes: [0\nexperts: {")
     with pytest.raises(ExpertMapError, match="not valid YAML"):

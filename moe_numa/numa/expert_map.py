@@ -289,8 +289,8 @@ def load_map(spec: str | os.PathLike[str] | Mapping, n_expert: int | None = None
     path = Path(spec)
     if str(spec) in STRATEGIES and not path.exists() and n_expert is not None and n_nodes is not None:
         return make_map(n_expert, n_nodes, str(spec))
-    if not path.exists():
-        raise ExpertMapError(f"expert map not found: {path}")
+    if not path.is_file():   # "" is "." to pathlib: a directory
+        raise ExpertMapError(f"expert map not found: {str(spec)!r}" + (" is a directory" if path.is_dir() else ""))
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:
