@@ -24,6 +24,13 @@ says "compute", else "memory".
 
 Every type of the type table with a kernel is measured by default.
 
+--l2: the compute ceiling alone, made for a busy machine: one thread, weights of
+--l2-kib (default half of one core's L2) on --simd levels (default every level
+the CPU has above scalar), timed in thread-CPU time without Python in the loop
+(each sample: enough calls for ~0.5 ms), the minimum over --l2-samples samples
+(robust to other processes most of the time).  Prints GB/s of weights per level
+for GEMV and for the GEMM tiles of --l2-tokens tokens (GFLOP/s there).
+
 --json prints a JSON list of rows {"kernel", "type", "threads", "tokens",
 "gbps", "bandwidth_gbps", "ratio"} (GEMV rows also "l2_gbps", "bound").
 """
@@ -121,6 +128,43 @@ def l2_rate(qtype, cols: int, pool, n: int, l2: int, rng, min_s: float = 0.05) -
     return w.nbytes / best / 1e9
 
 
+def l2_table(a: argparse.Namespace, types: list[str], log) -> list[dict]:
+    """Single-thread L2-resident GB/s (and GFLOP/s), the min-time over many short samples."""
+    from moe_numa import _native
+    levels = ([s.strip() for s in a.simd.split(",")] if a.simd else
+              list(K.SIMD_LEVELS[1:K.SIMD_LEVELS.index(K.simd_level_cpu()) + 1]))
+    toks = [int(t) for t in a.l2_tokens.split(",") if t.strip()]
+    kib = a.l2_kib or cache_bytes(2) // 2048
+    rng = np.random.default_rng(0)
+    rows_out = []
+    print(f"# L2 mode: 1 thread, {kib} KiB weights, cols {a.cols}, min over {a.l2_samples} samples; "
+          f"GB/s (GFLOP/s for GEMM) per SIMD level", file=log)
+    print(f"{'type':8} {'tok':>4} " + " ".join(f"{lv:>16}" for lv in levels), file=log)
+    for tname in types:
+        t = K._qtype(tname)
+        rb = K.row_bytes(t, a.cols)
+        w = K.random_blocks(t, max(1, (kib << 10) // rb), a.cols, rng)
+        for nt in toks:
+            x = rng.normal(size=(nt, a.cols)).astype(np.float32)
+            out = np.empty((nt, w.shape[0]), dtype=np.float32)
+            cells = []
+            for lv in levels:
+                with K.simd(lv):
+                    xq = K.quantize_act(x, t)
+                    args = (int(t), w.ctypes.data, w.strides[0], w.shape[0], a.cols,
+                            xq.ctypes.data, xq.shape[1], nt, out.ctypes.data)
+                    ns1 = max(1, _native._time_rows(*args, 1))
+                    iters = max(1, int(5e5 // ns1))
+                    best = min(_native._time_rows(*args, iters) for _ in range(a.l2_samples)) / iters
+                gbps = w.nbytes / best
+                gflops = 2 * w.shape[0] * a.cols * nt / best
+                rows_out.append({"kernel": "l2", "type": tname.lower(), "simd": lv, "tokens": nt,
+                                 "gbps": round(gbps, 3), "gflops": round(gflops, 2)})
+                cells.append(f"{gbps:7.1f} ({gflops:6.1f})")
+            print(f"{tname:8} {nt:4d} " + " ".join(f"{c:>16}" for c in cells), file=log, flush=True)
+    return rows_out
+
+
 def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--types", default=DEFAULT_TYPES, help="comma-separated weight types")
     ap.add_argument("--threads", default=None, help="thread counts, e.g. 1,2 (default: 1 and all CPUs)")
@@ -132,6 +176,11 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--smt", action="store_true", help="also use SMT siblings")
     ap.add_argument("--json", action="store_true", help="print a JSON list of rows")
     ap.add_argument("--json-out", default=None, help="also write the JSON rows to this file")
+    ap.add_argument("--l2", action="store_true", help="only the single-thread L2-resident rates (busy machines)")
+    ap.add_argument("--l2-kib", type=int, default=0, help="--l2 weight KiB (default half of one core's L2)")
+    ap.add_argument("--l2-tokens", default="1,4,16", help="--l2 token counts (1: GEMV)")
+    ap.add_argument("--l2-samples", type=int, default=200, help="--l2 samples (the minimum is kept)")
+    ap.add_argument("--simd", default=None, help="--l2 SIMD levels, e.g. avx2,avx512vnni (default: all above scalar)")
 
 
 def main(argv=None) -> int:
@@ -145,6 +194,15 @@ def run(a: argparse.Namespace) -> int:
     cpus = K.order_cpus(K.available_cpus(), use_smt=a.smt)
     threads = [int(t) for t in a.threads.split(",")] if a.threads else sorted({1, len(cpus)})
     types = [t.strip() for t in a.types.split(",") if t.strip()]
+    if a.l2:
+        with K.limit_blas_threads(1):
+            rows_out = l2_table(a, types, sys.stderr if a.json else sys.stdout)
+        if a.json:
+            print(json.dumps(rows_out, indent=1))
+        if a.json_out:
+            with open(a.json_out, "w") as f:
+                json.dump(rows_out, f, indent=1)
+        return 0
     tokens = [int(t) for t in a.tokens.split(",") if t.strip()]
     l3 = cache_bytes()
     l2 = cache_bytes(2)

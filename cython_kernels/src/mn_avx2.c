@@ -64,8 +64,7 @@ MN_TILED(dot_bf16)
 /* 16 bytes of nibbles -> 32 values: low nibbles are values 0-15, high ones 16-31 */
 MN_INLINE __m256i nib32(const uint8_t *q) {
     const __m128i v = _mm_loadu_si128((const __m128i *)q);
-    const __m128i m4 = _mm_set1_epi8(0xF);
-    return _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(v, 4), m4), _mm_and_si128(v, m4));
+    return _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(v, 4), v), _mm256_set1_epi8(0xF));
 }
 /* bit j of 32 bits -> byte j = 0x10 if set (the fifth bit of Q5 values) */
 MN_INLINE __m256i bit5_32(const uint8_t *qh) {
@@ -74,103 +73,56 @@ MN_INLINE __m256i bit5_32(const uint8_t *qh) {
     const __m256i v = _mm256_and_si256(_mm256_shuffle_epi8(_mm256_set1_epi32((int)mn_rd32(qh)), shuf), bm);
     return _mm256_and_si256(_mm256_cmpeq_epi8(v, bm), _mm256_set1_epi8(0x10));
 }
-MN_INLINE __m256i q4_0_vals(const uint8_t *b) { return _mm256_sub_epi8(nib32(b + 2), _mm256_set1_epi8(8)); }
 MN_INLINE __m256i q8_0_vals(const uint8_t *b) { return _mm256_loadu_si256((const __m256i *)(b + 2)); }
 MN_INLINE __m256i q4_1_vals(const uint8_t *b) { return nib32(b + 4); }
-MN_INLINE __m256i q5_0_vals(const uint8_t *b) {
-    return _mm256_sub_epi8(_mm256_or_si256(nib32(b + 6), bit5_32(b + 2)), _mm256_set1_epi8(16));
-}
 MN_INLINE __m256i q5_1_vals(const uint8_t *b) { return _mm256_or_si256(nib32(b + 8), bit5_32(b + 4)); }
 MN_INLINE __m256i iq4_nl_vals(const uint8_t *b) {
     const __m256i kv = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)mn_kvalues_iq4nl));
     return _mm256_shuffle_epi8(kv, nib32(b + 2));
 }
 
-/* VALS(b): the block's 32 values as int8; MOFF >= 0: the fp16 min m at that
- * offset adds m * dx * sum(xq) (the activation rows carry the block sums) */
-#define Q80_KERNEL(name, BS, VALS, MOFF) \
-MN_INLINE void name##_t(const uint8_t *w, int64_t nb, const uint8_t *xq, size_t xs, const int NT, float *res) { \
-    const __m256i ones = _mm256_set1_epi16(1); \
-    __m256 a0[MN_TILE], a1[MN_TILE]; \
-    float mc[MN_TILE]; \
-    for (int t = 0; t < NT; t++) { a0[t] = _mm256_setzero_ps(); a1[t] = _mm256_setzero_ps(); mc[t] = 0.f; } \
-    int64_t i = 0; \
-    for (; i + 2 <= nb; i += 2) { \
-        const uint8_t *b0 = w + i * BS, *b1 = b0 + BS; \
-        _mm_prefetch((const char *)(b0 + MN_PF_DIST), _MM_HINT_T0); _mm_prefetch((const char *)(b0 + MN_PF_DIST + 64), _MM_HINT_T0); \
-        const __m256i q0 = VALS(b0), q1 = VALS(b1); \
-        const __m256i u0 = _mm256_sign_epi8(q0, q0), u1 = _mm256_sign_epi8(q1, q1); \
-        const float d0 = h2f(b0), d1 = h2f(b1); \
-        for (int t = 0; t < NT; t++) { \
-            const int8_t *x = (const int8_t *)(xq + t * xs) + 32 * i; \
-            const float *xd = (const float *)(xq + t * xs + 32 * nb) + i; \
-            const __m256i p0 = _mm256_madd_epi16(_mm256_maddubs_epi16(u0, _mm256_sign_epi8(_mm256_loadu_si256((const __m256i *)x), q0)), ones); \
-            const __m256i p1 = _mm256_madd_epi16(_mm256_maddubs_epi16(u1, _mm256_sign_epi8(_mm256_loadu_si256((const __m256i *)(x + 32)), q1)), ones); \
-            a0[t] = _mm256_fmadd_ps(_mm256_set1_ps(d0 * xd[0]), _mm256_cvtepi32_ps(p0), a0[t]); \
-            a1[t] = _mm256_fmadd_ps(_mm256_set1_ps(d1 * xd[1]), _mm256_cvtepi32_ps(p1), a1[t]); \
-            if (MOFF >= 0) { \
-                const int32_t *sx = (const int32_t *)(xq + t * xs + 36 * nb) + i; \
-                mc[t] += h2f(b0 + MOFF) * xd[0] * (float)sx[0] + h2f(b1 + MOFF) * xd[1] * (float)sx[1]; \
-            } \
-        } \
-    } \
-    for (; i < nb; i++) { \
-        const uint8_t *b0 = w + i * BS; \
-        const __m256i q0 = VALS(b0), u0 = _mm256_sign_epi8(q0, q0); \
-        const float d0 = h2f(b0); \
-        for (int t = 0; t < NT; t++) { \
-            const int8_t *x = (const int8_t *)(xq + t * xs) + 32 * i; \
-            const float *xd = (const float *)(xq + t * xs + 32 * nb) + i; \
-            const __m256i p0 = _mm256_madd_epi16(_mm256_maddubs_epi16(u0, _mm256_sign_epi8(_mm256_loadu_si256((const __m256i *)x), q0)), ones); \
-            a0[t] = _mm256_fmadd_ps(_mm256_set1_ps(d0 * xd[0]), _mm256_cvtepi32_ps(p0), a0[t]); \
-            if (MOFF >= 0) mc[t] += h2f(b0 + MOFF) * xd[0] * (float)((const int32_t *)(xq + t * xs + 36 * nb))[i]; \
-        } \
-    } \
-    for (int t = 0; t < NT; t++) res[t] = hsum8(_mm256_add_ps(a0[t], a1[t])) + mc[t]; \
-}
-Q80_KERNEL(dot_q8_0, BS_Q8_0, q8_0_vals, -1)
-Q80_KERNEL(dot_iq4_nl, BS_IQ4_NL, iq4_nl_vals, -1)
-
-/* Unsigned 32-value blocks: value = d * u + c with u >= 0 straight into maddubs
- * (no sign juggling) and c = -OFF * d (Q4_0, Q5_0) or the fp16 min at MOFF
- * (Q4_1, Q5_1); the c term is c * dx * sum(xq) from the rows' block sums, for a min
- * m * s with s the fp16-rounded sum llama.cpp's Q8_1 carries.
- * Four blocks per step share one conversion of their scales. */
-MN_INLINE __m256i q4_0_u(const uint8_t *b) { return nib32(b + 2); }
-MN_INLINE __m256i q5_0_u(const uint8_t *b) { return _mm256_or_si256(nib32(b + 6), bit5_32(b + 2)); }
+/* Four 32-value blocks per step.  VALS(b): the block's values as int8; SIGNED:
+ * they may be negative, so maddubs gets |q| and the signs move onto the
+ * activations; else they are unsigned (value = u - OFF, or d * u + m with the fp16
+ * min m at MOFF) and go straight in.  madd + two hadds reduce the four blocks'
+ * pair sums to one int32 per block, so each step ends in one conversion and one
+ * fma per token (the OFF term in int32 from the rows' block sums; the min times
+ * llama.cpp's Q8_1 sum s, fp16-rounded, for Q4_1 / Q5_1). */
+/* the fp16 at b of four blocks: packed in a general register (idle ports here) */
 MN_INLINE __m128 h4(const uint8_t *b, size_t bs) {
-    return _mm_cvtph_ps(_mm_setr_epi16((short)mn_rd16(b), (short)mn_rd16(b + bs), (short)mn_rd16(b + 2 * bs),
-                                       (short)mn_rd16(b + 3 * bs), 0, 0, 0, 0));
+    const uint64_t v = (uint64_t)mn_rd16(b) | ((uint64_t)mn_rd16(b + bs) << 16) |
+                       ((uint64_t)mn_rd16(b + 2 * bs) << 32) | ((uint64_t)mn_rd16(b + 3 * bs) << 48);
+    return _mm_cvtph_ps(_mm_cvtsi64_si128((long long)v));
 }
-#define U32_KERNEL(name, BS, UVALS, OFF, MOFF, UNPACK) \
+#define B32_KERNEL(name, BS, VALS, SIGNED, OFF, MOFF, UNPACK) \
 MN_INLINE void name##_t(const uint8_t *w, int64_t nb, const uint8_t *xq, size_t xs, const int NT, float *res) { \
     const __m256i ones = _mm256_set1_epi16(1); \
-    __m256 acc[MN_TILE]; __m128 cacc[MN_TILE]; float tail[MN_TILE]; \
-    for (int t = 0; t < NT; t++) { acc[t] = _mm256_setzero_ps(); cacc[t] = _mm_setzero_ps(); tail[t] = 0.f; } \
+    __m128 acc[MN_TILE]; float tail[MN_TILE]; \
+    for (int t = 0; t < NT; t++) { acc[t] = _mm_setzero_ps(); tail[t] = 0.f; } \
     int64_t i = 0; \
     for (; i + 4 <= nb; i += 4) { \
         const uint8_t *b = w + i * BS; \
         _mm_prefetch((const char *)(b + MN_PF_DIST), _MM_HINT_T0); _mm_prefetch((const char *)(b + MN_PF_DIST + 64), _MM_HINT_T0); \
-        const __m256i u0 = UVALS(b), u1 = UVALS(b + BS), u2 = UVALS(b + 2 * BS), u3 = UVALS(b + 3 * BS); \
+        __m256i q[4], u[4]; \
+        for (int k = 0; k < 4; k++) { q[k] = VALS(b + k * BS); u[k] = SIGNED ? _mm256_sign_epi8(q[k], q[k]) : q[k]; } \
         const __m128 d4 = h4(b, BS); \
-        const __m128 c4 = (MOFF) >= 0 ? h4(b + ((MOFF) >= 0 ? (MOFF) : 0), BS) : _mm_mul_ps(d4, _mm_set1_ps(-(float)(OFF))); \
+        const __m128 m4 = (MOFF) >= 0 ? h4(b + ((MOFF) >= 0 ? (MOFF) : 0), BS) : _mm_setzero_ps(); \
         for (int t = 0; t < NT; t++) { \
-            const int8_t *x = (const int8_t *)(xq + t * xs) + 32 * i; \
-            const __m128 xd = _mm_loadu_ps((const float *)(xq + t * xs + 32 * nb) + i); \
-            if ((MOFF) >= 0) /* the min times llama.cpp's Q8_1 sum */ \
-                cacc[t] = _mm_fmadd_ps(c4, _mm_loadu_ps((const float *)(xq + t * xs + 40 * nb) + i), cacc[t]); \
-            else \
-                cacc[t] = _mm_fmadd_ps(_mm_mul_ps(c4, xd), \
-                                       _mm_cvtepi32_ps(_mm_loadu_si128((const __m128i *)(xq + t * xs + 36 * nb + 4 * i))), cacc[t]); \
-            const __m256 s = _mm256_castps128_ps256(_mm_mul_ps(d4, xd)); \
-            const __m256i p0 = _mm256_madd_epi16(_mm256_maddubs_epi16(u0, _mm256_loadu_si256((const __m256i *)x)), ones); \
-            const __m256i p1 = _mm256_madd_epi16(_mm256_maddubs_epi16(u1, _mm256_loadu_si256((const __m256i *)(x + 32))), ones); \
-            const __m256i p2 = _mm256_madd_epi16(_mm256_maddubs_epi16(u2, _mm256_loadu_si256((const __m256i *)(x + 64))), ones); \
-            const __m256i p3 = _mm256_madd_epi16(_mm256_maddubs_epi16(u3, _mm256_loadu_si256((const __m256i *)(x + 96))), ones); \
-            __m256 a = _mm256_mul_ps(_mm256_permutevar8x32_ps(s, _mm256_set1_epi32(0)), _mm256_cvtepi32_ps(p0)); \
-            a = _mm256_fmadd_ps(_mm256_permutevar8x32_ps(s, _mm256_set1_epi32(1)), _mm256_cvtepi32_ps(p1), a); \
-            a = _mm256_fmadd_ps(_mm256_permutevar8x32_ps(s, _mm256_set1_epi32(2)), _mm256_cvtepi32_ps(p2), a); \
-            acc[t] = _mm256_add_ps(acc[t], _mm256_fmadd_ps(_mm256_permutevar8x32_ps(s, _mm256_set1_epi32(3)), _mm256_cvtepi32_ps(p3), a)); \
+            const uint8_t *xr = xq + t * xs; \
+            const int8_t *x = (const int8_t *)xr + 32 * i; \
+            __m256i p[4]; \
+            for (int k = 0; k < 4; k++) { \
+                __m256i xv = _mm256_loadu_si256((const __m256i *)(x + 32 * k)); \
+                if (SIGNED) xv = _mm256_sign_epi8(xv, q[k]); \
+                p[k] = _mm256_madd_epi16(_mm256_maddubs_epi16(u[k], xv), ones); \
+            } \
+            const __m256i h = _mm256_hadd_epi32(_mm256_hadd_epi32(p[0], p[1]), _mm256_hadd_epi32(p[2], p[3])); \
+            __m128i s = _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1)); \
+            if (OFF) /* OFF is 8 or 16 */ \
+                s = _mm_sub_epi32(s, _mm_slli_epi32(_mm_loadu_si128((const __m128i *)(xr + 36 * nb + 4 * i)), (OFF) == 16 ? 4 : 3)); \
+            const __m128 xd = _mm_loadu_ps((const float *)(xr + 32 * nb) + i); \
+            acc[t] = _mm_fmadd_ps(_mm_mul_ps(d4, xd), _mm_cvtepi32_ps(s), acc[t]); \
+            if ((MOFF) >= 0) acc[t] = _mm_fmadd_ps(m4, _mm_loadu_ps((const float *)(xr + 40 * nb) + i), acc[t]); \
         } \
     } \
     for (; i < nb; i++) { /* tail blocks: scalar */ \
@@ -185,12 +137,17 @@ MN_INLINE void name##_t(const uint8_t *w, int64_t nb, const uint8_t *xq, size_t 
             tail[t] += (float)sum * (ub.d * dx) + ub.m * ms; \
         } \
     } \
-    for (int t = 0; t < NT; t++) res[t] = hsum8(acc[t]) + hsum4(cacc[t]) + tail[t]; \
+    for (int t = 0; t < NT; t++) res[t] = hsum4(acc[t]) + tail[t]; \
 }
-U32_KERNEL(dot_q4_0, BS_Q4_0, q4_0_u, 8, -1, mn_unpack_q4_0)
-U32_KERNEL(dot_q5_0, BS_Q5_0, q5_0_u, 16, -1, mn_unpack_q5_0)
-U32_KERNEL(dot_q4_1, BS_Q4_1, q4_1_vals, 0, 2, mn_unpack_q4_1)
-U32_KERNEL(dot_q5_1, BS_Q5_1, q5_1_vals, 0, 2, mn_unpack_q5_1)
+MN_INLINE void mn_unpack_q8_0(const uint8_t *b, mn_b32 *u) { u->d = h2f(b); u->m = 0.f; memcpy(u->q, b + 2, 32); }
+MN_INLINE __m256i q4_0_u(const uint8_t *b) { return nib32(b + 2); }
+MN_INLINE __m256i q5_0_u(const uint8_t *b) { return _mm256_or_si256(nib32(b + 6), bit5_32(b + 2)); }
+B32_KERNEL(dot_q8_0, BS_Q8_0, q8_0_vals, 1, 0, -1, mn_unpack_q8_0)
+B32_KERNEL(dot_iq4_nl, BS_IQ4_NL, iq4_nl_vals, 1, 0, -1, mn_unpack_iq4_nl)
+B32_KERNEL(dot_q4_0, BS_Q4_0, q4_0_u, 0, 8, -1, mn_unpack_q4_0)
+B32_KERNEL(dot_q5_0, BS_Q5_0, q5_0_u, 0, 16, -1, mn_unpack_q5_0)
+B32_KERNEL(dot_q4_1, BS_Q4_1, q4_1_vals, 0, 0, 2, mn_unpack_q4_1)
+B32_KERNEL(dot_q5_1, BS_Q5_1, q5_1_vals, 0, 0, 2, mn_unpack_q5_1)
 MN_TILED(dot_q8_0)
 MN_TILED(dot_q4_0)
 MN_TILED(dot_q4_1)
