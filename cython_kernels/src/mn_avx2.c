@@ -110,13 +110,18 @@ MN_INLINE void name##_t(const uint8_t *w, int64_t nb, const uint8_t *xq, size_t 
         for (int t = 0; t < NT; t++) { \
             const uint8_t *xr = xq + t * xs; \
             const int8_t *x = (const int8_t *)xr + 32 * i; \
-            __m256i p[4]; \
+            __m256i p[4], h; \
             for (int k = 0; k < 4; k++) { \
                 __m256i xv = _mm256_loadu_si256((const __m256i *)(x + 32 * k)); \
                 if (SIGNED) xv = _mm256_sign_epi8(xv, q[k]); \
-                p[k] = _mm256_madd_epi16(_mm256_maddubs_epi16(u[k], xv), ones); \
+                p[k] = _mm256_maddubs_epi16(u[k], xv); \
             } \
-            const __m256i h = _mm256_hadd_epi32(_mm256_hadd_epi32(p[0], p[1]), _mm256_hadd_epi32(p[2], p[3])); \
+            if (SIGNED) { \
+                for (int k = 0; k < 4; k++) p[k] = _mm256_madd_epi16(p[k], ones); \
+                h = _mm256_hadd_epi32(_mm256_hadd_epi32(p[0], p[1]), _mm256_hadd_epi32(p[2], p[3])); \
+            } else { /* u <= 31: sums of 8 products stay within int16 (8 * 31 * 127) */ \
+                h = _mm256_madd_epi16(_mm256_hadd_epi16(_mm256_hadd_epi16(p[0], p[1]), _mm256_hadd_epi16(p[2], p[3])), ones); \
+            } \
             __m128i s = _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1)); \
             if (OFF) /* OFF is 8 or 16 */ \
                 s = _mm_sub_epi32(s, _mm_slli_epi32(_mm_loadu_si128((const __m128i *)(xr + 36 * nb + 4 * i)), (OFF) == 16 ? 4 : 3)); \
