@@ -453,35 +453,33 @@ MN_INLINE __m256i iq1_vals(__m256i g, __m256i delta) {
 }
 MN_INLINE long long dl8(int neg) { return neg ? (long long)0xFFFFFFFFFFFFFFFFULL : 0x0101010101010101LL; }
 
-MN_INLINE void iq_sub(const int IQT, const uint8_t *b, int ib, __m256i *u, __m256i *s, int *lo, int *hi) {
+/* sub-block ib: magnitudes u, signs s, and for the types with one scale per
+ * sub-block, that scale (2s + 1) in *one (the others: iq_scales) */
+MN_INLINE void iq_sub(const int IQT, const uint8_t *b, int ib, __m256i *u, __m256i *s, int *one) {
     static const int zero8[8] = {0, 0, 0, 0, 0, 0, 0, 0};
     if (IQT == IQT_2XXS) {
         const uint8_t *a = b + 2 + 8 * ib;
         const uint32_t sc = mn_rd32(a + 4);
         *u = g4(mn_iq2xxs_grid[a[0]], mn_iq2xxs_grid[a[1]], mn_iq2xxs_grid[a[2]], mn_iq2xxs_grid[a[3]]);
         *s = ks4(sc);
-        *lo = *hi = 2 * (int)(sc >> 28) + 1;
+        *one = 2 * (int)(sc >> 28) + 1;
     } else if (IQT == IQT_2XS) {
         const uint8_t *a = b + 2 + 8 * ib;
         const uint16_t q0 = mn_rd16(a), q1 = mn_rd16(a + 2), q2 = mn_rd16(a + 4), q3 = mn_rd16(a + 6);
         *u = g4(mn_iq2xs_grid[q0 & 511], mn_iq2xs_grid[q1 & 511], mn_iq2xs_grid[q2 & 511], mn_iq2xs_grid[q3 & 511]);
         *s = _mm256_set_epi64x((long long)mn_ksigns64[q3 >> 9], (long long)mn_ksigns64[q2 >> 9],
                                (long long)mn_ksigns64[q1 >> 9], (long long)mn_ksigns64[q0 >> 9]);
-        const int sc = b[66 + ib];
-        *lo = 2 * (sc & 0xF) + 1; *hi = 2 * (sc >> 4) + 1;
     } else if (IQT == IQT_2S) {
         const uint8_t *qs = b + 2 + 4 * ib, *sg = b + 34 + 4 * ib;
         const int h = b[66 + ib];
         *u = g4(mn_iq2s_grid[qs[0] | ((h & 3) << 8)], mn_iq2s_grid[qs[1] | ((h & 0xC) << 6)],
                 mn_iq2s_grid[qs[2] | ((h & 0x30) << 4)], mn_iq2s_grid[qs[3] | ((h & 0xC0) << 2)]);
         *s = sg4(sg[0], sg[1], sg[2], sg[3]);
-        const int sc = b[74 + ib];
-        *lo = 2 * (sc & 0xF) + 1; *hi = 2 * (sc >> 4) + 1;
     } else if (IQT == IQT_3XXS) {
         const uint32_t sc = mn_rd32(b + 66 + 4 * ib);
         *u = g8(mn_iq3xxs_grid, b + 2 + 8 * ib, zero8);
         *s = ks4(sc);
-        *lo = *hi = 2 * (int)(sc >> 28) + 1;
+        *one = 2 * (int)(sc >> 28) + 1;
     } else if (IQT == IQT_3S) {
         const int h = b[66 + ib];
         const int hb[8] = {(h << 8) & 256, (h << 7) & 256, (h << 6) & 256, (h << 5) & 256,
@@ -489,7 +487,6 @@ MN_INLINE void iq_sub(const int IQT, const uint8_t *b, int ib, __m256i *u, __m25
         *u = g8(mn_iq3s_grid, b + 2 + 8 * ib, hb);
         const uint8_t *sg = b + 74 + 4 * ib;
         *s = sg4(sg[0], sg[1], sg[2], sg[3]);
-        *lo = *hi = 1 + 2 * ((b[106 + ib / 2] >> (4 * (ib & 1))) & 0xF);
     } else if (IQT == IQT_1S) {
         const uint8_t *qs = b + 2 + 4 * ib;
         const uint16_t qh = mn_rd16(b + 34 + 2 * ib);
@@ -497,7 +494,7 @@ MN_INLINE void iq_sub(const int IQT, const uint8_t *b, int ib, __m256i *u, __m25
                              mn_iq1s_grid[qs[2] | ((qh << 2) & 0x700)], mn_iq1s_grid[qs[3] | ((qh >> 1) & 0x700)]);
         const __m256i q = iq1_vals(g, _mm256_set1_epi8(qh & 0x8000 ? -1 : 1));
         *u = _mm256_sign_epi8(q, q); *s = q;
-        *lo = *hi = 2 * ((qh >> 12) & 7) + 1;
+        *one = 2 * ((qh >> 12) & 7) + 1;
     } else {   /* IQ1_M */
         const uint8_t *qs = b + 4 * ib, *qh = b + 32 + 2 * ib;
         const int h0 = qh[0] & 0xF, h1 = qh[0] >> 4, h2 = qh[1] & 0xF, h3 = qh[1] >> 4;
@@ -505,8 +502,36 @@ MN_INLINE void iq_sub(const int IQT, const uint8_t *b, int ib, __m256i *u, __m25
                              mn_iq1s_grid[qs[2] | ((h2 & 7) << 8)], mn_iq1s_grid[qs[3] | ((h3 & 7) << 8)]);
         const __m256i q = iq1_vals(g, _mm256_set_epi64x(dl8(h3 & 8), dl8(h2 & 8), dl8(h1 & 8), dl8(h0 & 8)));
         *u = _mm256_sign_epi8(q, q); *s = q;
-        const uint16_t sw = mn_rd16(b + 48 + 2 * (ib / 2));
-        *lo = 2 * ((sw >> (6 * (ib & 1))) & 7) + 1; *hi = 2 * ((sw >> (6 * (ib & 1) + 3)) & 7) + 1;
+    }
+}
+
+/* The 16 integer scales 2s + 1 of a super-block (one per half sub-block) in
+ * int16 lanes: the low 128 bits hold the eight sub-blocks' first-half scales,
+ * the high 128 bits their second-half ones, so one in-lane shuffle broadcasts
+ * sub-block ib's pair.  lo, hi: the raw 4-bit (IQ1: 3-bit) scales, 8 x int32.
+ * (IQ2_XXS, IQ3_XXS and IQ1_S have one scale per sub-block at hand in a general
+ * register: broadcasting it is as fast.) */
+MN_INLINE __m256i iq_scale_pairs(__m256i lo, __m256i hi) {
+    const __m256i one = _mm256_set1_epi32(1);
+    const __m256i v = _mm256_packs_epi32(_mm256_add_epi32(_mm256_add_epi32(lo, lo), one), _mm256_add_epi32(_mm256_add_epi32(hi, hi), one));
+    return _mm256_permute4x64_epi64(v, 0xD8);
+}
+MN_INLINE __m256i iq_scales(const int IQT, const uint8_t *b) {
+    const __m256i m15 = _mm256_set1_epi32(15), m7 = _mm256_set1_epi32(7);
+    if (IQT == IQT_2XS || IQT == IQT_2S) {
+        const __m256i v = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(b + (IQT == IQT_2XS ? 66 : 74))));
+        return iq_scale_pairs(_mm256_and_si256(v, m15), _mm256_srli_epi32(v, 4));
+    } else if (IQT == IQT_3S) {
+        const __m128i w4 = _mm_cvtsi32_si128((int)mn_rd32(b + 106));
+        const __m256i v = _mm256_cvtepu8_epi32(_mm_shuffle_epi8(w4, _mm_setr_epi8(0, 0, 1, 1, 2, 2, 3, 3, 0, 0, 0, 0, 0, 0, 0, 0)));
+        const __m256i n = _mm256_and_si256(_mm256_srlv_epi32(v, _mm256_setr_epi32(0, 4, 0, 4, 0, 4, 0, 4)), m15);
+        return iq_scale_pairs(n, n);
+    } else {   /* IQ1_M: sub-block ib's scales at bits 6 (ib & 1) and + 3 of u16 ib / 2 */
+        const __m128i w = _mm_shuffle_epi8(_mm_loadl_epi64((const __m128i *)(b + 48)),
+                                           _mm_setr_epi8(0, 1, 0, 1, 2, 3, 2, 3, 4, 5, 4, 5, 6, 7, 6, 7));
+        const __m256i v = _mm256_cvtepu16_epi32(w);
+        return iq_scale_pairs(_mm256_and_si256(_mm256_srlv_epi32(v, _mm256_setr_epi32(0, 6, 0, 6, 0, 6, 0, 6)), m7),
+                              _mm256_and_si256(_mm256_srlv_epi32(v, _mm256_setr_epi32(3, 9, 3, 9, 3, 9, 3, 9)), m7));
     }
 }
 
@@ -527,10 +552,13 @@ MN_INLINE void dot_iq_t(const int IQT, size_t bsz, const uint8_t *w, int64_t nb,
         const float d = iq_d(IQT, b);
         __m256i isum[MN_TILE];
         for (int t = 0; t < NT; t++) isum[t] = _mm256_setzero_si256();
+        const int ONE = IQT == IQT_2XXS || IQT == IQT_3XXS || IQT == IQT_1S;
+        const __m256i scv = ONE ? _mm256_setzero_si256() : iq_scales(IQT, b);
         for (int ib = 0; ib < 8; ib++) {
-            __m256i u, s; int lo, hi;
-            iq_sub(IQT, b, ib, &u, &s, &lo, &hi);
-            const __m256i sc = _mm256_set_m128i(_mm_set1_epi16((short)hi), _mm_set1_epi16((short)lo));
+            __m256i u, s; int one = 0;
+            iq_sub(IQT, b, ib, &u, &s, &one);
+            const __m256i sc = ONE ? _mm256_set1_epi16((short)one)
+                                   : _mm256_shuffle_epi8(scv, _mm256_set1_epi16((short)(0x0100 + 0x0202 * ib)));
             for (int t = 0; t < NT; t++) {
                 const __m256i x = _mm256_loadu_si256((const __m256i *)((const int8_t *)(xq + t * xs) + QK_K * i + 32 * ib));
                 isum[t] = _mm256_add_epi32(isum[t], _mm256_madd_epi16(_mm256_maddubs_epi16(u, _mm256_sign_epi8(x, s)), sc));
