@@ -339,13 +339,16 @@ MN_INLINE void kgen_unpack(const int KT, const uint8_t *b, __m256i u[8], __m256i
         const __m128i s = _mm_sub_epi8(s6, _mm_set1_epi8(32));
         *sc = _mm256_cvtepi8_epi16(s); *mn = _mm256_setzero_si256();
         *d = h2f(b + 108); *dmin = 0.f;
-        const __m256i hm = _mm256_loadu_si256((const __m256i *)b);
+        const __m256i hm = _mm256_loadu_si256((const __m256i *)b), m4b = _mm256_set1_epi8(4);
         for (int n = 0; n < 2; n++) {
             const __m256i v = _mm256_loadu_si256((const __m256i *)(b + 32 + 32 * n));
             for (int k = 0; k < 4; k++) {
                 const int bit = 4 * n + k;
                 const __m256i lo = _mm256_and_si256(_mm256_srli_epi16(v, 2 * k), m3);
-                const __m256i hb = _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hm, bit), m1), 2);
+                /* the high bit moved straight to bit 2 (16-bit shifts: the bits crossing
+                 * a byte boundary never land on bit 2) */
+                const __m256i hs = bit < 2 ? _mm256_slli_epi16(hm, 2 - bit) : bit > 2 ? _mm256_srli_epi16(hm, bit - 2) : hm;
+                const __m256i hb = _mm256_and_si256(hs, m4b);
                 u[bit] = _mm256_or_si256(lo, hb);          /* (q & 3) + 4*hbit = value + 4 */
             }
         }
