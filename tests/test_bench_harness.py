@@ -530,3 +530,17 @@ def test_make_low_bit_bench_model(tmp_path, monkeypatch):
     types = {t.qtype.name for t in GGUFModelFile(path)}
     assert "IQ2_XXS" in types and len(types) >= 3                            # a mix, as releases are
     assert np.isfinite(moe_numa.load(path, backend="reference").logits([1, 2, 3])).all()
+
+
+def test_bench_kernels_l2_mode(capsys):
+    """bench-kernels --l2 (the single-thread L2-resident rates for busy machines):
+    one row per type, token count and SIMD level the CPU has, with a positive rate."""
+    from moe_numa import kernels as K
+    from moe_numa.bench import kernels as BK
+    levels = list(K.SIMD_LEVELS[1:K.SIMD_LEVELS.index(K.simd_level_cpu()) + 1]) or ["scalar"]
+    assert BK.main(["--l2", "--types", "q4_0,iq2_xxs", "--l2-kib", "16", "--l2-tokens", "1,4",
+                    "--l2-samples", "2", "--simd", ",".join(levels), "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert {(r["type"], r["tokens"], r["simd"]) for r in rows} == {
+        (t, n, lv) for t in ("q4_0", "iq2_xxs") for n in (1, 4) for lv in levels}
+    assert all(r["gbps"] > 0 and r["gflops"] > 0 for r in rows)
