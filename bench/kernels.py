@@ -196,13 +196,7 @@ def run(a: argparse.Namespace) -> int:
     types = [t.strip() for t in a.types.split(",") if t.strip()]
     if a.l2:
         with K.limit_blas_threads(1):
-            rows_out = l2_table(a, types, sys.stderr if a.json else sys.stdout)
-        if a.json:
-            print(json.dumps(rows_out, indent=1))
-        if a.json_out:
-            with open(a.json_out, "w") as f:
-                json.dump(rows_out, f, indent=1)
-        return 0
+            return _emit(a, l2_table(a, types, sys.stderr if a.json else sys.stdout))
     tokens = [int(t) for t in a.tokens.split(",") if t.strip()]
     l3 = cache_bytes()
     l2 = cache_bytes(2)
@@ -265,6 +259,11 @@ def run(a: argparse.Namespace) -> int:
         finally:
             for p in pools.values():
                 p.close()
+    return _emit(a, rows_out)
+
+
+def _emit(a: argparse.Namespace, rows_out: list[dict]) -> int:
+    """--json / --json-out: the rows, after the table."""
     if a.json:
         print(json.dumps(rows_out, indent=1))
     if a.json_out:
