@@ -64,6 +64,8 @@ BAD = [
     (base(version=2), r"version: only version 1"),
     ({"nodes": [0], "experts": {0: "0-3"}}, r"model\.n_expert: missing"),
     (base(nodes="zero"), r"nodes: expected a list of node ids"),
+    (base(nodes=[0, 1.5]), r"nodes: expected a list of node ids \(integers\)"),
+    (base(nodes=float("inf")), r"nodes: expected a list of node ids \(integers\)"),
     (base(nodes=[0, 0]), r"nodes: node ids must be distinct"),
     ({k: v for k, v in base().items() if k != "experts"}, r"experts: missing"),
     ([1, 2], r"an expert map is a YAML mapping"),

@@ -219,10 +219,10 @@ def from_dict(d: Any, n_expert: int | None = None, source: str = "<map>") -> Exp
         raise ExpertMapError(f"{source}: model.n_expert: missing, and no model given to take it from")
     if "nodes" not in d:
         raise ExpertMapError(f"{source}: nodes: missing (list the node ids, e.g. [0, 1])")
-    try:
-        nodes = tuple(int(x) for x in (d["nodes"] if isinstance(d["nodes"], list) else [d["nodes"]]))
-    except (TypeError, ValueError):
-        raise ExpertMapError(f"{source}: nodes: expected a list of node ids, got {d['nodes']!r}") from None
+    raw = d["nodes"] if isinstance(d["nodes"], list) else [d["nodes"]]
+    if not all(isinstance(x, int) and not isinstance(x, bool) for x in raw):   # 1.5 or .inf is no node id
+        raise ExpertMapError(f"{source}: nodes: expected a list of node ids (integers), got {d['nodes']!r}")
+    nodes = tuple(raw)
     if len(set(nodes)) != len(nodes) or any(x < 0 for x in nodes):
         raise ExpertMapError(f"{source}: nodes: node ids must be distinct and >= 0, got {list(nodes)}")
     if "experts" not in d:
