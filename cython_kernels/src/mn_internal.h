@@ -116,13 +116,18 @@ static inline void mn_unpack_q3_K(const uint8_t *b, mn_kblock *u) {
     }
 }
 
-static inline void mn_unpack_q4_K(const uint8_t *b, mn_kblock *u) {
-    const uint8_t *s = b + 4, *q = b + 16;
+/* Q4_K/Q5_K: d, dmin and the 8 packed 6-bit scale/min pairs, one per 32 values (stored per 16) */
+static inline void mn_unpack_k4_scales(const uint8_t *b, const uint8_t *s, mn_kblock *u) {
     u->d = mn_h2f(mn_rd16(b)); u->dmin = mn_h2f(mn_rd16(b + 2));
     for (int j = 0; j < 8; j++) {
         int sc, m; mn_scale_min_k4(j, s, &sc, &m);
         u->sc[2 * j] = u->sc[2 * j + 1] = (int16_t)sc; u->m[2 * j] = u->m[2 * j + 1] = (int16_t)m;
     }
+}
+
+static inline void mn_unpack_q4_K(const uint8_t *b, mn_kblock *u) {
+    const uint8_t *s = b + 4, *q = b + 16;
+    mn_unpack_k4_scales(b, s, u);
     int8_t *y = u->q;
     for (int j = 0; j < 4; j++, q += 32) {
         for (int l = 0; l < 32; l++) *y++ = q[l] & 0xF;
@@ -132,11 +137,7 @@ static inline void mn_unpack_q4_K(const uint8_t *b, mn_kblock *u) {
 
 static inline void mn_unpack_q5_K(const uint8_t *b, mn_kblock *u) {
     const uint8_t *s = b + 4, *qh = b + 16, *q = b + 48;
-    u->d = mn_h2f(mn_rd16(b)); u->dmin = mn_h2f(mn_rd16(b + 2));
-    for (int j = 0; j < 8; j++) {
-        int sc, m; mn_scale_min_k4(j, s, &sc, &m);
-        u->sc[2 * j] = u->sc[2 * j + 1] = (int16_t)sc; u->m[2 * j] = u->m[2 * j + 1] = (int16_t)m;
-    }
+    mn_unpack_k4_scales(b, s, u);
     int8_t *y = u->q;
     for (int j = 0; j < 4; j++, q += 32) {
         for (int l = 0; l < 32; l++) *y++ = (q[l] & 0xF) | (((qh[l] >> (2 * j)) & 1) << 4);

@@ -96,6 +96,15 @@ def page_nodes(addr: int, length: int, sample: int = 0) -> np.ndarray:
     return np.frombuffer(status, dtype=np.int32).copy()
 
 
+def _close_mapping(self) -> None:
+    """close() of a class holding `buffer` (a view) over `_map` (an mmap)."""
+    self.buffer = None
+    try:
+        self._map.close()
+    except BufferError:
+        pass   # views still alive; the mapping goes when they do
+
+
 class NodeArena:
     """One anonymous mapping for one node's weights, filled by bump allocation.
 
@@ -146,12 +155,7 @@ class NodeArena:
         if self.hugepages:   # honoured where the file's filesystem gives hugepages (huge= tmpfs)
             _libc.madvise(ctypes.c_void_p(self.addr), length, 14)   # MADV_HUGEPAGE
 
-    def close(self) -> None:
-        self.buffer = None  # type: ignore[assignment]
-        try:
-            self._map.close()
-        except BufferError:
-            pass   # views still alive; the mapping goes when they do
+    close = _close_mapping
 
 
 class FileMapping:
@@ -180,12 +184,7 @@ class FileMapping:
             raise ValueError(f"{self.path}: bytes [{offset}, {offset + nbytes}) outside the file ({self.size} bytes)")
         return self.buffer[offset:offset + nbytes]
 
-    def close(self) -> None:
-        self.buffer = None  # type: ignore[assignment]
-        try:
-            self._map.close()
-        except BufferError:
-            pass   # views still alive; the mapping goes when they do
+    close = _close_mapping
 
 
 _populate_ok = True
