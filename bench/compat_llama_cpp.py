@@ -148,7 +148,8 @@ def engine_vs_llama(build, path: Path, ids, llama: np.ndarray, threads: int, num
     nodes = {}
     for r in lc.llama_intermediates(build, path, ids, threads=threads):
         nodes.setdefault(r["name"], r["array"])
-    with moe_numa.load(str(path), backend="engine", numa_nodes=numa_nodes) as eng:
+    with moe_numa.load(str(path), backend="engine", numa_nodes=numa_nodes,
+                       cache_type_k="f32", cache_type_v="f32") as eng:   # llama.cpp runs an F32 KV cache here
         got = np.asarray(eng.logits(ids), dtype=np.float32)
         blocks = engine_block_errors(eng, nodes, eng.config.n_layer)
     errs = np.concatenate([e for _, e in blocks])

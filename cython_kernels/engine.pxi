@@ -48,10 +48,11 @@ cdef extern from "mn_engine.h":
         const mn_mat *v_b
         int64_t n_ctx
         int n_slots
-        float *cache_k
-        float *cache_v
-        float *cache_lat
-        float *cache_ktiles
+        int cache_type_k, cache_type_v
+        void *cache_k
+        void *cache_v
+        void *cache_lat
+        void *cache_ktiles
 
     ctypedef struct mn_ffn_layer:
         int kind
@@ -108,6 +109,8 @@ cdef extern from "mn_engine.h":
         int64_t ffn_crit_ns
 
     size_t mn_node_scratch_bytes(const mn_engine *e, int node)
+    size_t mn_kv_tile_bytes(int type, int64_t dim)
+    size_t mn_kv_row_bytes(int type, int64_t dim)
     int mn_engine_check(const mn_engine *e, char *err, size_t errlen)
     int mn_engine_check_layer(const mn_engine *e, int node, int layer, char *err, size_t errlen)
     const char *mn_engine_strerror(int rc)
@@ -189,7 +192,8 @@ class AttnShard(Descriptor):
                  "qk_dim", "v_dim", "rope_off", "rope_dims", "rope_neox", "rope_cos", "rope_sin",
                  "wq", "wk", "wv", "wo", "bq", "bk", "bv", "q_norm", "k_norm",
                  "q_lora", "kv_lora", "nope", "wq_a", "wq_b", "wkv_a", "wkv_b", "q_a_norm", "kv_a_norm",
-                 "k_b", "v_b", "n_ctx", "n_slots", "cache_k", "cache_v", "cache_lat", "cache_ktiles")
+                 "k_b", "v_b", "n_ctx", "n_slots", "cache_type_k", "cache_type_v", "cache_k", "cache_v", "cache_lat",
+                 "cache_ktiles")
 
 
 class FFNShard(Descriptor):
@@ -218,6 +222,29 @@ cdef int _member(enum, value, str what) except? -1:
         return int(enum(value))
     except (TypeError, ValueError):
         raise _ShapeError(f"{what} {value!r} unknown ({', '.join(m.name for m in enum)})") from None
+
+KV_CACHE_TYPES = {"f32": 0, "f16": 1, "q8_0": 8}   # llama.cpp's -ctk / -ctv names, as ggml type ids
+
+
+def cache_type(t) -> int:
+    """A KV-cache type by llama.cpp's name (f32, f16, q8_0) or ggml id -> the id."""
+    if isinstance(t, str):
+        if t.lower() not in KV_CACHE_TYPES:
+            raise _ShapeError(f"KV-cache type {t!r} unknown ({', '.join(KV_CACHE_TYPES)})")
+        return KV_CACHE_TYPES[t.lower()]
+    if t not in KV_CACHE_TYPES.values():
+        raise _ShapeError(f"KV-cache type id {t!r} unknown ({', '.join(KV_CACHE_TYPES)})")
+    return int(t)
+
+
+def kv_tile_bytes(t, int64_t dim) -> int:
+    """Bytes of one key tile (32 positions of dim values) of KV-cache type t (0: unsupported)."""
+    return mn_kv_tile_bytes(cache_type(t), dim)
+
+
+def kv_row_bytes(t, int64_t dim) -> int:
+    """Bytes of one value row of dim values of KV-cache type t (0: unsupported)."""
+    return mn_kv_row_bytes(cache_type(t), dim)
 
 
 cdef _refuse(exc, str pre):
@@ -357,6 +384,17 @@ cdef class NativeEngine:
             raise _ShapeError(f"{name}: {a.size} values, expected {n}")
         self._cur_keep.append(a)
         return <float *><size_t>a.ctypes.data
+
+    cdef void *_bw(self, a, size_t n, str name) except? NULL:
+        """A writable buffer of n bytes (caches, any dtype): used in place, never copied."""
+        if a is None:
+            return NULL
+        if not (isinstance(a, np.ndarray) and a.flags.c_contiguous and a.flags.writeable):
+            raise _ShapeError(f"{name}: cache buffers must be writable C-contiguous arrays")
+        if <size_t>a.nbytes != n:
+            raise _ShapeError(f"{name}: {a.nbytes} bytes, expected {n}")
+        self._cur_keep.append(a)
+        return <void *><size_t>a.ctypes.data
 
     cdef mn_mat _mat(self, m, str name) except *:
         """m: None (NULL), or a Mat."""
@@ -508,12 +546,17 @@ cdef class NativeEngine:
                 L.v_b = mats + n
             tiles = (L.n_ctx + 31) // 32
             ns = L.n_slots   # caches: n_slots sequences, slot-major
+            L.cache_type_k, L.cache_type_v = cache_type(p.cache_type_k), cache_type(p.cache_type_v)
             if active and L.kind in (1, 3):
-                L.cache_k = self._fw(p.cache_k, ns * <int64_t>L.n_kv * tiles * L.qk_dim * 32, pre + "cache_k")
-                L.cache_v = self._fw(p.cache_v, ns * L.n_ctx * L.n_kv * L.v_dim, pre + "cache_v")
+                L.cache_k = self._bw(p.cache_k, ns * L.n_kv * tiles * mn_kv_tile_bytes(L.cache_type_k, L.qk_dim),
+                                     pre + "cache_k")
+                L.cache_v = self._bw(p.cache_v, ns * L.n_ctx * L.n_kv * mn_kv_row_bytes(L.cache_type_v, L.v_dim),
+                                     pre + "cache_v")
             elif active and L.kind == 2:
-                L.cache_lat = self._fw(p.cache_lat, ns * L.n_ctx * L.kv_lora, pre + "cache_lat")
-                L.cache_ktiles = self._fw(p.cache_ktiles, ns * tiles * (L.kv_lora + L.rope_dims) * 32,
+                L.cache_lat = self._bw(p.cache_lat, ns * L.n_ctx * mn_kv_row_bytes(L.cache_type_k, L.kv_lora),
+                                       pre + "cache_lat")
+                L.cache_ktiles = self._bw(p.cache_ktiles,
+                                          ns * tiles * mn_kv_tile_bytes(L.cache_type_k, L.kv_lora + L.rope_dims),
                                           pre + "cache_ktiles")
             slot[0] = L
             try:

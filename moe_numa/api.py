@@ -14,6 +14,7 @@ from .chat import render_chat
 from .errors import ArgumentError, ClosedError, ContextOverflowError, MoeNumaError
 from .generate import GenerationStats, generate_stream
 from .gguf_file import GGUFModelFile, check_supported_types, check_tensor_blocks
+from .layers.kv_cache import cache_type
 from .layers.weights import Dequantizer
 from .models import load_model
 from .models.base import ReferenceForward
@@ -33,15 +34,21 @@ class ReferenceBackend:
     name = "reference"
 
     def __init__(self, arch_module, cfg, weights, n_ctx: int, weight_cache_bytes: int = 8 << 30,
-                 act_quant: bool = False, n_slots: int = 1):
+                 act_quant: bool = False, n_slots: int = 1, cache_type_k: str | None = None,
+                 cache_type_v: str | None = None):
         self.cfg = cfg
         self.n_ctx = n_ctx
+        # KV-cache types: exact f32 by default (the oracle against llama.cpp's F32 cache);
+        # act_quant models the engine, so it models the engine's default f16 cache too.
+        default = "f16" if act_quant else "f32"
+        self.cache_type_k = cache_type(cache_type_k or default)
+        self.cache_type_v = cache_type(cache_type_v or default)
         if int(n_slots) < 1:
             raise MoeNumaError(f"n_slots must be >= 1, got {n_slots}")
         self.n_slots = int(n_slots)
         # act_quant=True rounds matmul inputs as the native kernels do (Q8_0/Q8_K), to check the engine tightly.
         self.forward_pass = ReferenceForward(arch_module, cfg, weights, Dequantizer(weight_cache_bytes, act_quant))
-        self.cache = self.forward_pass.new_cache(n_ctx)
+        self.cache = self._new_cache()
         self.slot_caches = {0: self.cache}   # further slots' caches, made on first use
 
     def forward_batch(self, ids, pos, slot, logit_rows=None) -> np.ndarray:
@@ -56,7 +63,7 @@ class ReferenceBackend:
                 raise MoeNumaError(f"slot {s} outside 0..{self.n_slots - 1}")
             rows = np.flatnonzero(slot == s)
             cache = self.slot_caches.get(int(s)) or self.slot_caches.setdefault(
-                int(s), self.forward_pass.new_cache(self.n_ctx))
+                int(s), self._new_cache())
             p0 = int(pos[rows[0]])
             if not (np.diff(pos[rows]) == 1).all() or p0 > cache.n_past:
                 raise MoeNumaError(f"slot {s}: positions must run on from at most {cache.n_past}, got "
@@ -65,6 +72,9 @@ class ReferenceBackend:
             hidden[rows] = self.forward_pass.hidden_states(ids[rows], cache)
         want = np.arange(len(ids)) if logit_rows is None else np.asarray(logit_rows, dtype=np.int64)
         return self.forward_pass.logits(hidden[want])
+
+    def _new_cache(self):
+        return self.forward_pass.new_cache(self.n_ctx, self.cache_type_k, self.cache_type_v)
 
     @property
     def n_past(self) -> int:

@@ -52,9 +52,12 @@ typedef struct {
      * slot-major (every shape below gets a leading [n_slots]) */
     int64_t n_ctx;
     int n_slots;
-    float *cache_k, *cache_v;           /* GQA/MLA_MHA: keys in tiles [n_kv, ceil(n_ctx/32), qk_dim, 32], values [n_ctx, n_kv, v_dim] */
-    float *cache_lat;                   /* MLA: latents [n_ctx, kv_lora] (values) */
-    float *cache_ktiles;                /* MLA: keys [latent | roped k_pe] in tiles [ceil(n_ctx/32), kv_lora + rope_dims, 32] */
+    int cache_type_k, cache_type_v;     /* MN_F32, MN_F16 or MN_Q8_0 (MLA: both latent caches use cache_type_k) */
+    void *cache_k, *cache_v;            /* GQA/MLA_MHA: keys in tiles [n_kv, ceil(n_ctx/32)] of mn_kv_tile_bytes(k, qk_dim),
+                                         * values [n_ctx, n_kv] rows of mn_kv_row_bytes(v, v_dim) */
+    void *cache_lat;                    /* MLA: latents [n_ctx] rows of mn_kv_row_bytes(k, kv_lora) (values) */
+    void *cache_ktiles;                 /* MLA: keys [latent | roped k_pe] in tiles [ceil(n_ctx/32)] of
+                                         * mn_kv_tile_bytes(k, kv_lora + rope_dims) */
 } mn_attn_layer;
 
 typedef struct {
@@ -119,6 +122,11 @@ typedef struct {
     int64_t crit_ns;                /* per block, the slowest node's busy time, summed (the critical path) */
     int64_t ffn_crit_ns;            /* crit_ns of FFN blocks only */
 } mn_engine;
+
+/* KV-cache layouts: bytes of one key tile (32 positions of `dim` values, transposed) and of one
+ * value row, for cache type MN_F32, MN_F16 or MN_Q8_0 (dim a multiple of 32); 0: unsupported. */
+size_t mn_kv_tile_bytes(int type, int64_t dim);
+size_t mn_kv_row_bytes(int type, int64_t dim);
 
 /* Scratch bytes one node needs for blocks of up to t_max tokens with its layers. */
 size_t mn_node_scratch_bytes(const mn_engine *e, int node);

@@ -1,72 +1,91 @@
-/* Attention micro-kernels, compiled once per SIMD level by mn_engine.c:
- *   #define ATTN_SUFFIX avx512 / ATTN_TARGET __attribute__((target("avx512f")))
+/* Flash-attention micro-kernels, compiled once per SIMD level by mn_engine.c:
+ *   #define ATTN_SUFFIX avx2 / ATTN_TARGET __attribute__((target("avx2,fma,f16c"))) / ATTN_VW 8
  *   #include "mn_attn_tmpl.h"
- * GCC vector extensions keep one source: 16-float vectors become zmm
- * registers at AVX-512, pairs of ymm at AVX2, four xmm at the baseline.
+ * ATTN_VW is the level's native float count (16 zmm, 8 ymm, 4 xmm): GCC vector
+ * types of that width map onto single registers, so the 8 accumulators, the two
+ * key (or value) vectors and the broadcasts fit the register file at every level
+ * (16 registers at AVX2: a 16-float type there would be ymm pairs and spill).
  *
- * Scores read keys in transposed tiles of 32 positions ([dim][32], contiguous),
- * so 32 keys of up to 4 heads accumulate in 8 vector registers with no
- * horizontal sums; values are read in rows, 32 dims of up to 4 heads at a time. */
+ * Keys come in transposed tiles of 32 positions ([dim][32] floats): a chunk of
+ * 2 * ATTN_VW positions of up to 4 query rows accumulates in 8 registers with no
+ * horizontal sums.  Values come as rows; 2 * ATTN_VW dims of up to 4 rows at a time. */
 #define ATTN_CAT2(a, b) a##_##b
 #define ATTN_CAT(a, b) ATTN_CAT2(a, b)
+#define VF ATTN_CAT(vf, ATTN_SUFFIX)
+#define VFU ATTN_CAT(vfu, ATTN_SUFFIX)
+typedef float VF __attribute__((vector_size(ATTN_VW * 4)));
+typedef float VFU __attribute__((vector_size(ATTN_VW * 4), aligned(4)));
 
-/* sc[j][s] = scale * dot(q_j, key s), j < nh (<= 4), s < S. Keys are tiles of
- * 32 positions, [tile][dim][32] (qk * 32 floats each); a partial last tile is
- * computed whole and only its first S % 32 scores are kept. */
-ATTN_TARGET static void ATTN_CAT(attn_scores, ATTN_SUFFIX)(
-        const float *const *q, int nh, const float *ktiles, int qk, int64_t S, float scale, float *const *sc) {
-    const float *qq[4];
-    for (int j = 0; j < 4; j++) qq[j] = q[j < nh ? j : 0];
-    for (int64_t s0 = 0; s0 < S; s0 += 32) {
-        v16 a00 = {0}, a01 = {0}, a10 = {0}, a11 = {0}, a20 = {0}, a21 = {0}, a30 = {0}, a31 = {0};
-        const float *kp = ktiles + (s0 / 32) * (int64_t)qk * 32;
+/* sc[j][s] = scale * dot(q_j, key s) for the 32 keys of one tile [qk][32], j < nb (<= 4) */
+ATTN_TARGET static void ATTN_CAT(flash_scores, ATTN_SUFFIX)(
+        const float *const *q, int nb, const float *tile, int qk, float scale, float *const *sc) {
+    const float *q0 = q[0], *q1 = q[nb > 1 ? 1 : 0], *q2 = q[nb > 2 ? 2 : 0], *q3 = q[nb > 3 ? 3 : 0];
+    for (int c = 0; c < 32; c += 2 * ATTN_VW) {
+        VF a00 = {0}, a01 = {0}, a10 = {0}, a11 = {0}, a20 = {0}, a21 = {0}, a30 = {0}, a31 = {0};
+        const float *kp = tile + c;
         for (int i = 0; i < qk; i++, kp += 32) {
-            const v16 k0 = *(const v16u *)kp, k1 = *(const v16u *)(kp + 16);
-            const float q0 = qq[0][i], q1 = qq[1][i], q2 = qq[2][i], q3 = qq[3][i];
-            a00 += q0 * k0; a01 += q0 * k1;
-            a10 += q1 * k0; a11 += q1 * k1;
-            a20 += q2 * k0; a21 += q2 * k1;
-            a30 += q3 * k0; a31 += q3 * k1;
+            const VF k0 = *(const VFU *)kp, k1 = *(const VFU *)(kp + ATTN_VW);
+            const float x0 = q0[i], x1 = q1[i], x2 = q2[i], x3 = q3[i];
+            a00 += x0 * k0; a01 += x0 * k1;
+            a10 += x1 * k0; a11 += x1 * k1;
+            a20 += x2 * k0; a21 += x2 * k1;
+            a30 += x3 * k0; a31 += x3 * k1;
         }
-        float tmp[4][32];
-        *(v16u *)tmp[0] = a00 * scale; *(v16u *)(tmp[0] + 16) = a01 * scale;
-        *(v16u *)tmp[1] = a10 * scale; *(v16u *)(tmp[1] + 16) = a11 * scale;
-        *(v16u *)tmp[2] = a20 * scale; *(v16u *)(tmp[2] + 16) = a21 * scale;
-        *(v16u *)tmp[3] = a30 * scale; *(v16u *)(tmp[3] + 16) = a31 * scale;
-        const int n = S - s0 < 32 ? (int)(S - s0) : 32;
-        for (int j = 0; j < nh; j++) memcpy(sc[j] + s0, tmp[j], sizeof(float) * n);
+        *(VFU *)(sc[0] + c) = a00 * scale; *(VFU *)(sc[0] + c + ATTN_VW) = a01 * scale;
+        if (nb > 1) { *(VFU *)(sc[1] + c) = a10 * scale; *(VFU *)(sc[1] + c + ATTN_VW) = a11 * scale; }
+        if (nb > 2) { *(VFU *)(sc[2] + c) = a20 * scale; *(VFU *)(sc[2] + c + ATTN_VW) = a21 * scale; }
+        if (nb > 3) { *(VFU *)(sc[3] + c) = a30 * scale; *(VFU *)(sc[3] + c + ATTN_VW) = a31 * scale; }
     }
 }
 
-/* out_j[d] = sum_s p_j[s] * v[s][d], j < nh (<= 4), d < vd */
-ATTN_TARGET static void ATTN_CAT(attn_values, ATTN_SUFFIX)(
-        const float *const *p, int nh, const float *v, int64_t vstride, int vd, int64_t S, float *const *out) {
-    const float *pp[4];
-    for (int j = 0; j < 4; j++) pp[j] = p[j < nh ? j : 0];
-    int d0 = 0;
-    for (; d0 + 32 <= vd; d0 += 32) {
-        v16 a00 = {0}, a01 = {0}, a10 = {0}, a11 = {0}, a20 = {0}, a21 = {0}, a30 = {0}, a31 = {0};
-        const float *vp = v + d0;
-        for (int64_t s = 0; s < S; s++, vp += vstride) {
-            const v16 v0 = *(const v16u *)vp, v1 = *(const v16u *)(vp + 16);
-            const float p0 = pp[0][s], p1 = pp[1][s], p2 = pp[2][s], p3 = pp[3][s];
-            a00 += p0 * v0; a01 += p0 * v1;
-            a10 += p1 * v0; a11 += p1 * v1;
-            a20 += p2 * v0; a21 += p2 * v1;
-            a30 += p3 * v0; a31 += p3 * v1;
+/* o_j = o_j * corr_j + sum_{s < n} p_j[s] * v[s], j < nb (<= 4); v rows vstride floats apart */
+ATTN_TARGET static void ATTN_CAT(flash_values, ATTN_SUFFIX)(
+        const float *const *p, int nb, const float *v, int64_t vstride, int vd, int n, const float *corr,
+        float *const *o) {
+    const float *p0 = p[0], *p1 = p[nb > 1 ? 1 : 0], *p2 = p[nb > 2 ? 2 : 0], *p3 = p[nb > 3 ? 3 : 0];
+    float *o0 = o[0], *o1 = o[nb > 1 ? 1 : 0], *o2 = o[nb > 2 ? 2 : 0], *o3 = o[nb > 3 ? 3 : 0];
+    const float c0 = corr[0], c1 = corr[nb > 1 ? 1 : 0], c2 = corr[nb > 2 ? 2 : 0], c3 = corr[nb > 3 ? 3 : 0];
+    int d = 0;
+    for (; d + 2 * ATTN_VW <= vd; d += 2 * ATTN_VW) {
+        const int e = d + ATTN_VW;
+        VF a00 = *(VFU *)(o0 + d) * c0, a01 = *(VFU *)(o0 + e) * c0, a10 = *(VFU *)(o1 + d) * c1,
+           a11 = *(VFU *)(o1 + e) * c1, a20 = *(VFU *)(o2 + d) * c2, a21 = *(VFU *)(o2 + e) * c2,
+           a30 = *(VFU *)(o3 + d) * c3, a31 = *(VFU *)(o3 + e) * c3;
+        const float *vp = v + d;
+        for (int s = 0; s < n; s++, vp += vstride) {
+            const VF v0 = *(const VFU *)vp, v1 = *(const VFU *)(vp + ATTN_VW);
+            const float x0 = p0[s], x1 = p1[s], x2 = p2[s], x3 = p3[s];
+            a00 += x0 * v0; a01 += x0 * v1;
+            a10 += x1 * v0; a11 += x1 * v1;
+            a20 += x2 * v0; a21 += x2 * v1;
+            a30 += x3 * v0; a31 += x3 * v1;
         }
-        *(v16u *)(out[0] + d0) = a00; *(v16u *)(out[0] + d0 + 16) = a01;
-        if (nh > 1) { *(v16u *)(out[1] + d0) = a10; *(v16u *)(out[1] + d0 + 16) = a11; }
-        if (nh > 2) { *(v16u *)(out[2] + d0) = a20; *(v16u *)(out[2] + d0 + 16) = a21; }
-        if (nh > 3) { *(v16u *)(out[3] + d0) = a30; *(v16u *)(out[3] + d0 + 16) = a31; }
+        /* aliased rows (nb < 4) are stored first so the real row's value lands last */
+        *(VFU *)(o3 + d) = a30; *(VFU *)(o3 + e) = a31;
+        *(VFU *)(o2 + d) = a20; *(VFU *)(o2 + e) = a21;
+        *(VFU *)(o1 + d) = a10; *(VFU *)(o1 + e) = a11;
+        *(VFU *)(o0 + d) = a00; *(VFU *)(o0 + e) = a01;
     }
-    for (; d0 < vd; d0++)
-        for (int j = 0; j < nh; j++) {
-            float a = 0;
-            for (int64_t s = 0; s < S; s++) a += p[j][s] * v[s * vstride + d0];
-            out[j][d0] = a;
+    for (; d < vd; d++)
+        for (int j = 0; j < nb; j++) {
+            float a = o[j][d] * corr[j];
+            for (int s = 0; s < n; s++) a += p[j][s] * v[s * vstride + d];
+            o[j][d] = a;
         }
 }
 
+/* f[i] = fp16 h[i] (exact at every level) */
+ATTN_TARGET static void ATTN_CAT(cvt_f16, ATTN_SUFFIX)(const uint16_t *h, float *f, int64_t n) {
+    int64_t i = 0;
+#if ATTN_VW == 16
+    for (; i + 16 <= n; i += 16) _mm512_storeu_ps(f + i, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(h + i))));
+#elif ATTN_VW == 8
+    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(f + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(h + i))));
+#endif
+    for (; i < n; i++) f[i] = mn_h2f(h[i]);
+}
+
+#undef VF
+#undef VFU
 #undef ATTN_CAT
 #undef ATTN_CAT2

@@ -50,39 +50,42 @@ static arena node_arena(const mn_node *nd) {
     return a;
 }
 
-/* attention micro-kernels per SIMD level (mn_attn_tmpl.h) */
-typedef float v16 __attribute__((vector_size(64)));
-typedef float v16u __attribute__((vector_size(64), aligned(4)));
+/* attention micro-kernels per SIMD level (mn_attn_tmpl.h), each at its native vector width */
 #define ATTN_SUFFIX avx512
-#define ATTN_TARGET __attribute__((target("avx512f")))
+#define ATTN_TARGET __attribute__((target("avx512f,f16c,fma")))
+#define ATTN_VW 16
 #include "mn_attn_tmpl.h"
 #undef ATTN_SUFFIX
 #undef ATTN_TARGET
+#undef ATTN_VW
 #define ATTN_SUFFIX avx2
-#define ATTN_TARGET __attribute__((target("avx2,fma")))
+#define ATTN_TARGET __attribute__((target("avx2,fma,f16c")))
+#define ATTN_VW 8
 #include "mn_attn_tmpl.h"
 #undef ATTN_SUFFIX
 #undef ATTN_TARGET
+#undef ATTN_VW
 #define ATTN_SUFFIX base
 #define ATTN_TARGET
+#define ATTN_VW 4
 #include "mn_attn_tmpl.h"
 #undef ATTN_SUFFIX
 #undef ATTN_TARGET
+#undef ATTN_VW
 
 typedef struct {
-    void (*scores)(const float *const *q, int nh, const float *ktiles, int qk, int64_t S, float scale,
-                   float *const *sc);
-    void (*values)(const float *const *p, int nh, const float *v, int64_t vstride, int vd, int64_t S,
-                   float *const *out);
+    void (*scores)(const float *const *q, int nb, const float *tile, int qk, float scale, float *const *sc);
+    void (*values)(const float *const *p, int nb, const float *v, int64_t vstride, int vd, int n, const float *corr,
+                   float *const *o);
+    void (*cvt_f16)(const uint16_t *h, float *f, int64_t n);
 } attn_ops;
 
 static attn_ops attn_for_level(void) {
     const int lvl = mn_active_level();
-    if (lvl >= MN_SIMD_AVX512) return (attn_ops){attn_scores_avx512, attn_values_avx512};
-    if (lvl >= MN_SIMD_AVX2) return (attn_ops){attn_scores_avx2, attn_values_avx2};
-    return (attn_ops){attn_scores_base, attn_values_base};
+    if (lvl >= MN_SIMD_AVX512) return (attn_ops){flash_scores_avx512, flash_values_avx512, cvt_f16_avx512};
+    if (lvl >= MN_SIMD_AVX2) return (attn_ops){flash_scores_avx2, flash_values_avx2, cvt_f16_avx2};
+    return (attn_ops){flash_scores_base, flash_values_base, cvt_f16_base};
 }
-
 static void rms_norm_row(const float *x, const float *w, float *y, int64_t n, float eps) {
     double s = 0;
     for (int64_t i = 0; i < n; i++) s += (double)x[i] * (double)x[i];
@@ -166,17 +169,206 @@ static void matmul_heads(const mn_mat *m, int64_t n_head, int64_t rows, const ui
     }
 }
 
+/* ------------------------------------------------------------ KV cache storage
+ * Keys: per stream (slot x kv head, or slot for MLA's latent) tiles of 32 positions,
+ *   F32 / F16: [dim][32] values;  Q8_0: int8 [dim][32], then fp16 scales [dim / 32][32]
+ *   (one per 32 dims of a position, as ggml's Q8_0 row of that key).
+ * Values: rows per position in the ggml row format of their type (F32, F16, Q8_0 blocks).
+ * Rounding is ggml's: fp16 round-to-nearest-even; Q8_0 as its CPU quantize_row_q8_0. */
+size_t mn_kv_tile_bytes(int type, int64_t dim) {
+    if (dim < 1) return 0;
+    switch (type) {
+    case MN_F32: return (size_t)dim * 32 * 4;
+    case MN_F16: return (size_t)dim * 32 * 2;
+    case MN_Q8_0: return dim % 32 ? 0 : (size_t)dim * 32 + (size_t)(dim / 32) * 32 * 2;
+    default: return 0;
+    }
+}
+
+size_t mn_kv_row_bytes(int type, int64_t dim) {
+    if (dim < 1) return 0;
+    switch (type) {
+    case MN_F32: return (size_t)dim * 4;
+    case MN_F16: return (size_t)dim * 2;
+    case MN_Q8_0: return dim % 32 ? 0 : (size_t)(dim / 32) * BS_Q8_0;
+    default: return 0;
+    }
+}
+
+static uint16_t f2h(float f) {   /* IEEE fp16, round to nearest even (as F16C and numpy) */
+    uint32_t x;
+    memcpy(&x, &f, 4);
+    const uint16_t sign = (uint16_t)((x >> 16) & 0x8000);
+    uint32_t ax = x & 0x7fffffffu;
+    if (ax >= 0x7f800000u) return sign | 0x7c00 | (ax > 0x7f800000u ? 0x200 : 0);
+    if (ax >= 0x477ff000u) return sign | 0x7c00;          /* rounds past 65504 */
+    if (ax < 0x38800000u) {                               /* fp16 subnormal: let the FPU round at 2^-24 */
+        float a;
+        memcpy(&a, &ax, 4);
+        a += 0.5f;
+        uint32_t r;
+        memcpy(&r, &a, 4);
+        return sign | (uint16_t)(r - 0x3f000000u);
+    }
+    ax += 0xc8000fffu + ((ax >> 13) & 1);                 /* rebias the exponent, round the mantissa */
+    return sign | (uint16_t)(ax >> 13);
+}
+
+static void q8_block(const float *x, int8_t *q, uint16_t *dh) {
+    float amax = 0.f;
+    for (int i = 0; i < 32; i++) amax = fmaxf(amax, fabsf(x[i]));
+    const float d = amax / 127.f, id = amax != 0.f ? 127.f / amax : 0.f;
+    for (int i = 0; i < 32; i++) q[i] = (int8_t)nearbyintf(x[i] * id);
+    *dh = f2h(d);
+}
+
+/* key x[dim] into position `lane` of a tile */
+static void kv_put_key(uint8_t *tile, int type, int64_t dim, int lane, const float *x) {
+    if (type == MN_F32) {
+        float *t = (float *)tile;
+        for (int64_t i = 0; i < dim; i++) t[i * 32 + lane] = x[i];
+    } else if (type == MN_F16) {
+        uint16_t *t = (uint16_t *)tile;
+        for (int64_t i = 0; i < dim; i++) t[i * 32 + lane] = f2h(x[i]);
+    } else {
+        int8_t *t = (int8_t *)tile, qb[32];
+        uint16_t *ds = (uint16_t *)(tile + dim * 32);
+        for (int64_t b = 0; b < dim / 32; b++) {
+            q8_block(x + 32 * b, qb, &ds[b * 32 + lane]);
+            for (int i = 0; i < 32; i++) t[(32 * b + i) * 32 + lane] = qb[i];
+        }
+    }
+}
+
+static void kv_put_row(uint8_t *row, int type, int64_t dim, const float *x) {
+    if (type == MN_F32) {
+        memcpy(row, x, sizeof(float) * dim);
+    } else if (type == MN_F16) {
+        uint16_t *r = (uint16_t *)row;
+        for (int64_t i = 0; i < dim; i++) r[i] = f2h(x[i]);
+    } else {
+        for (int64_t b = 0; b < dim / 32; b++) {
+            uint8_t *blk = row + b * BS_Q8_0;
+            uint16_t dh;
+            q8_block(x + 32 * b, (int8_t *)(blk + 2), &dh);
+            memcpy(blk, &dh, 2);
+        }
+    }
+}
+
+/* a tile as floats [dim][32]: in place (F32) or expanded into buf */
+static const float *kv_get_tile(const uint8_t *tile, int type, int64_t dim, float *buf, const attn_ops *A) {
+    if (type == MN_F32) return (const float *)tile;
+    if (type == MN_F16) { A->cvt_f16((const uint16_t *)tile, buf, dim * 32); return buf; }
+    const int8_t *q = (const int8_t *)tile;
+    const uint16_t *ds = (const uint16_t *)(tile + dim * 32);
+    for (int64_t b = 0; b < dim / 32; b++) {
+        float d[32];
+        for (int l = 0; l < 32; l++) d[l] = mn_h2f(ds[b * 32 + l]);
+        for (int64_t i = 32 * b; i < 32 * b + 32; i++)
+            for (int l = 0; l < 32; l++) buf[i * 32 + l] = d[l] * (float)q[i * 32 + l];
+    }
+    return buf;
+}
+
+/* n value rows as floats: in place (F32, *fstride = stride / 4) or expanded into buf [n][dim] */
+static const float *kv_get_rows(const uint8_t *v, size_t stride, int type, int64_t dim, int n, float *buf,
+                                int64_t *fstride, const attn_ops *A) {
+    if (type == MN_F32) { *fstride = (int64_t)(stride / 4); return (const float *)v; }
+    *fstride = dim;
+    for (int s = 0; s < n; s++) {
+        const uint8_t *row = v + s * stride;
+        float *out = buf + s * dim;
+        if (type == MN_F16) { A->cvt_f16((const uint16_t *)row, out, dim); continue; }
+        for (int64_t b = 0; b < dim / 32; b++) {
+            const uint8_t *blk = row + b * BS_Q8_0;
+            const float d = mn_h2f(mn_rd16(blk));
+            for (int i = 0; i < 32; i++) out[32 * b + i] = d * (float)(int8_t)blk[2 + i];
+        }
+    }
+    return buf;
+}
+
+/* ------------------------------------------------------------ flash attention
+ * One query block (rows sharing one KV stream) against the stream's cache: key blocks of
+ * FA_KB positions, each read (and expanded) once per block of up to FA_QB query rows, with
+ * an online softmax per row.  A row's arithmetic depends only on its own query and
+ * position (key blocks start at multiples of FA_KB; rows past a block's end skip it), so
+ * any batch gives each token bit-identical results. */
+#define FA_KB 64
+#define FA_QB 64
+
+typedef struct {
+    const uint8_t *k; size_t tile_bytes; int ktype; int64_t qk;     /* key tiles */
+    const uint8_t *v; size_t v_stride; int vtype; int64_t vd;       /* value rows */
+} kv_stream;
+
+typedef struct { const float *q[FA_QB]; float *o[FA_QB]; int64_t last[FA_QB]; int n; } qblock;
+
+typedef struct { float *kbuf, *vbuf, *sc; } fa_scratch;   /* FA_KB * qk, FA_KB * vd, 4 * FA_KB floats */
+
+static void flash_attend(const attn_ops *A, const kv_stream *kv, const qblock *B, float scale, const fa_scratch *F) {
+    float m[FA_QB], l[FA_QB];
+    int64_t hi = 0;
+    for (int r = 0; r < B->n; r++) {
+        m[r] = -INFINITY; l[r] = 0.f;
+        memset(B->o[r], 0, sizeof(float) * kv->vd);
+        if (B->last[r] + 1 > hi) hi = B->last[r] + 1;
+    }
+    for (int64_t k0 = 0; k0 < hi; k0 += FA_KB) {
+        const int nk = hi - k0 < FA_KB ? (int)(hi - k0) : FA_KB, ntile = (nk + 31) / 32;
+        const float *kt[FA_KB / 32];
+        for (int tt = 0; tt < ntile; tt++)
+            kt[tt] = kv_get_tile(kv->k + (size_t)(k0 / 32 + tt) * kv->tile_bytes, kv->ktype, kv->qk,
+                                 F->kbuf + tt * kv->qk * 32, A);
+        int64_t vs;
+        const float *vb = kv_get_rows(kv->v + (size_t)k0 * kv->v_stride, kv->v_stride, kv->vtype, kv->vd, nk,
+                                      F->vbuf, &vs, A);
+        int act[FA_QB], na = 0;
+        for (int r = 0; r < B->n; r++) if (B->last[r] >= k0) act[na++] = r;
+        for (int g = 0; g < na; g += 4) {
+            const int nb = na - g < 4 ? na - g : 4;
+            const float *qs[4];
+            float *sc[4], *os[4], corr[4];
+            for (int j = 0; j < nb; j++) { qs[j] = B->q[act[g + j]]; sc[j] = F->sc + j * FA_KB; os[j] = B->o[act[g + j]]; }
+            for (int tt = 0; tt < ntile; tt++) {
+                float *st[4];
+                for (int j = 0; j < nb; j++) st[j] = sc[j] + 32 * tt;
+                A->scores(qs, nb, kt[tt], (int)kv->qk, scale, st);
+            }
+            int nmax = 0;
+            for (int j = 0; j < nb; j++) {
+                const int r = act[g + j];
+                const int nv = B->last[r] - k0 + 1 < nk ? (int)(B->last[r] - k0 + 1) : nk;
+                float mx = m[r], sum = 0.f;
+                for (int s = 0; s < nv; s++) if (sc[j][s] > mx) mx = sc[j][s];
+                corr[j] = expf(m[r] - mx);
+                for (int s = 0; s < nv; s++) { sc[j][s] = expf(sc[j][s] - mx); sum += sc[j][s]; }
+                for (int s = nv; s < nk; s++) sc[j][s] = 0.f;
+                l[r] = l[r] * corr[j] + sum;
+                m[r] = mx;
+                if (nv > nmax) nmax = nv;
+            }
+            A->values((const float *const *)sc, nb, vb, vs, (int)kv->vd, nmax, corr, os);
+        }
+    }
+    for (int r = 0; r < B->n; r++) {
+        const float inv = 1.0f / l[r];
+        for (int64_t i = 0; i < kv->vd; i++) B->o[r][i] *= inv;
+    }
+}
+
 /* ------------------------------------------------------------ attention */
 typedef struct {
     mn_engine *e; mn_node *node; const mn_attn_layer *L;
     const float *x; int64_t T;
     /* token t sits at position pos[t] of cache slot slot[t]; NULL: pos0 + t, slot 0 */
-    int64_t pos0, s_max;              /* s_max: 1 + the largest position (scores per head) */
+    int64_t pos0;
     const int64_t *pos; const int32_t *slot;
     /* scratch, carved identically by every thread */
     float *xn, *q, *k, *v, *qa, *kva, *kvb, *lat_n, *qlat, *olat, *ao, *att;
     int failed;                       /* the layout did not fit the scratch (set by thread 0) */
-    int64_t att_stride;
+    int64_t att_stride;               /* floats of flash scratch per thread */
     act_set in, qa_act, lat_act, ao_act;
     uint8_t *qn_q, *olat_q;           /* MLA: per-head activations of q_nope / o_lat */
     size_t qn_row, olat_row;
@@ -221,19 +413,20 @@ static void attn_layout(attn_ctx *c, arena *a, int nth) {
     c->ao = (float *)carve(a, sizeof(float) * T * nq * L->v_dim);
     if (nq > 0) act_add(&c->ao_act, L->wo.type, nq * L->v_dim);
     act_alloc(&c->in, a, T); act_alloc(&c->qa_act, a, T); act_alloc(&c->lat_act, a, T); act_alloc(&c->ao_act, a, T);
-    const int64_t s_max = c->s_max;
-    if (L->kind == MN_ATTN_MLA) {   /* scores of 4 heads, then their [latent | rope] queries */
-        c->att_stride = 4 * s_max + 4 * (L->kv_lora + L->rope_dims);
-    } else {   /* scores of up to 4 heads of one kv group */
-        c->att_stride = 4 * s_max;
+    /* per thread: expanded keys and values of one key block, 4 rows of scores (+ MLA's query rows) */
+    if (L->kind == MN_ATTN_MLA) {
+        const int64_t kvw = L->kv_lora + L->rope_dims;
+        c->att_stride = FA_KB * kvw + FA_KB * L->kv_lora + 4 * FA_KB + FA_QB * kvw;
+    } else {
+        c->att_stride = FA_KB * L->qk_dim + FA_KB * L->v_dim + 4 * FA_KB;
     }
     c->att = (float *)carve(a, sizeof(float) * c->att_stride * nth);
 }
 
-static size_t attn_scratch(const mn_attn_layer *L, int64_t T, int64_t n_ctx, int nth) {
+static size_t attn_scratch(const mn_attn_layer *L, int64_t T, int nth) {
     attn_ctx c;
     memset(&c, 0, sizeof c);
-    c.L = L; c.T = T; c.s_max = n_ctx;
+    c.L = L; c.T = T;
     arena a = sizing_arena();
     attn_layout(&c, &a, nth);
     return a.used + 64;
@@ -242,217 +435,291 @@ static size_t attn_scratch(const mn_attn_layer *L, int64_t T, int64_t n_ctx, int
 static void head_norm(float *v, const float *w, int n, float eps) { rms_norm_row(v, w, v, n, eps); }
 
 #define MAX_HEAD_DIM 1024
+#define MAX_LATENT 4096        /* kv_lora + rope_dims */
 #define KV_TILES(n_ctx) (((n_ctx) + 31) / 32)
 
-/* exp(x - max) in place; returns 1 / sum */
-static float softmax_unnormalized(float *x, int64_t n) {
-    float mx = -INFINITY, sum = 0;
-    for (int64_t i = 0; i < n; i++) if (x[i] > mx) mx = x[i];
-    for (int64_t i = 0; i < n; i++) { x[i] = expf(x[i] - mx); sum += x[i]; }
-    return 1.0f / sum;
+static fa_scratch fa_of(const attn_ctx *C, int ith, int64_t kdim, int64_t vdim) {
+    float *base = C->att + C->att_stride * ith;
+    fa_scratch f = {base, base + FA_KB * kdim, base + FA_KB * kdim + FA_KB * vdim};
+    return f;
+}
+
+/* Shared prologue: norm + quantize the input rows, clear the partial output. */
+static void attn_prologue(attn_ctx *C, int ith, int nth) {
+    const mn_attn_layer *L = C->L;
+    const int64_t H = L->hidden;
+    float *partial = C->node->partial;
+    int64_t a0, a1;
+    split(C->T, ith, nth, &a0, &a1);
+    for (int64_t t = a0; t < a1; t++) {
+        rms_norm_row(C->x + t * H, L->attn_norm, C->xn + t * H, H, L->rms_eps);
+        act_quantize(&C->in, C->xn + t * H, t, H);
+        memset(partial + t * H, 0, sizeof(float) * H);
+    }
+    mn_pool_barrier(C->node->pool, ith);
+}
+
+/* Shared epilogue: this node's heads' outputs (ao) through its columns of wo -> partial. */
+static void attn_epilogue(attn_ctx *C, int ith, int nth) {
+    const mn_attn_layer *L = C->L;
+    const int64_t nd = L->n_head * L->v_dim;
+    int64_t a0, a1;
+    size_t r;
+    split(C->T, ith, nth, &a0, &a1);
+    for (int64_t t = a0; t < a1; t++) act_quantize(&C->ao_act, C->ao + t * nd, t, nd);
+    mn_pool_barrier(C->node->pool, ith);
+    seg so = {&L->wo, C->node->partial, L->hidden, act_of(&C->ao_act, L->wo.type, &r), r};
+    matmul_segs(&so, 1, C->T, ith, nth);
+}
+
+/* MLA's query path (q = wq x, or wq_b(norm(wq_a x))) and the compressed kv_a = wkv_a x. */
+static void mla_project(attn_ctx *C, int ith, int nth) {
+    const mn_attn_layer *L = C->L;
+    mn_pool *pool = C->node->pool;
+    const mn_mat *wq = L->q_lora ? &L->wq_a : &L->wq;
+    size_t r;
+    seg s[2] = {{wq, L->q_lora ? C->qa : C->q, wq->rows, act_of(&C->in, wq->type, &r), r},
+                {&L->wkv_a, C->kva, L->wkv_a.rows, NULL, 0}};
+    s[1].xq = act_of(&C->in, L->wkv_a.type, &s[1].xq_row);
+    matmul_segs(s, 2, C->T, ith, nth);
+    mn_pool_barrier(pool, ith);
+    if (!L->q_lora) return;
+    int64_t a0, a1;
+    split(C->T, ith, nth, &a0, &a1);
+    for (int64_t t = a0; t < a1; t++) {
+        float *row = C->qa + t * L->q_lora;
+        rms_norm_row(row, L->q_a_norm, row, L->q_lora, L->norm_eps);
+        act_quantize(&C->qa_act, row, t, L->q_lora);
+    }
+    mn_pool_barrier(pool, ith);
+    seg sb = {&L->wq_b, C->q, L->wq_b.rows, act_of(&C->qa_act, L->wq_b.type, &r), r};
+    matmul_segs(&sb, 1, C->T, ith, nth);
+    mn_pool_barrier(pool, ith);
+}
+
+/* Per-head attention over per-head K/V caches (GQA, and decompressed MLA): per (kv head,
+ * chunk of tokens), the group's query rows of consecutive same-slot tokens form the blocks. */
+static void attend_heads(attn_ctx *C, int ith, int nth) {
+    const mn_attn_layer *L = C->L;
+    const int64_t T = C->T, nq = L->n_head, qk = L->qk_dim, vd = L->v_dim, tiles = KV_TILES(L->n_ctx);
+    const size_t tb = mn_kv_tile_bytes(L->cache_type_k, qk), vb = mn_kv_row_bytes(L->cache_type_v, vd);
+    int gmax = 1;
+    for (int h = 0, n = 0; h < nq; h++) { n = h > 0 && L->q2kv[h] == L->q2kv[h - 1] ? n + 1 : 1; if (n > gmax) gmax = n; }
+    const int64_t qt = gmax >= FA_QB ? 1 : FA_QB / gmax, nchunk = (T + qt - 1) / qt;
+    const attn_ops A = attn_for_level();
+    const fa_scratch F = fa_of(C, ith, qk, vd);
+    int64_t a0, a1;
+    split(L->n_kv * nchunk, ith, nth, &a0, &a1);
+    for (int64_t u = a0; u < a1; u++) {
+        const int64_t g = u / nchunk, t0 = (u % nchunk) * qt, t1 = t0 + qt < T ? t0 + qt : T;
+        int64_t h0 = 0, h1;
+        while (h0 < nq && L->q2kv[h0] != g) h0++;
+        for (h1 = h0; h1 < nq && L->q2kv[h1] == g; h1++) {}
+        qblock B;
+        B.n = 0;
+        for (int64_t t = t0; t < t1; t++) {
+            const int64_t sl = tok_slot(C, t);
+            for (int64_t h = h0; h < h1; h++) {
+                B.q[B.n] = C->q + (t * nq + h) * qk;
+                B.o[B.n] = C->ao + (t * nq + h) * vd;
+                B.last[B.n] = tok_pos(C, t);
+                B.n++;
+                const int last = t + 1 == t1 || tok_slot(C, t + 1) != sl;
+                if (B.n == FA_QB || (h + 1 == h1 && last)) {
+                    const kv_stream kv = {(const uint8_t *)L->cache_k + (size_t)((sl * L->n_kv + g) * tiles) * tb, tb,
+                                          L->cache_type_k, qk,
+                                          (const uint8_t *)L->cache_v + (size_t)(sl * L->n_ctx * L->n_kv + g) * vb,
+                                          (size_t)L->n_kv * vb, L->cache_type_v, vd};
+                    flash_attend(&A, &kv, &B, L->kq_scale, &F);
+                    B.n = 0;
+                }
+            }
+        }
+    }
+}
+
+/* store head h's key kc[qk] (roped) and value vv[vd] of the token at (slot, pos) */
+static void store_kv(const mn_attn_layer *L, int64_t sl, int64_t pos, int64_t h, const float *kc, const float *vv) {
+    const int64_t qk = L->qk_dim, vd = L->v_dim;
+    const size_t tb = mn_kv_tile_bytes(L->cache_type_k, qk), vb = mn_kv_row_bytes(L->cache_type_v, vd);
+    uint8_t *tile = (uint8_t *)L->cache_k + (size_t)((sl * L->n_kv + h) * KV_TILES(L->n_ctx) + pos / 32) * tb;
+    kv_put_key(tile, L->cache_type_k, qk, (int)(pos % 32), kc);
+    kv_put_row((uint8_t *)L->cache_v + (size_t)((sl * L->n_ctx + pos) * L->n_kv + h) * vb, L->cache_type_v, vd, vv);
+}
+
+/* Grouped-query attention: q/k/v projections, biases, q/k norms, RoPE, cache, attention. */
+static void gqa_task(attn_ctx *C, int ith, int nth) {
+    const mn_attn_layer *L = C->L;
+    mn_pool *pool = C->node->pool;
+    const int64_t T = C->T, nq = L->n_head, nkv = L->n_kv, qk = L->qk_dim, vd = L->v_dim;
+    attn_prologue(C, ith, nth);
+    size_t r;
+    seg s[3] = {{&L->wq, C->q, L->wq.rows, act_of(&C->in, L->wq.type, &r), r},
+                {&L->wk, C->k, L->wk.rows, NULL, 0}, {&L->wv, C->v, L->wv.rows, NULL, 0}};
+    s[1].xq = act_of(&C->in, L->wk.type, &s[1].xq_row);
+    s[2].xq = act_of(&C->in, L->wv.type, &s[2].xq_row);
+    matmul_segs(s, 3, T, ith, nth);
+    mn_pool_barrier(pool, ith);
+    int64_t a0, a1;
+    split(T * (nq + nkv), ith, nth, &a0, &a1);
+    for (int64_t u = a0; u < a1; u++) {
+        const int64_t t = u / (nq + nkv), j = u % (nq + nkv), pos = tok_pos(C, t);
+        if (j < nq) {
+            float *qh = C->q + (t * nq + j) * qk;
+            if (L->bq) for (int64_t i = 0; i < qk; i++) qh[i] += L->bq[j * qk + i];
+            if (L->q_norm) head_norm(qh, L->q_norm, (int)qk, L->norm_eps);
+            rope_apply(qh + L->rope_off, L->rope_dims, L->rope_neox, L->rope_cos, L->rope_sin, pos);
+            continue;
+        }
+        const int64_t h = j - nq;
+        const float *kh = C->k + (t * nkv + h) * qk, *vh = C->v + (t * nkv + h) * vd;
+        float kc[MAX_HEAD_DIM], vc[MAX_HEAD_DIM];
+        for (int64_t i = 0; i < qk; i++) kc[i] = kh[i] + (L->bk ? L->bk[h * qk + i] : 0.f);
+        for (int64_t i = 0; i < vd; i++) vc[i] = vh[i] + (L->bv ? L->bv[h * vd + i] : 0.f);
+        if (L->k_norm) head_norm(kc, L->k_norm, (int)qk, L->norm_eps);
+        rope_apply(kc + L->rope_off, L->rope_dims, L->rope_neox, L->rope_cos, L->rope_sin, pos);
+        store_kv(L, tok_slot(C, t), pos, h, kc, vc);
+    }
+    mn_pool_barrier(pool, ith);
+    attend_heads(C, ith, nth);
+    mn_pool_barrier(pool, ith);
+    attn_epilogue(C, ith, nth);
+}
+
+/* MLA with the merged attn_kv_b (older files): decompress this node's heads' K/V from the
+ * normed latent, cache them per head and attend as GQA does. */
+static void mla_mha_task(attn_ctx *C, int ith, int nth) {
+    const mn_attn_layer *L = C->L;
+    mn_pool *pool = C->node->pool;
+    const int64_t T = C->T, nq = L->n_head, qk = L->qk_dim, vd = L->v_dim, R = L->kv_lora, rd = L->rope_dims;
+    attn_prologue(C, ith, nth);
+    mla_project(C, ith, nth);
+    int64_t a0, a1;
+    size_t r;
+    split(T, ith, nth, &a0, &a1);
+    for (int64_t t = a0; t < a1; t++) {
+        float *lat = C->lat_n + t * R;
+        rms_norm_row(C->kva + t * (R + rd), L->kv_a_norm, lat, R, L->norm_eps);
+        act_quantize(&C->lat_act, lat, t, R);
+    }
+    mn_pool_barrier(pool, ith);
+    seg sk = {&L->wkv_b, C->kvb, L->wkv_b.rows, act_of(&C->lat_act, L->wkv_b.type, &r), r};
+    matmul_segs(&sk, 1, T, ith, nth);
+    mn_pool_barrier(pool, ith);
+    split(T * 2 * nq, ith, nth, &a0, &a1);
+    for (int64_t u = a0; u < a1; u++) {
+        const int64_t t = u / (2 * nq), j = u % (2 * nq), pos = tok_pos(C, t);
+        if (j < nq) {
+            rope_apply(C->q + (t * nq + j) * qk + L->rope_off, (int)rd, L->rope_neox, L->rope_cos, L->rope_sin, pos);
+            continue;
+        }
+        /* k = [k_nope(h), rope(k_pe)], v = v(h), from the kv_b rows of local head h */
+        const int64_t h = j - nq;
+        const float *kvh = C->kvb + t * L->wkv_b.rows + h * (L->nope + vd);
+        float kc[MAX_HEAD_DIM];
+        memcpy(kc, kvh, sizeof(float) * L->nope);
+        memcpy(kc + L->nope, C->kva + t * (R + rd) + R, sizeof(float) * rd);
+        rope_apply(kc + L->rope_off, (int)rd, L->rope_neox, L->rope_cos, L->rope_sin, pos);
+        store_kv(L, tok_slot(C, t), pos, h, kc, kvh + L->nope);
+    }
+    mn_pool_barrier(pool, ith);
+    attend_heads(C, ith, nth);
+    mn_pool_barrier(pool, ith);
+    attn_epilogue(C, ith, nth);
+}
+
+/* Absorbed MLA: one cache of [latent | roped k_pe] per token shared by all heads (keys;
+ * the values are its latent part, as llama.cpp's V is a view of its K, so both use
+ * cache_type_k).  q_nope goes through k_b into the latent space, the attention output
+ * back through v_b. */
+static void mla_task(attn_ctx *C, int ith, int nth) {
+    const mn_attn_layer *L = C->L;
+    mn_pool *pool = C->node->pool;
+    const int64_t T = C->T, nq = L->n_head, qk = L->qk_dim, vd = L->v_dim, R = L->kv_lora, rd = L->rope_dims;
+    const int64_t kvw = R + rd, tiles = KV_TILES(L->n_ctx);
+    const int kt = L->cache_type_k;
+    const size_t tb = mn_kv_tile_bytes(kt, kvw), vb = mn_kv_row_bytes(kt, R);
+    attn_prologue(C, ith, nth);
+    mla_project(C, ith, nth);
+    /* RoPE on q_pe, q_nope quantized for k_b; the latent and rotary key of each token cached */
+    int64_t a0, a1;
+    split(T * (nq + 1), ith, nth, &a0, &a1);
+    for (int64_t u = a0; u < a1; u++) {
+        const int64_t t = u / (nq + 1), j = u % (nq + 1), pos = tok_pos(C, t), sl = tok_slot(C, t);
+        if (j < nq) {
+            float *qh = C->q + (t * nq + j) * qk;
+            rope_apply(qh + L->nope, (int)rd, L->rope_neox, L->rope_cos, L->rope_sin, pos);
+            mn_quantize_act(L->k_b[j].type, qh, C->qn_q + (j * T + t) * C->qn_row, L->nope);
+            continue;
+        }
+        float key[MAX_LATENT];
+        rms_norm_row(C->kva + t * kvw, L->kv_a_norm, key, R, L->norm_eps);
+        memcpy(key + R, C->kva + t * kvw + R, sizeof(float) * rd);
+        rope_apply(key + R, (int)rd, L->rope_neox, L->rope_cos, L->rope_sin, pos);
+        kv_put_key((uint8_t *)L->cache_ktiles + (size_t)(sl * tiles + pos / 32) * tb, kt, kvw, (int)(pos % 32), key);
+        kv_put_row((uint8_t *)L->cache_lat + (size_t)(sl * L->n_ctx + pos) * vb, kt, R, key);
+    }
+    mn_pool_barrier(pool, ith);
+    /* absorb k_b into the query: q_lat[h, t] = k_b[h] @ q_nope[t, h] */
+    matmul_heads(L->k_b, nq, R, C->qn_q, C->qn_row, T, C->qlat, T * R, R, ith, nth);
+    mn_pool_barrier(pool, ith);
+    /* attention in the latent space: units of (4 heads, FA_QB / 4 tokens), query = [q_lat | q_pe] */
+    const attn_ops A = attn_for_level();
+    const fa_scratch F = fa_of(C, ith, kvw, R);
+    float *qcat = F.sc + 4 * FA_KB;
+    const int64_t nhb = (nq + 3) / 4, qt = FA_QB / 4, nchunk = (T + qt - 1) / qt;
+    split(nhb * nchunk, ith, nth, &a0, &a1);
+    for (int64_t u = a0; u < a1; u++) {
+        const int64_t h0 = (u / nchunk) * 4, h1 = h0 + 4 < nq ? h0 + 4 : nq;
+        const int64_t t0 = (u % nchunk) * qt, t1 = t0 + qt < T ? t0 + qt : T;
+        qblock B;
+        B.n = 0;
+        for (int64_t t = t0; t < t1; t++) {
+            const int64_t sl = tok_slot(C, t);
+            for (int64_t h = h0; h < h1; h++) {
+                float *qj = qcat + B.n * kvw;
+                memcpy(qj, C->qlat + (h * T + t) * R, sizeof(float) * R);
+                memcpy(qj + R, C->q + (t * nq + h) * qk + L->nope, sizeof(float) * rd);
+                B.q[B.n] = qj;
+                B.o[B.n] = C->olat + (h * T + t) * R;
+                B.last[B.n] = tok_pos(C, t);
+                B.n++;
+            }
+            if (t + 1 == t1 || tok_slot(C, t + 1) != sl) {
+                const kv_stream kv = {(const uint8_t *)L->cache_ktiles + (size_t)(sl * tiles) * tb, tb, kt, kvw,
+                                      (const uint8_t *)L->cache_lat + (size_t)(sl * L->n_ctx) * vb, vb, kt, R};
+                flash_attend(&A, &kv, &B, L->kq_scale, &F);
+                B.n = 0;
+            }
+        }
+        for (int64_t t = t0; t < t1; t++)
+            for (int64_t h = h0; h < h1; h++)
+                mn_quantize_act(L->v_b[h].type, C->olat + (h * T + t) * R, C->olat_q + (h * T + t) * C->olat_row, R);
+    }
+    mn_pool_barrier(pool, ith);
+    /* values out of the latent: ao[t, h] = v_b[h] @ o_lat[h, t] */
+    matmul_heads(L->v_b, nq, vd, C->olat_q, C->olat_row, T, C->ao, vd, nq * vd, ith, nth);
+    mn_pool_barrier(pool, ith);
+    attn_epilogue(C, ith, nth);
 }
 
 static void attn_task(void *p, int ith, int nth) {
     attn_ctx *c = (attn_ctx *)p;
     const mn_attn_layer *L = c->L;
     const int64_t t_start = ith == 0 ? now_ns() : 0;
-    const int64_t T = c->T, H = L->hidden, nq = L->n_head;
-    mn_pool *pool = c->node->pool;
-    arena a = node_arena(c->node);
-    float *partial = c->node->partial;
-    int64_t a0, a1;
-    if (L->kind == MN_ATTN_NONE || nq == 0) {   /* no heads here: contribute nothing */
-        split(T, ith, nth, &a0, &a1);
-        memset(partial + a0 * H, 0, sizeof(float) * (a1 - a0) * H);
+    if (L->kind == MN_ATTN_NONE || L->n_head == 0) {   /* no heads here: contribute nothing */
+        int64_t a0, a1;
+        split(c->T, ith, nth, &a0, &a1);
+        memset(c->node->partial + a0 * L->hidden, 0, sizeof(float) * (a1 - a0) * L->hidden);
         return;
     }
+    arena a = node_arena(c->node);
     attn_ctx C = *c;
     attn_layout(&C, &a, nth);
     if (a.over) { if (ith == 0) c->failed = 1; return; }
-
-    /* P0: norm + quantize the input rows; clear the partial output */
-    split(T, ith, nth, &a0, &a1);
-    for (int64_t t = a0; t < a1; t++) {
-        rms_norm_row(c->x + t * H, L->attn_norm, C.xn + t * H, H, L->rms_eps);
-        act_quantize(&C.in, C.xn + t * H, t, H);
-        memset(partial + t * H, 0, sizeof(float) * H);
-    }
-    mn_pool_barrier(pool, ith);
-
-    /* P1: projections of the input */
-    size_t r;
-    if (L->kind == MN_ATTN_GQA) {
-        seg s[3] = {{&L->wq, C.q, L->wq.rows, act_of(&C.in, L->wq.type, &r), r},
-                    {&L->wk, C.k, L->wk.rows, NULL, 0}, {&L->wv, C.v, L->wv.rows, NULL, 0}};
-        s[1].xq = act_of(&C.in, L->wk.type, &s[1].xq_row);
-        s[2].xq = act_of(&C.in, L->wv.type, &s[2].xq_row);
-        matmul_segs(s, 3, T, ith, nth);
-    } else {
-        const mn_mat *wq = L->q_lora ? &L->wq_a : &L->wq;
-        float *qout = L->q_lora ? C.qa : C.q;
-        seg s[2] = {{wq, qout, wq->rows, act_of(&C.in, wq->type, &r), r},
-                    {&L->wkv_a, C.kva, L->wkv_a.rows, NULL, 0}};
-        s[1].xq = act_of(&C.in, L->wkv_a.type, &s[1].xq_row);
-        matmul_segs(s, 2, T, ith, nth);
-        mn_pool_barrier(pool, ith);
-        if (L->q_lora) {   /* q = wq_b(norm(wq_a x)) */
-            for (int64_t t = a0; t < a1; t++) {
-                float *row = C.qa + t * L->q_lora;
-                rms_norm_row(row, L->q_a_norm, row, L->q_lora, L->norm_eps);
-                act_quantize(&C.qa_act, row, t, L->q_lora);
-            }
-            mn_pool_barrier(pool, ith);
-            seg sb = {&L->wq_b, C.q, L->wq_b.rows, act_of(&C.qa_act, L->wq_b.type, &r), r};
-            matmul_segs(&sb, 1, T, ith, nth);
-        }
-        if (L->kind == MN_ATTN_MLA_MHA) {
-            mn_pool_barrier(pool, ith);
-            for (int64_t t = a0; t < a1; t++) {
-                float *lat = C.lat_n + t * L->kv_lora;
-                rms_norm_row(C.kva + t * (L->kv_lora + L->rope_dims), L->kv_a_norm, lat, L->kv_lora, L->norm_eps);
-                act_quantize(&C.lat_act, lat, t, L->kv_lora);
-            }
-            mn_pool_barrier(pool, ith);
-            seg sk = {&L->wkv_b, C.kvb, L->wkv_b.rows, act_of(&C.lat_act, L->wkv_b.type, &r), r};
-            matmul_segs(&sk, 1, T, ith, nth);
-        }
-    }
-    mn_pool_barrier(pool, ith);
-
-    /* P2: per (token, head): biases, q/k norms, RoPE, cache stores */
-    const int64_t qk = L->qk_dim, vd = L->v_dim;
-    if (L->kind == MN_ATTN_GQA || L->kind == MN_ATTN_MLA_MHA) {
-        const int64_t units = T * (nq + L->n_kv);
-        split(units, ith, nth, &a0, &a1);
-        for (int64_t u = a0; u < a1; u++) {
-            const int64_t t = u / (nq + L->n_kv), j = u % (nq + L->n_kv), pos = tok_pos(c, t);
-            if (j < nq) {
-                float *qh = C.q + t * nq * qk + j * qk;
-                if (L->bq) for (int64_t i = 0; i < qk; i++) qh[i] += L->bq[j * qk + i];
-                if (L->q_norm) head_norm(qh, L->q_norm, (int)qk, L->norm_eps);
-                rope_apply(qh + L->rope_off, L->rope_dims, L->rope_neox, L->rope_cos, L->rope_sin, pos);
-            } else {
-                const int64_t h = j - nq;
-                float kc[MAX_HEAD_DIM];
-                const int64_t sl = tok_slot(c, t);
-                float *vc = L->cache_v + ((sl * L->n_ctx + pos) * L->n_kv + h) * vd;
-                if (L->kind == MN_ATTN_GQA) {
-                    const float *kh = C.k + t * L->n_kv * qk + h * qk;
-                    const float *vh = C.v + t * L->n_kv * vd + h * vd;
-                    for (int64_t i = 0; i < qk; i++) kc[i] = kh[i] + (L->bk ? L->bk[h * qk + i] : 0.f);
-                    for (int64_t i = 0; i < vd; i++) vc[i] = vh[i] + (L->bv ? L->bv[h * vd + i] : 0.f);
-                    if (L->k_norm) head_norm(kc, L->k_norm, (int)qk, L->norm_eps);
-                } else {   /* k = [k_nope(h), rope(k_pe)], v = v(h), from kv_b rows of local head h */
-                    const float *kvh = C.kvb + t * L->wkv_b.rows + h * (L->nope + vd);
-                    memcpy(kc, kvh, sizeof(float) * L->nope);
-                    memcpy(kc + L->nope, C.kva + t * (L->kv_lora + L->rope_dims) + L->kv_lora,
-                           sizeof(float) * L->rope_dims);
-                    memcpy(vc, kvh + L->nope, sizeof(float) * vd);
-                }
-                rope_apply(kc + L->rope_off, L->rope_dims, L->rope_neox, L->rope_cos, L->rope_sin, pos);
-                /* keys are cached in transposed tiles, [kv head][position / 32][dim][32] */
-                float *kt = L->cache_k + ((sl * L->n_kv + h) * KV_TILES(L->n_ctx) + pos / 32) * qk * 32 + pos % 32;
-                for (int64_t i = 0; i < qk; i++) kt[i * 32] = kc[i];
-            }
-        }
-        mn_pool_barrier(pool, ith);
-        /* P3: attention per (token, kv head): the group's query heads share each key and value load */
-        const attn_ops A = attn_for_level();
-        split(T * L->n_kv, ith, nth, &a0, &a1);
-        float *scores = C.att + C.att_stride * ith;
-        for (int64_t u = a0; u < a1; u++) {
-            const int64_t t = u / L->n_kv, g = u % L->n_kv, S = tok_pos(c, t) + 1, sl = tok_slot(c, t);
-            int h = 0;
-            while (h < nq && L->q2kv[h] != g) h++;
-            for (; h < nq && L->q2kv[h] == g; h += 4) {
-                int nb = 0;
-                const float *qs[4];
-                float *sc[4], *out[4];
-                while (nb < 4 && h + nb < nq && L->q2kv[h + nb] == g) {
-                    qs[nb] = C.q + t * nq * qk + (h + nb) * qk;
-                    sc[nb] = scores + nb * S;
-                    out[nb] = C.ao + t * nq * vd + (h + nb) * vd;
-                    nb++;
-                }
-                A.scores(qs, nb, L->cache_k + (sl * L->n_kv + g) * KV_TILES(L->n_ctx) * qk * 32, (int)qk, S,
-                         L->kq_scale, sc);
-                float inv[4];
-                for (int j = 0; j < nb; j++) inv[j] = softmax_unnormalized(sc[j], S);
-                A.values((const float *const *)sc, nb, L->cache_v + (sl * L->n_ctx * L->n_kv + g) * vd, L->n_kv * vd,
-                         (int)vd, S, out);
-                for (int j = 0; j < nb; j++)
-                    for (int64_t i = 0; i < vd; i++) out[j][i] *= inv[j];
-                if (nb < 4) break;
-            }
-        }
-    } else if (L->kind == MN_ATTN_MLA) {
-        const int64_t R = L->kv_lora, rd = L->rope_dims, kvw = R + rd;
-        /* P2: RoPE on q_pe; the latent and rotary key of each token into the cache */
-        const int64_t units = T * (nq + 1);
-        split(units, ith, nth, &a0, &a1);
-        for (int64_t u = a0; u < a1; u++) {
-            const int64_t t = u / (nq + 1), j = u % (nq + 1), pos = tok_pos(c, t), sl = tok_slot(c, t);
-            if (j < nq) {
-                float *qh = C.q + t * nq * qk + j * qk;
-                rope_apply(qh + L->nope, (int)rd, L->rope_neox, L->rope_cos, L->rope_sin, pos);
-                mn_quantize_act(L->k_b[j].type, qh, C.qn_q + (j * T + t) * C.qn_row, L->nope);
-            } else {
-                float *lat = L->cache_lat + (sl * L->n_ctx + pos) * R, kpe[MAX_HEAD_DIM];
-                rms_norm_row(C.kva + t * kvw, L->kv_a_norm, lat, R, L->norm_eps);
-                memcpy(kpe, C.kva + t * kvw + R, sizeof(float) * rd);
-                rope_apply(kpe, (int)rd, L->rope_neox, L->rope_cos, L->rope_sin, pos);
-                /* key = [latent | roped k_pe], cached in transposed tiles [position / 32][dim][32] */
-                float *kt = L->cache_ktiles + (sl * KV_TILES(L->n_ctx) + pos / 32) * kvw * 32 + pos % 32;
-                for (int64_t i = 0; i < R; i++) kt[i * 32] = lat[i];
-                for (int64_t i = 0; i < rd; i++) kt[(R + i) * 32] = kpe[i];
-            }
-        }
-        mn_pool_barrier(pool, ith);
-        /* P3: absorb k_b into the query: q_lat[h, t] = k_b[h] @ q_nope[t, h] */
-        matmul_heads(L->k_b, nq, R, C.qn_q, C.qn_row, T, C.qlat, T * R, R, ith, nth);
-        mn_pool_barrier(pool, ith);
-        /* P4: attention in the latent space, 4 heads per kernel call (all heads share the keys) */
-        const attn_ops A = attn_for_level();
-        const int64_t nblk = (nq + 3) / 4;
-        split(T * nblk, ith, nth, &a0, &a1);
-        float *scores = C.att + C.att_stride * ith;
-        float *qcat = scores + 4 * C.s_max;
-        for (int64_t u = a0; u < a1; u++) {
-            const int64_t t = u / nblk, h0 = (u % nblk) * 4, S = tok_pos(c, t) + 1, sl = tok_slot(c, t);
-            const int nb = nq - h0 < 4 ? (int)(nq - h0) : 4;
-            const float *qs[4];
-            float *sc[4], *out[4];
-            for (int j = 0; j < nb; j++) {   /* query = [k_b-absorbed q_nope | roped q_pe] */
-                float *qj = qcat + j * kvw;
-                memcpy(qj, C.qlat + ((h0 + j) * T + t) * R, sizeof(float) * R);
-                memcpy(qj + R, C.q + t * nq * qk + (h0 + j) * qk + L->nope, sizeof(float) * rd);
-                qs[j] = qj;
-                sc[j] = scores + j * S;
-                out[j] = C.olat + ((h0 + j) * T + t) * R;
-            }
-            A.scores(qs, nb, L->cache_ktiles + sl * KV_TILES(L->n_ctx) * kvw * 32, (int)kvw, S, L->kq_scale, sc);
-            float inv[4];
-            for (int j = 0; j < nb; j++) inv[j] = softmax_unnormalized(sc[j], S);
-            A.values((const float *const *)sc, nb, L->cache_lat + sl * L->n_ctx * R, R, (int)R, S, out);
-            for (int j = 0; j < nb; j++) {
-                for (int64_t i = 0; i < R; i++) out[j][i] *= inv[j];
-                mn_quantize_act(L->v_b[h0 + j].type, out[j], C.olat_q + ((h0 + j) * T + t) * C.olat_row, R);
-            }
-        }
-        mn_pool_barrier(pool, ith);
-        /* P5: values out of the latent: ao[t, h] = v_b[h] @ o_lat[h, t] */
-        matmul_heads(L->v_b, nq, vd, C.olat_q, C.olat_row, T, C.ao, vd, nq * vd, ith, nth);
-    }
-    mn_pool_barrier(pool, ith);
-
-    /* P6: output projection of this node's heads -> partial */
-    if (nq > 0) {
-        split(T, ith, nth, &a0, &a1);
-        for (int64_t t = a0; t < a1; t++) act_quantize(&C.ao_act, C.ao + t * nq * vd, t, nq * vd);
-        mn_pool_barrier(pool, ith);
-        seg so = {&L->wo, partial, H, act_of(&C.ao_act, L->wo.type, &r), r};
-        matmul_segs(&so, 1, T, ith, nth);
-    }
+    if (L->kind == MN_ATTN_GQA) gqa_task(&C, ith, nth);
+    else if (L->kind == MN_ATTN_MLA_MHA) mla_mha_task(&C, ith, nth);
+    else mla_task(&C, ith, nth);
     if (ith == 0) c->node->busy_ns += now_ns() - t_start;
 }
 
@@ -822,15 +1089,10 @@ static int attention(mn_engine *e, int layer, float *x, int64_t T, int64_t pos0,
         }
     }
     attn_ctx ctx[MAX_NODES];
-    int64_t s_max = pos0 + T;
-    if (pos) {
-        s_max = 0;
-        for (int64_t t = 0; t < T; t++) if (pos[t] + 1 > s_max) s_max = pos[t] + 1;
-    }
     for (int n = 0; n < e->n_nodes; n++) {
         memset(&ctx[n], 0, sizeof(attn_ctx));
         ctx[n].e = e; ctx[n].node = &e->nodes[n]; ctx[n].L = &e->nodes[n].attn[layer];
-        ctx[n].x = x; ctx[n].T = T; ctx[n].pos0 = pos0; ctx[n].s_max = s_max;
+        ctx[n].x = x; ctx[n].T = T; ctx[n].pos0 = pos0;
         ctx[n].pos = pos; ctx[n].slot = slot;
     }
     run_nodes(e, attn_task, ctx, sizeof(attn_ctx), 0);
@@ -884,7 +1146,7 @@ size_t mn_node_scratch_bytes(const mn_engine *e, int node) {
     size_t need = head_scratch(&nd->head, e->t_max);
     for (int l = 0; l < e->n_layers; l++) {
         if (nd->attn[l].kind != MN_ATTN_NONE && nd->attn[l].n_head > 0) {
-            const size_t s = attn_scratch(&nd->attn[l], e->t_max, nd->attn[l].n_ctx, nth);
+            const size_t s = attn_scratch(&nd->attn[l], e->t_max, nth);
             if (s > need) need = s;
         }
         if (nd->ffn[l].kind != MN_FFN_NONE) {
@@ -923,6 +1185,13 @@ static int check_attn(const mn_engine *e, int n, int l, char *err, size_t errlen
              n, l, A->n_head, A->n_kv, A->qk_dim, A->v_dim, A->rope_dims, A->rope_off);
     if (qk > MAX_HEAD_DIM || vd > MAX_HEAD_DIM || rd > MAX_HEAD_DIM)
         FAIL("node %d layer %d: head size %lld / %lld exceeds %d", n, l, (long long)qk, (long long)vd, MAX_HEAD_DIM);
+    if (A->kind == MN_ATTN_MLA ? A->kv_lora + rd > MAX_LATENT || !mn_kv_tile_bytes(A->cache_type_k, A->kv_lora + rd) ||
+                                 !mn_kv_row_bytes(A->cache_type_k, A->kv_lora)
+                               : !mn_kv_tile_bytes(A->cache_type_k, qk) || !mn_kv_row_bytes(A->cache_type_v, vd))
+        FAIL("node %d layer %d: KV cache types %d / %d unsupported for key size %lld, value size %lld "
+             "(F32, F16, or Q8_0 with sizes a multiple of 32; MLA: kv_lora + rope_dims <= %d)", n, l,
+             A->cache_type_k, A->cache_type_v, (long long)(A->kind == MN_ATTN_MLA ? A->kv_lora + rd : qk),
+             (long long)(A->kind == MN_ATTN_MLA ? A->kv_lora : vd), MAX_LATENT);
     if (A->n_ctx < 1 || A->n_slots < 1) FAIL("node %d layer %d: n_ctx %lld, n_slots %d", n, l, (long long)A->n_ctx, A->n_slots);
     if (rd > 0 && (!A->rope_cos || !A->rope_sin)) FAIL("node %d layer %d: RoPE tables missing", n, l);
     if (!A->q2kv) FAIL("node %d layer %d: q2kv missing", n, l);

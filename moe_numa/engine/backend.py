@@ -22,10 +22,11 @@ from typing import Any, Callable
 import numpy as np
 
 from .. import _native, quants
-from ..errors import ClosedError, ContextOverflowError, MoeNumaError
+from ..errors import ArgumentError, ClosedError, ContextOverflowError, MoeNumaError
 from .. import kernels
 from ..gguf_file import Tensor, bad_block_error, check_tensor_blocks
 from ..kernels import ThreadPool
+from ..layers.kv_cache import cache_type
 from ..layers.rope import rope_cos_sin
 from ..layers.split import EXPERTS, FFN, KV_HEADS, REPLICATED, split_rules
 from ..model_info import tensor_class
@@ -487,7 +488,8 @@ class EngineBackend:
                  ubatch: int = 512, progress: bool | Callable[[int, int], None] = False,
                  rebalance_every: int | None = 1024, replica_budget: float | int | str | None = None,
                  check_tensors: bool = False, n_slots: int = 1,
-                 weights_cache: str | os.PathLike | None = None, zero_copy: bool | None = None):
+                 weights_cache: str | os.PathLike | None = None, zero_copy: bool | None = None,
+                 cache_type_k: str = "f16", cache_type_v: str = "f16"):
         from .. import _native
         self.cfg = cfg = model.config
         self.weights = w = model.weights
@@ -496,6 +498,10 @@ class EngineBackend:
         if int(n_slots) < 1:
             raise MoeNumaError(f"n_slots must be >= 1, got {n_slots}")
         self.n_slots = int(n_slots)   # independent KV-cache sequences (forward() uses slot 0)
+        # KV-cache types (llama.cpp's -ctk / -ctv), f16 by default as there; MLA's latent cache is one
+        # cache (llama.cpp's V is a view of its K), so it takes cache_type_k for both.
+        self.cache_type_k = cache_type(cache_type_k or "f16")
+        self.cache_type_v = cache_type(cache_type_v or "f16")
         self.ubatch = int(ubatch)
         self.topology = topology(numa_nodes)
         n_nodes = self.topology.n_nodes
@@ -633,6 +639,7 @@ class EngineBackend:
         f = dict.fromkeys(_native.AttnShard.__slots__)
         f.update(kind=_native.ATTN_KINDS["none"], hidden=cfg.hidden, rms_eps=cfg.rms_eps, norm_eps=a.norm_eps,
                  kq_scale=a.kq_scale, attn_norm=placed["attn_norm"], n_ctx=self.n_ctx, n_slots=self.n_slots,
+                 cache_type_k=self.cache_type_k, cache_type_v=self.cache_type_v,
                  **dict.fromkeys(("n_head", "n_kv", "qk_dim", "v_dim", "rope_off", "rope_dims", "rope_neox",
                                   "q_lora", "kv_lora", "nope"), 0))
         if nh == 0:
@@ -647,19 +654,39 @@ class EngineBackend:
             nkv = k1 - k0
             f.update(n_kv=nkv, qk_dim=hd, v_dim=hd, rope_dims=a.rope.n_dims,
                      q2kv=np.array([(h0 + j) // group - k0 for j in range(nh)], dtype=np.int32),
-                     cache_k=S.zeros(node, key + "cache_k", (self.n_slots, nkv, tiles, hd, 32), "kv_cache"),
-                     cache_v=S.zeros(node, key + "cache_v", (self.n_slots, self.n_ctx, nkv, hd), "kv_cache"))
+                     **self._kv_caches(node, key, nkv, hd, hd))
             return _native.AttnShard(**f)
         qh, vd, R, rd = a.q_head_dim, a.v_head_dim, a.kv_lora_rank, a.qk_rope_dim
         f.update(q_lora=a.q_lora_rank, kv_lora=R, nope=a.qk_nope_dim, qk_dim=qh, v_dim=vd, rope_dims=rd,
                  rope_off=a.qk_nope_dim, n_kv=nh)
         if at.kind == "mla":      # absorbed attention over the latent cache
-            f.update(cache_lat=S.zeros(node, key + "cache_lat", (self.n_slots, self.n_ctx, R), "kv_cache"),
-                     cache_ktiles=S.zeros(node, key + "cache_ktiles", (self.n_slots, tiles, R + rd, 32), "kv_cache"))
+            # one [latent | k_pe] cache of the K type (llama.cpp's V is a view of its K)
+            f.update(cache_lat=S.zeros(node, key + "cache_lat",
+                                       (self.n_slots, self.n_ctx, self._kv_bytes("row", self.cache_type_k, R)),
+                                       "kv_cache", dtype=np.uint8),
+                     cache_ktiles=S.zeros(node, key + "cache_ktiles",
+                                          (self.n_slots, tiles, self._kv_bytes("tile", self.cache_type_k, R + rd)),
+                                          "kv_cache", dtype=np.uint8))
         else:                     # attn_kv_b: decompress this node's heads, cache full K/V
-            f.update(cache_k=S.zeros(node, key + "cache_k", (self.n_slots, nh, tiles, qh, 32), "kv_cache"),
-                     cache_v=S.zeros(node, key + "cache_v", (self.n_slots, self.n_ctx, nh, vd), "kv_cache"))
+            f.update(**self._kv_caches(node, key, nh, qh, vd))
         return _native.AttnShard(**f)
+
+    def _kv_bytes(self, what: str, t: str, dim: int) -> int:
+        """Bytes of one key tile (32 positions) or value row of `dim` values in a cache of type t."""
+        n = (_native.kv_tile_bytes if what == "tile" else _native.kv_row_bytes)(t, dim)
+        if not n:
+            raise ArgumentError(f"KV-cache type {t} needs rows of a multiple of 32 values; this model's are {dim}")
+        return n
+
+    def _kv_caches(self, node: int, key: str, n_kv: int, k_dim: int, v_dim: int) -> dict:
+        """Per-head K/V caches: keys in transposed tiles of 32 positions, values in rows."""
+        tiles = -(-self.n_ctx // 32)
+        kt, vr = self._kv_bytes("tile", self.cache_type_k, k_dim), self._kv_bytes("row", self.cache_type_v, v_dim)
+        return {"cache_k": self.store.zeros(node, key + "cache_k", (self.n_slots, n_kv, tiles, kt), "kv_cache",
+                                            dtype=np.uint8),
+                "cache_v": self.store.zeros(node, key + "cache_v", (self.n_slots, self.n_ctx, n_kv, vr), "kv_cache",
+                                            dtype=np.uint8)}
+
 
     def _ffn_shard(self, i, node, ffn, lp, placed):
         """The FFN descriptor of one node: the router and its routed experts (MoE), and its
@@ -1003,6 +1030,8 @@ class EngineBackend:
     def placement_report(self, check_pages: bool = False, sample: int = 8) -> dict:
         """Bytes per node by tensor class (and, on request, where sampled pages really are)."""
         rep = self.store.report()
+        for n in rep["nodes"]:   # this node's heads' KV caches (all slots, n_ctx positions)
+            n["kv_cache_bytes"] = n["bytes_by_class"].get("kv_cache", 0)
         gguf_bytes = sum(t.nbytes for t in _used_tensors(self.weights))
         placed = sum(it.nbytes for it in self.store.items.values() if it.cls != "kv_cache")
         replicated = sum(it.nbytes for it in self.store.items.values() if it.replicated)
@@ -1017,6 +1046,7 @@ class EngineBackend:
                    balance={k: c[k] for k in ("imbalance", "ffn_imbalance", "node_busy_ns", "node_wait_ns")})
         rep.update(gguf_weight_bytes=gguf_bytes, placed_weight_bytes=placed, replicated_bytes=replicated,
                    kv_cache_bytes=sum(it.nbytes for it in self.store.items.values() if it.cls == "kv_cache"),
+                   kv_cache_type={"k": self.cache_type_k, "v": self.cache_type_v},
                    process=resident_bytes(), topology=self.topology.describe(),
                    load=dict(self.store.load_stats, total_seconds=self.load_seconds),
                    notes=list(self.plan.notes) + list(self.topology.notes))

@@ -81,7 +81,7 @@ def gqa_attention(cfg: AttentionConfig, w: GQAWeights, x: np.ndarray, cache: Lay
     q[..., :nd] = apply_rope(q[..., :nd], cos, sin, cfg.rope.neox)
     k[..., :nd] = apply_rope(k[..., :nd], cos, sin, cfg.rope.neox)
     start = int(positions[0])
-    cache.store(start, k=k, v=v)
+    cache.store(start, k=cache.round_k(k), v=cache.round_v(v))   # as the cache type holds them
     end = start + T
     group = cfg.n_head // cfg.n_head_kv
     keys = np.repeat(cache.view("k", end), group, axis=1)

@@ -1,10 +1,11 @@
 """Multi-head latent attention (DeepSeek-V2/V3): queries through an optional
 low-rank bottleneck, keys and values compressed into one latent vector per
-token (cached) plus a shared rotary key, and attention computed in the latent
-space with the key/value up-projections absorbed into query and output.
+token (cached) plus a shared rotary key.
 
-Both GGUF layouts are handled: the newer split `attn_k_b` / `attn_v_b` and the
-older merged `attn_kv_b`.
+Both GGUF layouts are handled as llama.cpp handles them: with the newer split
+`attn_k_b` / `attn_v_b`, attention runs in the latent space with the key/value
+up-projections absorbed into query and output; with the older merged `attn_kv_b`,
+each head's K/V are decompressed from the latent and attended as usual.
 """
 from __future__ import annotations
 
@@ -64,14 +65,6 @@ class MLAWeights:
         return "mla" if self.wk_b is not None else "mla_mha"
 
 
-def absorbed_kv_b(cfg: MLAConfig, w: MLAWeights, deq) -> tuple[np.ndarray, np.ndarray]:
-    """Per-head (k_b [H, kv_lora, nope], v_b [H, v_head, kv_lora]) as floats, from either layout."""
-    if w.wk_b is not None:
-        return deq(w.wk_b), deq(w.wv_b)
-    kv = deq(w.wkv_b).reshape(cfg.n_head, cfg.qk_nope_dim + cfg.v_head_dim, cfg.kv_lora_rank)
-    return kv[:, :cfg.qk_nope_dim, :].transpose(0, 2, 1), kv[:, cfg.qk_nope_dim:, :]
-
-
 def mla_attention(cfg: MLAConfig, w: MLAWeights, x: np.ndarray, cache: LayerCache,
                   positions: np.ndarray, deq) -> np.ndarray:
     T = x.shape[0]
@@ -91,30 +84,38 @@ def mla_attention(cfg: MLAConfig, w: MLAWeights, x: np.ndarray, cache: LayerCach
     k_rope = apply_rope(np.ascontiguousarray(k_rope), cos, sin, cfg.rope.neox)[:, 0, :]
 
     start = int(positions[0])
-    cache.store(start, latent=latent, k_rope=k_rope)
+    R = cfg.kv_lora_rank
+    if w.wkv_b is not None:
+        # The merged layout decompresses K/V per head (llama.cpp without MLA, and the engine):
+        # the cache types round those, so attend over them. attn_kv_b's input is the latent,
+        # rounded as such.
+        cache.store(start, latent=latent, k_rope=k_rope)
+        end = start + T
+        lat, kr = cache.view("latent", end), cache.view("k_rope", end)
+        S, nope, vd = len(lat), cfg.qk_nope_dim, cfg.v_head_dim
+        kv = deq.linear(np.ascontiguousarray(lat), w.wkv_b).reshape(S, cfg.n_head, nope + vd)
+        key = np.concatenate([kv[..., :nope], np.broadcast_to(kr[:, None, :], (S, cfg.n_head, kr.shape[1]))], -1)
+        query = np.concatenate([q_nope, q_rope], axis=-1)
+        out = causal_softmax_attention(query, cache.round_k(key), cache.round_v(kv[..., nope:]), positions,
+                                       cfg.kq_scale)
+        return deq.linear(out.reshape(T, -1), w.wo)
+
+    # The cache holds [latent | k_rope] rows of the K type; the values are its latent part
+    # (llama.cpp's MLA V is a view of K), so both round as K.
+    kv = cache.round_k(np.concatenate([latent, k_rope], axis=-1))
+    cache.store(start, latent=kv[:, :R], k_rope=kv[:, R:])
     end = start + T
     lat = cache.view("latent", end)
     kr = cache.view("k_rope", end)
-
-    if w.wkv_b is not None:
-        # The merged layout multiplies attn_kv_b with the latent (llama.cpp and the
-        # engine decompress K/V that way): its input is the latent, rounded as such.
-        lat = deq.act(np.ascontiguousarray(lat), w.wkv_b)
-    k_b, v_b = absorbed_kv_b(cfg, w, deq)
+    k_b, v_b = deq(w.wk_b), deq(w.wv_b)
     # q_nope . (k_b^T c) == (k_b q_nope) . c : attend in the latent space.
-    if w.wk_b is not None:
-        q_in = np.ascontiguousarray(q_nope)
-        q_lat = deq.min_term(q_in, w.wk_b, np.einsum("hrd,thd->thr", k_b, deq.act(q_in, w.wk_b)))
-    else:
-        q_lat = np.einsum("hrd,thd->thr", k_b, q_nope)
+    q_in = np.ascontiguousarray(q_nope)
+    q_lat = deq.min_term(q_in, w.wk_b, np.einsum("hrd,thd->thr", k_b, deq.act(q_in, w.wk_b)))
     query = np.concatenate([q_lat, q_rope], axis=-1)                     # [T, H, kv_lora + rope]
     key = np.concatenate([lat, kr], axis=-1)[:, None, :]                 # [S, 1, kv_lora + rope]
     key = np.broadcast_to(key, (key.shape[0], cfg.n_head, key.shape[2]))
     value = np.broadcast_to(lat[:, None, :], (lat.shape[0], cfg.n_head, lat.shape[1]))
     out_lat = causal_softmax_attention(query, key, value, positions, cfg.kq_scale)  # [T, H, kv_lora]
-    if w.wv_b is not None:
-        o_in = np.ascontiguousarray(out_lat)
-        out = deq.min_term(o_in, w.wv_b, np.einsum("hvr,thr->thv", v_b, deq.act(o_in, w.wv_b)))
-    else:
-        out = np.einsum("hvr,thr->thv", v_b, out_lat)                      # [T, H, v_head]
+    o_in = np.ascontiguousarray(out_lat)
+    out = deq.min_term(o_in, w.wv_b, np.einsum("hvr,thr->thv", v_b, deq.act(o_in, w.wv_b)))
     return deq.linear(out.reshape(T, -1), w.wo)

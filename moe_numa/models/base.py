@@ -313,8 +313,8 @@ class ReferenceForward:
         self.w = weights
         self.deq = deq or Dequantizer()
 
-    def new_cache(self, n_ctx: int) -> KVCache:
-        return KVCache(n_ctx, self.cfg.cache_shapes())
+    def new_cache(self, n_ctx: int, type_k: str = "f32", type_v: str = "f32") -> KVCache:
+        return KVCache(n_ctx, self.cfg.cache_shapes(), type_k, type_v)
 
     def hidden_states(self, tokens: np.ndarray, cache: KVCache) -> np.ndarray:
         tokens = np.asarray(tokens, dtype=np.int64)
