@@ -1101,7 +1101,8 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--kv-type", default=None, choices=("f32", "f16", "q8_0"),
                     help="KV-cache type for both engines (llama-bench -ctk/-ctv; default: our engine's)")
     ap.add_argument("--flash-attn", default="on", choices=("on", "off"),
-                    help="llama-bench -fa (default on, llama.cpp's choice on CPU; ours has one attention path)")
+                    help="llama-bench -fa (default on, llama.cpp's choice on CPU; ours always runs its fused "
+                         "flash attention)")
     ap.add_argument("-r", "--reps", type=int, default=3, help="A/B rounds (one process per engine each)")
     ap.add_argument("--inner-reps", type=int, default=1, help="timed repetitions per test in each process")
     ap.add_argument("--warmup-rounds", type=int, default=0, help="extra discarded rounds before the measured ones")

@@ -35,6 +35,10 @@ def add_engine_flags(p: argparse.ArgumentParser) -> None:
                    help="engine: copy the weights into node memory (the default; accepted as in llama.cpp)")
     p.add_argument("--check-tensors", action="store_true",
                    help="check every block while loading (Inf/NaN scales), naming the first bad one")
+    for short, long, what in (("-ctk", "--cache-type-k", "keys"), ("-ctv", "--cache-type-v", "values")):
+        p.add_argument(short, long, choices=("f32", "f16", "q8_0"), default=None, type=str.lower,
+                       help=f"KV-cache type of the {what}, as llama.cpp's (default f16; the reference: f32; "
+                            "MLA's latent cache takes -ctk for both)")
 
 
 def model_options(args) -> dict:
@@ -43,6 +47,9 @@ def model_options(args) -> dict:
         opts["n_ctx"] = args.ctx_size
     if args.check_tensors:
         opts["check_tensors"] = True
+    for name in ("cache_type_k", "cache_type_v"):
+        if getattr(args, name, None):
+            opts[name] = getattr(args, name)
     from .api import DEFAULT_BACKEND
     backend = args.backend or DEFAULT_BACKEND
     if backend == "engine":
@@ -241,6 +248,8 @@ COMMANDS = (
     Command("check-placement", "moe_numa.numa.check", "check where the engine's pages and threads really are"),
     Command("bench-kernels", "moe_numa.bench.kernels", "kernel bandwidth benchmark (bench/kernels.py)"),
     Command("bench-load", "moe_numa.bench.load", "load time: copy, mapped, weights-cache restart, llama.cpp's first token"),
+    Command("bench-attention", "moe_numa.bench.attention",
+            "attention block time at context depths 0..4096 per KV-cache type (bench/attention.py)"),
     Command("bench", "moe_numa.bench.bench",
             "ours vs llama.cpp's llama-bench, same file and threads (bench/bench.py)"),
     Command("project", "moe_numa.bench.project",

@@ -14,7 +14,7 @@ from moe_numa.testing import make_test_model
 from moe_numa.testing.writer import variant
 
 from conftest import TEST_PRESETS
-from test_engine import _blocks, moe_layers, reference
+from test_engine import F32_KV, _blocks, moe_layers, reference
 
 # expert_ff 256 is one block of a K-quant: only block-32 types can split these models
 SPLITTABLE = {"f32", "bf16", "q8_0", "q4_0"}
@@ -55,12 +55,12 @@ def mixed_map(cfg, n_nodes, data, split_ok=True):
 @given(preset=st.sampled_from(TEST_PRESETS), qtype=st.sampled_from(["f32", "bf16"]),
        n_nodes=st.integers(1, 4), data=st.data())
 def test_mixed_modes_float_match_reference(make_model, preset, qtype, n_nodes, data):
-    ref = reference(make_model, preset, qtype)
+    ref = reference(make_model, preset, qtype, "f32")
     emap = mixed_map(ref.config, n_nodes, data)
     n = data.draw(st.integers(1, 10))
     ids = data.draw(st.lists(st.integers(0, ref.config.n_vocab - 1), min_size=n + 2, max_size=n + 2))
     with moe_numa.load(make_model(preset, qtype), numa_nodes=n_nodes, expert_map=emap, rebalance_every=None,
-                       replica_budget=1.0) as eng:
+                       replica_budget=1.0, **F32_KV) as eng:
         eng.backend.reset()
         got = [eng.backend.forward(np.array(ids[:n]))] + [eng.backend.forward(np.array([t])) for t in ids[n:]]
         got = np.concatenate(got)

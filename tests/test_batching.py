@@ -80,8 +80,10 @@ def test_batched_step_is_bit_identical_to_single_sequences(make_model, preset, n
 @pytest.mark.parametrize("preset,n_nodes", [("qwen3moe", 3), ("deepseek-v3", 2), ("deepseek-v2-lite", 2)])
 def test_batched_step_matches_reference(make_model, preset, n_nodes):
     path = make_model(preset, "f32")
-    ref = moe_numa.load(path, backend="reference", n_slots=3, n_ctx=32)
-    with moe_numa.load(path, backend="engine", numa_nodes=n_nodes, n_slots=3, n_ctx=32) as m:
+    # F32 caches: an F16 cache turns summation-order noise into fp16 rounding flips (tests/test_kv_cache.py)
+    kv = {"cache_type_k": "f32", "cache_type_v": "f32"}
+    ref = moe_numa.load(path, backend="reference", n_slots=3, n_ctx=32, **kv)
+    with moe_numa.load(path, backend="engine", numa_nodes=n_nodes, n_slots=3, n_ctx=32, **kv) as m:
         seqs = _seqs(m.config, (6, 10, 4), seed=2)
         got = _batched(m.backend, seqs, chunk=(3, 1, 4))
     batched_ref = _batched(ref.backend, seqs, chunk=(3, 1, 4))   # the reference's own slots, same schedule

@@ -20,6 +20,9 @@ from moe_numa.testing import PRESETS
 
 from test_engine import check_float_model
 
+# llama.cpp runs an F32 KV cache in these comparisons (the engine defaults to F16, as llama.cpp does)
+F32_KV = {"cache_type_k": "f32", "cache_type_v": "f32"}
+
 PRESETS_HERE = ["kimi-k2", "moonlight"]
 
 
@@ -53,7 +56,7 @@ def test_reference_and_engine_match_llama_cpp(make_model, preset):
     ids = list(range(100, 132))
     want = lc.llama_logits(llama, path, ids, threads=2)
     got = {"reference": moe_numa.load(path, backend="reference").logits(ids)}
-    with moe_numa.load(path, backend="engine", numa_nodes=2) as eng:
+    with moe_numa.load(path, backend="engine", numa_nodes=2, **F32_KV) as eng:
         got["engine"] = eng.logits(ids)
     for name, g in got.items():
         rel = np.abs(np.asarray(g, np.float64) - want).max() / np.abs(want).max()

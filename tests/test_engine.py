@@ -28,10 +28,17 @@ from conftest import TEST_PRESETS
 _REF = {}
 
 
-def reference(make_model, preset, qtype):
-    key = (preset, qtype)
+# Float models are checked with F32 KV caches: they test the engine's arithmetic, and an F16
+# cache would turn summation-order noise into fp16 rounding flips (the cache types, flips
+# included: tests/test_kv_cache.py). The quantized checks keep the default F16 cache.
+F32_KV = {"cache_type_k": "f32", "cache_type_v": "f32"}
+
+
+def reference(make_model, preset, qtype, kv="f16"):
+    key = (preset, qtype, kv)
     if key not in _REF:
-        _REF[key] = moe_numa.load(make_model(preset, qtype), backend="reference", act_quant=True)
+        _REF[key] = moe_numa.load(make_model(preset, qtype), backend="reference", act_quant=True,
+                                  cache_type_k=kv, cache_type_v=kv)
     return _REF[key]
 
 
@@ -62,12 +69,13 @@ def test_float_models_match_reference(make_model, preset, qtype, n_nodes, data):
 
 
 def check_float_model(make_model, preset, qtype, n_nodes, data):
-    ref = reference(make_model, preset, qtype)
+    ref = reference(make_model, preset, qtype, "f32")
     cfg = ref.config
     emap = random_map(cfg.n_expert, n_nodes, data, moe_layers(cfg))
     n = data.draw(st.integers(1, 10))
     ids = data.draw(st.lists(st.integers(0, cfg.n_vocab - 1), min_size=n + 2, max_size=n + 2))
-    with moe_numa.load(make_model(preset, qtype), backend="engine", numa_nodes=n_nodes, expert_map=emap) as eng:
+    with moe_numa.load(make_model(preset, qtype), backend="engine", numa_nodes=n_nodes, expert_map=emap,
+                       **F32_KV) as eng:
         # prefill of n tokens, then two decode steps, against the reference's full prefill
         eng.backend.reset()
         got = [eng.backend.forward(np.array(ids[:n]), all_logits=True)]
@@ -84,7 +92,7 @@ def _blocks(ref, eng, ids):
     R, B, cfg = ref.backend.forward_pass, eng.backend, ref.config
     deq = R.deq
     x = deq.rows(ref.weights.token_embd, np.asarray(ids)).astype(np.float32)
-    cache, pos = R.new_cache(len(ids)), np.arange(len(ids))
+    cache, pos = R.new_cache(len(ids), ref.backend.cache_type_k, ref.backend.cache_type_v), np.arange(len(ids))
     errs = []
     for i, w in enumerate(ref.weights.layers):
         attn = gqa_attention if isinstance(w.attn, GQAWeights) else mla_attention

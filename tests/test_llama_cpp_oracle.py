@@ -31,6 +31,9 @@ from moe_numa.bench.compat_llama_cpp import BLOCK_FLIP, engine_block_errors
 
 from conftest import TEST_PRESETS
 
+# llama.cpp runs an F32 KV cache in these comparisons (the engine defaults to F16, as llama.cpp does)
+F32_KV = {"cache_type_k": "f32", "cache_type_v": "f32"}
+
 TEXT = (Path(__file__).resolve().parents[1] / "bench" / "data" / "tokenizer_text.txt").read_text(encoding="utf-8")
 N_TOKENS = 48
 F32_REL = 1e-4
@@ -77,7 +80,7 @@ def test_f32_reference_and_engine_match_llama_cpp(llama, make_model, preset):
     want = lc.llama_logits(llama, path, ids, threads=2)
     got = {"reference": moe_numa.load(path, backend="reference").logits(ids)}
     for nodes in (1, 2):
-        with moe_numa.load(path, backend="engine", numa_nodes=nodes) as eng:
+        with moe_numa.load(path, backend="engine", numa_nodes=nodes, **F32_KV) as eng:
             got[f"engine, {nodes} node(s)"] = eng.logits(ids)
     for name, g in got.items():
         rel = per_position(g, want)
@@ -91,7 +94,7 @@ def check_engine_against_llama(llama, path):
     nodes = {}
     for r in lc.llama_intermediates(llama, path, ids, threads=2):
         nodes.setdefault(r["name"], r["array"])    # first node of a name: "embd" before its copies
-    with moe_numa.load(path, backend="engine", numa_nodes=2) as eng:
+    with moe_numa.load(path, backend="engine", numa_nodes=2, **F32_KV) as eng:
         got = eng.logits(ids)
         blocks = engine_block_errors(eng, nodes, eng.config.n_layer)
     rel = per_position(got, want)

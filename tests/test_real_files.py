@@ -31,6 +31,9 @@ from moe_numa.errors import UnsupportedError
 from moe_numa.gguf_file import GGUFModelFile
 from moe_numa.testing import hf_models as hf
 
+# llama.cpp runs an F32 KV cache in these comparisons (the engine defaults to F16, as llama.cpp does)
+F32_KV = {"cache_type_k": "f32", "cache_type_v": "f32"}
+
 N_TOKENS = 32
 DEQ_REL = 1e-5          # reference vs llama.cpp on the dequantized F32 file (measured 6e-7..1e-6)
 F32_ENGINE_REL = 1e-4   # engine vs reference, float weights (summation order only)
@@ -156,7 +159,7 @@ def test_engine_matches_reference_and_llama_cpp(llama, arch, qtype):
     ref = moe_numa.load(path, backend="reference", act_quant=not floats).logits(ids)
     scale = np.abs(ref).max()
     for nodes in (1, 2, 4):
-        with moe_numa.load(path, backend="engine", numa_nodes=nodes) as eng:
+        with moe_numa.load(path, backend="engine", numa_nodes=nodes, **F32_KV) as eng:
             got = eng.logits(ids)
             if nodes == 2 and qtype not in ("f16", "bf16"):   # llama.cpp rounds F16/BF16 activations; we do not
                 from moe_numa.bench import llama_cpp as lc

@@ -663,14 +663,17 @@ static void mla_task(attn_ctx *C, int ith, int nth) {
     /* absorb k_b into the query: q_lat[h, t] = k_b[h] @ q_nope[t, h] */
     matmul_heads(L->k_b, nq, R, C->qn_q, C->qn_row, T, C->qlat, T * R, R, ith, nth);
     mn_pool_barrier(pool, ith);
-    /* attention in the latent space: units of (4 heads, FA_QB / 4 tokens), query = [q_lat | q_pe] */
+    /* attention in the latent space, query = [q_lat | q_pe]: units of (hb heads, FA_QB / hb tokens),
+     * hb a multiple of 4 giving about one unit per thread at decode (every unit reads the whole cache) */
     const attn_ops A = attn_for_level();
     const fa_scratch F = fa_of(C, ith, kvw, R);
     float *qcat = F.sc + 4 * FA_KB;
-    const int64_t nhb = (nq + 3) / 4, qt = FA_QB / 4, nchunk = (T + qt - 1) / qt;
+    int64_t hb = 4 * (((nq + 3) / 4 + nth - 1) / nth);
+    if (hb > FA_QB) hb = FA_QB;
+    const int64_t nhb = (nq + hb - 1) / hb, qt = FA_QB / hb, nchunk = (T + qt - 1) / qt;
     split(nhb * nchunk, ith, nth, &a0, &a1);
     for (int64_t u = a0; u < a1; u++) {
-        const int64_t h0 = (u / nchunk) * 4, h1 = h0 + 4 < nq ? h0 + 4 : nq;
+        const int64_t h0 = (u / nchunk) * hb, h1 = h0 + hb < nq ? h0 + hb : nq;
         const int64_t t0 = (u % nchunk) * qt, t1 = t0 + qt < T ? t0 + qt : T;
         qblock B;
         B.n = 0;
