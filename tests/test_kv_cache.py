@@ -15,13 +15,17 @@ import numpy as np
 import pytest
 
 import moe_numa
+from moe_numa import kernels
 from moe_numa.errors import ArgumentError
 from moe_numa.layers.kv_cache import kv_round
 
 from test_batching import _batched, _seqs
 
 N_CTX = 192
-MEDIAN = {"f32": 1e-5, "f16": 1e-4, "q8_0": 5e-4}   # measured: 1e-6, 4e-5, 2.5e-4 at worst
+# Median over positions, measured at worst: 1e-6, 4e-5, 1.5e-3. Past the first flip (Q8_0: one
+# latent value of MLA one step of amax / 127 off, seen as early as position 7) later positions
+# sit at ~1e-3; the stored values themselves are checked exactly below.
+MEDIAN = {"f32": 1e-5, "f16": 1e-4, "q8_0": 3e-3}
 
 
 def test_kv_round_is_ggml_rounding():
@@ -66,12 +70,28 @@ def test_engine_matches_reference_for_each_cache_type(make_model, preset, n_node
         assert err.max() <= 1e-4, f"max {err.max():.2e}"
     # a flip moves later positions by ~1e-4 (Q8_0: up to ~1e-3); a near-tie in the routing that
     # flips moves one position by up to ~1e-1 (seen once: deepseek-v3, Q8_0)
-    assert (err > 10 * MEDIAN[kv]).mean() <= 0.02, f"{(err > 10 * MEDIAN[kv]).sum()} positions far off"
+    assert (err > 10 * MEDIAN[kv]).mean() <= 0.03, f"{(err > 10 * MEDIAN[kv]).sum()} positions far off"
     assert (got.argmax(-1) == want.argmax(-1)).mean() >= 0.98
     if kv == "q8_0":   # the rounding is modelled: an F32 reference is far further away
         exact = moe_numa.load(path, backend="reference", n_ctx=N_CTX, cache_type_k="f32",
                               cache_type_v="f32").logits(ids)
         assert np.median(np.abs(got - exact).max(axis=1) / scale) >= 10 * np.median(err)
+
+
+@pytest.mark.parametrize("preset", ["qwen3moe", "deepseek-v3"])
+def test_every_simd_level_attends_alike(make_model, preset):
+    """The flash kernels at each level's own vector width (16, 8, 4 floats) and cache expansion."""
+    path = make_model(preset, "f32")
+    ids = list(np.random.default_rng(6).integers(0, 5000, 100))
+    cpu = kernels.SIMD_LEVELS.index(kernels.simd_level_cpu())
+    for kv in ("f16", "q8_0"):
+        want = moe_numa.load(path, backend="reference", n_ctx=N_CTX, cache_type_k=kv, cache_type_v=kv).logits(ids)
+        for level in kernels.SIMD_LEVELS[:cpu + 1]:
+            with kernels.simd(level):
+                got = _run_engine(path, ids, 1, kv)
+            err = np.abs(got - want).max(axis=1) / np.abs(want).max()
+            assert np.median(err) <= MEDIAN[kv], (level, kv, np.median(err))
+            assert (err > 10 * MEDIAN[kv]).mean() <= 0.03, (level, kv)
 
 
 def _tile_values(tiles, kv, dim):

@@ -85,6 +85,28 @@ ATTN_TARGET static void ATTN_CAT(cvt_f16, ATTN_SUFFIX)(const uint16_t *h, float 
     for (; i < n; i++) f[i] = mn_h2f(h[i]);
 }
 
+/* a Q8_0 key tile (int8 [dim][32], then fp16 scales [dim / 32][32]) as floats [dim][32] */
+ATTN_TARGET static void ATTN_CAT(cvt_q8_tile, ATTN_SUFFIX)(const uint8_t *tile, int64_t dim, float *f) {
+    const int8_t *q = (const int8_t *)tile;
+    const uint16_t *ds = (const uint16_t *)(tile + dim * 32);
+    for (int64_t b = 0; b < dim / 32; b++) {
+        float d[32];
+        ATTN_CAT(cvt_f16, ATTN_SUFFIX)(ds + b * 32, d, 32);
+        for (int64_t i = 32 * b; i < 32 * b + 32; i++)
+            for (int l = 0; l < 32; l++) f[i * 32 + l] = d[l] * (float)q[i * 32 + l];
+    }
+}
+
+/* a row of Q8_0 blocks (ggml's: fp16 d, int8 qs[32]) as dim floats */
+ATTN_TARGET static void ATTN_CAT(cvt_q8_row, ATTN_SUFFIX)(const uint8_t *row, int64_t dim, float *f) {
+    for (int64_t b = 0; b < dim / 32; b++) {
+        const uint8_t *blk = row + b * 34;
+        const float d = mn_h2f((uint16_t)(blk[0] | blk[1] << 8));
+        const int8_t *q = (const int8_t *)(blk + 2);
+        for (int i = 0; i < 32; i++) f[32 * b + i] = d * (float)q[i];
+    }
+}
+
 #undef VF
 #undef VFU
 #undef ATTN_CAT

@@ -78,13 +78,15 @@ typedef struct {
     void (*values)(const float *const *p, int nb, const float *v, int64_t vstride, int vd, int n, const float *corr,
                    float *const *o);
     void (*cvt_f16)(const uint16_t *h, float *f, int64_t n);
+    void (*cvt_q8_tile)(const uint8_t *tile, int64_t dim, float *f);
+    void (*cvt_q8_row)(const uint8_t *row, int64_t dim, float *f);
 } attn_ops;
 
 static attn_ops attn_for_level(void) {
     const int lvl = mn_active_level();
-    if (lvl >= MN_SIMD_AVX512) return (attn_ops){flash_scores_avx512, flash_values_avx512, cvt_f16_avx512};
-    if (lvl >= MN_SIMD_AVX2) return (attn_ops){flash_scores_avx2, flash_values_avx2, cvt_f16_avx2};
-    return (attn_ops){flash_scores_base, flash_values_base, cvt_f16_base};
+    if (lvl >= MN_SIMD_AVX512) return (attn_ops){flash_scores_avx512, flash_values_avx512, cvt_f16_avx512, cvt_q8_tile_avx512, cvt_q8_row_avx512};
+    if (lvl >= MN_SIMD_AVX2) return (attn_ops){flash_scores_avx2, flash_values_avx2, cvt_f16_avx2, cvt_q8_tile_avx2, cvt_q8_row_avx2};
+    return (attn_ops){flash_scores_base, flash_values_base, cvt_f16_base, cvt_q8_tile_base, cvt_q8_row_base};
 }
 static void rms_norm_row(const float *x, const float *w, float *y, int64_t n, float eps) {
     double s = 0;
@@ -259,15 +261,8 @@ static void kv_put_row(uint8_t *row, int type, int64_t dim, const float *x) {
 /* a tile as floats [dim][32]: in place (F32) or expanded into buf */
 static const float *kv_get_tile(const uint8_t *tile, int type, int64_t dim, float *buf, const attn_ops *A) {
     if (type == MN_F32) return (const float *)tile;
-    if (type == MN_F16) { A->cvt_f16((const uint16_t *)tile, buf, dim * 32); return buf; }
-    const int8_t *q = (const int8_t *)tile;
-    const uint16_t *ds = (const uint16_t *)(tile + dim * 32);
-    for (int64_t b = 0; b < dim / 32; b++) {
-        float d[32];
-        for (int l = 0; l < 32; l++) d[l] = mn_h2f(ds[b * 32 + l]);
-        for (int64_t i = 32 * b; i < 32 * b + 32; i++)
-            for (int l = 0; l < 32; l++) buf[i * 32 + l] = d[l] * (float)q[i * 32 + l];
-    }
+    if (type == MN_F16) A->cvt_f16((const uint16_t *)tile, buf, dim * 32);
+    else A->cvt_q8_tile(tile, dim, buf);
     return buf;
 }
 
@@ -279,12 +274,8 @@ static const float *kv_get_rows(const uint8_t *v, size_t stride, int type, int64
     for (int s = 0; s < n; s++) {
         const uint8_t *row = v + s * stride;
         float *out = buf + s * dim;
-        if (type == MN_F16) { A->cvt_f16((const uint16_t *)row, out, dim); continue; }
-        for (int64_t b = 0; b < dim / 32; b++) {
-            const uint8_t *blk = row + b * BS_Q8_0;
-            const float d = mn_h2f(mn_rd16(blk));
-            for (int i = 0; i < 32; i++) out[32 * b + i] = d * (float)(int8_t)blk[2 + i];
-        }
+        if (type == MN_F16) A->cvt_f16((const uint16_t *)row, out, dim);
+        else A->cvt_q8_row(row, dim, out);
     }
     return buf;
 }
