@@ -139,15 +139,15 @@ def test_engine_cache_holds_the_references_rounded_values(make_model, preset, kv
         b, a = m.backend, m.config.attention
         m.logits(ids)
         p = b.store.resolve(b._params[("attn", 0, 0)])
-        if "cache_lat" in p:     # absorbed MLA: [latent | k_pe] tiles and latent rows, both of the K type
+        if p.cache_lat is not None:     # absorbed MLA: [latent | k_pe] tiles and latent rows, both of the K type
             R = a.kv_lora_rank
-            key = _tile_values(p["cache_ktiles"][0], kv, R + a.qk_rope_dim)[:n]
+            key = _tile_values(p.cache_ktiles[0], kv, R + a.qk_rope_dim)[:n]
             _same_but_flips(key, np.concatenate([c["latent"][:n], c["k_rope"][:n]], axis=1), kv)
-            _same_but_flips(_row_values(p["cache_lat"][0, :n], kv, R), c["latent"][:n], kv)
+            _same_but_flips(_row_values(p.cache_lat[0, :n], kv, R), c["latent"][:n], kv)
             return
-        k = np.stack([_tile_values(p["cache_k"][0, h], kv, a.head_dim)[:n] for h in range(a.n_head_kv)], axis=1)
+        k = np.stack([_tile_values(p.cache_k[0, h], kv, a.head_dim)[:n] for h in range(a.n_head_kv)], axis=1)
         _same_but_flips(k, c["k"][:n], kv)
-        _same_but_flips(_row_values(p["cache_v"][0, :n], kv, a.head_dim), c["v"][:n], kv)
+        _same_but_flips(_row_values(p.cache_v[0, :n], kv, a.head_dim), c["v"][:n], kv)
 
 
 @pytest.mark.parametrize("preset,kv", [("qwen3moe", "q8_0"), ("deepseek-v3", "f16"), ("deepseek-v2-lite", "q8_0"),
