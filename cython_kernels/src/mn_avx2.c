@@ -130,18 +130,7 @@ MN_INLINE void name##_t(const uint8_t *w, int64_t nb, const uint8_t *xq, size_t 
             if ((MOFF) >= 0) acc[t] = _mm_fmadd_ps(m4, _mm_loadu_ps((const float *)(xr + 40 * nb) + i), acc[t]); \
         } \
     } \
-    for (; i < nb; i++) { /* tail blocks: scalar */ \
-        mn_b32 ub; \
-        UNPACK(w + i * BS, &ub); \
-        for (int t = 0; t < NT; t++) { \
-            const int8_t *x = (const int8_t *)(xq + t * xs) + 32 * i; \
-            const float dx = ((const float *)(xq + t * xs + 32 * nb))[i]; \
-            const float ms = ((const float *)(xq + t * xs + 40 * nb))[i]; \
-            int sum = 0; \
-            for (int j = 0; j < 32; j++) sum += ub.q[j] * x[j]; \
-            tail[t] += (float)sum * (ub.d * dx) + ub.m * ms; \
-        } \
-    } \
+    MN_B32_TAIL(UNPACK, w, BS, i, nb, xq, xs, NT, tail); \
     for (int t = 0; t < NT; t++) res[t] = hsum4(acc[t]) + tail[t]; \
 }
 MN_INLINE void mn_unpack_q8_0(const uint8_t *b, mn_b32 *u) { u->d = h2f(b); u->m = 0.f; memcpy(u->q, b + 2, 32); }

@@ -252,18 +252,7 @@ MN_INLINE void K(name##_t)(const uint8_t *w, int64_t nb, const uint8_t *xq, size
             } \
         } \
     } \
-    for (; i < nb; i++) { /* tail blocks: scalar */ \
-        mn_b32 ub; \
-        UNPACK(w + i * BS, &ub); \
-        for (int t = 0; t < NT; t++) { \
-            const int8_t *x = (const int8_t *)(xq + t * xs) + 32 * i; \
-            const float dx = ((const float *)(xq + t * xs + 32 * nb))[i]; \
-            const float ms = ((const float *)(xq + t * xs + 40 * nb))[i]; \
-            int sum = 0; \
-            for (int j = 0; j < 32; j++) sum += ub.q[j] * x[j]; \
-            tail[t] += (float)sum * (ub.d * dx) + ub.m * ms; \
-        } \
-    } \
+    MN_B32_TAIL(UNPACK, w, BS, i, nb, xq, xs, NT, tail); \
     for (int t = 0; t < NT; t++) { \
         __m128 c = _mm_add_ps(_mm256_castps256_ps128(corr[t]), _mm256_extractf128_ps(corr[t], 1)); \
         c = _mm_add_ps(c, _mm_movehl_ps(c, c)); \

@@ -224,4 +224,22 @@ static inline void mn_unpack_iq4_xs(const uint8_t *b, mn_kblock *u) {
     }
 }
 
+/* The SIMD 32-value kernels' leftover blocks [i, nb), scalar, added to tail[t]: for each of
+ * the NT activation rows (Q8 values, then per-block scales at 32*nb, sums at 40*nb). A macro,
+ * not a function: UNPACK is inlined into each SIMD level's target code. */
+#define MN_B32_TAIL(UNPACK, w, BS, i, nb, xq, xs, NT, tail) do { \
+    for (; (i) < (nb); (i)++) { \
+        mn_b32 ub_; \
+        UNPACK((w) + (i) * (BS), &ub_); \
+        for (int t_ = 0; t_ < (NT); t_++) { \
+            const int8_t *x_ = (const int8_t *)((xq) + t_ * (xs)) + 32 * (i); \
+            const float dx_ = ((const float *)((xq) + t_ * (xs) + 32 * (nb)))[i]; \
+            const float ms_ = ((const float *)((xq) + t_ * (xs) + 40 * (nb)))[i]; \
+            int sum_ = 0; \
+            for (int j_ = 0; j_ < 32; j_++) sum_ += ub_.q[j_] * x_[j_]; \
+            (tail)[t_] += (float)sum_ * (ub_.d * dx_) + ub_.m * ms_; \
+        } \
+    } \
+} while (0)
+
 #endif
