@@ -538,6 +538,14 @@ static void store_kv(const mn_attn_layer *L, int64_t sl, int64_t pos, int64_t h,
     kv_put_row((uint8_t *)L->cache_v + (size_t)((sl * L->n_ctx + pos) * L->n_kv + h) * vb, L->cache_type_v, vd, vv);
 }
 
+/* Once every K/V row of the block is cached: attention per head, then the output projection. */
+static void attend_then_project(attn_ctx *C, int ith, int nth) {
+    mn_pool_barrier(C->node->pool, ith);
+    attend_heads(C, ith, nth);
+    mn_pool_barrier(C->node->pool, ith);
+    attn_epilogue(C, ith, nth);
+}
+
 /* Grouped-query attention: q/k/v projections, biases, q/k norms, RoPE, cache, attention. */
 static void gqa_task(attn_ctx *C, int ith, int nth) {
     const mn_attn_layer *L = C->L;
@@ -571,10 +579,7 @@ static void gqa_task(attn_ctx *C, int ith, int nth) {
         rope_apply(kc + L->rope_off, L->rope_dims, L->rope_neox, L->rope_cos, L->rope_sin, pos);
         store_kv(L, tok_slot(C, t), pos, h, kc, vc);
     }
-    mn_pool_barrier(pool, ith);
-    attend_heads(C, ith, nth);
-    mn_pool_barrier(pool, ith);
-    attn_epilogue(C, ith, nth);
+    attend_then_project(C, ith, nth);
 }
 
 /* MLA with the merged attn_kv_b (older files): decompress this node's heads' K/V from the
@@ -613,10 +618,7 @@ static void mla_mha_task(attn_ctx *C, int ith, int nth) {
         rope_apply(kc + L->rope_off, (int)rd, L->rope_neox, L->rope_cos, L->rope_sin, pos);
         store_kv(L, tok_slot(C, t), pos, h, kc, kvh + L->nope);
     }
-    mn_pool_barrier(pool, ith);
-    attend_heads(C, ith, nth);
-    mn_pool_barrier(pool, ith);
-    attn_epilogue(C, ith, nth);
+    attend_then_project(C, ith, nth);
 }
 
 /* Absorbed MLA: one cache of [latent | roped k_pe] per token shared by all heads (keys;
