@@ -89,6 +89,40 @@ MN_INLINE __m256 K(scales8)(const uint8_t *b, size_t bs) {
     return _mm256_cvtph_ps(h);
 }
 
+/* After the 8-block steps: the row's remaining pairs of blocks, one 512-bit step each (a
+ * split expert's down rows are often not a multiple of 8 blocks: 12 at a 384-column slice,
+ * whose last 4 blocks ran scalar). PAIR(b): two blocks' values; SIGNED: the values may be
+ * negative (|q| into dpbusd, the signs onto the activations), else unsigned with the offset
+ * OFF removed through the rows' int block sums; MOFF >= 0: the fp16 min at that offset
+ * times the rows' float block sums. Scalar terms go to tail[t]. */
+#define B32_512_PAIRS(PAIR, BS, SIGNED, OFF, MOFF) \
+    for (; i + 2 <= nb; i += 2) { \
+        const uint8_t *b = w + i * BS; \
+        const __m512i q = PAIR(b); \
+        const __m512i u = SIGNED ? _mm512_abs_epi8(q) : q; \
+        const __mmask64 neg = SIGNED ? _mm512_movepi8_mask(q) : 0; \
+        const float d0 = _cvtsh_ss(mn_rd16(b)), d1 = _cvtsh_ss(mn_rd16(b + BS)); \
+        for (int t = 0; t < NT; t++) { \
+            const uint8_t *xr = xq + t * xs; \
+            const float *dx = (const float *)(xr + 32 * nb) + i; \
+            const __m512i xv = _mm512_loadu_si512((const void *)(xr + 32 * i)); \
+            const __m512i sx = SIGNED ? _mm512_mask_sub_epi8(xv, neg, _mm512_setzero_si512(), xv) : xv; \
+            const __m512i p = K(dpbusd)(_mm512_setzero_si512(), u, sx); \
+            const float s0 = d0 * dx[0], s1 = d1 * dx[1]; \
+            const __m512 sc = _mm512_insertf32x8(_mm512_set1_ps(s0), _mm256_set1_ps(s1), 1); \
+            acc[t][0] = _mm512_fmadd_ps(sc, _mm512_cvtepi32_ps(p), acc[t][0]); \
+            if (OFF) { \
+                const int32_t *is = (const int32_t *)(xr + 36 * nb) + i; \
+                tail[t] -= (float)(OFF) * (s0 * (float)is[0] + s1 * (float)is[1]); \
+            } \
+            if ((MOFF) >= 0) { \
+                const float *fs = (const float *)(xr + 40 * nb) + i; \
+                tail[t] += _cvtsh_ss(mn_rd16(b + ((MOFF) >= 0 ? (MOFF) : 0))) * fs[0] + \
+                           _cvtsh_ss(mn_rd16(b + BS + ((MOFF) >= 0 ? (MOFF) : 0))) * fs[1]; \
+            } \
+        } \
+    }
+
 #define Q80_512(name, BS, PAIR) \
 MN_INLINE void K(name##_t)(const uint8_t *w, int64_t nb, const uint8_t *xq, size_t xs, const int NT, float *res) { \
     __m512 acc[MN_TILE][2]; \
@@ -118,7 +152,8 @@ MN_INLINE void K(name##_t)(const uint8_t *w, int64_t nb, const uint8_t *xq, size
             } \
         } \
     } \
-    for (; i < nb; i++) { /* tail blocks: scalar */ \
+    B32_512_PAIRS(PAIR, BS, 1, 0, -1) \
+    for (; i < nb; i++) { /* an odd last block: scalar */ \
         const uint8_t *b = w + i * BS; \
         int8_t q[32]; \
         memcpy(q, b + 2, 32); \
@@ -169,6 +204,7 @@ MN_INLINE void K(dot_q4_0_t)(const uint8_t *w, int64_t nb, const uint8_t *xq, si
             }
         }
     }
+    B32_512_PAIRS(K(q4_0_upair), BS_Q4_0, 0, 8, -1)
     for (; i < nb; i++) {
         const uint8_t *b = w + i * BS_Q4_0;
         const float dw = _cvtsh_ss(mn_rd16(b));
@@ -252,6 +288,7 @@ MN_INLINE void K(name##_t)(const uint8_t *w, int64_t nb, const uint8_t *xq, size
             } \
         } \
     } \
+    B32_512_PAIRS(PAIR, BS, 1, 0, MOFF) \
     MN_B32_TAIL(UNPACK, w, BS, i, nb, xq, xs, NT, tail); \
     for (int t = 0; t < NT; t++) { \
         __m128 c = _mm_add_ps(_mm256_castps256_ps128(corr[t]), _mm256_extractf128_ps(corr[t], 1)); \
