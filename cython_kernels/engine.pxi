@@ -107,6 +107,7 @@ cdef extern from "mn_engine.h":
         int64_t wait_ns
         int64_t crit_ns
         int64_t ffn_crit_ns
+        int64_t reduce_parallel_min
 
     size_t mn_node_scratch_bytes(const mn_engine *e, int node)
     size_t mn_kv_tile_bytes(int type, int64_t dim)
@@ -119,6 +120,8 @@ cdef extern from "mn_engine.h":
                                   const int32_t *slot) nogil
     int mn_engine_ffn(mn_engine *e, int layer, float *x, int64_t T) nogil
     int mn_engine_head(mn_engine *e, const float *x, int64_t T, float *logits) nogil
+    int mn_engine_forward(mn_engine *e, float *x, int64_t T, int64_t pos0, const int64_t *pos,
+                          const int32_t *slot, int64_t logit_from, float *logits) nogil
 
 from moe_numa.errors import ClosedError as _ClosedError, ShapeError as _ShapeError
 
@@ -842,6 +845,47 @@ cdef class NativeEngine:
         with nogil:
             rc = mn_engine_head(&self.e, px, T, pl)
         self._rc(rc, f"head(T={T})")
+
+    def forward(self, x, int64_t pos0=0, pos=None, slot=None, logits=None, int64_t logit_from=0):
+        """The whole step in one native call: every layer (attention then FFN) on x, at
+        positions pos0.. (or pos[t] of slot[t], as attention_batch), then, if `logits` is
+        given, logits[:T - logit_from] = head(x[logit_from:])."""
+        cdef int64_t T
+        cdef float *px = self._x(x, &T)
+        cdef int rc
+        cdef const int64_t *pp = NULL
+        cdef const int32_t *ps = NULL
+        cdef float *pl = NULL
+        if (pos is None) != (slot is None):
+            raise _ShapeError("forward: give pos and slot together, or neither")
+        if pos is not None:
+            pos_a = np.ascontiguousarray(pos, dtype=np.int64)
+            slot_a = np.ascontiguousarray(slot, dtype=np.int32)
+            if pos_a.shape != (T,) or slot_a.shape != (T,):
+                raise _ShapeError(f"pos and slot need {T} entries each, got {pos_a.shape} and {slot_a.shape}")
+            pp = <const int64_t *><size_t>pos_a.ctypes.data
+            ps = <const int32_t *><size_t>slot_a.ctypes.data
+        if logits is not None:
+            if not 0 <= logit_from < T:
+                raise _ShapeError(f"forward: logit_from={logit_from} outside 0..{T - 1}")
+            if not (isinstance(logits, np.ndarray) and logits.dtype == np.float32 and logits.flags.c_contiguous
+                    and logits.flags.writeable and logits.ndim == 2 and logits.shape[0] >= T - logit_from
+                    and logits.shape[1] == self.e.nodes[0].head.vocab):
+                raise _ShapeError(f"logits must be a writable C-contiguous float32 array "
+                                  f"[>= {T - logit_from}, {self.e.nodes[0].head.vocab}]")
+            pl = <float *><size_t>logits.ctypes.data
+        with nogil:
+            rc = mn_engine_forward(&self.e, px, T, pos0, pp, ps, logit_from, pl)
+        self._rc(rc, f"forward(T={T}, pos0={pos0})")
+
+    @property
+    def reduce_parallel_min(self):
+        """T x hidden x nodes from which the partials are summed by every pool (0: the default)."""
+        return self.e.reduce_parallel_min
+
+    @reduce_parallel_min.setter
+    def reduce_parallel_min(self, int64_t v):
+        self.e.reduce_parallel_min = max(v, 0)
 
     def stats(self):
         self._check_open()

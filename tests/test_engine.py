@@ -242,3 +242,52 @@ def test_every_weight_type_runs_in_the_engine(make_model, preset, qtype):
         errs = _blocks(ref, eng, ids)
     assert np.median(errs) <= 1e-4
     assert errs.max() <= 3e-2
+
+
+@pytest.mark.parametrize("nodes", [1, 2, 3])
+def test_one_native_call_equals_the_block_calls(make_model, nodes):
+    """core.forward (the layer loop in C, then the head) gives bit-identical logits and KV
+    caches to one call per block, and so does the parallel reduction of the partials (forced
+    here with a threshold of 1; by default only prefill-sized blocks use it)."""
+    path = make_model("qwen3moe", "q8_0")
+    ids = np.arange(5, 14)
+    with moe_numa.load(path, backend="engine", numa_nodes=nodes) as m:
+        b, cfg = m.backend, m.config
+        core = b.core
+
+        def by_blocks(x, pos0):
+            for layer in range(cfg.n_layer):
+                core.attention(layer, x, pos0)
+                core.ffn(layer, x)
+            out = np.empty((len(x), cfg.n_vocab), np.float32)
+            core.head(x, out)
+            return out
+
+        want = [by_blocks(b.embed(ids[:6]), 0), by_blocks(b.embed(ids[6:]), 6)]
+        for threshold in (0, 1):
+            core.reduce_parallel_min = threshold
+            b.reset()
+            x = b.embed(ids[:6])
+            got = np.empty((6, cfg.n_vocab), np.float32)
+            core.forward(x, 0, logits=got)
+            np.testing.assert_array_equal(got, want[0])
+            last = np.empty((1, cfg.n_vocab), np.float32)
+            core.forward(b.embed(ids[6:]), 6, logits=last, logit_from=2)   # the last row only
+            np.testing.assert_array_equal(last[0], want[1][-1])
+        core.reduce_parallel_min = 0
+
+
+def test_native_forward_refuses_bad_arguments(make_model):
+    from moe_numa.errors import ShapeError
+    with moe_numa.load(make_model("qwen3moe", "q8_0"), backend="engine", numa_nodes=2) as m:
+        b, core = m.backend, m.backend.core
+        x = b.embed(np.arange(3))
+        logits = np.empty((3, m.config.n_vocab), np.float32)
+        with pytest.raises(ShapeError, match="logit_from"):
+            core.forward(x, 0, logits=logits, logit_from=3)
+        with pytest.raises(ShapeError, match="pos and slot together"):
+            core.forward(x, pos=np.arange(3))
+        with pytest.raises(ShapeError, match="logits must be"):
+            core.forward(x, 0, logits=np.empty((2, m.config.n_vocab), np.float32))
+        with pytest.raises(ShapeError, match="positions"):
+            core.forward(x, b.n_ctx - 2)                     # past the context: nothing runs

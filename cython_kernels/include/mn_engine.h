@@ -121,6 +121,8 @@ typedef struct {
     int64_t wait_ns;                /* caller's time waiting for nodes 1.. after node 0 finished */
     int64_t crit_ns;                /* per block, the slowest node's busy time, summed (the critical path) */
     int64_t ffn_crit_ns;            /* crit_ns of FFN blocks only */
+    int64_t reduce_parallel_min;    /* T x hidden x nodes from which every pool sums the partials
+                                       (one more sync); below, the caller does; 0: 2^18 */
 } mn_engine;
 
 /* KV-cache layouts: bytes of one key tile (32 positions of `dim` values, transposed) and of one
@@ -156,5 +158,11 @@ int    mn_engine_attention_batch(mn_engine *e, int layer, float *x, int64_t T, c
 int    mn_engine_ffn(mn_engine *e, int layer, float *x, int64_t T);
 /* logits[T, vocab] = head(x) (final norm included). */
 int    mn_engine_head(mn_engine *e, const float *x, int64_t T, float *logits);
+/* One step of the whole model, the layer loop in C: every layer's attention then FFN on
+ * x[T, hidden] (positions pos0.., or pos[t] of slot[t] when pos is given, as the block calls),
+ * then, when logits is not NULL, logits[T - logit_from, vocab] = head(x rows logit_from..T-1).
+ * Checked as the block calls are, before any layer runs. */
+int    mn_engine_forward(mn_engine *e, float *x, int64_t T, int64_t pos0, const int64_t *pos,
+                         const int32_t *slot, int64_t logit_from, float *logits);
 
 #endif

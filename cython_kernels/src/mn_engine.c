@@ -1037,12 +1037,43 @@ static void run_nodes(mn_engine *e, mn_task_fn fn, void *ctxs, size_t ctx_size, 
     if (is_ffn) e->ffn_crit_ns += slowest;
 }
 
-static void reduce_partials(mn_engine *e, float *x, int64_t T) {
-    const int64_t n = T * e->hidden;
+/* x += every node's partial, in node order (so the sum does not depend on who adds). Small
+ * blocks (decode) on the caller; large ones (prefill) split over every thread of every node,
+ * one more sync, so the reduction no longer runs serially while the pools wait. */
+typedef struct { mn_engine *e; float *x; int64_t n; int first, threads; } reduce_ctx;
+
+static void reduce_range(const mn_engine *e, float *x, int64_t i0, int64_t i1) {
     for (int k = 0; k < e->n_nodes; k++) {
         const float *p = e->nodes[k].partial;
-        for (int64_t i = 0; i < n; i++) x[i] += p[i];
+        for (int64_t i = i0; i < i1; i++) x[i] += p[i];
     }
+}
+
+static void reduce_task(void *p, int ith, int nth) {
+    (void)nth;
+    const reduce_ctx *c = (const reduce_ctx *)p;
+    int64_t a, b;
+    split(c->n / 16, c->first + ith, c->threads, &a, &b);   /* whole cache lines per thread */
+    if (c->first + ith == c->threads - 1) b = c->n;         /* the last takes the remainder */
+    else b *= 16;
+    reduce_range(c->e, c->x, a * 16, b);
+}
+
+static void reduce_partials(mn_engine *e, float *x, int64_t T) {
+    const int64_t n = T * e->hidden;
+    const int64_t min = e->reduce_parallel_min > 0 ? e->reduce_parallel_min : (int64_t)1 << 18;
+    if (e->n_nodes == 1 || n * e->n_nodes < min) { reduce_range(e, x, 0, n); return; }
+    reduce_ctx ctx[MAX_NODES];
+    int threads = 0;
+    for (int k = 0; k < e->n_nodes; k++) threads += mn_pool_size(e->nodes[k].pool);
+    for (int k = 0, first = 0; k < e->n_nodes; k++) {
+        ctx[k] = (reduce_ctx){e, x, n, first, threads};
+        first += mn_pool_size(e->nodes[k].pool);
+    }
+    for (int k = 1; k < e->n_nodes; k++) mn_pool_submit(e->nodes[k].pool, reduce_task, &ctx[k]);
+    mn_pool_run(e->nodes[0].pool, reduce_task, &ctx[0]);
+    for (int k = 1; k < e->n_nodes; k++) mn_pool_wait(e->nodes[k].pool);
+    e->syncs++;
 }
 
 const char *mn_engine_strerror(int rc) {
@@ -1121,6 +1152,18 @@ int mn_engine_ffn(mn_engine *e, int layer, float *x, int64_t T) {
     for (int n = 0; n < e->n_nodes; n++) if (ctx[n].failed) return MN_ENGINE_ESCRATCH;
     reduce_partials(e, x, T);
     return MN_ENGINE_OK;
+}
+
+int mn_engine_forward(mn_engine *e, float *x, int64_t T, int64_t pos0, const int64_t *pos,
+                      const int32_t *slot, int64_t logit_from, float *logits) {
+    int rc = check_call(e, 0, T);
+    if (rc) return rc;
+    if (logits && (logit_from < 0 || logit_from >= T)) return MN_ENGINE_ETOKENS;
+    for (int l = 0; l < e->n_layers; l++) {
+        if ((rc = attention(e, l, x, T, pos0, pos, slot))) return rc;
+        if ((rc = mn_engine_ffn(e, l, x, T))) return rc;
+    }
+    return logits ? mn_engine_head(e, x + logit_from * e->hidden, T - logit_from, logits) : MN_ENGINE_OK;
 }
 
 int mn_engine_head(mn_engine *e, const float *x, int64_t T, float *logits) {

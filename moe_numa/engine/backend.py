@@ -793,18 +793,17 @@ class EngineBackend:
             os.sched_setaffinity(0, before)
 
     def _forward(self, ids, n, out, all_logits) -> None:
-        for start in range(0, n, self.ubatch):
+        for start in range(0, n, self.ubatch):   # one native call per micro-batch
             chunk = ids[start:start + self.ubatch]
             x = self.embed(chunk)
-            for layer in range(self.cfg.n_layer):
-                self.core.attention(layer, x, self.n_past)
-                self.core.ffn(layer, x)
+            if all_logits:
+                self.core.forward(x, self.n_past, logits=out[start:start + len(chunk)])
+            elif start + self.ubatch >= n:
+                self.core.forward(x, self.n_past, logits=out, logit_from=len(chunk) - 1)
+            else:
+                self.core.forward(x, self.n_past)
             self.n_past += len(chunk)
             self._since_rebalance += len(chunk)
-            if all_logits:
-                self.core.head(x, out[start:start + len(chunk)])
-            elif start + self.ubatch >= n:
-                self.core.head(np.ascontiguousarray(x[-1:]), out)
 
     def forward_batch(self, ids, pos, slot, logit_rows=None) -> np.ndarray:
         """One step for several sequences at once (continuous batching): token t
@@ -846,9 +845,7 @@ class EngineBackend:
             end = min(n, start + self.ubatch)
             x = self.embed(ids[start:end])
             p, s = pos[start:end], slot[start:end]
-            for layer in range(self.cfg.n_layer):
-                self.core.attention_batch(layer, x, p, s)
-                self.core.ffn(layer, x)
+            self.core.forward(x, pos=p, slot=s)
             self._since_rebalance += end - start
             want = np.nonzero((rows >= start) & (rows < end))[0]
             if len(want):
