@@ -261,6 +261,38 @@ def _pinned_to(cpu: int):
         os.sched_setaffinity(0, before)
 
 
+def measure_split_overhead(model_path: str, n_nodes: int, cpu: int) -> float:
+    """The extra time per byte of a split expert, measured: its gate/up keep their rows, but its
+    down matrix keeps 1/n of its columns on each node, so a node reads n times as many rows,
+    each 1/n as long and each with its fixed cost. One core streams, from memory, down-shaped
+    matrices of the model's own type at the whole and at the split row length; the slowdown,
+    weighted by down's share of an expert's bytes."""
+    from moe_numa import kernels as K
+    from moe_numa.gguf_file import GGUFModelFile
+    by = {t.name: t for t in GGUFModelFile(model_path)}
+    down = next(t for n, t in by.items() if n.endswith("ffn_down_exps.weight"))
+    parts = [by[down.name.replace("ffn_down_exps", k)] for k in ("ffn_gate_exps", "ffn_up_exps")] + [down]
+    hidden, ff = down.shape[-2], down.shape[-1]              # numpy order: rows = hidden, columns = ff
+    block = K.block_size(down.qtype)
+    cols = max(block, ff // n_nodes // block * block)
+    rng = np.random.default_rng(0)
+    rows = max(hidden, (96 << 20) // K.row_bytes(down.qtype, ff) // hidden * hidden)   # past the L3, as decode
+
+    def rate(n_cols: int) -> float:
+        w = K.random_blocks(down.qtype, rows * (ff // n_cols), n_cols, rng)
+        x = rng.standard_normal(n_cols).astype(np.float32)
+        best = float("inf")
+        with _pinned_to(cpu):
+            for _ in range(4):
+                t0 = time.perf_counter()
+                K.matmul(w, down.qtype, x)
+                best = min(best, time.perf_counter() - t0)
+        return w.nbytes / best
+
+    slow = rate(ff) / rate(cols) - 1.0
+    return max(0.0, slow) * down.nbytes / sum(t.nbytes for t in parts)
+
+
 def calibrate(model_path: str, n_nodes: int = 2, tokens: int = 32, rounds: int = 5) -> dict:
     """On this machine's virtual nodes (one core each): fit the machine from runs that are not
     the ones predicted, then project each mode and compare with its measured decode.
@@ -278,17 +310,18 @@ def calibrate(model_path: str, n_nodes: int = 2, tokens: int = 32, rounds: int =
     shape = Shape.from_gguf(model_path)
     cpus = K.order_cpus(K.available_cpus())[:n_nodes]
 
+    ovh = measure_split_overhead(model_path, n_nodes, cpus[0])
     # made before any model is loaded: a loaded engine pins this thread, and a pool checks its CPUs
     bw_pool = K.ThreadPool(cpus)
     sync_pools = [K.ThreadPool([c], caller_is_worker0=False) for c in cpus[1:]]
     try:
-        return _calibrate(model_path, n_nodes, tokens, rounds, shape, cpus, bw_pool, sync_pools)
+        return _calibrate(model_path, n_nodes, tokens, rounds, shape, cpus, bw_pool, sync_pools, ovh)
     finally:
         for p in [bw_pool, *sync_pools]:
             p.close()
 
 
-def _calibrate(model_path, n_nodes, tokens, rounds, shape, cpus, bw_pool, pools) -> dict:
+def _calibrate(model_path, n_nodes, tokens, rounds, shape, cpus, bw_pool, pools, ovh: float) -> dict:
     import moe_numa
     from moe_numa import kernels as K
     from moe_numa.numa.profile import collect, make_profile_map
@@ -357,7 +390,8 @@ def _calibrate(model_path, n_nodes, tokens, rounds, shape, cpus, bw_pool, pools)
                 bws.append(bw)
                 mach = Machine("here", bw, link_gbps=1e6, link_latency_us=0.0, sync_us=sync_us,
                                decode_share=share, prefill_gflops=1e3, source="")
-                row = next(x for x in project(shape, mach, trace, nodes=(n_nodes,)) if x["mode"] == mode)
+                row = next(x for x in project(shape, mach, trace, nodes=(n_nodes,), split_overhead=ovh)
+                           if x["mode"] == mode)
                 measured.append(tokens / wall)
                 projected.append(row["decode_tps"])
         pm, mm = float(np.median(projected)), float(np.median(measured))
@@ -367,7 +401,8 @@ def _calibrate(model_path, n_nodes, tokens, rounds, shape, cpus, bw_pool, pools)
                    link_latency_us=0.0, sync_us=sync_us, decode_share=share, prefill_gflops=1e3,
                    source="measured now: per-node read bandwidth (all nodes reading, around every run), the "
                           "share of it decode reaches at 1 node, an empty task across the nodes' pools")
-    return {"machine": asdict(here), "one_node_tps": float(np.median(one)), "rounds": rounds, "rows": rows}
+    return {"machine": asdict(here), "one_node_tps": float(np.median(one)), "rounds": rounds, "rows": rows,
+            "split_overhead": ovh}
 
 
 def main(argv=None) -> int:
@@ -399,6 +434,7 @@ def run(a: argparse.Namespace) -> int:
         else:
             print(f"# {res['machine']['name']}: {res['machine']['read_gbps']:.1f} GB/s per node (median), "
                   f"sync {res['machine']['sync_us']:.2f} us, decode share {res['machine']['decode_share']:.2f}; "
+                  f"split experts' extra time per byte {100 * res['split_overhead']:.1f}% (measured); "
                   f"1 node x {nodes[0]} cores: {res['one_node_tps']:.2f} t/s; {res['rounds']} rounds per mode")
             print("| mode | projected t/s | measured t/s | error | per-round errors |\n"
                   "| --- | ---: | ---: | ---: | --- |")

@@ -47,6 +47,16 @@ def test_calibration_runs(make_model, capsys):
     out = capsys.readouterr().out
     for mode in ("whole", "split", "hybrid"):
         assert f"| {mode} |" in out
+    assert "split experts' extra time per byte" in out
+
+
+def test_split_overhead_is_measured_per_model(make_model):
+    """The split penalty the projection uses comes from timing the model's own down type at the
+    whole and the split row length: a finite, non-negative share (down is a third of an expert)."""
+    path = str(make_model("qwen3moe", "q8_0"))
+    from moe_numa import kernels
+    ovh = P.measure_split_overhead(path, 2, kernels.available_cpus()[0])
+    assert 0.0 <= ovh < 1.0
 
 
 def test_balance_benchmark_runs(make_model, capsys):
