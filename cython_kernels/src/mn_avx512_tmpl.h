@@ -11,6 +11,28 @@
 #define K(name) CAT(name, SFX)
 
 MN_INLINE float K(hsum16)(__m512 v) { return _mm512_reduce_add_ps(v); }
+/* out[t] = the sum of v[t]'s 16 lanes, t < NT: four at once through a transposing tree (11
+ * shuffles and adds, against 32 for four reductions), since a GEMM call over a short row
+ * spends a good part of its time here. */
+MN_INLINE void K(hsums)(const __m512 *v, const int NT, float *out) {
+    if (NT != 4) {
+        for (int t = 0; t < NT; t++) out[t] = K(hsum16)(v[t]);
+        return;
+    }
+    const __m512 ab = _mm512_add_ps(_mm512_shuffle_f32x4(v[0], v[1], 0x44), _mm512_shuffle_f32x4(v[0], v[1], 0xEE));
+    const __m512 cd = _mm512_add_ps(_mm512_shuffle_f32x4(v[2], v[3], 0x44), _mm512_shuffle_f32x4(v[2], v[3], 0xEE));
+    __m512 q = _mm512_add_ps(_mm512_shuffle_f32x4(ab, cd, 0x88), _mm512_shuffle_f32x4(ab, cd, 0xDD));
+    q = _mm512_add_ps(q, _mm512_permute_ps(q, 0x4E));   /* 128-bit lane k: token k's four partial sums */
+    q = _mm512_add_ps(q, _mm512_permute_ps(q, 0xB1));
+    _mm_storeu_ps(out, _mm512_castps512_ps128(_mm512_permutexvar_ps(_mm512_setr_epi32(0, 4, 8, 12, 0, 0, 0, 0, 0, 0,
+                                                                                       0, 0, 0, 0, 0, 0), q)));
+}
+/* the same for accumulator pairs acc[t][0] + acc[t][1] */
+MN_INLINE void K(hsums2)(__m512 (*acc)[2], const int NT, float *out) {
+    __m512 v[MN_TILE];
+    for (int t = 0; t < NT; t++) v[t] = _mm512_add_ps(acc[t][0], acc[t][1]);
+    K(hsums)(v, NT, out);
+}
 
 /* acc += sum over groups of 4 of u8 * s8 */
 MN_INLINE __m512i K(dpbusd)(__m512i acc, __m512i u, __m512i s) {
@@ -165,7 +187,8 @@ MN_INLINE void K(name##_t)(const uint8_t *w, int64_t nb, const uint8_t *xq, size
             tail[t] += (float)s * (dw * ((const float *)(xq + t * xs + 32 * nb))[i]); \
         } \
     } \
-    for (int t = 0; t < NT; t++) res[t] = K(hsum16)(_mm512_add_ps(acc[t][0], acc[t][1])) + tail[t]; \
+    K(hsums2)(acc, NT, res); \
+    for (int t = 0; t < NT; t++) res[t] += tail[t]; \
 }
 Q80_512(dot_q8_0, BS_Q8_0, K(q8_0_pair))
 MN_TILED_AS(K(dot_q8_0), K(dot_q8_0_t))
@@ -215,11 +238,12 @@ MN_INLINE void K(dot_q4_0_t)(const uint8_t *w, int64_t nb, const uint8_t *xq, si
             tail[t] += (float)sum * (dw * ((const float *)(xq + t * xs + 32 * nb))[i]);
         }
     }
+    K(hsums2)(acc, NT, res);
     for (int t = 0; t < NT; t++) {
         __m128 c = _mm_add_ps(_mm256_castps256_ps128(corr[t]), _mm256_extractf128_ps(corr[t], 1));
         c = _mm_add_ps(c, _mm_movehl_ps(c, c));
         c = _mm_add_ss(c, _mm_movehdup_ps(c));
-        res[t] = K(hsum16)(_mm512_add_ps(acc[t][0], acc[t][1])) - 8.f * _mm_cvtss_f32(c) + tail[t];
+        res[t] += -8.f * _mm_cvtss_f32(c) + tail[t];
     }
 }
 MN_TILED_AS(K(dot_q4_0), K(dot_q4_0_t))
@@ -290,11 +314,12 @@ MN_INLINE void K(name##_t)(const uint8_t *w, int64_t nb, const uint8_t *xq, size
     } \
     B32_512_PAIRS(PAIR, BS, 1, 0, MOFF) \
     MN_B32_TAIL(UNPACK, w, BS, i, nb, xq, xs, NT, tail); \
+    K(hsums2)(acc, NT, res); \
     for (int t = 0; t < NT; t++) { \
         __m128 c = _mm_add_ps(_mm256_castps256_ps128(corr[t]), _mm256_extractf128_ps(corr[t], 1)); \
         c = _mm_add_ps(c, _mm_movehl_ps(c, c)); \
         c = _mm_add_ss(c, _mm_movehdup_ps(c)); \
-        res[t] = K(hsum16)(_mm512_add_ps(acc[t][0], acc[t][1])) + _mm_cvtss_f32(c) + tail[t]; \
+        res[t] += _mm_cvtss_f32(c) + tail[t]; \
     } \
 }
 B32_512(dot_q4_1, BS_Q4_1, K(q4_1_pair), 2, mn_unpack_q4_1)
@@ -348,7 +373,7 @@ MN_INLINE void K(dot_iq4_xs_t)(const uint8_t *w, int64_t nb, const uint8_t *xq, 
             acc[t] = _mm512_fmadd_ps(_mm512_set1_ps(d * dy), _mm512_cvtepi32_ps(_mm512_add_epi32(s0, s1)), acc[t]);
         }
     }
-    for (int t = 0; t < NT; t++) res[t] = K(hsum16)(acc[t]);
+    K(hsums)(acc, NT, res);
 }
 MN_TILED_AS(K(dot_iq4_xs), K(dot_iq4_xs_t))
 
@@ -405,11 +430,12 @@ MN_INLINE void K(dot_q45_K_t)(const int Q5, const uint8_t *w, int64_t nb, const 
             acc[t] = _mm512_fmadd_ps(_mm512_set1_ps(d * dy), _mm512_cvtepi32_ps(q), acc[t]);
         }
     }
+    K(hsums)(acc, NT, res);
     for (int t = 0; t < NT; t++) {
         __m128 m = macc[t];
         m = _mm_add_ps(m, _mm_movehl_ps(m, m));
         m = _mm_add_ss(m, _mm_movehdup_ps(m));
-        res[t] = K(hsum16)(acc[t]) - _mm_cvtss_f32(m);
+        res[t] -= _mm_cvtss_f32(m);
     }
 }
 MN_INLINE void K(dot_q4_K_t)(const uint8_t *w, int64_t nb, const uint8_t *xq, size_t xs, const int NT, float *res) {
@@ -463,7 +489,7 @@ MN_INLINE void K(dot_q6_K_t)(const uint8_t *w, int64_t nb, const uint8_t *xq, si
             acc[t] = _mm512_fmadd_ps(_mm512_set1_ps(d * dy), _mm512_cvtepi32_ps(q), acc[t]);
         }
     }
-    for (int t = 0; t < NT; t++) res[t] = K(hsum16)(acc[t]);
+    K(hsums)(acc, NT, res);
 }
 MN_TILED_AS(K(dot_q6_K), K(dot_q6_K_t))
 
@@ -516,11 +542,12 @@ MN_INLINE void K(dot_q2_K_t)(const uint8_t *w, int64_t nb, const uint8_t *xq, si
             acc[t] = _mm512_fmadd_ps(_mm512_set1_ps(d * dy), _mm512_cvtepi32_ps(q), acc[t]);
         }
     }
+    K(hsums)(acc, NT, res);
     for (int t = 0; t < NT; t++) {
         __m128 m = _mm_add_ps(_mm256_castps256_ps128(macc[t]), _mm256_extractf128_ps(macc[t], 1));
         m = _mm_add_ps(m, _mm_movehl_ps(m, m));
         m = _mm_add_ss(m, _mm_movehdup_ps(m));
-        res[t] = K(hsum16)(acc[t]) - _mm_cvtss_f32(m);
+        res[t] -= _mm_cvtss_f32(m);
     }
 }
 MN_TILED_AS(K(dot_q2_K), K(dot_q2_K_t))
@@ -567,7 +594,7 @@ MN_INLINE void K(dot_q3_K_t)(const uint8_t *w, int64_t nb, const uint8_t *xq, si
             acc[t] = _mm512_fmadd_ps(_mm512_set1_ps(d * dy), _mm512_cvtepi32_ps(q), acc[t]);
         }
     }
-    for (int t = 0; t < NT; t++) res[t] = K(hsum16)(acc[t]);
+    K(hsums)(acc, NT, res);
 }
 MN_TILED_AS(K(dot_q3_K), K(dot_q3_K_t))
 
