@@ -29,6 +29,8 @@ from pathlib import Path
 
 import numpy as np
 
+from . import standalone_main
+
 PRESETS = ("qwen3moe-bench", "deepseek-v3-bench")
 
 
@@ -108,10 +110,7 @@ def run(a) -> int:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m moe_numa.bench.attention", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(ap)
-    return run(ap.parse_args(argv))
+    return standalone_main("python -m moe_numa.bench.attention", __doc__, add_arguments, run, argv, full_doc=True)
 
 
 if __name__ == "__main__":

@@ -50,6 +50,8 @@ from typing import Callable, Sequence
 
 from moe_numa.progress import progress_bar
 
+from . import standalone_main
+
 DEFAULT_TESTS = ("pp64", "pp512", "tg32", "tg128")
 DEFAULT_TARGET_TG = 1.25
 DEFAULT_TARGET_PP = 1.0
@@ -1137,9 +1139,7 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="moe-numa bench", description=__doc__.split("\n\n")[0])
-    add_arguments(ap)
-    return run(ap.parse_args(argv))
+    return standalone_main("moe-numa bench", __doc__, add_arguments, run, argv)
 
 
 def run(a: argparse.Namespace) -> int:

@@ -47,6 +47,8 @@ import numpy as np
 from moe_numa import kernels as K
 from moe_numa import quants
 
+from . import standalone_main
+
 DEFAULT_TYPES = ",".join(t.name.lower() for t in quants.SUPPORTED)
 
 
@@ -184,9 +186,7 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="moe-numa bench-kernels", description=__doc__.split("\n\n")[0])
-    add_arguments(ap)
-    return run(ap.parse_args(argv))
+    return standalone_main("moe-numa bench-kernels", __doc__, add_arguments, run, argv)
 
 
 def run(a: argparse.Namespace) -> int:

@@ -31,6 +31,8 @@ import sys
 import tempfile
 import time
 
+from . import standalone_main
+
 METHODS = ("copy", "mmap", "cache", "llama.cpp")
 
 
@@ -203,10 +205,7 @@ def run(a: argparse.Namespace) -> int:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="moe-numa bench-load", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(ap)
-    return run(ap.parse_args(argv))
+    return standalone_main("moe-numa bench-load", __doc__, add_arguments, run, argv, full_doc=True)
 
 
 if __name__ == "__main__":

@@ -40,6 +40,8 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from . import standalone_main
+
 
 @dataclass(frozen=True)
 class Machine:
@@ -406,9 +408,7 @@ def _calibrate(model_path, n_nodes, tokens, rounds, shape, cpus, bw_pool, pools,
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="moe-numa project", description=__doc__.split("\n\n")[0])
-    add_arguments(ap)
-    return run(ap.parse_args(argv))
+    return standalone_main("moe-numa project", __doc__, add_arguments, run, argv)
 
 
 def add_arguments(ap: argparse.ArgumentParser) -> None:

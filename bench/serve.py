@@ -39,6 +39,8 @@ import time
 from pathlib import Path
 from typing import Sequence
 
+from . import standalone_main
+
 ENGINES = ("moe_numa", "llama.cpp")
 TARGET_SCALING_4 = 1.7
 TARGET_VS_LLAMA_4 = 1.25
@@ -305,10 +307,7 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="moe-numa bench-serve", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(ap)
-    return run(ap.parse_args(argv))
+    return standalone_main("moe-numa bench-serve", __doc__, add_arguments, run, argv, full_doc=True)
 
 
 def run(args: argparse.Namespace) -> int:
