@@ -27,27 +27,19 @@ llama-bench: benchmark 2/2: warmup generation run
 llama-bench: benchmark 2/2: generation run 1/2
 llama-bench: benchmark 2/2: generation run 2/2
 """
-BENCH_STDOUT = """[
-  {
+# its JSON rows, the configuration common to both written once
+_BENCH_CONFIG = {
     "build_commit": "b11434", "build_number": 11434, "cpu_info": "AMD EPYC", "backends": "CPU",
     "model_filename": "/tmp/tiny.gguf", "model_type": "qwen3moe ?B Q8_0", "model_size": 7339328,
     "model_n_params": 6892032, "n_batch": 2048, "n_ubatch": 512, "n_threads": 2, "poll": 50,
-    "type_k": "f16", "type_v": "f16", "flash_attn": -1, "repack": true,
-    "n_prompt": 16, "n_gen": 0, "n_depth": 0, "test_time": "2026-11-22T04:03:21Z",
-    "avg_ns": 7449499, "stddev_ns": 824995, "avg_ts": 2161.047505, "stddev_ts": 239.325455,
-    "samples_ns": [ 8032859, 6866139 ], "samples_ts": [ 1991.82, 2330.28 ]
-  },
-  {
-    "build_commit": "b11434", "build_number": 11434, "cpu_info": "AMD EPYC", "backends": "CPU",
-    "model_filename": "/tmp/tiny.gguf", "model_type": "qwen3moe ?B Q8_0", "model_size": 7339328,
-    "model_n_params": 6892032, "n_batch": 2048, "n_ubatch": 512, "n_threads": 2, "poll": 50,
-    "type_k": "f16", "type_v": "f16", "flash_attn": -1, "repack": true,
-    "n_prompt": 0, "n_gen": 8, "n_depth": 0, "test_time": "2026-11-22T04:03:21Z",
-    "avg_ns": 8467621, "stddev_ns": 5069628, "avg_ts": 1151.077446, "stddev_ts": 689.158472,
-    "samples_ns": [ 12052389, 4882854 ], "samples_ts": [ 663.769, 1638.39 ]
-  }
-]
-"""
+    "type_k": "f16", "type_v": "f16", "flash_attn": -1, "repack": True, "n_depth": 0,
+    "test_time": "2026-11-22T04:03:21Z"}
+BENCH_STDOUT = json.dumps([
+    {**_BENCH_CONFIG, "n_prompt": 16, "n_gen": 0, "avg_ns": 7449499, "stddev_ns": 824995, "avg_ts": 2161.047505,
+     "stddev_ts": 239.325455, "samples_ns": [8032859, 6866139], "samples_ts": [1991.82, 2330.28]},
+    {**_BENCH_CONFIG, "n_prompt": 0, "n_gen": 8, "avg_ns": 8467621, "stddev_ns": 5069628, "avg_ts": 1151.077446,
+     "stddev_ts": 689.158472, "samples_ns": [12052389, 4882854], "samples_ts": [663.769, 1638.39]},
+], indent=2) + "\n"
 
 # ----------------------------------------------------------------------------- arithmetic
 
