@@ -305,57 +305,52 @@ def _write_metadata(w: gguf.GGUFWriter, spec: ModelSpec, vocab: VocabSpec, qname
 def write_hparams(w: gguf.GGUFWriter, spec: ModelSpec, n_vocab: int) -> None:
     """The `{arch}.*` hyper-parameters of `spec`, as the converter writes them."""
     a = spec.arch
-    w.add_uint32(f"{a}.context_length", spec.context_length)
-    w.add_uint32(f"{a}.embedding_length", spec.hidden)
-    w.add_uint32(f"{a}.block_count", spec.n_layer + spec.n_nextn)
-    w.add_uint32(f"{a}.attention.head_count", spec.n_head)
-    w.add_uint32(f"{a}.attention.head_count_kv", spec.n_head_kv)
-    w.add_float32(f"{a}.attention.layer_norm_rms_epsilon", spec.rms_eps)
-    w.add_float32(f"{a}.rope.freq_base", spec.rope_base)
-    w.add_uint32(f"{a}.expert_count", spec.n_expert)
-    w.add_uint32(f"{a}.expert_used_count", spec.n_used)
-    w.add_uint32(f"{a}.expert_feed_forward_length", spec.expert_ff)
-    w.add_uint32(f"{a}.vocab_size", n_vocab)
+    u32 = {"context_length": spec.context_length, "embedding_length": spec.hidden,
+           "block_count": spec.n_layer + spec.n_nextn, "attention.head_count": spec.n_head,
+           "attention.head_count_kv": spec.n_head_kv, "expert_count": spec.n_expert, "expert_used_count": spec.n_used,
+           "expert_feed_forward_length": spec.expert_ff, "vocab_size": n_vocab}
+    f32 = {"attention.layer_norm_rms_epsilon": spec.rms_eps, "rope.freq_base": spec.rope_base}
     if a in ("qwen2moe", "qwen3moe", "glm4moe"):   # GQA
-        w.add_uint32(f"{a}.attention.key_length", spec.head_dim)
-        w.add_uint32(f"{a}.attention.value_length", spec.head_dim)
+        u32["attention.key_length"] = u32["attention.value_length"] = spec.head_dim
     if a in ("qwen2moe", "qwen3moe"):
-        w.add_uint32(f"{a}.feed_forward_length", spec.shared_ff or spec.expert_ff * spec.n_used)
+        u32["feed_forward_length"] = spec.shared_ff or spec.expert_ff * spec.n_used
         if spec.shared_ff:
-            w.add_uint32(f"{a}.expert_shared_feed_forward_length", spec.shared_ff)
+            u32["expert_shared_feed_forward_length"] = spec.shared_ff
     else:   # DeepSeek's router, leading dense layers and shared experts (deepseek2, glm4moe)
-        w.add_uint32(f"{a}.leading_dense_block_count", spec.n_dense_lead)
-        w.add_uint32(f"{a}.feed_forward_length", spec.dense_ff)
-        w.add_uint32(f"{a}.expert_shared_count", spec.n_shared)
-        w.add_float32(f"{a}.expert_weights_scale", spec.weights_scale)
+        u32.update(leading_dense_block_count=spec.n_dense_lead, feed_forward_length=spec.dense_ff,
+                   expert_shared_count=spec.n_shared, expert_gating_func=spec.gating)
+        f32["expert_weights_scale"] = spec.weights_scale
         w.add_bool(f"{a}.expert_weights_norm", spec.norm_weights)
-        w.add_uint32(f"{a}.expert_gating_func", spec.gating)
         if spec.n_nextn:
-            w.add_uint32(f"{a}.nextn_predict_layers", spec.n_nextn)
+            u32["nextn_predict_layers"] = spec.n_nextn
     if a == "glm4moe":
-        w.add_uint32(f"{a}.rope.dimension_count", spec.rope_dims or spec.head_dim)
+        u32["rope.dimension_count"] = spec.rope_dims or spec.head_dim
     elif a == "deepseek2":
-        w.add_uint32(f"{a}.attention.q_lora_rank", spec.q_lora_rank)
-        w.add_uint32(f"{a}.attention.kv_lora_rank", spec.kv_lora_rank)
+        u32["attention.q_lora_rank"] = spec.q_lora_rank
+        u32["attention.kv_lora_rank"] = spec.kv_lora_rank
         if spec.split_kv_b:
-            w.add_uint32(f"{a}.attention.key_length", spec.kv_lora_rank + spec.qk_rope)
-            w.add_uint32(f"{a}.attention.value_length", spec.kv_lora_rank)
-            w.add_uint32(f"{a}.attention.key_length_mla", spec.qk_nope + spec.qk_rope)
-            w.add_uint32(f"{a}.attention.value_length_mla", spec.v_head)
+            u32["attention.key_length"] = spec.kv_lora_rank + spec.qk_rope
+            u32["attention.value_length"] = spec.kv_lora_rank
+            u32["attention.key_length_mla"] = spec.qk_nope + spec.qk_rope
+            u32["attention.value_length_mla"] = spec.v_head
         else:
-            w.add_uint32(f"{a}.attention.key_length", spec.qk_nope + spec.qk_rope)
-            w.add_uint32(f"{a}.attention.value_length", spec.v_head)
-        w.add_uint32(f"{a}.rope.dimension_count", spec.qk_rope)
+            u32["attention.key_length"] = spec.qk_nope + spec.qk_rope
+            u32["attention.value_length"] = spec.v_head
+        u32["rope.dimension_count"] = spec.qk_rope
     if spec.n_groups:
-        w.add_uint32(f"{a}.expert_group_count", spec.n_groups)
-        w.add_uint32(f"{a}.expert_group_used_count", spec.n_groups_used)
+        u32["expert_group_count"] = spec.n_groups
+        u32["expert_group_used_count"] = spec.n_groups_used
     if spec.yarn:
         factor, orig_ctx, mscale_all_dim = spec.yarn
         w.add_string(f"{a}.rope.scaling.type", "yarn")
-        w.add_float32(f"{a}.rope.scaling.factor", factor)
-        w.add_uint32(f"{a}.rope.scaling.original_context_length", orig_ctx)
+        f32["rope.scaling.factor"] = factor
+        u32["rope.scaling.original_context_length"] = orig_ctx
         if a == "deepseek2":
-            w.add_float32(f"{a}.rope.scaling.yarn_log_multiplier", 0.1 * mscale_all_dim)
+            f32["rope.scaling.yarn_log_multiplier"] = 0.1 * mscale_all_dim
+    for key, value in u32.items():
+        w.add_uint32(f"{a}.{key}", value)
+    for key, value in f32.items():
+        w.add_float32(f"{a}.{key}", value)
     for key, value in spec.extra.items():
         w.add_key_value(key, *value)
 
