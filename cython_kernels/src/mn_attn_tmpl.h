@@ -16,6 +16,16 @@
 typedef float VF __attribute__((vector_size(ATTN_VW * 4)));
 typedef float VFU __attribute__((vector_size(ATTN_VW * 4), aligned(4)));
 
+/* the 4 x 2 accumulators a00..a31 += w_j[i] * (the 2 * ATTN_VW floats at u), j < 4 */
+#define ATTN_ACC_4X2(w0, w1, w2, w3, i, u) do { \
+        const VF u0_ = *(const VFU *)(u), u1_ = *(const VFU *)((u) + ATTN_VW); \
+        const float x0_ = (w0)[i], x1_ = (w1)[i], x2_ = (w2)[i], x3_ = (w3)[i]; \
+        a00 += x0_ * u0_; a01 += x0_ * u1_; \
+        a10 += x1_ * u0_; a11 += x1_ * u1_; \
+        a20 += x2_ * u0_; a21 += x2_ * u1_; \
+        a30 += x3_ * u0_; a31 += x3_ * u1_; \
+    } while (0)
+
 /* sc[j][s] = scale * dot(q_j, key s) for the 32 keys of one tile [qk][32], j < nb (<= 4) */
 ATTN_TARGET static void ATTN_CAT(flash_scores, ATTN_SUFFIX)(
         const float *const *q, int nb, const float *tile, int qk, float scale, float *const *sc) {
@@ -23,14 +33,7 @@ ATTN_TARGET static void ATTN_CAT(flash_scores, ATTN_SUFFIX)(
     for (int c = 0; c < 32; c += 2 * ATTN_VW) {
         VF a00 = {0}, a01 = {0}, a10 = {0}, a11 = {0}, a20 = {0}, a21 = {0}, a30 = {0}, a31 = {0};
         const float *kp = tile + c;
-        for (int i = 0; i < qk; i++, kp += 32) {
-            const VF k0 = *(const VFU *)kp, k1 = *(const VFU *)(kp + ATTN_VW);
-            const float x0 = q0[i], x1 = q1[i], x2 = q2[i], x3 = q3[i];
-            a00 += x0 * k0; a01 += x0 * k1;
-            a10 += x1 * k0; a11 += x1 * k1;
-            a20 += x2 * k0; a21 += x2 * k1;
-            a30 += x3 * k0; a31 += x3 * k1;
-        }
+        for (int i = 0; i < qk; i++, kp += 32) ATTN_ACC_4X2(q0, q1, q2, q3, i, kp);
         *(VFU *)(sc[0] + c) = a00 * scale; *(VFU *)(sc[0] + c + ATTN_VW) = a01 * scale;
         if (nb > 1) { *(VFU *)(sc[1] + c) = a10 * scale; *(VFU *)(sc[1] + c + ATTN_VW) = a11 * scale; }
         if (nb > 2) { *(VFU *)(sc[2] + c) = a20 * scale; *(VFU *)(sc[2] + c + ATTN_VW) = a21 * scale; }
@@ -52,14 +55,7 @@ ATTN_TARGET static void ATTN_CAT(flash_values, ATTN_SUFFIX)(
            a11 = *(VFU *)(o1 + e) * c1, a20 = *(VFU *)(o2 + d) * c2, a21 = *(VFU *)(o2 + e) * c2,
            a30 = *(VFU *)(o3 + d) * c3, a31 = *(VFU *)(o3 + e) * c3;
         const float *vp = v + d;
-        for (int s = 0; s < n; s++, vp += vstride) {
-            const VF v0 = *(const VFU *)vp, v1 = *(const VFU *)(vp + ATTN_VW);
-            const float x0 = p0[s], x1 = p1[s], x2 = p2[s], x3 = p3[s];
-            a00 += x0 * v0; a01 += x0 * v1;
-            a10 += x1 * v0; a11 += x1 * v1;
-            a20 += x2 * v0; a21 += x2 * v1;
-            a30 += x3 * v0; a31 += x3 * v1;
-        }
+        for (int s = 0; s < n; s++, vp += vstride) ATTN_ACC_4X2(p0, p1, p2, p3, s, vp);
         /* aliased rows (nb < 4) are stored first so the real row's value lands last */
         *(VFU *)(o3 + d) = a30; *(VFU *)(o3 + e) = a31;
         *(VFU *)(o2 + d) = a20; *(VFU *)(o2 + e) = a21;
@@ -107,6 +103,7 @@ ATTN_TARGET static void ATTN_CAT(cvt_q8_row, ATTN_SUFFIX)(const uint8_t *row, in
     }
 }
 
+#undef ATTN_ACC_4X2
 #undef VF
 #undef VFU
 #undef ATTN_CAT
