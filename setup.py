@@ -6,10 +6,12 @@ run time from CPUID, so one build runs on any x86-64 CPU.
 """
 import glob
 import os
+import runpy
 
 import numpy
 from Cython.Build import cythonize
 from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -23,11 +25,26 @@ if set(sanitize) - SANITIZERS:
 san_flags = [f"-fsanitize={','.join(sanitize)}", "-fno-sanitize-recover=all", "-fno-omit-frame-pointer",
              "-g", "-O1"] if sanitize else []
 
+# The IQ grids come from gguf.quants (the tables the reference dequantizes with), written as C
+# into the build tree at build time: the kernels and the reference cannot disagree on them.
+GEN_IQ_TABLES = "cython_kernels/tools/gen_iq_tables.py"
+
+
+class BuildExt(build_ext):
+    def build_extensions(self):
+        out = os.path.join(self.build_temp, "mn_iq_tables.c")
+        runpy.run_path(os.path.join(HERE, GEN_IQ_TABLES))["write"](out)
+        for ext in self.extensions:
+            if out not in ext.sources:
+                ext.sources.append(out)
+        super().build_extensions()
+
+
 native = Extension(
     "moe_numa._native",
     sources=["cython_kernels/native.pyx"] + sorted(glob.glob("cython_kernels/src/*.c")),
     include_dirs=[numpy.get_include(), "cython_kernels/include", "cython_kernels/src"],
-    depends=glob.glob("cython_kernels/include/*.h") + glob.glob("cython_kernels/src/*.h")
+    depends=[GEN_IQ_TABLES] + glob.glob("cython_kernels/include/*.h") + glob.glob("cython_kernels/src/*.h")
     + glob.glob("cython_kernels/*.pxd") + glob.glob("cython_kernels/*.pxi"),
     extra_compile_args=["-O3", "-std=gnu11", "-fno-strict-aliasing", "-pthread",
                         "-Wno-unused-function", "-fvisibility=hidden"] + san_flags,
@@ -48,6 +65,7 @@ setup(
               "moe_numa.engine", "moe_numa.bench"],
     package_dir={"moe_numa.bench": "bench"},
     package_data={"moe_numa": ["data/*.json"], "moe_numa.testing": ["data/*.json", "data/*.jinja"]},
+    cmdclass={"build_ext": BuildExt},
     ext_modules=cythonize([native], language_level=3, compiler_directives={
         "boundscheck": False, "wraparound": False, "cdivision": True, "initializedcheck": False}),
     install_requires=[

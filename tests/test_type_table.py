@@ -92,14 +92,3 @@ def test_native_entry_points_return_error_codes():
         K._raise_c_error(-2, "matmul")
     with pytest.raises(UnsupportedError, match="no kernel"):
         K._raise_c_error(-1, "matmul")
-
-
-def test_generated_iq_tables_are_current(tmp_path):
-    """The committed grids are what tools/gen_iq_tables.py makes from gguf.quants now."""
-    import runpy
-    from pathlib import Path
-    root = Path(__file__).resolve().parents[1]
-    gen = runpy.run_path(str(root / "cython_kernels" / "tools" / "gen_iq_tables.py"))
-    out = tmp_path / "mn_iq_tables.c"
-    assert gen["main"]([str(out)]) == 0
-    assert out.read_text() == (root / "cython_kernels" / "src" / "mn_iq_tables.c").read_text()
