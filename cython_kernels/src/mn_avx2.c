@@ -2,63 +2,25 @@
  * pragma, called only when CPUID reports AVX2/FMA/F16C. */
 #include <immintrin.h>
 #include "mn_internal.h"
-#include "mn_tile.h"
 #include "mn_iq.h"
-#define MN_PF_DIST 4096
 
 #pragma GCC push_options
 #pragma GCC target("avx2,fma,f16c,bmi2,popcnt")
-
-MN_INLINE float hsum8(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
-}
-MN_INLINE float hsum4(__m128 s) {
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
-}
-MN_INLINE float h2f(const uint8_t *p) { return _cvtsh_ss(mn_rd16(p)); }
+#include "mn_x86.h"
 
 /* ---------------------------------------------------------------- floats */
-#define FLOAT_KERNEL(name, LOAD8, ESZ) \
-MN_INLINE void name##_t(const uint8_t *w, int64_t n, const uint8_t *xq, size_t xs, const int NT, float *res) { \
-    __m256 a0[MN_TILE], a1[MN_TILE]; \
-    for (int t = 0; t < NT; t++) { a0[t] = _mm256_setzero_ps(); a1[t] = _mm256_setzero_ps(); } \
-    int64_t i = 0; \
-    for (; i + 16 <= n; i += 16) { \
-        _mm_prefetch((const char *)w + (i) * (int64_t)(ESZ) + MN_PF_DIST, _MM_HINT_T0); \
-        __m256 w0 = LOAD8(i), w1 = LOAD8(i + 8); \
-        for (int t = 0; t < NT; t++) { \
-            const float *x = (const float *)(xq + t * xs) + i; \
-            a0[t] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x), a0[t]); \
-            a1[t] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(x + 8), a1[t]); \
-        } \
-    } \
-    for (int t = 0; t < NT; t++) { \
-        const float *x = (const float *)(xq + t * xs); \
-        float s = hsum8(_mm256_add_ps(a0[t], a1[t])); \
-        for (int64_t j = i; j < n; j++) s += name##_one(w, j) * x[j]; \
-        res[t] = s; \
-    } \
-}
-static inline float f32_one(const uint8_t *w, int64_t j) { float v; memcpy(&v, w + 4 * j, 4); return v; }
-static inline float f16_one(const uint8_t *w, int64_t j) { return _cvtsh_ss(mn_rd16(w + 2 * j)); }
-static inline float bf16_one(const uint8_t *w, int64_t j) { return mn_bf2f(mn_rd16(w + 2 * j)); }
-#define dot_f32_one f32_one
-#define dot_f16_one f16_one
-#define dot_bf16_one bf16_one
-#define LD_F32(i) _mm256_loadu_ps((const float *)w + (i))
-#define LD_F16(i) _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(w + 2 * (i))))
-#define LD_BF16(i) _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(w + 2 * (i)))), 16))
-FLOAT_KERNEL(dot_f32, LD_F32, 4)
-FLOAT_KERNEL(dot_f16, LD_F16, 2)
-FLOAT_KERNEL(dot_bf16, LD_BF16, 2)
-MN_TILED(dot_f32)
-MN_TILED(dot_f16)
-MN_TILED(dot_bf16)
+#define FV __m256
+#define FV_W 8
+#define FV_ZERO() _mm256_setzero_ps()
+#define FV_LOADU(p) _mm256_loadu_ps(p)
+#define FV_FMA(a, b, c) _mm256_fmadd_ps(a, b, c)
+#define FV_ADD(a, b) _mm256_add_ps(a, b)
+#define FV_HSUM(v) hsum8(v)
+#define FV_F32(i) _mm256_loadu_ps((const float *)w + (i))
+#define FV_F16(i) _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(w + 2 * (i))))
+#define FV_BF16(i) _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(w + 2 * (i)))), 16))
+#define FV_NAME(name) name
+#include "mn_float_tmpl.h"
 
 /* ---------------------- 32-value blocks: Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, IQ4_NL */
 /* 16 bytes of nibbles -> 32 values: low nibbles are values 0-15, high ones 16-31 */
@@ -101,8 +63,7 @@ MN_INLINE void name##_t(const uint8_t *w, int64_t nb, const uint8_t *xq, size_t 
     for (int t = 0; t < NT; t++) { acc[t] = _mm_setzero_ps(); tail[t] = 0.f; } \
     int64_t i = 0; \
     for (; i + 4 <= nb; i += 4) { \
-        const uint8_t *b = w + i * BS; \
-        _mm_prefetch((const char *)(b + MN_PF_DIST), _MM_HINT_T0); _mm_prefetch((const char *)(b + MN_PF_DIST + 64), _MM_HINT_T0); \
+        const uint8_t *b = mn_block(w, i * BS, 2); \
         __m256i q[4], u[4]; \
         for (int k = 0; k < 4; k++) { q[k] = VALS(b + k * BS); u[k] = SIGNED ? _mm256_sign_epi8(q[k], q[k]) : q[k]; } \
         const __m128 d4 = h4(b, BS); \
@@ -133,7 +94,6 @@ MN_INLINE void name##_t(const uint8_t *w, int64_t nb, const uint8_t *xq, size_t 
     MN_B32_TAIL(UNPACK, w, BS, i, nb, xq, xs, NT, tail); \
     for (int t = 0; t < NT; t++) res[t] = hsum4(acc[t]) + tail[t]; \
 }
-MN_INLINE void mn_unpack_q8_0(const uint8_t *b, mn_b32 *u) { u->d = h2f(b); u->m = 0.f; memcpy(u->q, b + 2, 32); }
 MN_INLINE __m256i q4_0_u(const uint8_t *b) { return nib32(b + 2); }
 MN_INLINE __m256i q5_0_u(const uint8_t *b) { return _mm256_or_si256(nib32(b + 6), bit5_32(b + 2)); }
 B32_KERNEL(dot_q8_0, BS_Q8_0, q8_0_vals, 1, 0, -1, mn_unpack_q8_0)
@@ -149,59 +109,54 @@ MN_TILED(dot_q5_0)
 MN_TILED(dot_q5_1)
 MN_TILED(dot_iq4_nl)
 
+/* ------------------------------------- 256-value super-blocks (Q8_K rows) */
+/* acc[t] += d * dy_t * isum[t]: super-block i's integer dot of each token, dy_t its scale */
+MN_INLINE void k_scale_acc(__m256 *acc, const __m256i *isum, const int NT, float d, const uint8_t *xq, size_t xs,
+                           int64_t nb, int64_t i) {
+    for (int t = 0; t < NT; t++) {
+        const float dy = ((const float *)(xq + t * xs + QK_K * nb))[i];
+        acc[t] = _mm256_fmadd_ps(_mm256_set1_ps(d * dy), _mm256_cvtepi32_ps(isum[t]), acc[t]);
+    }
+}
+/* isum[t] += sc * (|q| . x with q's signs) over 32 signed values q (u = |q|), x at byte
+ * `off` of each token's row */
+MN_INLINE void k_sign_acc32(__m256i *isum, const int NT, __m256i u, __m256i q, __m256i sc, const uint8_t *xq,
+                            size_t xs, int64_t off) {
+    for (int t = 0; t < NT; t++) {
+        const __m256i x = _mm256_loadu_si256((const __m256i *)(xq + t * xs + off));
+        isum[t] = _mm256_add_epi32(isum[t], _mm256_madd_epi16(_mm256_maddubs_epi16(u, _mm256_sign_epi8(x, q)), sc));
+    }
+}
+
 /* ------------------------------------------------------------- IQ4_XS */
 MN_INLINE void dot_iq4_xs_t(const uint8_t *w, int64_t nb, const uint8_t *xq, size_t xs, const int NT, float *res) {
     const __m256i kv = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)mn_kvalues_iq4nl));
     __m256 acc[MN_TILE];
     for (int t = 0; t < NT; t++) acc[t] = _mm256_setzero_ps();
     for (int64_t i = 0; i < nb; i++) {
-        const uint8_t *b = w + i * BS_IQ4_XS;
-        _mm_prefetch((const char *)(b + MN_PF_DIST), _MM_HINT_T0);
-        _mm_prefetch((const char *)(b + MN_PF_DIST + 64), _MM_HINT_T0);
-        _mm_prefetch((const char *)(b + MN_PF_DIST + 128), _MM_HINT_T0);
+        const uint8_t *b = mn_block(w, i * BS_IQ4_XS, 3);
         const float d = h2f(b);
         __m256i isum[MN_TILE];
         for (int t = 0; t < NT; t++) isum[t] = _mm256_setzero_si256();
         for (int ib = 0; ib < 8; ib++) {
             const __m256i q = _mm256_shuffle_epi8(kv, nib32(b + 8 + 16 * ib));
             const __m256i u = _mm256_sign_epi8(q, q);
-            const __m256i s = _mm256_set1_epi16((short)mn_iq4_xs_scale(b, ib));
-            for (int t = 0; t < NT; t++) {
-                const __m256i x = _mm256_loadu_si256((const __m256i *)((const int8_t *)(xq + t * xs) + QK_K * i + 32 * ib));
-                isum[t] = _mm256_add_epi32(isum[t], _mm256_madd_epi16(_mm256_maddubs_epi16(u, _mm256_sign_epi8(x, q)), s));
-            }
+            k_sign_acc32(isum, NT, u, q, _mm256_set1_epi16((short)mn_iq4_xs_scale(b, ib)), xq, xs, QK_K * i + 32 * ib);
         }
-        for (int t = 0; t < NT; t++) {
-            const float dy = ((const float *)(xq + t * xs + QK_K * nb))[i];
-            acc[t] = _mm256_fmadd_ps(_mm256_set1_ps(d * dy), _mm256_cvtepi32_ps(isum[t]), acc[t]);
-        }
+        k_scale_acc(acc, isum, NT, d, xq, xs, nb, i);
     }
     for (int t = 0; t < NT; t++) res[t] = hsum8(acc[t]);
 }
 MN_TILED(dot_iq4_xs)
 
 /* --------------------------------------------------------------- Q4_K */
-/* the 12 packed scale bytes -> 8 scales (bytes 0-7) and 8 mins (bytes 8-15), in
- * registers (reads 16 bytes: safe inside a Q4_K/Q5_K block) */
-MN_INLINE __m128i k4_scales(const uint8_t *s) {
-    const __m128i v = _mm_loadu_si128((const __m128i *)s);                 /* u0 u1 u2 . */
-    const __m128i b = _mm_shuffle_epi32(v, _MM_SHUFFLE(1, 1, 0, 0));       /* u0 u0 u1 u1 */
-    const __m128i x = _mm_and_si128(b, _mm_set1_epi32(0x3f3f3f3f));
-    const __m128i a = _mm_srlv_epi32(_mm_shuffle_epi32(v, _MM_SHUFFLE(2, 2, 2, 2)), _mm_setr_epi32(0, 0, 0, 4));
-    const __m128i y = _mm_or_si128(_mm_and_si128(a, _mm_set1_epi32(0x0f0f0f0f)),
-                                   _mm_and_si128(_mm_srli_epi32(b, 2), _mm_set1_epi32(0x30303030)));
-    return _mm_blend_epi32(x, y, 0xA);
-}
 
 MN_INLINE void dot_q4_K_t(const uint8_t *w, int64_t nb, const uint8_t *xq, size_t xs, const int NT, float *res) {
     const __m256i m4 = _mm256_set1_epi8(0xF);
     __m256 acc[MN_TILE]; __m128 macc[MN_TILE];
     for (int t = 0; t < NT; t++) { acc[t] = _mm256_setzero_ps(); macc[t] = _mm_setzero_ps(); }
     for (int64_t i = 0; i < nb; i++) {
-        const uint8_t *b = w + i * BS_Q4_K;
-        _mm_prefetch((const char *)(b + MN_PF_DIST), _MM_HINT_T0);
-        _mm_prefetch((const char *)(b + MN_PF_DIST + 64), _MM_HINT_T0);
-        _mm_prefetch((const char *)(b + MN_PF_DIST + 128), _MM_HINT_T0);
+        const uint8_t *b = mn_block(w, i * BS_Q4_K, 3);
         const float d = h2f(b), dmin = h2f(b + 2);
         const __m128i sm = k4_scales(b + 4);
         const __m128i mins = _mm_cvtepu8_epi16(_mm_unpackhi_epi64(sm, sm));
@@ -227,10 +182,7 @@ MN_INLINE void dot_q4_K_t(const uint8_t *w, int64_t nb, const uint8_t *xq, size_
                 isum[t] = _mm256_add_epi32(isum[t], _mm256_add_epi32(p0, p1));
             }
         }
-        for (int t = 0; t < NT; t++) {
-            const float dy = ((const float *)(xq + t * xs + QK_K * nb))[i];
-            acc[t] = _mm256_fmadd_ps(_mm256_set1_ps(d * dy), _mm256_cvtepi32_ps(isum[t]), acc[t]);
-        }
+        k_scale_acc(acc, isum, NT, d, xq, xs, nb, i);
     }
     for (int t = 0; t < NT; t++) res[t] = hsum8(acc[t]) - hsum4(macc[t]);
 }
@@ -242,11 +194,7 @@ MN_INLINE void dot_q6_K_t(const uint8_t *w, int64_t nb, const uint8_t *xq, size_
     __m256 acc[MN_TILE];
     for (int t = 0; t < NT; t++) acc[t] = _mm256_setzero_ps();
     for (int64_t i = 0; i < nb; i++) {
-        const uint8_t *b = w + i * BS_Q6_K;
-        _mm_prefetch((const char *)(b + MN_PF_DIST), _MM_HINT_T0);
-        _mm_prefetch((const char *)(b + MN_PF_DIST + 64), _MM_HINT_T0);
-        _mm_prefetch((const char *)(b + MN_PF_DIST + 128), _MM_HINT_T0);
-        _mm_prefetch((const char *)(b + MN_PF_DIST + 192), _MM_HINT_T0);
+        const uint8_t *b = mn_block(w, i * BS_Q6_K, 4);
         const float d = h2f(b + 208);
         const __m128i sc8 = _mm_loadu_si128((const __m128i *)(b + 192));
         const __m256i sc16 = _mm256_cvtepi8_epi16(sc8);
@@ -274,10 +222,7 @@ MN_INLINE void dot_q6_K_t(const uint8_t *w, int64_t nb, const uint8_t *xq, size_
                 }
             }
         }
-        for (int t = 0; t < NT; t++) {
-            const float dy = ((const float *)(xq + t * xs + QK_K * nb))[i];
-            acc[t] = _mm256_fmadd_ps(_mm256_set1_ps(d * dy), _mm256_cvtepi32_ps(isum[t]), acc[t]);
-        }
+        k_scale_acc(acc, isum, NT, d, xq, xs, nb, i);
     }
     for (int t = 0; t < NT; t++) res[t] = hsum8(acc[t]);
 }

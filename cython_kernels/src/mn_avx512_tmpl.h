@@ -1,10 +1,7 @@
 /* AVX-512 (F/BW/VL/DQ) kernel templates, included by mn_avx512.c (MN_VNNI 0)
  * and mn_avx512vnni.c (MN_VNNI 1) inside their target pragmas.  SFX names the
  * variant. */
-#include "mn_tile.h"
-#ifndef MN_PF_DIST
-#define MN_PF_DIST 4096
-#endif
+#include "mn_x86.h"
 
 #define CAT_(a, b) a##b
 #define CAT(a, b) CAT_(a, b)
@@ -84,46 +81,20 @@ MN_INLINE void K(k_offset_tokens)(__m512 *acc, const int NT, const __m512i qv[4]
 }
 
 /* ---------------------------------------------------------------- floats */
-#define F512_KERNEL(name, LOAD16, ONE, ESZ) \
-MN_INLINE void K(name##_t)(const uint8_t *w, int64_t n, const uint8_t *xq, size_t xs, const int NT, float *res) { \
-    __m512 a0[MN_TILE], a1[MN_TILE]; \
-    for (int t = 0; t < NT; t++) { a0[t] = _mm512_setzero_ps(); a1[t] = _mm512_setzero_ps(); } \
-    int64_t i = 0; \
-    for (; i + 32 <= n; i += 32) { \
-        _mm_prefetch((const char *)w + (i) * (int64_t)(ESZ) + MN_PF_DIST, _MM_HINT_T0); \
-        _mm_prefetch((const char *)w + (i) * (int64_t)(ESZ) + MN_PF_DIST + 64, _MM_HINT_T0); \
-        const __m512 w0 = LOAD16(i), w1 = LOAD16(i + 16); \
-        for (int t = 0; t < NT; t++) { \
-            const float *x = (const float *)(xq + t * xs) + i; \
-            a0[t] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(x), a0[t]); \
-            a1[t] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(x + 16), a1[t]); \
-        } \
-    } \
-    for (int t = 0; t < NT; t++) { \
-        const float *x = (const float *)(xq + t * xs); \
-        float s = K(hsum16)(_mm512_add_ps(a0[t], a1[t])); \
-        for (int64_t j = i; j < n; j++) s += ONE(w, j) * x[j]; \
-        res[t] = s; \
-    } \
-}
-#define L5_F32(i) _mm512_loadu_ps((const float *)w + (i))
-#define L5_F16(i) _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(w + 2 * (i))))
-#define L5_BF16(i) _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(w + 2 * (i)))), 16))
-static inline float K(f32_one)(const uint8_t *w, int64_t j) { float v; memcpy(&v, w + 4 * j, 4); return v; }
-static inline float K(f16_one)(const uint8_t *w, int64_t j) { return _cvtsh_ss(mn_rd16(w + 2 * j)); }
-static inline float K(bf16_one)(const uint8_t *w, int64_t j) { return mn_bf2f(mn_rd16(w + 2 * j)); }
-F512_KERNEL(dot_f32, L5_F32, K(f32_one), 4)
-F512_KERNEL(dot_f16, L5_F16, K(f16_one), 2)
-F512_KERNEL(dot_bf16, L5_BF16, K(bf16_one), 2)
-MN_TILED_AS(K(dot_f32), K(dot_f32_t))
-MN_TILED_AS(K(dot_f16), K(dot_f16_t))
-MN_TILED_AS(K(dot_bf16), K(dot_bf16_t))
+#define FV __m512
+#define FV_W 16
+#define FV_ZERO() _mm512_setzero_ps()
+#define FV_LOADU(p) _mm512_loadu_ps(p)
+#define FV_FMA(a, b, c) _mm512_fmadd_ps(a, b, c)
+#define FV_ADD(a, b) _mm512_add_ps(a, b)
+#define FV_HSUM(v) K(hsum16)(v)
+#define FV_F32(i) _mm512_loadu_ps((const float *)w + (i))
+#define FV_F16(i) _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(w + 2 * (i))))
+#define FV_BF16(i) _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(w + 2 * (i)))), 16))
+#define FV_NAME(name) K(name)
+#include "mn_float_tmpl.h"
 
-/* ------------------------------------------------------------ Q8_0, Q4_0 */
-MN_INLINE __m512i K(q8_0_pair)(const uint8_t *b) {
-    return _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)(b + 2))),
-                              _mm256_loadu_si256((const __m256i *)(b + BS_Q8_0 + 2)), 1);
-}
+/* ------------------------------- 32-value blocks, 8 a step: scales; Q4_0 */
 MN_INLINE __m256 K(scales8)(const uint8_t *b, size_t bs) {
     const __m128i h = _mm_setr_epi16((short)mn_rd16(b), (short)mn_rd16(b + bs), (short)mn_rd16(b + 2 * bs),
                                      (short)mn_rd16(b + 3 * bs), (short)mn_rd16(b + 4 * bs), (short)mn_rd16(b + 5 * bs),
@@ -143,7 +114,7 @@ MN_INLINE __m256 K(scales8)(const uint8_t *b, size_t bs) {
         const __m512i q = PAIR(b); \
         const __m512i u = SIGNED ? _mm512_abs_epi8(q) : q; \
         const __mmask64 neg = SIGNED ? _mm512_movepi8_mask(q) : 0; \
-        const float d0 = _cvtsh_ss(mn_rd16(b)), d1 = _cvtsh_ss(mn_rd16(b + BS)); \
+        const float d0 = h2f(b), d1 = h2f(b + BS); \
         for (int t = 0; t < NT; t++) { \
             const uint8_t *xr = xq + t * xs; \
             const float *dx = (const float *)(xr + 32 * nb) + i; \
@@ -159,59 +130,18 @@ MN_INLINE __m256 K(scales8)(const uint8_t *b, size_t bs) {
             } \
             if ((MOFF) >= 0) { \
                 const float *fs = (const float *)(xr + 40 * nb) + i; \
-                tail[t] += _cvtsh_ss(mn_rd16(b + ((MOFF) >= 0 ? (MOFF) : 0))) * fs[0] + \
-                           _cvtsh_ss(mn_rd16(b + BS + ((MOFF) >= 0 ? (MOFF) : 0))) * fs[1]; \
+                tail[t] += h2f(b + ((MOFF) >= 0 ? (MOFF) : 0)) * fs[0] + h2f(b + BS + ((MOFF) >= 0 ? (MOFF) : 0)) * fs[1]; \
             } \
         } \
     }
 
-#define Q80_512(name, BS, PAIR) \
-MN_INLINE void K(name##_t)(const uint8_t *w, int64_t nb, const uint8_t *xq, size_t xs, const int NT, float *res) { \
-    __m512 acc[MN_TILE][2]; \
-    float tail[MN_TILE]; \
-    for (int t = 0; t < NT; t++) { acc[t][0] = acc[t][1] = _mm512_setzero_ps(); tail[t] = 0.f; } \
-    const __m512i zero = _mm512_setzero_si512(); \
-    int64_t i = 0; \
-    for (; i + 8 <= nb; i += 8) { \
-        const uint8_t *b = w + i * BS; \
-        for (int k = 0; k < 5; k++) _mm_prefetch((const char *)(b + MN_PF_DIST + 64 * k), _MM_HINT_T0); \
-        const __m256 dw = K(scales8)(b, BS); \
-        __m512i u[4]; __mmask64 m[4]; \
-        for (int p = 0; p < 4; p++) { \
-            const __m512i q = PAIR(b + 2 * p * BS); \
-            u[p] = _mm512_abs_epi8(q); m[p] = _mm512_movepi8_mask(q); \
-        } \
-        for (int t = 0; t < NT; t++) { \
-            const int8_t *x = (const int8_t *)(xq + t * xs) + 32 * i; \
-            const __m512 s = _mm512_castps256_ps512(_mm256_mul_ps(dw, _mm256_loadu_ps((const float *)(xq + t * xs + 32 * nb) + i))); \
-            for (int p = 0; p < 4; p++) { \
-                const __m512i xv = _mm512_loadu_si512((const void *)(x + 64 * p)); \
-                const __m512i sx = _mm512_mask_sub_epi8(xv, m[p], zero, xv); \
-                const __m512i d = K(dpbusd)(zero, u[p], sx); \
-                const __m512i idx = _mm512_set_epi32(2*p+1, 2*p+1, 2*p+1, 2*p+1, 2*p+1, 2*p+1, 2*p+1, 2*p+1, \
-                                                     2*p, 2*p, 2*p, 2*p, 2*p, 2*p, 2*p, 2*p); \
-                acc[t][p & 1] = _mm512_fmadd_ps(_mm512_permutexvar_ps(idx, s), _mm512_cvtepi32_ps(d), acc[t][p & 1]); \
-            } \
-        } \
-    } \
-    B32_512_PAIRS(PAIR, BS, 1, 0, -1) \
-    for (; i < nb; i++) { /* an odd last block: scalar */ \
-        const uint8_t *b = w + i * BS; \
-        int8_t q[32]; \
-        memcpy(q, b + 2, 32); \
-        const float dw = _cvtsh_ss(mn_rd16(b)); \
-        for (int t = 0; t < NT; t++) { \
-            const int8_t *x = (const int8_t *)(xq + t * xs) + 32 * i; \
-            int s = 0; \
-            for (int j = 0; j < 32; j++) s += q[j] * x[j]; \
-            tail[t] += (float)s * (dw * ((const float *)(xq + t * xs + 32 * nb))[i]); \
-        } \
-    } \
-    K(hsums2)(acc, NT, res); \
-    for (int t = 0; t < NT; t++) res[t] += tail[t]; \
+/* 8 blocks a step, as 4 pairs: acc[p & 1] += pair p's int32 sums d times its two blocks'
+ * scales (lanes 2p, 2p + 1 of s, each over its 256-bit half) */
+MN_INLINE void K(pair_fma)(__m512 acc[2], const int p, __m512 s, __m512i d) {
+    const __m512i idx = _mm512_set_epi32(2*p+1, 2*p+1, 2*p+1, 2*p+1, 2*p+1, 2*p+1, 2*p+1, 2*p+1,
+                                         2*p, 2*p, 2*p, 2*p, 2*p, 2*p, 2*p, 2*p);
+    acc[p & 1] = _mm512_fmadd_ps(_mm512_permutexvar_ps(idx, s), _mm512_cvtepi32_ps(d), acc[p & 1]);
 }
-Q80_512(dot_q8_0, BS_Q8_0, K(q8_0_pair))
-MN_TILED_AS(K(dot_q8_0), K(dot_q8_0_t))
 /* Q4_0: unsigned nibbles u = q + 8 straight into dpbusd; the offset is removed
  * with the activation block sums: sum (u - 8) x = sum u x - 8 sum x */
 MN_INLINE __m512i K(q4_0_upair)(const uint8_t *b) {
@@ -228,8 +158,7 @@ MN_INLINE void K(dot_q4_0_t)(const uint8_t *w, int64_t nb, const uint8_t *xq, si
     const __m512i zero = _mm512_setzero_si512();
     int64_t i = 0;
     for (; i + 8 <= nb; i += 8) {
-        const uint8_t *b = w + i * BS_Q4_0;
-        for (int k = 0; k < 3; k++) _mm_prefetch((const char *)(b + MN_PF_DIST + 64 * k), _MM_HINT_T0);
+        const uint8_t *b = mn_block(w, i * BS_Q4_0, 3);
         const __m256 dw = K(scales8)(b, BS_Q4_0);
         __m512i u[4];
         for (int p = 0; p < 4; p++) u[p] = K(q4_0_upair)(b + 2 * p * BS_Q4_0);
@@ -239,18 +168,14 @@ MN_INLINE void K(dot_q4_0_t)(const uint8_t *w, int64_t nb, const uint8_t *xq, si
             const __m256i sums = _mm256_loadu_si256((const __m256i *)(xq + t * xs + 36 * nb + 4 * i));
             corr[t] = _mm256_fmadd_ps(s8, _mm256_cvtepi32_ps(sums), corr[t]);
             const __m512 s = _mm512_castps256_ps512(s8);
-            for (int p = 0; p < 4; p++) {
-                const __m512i d = K(dpbusd)(zero, u[p], _mm512_loadu_si512((const void *)(x + 64 * p)));
-                const __m512i idx = _mm512_set_epi32(2*p+1, 2*p+1, 2*p+1, 2*p+1, 2*p+1, 2*p+1, 2*p+1, 2*p+1,
-                                                     2*p, 2*p, 2*p, 2*p, 2*p, 2*p, 2*p, 2*p);
-                acc[t][p & 1] = _mm512_fmadd_ps(_mm512_permutexvar_ps(idx, s), _mm512_cvtepi32_ps(d), acc[t][p & 1]);
-            }
+            for (int p = 0; p < 4; p++)
+                K(pair_fma)(acc[t], p, s, K(dpbusd)(zero, u[p], _mm512_loadu_si512((const void *)(x + 64 * p))));
         }
     }
     B32_512_PAIRS(K(q4_0_upair), BS_Q4_0, 0, 8, -1)
     for (; i < nb; i++) {
         const uint8_t *b = w + i * BS_Q4_0;
-        const float dw = _cvtsh_ss(mn_rd16(b));
+        const float dw = h2f(b);
         for (int t = 0; t < NT; t++) {
             const int8_t *x = (const int8_t *)(xq + t * xs) + 32 * i;
             int sum = 0;
@@ -259,16 +184,11 @@ MN_INLINE void K(dot_q4_0_t)(const uint8_t *w, int64_t nb, const uint8_t *xq, si
         }
     }
     K(hsums2)(acc, NT, res);
-    for (int t = 0; t < NT; t++) {
-        __m128 c = _mm_add_ps(_mm256_castps256_ps128(corr[t]), _mm256_extractf128_ps(corr[t], 1));
-        c = _mm_add_ps(c, _mm_movehl_ps(c, c));
-        c = _mm_add_ss(c, _mm_movehdup_ps(c));
-        res[t] += -8.f * _mm_cvtss_f32(c) + tail[t];
-    }
+    for (int t = 0; t < NT; t++) res[t] += -8.f * hsum8(corr[t]) + tail[t];
 }
 MN_TILED_AS(K(dot_q4_0), K(dot_q4_0_t))
 
-/* ------------------------------------- Q4_1, Q5_0, Q5_1, IQ4_NL (Q8_0 rows) */
+/* ------------------------------- Q8_0, Q4_1, Q5_0, Q5_1, IQ4_NL (Q8_0 rows) */
 /* two blocks' 16 nibble bytes -> 64 values: block 0's low, high nibbles, block 1's */
 MN_INLINE __m512i K(nib_pair)(const uint8_t *q0, const uint8_t *q1) {
     const __m512i v = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)q0))),
@@ -278,6 +198,10 @@ MN_INLINE __m512i K(nib_pair)(const uint8_t *q0, const uint8_t *q1) {
 /* two blocks' 32 fifth bits -> 0x10 bytes */
 MN_INLINE __m512i K(bit5_pair)(const uint8_t *h0, const uint8_t *h1) {
     return _mm512_maskz_mov_epi8((__mmask64)mn_rd32(h0) | ((__mmask64)mn_rd32(h1) << 32), _mm512_set1_epi8(0x10));
+}
+MN_INLINE __m512i K(q8_0_pair)(const uint8_t *b) {
+    return _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)(b + 2))),
+                              _mm256_loadu_si256((const __m256i *)(b + BS_Q8_0 + 2)), 1);
 }
 MN_INLINE __m512i K(q4_1_pair)(const uint8_t *b) { return K(nib_pair)(b + 4, b + BS_Q4_1 + 4); }
 MN_INLINE __m512i K(q5_0_pair)(const uint8_t *b) {
@@ -304,8 +228,7 @@ MN_INLINE void K(name##_t)(const uint8_t *w, int64_t nb, const uint8_t *xq, size
     const __m512i zero = _mm512_setzero_si512(); \
     int64_t i = 0; \
     for (; i + 8 <= nb; i += 8) { \
-        const uint8_t *b = w + i * BS; \
-        for (int k = 0; k < (8 * BS + 63) / 64; k++) _mm_prefetch((const char *)(b + MN_PF_DIST + 64 * k), _MM_HINT_T0); \
+        const uint8_t *b = mn_block(w, i * BS, (8 * BS + 63) / 64); \
         const __m256 dw = K(scales8)(b, BS); \
         __m256 mw = _mm256_setzero_ps(); \
         if (MOFF >= 0) mw = K(scales8)(b + (MOFF), BS); \
@@ -325,27 +248,21 @@ MN_INLINE void K(name##_t)(const uint8_t *w, int64_t nb, const uint8_t *xq, size
             for (int p = 0; p < 4; p++) { \
                 const __m512i xv = _mm512_loadu_si512((const void *)(x + 64 * p)); \
                 const __m512i sx = _mm512_mask_sub_epi8(xv, m[p], zero, xv); \
-                const __m512i d = K(dpbusd)(zero, u[p], sx); \
-                const __m512i idx = _mm512_set_epi32(2*p+1, 2*p+1, 2*p+1, 2*p+1, 2*p+1, 2*p+1, 2*p+1, 2*p+1, \
-                                                     2*p, 2*p, 2*p, 2*p, 2*p, 2*p, 2*p, 2*p); \
-                acc[t][p & 1] = _mm512_fmadd_ps(_mm512_permutexvar_ps(idx, s), _mm512_cvtepi32_ps(d), acc[t][p & 1]); \
+                K(pair_fma)(acc[t], p, s, K(dpbusd)(zero, u[p], sx)); \
             } \
         } \
     } \
     B32_512_PAIRS(PAIR, BS, 1, 0, MOFF) \
     MN_B32_TAIL(UNPACK, w, BS, i, nb, xq, xs, NT, tail); \
     K(hsums2)(acc, NT, res); \
-    for (int t = 0; t < NT; t++) { \
-        __m128 c = _mm_add_ps(_mm256_castps256_ps128(corr[t]), _mm256_extractf128_ps(corr[t], 1)); \
-        c = _mm_add_ps(c, _mm_movehl_ps(c, c)); \
-        c = _mm_add_ss(c, _mm_movehdup_ps(c)); \
-        res[t] += _mm_cvtss_f32(c) + tail[t]; \
-    } \
+    for (int t = 0; t < NT; t++) res[t] += hsum8(corr[t]) + tail[t]; \
 }
+B32_512(dot_q8_0, BS_Q8_0, K(q8_0_pair), -1, mn_unpack_q8_0)
 B32_512(dot_q4_1, BS_Q4_1, K(q4_1_pair), 2, mn_unpack_q4_1)
 B32_512(dot_q5_0, BS_Q5_0, K(q5_0_pair), -1, mn_unpack_q5_0)
 B32_512(dot_q5_1, BS_Q5_1, K(q5_1_pair), 2, mn_unpack_q5_1)
 B32_512(dot_iq4_nl, BS_IQ4_NL, K(iq4_nl_pair), -1, mn_unpack_iq4_nl)
+MN_TILED_AS(K(dot_q8_0), K(dot_q8_0_t))
 MN_TILED_AS(K(dot_q4_1), K(dot_q4_1_t))
 MN_TILED_AS(K(dot_q5_0), K(dot_q5_0_t))
 MN_TILED_AS(K(dot_q5_1), K(dot_q5_1_t))
@@ -361,11 +278,8 @@ MN_INLINE void K(dot_iq4_xs_t)(const uint8_t *w, int64_t nb, const uint8_t *xq, 
     __m512 acc[MN_TILE];
     for (int t = 0; t < NT; t++) acc[t] = _mm512_setzero_ps();
     for (int64_t i = 0; i < nb; i++) {
-        const uint8_t *b = w + i * BS_IQ4_XS;
-        _mm_prefetch((const char *)(b + MN_PF_DIST), _MM_HINT_T0);
-        _mm_prefetch((const char *)(b + MN_PF_DIST + 64), _MM_HINT_T0);
-        _mm_prefetch((const char *)(b + MN_PF_DIST + 128), _MM_HINT_T0);
-        const float d = _cvtsh_ss(mn_rd16(b));
+        const uint8_t *b = mn_block(w, i * BS_IQ4_XS, 3);
+        const float d = h2f(b);
         /* the 8 scales (int16) in every 128-bit lane; lanes of each 256-bit half pick one */
         const __m512i lo = _mm512_and_si512(_mm512_srlv_epi32(_mm512_set1_epi32((int)mn_rd32(b + 4)), shl4), _mm512_set1_epi32(0xF));
         const __m512i hi = _mm512_and_si512(_mm512_srlv_epi32(_mm512_set1_epi32(mn_rd16(b + 2)), shl2), _mm512_set1_epi32(3));
@@ -398,17 +312,6 @@ MN_INLINE void K(dot_iq4_xs_t)(const uint8_t *w, int64_t nb, const uint8_t *xq, 
 MN_TILED_AS(K(dot_iq4_xs), K(dot_iq4_xs_t))
 
 /* ---------------------------------------------------------------- Q4_K */
-/* the 12 packed scale bytes -> 8 scales (bytes 0-7) and 8 mins (bytes 8-15), in
- * registers (reads 16 bytes: safe inside a Q4_K/Q5_K block) */
-MN_INLINE __m128i K(k4_scales)(const uint8_t *s) {
-    const __m128i v = _mm_loadu_si128((const __m128i *)s);                 /* u0 u1 u2 . */
-    const __m128i b = _mm_shuffle_epi32(v, _MM_SHUFFLE(1, 1, 0, 0));       /* u0 u0 u1 u1 */
-    const __m128i x = _mm_and_si128(b, _mm_set1_epi32(0x3f3f3f3f));
-    const __m128i a = _mm_srlv_epi32(_mm_shuffle_epi32(v, _MM_SHUFFLE(2, 2, 2, 2)), _mm_setr_epi32(0, 0, 0, 4));
-    const __m128i y = _mm_or_si128(_mm_and_si128(a, _mm_set1_epi32(0x0f0f0f0f)),
-                                   _mm_and_si128(_mm_srli_epi32(b, 2), _mm_set1_epi32(0x30303030)));
-    return _mm_blend_epi32(x, y, 0xA);
-}
 
 /* Q4_K, and Q5_K (Q5 = 1: a fifth bit from qh) */
 MN_INLINE void K(dot_q45_K_t)(const int Q5, const uint8_t *w, int64_t nb, const uint8_t *xq, size_t xs, const int NT, float *res) {
@@ -417,14 +320,11 @@ MN_INLINE void K(dot_q45_K_t)(const int Q5, const uint8_t *w, int64_t nb, const 
     __m512 acc[MN_TILE]; __m128 macc[MN_TILE];
     for (int t = 0; t < NT; t++) { acc[t] = _mm512_setzero_ps(); macc[t] = _mm_setzero_ps(); }
     for (int64_t i = 0; i < nb; i++) {
-        const uint8_t *b = w + i * BS;
-        _mm_prefetch((const char *)(b + MN_PF_DIST), _MM_HINT_T0);
-        _mm_prefetch((const char *)(b + MN_PF_DIST + 64), _MM_HINT_T0);
-        _mm_prefetch((const char *)(b + MN_PF_DIST + 128), _MM_HINT_T0);
+        const uint8_t *b = mn_block(w, i * BS, 3);
         __m512i hb = _mm512_setzero_si512();
         if (Q5) hb = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)(b + 16)));
-        const float d = _cvtsh_ss(mn_rd16(b)), dmin = _cvtsh_ss(mn_rd16(b + 2));
-        const __m128i sm = K(k4_scales)(b + 4);
+        const float d = h2f(b), dmin = h2f(b + 2);
+        const __m128i sm = k4_scales(b + 4);
         const __m128i mins = _mm_cvtepu8_epi16(_mm_unpackhi_epi64(sm, sm));
         const __m512i sc = _mm512_broadcast_i32x4(_mm_cvtepu8_epi16(sm));
         __m512i qv[4], sv[4];
@@ -449,12 +349,7 @@ MN_INLINE void K(dot_q45_K_t)(const int Q5, const uint8_t *w, int64_t nb, const 
         }
     }
     K(hsums)(acc, NT, res);
-    for (int t = 0; t < NT; t++) {
-        __m128 m = macc[t];
-        m = _mm_add_ps(m, _mm_movehl_ps(m, m));
-        m = _mm_add_ss(m, _mm_movehdup_ps(m));
-        res[t] -= _mm_cvtss_f32(m);
-    }
+    for (int t = 0; t < NT; t++) res[t] -= hsum4(macc[t]);
 }
 MN_INLINE void K(dot_q4_K_t)(const uint8_t *w, int64_t nb, const uint8_t *xq, size_t xs, const int NT, float *res) {
     K(dot_q45_K_t)(0, w, nb, xq, xs, NT, res);
@@ -473,12 +368,8 @@ MN_INLINE void K(dot_q6_K_t)(const uint8_t *w, int64_t nb, const uint8_t *xq, si
     __m512 acc[MN_TILE];
     for (int t = 0; t < NT; t++) acc[t] = _mm512_setzero_ps();
     for (int64_t i = 0; i < nb; i++) {
-        const uint8_t *b = w + i * BS_Q6_K;
-        _mm_prefetch((const char *)(b + MN_PF_DIST), _MM_HINT_T0);
-        _mm_prefetch((const char *)(b + MN_PF_DIST + 64), _MM_HINT_T0);
-        _mm_prefetch((const char *)(b + MN_PF_DIST + 128), _MM_HINT_T0);
-        _mm_prefetch((const char *)(b + MN_PF_DIST + 192), _MM_HINT_T0);
-        const float d = _cvtsh_ss(mn_rd16(b + 208));
+        const uint8_t *b = mn_block(w, i * BS_Q6_K, 4);
+        const float d = h2f(b + 208);
         const __m256i sc16 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(b + 192)));
         const __m512i scz = _mm512_castsi256_si512(sc16);
         __m512i qv[4], sv[4];
@@ -531,10 +422,8 @@ MN_INLINE void K(dot_q2_K_t)(const uint8_t *w, int64_t nb, const uint8_t *xq, si
     __m512 acc[MN_TILE]; __m256 macc[MN_TILE];
     for (int t = 0; t < NT; t++) { acc[t] = _mm512_setzero_ps(); macc[t] = _mm256_setzero_ps(); }
     for (int64_t i = 0; i < nb; i++) {
-        const uint8_t *b = w + i * BS_Q2_K;
-        _mm_prefetch((const char *)(b + MN_PF_DIST), _MM_HINT_T0);
-        _mm_prefetch((const char *)(b + MN_PF_DIST + 64), _MM_HINT_T0);
-        const float d = _cvtsh_ss(mn_rd16(b + 80)), dmin = _cvtsh_ss(mn_rd16(b + 82));
+        const uint8_t *b = mn_block(w, i * BS_Q2_K, 2);
+        const float d = h2f(b + 80), dmin = h2f(b + 82);
         const __m128i sc8 = _mm_loadu_si128((const __m128i *)b);
         const __m256i sc16 = _mm256_cvtepu8_epi16(_mm_and_si128(sc8, _mm_set1_epi8(0xF)));
         const __m256i mn16 = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(sc8, 4), _mm_set1_epi8(0xF)));
@@ -550,12 +439,7 @@ MN_INLINE void K(dot_q2_K_t)(const uint8_t *w, int64_t nb, const uint8_t *xq, si
         }
     }
     K(hsums)(acc, NT, res);
-    for (int t = 0; t < NT; t++) {
-        __m128 m = _mm_add_ps(_mm256_castps256_ps128(macc[t]), _mm256_extractf128_ps(macc[t], 1));
-        m = _mm_add_ps(m, _mm_movehl_ps(m, m));
-        m = _mm_add_ss(m, _mm_movehdup_ps(m));
-        res[t] -= _mm_cvtss_f32(m);
-    }
+    for (int t = 0; t < NT; t++) res[t] -= hsum8(macc[t]);
 }
 MN_TILED_AS(K(dot_q2_K), K(dot_q2_K_t))
 
@@ -573,18 +457,9 @@ MN_INLINE void K(dot_q3_K_t)(const uint8_t *w, int64_t nb, const uint8_t *xq, si
         hbit[k] = _mm512_inserti64x4(_mm512_set1_epi8((char)(1 << (4 * n + s0))), _mm256_set1_epi8((char)(1 << (4 * n + s0 + 1))), 1);
     }
     for (int64_t i = 0; i < nb; i++) {
-        const uint8_t *b = w + i * BS_Q3_K;
-        _mm_prefetch((const char *)(b + MN_PF_DIST), _MM_HINT_T0);
-        _mm_prefetch((const char *)(b + MN_PF_DIST + 64), _MM_HINT_T0);
-        const float d = _cvtsh_ss(mn_rd16(b + 108));
-        /* 12 bytes -> 16 six-bit scales - 32 (as the AVX2 kernel) */
-        uint32_t a2; memcpy(&a2, b + 104, 4);
-        const __m128i v = _mm_insert_epi32(_mm_loadl_epi64((const __m128i *)(b + 96)), (int)a2, 2);
-        const __m128i A = _mm_srlv_epi32(_mm_shuffle_epi32(v, _MM_SHUFFLE(1, 0, 1, 0)), _mm_setr_epi32(0, 0, 4, 4));
-        const __m128i T = _mm_srlv_epi32(_mm_shuffle_epi32(v, _MM_SHUFFLE(2, 2, 2, 2)), _mm_setr_epi32(0, 2, 4, 6));
-        const __m128i s6 = _mm_or_si128(_mm_and_si128(A, _mm_set1_epi32(0x0f0f0f0f)),
-                                        _mm_slli_epi32(_mm_and_si128(T, _mm_set1_epi32(0x03030303)), 4));
-        const __m256i sc16 = _mm256_cvtepi8_epi16(_mm_sub_epi8(s6, _mm_set1_epi8(32)));
+        const uint8_t *b = mn_block(w, i * BS_Q3_K, 2);
+        const float d = h2f(b + 108);
+        const __m256i sc16 = _mm256_cvtepi8_epi16(k3_scales(b));
         __m512i qv[4], sv[4];
         K(k2_quants)(b + 32, qv);
         const __m512i hm = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)b));
