@@ -59,14 +59,16 @@ MN_INLINE __m512i K(k_dot256)(const __m512i qv[4], const __m512i sv[4], const in
     s1 = K(dpwssd)(s1, _mm512_maddubs_epi16(qv[3], _mm512_loadu_si512((const void *)(x + 192))), sv[3]);
     return _mm512_add_epi32(s0, s1);
 }
-/* acc + dxy * (k_dot256 + init), dxy the super-block's weight scale times the token's */
-MN_INLINE __m512 K(k_acc256)(__m512 acc, float dxy, const __m512i qv[4], const __m512i sv[4], const int8_t *x,
-                             __m512i init) {
-    return _mm512_fmadd_ps(_mm512_set1_ps(dxy), _mm512_cvtepi32_ps(K(k_dot256)(qv, sv, x, init)), acc);
+/* acc + d * dy * (k_dot256 + init): d the super-block's weight scale, *dy the token's (read
+ * after the dot: read before, it moved Q3_K's and Q6_K's loop registers onto the stack) */
+MN_INLINE __m512 K(k_acc256)(__m512 acc, float d, const float *dy, const __m512i qv[4], const __m512i sv[4],
+                             const int8_t *x, __m512i init) {
+    const __m512i q = K(k_dot256)(qv, sv, x, init);
+    return _mm512_fmadd_ps(_mm512_set1_ps(d * *dy), _mm512_cvtepi32_ps(q), acc);
 }
-/* a Q8_K row (xr) of nb super-blocks: super-block i's 256 values, its scale, its 16 int16 sums of 16 */
+/* a Q8_K row (xr) of nb super-blocks: super-block i's 256 values, (a pointer to) its scale, its 16 int16 sums of 16 */
 #define K_X(xr, i) ((const int8_t *)(xr) + QK_K * (i))
-#define K_DY(xr, nb, i) (((const float *)((xr) + QK_K * (nb)))[i])
+#define K_DY(xr, nb, i) ((const float *)((xr) + QK_K * (nb)) + (i))
 #define K_BSUMS(xr, nb, i) _mm256_loadu_si256((const __m256i *)((xr) + (QK_K + 4) * (nb) + 32 * (i)))
 /* acc[t] += d * dy * (sum_k sc_k sum u x - 2^SH sum_k sc_k bsum_k) for the NT tokens of a tile:
  * unsigned quants u = value + 2^SH (Q6_K, Q3_K), the offset removed with the rows' sums of 16 */
@@ -76,7 +78,7 @@ MN_INLINE void K(k_offset_tokens)(__m512 *acc, const int NT, const __m512i qv[4]
         const uint8_t *xr = xq + t * xs;
         const __m512i off = _mm512_sub_epi32(_mm512_setzero_si512(),
                                              _mm512_zextsi256_si512(_mm256_slli_epi32(_mm256_madd_epi16(sc16, K_BSUMS(xr, nb, i)), SH)));
-        acc[t] = K(k_acc256)(acc[t], d * K_DY(xr, nb, i), qv, sv, K_X(xr, i), off);
+        acc[t] = K(k_acc256)(acc[t], d, K_DY(xr, nb, i), qv, sv, K_X(xr, i), off);
     }
 }
 
@@ -342,10 +344,10 @@ MN_INLINE void K(dot_q45_K_t)(const int Q5, const uint8_t *w, int64_t nb, const 
         }
         for (int t = 0; t < NT; t++) {
             const uint8_t *xr = xq + t * xs;
-            const float dy = K_DY(xr, nb, i);
+            const float dy = *K_DY(xr, nb, i);
             const __m128i pair = _mm_loadu_si128((const __m128i *)(xr + (QK_K + 36) * nb + 16 * i));
             macc[t] = _mm_fmadd_ps(_mm_set1_ps(dmin * dy), _mm_cvtepi32_ps(_mm_madd_epi16(mins, pair)), macc[t]);
-            acc[t] = K(k_acc256)(acc[t], d * dy, qv, sv, K_X(xr, i), _mm512_setzero_si512());
+            acc[t] = K(k_acc256)(acc[t], d, K_DY(xr, nb, i), qv, sv, K_X(xr, i), _mm512_setzero_si512());
         }
     }
     K(hsums)(acc, NT, res);
@@ -432,10 +434,10 @@ MN_INLINE void K(dot_q2_K_t)(const uint8_t *w, int64_t nb, const uint8_t *xq, si
         K(k16_scales)(sc16, sv);
         for (int t = 0; t < NT; t++) {
             const uint8_t *xr = xq + t * xs;
-            const float dy = K_DY(xr, nb, i);
+            const float dy = *K_DY(xr, nb, i);
             macc[t] = _mm256_fmadd_ps(_mm256_set1_ps(dmin * dy), _mm256_cvtepi32_ps(_mm256_madd_epi16(mn16, K_BSUMS(xr, nb, i))),
                                       macc[t]);
-            acc[t] = K(k_acc256)(acc[t], d * dy, qv, sv, K_X(xr, i), _mm512_setzero_si512());
+            acc[t] = K(k_acc256)(acc[t], d, K_DY(xr, nb, i), qv, sv, K_X(xr, i), _mm512_setzero_si512());
         }
     }
     K(hsums)(acc, NT, res);
