@@ -360,14 +360,6 @@ KGEN(tq2_0, TQ2_0, KT_TQ2)
  * Per 32 values (sub-block ib): magnitudes u (unsigned int8) and signs s (+1 /
  * -1 bytes) gathered from the grids in registers, integer scales for the two
  * halves; dot = d * dy * sum_k sc_k * sum u * sign(x, s). */
-#define IQT_2XXS 0
-#define IQT_2XS 1
-#define IQT_2S 2
-#define IQT_3XXS 3
-#define IQT_3S 4
-#define IQT_1S 5
-#define IQT_1M 6
-
 MN_INLINE __m256i sg4(uint8_t s0, uint8_t s1, uint8_t s2, uint8_t s3) {
     return _mm256_set_epi64x((long long)mn_signs64[s3], (long long)mn_signs64[s2],
                              (long long)mn_signs64[s1], (long long)mn_signs64[s0]);
@@ -472,12 +464,6 @@ MN_INLINE __m256i iq_scales(const int IQT, const uint8_t *b) {
     }
 }
 
-MN_INLINE float iq_d(const int IQT, const uint8_t *b) {
-    if (IQT == IQT_1M) return mn_iq1_m_d(b) * 0.125f;
-    const float d = h2f(b);
-    return IQT == IQT_3S ? d : IQT == IQT_3XXS ? d * 0.25f : d * 0.125f;
-}
-
 MN_INLINE void dot_iq_t(const int IQT, size_t bsz, const uint8_t *w, int64_t nb,
                         const uint8_t *xq, size_t xs, const int NT, float *res) {
     __m256 acc[MN_TILE];
@@ -486,7 +472,7 @@ MN_INLINE void dot_iq_t(const int IQT, size_t bsz, const uint8_t *w, int64_t nb,
         const uint8_t *b = w + i * bsz;
         _mm_prefetch((const char *)(b + MN_PF_DIST), _MM_HINT_T0);
         _mm_prefetch((const char *)(b + MN_PF_DIST + 64), _MM_HINT_T0);
-        const float d = iq_d(IQT, b);
+        const float d = mn_iq_d(IQT, b);
         __m256i isum[MN_TILE];
         for (int t = 0; t < NT; t++) isum[t] = _mm256_setzero_si256();
         const int ONE = IQT == IQT_2XXS || IQT == IQT_3XXS || IQT == IQT_1S;
@@ -512,13 +498,7 @@ MN_INLINE void dot_iq_t(const int IQT, size_t bsz, const uint8_t *w, int64_t nb,
     MN_INLINE void dot_##name##_t(const uint8_t *w, int64_t nb, const uint8_t *xq, size_t xs, const int NT, float *res) { \
         dot_iq_t(IQT, BS_##T, w, nb, xq, xs, NT, res); } \
     MN_TILED(dot_##name)
-IQK(iq2_xxs, IQ2_XXS, IQT_2XXS)
-IQK(iq2_xs, IQ2_XS, IQT_2XS)
-IQK(iq2_s, IQ2_S, IQT_2S)
-IQK(iq3_xxs, IQ3_XXS, IQT_3XXS)
-IQK(iq3_s, IQ3_S, IQT_3S)
-IQK(iq1_s, IQ1_S, IQT_1S)
-IQK(iq1_m, IQ1_M, IQT_1M)
+MN_IQ_TYPES(IQK)
 
 #pragma GCC pop_options
 
@@ -528,8 +508,9 @@ void mn_fill_avx2(mn_traits *tab) {
     SET(Q8_0, dot_q8_0); SET(Q4_0, dot_q4_0);
     SET(Q4_K, dot_q4_K); SET(Q6_K, dot_q6_K); SET(Q2_K, dot_q2_K); SET(Q3_K, dot_q3_K); SET(Q5_K, dot_q5_K);
     SET(Q4_1, dot_q4_1); SET(Q5_0, dot_q5_0); SET(Q5_1, dot_q5_1); SET(IQ4_NL, dot_iq4_nl); SET(IQ4_XS, dot_iq4_xs);
-    SET(IQ2_XXS, dot_iq2_xxs); SET(IQ2_XS, dot_iq2_xs); SET(IQ2_S, dot_iq2_s);
-    SET(IQ3_XXS, dot_iq3_xxs); SET(IQ3_S, dot_iq3_s); SET(IQ1_S, dot_iq1_s); SET(IQ1_M, dot_iq1_m);
+#define SET_IQ(name, T, IQT) SET(T, dot_##name);
+    MN_IQ_TYPES(SET_IQ)
+#undef SET_IQ
     SET(TQ2_0, dot_tq2_0);
 #undef SET
 }

@@ -473,6 +473,8 @@ MN_INLINE void K(dot_q3_K_t)(const uint8_t *w, int64_t nb, const uint8_t *xq, si
 }
 MN_TILED_AS(K(dot_q3_K), K(dot_q3_K_t))
 
+#include "mn_avx512_iq.h"
+
 static void K(fill)(mn_traits *tab, int level) {
 #define SET(T, f) tab[MN_##T].dot[level] = f
     SET(F32, K(dot_f32)); SET(F16, K(dot_f16)); SET(BF16, K(dot_bf16));
@@ -481,4 +483,5 @@ static void K(fill)(mn_traits *tab, int level) {
     SET(Q4_1, K(dot_q4_1)); SET(Q5_0, K(dot_q5_0)); SET(Q5_1, K(dot_q5_1)); SET(IQ4_NL, K(dot_iq4_nl));
     SET(IQ4_XS, K(dot_iq4_xs)); SET(Q2_K, K(dot_q2_K)); SET(Q3_K, K(dot_q3_K));
 #undef SET
+    K(fill_iq)(tab, level);
 }
