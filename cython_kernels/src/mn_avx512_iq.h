@@ -6,8 +6,8 @@
  * 64-bit mask register that negates the activations in one masked subtract,
  * one maddubs and one dpwssd with the integer scales (one per 16 values).  The
  * packed 7-bit sign indices of IQ2_XXS / IQ2_XS / IQ3_XXS are turned into sign
- * bytes for the whole block at once in vector registers.  The grid indices:
- * mn_iq_idx8 / mn_iq_idx16 (mn_iq.h). */
+ * bytes for the whole block at once in vector registers, and so are the grid
+ * indices. */
 #include "mn_iq.h"
 
 /* 32 bytes of 7 sign bits -> with llama.cpp's even-parity 8th bit (ksigns_iq2xs) */
@@ -29,21 +29,33 @@ MN_INLINE __m256i K(iq_ksigns)(__m512i t) {
     return K(iq_parity)(_mm512_cvtepi64_epi32(v));
 }
 
-/* 8 grid rows of 8 bytes -> 64 values */
-MN_INLINE __m512i K(rows8)(const uint64_t *g, const unsigned *ix) {
-    const __m128i a = _mm_insert_epi64(_mm_loadl_epi64((const __m128i *)(g + ix[0])), (long long)g[ix[1]], 1);
-    const __m128i b = _mm_insert_epi64(_mm_loadl_epi64((const __m128i *)(g + ix[2])), (long long)g[ix[3]], 1);
-    const __m128i c = _mm_insert_epi64(_mm_loadl_epi64((const __m128i *)(g + ix[4])), (long long)g[ix[5]], 1);
-    const __m128i d = _mm_insert_epi64(_mm_loadl_epi64((const __m128i *)(g + ix[6])), (long long)g[ix[7]], 1);
-    return _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_set_m128i(b, a)), _mm256_set_m128i(d, c), 1);
+/* index l of pair p's rows: straight from the block where it is a byte or a
+ * masked u16 (faster than through ix: a wide store does not forward to the
+ * narrow loads at speed), else from the vector-made ix (K(iq_index)) */
+MN_INLINE unsigned K(iq_ix)(const int IQT, const uint8_t *b, const uint16_t *ix, int p, int l) {
+    if (IQT == IQT_2XXS) return b[2 + 16 * p + l + (l & 4)];
+    if (IQT == IQT_2XS) return mn_rd16(b + 2 + 16 * p + 2 * l) & 511;
+    if (IQT == IQT_3XXS) return b[2 + 16 * p + l];
+    if (IQT == IQT_2S) return b[2 + 8 * p + l] | (((unsigned)b[66 + 2 * p + l / 4] >> (2 * (l & 3))) & 3) << 8;
+    return ix[(IQT == IQT_3S ? 16 : 8) * p + l];
 }
-/* 16 grid rows of 4 bytes (IQ3): paired in general registers, then as rows8 */
-MN_INLINE __m512i K(rows16)(const uint32_t *g, const unsigned *ix) {
+/* pair p's 8 grid rows of 8 bytes -> 64 values */
+MN_INLINE __m512i K(rows8)(const int IQT, const uint64_t *g, const uint8_t *b, const uint16_t *ix, int p) {
+#define IX(l) K(iq_ix)(IQT, b, ix, p, l)
+    const __m128i r0 = _mm_insert_epi64(_mm_loadl_epi64((const __m128i *)(g + IX(0))), (long long)g[IX(1)], 1);
+    const __m128i r1 = _mm_insert_epi64(_mm_loadl_epi64((const __m128i *)(g + IX(2))), (long long)g[IX(3)], 1);
+    const __m128i r2 = _mm_insert_epi64(_mm_loadl_epi64((const __m128i *)(g + IX(4))), (long long)g[IX(5)], 1);
+    const __m128i r3 = _mm_insert_epi64(_mm_loadl_epi64((const __m128i *)(g + IX(6))), (long long)g[IX(7)], 1);
+    return _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_set_m128i(r1, r0)), _mm256_set_m128i(r3, r2), 1);
+}
+/* pair p's 16 grid rows of 4 bytes (IQ3): paired in general registers, then as rows8 */
+MN_INLINE __m512i K(rows16)(const int IQT, const uint32_t *g, const uint8_t *b, const uint16_t *ix, int p) {
     uint64_t r[8];
-    for (int j = 0; j < 8; j++) r[j] = (uint64_t)g[ix[2 * j]] | ((uint64_t)g[ix[2 * j + 1]] << 32);
-    const __m128i a = _mm_set_epi64x((long long)r[1], (long long)r[0]), b = _mm_set_epi64x((long long)r[3], (long long)r[2]);
-    const __m128i c = _mm_set_epi64x((long long)r[5], (long long)r[4]), d = _mm_set_epi64x((long long)r[7], (long long)r[6]);
-    return _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_set_m128i(b, a)), _mm256_set_m128i(d, c), 1);
+    for (int j = 0; j < 8; j++) r[j] = (uint64_t)g[IX(2 * j)] | ((uint64_t)g[IX(2 * j + 1)] << 32);
+#undef IX
+    const __m128i a = _mm_set_epi64x((long long)r[1], (long long)r[0]), c = _mm_set_epi64x((long long)r[3], (long long)r[2]);
+    const __m128i d = _mm_set_epi64x((long long)r[5], (long long)r[4]), e = _mm_set_epi64x((long long)r[7], (long long)r[6]);
+    return _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_set_m128i(c, a)), _mm256_set_m128i(e, d), 1);
 }
 
 /* 8 integer scales (one per sub-block, raw 4-bit or 3-bit s in int16 lanes) ->
@@ -104,24 +116,63 @@ MN_INLINE float K(iq_head)(const int IQT, const uint8_t *b, __m256i *sc16, uint6
     return mn_iq_d(IQT, b);
 }
 
+/* the block's grid indices in ix (IQ1/IQ2: 32 rows of 8 values, IQ3: 64 rows of 4),
+ * made in vector registers; IQ1: *neg, bit r set where row r's delta is -1 */
+MN_INLINE void K(iq_index)(const int IQT, const uint8_t *b, uint16_t ix[64], uint32_t *neg) {
+    /* per row r: the u16 of the high index bits (r / 4 or r / 2), and their shift */
+    static const uint16_t per4[32] __attribute__((aligned(64))) = {
+        0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3, 4, 4, 4, 4, 5, 5, 5, 5, 6, 6, 6, 6, 7, 7, 7, 7};
+    static const uint16_t per2[32] __attribute__((aligned(64))) = {
+        0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7, 8, 8, 9, 9, 10, 10, 11, 11, 12, 12, 13, 13, 14, 14, 15, 15};
+    static const uint16_t sh3[32] __attribute__((aligned(64))) = {
+        0, 3, 6, 9, 0, 3, 6, 9, 0, 3, 6, 9, 0, 3, 6, 9, 0, 3, 6, 9, 0, 3, 6, 9, 0, 3, 6, 9, 0, 3, 6, 9};
+    static const uint16_t sh4[32] __attribute__((aligned(64))) = {
+        0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4};
+    if (IQT == IQT_2XXS || IQT == IQT_2XS || IQT == IQT_3XXS || IQT == IQT_2S) {
+        /* K(iq_ix) reads these from the block */
+    } else if (IQT == IQT_3S) {   /* the ninth bits, one a row, in qh[8] */
+        const uint64_t h = mn_rd64(b + 66);
+        for (int k = 0; k < 2; k++) {
+            const __m512i lo = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)(b + 2 + 32 * k)));
+            _mm512_storeu_si512((void *)(ix + 32 * k),
+                                _mm512_mask_add_epi16(lo, (__mmask32)(h >> (32 * k)), lo, _mm512_set1_epi16(256)));
+        }
+    } else {   /* IQ1_S, IQ1_M: the low 8 bits in qs[32], the high ones in a field per row */
+        const __m512i lo = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)(b + (IQT == IQT_1M ? 0 : 2))));
+        __m512i f;
+        if (IQT == IQT_1S)   /* u16 qh[ib], 3 bits per row */
+            f = _mm512_srlv_epi16(_mm512_permutexvar_epi16(_mm512_load_si512((const void *)per4),
+                                      _mm512_castsi128_si512(_mm_loadu_si128((const __m128i *)(b + 34)))),
+                                  _mm512_load_si512((const void *)sh3));
+        else                      /* IQ1_M: nibble r of qh[16], its low 3 bits */
+            f = _mm512_srlv_epi16(_mm512_permutexvar_epi16(_mm512_load_si512((const void *)per2),
+                                      _mm512_castsi256_si512(_mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)(b + 32))))),
+                                  _mm512_load_si512((const void *)sh4));
+        const __m512i m = _mm512_set1_epi16(0x700);
+        _mm512_storeu_si512((void *)ix, _mm512_ternarylogic_epi64(_mm512_slli_epi16(f, 8), lo, m, 0xEC));   /* (a & c) | b */
+    }
+    if (IQT == IQT_1S) {   /* bit 15 of u16 qh[ib]: sub-block ib's 4 rows */
+        const uint64_t s = _pext_u64(mn_rd64(b + 34), 0x8000800080008000ULL) | (_pext_u64(mn_rd64(b + 42), 0x8000800080008000ULL) << 4);
+        *neg = _pdep_u32((unsigned)s, 0x11111111u) * 0xFu;
+    } else if (IQT == IQT_1M) {   /* bit 3 of each nibble */
+        *neg = (uint32_t)(_pext_u64(mn_rd64(b + 32), 0x8888888888888888ULL) | (_pext_u64(mn_rd64(b + 40), 0x8888888888888888ULL) << 16));
+    }
+}
+
 /* pair p's 64 values: magnitudes *u and the mask of the negative ones */
-MN_INLINE __mmask64 K(iq_pair)(const int IQT, const uint8_t *b, int p, const uint64_t sg[4], __m512i *u) {
-    unsigned ix[16];
+MN_INLINE __mmask64 K(iq_pair)(const int IQT, const uint8_t *b, int p, const uint16_t ix[64], uint32_t neg, const uint64_t sg[4], __m512i *u) {
     if (IQT == IQT_3XXS || IQT == IQT_3S) {
-        mn_iq_idx16(IQT, b, p, ix);
-        *u = K(rows16)(IQT == IQT_3S ? mn_iq3s_grid : mn_iq3xxs_grid, ix);
+        *u = K(rows16)(IQT, IQT == IQT_3S ? mn_iq3s_grid : mn_iq3xxs_grid, b, ix, p);
         return _cvtu64_mask64(sg[p]);
     }
-    mn_iq_idx8(IQT, b, p, ix);
-    if (IQT == IQT_1S || IQT == IQT_1M) {   /* value 8 g + delta, g in {-1, 0, 1}, delta = +-1 per 8 values */
-        const __m512i g = K(rows8)(mn_iq1s_grid, ix);
-        const __m512i q = _mm512_mask_blend_epi64((__mmask8)mn_iq1_neg8(IQT, b, p),
-                                                  _mm512_set1_epi8(1), _mm512_set1_epi8(-1));
-        const __m512i v = _mm512_add_epi8(_mm512_and_si512(_mm512_slli_epi16(g, 3), _mm512_set1_epi8((char)0xF8)), q);
+    if (IQT == IQT_1S || IQT == IQT_1M) {   /* value 8 g + delta, g in {-1, 0, 1}, delta = +-1 per row */
+        const __m512i g = K(rows8)(IQT, mn_iq1s_grid, b, ix, p);
+        const __m512i dl = _mm512_mask_blend_epi64((__mmask8)(neg >> (8 * p)), _mm512_set1_epi8(1), _mm512_set1_epi8(-1));
+        const __m512i v = _mm512_add_epi8(_mm512_and_si512(_mm512_slli_epi16(g, 3), _mm512_set1_epi8((char)0xF8)), dl);
         *u = _mm512_abs_epi8(v);
         return _mm512_movepi8_mask(v);
     }
-    *u = K(rows8)(IQT == IQT_2XXS ? mn_iq2xxs_grid : IQT == IQT_2XS ? mn_iq2xs_grid : mn_iq2s_grid, ix);
+    *u = K(rows8)(IQT, IQT == IQT_2XXS ? mn_iq2xxs_grid : IQT == IQT_2XS ? mn_iq2xs_grid : mn_iq2s_grid, b, ix, p);
     return _cvtu64_mask64(sg[p]);
 }
 
@@ -136,16 +187,19 @@ MN_INLINE void K(dot_iq_t)(const int IQT, size_t bsz, const uint8_t *w, int64_t 
         _mm_prefetch((const char *)(b + MN_PF_DIST + 64), _MM_HINT_T0);
         __m256i sc16;
         uint64_t sg[4];
+        uint16_t ix[64];
+        uint32_t neg = 0;
         const float d = K(iq_head)(IQT, b, &sc16, sg);
+        K(iq_index)(IQT, b, ix, &neg);
         __m512i sv[4], isum[MN_TILE];
         K(k16_scales)(sc16, sv);
         for (int t = 0; t < NT; t++) isum[t] = zero;
         for (int p = 0; p < 4; p++) {
             __m512i u;
-            const __mmask64 neg = K(iq_pair)(IQT, b, p, sg, &u);
+            const __mmask64 m = K(iq_pair)(IQT, b, p, ix, neg, sg, &u);
             for (int t = 0; t < NT; t++) {
                 const __m512i x = _mm512_loadu_si512((const void *)((const int8_t *)(xq + t * xs) + QK_K * i + 64 * p));
-                isum[t] = K(dpwssd)(isum[t], _mm512_maddubs_epi16(u, _mm512_mask_sub_epi8(x, neg, zero, x)), sv[p]);
+                isum[t] = K(dpwssd)(isum[t], _mm512_maddubs_epi16(u, _mm512_mask_sub_epi8(x, m, zero, x)), sv[p]);
             }
         }
         for (int t = 0; t < NT; t++) {

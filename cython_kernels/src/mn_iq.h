@@ -146,31 +146,6 @@ static inline float mn_iq_d(const int IQT, const uint8_t *b) {
     return IQT == IQT_3S ? d : IQT == IQT_3XXS ? d * 0.25f : d * 0.125f;
 }
 
-/* grid indices of the 8 rows of 8 values of sub-blocks 2p and 2p + 1 (IQ1, IQ2) */
-static inline void mn_iq_idx8(const int IQT, const uint8_t *b, int p, unsigned ix[8]) {
-    for (int l = 0; l < 8; l++) {
-        const int ib = 2 * p + l / 4, k = l & 3;
-        if (IQT == IQT_2XXS) ix[l] = b[2 + 8 * ib + k];
-        else if (IQT == IQT_2XS) ix[l] = mn_rd16(b + 2 + 8 * ib + 2 * k) & 511;
-        else if (IQT == IQT_2S) ix[l] = b[2 + 4 * ib + k] | (((unsigned)b[66 + ib] >> (2 * k)) & 3) << 8;
-        else if (IQT == IQT_1S) ix[l] = b[2 + 4 * ib + k] | (((unsigned)mn_rd16(b + 34 + 2 * ib) >> (3 * k)) & 7) << 8;
-        else ix[l] = b[4 * ib + k] | (((unsigned)b[32 + 2 * ib + k / 2] >> (4 * (k & 1))) & 7) << 8;   /* IQ1_M */
-    }
-}
-/* IQ1: bit l set where the delta of those 8 values (row l of mn_iq_idx8) is -1 */
-static inline unsigned mn_iq1_neg8(const int IQT, const uint8_t *b, int p) {
-    if (IQT == IQT_1S)
-        return (mn_rd16(b + 34 + 4 * p) & 0x8000 ? 0x0F : 0) | (mn_rd16(b + 36 + 4 * p) & 0x8000 ? 0xF0 : 0);
-    unsigned m = 0;
-    for (int l = 0; l < 8; l++) m |= (((unsigned)b[32 + 4 * p + l / 2] >> (4 * (l & 1) + 3)) & 1) << l;
-    return m;
-}
-/* grid indices of the 16 rows of 4 values of sub-blocks 2p and 2p + 1 (IQ3) */
-static inline void mn_iq_idx16(const int IQT, const uint8_t *b, int p, unsigned ix[16]) {
-    for (int j = 0; j < 16; j++) {
-        ix[j] = b[2 + 16 * p + j];
-        if (IQT == IQT_3S) ix[j] |= (((unsigned)b[66 + 2 * p + j / 8] >> (j & 7)) & 1) << 8;
-    }
-}
+static inline uint64_t mn_rd64(const uint8_t *p) { uint64_t v; memcpy(&v, p, 8); return v; }
 
 #endif
