@@ -15,12 +15,14 @@ GFLOP/s (2*rows*cols*n_tok/time) is printed too.  Each number is the best of
 --reps runs (this is a shared 2-core box: timings are noisy).  Also prints the
 median time of an empty pool task (dispatch + completion).
 
-Compute ceiling: each GEMV is also timed on weights that fit in the L2 caches
-of its threads (half of each core's L2), called many times in a row: "L2 GB/s"
-is the fastest the kernel can consume weights at all.  Where that is below the
-read bandwidth at the same thread count the type is compute-bound there (its
-GEMV cannot reach the bandwidth however good the prefetch): the "bound" column
-says "compute", else "memory".
+Compute ceiling: each GEMV is also timed on weights in half of one core's L2,
+called many times in a native loop on one thread (thread-CPU time, minimum
+over samples, as --l2), times the thread count: "L2 GB/s" is the fastest n
+cores can consume weights at all.  Where that is below the read bandwidth at
+the same thread count the type is compute-bound there (its GEMV cannot reach
+the bandwidth however good the prefetch): the "bound" column says "compute",
+else "memory", and a closing line lists the compute-bound types with their
+L2 rate as a share of the read bandwidth (the most their GEMV can reach).
 
 Every type of the type table with a kernel is measured by default.
 
@@ -110,29 +112,32 @@ def big_weights(qtype, nbytes: int, cols: int, rng) -> np.ndarray:
     return np.ascontiguousarray(np.tile(tile, (reps, 1))[:rows])
 
 
-def l2_rate(qtype, cols: int, pool, n: int, l2: int, rng, min_s: float = 0.05) -> float:
-    """GB/s of GEMV on weights resident in the L2 of n threads (half of each core's L2)."""
-    rb = K.row_bytes(qtype, cols)
-    w = K.random_blocks(qtype, max(n, (l2 // 2) * n // rb), cols, rng)
-    x = rng.normal(size=cols).astype(np.float32)
-    out = np.empty(w.shape[0], dtype=np.float32)
-    K.matmul(w, qtype, x, out=out, pool=pool)
-    best = float("inf")
-    for _ in range(3):
-        iters, t0 = 0, time.perf_counter()
-        while True:
-            K.matmul(w, qtype, x, out=out, pool=pool)
-            iters += 1
-            dt = time.perf_counter() - t0
-            if dt >= min_s:
-                break
-        best = min(best, dt / iters)
-    return w.nbytes / best / 1e9
+def l2_native(t, w: np.ndarray, cols: int, nt: int, samples: int, rng) -> float:
+    """Seconds per call of the kernel on weights w (L2-resident), nt tokens, one
+    thread: thread-CPU time of a native loop (no Python between calls, each
+    sample ~0.5 ms), the minimum over `samples` samples (robust to other
+    processes on a shared machine), at the SIMD level in force."""
+    from moe_numa import _native
+    x = rng.normal(size=(nt, cols)).astype(np.float32)
+    out = np.empty((nt, w.shape[0]), dtype=np.float32)
+    xq = K.quantize_act(x, t)
+    args = (int(t), w.ctypes.data, w.strides[0], w.shape[0], cols, xq.ctypes.data, xq.shape[1], nt, out.ctypes.data)
+    ns1 = max(1, _native._time_rows(*args, 1))
+    iters = max(1, int(5e5 // ns1))
+    return min(_native._time_rows(*args, iters) for _ in range(samples)) / iters / 1e9
+
+
+def l2_rate(qtype, cols: int, n: int, l2: int, rng, samples: int = 50) -> float:
+    """Compute ceiling of n threads, GB/s: n x one thread's GEMV rate on weights
+    in half of its core's L2 (the cores' L2 caches and pipelines are their own,
+    so the ceiling scales with the cores; not so for SMT siblings)."""
+    t = K._qtype(qtype)
+    w = K.random_blocks(t, max(1, (l2 // 2) // K.row_bytes(t, cols)), cols, rng)
+    return n * w.nbytes / l2_native(t, w, cols, 1, samples, rng) / 1e9
 
 
 def l2_table(a: argparse.Namespace, types: list[str], log) -> list[dict]:
     """Single-thread L2-resident GB/s (and GFLOP/s), the min-time over many short samples."""
-    from moe_numa import _native
     levels = ([s.strip() for s in a.simd.split(",")] if a.simd else
               list(K.SIMD_LEVELS[1:K.SIMD_LEVELS.index(K.simd_level_cpu()) + 1]))
     toks = [int(t) for t in a.l2_tokens.split(",") if t.strip()]
@@ -147,19 +152,12 @@ def l2_table(a: argparse.Namespace, types: list[str], log) -> list[dict]:
         rb = K.row_bytes(t, a.cols)
         w = K.random_blocks(t, max(1, (kib << 10) // rb), a.cols, rng)
         for nt in toks:
-            x = rng.normal(size=(nt, a.cols)).astype(np.float32)
-            out = np.empty((nt, w.shape[0]), dtype=np.float32)
             cells = []
             for lv in levels:
                 with K.simd(lv):
-                    xq = K.quantize_act(x, t)
-                    args = (int(t), w.ctypes.data, w.strides[0], w.shape[0], a.cols,
-                            xq.ctypes.data, xq.shape[1], nt, out.ctypes.data)
-                    ns1 = max(1, _native._time_rows(*args, 1))
-                    iters = max(1, int(5e5 // ns1))
-                    best = min(_native._time_rows(*args, iters) for _ in range(a.l2_samples)) / iters
-                gbps = w.nbytes / best
-                gflops = 2 * w.shape[0] * a.cols * nt / best
+                    best = l2_native(t, w, a.cols, nt, a.l2_samples, rng)
+                gbps = w.nbytes / best / 1e9
+                gflops = 2 * w.shape[0] * a.cols * nt / best / 1e9
                 rows_out.append({"kernel": "l2", "type": tname.lower(), "simd": lv, "tokens": nt,
                                  "gbps": round(gbps, 3), "gflops": round(gflops, 2)})
                 cells.append(f"{gbps:7.1f} ({gflops:6.1f})")
@@ -217,6 +215,7 @@ def run(a: argparse.Namespace) -> int:
             say(f"# empty pool task ({max(threads)} threads): median {lat:.2f} us")
             rbuf = np.ones(max(gemv_bytes, 8 * l3) // 4, dtype=np.float32)
             bw_all = {n: [] for n in threads}
+            compute_bound = []
             say(f"{'kernel':6} {'type':7} {'thr':>3} {'tok':>4} {'GB/s':>7} {'read':>6} {'ratio':>6} {'GFLOP/s':>8} "
                 f"{'L2 GB/s':>8} bound")
             for tname in types:
@@ -229,8 +228,10 @@ def run(a: argparse.Namespace) -> int:
                     bw = {n: b}
                     bw_all[n].append(b)
                     g = w.nbytes / s / 1e9
-                    l2g = l2_rate(t, a.cols, pools[n], n, l2, rng)
+                    l2g = l2_rate(t, a.cols, n, l2, rng)
                     bound = "compute" if l2g < bw[n] else "memory"
+                    if bound == "compute":
+                        compute_bound.append(f"{tname} at {n} thr (L2 {l2g:.1f} GB/s = {l2g / bw[n]:.2f} of read)")
                     rows_out.append({"kernel": "gemv", "type": tname.lower(), "threads": n, "tokens": 1,
                                      "gbps": round(g, 3), "bandwidth_gbps": round(bw[n], 3),
                                      "ratio": round(g / bw[n], 4), "l2_gbps": round(l2g, 3), "bound": bound})
@@ -255,6 +256,7 @@ def run(a: argparse.Namespace) -> int:
                     del w
             say("# read bandwidth (best per GEMV row, median over rows): " + ", ".join(
                 f"{n} thr {np.median(bw_all[n]):.1f} GB/s" for n in threads if bw_all[n]))
+            say("# compute-bound (L2 ceiling below the read bandwidth): " + ("; ".join(compute_bound) or "none"))
             say(f"# loadavg at end {open('/proc/loadavg').read().split()[:3]}")
         finally:
             for p in pools.values():

@@ -536,3 +536,22 @@ def test_bench_kernels_l2_mode(capsys):
     assert {(r["type"], r["tokens"], r["simd"]) for r in rows} == {
         (t, n, lv) for t in ("q4_0", "iq2_xxs") for n in (1, 4) for lv in levels}
     assert all(r["gbps"] > 0 and r["gflops"] > 0 for r in rows)
+
+
+def test_bench_kernels_says_which_types_are_compute_bound(capsys):
+    """The GEMV table's compute ceiling: an L2 rate per row from the native timing
+    loop (times the threads), "bound" = compute exactly where it is below the read
+    bandwidth, and a closing line that names those rows with the L2 rate."""
+    from moe_numa.bench import kernels as BK
+    assert BK.main(["--types", "q8_0,iq1_m", "--threads", "1", "--tokens", "", "--gemv-mib", "8",
+                    "--reps", "1", "--json"]) == 0
+    cap = capsys.readouterr()
+    rows = json.loads(cap.out)
+    assert {r["type"] for r in rows} == {"q8_0", "iq1_m"}
+    for r in rows:
+        assert r["l2_gbps"] > 0
+        assert r["bound"] == ("compute" if r["l2_gbps"] < r["bandwidth_gbps"] else "memory")
+    closing = [ln for ln in cap.err.splitlines() if ln.startswith("# compute-bound")]
+    assert len(closing) == 1
+    for r in rows:
+        assert (f"{r['type']} at 1 thr (L2 " in closing[0]) == (r["bound"] == "compute")
