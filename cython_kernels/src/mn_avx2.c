@@ -375,12 +375,11 @@ MN_INLINE __m256i g8(const uint32_t *grid, const uint8_t *q, const int hi[8]) {
     return _mm256_setr_epi32((int)grid[q[0] | hi[0]], (int)grid[q[1] | hi[1]], (int)grid[q[2] | hi[2]], (int)grid[q[3] | hi[3]],
                              (int)grid[q[4] | hi[4]], (int)grid[q[5] | hi[5]], (int)grid[q[6] | hi[6]], (int)grid[q[7] | hi[7]]);
 }
-/* IQ1: 8 g + delta per group of 8, delta = +-1 */
+/* IQ1: 8 g + delta per group of 8, delta = +-1 (g in {-1, 0, 1}: the 16-bit shift's
+ * carries into the next byte are masked off) */
 MN_INLINE __m256i iq1_vals(__m256i g, __m256i delta) {
-    const __m256i g2 = _mm256_add_epi8(g, g), g4v = _mm256_add_epi8(g2, g2);
-    return _mm256_add_epi8(_mm256_add_epi8(g4v, g4v), delta);
+    return _mm256_add_epi8(_mm256_and_si256(_mm256_slli_epi16(g, 3), _mm256_set1_epi8((char)0xF8)), delta);
 }
-MN_INLINE long long dl8(int neg) { return neg ? (long long)0xFFFFFFFFFFFFFFFFULL : 0x0101010101010101LL; }
 
 /* sub-block ib: magnitudes u, signs s, and for the types with one scale per
  * sub-block, that scale (2s + 1) in *one (the others: iq_scales) */
@@ -421,15 +420,18 @@ MN_INLINE void iq_sub(const int IQT, const uint8_t *b, int ib, __m256i *u, __m25
         const uint16_t qh = mn_rd16(b + 34 + 2 * ib);
         const __m256i g = g4(mn_iq1s_grid[qs[0] | ((qh << 8) & 0x700)], mn_iq1s_grid[qs[1] | ((qh << 5) & 0x700)],
                              mn_iq1s_grid[qs[2] | ((qh << 2) & 0x700)], mn_iq1s_grid[qs[3] | ((qh >> 1) & 0x700)]);
-        const __m256i q = iq1_vals(g, _mm256_set1_epi8(qh & 0x8000 ? -1 : 1));
-        *u = _mm256_sign_epi8(q, q); *s = q;
-        *one = 2 * ((qh >> 12) & 7) + 1;
+        /* 8 g here; the delta's part, delta * sum(x), is added per block (dot_iq_t) */
+        *u = _mm256_and_si256(g, _mm256_set1_epi8(1)); *s = g;
+        *one = 8 * (2 * ((qh >> 12) & 7) + 1);
     } else {   /* IQ1_M */
         const uint8_t *qs = b + 4 * ib, *qh = b + 32 + 2 * ib;
         const int h0 = qh[0] & 0xF, h1 = qh[0] >> 4, h2 = qh[1] & 0xF, h3 = qh[1] >> 4;
         const __m256i g = g4(mn_iq1s_grid[qs[0] | ((h0 & 7) << 8)], mn_iq1s_grid[qs[1] | ((h1 & 7) << 8)],
                              mn_iq1s_grid[qs[2] | ((h2 & 7) << 8)], mn_iq1s_grid[qs[3] | ((h3 & 7) << 8)]);
-        const __m256i q = iq1_vals(g, _mm256_set_epi64x(dl8(h3 & 8), dl8(h2 & 8), dl8(h1 & 8), dl8(h0 & 8)));
+        /* group k's delta sign: bit 3 of nibble k of the u16 -> -1 or +1 in its qword */
+        const __m256i m = _mm256_setr_epi64x(0x08, 0x80, 0x0800, 0x8000);
+        const __m256i neg = _mm256_cmpeq_epi64(_mm256_and_si256(_mm256_set1_epi64x(mn_rd16(qh)), m), m);
+        const __m256i q = iq1_vals(g, _mm256_or_si256(neg, _mm256_set1_epi8(1)));
         *u = _mm256_sign_epi8(q, q); *s = q;
     }
 }
@@ -475,6 +477,13 @@ MN_INLINE void dot_iq_t(const int IQT, size_t bsz, const uint8_t *w, int64_t nb,
         const float d = mn_iq_d(IQT, b);
         __m256i isum[MN_TILE];
         for (int t = 0; t < NT; t++) isum[t] = _mm256_setzero_si256();
+        if (IQT == IQT_1S) {   /* delta_ib * (2 s_ib + 1) times the activations' sums of 32 */
+            const __m128i qh = _mm_loadu_si128((const __m128i *)(b + 34)), neg = _mm_srai_epi16(qh, 15);
+            const __m128i sc = _mm_add_epi16(_mm_slli_epi16(_mm_and_si128(_mm_srli_epi16(qh, 12), _mm_set1_epi16(7)), 1), _mm_set1_epi16(1));
+            const __m128i dsc = _mm_sub_epi16(_mm_xor_si128(sc, neg), neg);
+            for (int t = 0; t < NT; t++)
+                isum[t] = _mm256_zextsi128_si256(_mm_madd_epi16(dsc, _mm_loadu_si128((const __m128i *)(xq + t * xs + (QK_K + 36) * nb + 16 * i))));
+        }
         const int ONE = IQT == IQT_2XXS || IQT == IQT_3XXS || IQT == IQT_1S;
         const __m256i scv = ONE ? _mm256_setzero_si256() : iq_scales(IQT, b);
         for (int ib = 0; ib < 8; ib++) {
