@@ -477,13 +477,9 @@ MN_INLINE void dot_iq_t(const int IQT, size_t bsz, const uint8_t *w, int64_t nb,
         const float d = mn_iq_d(IQT, b);
         __m256i isum[MN_TILE];
         for (int t = 0; t < NT; t++) isum[t] = _mm256_setzero_si256();
-        if (IQT == IQT_1S) {   /* delta_ib * (2 s_ib + 1) times the activations' sums of 32 */
-            const __m128i qh = _mm_loadu_si128((const __m128i *)(b + 34)), neg = _mm_srai_epi16(qh, 15);
-            const __m128i sc = _mm_add_epi16(_mm_slli_epi16(_mm_and_si128(_mm_srli_epi16(qh, 12), _mm_set1_epi16(7)), 1), _mm_set1_epi16(1));
-            const __m128i dsc = _mm_sub_epi16(_mm_xor_si128(sc, neg), neg);
+        if (IQT == IQT_1S)
             for (int t = 0; t < NT; t++)
-                isum[t] = _mm256_zextsi128_si256(_mm_madd_epi16(dsc, _mm_loadu_si128((const __m128i *)(xq + t * xs + (QK_K + 36) * nb + 16 * i))));
-        }
+                isum[t] = _mm256_zextsi128_si256(mn_iq1s_delta_dot(b, xq + t * xs + (QK_K + 36) * nb + 16 * i));
         const int ONE = IQT == IQT_2XXS || IQT == IQT_3XXS || IQT == IQT_1S;
         const __m256i scv = ONE ? _mm256_setzero_si256() : iq_scales(IQT, b);
         for (int ib = 0; ib < 8; ib++) {

@@ -98,9 +98,9 @@ MN_INLINE float K(iq_head)(const int IQT, const uint8_t *b, __m256i *sc16, uint6
         const __m128i n = _mm_unpacklo_epi8(_mm_and_si128(v, m), _mm_and_si128(_mm_srli_epi16(v, 4), m));
         *sc16 = K(iq_sc8)(_mm_cvtepu8_epi16(n));
         memcpy(sg, b + 74, 32);
-    } else if (IQT == IQT_1S) {
+    } else if (IQT == IQT_1S) {   /* 8 (2s + 1): the values are 8 g, the deltas go by the sums of 32 */
         const __m128i qh = _mm_loadu_si128((const __m128i *)(b + 34));
-        *sc16 = K(iq_sc8)(_mm_and_si128(_mm_srli_epi16(qh, 12), _mm_set1_epi16(7)));
+        *sc16 = _mm256_slli_epi16(K(iq_sc8)(_mm_and_si128(_mm_srli_epi16(qh, 12), _mm_set1_epi16(7))), 3);
     } else {   /* IQ1_M: 3-bit scale k (per 16 values) at bit 3 (k % 4) of u16 k / 4 */
         const __m256i v = _mm256_cvtepu16_epi32(_mm_shuffle_epi8(_mm_loadl_epi64((const __m128i *)(b + 48)),
                                                 _mm_setr_epi8(0, 1, 0, 1, 0, 1, 0, 1, 2, 3, 2, 3, 2, 3, 2, 3)));
@@ -117,7 +117,7 @@ MN_INLINE float K(iq_head)(const int IQT, const uint8_t *b, __m256i *sc16, uint6
 }
 
 /* the block's grid indices in ix (IQ1/IQ2: 32 rows of 8 values, IQ3: 64 rows of 4),
- * made in vector registers; IQ1: *neg, bit r set where row r's delta is -1 */
+ * made in vector registers; IQ1_M: *neg, bit r set where row r's delta is -1 */
 MN_INLINE void K(iq_index)(const int IQT, const uint8_t *b, uint16_t ix[64], uint32_t *neg) {
     /* per row r: the u16 of the high index bits (r / 4 or r / 2), and their shift */
     static const uint16_t per4[32] __attribute__((aligned(64))) = {
@@ -151,10 +151,7 @@ MN_INLINE void K(iq_index)(const int IQT, const uint8_t *b, uint16_t ix[64], uin
         const __m512i m = _mm512_set1_epi16(0x700);
         _mm512_storeu_si512((void *)ix, _mm512_ternarylogic_epi64(_mm512_slli_epi16(f, 8), lo, m, 0xEC));   /* (a & c) | b */
     }
-    if (IQT == IQT_1S) {   /* bit 15 of u16 qh[ib]: sub-block ib's 4 rows */
-        const uint64_t s = _pext_u64(mn_rd64(b + 34), 0x8000800080008000ULL) | (_pext_u64(mn_rd64(b + 42), 0x8000800080008000ULL) << 4);
-        *neg = _pdep_u32((unsigned)s, 0x11111111u) * 0xFu;
-    } else if (IQT == IQT_1M) {   /* bit 3 of each nibble */
+    if (IQT == IQT_1M) {   /* bit 3 of each nibble */
         *neg = (uint32_t)(_pext_u64(mn_rd64(b + 32), 0x8888888888888888ULL) | (_pext_u64(mn_rd64(b + 40), 0x8888888888888888ULL) << 16));
     }
 }
@@ -165,7 +162,12 @@ MN_INLINE __mmask64 K(iq_pair)(const int IQT, const uint8_t *b, int p, const uin
         *u = K(rows16)(IQT, IQT == IQT_3S ? mn_iq3s_grid : mn_iq3xxs_grid, b, ix, p);
         return _cvtu64_mask64(sg[p]);
     }
-    if (IQT == IQT_1S || IQT == IQT_1M) {   /* value 8 g + delta, g in {-1, 0, 1}, delta = +-1 per row */
+    if (IQT == IQT_1S) {   /* 8 g, g in {-1, 0, 1} (the 8 is in the scales) */
+        const __m512i g = K(rows8)(IQT, mn_iq1s_grid, b, ix, p);
+        *u = _mm512_and_si512(g, _mm512_set1_epi8(1));
+        return _mm512_movepi8_mask(g);
+    }
+    if (IQT == IQT_1M) {   /* value 8 g + delta, g in {-1, 0, 1}, delta = +-1 per row */
         const __m512i g = K(rows8)(IQT, mn_iq1s_grid, b, ix, p);
         const __m512i dl = _mm512_mask_blend_epi64((__mmask8)(neg >> (8 * p)), _mm512_set1_epi8(1), _mm512_set1_epi8(-1));
         const __m512i v = _mm512_add_epi8(_mm512_and_si512(_mm512_slli_epi16(g, 3), _mm512_set1_epi8((char)0xF8)), dl);
@@ -194,6 +196,9 @@ MN_INLINE void K(dot_iq_t)(const int IQT, size_t bsz, const uint8_t *w, int64_t 
         __m512i sv[4], isum[MN_TILE];
         K(k16_scales)(sc16, sv);
         for (int t = 0; t < NT; t++) isum[t] = zero;
+        if (IQT == IQT_1S)
+            for (int t = 0; t < NT; t++)
+                isum[t] = _mm512_zextsi128_si512(mn_iq1s_delta_dot(b, xq + t * xs + (QK_K + 36) * nb + 16 * i));
         for (int p = 0; p < 4; p++) {
             __m512i u;
             const __mmask64 m = K(iq_pair)(IQT, b, p, ix, neg, sg, &u);
@@ -207,7 +212,7 @@ MN_INLINE void K(dot_iq_t)(const int IQT, size_t bsz, const uint8_t *w, int64_t 
             acc[t] = _mm512_fmadd_ps(_mm512_set1_ps(d * dy), _mm512_cvtepi32_ps(isum[t]), acc[t]);
         }
     }
-    for (int t = 0; t < NT; t++) res[t] = K(hsum16)(acc[t]);
+    K(hsums)(acc, NT, res);
 }
 #define IQK512(name, T, IQT) \
     MN_INLINE void K(dot_##name##_t)(const uint8_t *w, int64_t nb, const uint8_t *xq, size_t xs, const int NT, float *res) { \

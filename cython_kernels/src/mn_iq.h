@@ -6,6 +6,7 @@
  * (generated from gguf.quants). */
 #ifndef MN_IQ_H
 #define MN_IQ_H
+#include <emmintrin.h>
 #include "mn_internal.h"
 
 extern const uint64_t mn_iq2xxs_grid[256], mn_iq2xs_grid[512], mn_iq2s_grid[1024], mn_iq1s_grid[2048];
@@ -144,6 +145,15 @@ static inline float mn_iq_d(const int IQT, const uint8_t *b) {
     if (IQT == IQT_1M) return mn_iq1_m_d(b) * 0.125f;
     const float d = mn_h2f(mn_rd16(b));
     return IQT == IQT_3S ? d : IQT == IQT_3XXS ? d * 0.25f : d * 0.125f;
+}
+
+/* IQ1_S's deltas: delta_ib * (2 s_ib + 1) times the activations' sums of 32 (int16
+ * psums of the Q8_K row), as four int32 partial sums; the SIMD kernels take the
+ * grid part as 8 g and add this per block (SSE2: baseline on x86-64) */
+static inline __m128i mn_iq1s_delta_dot(const uint8_t *b, const uint8_t *psums) {
+    const __m128i qh = _mm_loadu_si128((const __m128i *)(b + 34)), neg = _mm_srai_epi16(qh, 15);
+    const __m128i sc = _mm_add_epi16(_mm_slli_epi16(_mm_and_si128(_mm_srli_epi16(qh, 12), _mm_set1_epi16(7)), 1), _mm_set1_epi16(1));
+    return _mm_madd_epi16(_mm_sub_epi16(_mm_xor_si128(sc, neg), neg), _mm_loadu_si128((const __m128i *)psums));
 }
 
 static inline uint64_t mn_rd64(const uint8_t *p) { uint64_t v; memcpy(&v, p, 8); return v; }
