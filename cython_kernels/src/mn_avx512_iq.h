@@ -102,10 +102,9 @@ MN_INLINE float K(iq_head)(const int IQT, const uint8_t *b, __m256i *sc16, uint6
         const __m128i qh = _mm_loadu_si128((const __m128i *)(b + 34));
         *sc16 = _mm256_slli_epi16(K(iq_sc8)(_mm_and_si128(_mm_srli_epi16(qh, 12), _mm_set1_epi16(7))), 3);
     } else {   /* IQ1_M: 3-bit scale k (per 16 values) at bit 3 (k % 4) of u16 k / 4 */
-        const __m256i v = _mm256_cvtepu16_epi32(_mm_shuffle_epi8(_mm_loadl_epi64((const __m128i *)(b + 48)),
-                                                _mm_setr_epi8(0, 1, 0, 1, 0, 1, 0, 1, 2, 3, 2, 3, 2, 3, 2, 3)));
-        const __m256i v2 = _mm256_cvtepu16_epi32(_mm_shuffle_epi8(_mm_loadl_epi64((const __m128i *)(b + 52)),
-                                                 _mm_setr_epi8(0, 1, 0, 1, 0, 1, 0, 1, 2, 3, 2, 3, 2, 3, 2, 3)));
+        const __m128i w = _mm_loadl_epi64((const __m128i *)(b + 48));   /* the block's last 8 bytes */
+        const __m256i v = _mm256_cvtepu16_epi32(_mm_shuffle_epi8(w, _mm_setr_epi8(0, 1, 0, 1, 0, 1, 0, 1, 2, 3, 2, 3, 2, 3, 2, 3)));
+        const __m256i v2 = _mm256_cvtepu16_epi32(_mm_shuffle_epi8(w, _mm_setr_epi8(4, 5, 4, 5, 4, 5, 4, 5, 6, 7, 6, 7, 6, 7, 6, 7)));
         const __m256i sh = _mm256_setr_epi32(0, 3, 6, 9, 0, 3, 6, 9), m7 = _mm256_set1_epi32(7);
         const __m256i s = _mm256_packus_epi32(_mm256_and_si256(_mm256_srlv_epi32(v, sh), m7),
                                               _mm256_and_si256(_mm256_srlv_epi32(v2, sh), m7));
