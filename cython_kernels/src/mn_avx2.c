@@ -263,14 +263,7 @@ MN_INLINE void kgen_unpack(const int KT, const uint8_t *b, __m256i u[8], __m256i
             u[4 * n + 3] = _mm256_and_si256(_mm256_srli_epi16(v, 6), m3);
         }
     } else if (KT == KT_Q3) {
-        /* 12 bytes a0 a1 a2 -> 16 six-bit scales (llama.cpp's aux trick, in registers) */
-        uint32_t a2; memcpy(&a2, b + 104, 4);
-        const __m128i v = _mm_insert_epi32(_mm_loadl_epi64((const __m128i *)(b + 96)), (int)a2, 2);
-        const __m128i A = _mm_srlv_epi32(_mm_shuffle_epi32(v, _MM_SHUFFLE(1, 0, 1, 0)), _mm_setr_epi32(0, 0, 4, 4));
-        const __m128i T = _mm_srlv_epi32(_mm_shuffle_epi32(v, _MM_SHUFFLE(2, 2, 2, 2)), _mm_setr_epi32(0, 2, 4, 6));
-        const __m128i s6 = _mm_or_si128(_mm_and_si128(A, _mm_set1_epi32(0x0f0f0f0f)),
-                                        _mm_slli_epi32(_mm_and_si128(T, _mm_set1_epi32(0x03030303)), 4));
-        const __m128i s = _mm_sub_epi8(s6, _mm_set1_epi8(32));
+        const __m128i s = k3_scales(b);
         *sc = _mm256_cvtepi8_epi16(s); *mn = _mm256_setzero_si256();
         *d = h2f(b + 108); *dmin = 0.f;
         const __m256i hm = _mm256_loadu_si256((const __m256i *)b), m4b = _mm256_set1_epi8(4);
