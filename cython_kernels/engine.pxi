@@ -794,6 +794,28 @@ cdef class NativeEngine:
         if rc != 0:
             raise _ShapeError(f"{what}: {mn_engine_strerror(rc).decode()}")
 
+    cdef float *_logits(self, logits, int64_t rows) except NULL:
+        """The head's output buffer for `rows` tokens, checked."""
+        if not (isinstance(logits, np.ndarray) and logits.dtype == np.float32 and logits.flags.c_contiguous
+                and logits.flags.writeable and logits.ndim == 2 and logits.shape[0] >= rows
+                and logits.shape[1] == self.e.nodes[0].head.vocab):
+            raise _ShapeError(f"logits must be a writable C-contiguous float32 array "
+                              f"[>= {rows}, {self.e.nodes[0].head.vocab}]")
+        return <float *><size_t>logits.ctypes.data
+
+    cdef tuple _pos_slot(self, pos, slot, int64_t T):
+        """Token t's position and cache slot as contiguous int64 / int32 arrays of T entries,
+        range-checked (in C too)."""
+        pos_a = np.ascontiguousarray(pos, dtype=np.int64)
+        slot_a = np.ascontiguousarray(slot, dtype=np.int32)
+        if pos_a.shape != (T,) or slot_a.shape != (T,):
+            raise _ShapeError(f"pos and slot need {T} entries each, got {pos_a.shape} and {slot_a.shape}")
+        if T and (pos_a.min() < 0 or pos_a.max() >= self._n_ctx):
+            raise _ShapeError(f"positions must be in [0, {self._n_ctx}), got {pos_a.min()}..{pos_a.max()}")
+        if T and (slot_a.min() < 0 or slot_a.max() >= self._n_slots):
+            raise _ShapeError(f"slots must be in [0, {self._n_slots}), got {slot_a.min()}..{slot_a.max()}")
+        return pos_a, slot_a
+
     def attention(self, int layer, x, int64_t pos0):
         """x += attention of `layer` at positions pos0.. (updates the KV caches)."""
         cdef int64_t T
@@ -810,14 +832,7 @@ cdef class NativeEngine:
         cdef int64_t T
         cdef float *px = self._x(x, &T)
         cdef int rc
-        pos_a = np.ascontiguousarray(pos, dtype=np.int64)
-        slot_a = np.ascontiguousarray(slot, dtype=np.int32)
-        if pos_a.shape != (T,) or slot_a.shape != (T,):
-            raise _ShapeError(f"pos and slot need {T} entries each, got {pos_a.shape} and {slot_a.shape}")
-        if T and (pos_a.min() < 0 or pos_a.max() >= self._n_ctx):
-            raise _ShapeError(f"positions must be in [0, {self._n_ctx}), got {pos_a.min()}..{pos_a.max()}")
-        if T and (slot_a.min() < 0 or slot_a.max() >= self._n_slots):
-            raise _ShapeError(f"slots must be in [0, {self._n_slots}), got {slot_a.min()}..{slot_a.max()}")
+        pos_a, slot_a = self._pos_slot(pos, slot, T)
         cdef const int64_t *pp = <const int64_t *><size_t>pos_a.ctypes.data
         cdef const int32_t *ps = <const int32_t *><size_t>slot_a.ctypes.data
         with nogil:
@@ -836,12 +851,7 @@ cdef class NativeEngine:
         cdef int64_t T
         cdef float *px = self._x(x, &T)
         cdef int rc
-        if not (isinstance(logits, np.ndarray) and logits.dtype == np.float32 and logits.flags.c_contiguous
-                and logits.flags.writeable and logits.ndim == 2 and logits.shape[0] >= T
-                and logits.shape[1] == self.e.nodes[0].head.vocab):
-            raise _ShapeError(f"logits must be a writable C-contiguous float32 array "
-                              f"[>= {T}, {self.e.nodes[0].head.vocab}]")
-        cdef float *pl = <float *><size_t>logits.ctypes.data
+        cdef float *pl = self._logits(logits, T)
         with nogil:
             rc = mn_engine_head(&self.e, px, T, pl)
         self._rc(rc, f"head(T={T})")
@@ -859,21 +869,13 @@ cdef class NativeEngine:
         if (pos is None) != (slot is None):
             raise _ShapeError("forward: give pos and slot together, or neither")
         if pos is not None:
-            pos_a = np.ascontiguousarray(pos, dtype=np.int64)
-            slot_a = np.ascontiguousarray(slot, dtype=np.int32)
-            if pos_a.shape != (T,) or slot_a.shape != (T,):
-                raise _ShapeError(f"pos and slot need {T} entries each, got {pos_a.shape} and {slot_a.shape}")
+            pos_a, slot_a = self._pos_slot(pos, slot, T)
             pp = <const int64_t *><size_t>pos_a.ctypes.data
             ps = <const int32_t *><size_t>slot_a.ctypes.data
         if logits is not None:
             if not 0 <= logit_from < T:
                 raise _ShapeError(f"forward: logit_from={logit_from} outside 0..{T - 1}")
-            if not (isinstance(logits, np.ndarray) and logits.dtype == np.float32 and logits.flags.c_contiguous
-                    and logits.flags.writeable and logits.ndim == 2 and logits.shape[0] >= T - logit_from
-                    and logits.shape[1] == self.e.nodes[0].head.vocab):
-                raise _ShapeError(f"logits must be a writable C-contiguous float32 array "
-                                  f"[>= {T - logit_from}, {self.e.nodes[0].head.vocab}]")
-            pl = <float *><size_t>logits.ctypes.data
+            pl = self._logits(logits, T - logit_from)
         with nogil:
             rc = mn_engine_forward(&self.e, px, T, pos0, pp, ps, logit_from, pl)
         self._rc(rc, f"forward(T={T}, pos0={pos0})")

@@ -291,3 +291,7 @@ def test_native_forward_refuses_bad_arguments(make_model):
             core.forward(x, 0, logits=np.empty((2, m.config.n_vocab), np.float32))
         with pytest.raises(ShapeError, match="positions"):
             core.forward(x, b.n_ctx - 2)                     # past the context: nothing runs
+        with pytest.raises(ShapeError, match=r"positions must be in \[0, "):
+            core.forward(x, pos=[0, 1, b.n_ctx], slot=[0, 0, 0])
+        with pytest.raises(ShapeError, match=r"slots must be in \[0, "):
+            core.forward(x, pos=[0, 1, 2], slot=[0, 0, b.n_slots])

@@ -132,7 +132,8 @@ MN_INLINE __m256 K(scales8)(const uint8_t *b, size_t bs) {
             } \
             if ((MOFF) >= 0) { \
                 const float *fs = (const float *)(xr + 40 * nb) + i; \
-                tail[t] += h2f(b + ((MOFF) >= 0 ? (MOFF) : 0)) * fs[0] + h2f(b + BS + ((MOFF) >= 0 ? (MOFF) : 0)) * fs[1]; \
+                const int mo = (MOFF) >= 0 ? (MOFF) : 0;   /* an offset even where unused */ \
+                tail[t] += h2f(b + mo) * fs[0] + h2f(b + BS + mo) * fs[1]; \
             } \
         } \
     }
@@ -175,16 +176,7 @@ MN_INLINE void K(dot_q4_0_t)(const uint8_t *w, int64_t nb, const uint8_t *xq, si
         }
     }
     B32_512_PAIRS(K(q4_0_upair), BS_Q4_0, 0, 8, -1)
-    for (; i < nb; i++) {
-        const uint8_t *b = w + i * BS_Q4_0;
-        const float dw = h2f(b);
-        for (int t = 0; t < NT; t++) {
-            const int8_t *x = (const int8_t *)(xq + t * xs) + 32 * i;
-            int sum = 0;
-            for (int j = 0; j < 16; j++) sum += ((b[2 + j] & 0xF) - 8) * x[j] + ((b[2 + j] >> 4) - 8) * x[j + 16];
-            tail[t] += (float)sum * (dw * ((const float *)(xq + t * xs + 32 * nb))[i]);
-        }
-    }
+    MN_B32_TAIL(mn_unpack_q4_0, w, BS_Q4_0, i, nb, xq, xs, NT, tail);
     K(hsums2)(acc, NT, res);
     for (int t = 0; t < NT; t++) res[t] += -8.f * hsum8(corr[t]) + tail[t];
 }

@@ -1070,10 +1070,7 @@ static void reduce_partials(mn_engine *e, float *x, int64_t T) {
         ctx[k] = (reduce_ctx){e, x, n, first, threads};
         first += mn_pool_size(e->nodes[k].pool);
     }
-    for (int k = 1; k < e->n_nodes; k++) mn_pool_submit(e->nodes[k].pool, reduce_task, &ctx[k]);
-    mn_pool_run(e->nodes[0].pool, reduce_task, &ctx[0]);
-    for (int k = 1; k < e->n_nodes; k++) mn_pool_wait(e->nodes[k].pool);
-    e->syncs++;
+    run_nodes(e, reduce_task, ctx, sizeof(reduce_ctx), 0);
 }
 
 const char *mn_engine_strerror(int rc) {
