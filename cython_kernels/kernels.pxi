@@ -102,6 +102,20 @@ def quantize_act_ptr(int wtype, uintptr_t x, int64_t x_stride, uintptr_t xq, siz
     return rc
 
 
+def silu_mul_ptr(uintptr_t g, uintptr_t u, int64_t n):
+    """g[i] = silu(g[i]) * u[i] over n float32s, in place, at the active SIMD level."""
+    with nogil:
+        mn_silu_mul(<float *>g, <const float *>u, n)
+
+
+def exp_sum_ptr(uintptr_t x, int64_t n, float shift):
+    """x[i] = exp(x[i] - shift) over n float32s, in place; returns their sum."""
+    cdef float s
+    with nogil:
+        s = mn_exp_sum(<float *>x, n, shift)
+    return s
+
+
 ctypedef struct mm_ctx:
     int wtype
     const uint8_t *w

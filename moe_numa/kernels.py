@@ -364,6 +364,29 @@ class ThreadPool:
         return f"ThreadPool(cpus={self.cpus}, caller_is_worker0={self.caller_is_worker0}, closed={self.closed})"
 
 
+def _f32_vector(name: str, a) -> np.ndarray:
+    a = np.ascontiguousarray(a, dtype=np.float32)
+    if a.ndim != 1:
+        raise ShapeError(f"{name}: expected a 1-D float32 array, got shape {a.shape}")
+    return a
+
+
+def silu_mul(g, u) -> np.ndarray:
+    """silu(g) * u with the engine's vector exp (mn_vmath.c), at the active SIMD level."""
+    g = _f32_vector("g", g).copy()
+    u = _f32_vector("u", u)
+    if g.shape != u.shape:
+        raise ShapeError(f"silu_mul: g has shape {g.shape}, u has {u.shape}")
+    _native.silu_mul_ptr(g.ctypes.data, u.ctypes.data, g.size)
+    return g
+
+
+def exp_sum(x, shift: float = 0.0) -> tuple[np.ndarray, float]:
+    """(exp(x - shift), its sum) with the vector exp flash attention's softmax uses."""
+    y = _f32_vector("x", x).copy()
+    return y, _native.exp_sum_ptr(y.ctypes.data, y.size, float(shift))
+
+
 @contextlib.contextmanager
 def limit_blas_threads(n: int = 1):
     """Limit numpy's BLAS (and OpenMP) threads while pools own the cores."""

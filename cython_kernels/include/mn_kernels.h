@@ -90,6 +90,11 @@ int    mn_matmul_rows(int wtype, const uint8_t *w, size_t w_row_stride, int64_t 
                       const void *xq, size_t xq_stride, int64_t n_tok,
                       float *out, int64_t out_stride, int64_t r0, int64_t r1);
 
+/* ---- vector exp (mn_vmath.c), at the active SIMD level --------------------
+ * Relative error within a few float ulps of exp; exp(x) for x < -87 is 0. */
+void   mn_silu_mul(float *g, const float *u, int64_t n);  /* g[i] = silu(g[i]) * u[i] */
+float  mn_exp_sum(float *x, int64_t n, float shift);      /* x[i] = exp(x[i] - shift); returns the sum */
+
 /* ---- thread pools ---------------------------------------------------------
  * A pool owns n threads, thread i pinned to cpus[i].  With caller_is_worker0,
  * only n-1 threads are created (pinned to cpus[1..n-1]); the thread that calls

@@ -108,7 +108,6 @@ static void rope_apply(float *v, int dims, int neox, const float *cos_t, const f
     }
 }
 
-static inline float silu(float g) { return g / (1.f + expf(-g)); }
 
 /* activation rows of one input, one buffer per activation format */
 typedef struct { int n; int type[3]; int kind[3]; uint8_t *buf[3]; size_t row[3]; } act_set;
@@ -331,10 +330,10 @@ static void flash_attend(const attn_ops *A, const kv_stream *kv, const qblock *B
             for (int j = 0; j < nb; j++) {
                 const int r = act[g + j];
                 const int nv = B->last[r] - k0 + 1 < nk ? (int)(B->last[r] - k0 + 1) : nk;
-                float mx = m[r], sum = 0.f;
+                float mx = m[r], sum;
                 for (int s = 0; s < nv; s++) if (sc[j][s] > mx) mx = sc[j][s];
                 corr[j] = expf(m[r] - mx);
-                for (int s = 0; s < nv; s++) { sc[j][s] = expf(sc[j][s] - mx); sum += sc[j][s]; }
+                sum = mn_exp_sum(sc[j], nv, mx);
                 for (int s = nv; s < nk; s++) sc[j][s] = 0.f;
                 l[r] = l[r] * corr[j] + sum;
                 m[r] = mx;
@@ -964,7 +963,7 @@ static void ffn_task(void *p, int ith, int nth) {
         for (int64_t t = a0; t < a1; t++) {
             float *g = C.G + t * L->sh_ff;
             const float *u = C.U + t * L->sh_ff;
-            for (int64_t i = 0; i < L->sh_ff; i++) g[i] = silu(g[i]) * u[i];
+            mn_silu_mul(g, u, L->sh_ff);
             act_quantize(&C.h_act, g, t, L->sh_ff);
         }
         mn_pool_barrier(pool, ith);

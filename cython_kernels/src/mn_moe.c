@@ -94,8 +94,6 @@ int mn_moe_check(const mn_moe_args *a, char *err, size_t errlen) {
     return 0;
 }
 
-static inline float silu(float g) { return g / (1.f + expf(-g)); }
-
 /* chunks of rows: chunk c of the flattened (expert, row block) list */
 static int64_t chunk_rows(int64_t rb_bytes) {
     int64_t r = (int64_t)(96 * 1024) / (rb_bytes > 0 ? rb_bytes : 1);
@@ -178,8 +176,7 @@ void mn_moe_task(void *argp, int ith, int nth) {
             mn_matmul_rows(a->gate_type, a->gate[e], a->gate_stride, H, xg + o * L.xgb, L.xgb, m, G + o * I, I, r0, r1);
             mn_matmul_rows(a->up_type, a->up[e], a->up_stride, H, xu + o * (L.share_xu ? L.xgb : L.xub),
                            L.share_xu ? L.xgb : L.xub, m, U + o * I, I, r0, r1);
-            for (int64_t t = o; t < o + m; t++)
-                for (int64_t r = r0; r < r1; r++) G[t * I + r] = silu(G[t * I + r]) * U[t * I + r];
+            for (int64_t t = o; t < o + m; t++) mn_silu_mul(G + t * I + r0, U + t * I + r0, r1 - r0);
         }
     }
     mn_pool_barrier(a->pool, ith);
