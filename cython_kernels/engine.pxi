@@ -108,8 +108,12 @@ cdef extern from "mn_engine.h":
         int64_t crit_ns
         int64_t ffn_crit_ns
         int64_t reduce_parallel_min
+        int64_t route_split_min
+        uint8_t *shared
+        size_t shared_bytes
 
     size_t mn_node_scratch_bytes(const mn_engine *e, int node)
+    size_t mn_engine_shared_bytes(const mn_engine *e)
     size_t mn_kv_tile_bytes(int type, int64_t dim)
     size_t mn_kv_row_bytes(int type, int64_t dim)
     int mn_engine_check(const mn_engine *e, char *err, size_t errlen)
@@ -772,6 +776,10 @@ cdef class NativeEngine:
             self.e.nodes[i].partial = <float *><size_t>partials[i].ctypes.data
             self.e.nodes[i].scratch = <uint8_t *><size_t>scratches[i].ctypes.data
             self.e.nodes[i].scratch_bytes = scratches[i].nbytes
+        shared = np.zeros(mn_engine_shared_bytes(&self.e), np.uint8)   # what routed MoE blocks share
+        keep.append(shared)
+        self.e.shared = <uint8_t *><size_t>shared.ctypes.data
+        self.e.shared_bytes = shared.nbytes
         self._keep = keep
         if mn_engine_check(&self.e, err, sizeof(err)) != 0:
             raise _ShapeError(err.decode())
@@ -888,6 +896,16 @@ cdef class NativeEngine:
     @reduce_parallel_min.setter
     def reduce_parallel_min(self, int64_t v):
         self.e.reduce_parallel_min = max(v, 0)
+
+    @property
+    def route_split_min(self):
+        """Tokens from which a MoE block's norm, router and routing run once, each node on
+        its share of the tokens, instead of on every node for all (0: the default, 4)."""
+        return self.e.route_split_min
+
+    @route_split_min.setter
+    def route_split_min(self, int64_t v):
+        self.e.route_split_min = max(v, 0)
 
     def stats(self):
         self._check_open()

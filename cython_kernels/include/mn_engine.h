@@ -123,6 +123,11 @@ typedef struct {
     int64_t ffn_crit_ns;            /* crit_ns of FFN blocks only */
     int64_t reduce_parallel_min;    /* T x hidden x nodes from which every pool sums the partials
                                        (one more sync); below, the caller does; 0: 2^18 */
+    int64_t route_split_min;        /* tokens from which a MoE block's norm, router and routing run
+                                       once, each node on its share of the tokens (one more sync),
+                                       not on every node for all of them; 0: 4; 1 node: never */
+    uint8_t *shared;                /* what the nodes share in such a block, mn_engine_shared_bytes */
+    size_t shared_bytes;
 } mn_engine;
 
 /* KV-cache layouts: bytes of one key tile (32 positions of `dim` values, transposed) and of one
@@ -132,6 +137,9 @@ size_t mn_kv_row_bytes(int type, int64_t dim);
 
 /* Scratch bytes one node needs for blocks of up to t_max tokens with its layers. */
 size_t mn_node_scratch_bytes(const mn_engine *e, int node);
+/* Bytes of the engine-wide buffer for blocks of up to t_max tokens (the routed tokens' norms,
+ * expert ids and weights, written by the node that routed them and read by every node). */
+size_t mn_engine_shared_bytes(const mn_engine *e);
 /* Validate the whole engine (every node's layers, buffers and scratch); 0, or -1
  * with a message naming node, layer and field.  Array lengths the structs do not
  * carry (norm vectors, RoPE tables, caches) are checked by the setters that have them. */

@@ -722,16 +722,46 @@ static void attn_task(void *p, int ith, int nth) {
 typedef struct {
     mn_engine *e; mn_node *node; const mn_ffn_layer *L;
     const float *x; int64_t T;
+    int routed;                           /* norms, ids and weights came from ffn_route_task (e->shared) */
+    int64_t t0, t1;                       /* ffn_route_task: this node's share of the tokens */
     float *xn, *logits, *gsc, *G, *U, *Y, *wts;
-    int32_t *ids, *a_exp, *a_tok;
+    int32_t *ids, *a_exp, *a_tok;         /* ids / wts: [T, n_used], best first */
     float *a_w;
     int64_t n_assign;
     act_set in, h_act;
-    float *probs, *sel;
+    float *probs, *sel;                   /* [nth, n_expert]: each thread's routing scratch */
     int32_t *r_cnt, *r_chosen, *r_list;   /* replica choice: tokens per expert, chosen holder, order */
     uint8_t *moe_scratch; size_t moe_scratch_bytes;
     int failed;
 } ffn_ctx;
+
+/* e->shared, carved the same way by every node: [t_max, hidden] norms, [t_max, n_used] ids and weights */
+typedef struct { float *xn; int32_t *ids; float *w; } route_share;
+static int max_used(const mn_engine *e) {
+    int k = 0;
+    for (int l = 0; l < e->n_layers; l++)
+        if (e->nodes[0].ffn[l].kind == MN_FFN_MOE && e->nodes[0].ffn[l].n_used > k) k = e->nodes[0].ffn[l].n_used;
+    return k;
+}
+static route_share share_layout(const mn_engine *e, arena *a) {
+    route_share r;
+    const int k = max_used(e);
+    r.xn = (float *)carve(a, sizeof(float) * e->t_max * e->hidden);
+    r.ids = (int32_t *)carve(a, sizeof(int32_t) * e->t_max * k);
+    r.w = (float *)carve(a, sizeof(float) * e->t_max * k);
+    return r;
+}
+size_t mn_engine_shared_bytes(const mn_engine *e) {
+    if (!e || !e->nodes || e->n_nodes < 2 || !max_used(e)) return 64;
+    arena a = sizing_arena();
+    share_layout(e, &a);
+    return a.used + 64;
+}
+static route_share engine_share(const mn_engine *e) {
+    const uintptr_t base = ((uintptr_t)e->shared + 63) & ~(uintptr_t)63;
+    arena a = {(uint8_t *)base, 0, e->shared_bytes - (size_t)(base - (uintptr_t)e->shared), 0};
+    return share_layout(e, &a);
+}
 
 static void ffn_moe_args(const ffn_ctx *c, mn_moe_args *m) {
     const mn_ffn_layer *L = c->L;
@@ -749,18 +779,18 @@ static void ffn_moe_args(const ffn_ctx *c, mn_moe_args *m) {
     m->pool = c->node ? c->node->pool : NULL;
 }
 
-static void ffn_layout(ffn_ctx *c, arena *a) {
+static void ffn_layout(ffn_ctx *c, arena *a, int nth) {
     const mn_ffn_layer *L = c->L;
     const int64_t T = c->T, H = L->hidden;
     memset(&c->in, 0, sizeof(act_set)); memset(&c->h_act, 0, sizeof(act_set));
     c->xn = (float *)carve(a, sizeof(float) * T * H);
     if (L->kind == MN_FFN_MOE) {
-        act_add(&c->in, L->router.type, H);
+        if (!c->routed) act_add(&c->in, L->router.type, H);
         c->logits = (float *)carve(a, sizeof(float) * T * L->n_expert);
-        c->probs = (float *)carve(a, sizeof(float) * L->n_expert);
-        c->sel = (float *)carve(a, sizeof(float) * L->n_expert);
-        c->ids = (int32_t *)carve(a, sizeof(int32_t) * L->n_used);
-        c->wts = (float *)carve(a, sizeof(float) * L->n_used);
+        c->probs = (float *)carve(a, sizeof(float) * nth * L->n_expert);
+        c->sel = (float *)carve(a, sizeof(float) * nth * L->n_expert);
+        c->ids = (int32_t *)carve(a, sizeof(int32_t) * T * L->n_used);
+        c->wts = (float *)carve(a, sizeof(float) * T * L->n_used);
         c->a_exp = (int32_t *)carve(a, sizeof(int32_t) * T * L->n_used);
         c->a_tok = (int32_t *)carve(a, sizeof(int32_t) * T * L->n_used);
         c->a_w = (float *)carve(a, sizeof(float) * T * L->n_used);
@@ -785,14 +815,18 @@ static void ffn_layout(ffn_ctx *c, arena *a) {
         c->Y = (float *)carve(a, sizeof(float) * T * H);
     }
     act_alloc(&c->in, a, T); act_alloc(&c->h_act, a, T);
+    if (c->routed && c->e && c->e->shared) {   /* the norms, ids and weights every node reads */
+        const route_share r = engine_share(c->e);
+        c->xn = r.xn; c->ids = r.ids; c->wts = r.w;
+    }
 }
 
-static size_t ffn_scratch(const mn_ffn_layer *L, int64_t T) {
+static size_t ffn_scratch(const mn_ffn_layer *L, int64_t T, int nth) {
     ffn_ctx c;
     memset(&c, 0, sizeof c);
     c.L = L; c.T = T;
     arena a = sizing_arena();
-    ffn_layout(&c, &a);
+    ffn_layout(&c, &a, nth);
     return a.used + 64;
 }
 
@@ -888,6 +922,47 @@ static void choose_replicas(const mn_ffn_layer *L, const int32_t *a_exp, int64_t
     }
 }
 
+/* Route tokens [t0, t1) (thread ith's share): C->ids / C->wts rows t, from logits rows t - lbase. */
+static void route_tokens(const ffn_ctx *C, int64_t t0, int64_t t1, int64_t lbase, int ith) {
+    const mn_ffn_layer *L = C->L;
+    for (int64_t t = t0; t < t1; t++)
+        route(L, C->logits + (t - lbase) * L->n_expert, C->probs + (int64_t)ith * L->n_expert,
+              C->sel + (int64_t)ith * L->n_expert, C->ids + t * L->n_used, C->wts + t * L->n_used);
+}
+
+/* The router of a MoE block done once, not on every node: this node normalises its share
+ * of the tokens [t0, t1), runs the router on them and routes them, into e->shared, which
+ * every node's ffn_task then reads (routed = 1). */
+static void ffn_route_task(void *p, int ith, int nth) {
+    ffn_ctx *c = (ffn_ctx *)p;
+    const mn_ffn_layer *L = c->L;
+    const int64_t t_start = ith == 0 ? now_ns() : 0;
+    const int64_t H = L->hidden, n = c->t1 - c->t0;
+    if (n <= 0) return;
+    arena a = node_arena(c->node);
+    ffn_ctx C = *c;
+    C.routed = 0;
+    ffn_layout(&C, &a, nth);
+    if (a.over) { if (ith == 0) c->failed = 1; return; }
+    const route_share sh = engine_share(c->e);
+    C.ids = sh.ids; C.wts = sh.w;
+    int64_t a0, a1;
+    size_t r;
+    split(n, ith, nth, &a0, &a1);
+    for (int64_t i = a0; i < a1; i++) {
+        const int64_t t = c->t0 + i;
+        rms_norm_row(c->x + t * H, L->ffn_norm, sh.xn + t * H, H, L->rms_eps);
+        act_quantize(&C.in, sh.xn + t * H, i, H);
+    }
+    mn_pool_barrier(c->node->pool, ith);
+    seg sr = {&L->router, C.logits, L->n_expert, act_of(&C.in, L->router.type, &r), r};
+    matmul_segs(&sr, 1, n, ith, nth);
+    mn_pool_barrier(c->node->pool, ith);
+    split(n, ith, nth, &a0, &a1);
+    route_tokens(&C, c->t0 + a0, c->t0 + a1, c->t0, ith);
+    if (ith == 0) c->node->busy_ns += now_ns() - t_start;
+}
+
 static void ffn_task(void *p, int ith, int nth) {
     ffn_ctx *c = (ffn_ctx *)p;
     const mn_ffn_layer *L = c->L;
@@ -896,7 +971,7 @@ static void ffn_task(void *p, int ith, int nth) {
     mn_pool *pool = c->node->pool;
     arena a = node_arena(c->node);
     ffn_ctx C = *c;
-    ffn_layout(&C, &a);
+    ffn_layout(&C, &a, nth);
     if (a.over) { if (ith == 0) c->failed = 1; return; }
     float *partial = c->node->partial;
     int64_t a0, a1;
@@ -904,7 +979,7 @@ static void ffn_task(void *p, int ith, int nth) {
 
     split(T, ith, nth, &a0, &a1);
     for (int64_t t = a0; t < a1; t++) {
-        rms_norm_row(c->x + t * H, L->ffn_norm, C.xn + t * H, H, L->rms_eps);
+        if (!C.routed) rms_norm_row(c->x + t * H, L->ffn_norm, C.xn + t * H, H, L->rms_eps);
         act_quantize(&C.in, C.xn + t * H, t, H);
         memset(partial + t * H, 0, sizeof(float) * H);
         C.gsc[t] = 1.0f;
@@ -917,19 +992,22 @@ static void ffn_task(void *p, int ith, int nth) {
     mn_pool_barrier(pool, ith);
 
     if (L->kind == MN_FFN_MOE) {
-        seg sr = {&L->router, C.logits, L->n_expert, act_of(&C.in, L->router.type, &r), r};
-        matmul_segs(&sr, 1, T, ith, nth);
-        mn_pool_barrier(pool, ith);
-        if (ith == 0) {   /* routing is replicated on every node; keep the local assignments */
+        if (!C.routed) {
+            seg sr = {&L->router, C.logits, L->n_expert, act_of(&C.in, L->router.type, &r), r};
+            matmul_segs(&sr, 1, T, ith, nth);
+            mn_pool_barrier(pool, ith);
+            route_tokens(&C, a0, a1, 0, ith);
+            mn_pool_barrier(pool, ith);
+        }
+        if (ith == 0) {   /* every node knows every route; keep the local assignments */
             int64_t n = 0;
             int64_t *counts = L->node_id == 0 ? L->expert_tokens : NULL;
             for (int64_t t = 0; t < T; t++) {
-                route(L, C.logits + t * L->n_expert, C.probs, C.sel, C.ids, C.wts);
                 for (int k = 0; k < L->n_used; k++) {
-                    const int e = C.ids[k];
+                    const int e = C.ids[t * L->n_used + k];
                     if (counts) counts[e]++;
                     if (!L->repl_nodes && !L->gate_ptrs[e]) continue;
-                    C.a_exp[n] = e; C.a_tok[n] = (int32_t)t; C.a_w[n] = C.wts[k]; n++;
+                    C.a_exp[n] = e; C.a_tok[n] = (int32_t)t; C.a_w[n] = C.wts[t * L->n_used + k]; n++;
                 }
             }
             if (L->repl_nodes) {   /* all assignments were kept for the choice; keep this node's share */
@@ -1134,15 +1212,34 @@ int mn_engine_attention_batch(mn_engine *e, int layer, float *x, int64_t T, cons
     return attention(e, layer, x, T, 0, pos, slot);
 }
 
+/* A MoE block's norm, router and routing run once, split over the nodes, from this many tokens */
+static int route_split(const mn_engine *e, const mn_ffn_layer *L, int64_t T) {
+    const int64_t min = e->route_split_min > 0 ? e->route_split_min : 4;
+    return e->n_nodes > 1 && L->kind == MN_FFN_MOE && T >= min && e->shared
+        && e->shared_bytes >= mn_engine_shared_bytes(e);
+}
+
 int mn_engine_ffn(mn_engine *e, int layer, float *x, int64_t T) {
     int rc = check_call(e, layer, T);
     if (rc) return rc;
     if (layer < 0) return MN_ENGINE_ELAYER;
     ffn_ctx ctx[MAX_NODES];
-    for (int n = 0; n < e->n_nodes; n++) {
+    const int routed = route_split(e, &e->nodes[0].ffn[layer], T);
+    int threads = 0;
+    for (int n = 0; n < e->n_nodes; n++) threads += mn_pool_size(e->nodes[n].pool);
+    for (int n = 0, first = 0; n < e->n_nodes; n++) {
         memset(&ctx[n], 0, sizeof(ffn_ctx));
         ctx[n].e = e; ctx[n].node = &e->nodes[n]; ctx[n].L = &e->nodes[n].ffn[layer];
         ctx[n].x = x; ctx[n].T = T;
+        /* a node routes tokens in proportion to its threads */
+        const int nth = mn_pool_size(e->nodes[n].pool);
+        ctx[n].t0 = T * first / threads; ctx[n].t1 = T * (first + nth) / threads;
+        first += nth;
+    }
+    if (routed) {
+        run_nodes(e, ffn_route_task, ctx, sizeof(ffn_ctx), 1);
+        for (int n = 0; n < e->n_nodes; n++) if (ctx[n].failed) return MN_ENGINE_ESCRATCH;
+        for (int n = 0; n < e->n_nodes; n++) ctx[n].routed = 1;
     }
     run_nodes(e, ffn_task, ctx, sizeof(ffn_ctx), 1);
     for (int n = 0; n < e->n_nodes; n++) if (ctx[n].failed) return MN_ENGINE_ESCRATCH;
@@ -1185,7 +1282,7 @@ size_t mn_node_scratch_bytes(const mn_engine *e, int node) {
             if (s > need) need = s;
         }
         if (nd->ffn[l].kind != MN_FFN_NONE) {
-            const size_t s = ffn_scratch(&nd->ffn[l], e->t_max);
+            const size_t s = ffn_scratch(&nd->ffn[l], e->t_max, nth);
             if (s > need) need = s;
         }
     }
