@@ -7,14 +7,18 @@
 int mn_simd_level_cpu(void) {
 #if defined(__x86_64__) || defined(__i386__)
     __builtin_cpu_init();
+    /* every level above scalar compiles with BMI2 and POPCNT enabled (their target
+     * pragmas), so the compiler may emit them anywhere there: require them too */
+    const int base = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                     __builtin_cpu_supports("f16c") && __builtin_cpu_supports("bmi2") &&
+                     __builtin_cpu_supports("popcnt");
+    if (!base) return MN_SIMD_SCALAR;
     if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq")) {
         if (__builtin_cpu_supports("avx512vnni")) return MN_SIMD_AVX512_VNNI;
         return MN_SIMD_AVX512;
     }
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-        __builtin_cpu_supports("f16c"))
-        return MN_SIMD_AVX2;
+    return MN_SIMD_AVX2;
 #endif
     return MN_SIMD_SCALAR;
 }
