@@ -16,11 +16,12 @@ Modes:
 - `copy per node` (KTransformers v0.2): a whole weight copy on each node, work
   split evenly, all reads local; N x the memory;
 - `whole`, `split`, `hybrid` (+ replicas): this engine with the map that
-  `moe-numa map` makes from the trace (numa/profile.py); per layer two syncs,
+  `moe-numa map` makes from the trace (numa/profile.py); per layer two syncs (three for a MoE
+  layer on several nodes),
   each node reads its own shards; a layer waits for its busiest node.
 
 Decode time per layer = max over nodes of (bytes read / (bandwidth x kernel
-share)) + 2 syncs; prefill per node = max(bytes / bandwidth, FLOPs / rate).
+share)) + its syncs; prefill per node = max(bytes / bandwidth, FLOPs / rate).
 `--calibrate` measures this machine's virtual nodes (one core each): it runs
 the engine in each mode and prints measured beside projected times. Timing
 claims are never made by tests: run this on a quiet machine.
@@ -205,8 +206,10 @@ def project(shape: Shape, machine: Machine, trace: np.ndarray, nodes=(2, 4, 8), 
             else:
                 pl = _placement(mode, trace, shape, n, slots)
                 crit = critical_path(trace, pl, n, split_overhead)          # expert units per token per layer
-                t_dec = (shape.other_bytes / n + shape.n_moe * crit * shape.expert_bytes) / bw \
-                    + (2 * shape.n_layer + 1) * sync
+                # other_bytes / n: the router too is read once in all (each node a share of its rows),
+                # at one more sync per MoE layer on several nodes
+                syncs = 2 * shape.n_layer + 1 + (shape.n_moe if n > 1 else 0)
+                t_dec = (shape.other_bytes / n + shape.n_moe * crit * shape.expert_bytes) / bw + syncs * sync
                 pre = []
                 for b in batches:
                     reads, work = _batch_loads(np.bincount(b.ravel(), minlength=shape.n_expert), pl, n,
@@ -216,7 +219,7 @@ def project(shape: Shape, machine: Machine, trace: np.ndarray, nodes=(2, 4, 8), 
                     pre.append(per_node.max() * T / len(b))         # a short trace: scaled to T tokens
                 moe_t = float(np.mean(pre)) * shape.n_moe
                 other = max(T * shape.other_flops / (n * gf), shape.other_bytes / (n * machine.read_gbps * 1e9))
-                t_pre = moe_t + other + (2 * shape.n_layer + 1) * sync
+                t_pre = moe_t + other + syncs * sync
                 n_repl = sum(len(h) - 1 for e, h in enumerate(pl.holders) if not pl.split[e])
                 mem = 1.0 + shape.n_moe * n_repl * shape.expert_bytes / all_bytes
             rows.append({"mode": mode, "nodes": n, "decode_tps": 1.0 / t_dec, "prefill_tps": T / t_pre,

@@ -899,13 +899,14 @@ cdef class NativeEngine:
 
     @property
     def route_split_min(self):
-        """Tokens from which a MoE block's norm, router and routing run once, each node on
-        its share of the tokens, instead of on every node for all (0: the default, 4)."""
+        """On several nodes a MoE block's router runs once, split over the nodes: from this many
+        tokens each node normalises, scores and routes its share of the tokens, below it runs its
+        share of the router's rows (0: the default, 4; -1: every node runs the whole router)."""
         return self.e.route_split_min
 
     @route_split_min.setter
     def route_split_min(self, int64_t v):
-        self.e.route_split_min = max(v, 0)
+        self.e.route_split_min = max(v, -1)
 
     def stats(self):
         self._check_open()

@@ -323,8 +323,8 @@ def test_make_bench_model_routing_skew(tmp_path, monkeypatch):
 @settings(max_examples=12)
 @given(preset=st.sampled_from(TEST_PRESETS), n_nodes=st.integers(2, 4), data=st.data())
 def test_routing_once_split_over_nodes_is_bit_identical(make_model, preset, n_nodes, data):
-    """A MoE block's norm, router and routing run once, each node on its share of the
-    tokens (route_split_min), or on every node for all tokens: the same bits, every map."""
+    """A MoE block's router runs once, split over the nodes by tokens (norm, router, routing)
+    or by the router's rows (route_split_min), or whole on every node: the same bits, every map."""
     path = make_model(preset, "q8_0")
     cfg = moe_numa.load(path, backend="reference").config
     emap = mixed_map(cfg, n_nodes, data, split_ok=True)
@@ -332,13 +332,15 @@ def test_routing_once_split_over_nodes_is_bit_identical(make_model, preset, n_no
     with moe_numa.load(path, numa_nodes=n_nodes, expert_map=emap, rebalance_every=None, replica_budget=1.0) as eng:
         b = eng.backend
         out, tokens = [], []
-        for threshold in (10 ** 9, 1):          # never, always
+        for threshold in (-1, 10 ** 9, 1):      # replicated, by rows, by tokens
             b.core.route_split_min = threshold
             b.reset(); b.reset_counters()
             out.append(b.forward(ids, all_logits=True))
             c = b.counters()
             tokens.append([t.copy() for t in c["expert_tokens"]])
-            assert c["syncs"] == 2 * cfg.n_layer + 1 + (len(moe_layers(cfg)) if threshold == 1 else 0)
-    np.testing.assert_array_equal(out[0], out[1])
-    for a, b_ in zip(*tokens):
-        np.testing.assert_array_equal(a, b_)
+            assert c["syncs"] == 2 * cfg.n_layer + 1 + (len(moe_layers(cfg)) if threshold != -1 else 0)
+        b.core.route_split_min = 0
+    for k in (1, 2):
+        np.testing.assert_array_equal(out[0], out[k])
+        for a, b_ in zip(tokens[0], tokens[k]):
+            np.testing.assert_array_equal(a, b_)

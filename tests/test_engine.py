@@ -165,11 +165,11 @@ def test_decode_equals_prefill_and_counts_syncs(make_model, preset):
                                [b.forward(ids[k:k + 1], all_logits=True) for k in range(4, len(ids))])
         np.testing.assert_allclose(steps, full, atol=1e-4 * np.abs(full).max())
         c = b.counters()
-        # one forward call = 2 syncs per layer + 1 for the head; 6 calls here; the 4-token
-        # block routes its MoE layers once, split over the nodes: one more sync for each
+        # one forward call = 2 syncs per layer + 1 for the head, and one more per MoE layer, whose
+        # router runs once, split over the nodes (by tokens from 4 tokens on, by rows below); 6 calls
         n_moe = len(moe_layers(cfg))
-        assert b.core.route_split_min == 0           # the default: from 4 tokens
-        assert c["syncs"] == 6 * (2 * cfg.n_layer + 1) + n_moe
+        assert b.core.route_split_min == 0           # the default: by tokens from 4 tokens
+        assert c["syncs"] == 6 * (2 * cfg.n_layer + 1 + n_moe)
         routed = sum(int(t.sum()) for t in c["expert_tokens"])
         assert routed == len(ids) * cfg.router.n_used * n_moe
 

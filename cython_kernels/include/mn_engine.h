@@ -123,9 +123,10 @@ typedef struct {
     int64_t ffn_crit_ns;            /* crit_ns of FFN blocks only */
     int64_t reduce_parallel_min;    /* T x hidden x nodes from which every pool sums the partials
                                        (one more sync); below, the caller does; 0: 2^18 */
-    int64_t route_split_min;        /* tokens from which a MoE block's norm, router and routing run
-                                       once, each node on its share of the tokens (one more sync),
-                                       not on every node for all of them; 0: 4; 1 node: never */
+    int64_t route_split_min;        /* on several nodes a MoE block's router runs once, split over the
+                                       nodes (one more sync): from this many tokens by tokens (norm,
+                                       router and routing), below by the router's rows; 0: 4;
+                                       -1: every node runs all of it (the replicated router) */
     uint8_t *shared;                /* what the nodes share in such a block, mn_engine_shared_bytes */
     size_t shared_bytes;
 } mn_engine;

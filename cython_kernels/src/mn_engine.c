@@ -722,8 +722,10 @@ static void attn_task(void *p, int ith, int nth) {
 typedef struct {
     mn_engine *e; mn_node *node; const mn_ffn_layer *L;
     const float *x; int64_t T;
-    int routed;                           /* norms, ids and weights came from ffn_route_task (e->shared) */
-    int64_t t0, t1;                       /* ffn_route_task: this node's share of the tokens */
+    int routed;                           /* ROUTED_TOKENS: norms, ids and weights came from ffn_route_task
+                                             (e->shared); ROUTED_LOGITS: the router logits did */
+    int64_t t0, t1;                       /* ffn_route_task: this node's share of the tokens ... */
+    int64_t e0, e1;                       /* ... or of the router's rows (ROUTED_LOGITS) */
     float *xn, *logits, *gsc, *G, *U, *Y, *wts;
     int32_t *ids, *a_exp, *a_tok;         /* ids / wts: [T, n_used], best first */
     float *a_w;
@@ -735,20 +737,28 @@ typedef struct {
     int failed;
 } ffn_ctx;
 
-/* e->shared, carved the same way by every node: [t_max, hidden] norms, [t_max, n_used] ids and weights */
-typedef struct { float *xn; int32_t *ids; float *w; } route_share;
-static int max_used(const mn_engine *e) {
+enum { ROUTED_NO = 0, ROUTED_TOKENS = 1, ROUTED_LOGITS = 2 };
+
+/* e->shared, carved the same way by every node: [t_max, hidden] norms, [t_max, n_used] ids and
+ * weights, [t_max, n_expert] router logits */
+typedef struct { float *xn; int32_t *ids; float *w; float *logits; } route_share;
+static int max_moe(const mn_engine *e, int experts) {
     int k = 0;
-    for (int l = 0; l < e->n_layers; l++)
-        if (e->nodes[0].ffn[l].kind == MN_FFN_MOE && e->nodes[0].ffn[l].n_used > k) k = e->nodes[0].ffn[l].n_used;
+    for (int l = 0; l < e->n_layers; l++) {
+        const mn_ffn_layer *L = &e->nodes[0].ffn[l];
+        const int v = experts ? L->n_expert : L->n_used;
+        if (L->kind == MN_FFN_MOE && v > k) k = v;
+    }
     return k;
 }
+static int max_used(const mn_engine *e) { return max_moe(e, 0); }
 static route_share share_layout(const mn_engine *e, arena *a) {
     route_share r;
     const int k = max_used(e);
     r.xn = (float *)carve(a, sizeof(float) * e->t_max * e->hidden);
     r.ids = (int32_t *)carve(a, sizeof(int32_t) * e->t_max * k);
     r.w = (float *)carve(a, sizeof(float) * e->t_max * k);
+    r.logits = (float *)carve(a, sizeof(float) * e->t_max * max_moe(e, 1));
     return r;
 }
 size_t mn_engine_shared_bytes(const mn_engine *e) {
@@ -815,9 +825,10 @@ static void ffn_layout(ffn_ctx *c, arena *a, int nth) {
         c->Y = (float *)carve(a, sizeof(float) * T * H);
     }
     act_alloc(&c->in, a, T); act_alloc(&c->h_act, a, T);
-    if (c->routed && c->e && c->e->shared) {   /* the norms, ids and weights every node reads */
+    if (c->routed && c->e && c->e->shared) {   /* what every node reads */
         const route_share r = engine_share(c->e);
-        c->xn = r.xn; c->ids = r.ids; c->wts = r.w;
+        if (c->routed == ROUTED_TOKENS) { c->xn = r.xn; c->ids = r.ids; c->wts = r.w; }
+        else c->logits = r.logits;
     }
 }
 
@@ -930,27 +941,46 @@ static void route_tokens(const ffn_ctx *C, int64_t t0, int64_t t1, int64_t lbase
               C->sel + (int64_t)ith * L->n_expert, C->ids + t * L->n_used, C->wts + t * L->n_used);
 }
 
-/* The router of a MoE block done once, not on every node: this node normalises its share
- * of the tokens [t0, t1), runs the router on them and routes them, into e->shared, which
- * every node's ffn_task then reads (routed = 1). */
+/* The router of a MoE block done once, not on every node.  ROUTED_TOKENS (prefill): this node
+ * normalises its share of the tokens [t0, t1), runs the router on them and routes them, into
+ * e->shared, which every node's ffn_task then reads.  ROUTED_LOGITS (a few tokens): this node
+ * computes its share [e0, e1) of the router's rows for every token, so that the router's
+ * bytes are read once in all, not once per node; every node then routes from the logits. */
 static void ffn_route_task(void *p, int ith, int nth) {
     ffn_ctx *c = (ffn_ctx *)p;
     const mn_ffn_layer *L = c->L;
     const int64_t t_start = ith == 0 ? now_ns() : 0;
-    const int64_t H = L->hidden, n = c->t1 - c->t0;
-    if (n <= 0) return;
+    const int64_t H = L->hidden;
+    const int by_rows = c->routed == ROUTED_LOGITS;
+    const int64_t first = by_rows ? 0 : c->t0, n = by_rows ? c->T : c->t1 - c->t0;
+    if (n <= 0 || (by_rows && c->e1 <= c->e0)) return;
     arena a = node_arena(c->node);
     ffn_ctx C = *c;
-    C.routed = 0;
+    C.routed = ROUTED_NO;
     ffn_layout(&C, &a, nth);
     if (a.over) { if (ith == 0) c->failed = 1; return; }
     const route_share sh = engine_share(c->e);
     C.ids = sh.ids; C.wts = sh.w;
     int64_t a0, a1;
     size_t r;
+    if (by_rows) {
+        split(n, ith, nth, &a0, &a1);
+        for (int64_t t = a0; t < a1; t++) {
+            rms_norm_row(c->x + t * H, L->ffn_norm, C.xn + t * H, H, L->rms_eps);
+            act_quantize(&C.in, C.xn + t * H, t, H);
+        }
+        mn_pool_barrier(c->node->pool, ith);
+        mn_mat rows = L->router;
+        rows.data += (size_t)c->e0 * rows.stride;
+        rows.rows = c->e1 - c->e0;
+        seg sr = {&rows, sh.logits + c->e0, L->n_expert, act_of(&C.in, L->router.type, &r), r};
+        matmul_segs(&sr, 1, n, ith, nth);
+        if (ith == 0) c->node->busy_ns += now_ns() - t_start;
+        return;
+    }
     split(n, ith, nth, &a0, &a1);
     for (int64_t i = a0; i < a1; i++) {
-        const int64_t t = c->t0 + i;
+        const int64_t t = first + i;
         rms_norm_row(c->x + t * H, L->ffn_norm, sh.xn + t * H, H, L->rms_eps);
         act_quantize(&C.in, sh.xn + t * H, i, H);
     }
@@ -979,7 +1009,7 @@ static void ffn_task(void *p, int ith, int nth) {
 
     split(T, ith, nth, &a0, &a1);
     for (int64_t t = a0; t < a1; t++) {
-        if (!C.routed) rms_norm_row(c->x + t * H, L->ffn_norm, C.xn + t * H, H, L->rms_eps);
+        if (C.routed != ROUTED_TOKENS) rms_norm_row(c->x + t * H, L->ffn_norm, C.xn + t * H, H, L->rms_eps);
         act_quantize(&C.in, C.xn + t * H, t, H);
         memset(partial + t * H, 0, sizeof(float) * H);
         C.gsc[t] = 1.0f;
@@ -992,10 +1022,12 @@ static void ffn_task(void *p, int ith, int nth) {
     mn_pool_barrier(pool, ith);
 
     if (L->kind == MN_FFN_MOE) {
-        if (!C.routed) {
-            seg sr = {&L->router, C.logits, L->n_expert, act_of(&C.in, L->router.type, &r), r};
-            matmul_segs(&sr, 1, T, ith, nth);
-            mn_pool_barrier(pool, ith);
+        if (C.routed != ROUTED_TOKENS) {
+            if (C.routed == ROUTED_NO) {
+                seg sr = {&L->router, C.logits, L->n_expert, act_of(&C.in, L->router.type, &r), r};
+                matmul_segs(&sr, 1, T, ith, nth);
+                mn_pool_barrier(pool, ith);
+            }
             route_tokens(&C, a0, a1, 0, ith);
             mn_pool_barrier(pool, ith);
         }
@@ -1212,11 +1244,14 @@ int mn_engine_attention_batch(mn_engine *e, int layer, float *x, int64_t T, cons
     return attention(e, layer, x, T, 0, pos, slot);
 }
 
-/* A MoE block's norm, router and routing run once, split over the nodes, from this many tokens */
+/* On several nodes a MoE block's router runs once, split over the nodes: by tokens (norm, router
+ * and routing) from route_split_min tokens, by the router's rows below */
 static int route_split(const mn_engine *e, const mn_ffn_layer *L, int64_t T) {
+    if (e->n_nodes < 2 || L->kind != MN_FFN_MOE || e->route_split_min < 0 || !e->shared
+        || e->shared_bytes < mn_engine_shared_bytes(e))
+        return ROUTED_NO;
     const int64_t min = e->route_split_min > 0 ? e->route_split_min : 4;
-    return e->n_nodes > 1 && L->kind == MN_FFN_MOE && T >= min && e->shared
-        && e->shared_bytes >= mn_engine_shared_bytes(e);
+    return T >= min ? ROUTED_TOKENS : ROUTED_LOGITS;
 }
 
 int mn_engine_ffn(mn_engine *e, int layer, float *x, int64_t T) {
@@ -1231,15 +1266,18 @@ int mn_engine_ffn(mn_engine *e, int layer, float *x, int64_t T) {
         memset(&ctx[n], 0, sizeof(ffn_ctx));
         ctx[n].e = e; ctx[n].node = &e->nodes[n]; ctx[n].L = &e->nodes[n].ffn[layer];
         ctx[n].x = x; ctx[n].T = T;
-        /* a node routes tokens in proportion to its threads */
+        /* a node routes tokens, or runs router rows, in proportion to its threads */
         const int nth = mn_pool_size(e->nodes[n].pool);
+        const int64_t E = ctx[n].L->n_expert;
         ctx[n].t0 = T * first / threads; ctx[n].t1 = T * (first + nth) / threads;
+        ctx[n].e0 = E * first / threads; ctx[n].e1 = E * (first + nth) / threads;
         first += nth;
     }
     if (routed) {
+        for (int n = 0; n < e->n_nodes; n++) ctx[n].routed = routed;
         run_nodes(e, ffn_route_task, ctx, sizeof(ffn_ctx), 1);
         for (int n = 0; n < e->n_nodes; n++) if (ctx[n].failed) return MN_ENGINE_ESCRATCH;
-        for (int n = 0; n < e->n_nodes; n++) ctx[n].routed = 1;
+        for (int n = 0; n < e->n_nodes; n++) ctx[n].routed = routed;
     }
     run_nodes(e, ffn_task, ctx, sizeof(ffn_ctx), 1);
     for (int n = 0; n < e->n_nodes; n++) if (ctx[n].failed) return MN_ENGINE_ESCRATCH;
