@@ -254,6 +254,80 @@ MN_INLINE void dot_q6_K_t(const uint8_t *w, int64_t nb, const uint8_t *xq, size_
 }
 MN_TILED(dot_q6_K)
 
+/* lane l of the result: [the int16 sum of p[c]'s lane l, c = 0..7] (the caller keeps the
+ * sums within int16); unpacks and adds, 21 ALU ops (seven vphaddw cost more, see sum4x8) */
+MN_INLINE __m256i sum8x16(const __m256i p[8]) {
+    __m256i q[4], r[2];
+    for (int j = 0; j < 4; j++)
+        q[j] = _mm256_add_epi16(_mm256_unpacklo_epi16(p[2 * j], p[2 * j + 1]), _mm256_unpackhi_epi16(p[2 * j], p[2 * j + 1]));
+    for (int j = 0; j < 2; j++)
+        r[j] = _mm256_add_epi16(_mm256_unpacklo_epi32(q[2 * j], q[2 * j + 1]), _mm256_unpackhi_epi32(q[2 * j], q[2 * j + 1]));
+    return _mm256_add_epi16(_mm256_unpacklo_epi64(r[0], r[1]), _mm256_unpackhi_epi64(r[0], r[1]));
+}
+
+/* --------------------------------------------------------------- Q2_K
+ * Values u <= 3 keep the sum over a whole 16-value sub-block within int16
+ * (16 * 12 * 127 with the 4u below), so the eight maddubs of a super-block
+ * reduce (sum8x16) to the 16 sub-block dots in one register, and ONE madd applies the
+ * 16 scales (instead of a scale shuffle, a madd and an add per 32 values).
+ * Chunk c = 4n + k holds the values (qs[32n + l] >> 2k) & 3: odd k are masked in
+ * place (4u, no shift), their sub-blocks' scales taken once and the others' 4x,
+ * so the sum is 4x the dot.  Two super-blocks per step share the float work: their
+ * dots and min terms meet in one sum4x8, one conversion and one fma per token. */
+MN_INLINE void dot_q2_K_t(const uint8_t *w, int64_t nb, const uint8_t *xq, size_t xs, const int NT, float *res) {
+    const __m256i m3 = _mm256_set1_epi8(3), m12 = _mm256_set1_epi8(12), m15 = _mm256_set1_epi8(15);
+    /* the tree leaves sub-block 8n + 2k of chunk c = 4n + k in lane 0 slot c, 8n + 2k + 1 in lane 1 */
+    const __m256i sord = _mm256_setr_epi8(0, -1, 2, -1, 4, -1, 6, -1, 8, -1, 10, -1, 12, -1, 14, -1,
+                                          1, -1, 3, -1, 5, -1, 7, -1, 9, -1, 11, -1, 13, -1, 15, -1);
+    const __m256i f41 = _mm256_set1_epi32(0x00010004);
+    const __m128 sgn = _mm_setr_ps(0.25f, -1.f, 0.25f, -1.f);
+    __m128 acc[MN_TILE];
+    for (int t = 0; t < NT; t++) acc[t] = _mm_setzero_ps();
+    for (int64_t i = 0; i < nb; i += 2) {
+        const int two = i + 1 < nb;
+        __m256i dot[2][MN_TILE], mins[2][MN_TILE];
+        for (int j = 0; j < 2; j++) {
+            if (j && !two) {
+                for (int t = 0; t < NT; t++) dot[1][t] = mins[1][t] = _mm256_setzero_si256();
+                break;
+            }
+            const uint8_t *b = mn_block(w, (i + j) * BS_Q2_K, 2);
+            const __m128i s8 = _mm_loadu_si128((const __m128i *)b);
+            const __m256i sc = _mm256_mullo_epi16(_mm256_shuffle_epi8(_mm256_and_si256(_mm256_broadcastsi128_si256(s8), m15), sord), f41);
+            const __m256i mn = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(s8, 4), _mm256_castsi256_si128(m15)));
+            __m256i u[8];
+            for (int n = 0; n < 2; n++) {
+                const __m256i v = _mm256_loadu_si256((const __m256i *)(b + 16 + 32 * n));
+                const __m256i h = _mm256_srli_epi16(v, 4);
+                u[4 * n + 0] = _mm256_and_si256(v, m3);
+                u[4 * n + 1] = _mm256_and_si256(v, m12);
+                u[4 * n + 2] = _mm256_and_si256(h, m3);
+                u[4 * n + 3] = _mm256_and_si256(h, m12);
+            }
+            for (int t = 0; t < NT; t++) {
+                const uint8_t *xr = xq + t * xs;
+                const __m256i *x = (const __m256i *)(xr + QK_K * (i + j));
+                __m256i p[8];
+                for (int c = 0; c < 8; c++) p[c] = _mm256_maddubs_epi16(u[c], _mm256_loadu_si256(x + c));
+                dot[j][t] = _mm256_madd_epi16(sum8x16(p), sc);
+                mins[j][t] = _mm256_madd_epi16(mn, _mm256_loadu_si256((const __m256i *)(xr + (QK_K + 4) * nb + 32 * (i + j))));
+            }
+        }
+        /* d and dmin of both blocks in one conversion, times each token's two dy */
+        const uint64_t dd = (uint64_t)mn_rd32(w + i * BS_Q2_K + 80) | (two ? (uint64_t)mn_rd32(w + (i + 1) * BS_Q2_K + 80) << 32 : 0);
+        const __m128 dm = _mm_mul_ps(_mm_cvtph_ps(_mm_cvtsi64_si128((long long)dd)), sgn);
+        for (int t = 0; t < NT; t++) {
+            const float *dy = (const float *)(xq + t * xs + QK_K * nb) + i;
+            const __m128 f = _mm_mul_ps(dm, _mm_setr_ps(dy[0], dy[0], two ? dy[1] : 0.f, two ? dy[1] : 0.f));
+            const __m256i z = sum4x8(dot[0][t], mins[0][t], dot[1][t], mins[1][t]);
+            const __m128i z4 = _mm_add_epi32(_mm256_castsi256_si128(z), _mm256_extracti128_si256(z, 1));
+            acc[t] = _mm_fmadd_ps(_mm_cvtepi32_ps(z4), f, acc[t]);
+        }
+    }
+    for (int t = 0; t < NT; t++) res[t] = hsum4(acc[t]);
+}
+MN_TILED(dot_q2_K)
+
 /* ----------------------------- Q2_K, Q3_K, Q5_K: SIMD unpack + generic dot
  * Each super-block is unpacked in registers to 8 x 32 unsigned values u (0..31),
  * int16 scales per 16 values sc[16], mins per 16 m[16] and an offset o so that
@@ -370,7 +444,6 @@ MN_INLINE void dot_kgen_t(const int KT, size_t bsz, const uint8_t *w, int64_t nb
     MN_INLINE void dot_##name##_t(const uint8_t *w, int64_t nb, const uint8_t *xq, size_t xs, const int NT, float *res) { \
         dot_kgen_t(KT, BS_##T, w, nb, xq, xs, NT, res); } \
     MN_TILED(dot_##name)
-KGEN(q2_K, Q2_K, KT_Q2)
 KGEN(q3_K, Q3_K, KT_Q3)
 KGEN(q5_K, Q5_K, KT_Q5)
 KGEN(tq2_0, TQ2_0, KT_TQ2)
