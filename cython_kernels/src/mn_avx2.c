@@ -265,45 +265,75 @@ MN_INLINE __m256i sum8x16(const __m256i p[8]) {
     return _mm256_add_epi16(_mm256_unpacklo_epi64(r[0], r[1]), _mm256_unpackhi_epi64(r[0], r[1]));
 }
 
-/* --------------------------------------------------------------- Q2_K
- * Values u <= 3 keep the sum over a whole 16-value sub-block within int16
- * (16 * 12 * 127 with the 4u below), so the eight maddubs of a super-block
- * reduce (sum8x16) to the 16 sub-block dots in one register, and ONE madd applies the
- * 16 scales (instead of a scale shuffle, a madd and an add per 32 values).
- * Chunk c = 4n + k holds the values (qs[32n + l] >> 2k) & 3: odd k are masked in
- * place (4u, no shift), their sub-blocks' scales taken once and the others' 4x,
- * so the sum is 4x the dot.  Two super-blocks per step share the float work: their
- * dots and min terms meet in one sum4x8, one conversion and one fma per token. */
-MN_INLINE void dot_q2_K_t(const uint8_t *w, int64_t nb, const uint8_t *xq, size_t xs, const int NT, float *res) {
-    const __m256i m3 = _mm256_set1_epi8(3), m12 = _mm256_set1_epi8(12), m15 = _mm256_set1_epi8(15);
-    /* the tree leaves sub-block 8n + 2k of chunk c = 4n + k in lane 0 slot c, 8n + 2k + 1 in lane 1 */
-    const __m256i sord = _mm256_setr_epi8(0, -1, 2, -1, 4, -1, 6, -1, 8, -1, 10, -1, 12, -1, 14, -1,
-                                          1, -1, 3, -1, 5, -1, 7, -1, 9, -1, 11, -1, 13, -1, 15, -1);
-    const __m256i f41 = _mm256_set1_epi32(0x00010004);
-    const __m128 sgn = _mm_setr_ps(0.25f, -1.f, 0.25f, -1.f);
+/* ------------------------------------------------------------ Q2_K, Q3_K
+ * Values u <= 7 keep the sum over a whole 16-value sub-block within int16
+ * (16 * 7 * 127; Q2_K's 4u below: 16 * 12 * 127), so the eight maddubs of a
+ * super-block reduce (sum8x16) to the 16 sub-block dots in one register and ONE
+ * madd applies the 16 scales (instead of a scale shuffle, a madd and an add per 32
+ * values).  Chunk c = 4n + k holds the values of qs[32n + l] >> 2k; the tree leaves
+ * sub-block 8n + 2k in lane 0 slot c and 8n + 2k + 1 in lane 1, so the scales go
+ * in that order (ord16).  Q2_K masks the odd shifts in place (4u, no shift) and
+ * takes the other sub-blocks' scales 4x: its sum is 4x the dot.  The second term
+ * is a madd of the Q8_K block sums: Q2_K's mins (times dmin), Q3_K's offset of 4
+ * (times -4 d).  Two super-blocks per step share the float work: their dots and
+ * second terms meet in one sum4x8, one conversion and one fma per token. */
+#define K16_Q2 0
+#define K16_Q3 1
+MN_INLINE void k16_unpack(const int KT, const uint8_t *b, __m256i u[8], __m256i *sc, __m256i *mn) {
+    const __m256i m3 = _mm256_set1_epi8(3), m15 = _mm256_set1_epi8(15);
+    /* 16 bytes, sub-blocks 0..15 -> 0 2 4 .. 14 | 1 3 .. 15 (then widened lane by lane) */
+    const __m128i ord16 = _mm_setr_epi8(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15);
+    if (KT == K16_Q2) {
+        const __m256i m12 = _mm256_set1_epi8(12);
+        const __m128i s8 = _mm_loadu_si128((const __m128i *)b);
+        const __m256i sv = _mm256_cvtepu8_epi16(_mm_shuffle_epi8(_mm_and_si128(s8, _mm256_castsi256_si128(m15)), ord16));
+        *sc = _mm256_mullo_epi16(sv, _mm256_set1_epi32(0x00010004));
+        *mn = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(s8, 4), _mm256_castsi256_si128(m15)));
+        for (int n = 0; n < 2; n++) {
+            const __m256i v = _mm256_loadu_si256((const __m256i *)(b + 16 + 32 * n));
+            const __m256i h = _mm256_srli_epi16(v, 4);
+            u[4 * n + 0] = _mm256_and_si256(v, m3);
+            u[4 * n + 1] = _mm256_and_si256(v, m12);
+            u[4 * n + 2] = _mm256_and_si256(h, m3);
+            u[4 * n + 3] = _mm256_and_si256(h, m12);
+        }
+    } else {
+        const __m128i s = k3_scales(b);
+        *sc = _mm256_cvtepi8_epi16(_mm_shuffle_epi8(s, ord16));
+        *mn = _mm256_cvtepi8_epi16(s);
+        const __m256i hm = _mm256_loadu_si256((const __m256i *)b), m4 = _mm256_set1_epi8(4);
+        for (int n = 0; n < 2; n++) {
+            const __m256i v = _mm256_loadu_si256((const __m256i *)(b + 32 + 32 * n));
+            for (int k = 0; k < 4; k++) {
+                const int bit = 4 * n + k;
+                const __m256i lo = _mm256_and_si256(k ? _mm256_srli_epi16(v, 2 * k) : v, m3);
+                /* the high bit moved straight to bit 2 (16-bit shifts: the bits crossing
+                 * a byte boundary never land on bit 2) */
+                const __m256i hs = bit < 2 ? _mm256_slli_epi16(hm, 2 - bit) : bit > 2 ? _mm256_srli_epi16(hm, bit - 2) : hm;
+                u[bit] = _mm256_or_si256(lo, _mm256_and_si256(hs, m4));   /* (q & 3) + 4*hbit = value + 4 */
+            }
+        }
+    }
+}
+MN_INLINE void dot_k16_t(const int KT, size_t bsz, const uint8_t *w, int64_t nb, const uint8_t *xq, size_t xs,
+                         const int NT, float *res) {
+    /* per block: (d, dmin) -> (d / 4, -dmin) for Q2_K; (d, d) -> (d, -4 d) for Q3_K */
+    const __m128 f = KT == K16_Q2 ? _mm_setr_ps(0.25f, -1.f, 0.25f, -1.f) : _mm_setr_ps(1.f, -4.f, 1.f, -4.f);
     __m128 acc[MN_TILE];
     for (int t = 0; t < NT; t++) acc[t] = _mm_setzero_ps();
     for (int64_t i = 0; i < nb; i += 2) {
         const int two = i + 1 < nb;
         __m256i dot[2][MN_TILE], mins[2][MN_TILE];
+        uint32_t dd[2] = {0, 0};
         for (int j = 0; j < 2; j++) {
             if (j && !two) {
                 for (int t = 0; t < NT; t++) dot[1][t] = mins[1][t] = _mm256_setzero_si256();
                 break;
             }
-            const uint8_t *b = mn_block(w, (i + j) * BS_Q2_K, 2);
-            const __m128i s8 = _mm_loadu_si128((const __m128i *)b);
-            const __m256i sc = _mm256_mullo_epi16(_mm256_shuffle_epi8(_mm256_and_si256(_mm256_broadcastsi128_si256(s8), m15), sord), f41);
-            const __m256i mn = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(s8, 4), _mm256_castsi256_si128(m15)));
-            __m256i u[8];
-            for (int n = 0; n < 2; n++) {
-                const __m256i v = _mm256_loadu_si256((const __m256i *)(b + 16 + 32 * n));
-                const __m256i h = _mm256_srli_epi16(v, 4);
-                u[4 * n + 0] = _mm256_and_si256(v, m3);
-                u[4 * n + 1] = _mm256_and_si256(v, m12);
-                u[4 * n + 2] = _mm256_and_si256(h, m3);
-                u[4 * n + 3] = _mm256_and_si256(h, m12);
-            }
+            const uint8_t *b = mn_block(w, (i + j) * bsz, KT == K16_Q2 ? 2 : 2);
+            dd[j] = KT == K16_Q2 ? mn_rd32(b + 80) : mn_rd16(b + 108) * 0x10001u;
+            __m256i u[8], sc, mn;
+            k16_unpack(KT, b, u, &sc, &mn);
             for (int t = 0; t < NT; t++) {
                 const uint8_t *xr = xq + t * xs;
                 const __m256i *x = (const __m256i *)(xr + QK_K * (i + j));
@@ -313,19 +343,25 @@ MN_INLINE void dot_q2_K_t(const uint8_t *w, int64_t nb, const uint8_t *xq, size_
                 mins[j][t] = _mm256_madd_epi16(mn, _mm256_loadu_si256((const __m256i *)(xr + (QK_K + 4) * nb + 32 * (i + j))));
             }
         }
-        /* d and dmin of both blocks in one conversion, times each token's two dy */
-        const uint64_t dd = (uint64_t)mn_rd32(w + i * BS_Q2_K + 80) | (two ? (uint64_t)mn_rd32(w + (i + 1) * BS_Q2_K + 80) << 32 : 0);
-        const __m128 dm = _mm_mul_ps(_mm_cvtph_ps(_mm_cvtsi64_si128((long long)dd)), sgn);
+        /* both blocks' two factors in one conversion, times each token's two dy */
+        const __m128 dm = _mm_mul_ps(_mm_cvtph_ps(_mm_cvtsi64_si128((long long)((uint64_t)dd[0] | (uint64_t)dd[1] << 32))), f);
         for (int t = 0; t < NT; t++) {
             const float *dy = (const float *)(xq + t * xs + QK_K * nb) + i;
-            const __m128 f = _mm_mul_ps(dm, _mm_setr_ps(dy[0], dy[0], two ? dy[1] : 0.f, two ? dy[1] : 0.f));
+            const __m128 g = _mm_mul_ps(dm, _mm_setr_ps(dy[0], dy[0], two ? dy[1] : 0.f, two ? dy[1] : 0.f));
             const __m256i z = sum4x8(dot[0][t], mins[0][t], dot[1][t], mins[1][t]);
             const __m128i z4 = _mm_add_epi32(_mm256_castsi256_si128(z), _mm256_extracti128_si256(z, 1));
-            acc[t] = _mm_fmadd_ps(_mm_cvtepi32_ps(z4), f, acc[t]);
+            acc[t] = _mm_fmadd_ps(_mm_cvtepi32_ps(z4), g, acc[t]);
         }
     }
     for (int t = 0; t < NT; t++) res[t] = hsum4(acc[t]);
 }
+MN_INLINE void dot_q2_K_t(const uint8_t *w, int64_t nb, const uint8_t *xq, size_t xs, const int NT, float *res) {
+    dot_k16_t(K16_Q2, BS_Q2_K, w, nb, xq, xs, NT, res);
+}
+MN_INLINE void dot_q3_K_t(const uint8_t *w, int64_t nb, const uint8_t *xq, size_t xs, const int NT, float *res) {
+    dot_k16_t(K16_Q3, BS_Q3_K, w, nb, xq, xs, NT, res);
+}
+MN_TILED(dot_q3_K)
 MN_TILED(dot_q2_K)
 
 /* ----------------------------- Q2_K, Q3_K, Q5_K: SIMD unpack + generic dot
@@ -444,7 +480,6 @@ MN_INLINE void dot_kgen_t(const int KT, size_t bsz, const uint8_t *w, int64_t nb
     MN_INLINE void dot_##name##_t(const uint8_t *w, int64_t nb, const uint8_t *xq, size_t xs, const int NT, float *res) { \
         dot_kgen_t(KT, BS_##T, w, nb, xq, xs, NT, res); } \
     MN_TILED(dot_##name)
-KGEN(q3_K, Q3_K, KT_Q3)
 KGEN(q5_K, Q5_K, KT_Q5)
 KGEN(tq2_0, TQ2_0, KT_TQ2)
 
