@@ -157,6 +157,7 @@ MN_INLINE void k_sign_acc32(__m256i *isum, const int NT, __m256i u, __m256i q, _
 /* ------------------------------------------------------------- IQ4_XS */
 MN_INLINE void dot_iq4_xs_t(const uint8_t *w, int64_t nb, const uint8_t *xq, size_t xs, const int NT, float *res) {
     const __m256i kv = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)mn_kvalues_iq4nl));
+    const __m256i ka = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)mn_kvalues_iq4nl_abs));
     __m256 acc[MN_TILE];
     for (int t = 0; t < NT; t++) acc[t] = _mm256_setzero_ps();
     for (int64_t i = 0; i < nb; i++) {
@@ -165,9 +166,9 @@ MN_INLINE void dot_iq4_xs_t(const uint8_t *w, int64_t nb, const uint8_t *xq, siz
         __m256i isum[MN_TILE];
         for (int t = 0; t < NT; t++) isum[t] = _mm256_setzero_si256();
         for (int ib = 0; ib < 8; ib++) {
-            const __m256i q = _mm256_shuffle_epi8(kv, nib32(b + 8 + 16 * ib));
-            const __m256i u = _mm256_sign_epi8(q, q);
-            k_sign_acc32(isum, NT, u, q, _mm256_set1_epi16((short)mn_iq4_xs_scale(b, ib)), xq, xs, QK_K * i + 32 * ib);
+            const __m256i n = nib32(b + 8 + 16 * ib);
+            k_sign_acc32(isum, NT, _mm256_shuffle_epi8(ka, n), _mm256_shuffle_epi8(kv, n),
+                         _mm256_set1_epi16((short)mn_iq4_xs_scale(b, ib)), xq, xs, QK_K * i + 32 * ib);
         }
         k_scale_acc(acc, isum, NT, d, xq, xs, nb, i);
     }
