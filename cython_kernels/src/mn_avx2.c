@@ -325,18 +325,25 @@ MN_INLINE __m256i sum8x16(const __m256i p[8]) {
  * second terms meet in one sum4x8, one conversion and one fma per token. */
 #define K16_Q2 0
 #define K16_Q3 1
+#define K16_TQ2 2   /* TQ2_0: Q2_K's quant layout at offset 0, value = u - 1: scales and "mins" all 1 */
 MN_INLINE void k16_unpack(const int KT, const uint8_t *b, __m256i u[8], __m256i *sc, __m256i *mn) {
     const __m256i m3 = _mm256_set1_epi8(3), m15 = _mm256_set1_epi8(15);
     /* 16 bytes, sub-blocks 0..15 -> 0 2 4 .. 14 | 1 3 .. 15 (then widened lane by lane) */
     const __m128i ord16 = _mm_setr_epi8(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15);
-    if (KT == K16_Q2) {
-        const __m256i m12 = _mm256_set1_epi8(12);
-        const __m128i s8 = _mm_loadu_si128((const __m128i *)b);
-        const __m256i sv = _mm256_cvtepu8_epi16(_mm_shuffle_epi8(_mm_and_si128(s8, _mm256_castsi256_si128(m15)), ord16));
-        *sc = _mm256_mullo_epi16(sv, _mm256_set1_epi32(0x00010004));
-        *mn = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(s8, 4), _mm256_castsi256_si128(m15)));
+    if (KT == K16_Q2 || KT == K16_TQ2) {
+        const __m256i m12 = _mm256_set1_epi8(12), f41 = _mm256_set1_epi32(0x00010004);
+        if (KT == K16_Q2) {
+            const __m128i s8 = _mm_loadu_si128((const __m128i *)b);
+            const __m256i sv = _mm256_cvtepu8_epi16(_mm_shuffle_epi8(_mm_and_si128(s8, _mm256_castsi256_si128(m15)), ord16));
+            *sc = _mm256_mullo_epi16(sv, f41);
+            *mn = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(s8, 4), _mm256_castsi256_si128(m15)));
+        } else {
+            *sc = f41;
+            *mn = _mm256_set1_epi16(1);
+        }
+        const uint8_t *qs = KT == K16_Q2 ? b + 16 : b;
         for (int n = 0; n < 2; n++) {
-            const __m256i v = _mm256_loadu_si256((const __m256i *)(b + 16 + 32 * n));
+            const __m256i v = _mm256_loadu_si256((const __m256i *)(qs + 32 * n));
             const __m256i h = _mm256_srli_epi16(v, 4);
             u[4 * n + 0] = _mm256_and_si256(v, m3);
             u[4 * n + 1] = _mm256_and_si256(v, m12);
@@ -363,8 +370,8 @@ MN_INLINE void k16_unpack(const int KT, const uint8_t *b, __m256i u[8], __m256i 
 }
 MN_INLINE void dot_k16_t(const int KT, size_t bsz, const uint8_t *w, int64_t nb, const uint8_t *xq, size_t xs,
                          const int NT, float *res) {
-    /* per block: (d, dmin) -> (d / 4, -dmin) for Q2_K; (d, d) -> (d, -4 d) for Q3_K */
-    const __m128 f = KT == K16_Q2 ? _mm_setr_ps(0.25f, -1.f, 0.25f, -1.f) : _mm_setr_ps(1.f, -4.f, 1.f, -4.f);
+    /* per block: (d, dmin) -> (d / 4, -dmin) for Q2_K; (d, d) -> (d / 4, -d) for TQ2_0, (d, -4 d) for Q3_K */
+    const __m128 f = KT != K16_Q3 ? _mm_setr_ps(0.25f, -1.f, 0.25f, -1.f) : _mm_setr_ps(1.f, -4.f, 1.f, -4.f);
     __m128 acc[MN_TILE];
     for (int t = 0; t < NT; t++) acc[t] = _mm_setzero_ps();
     for (int64_t i = 0; i < nb; i += 2) {
@@ -376,8 +383,8 @@ MN_INLINE void dot_k16_t(const int KT, size_t bsz, const uint8_t *w, int64_t nb,
                 for (int t = 0; t < NT; t++) dot[1][t] = mins[1][t] = _mm256_setzero_si256();
                 break;
             }
-            const uint8_t *b = mn_block(w, (i + j) * bsz, KT == K16_Q2 ? 2 : 2);
-            dd[j] = KT == K16_Q2 ? mn_rd32(b + 80) : mn_rd16(b + 108) * 0x10001u;
+            const uint8_t *b = mn_block(w, (i + j) * bsz, 2);
+            dd[j] = KT == K16_Q2 ? mn_rd32(b + 80) : mn_rd16(b + (KT == K16_Q3 ? 108 : 64)) * 0x10001u;
             __m256i u[8], sc, mn;
             k16_unpack(KT, b, u, &sc, &mn);
             for (int t = 0; t < NT; t++) {
@@ -401,132 +408,13 @@ MN_INLINE void dot_k16_t(const int KT, size_t bsz, const uint8_t *w, int64_t nb,
     }
     for (int t = 0; t < NT; t++) res[t] = hsum4(acc[t]);
 }
-MN_INLINE void dot_q2_K_t(const uint8_t *w, int64_t nb, const uint8_t *xq, size_t xs, const int NT, float *res) {
-    dot_k16_t(K16_Q2, BS_Q2_K, w, nb, xq, xs, NT, res);
-}
-MN_INLINE void dot_q3_K_t(const uint8_t *w, int64_t nb, const uint8_t *xq, size_t xs, const int NT, float *res) {
-    dot_k16_t(K16_Q3, BS_Q3_K, w, nb, xq, xs, NT, res);
-}
-MN_TILED(dot_q3_K)
-MN_TILED(dot_q2_K)
-
-/* ----------------------------- Q2_K, Q3_K, Q5_K: SIMD unpack + generic dot
- * Each super-block is unpacked in registers to 8 x 32 unsigned values u (0..31),
- * int16 scales per 16 values sc[16], mins per 16 m[16] and an offset o so that
- * value = u - o:  dot = dy*(d*sum_k sc_k*(sum u*x - o*bsum_k) - dmin*sum_k m_k*bsum_k). */
-#define KT_Q2 0
-#define KT_Q3 1
-#define KT_Q5 2
-#define KT_TQ2 3   /* TQ2_0: the Q2_K quant layout at offset 0, value = u - 1: sc = m = 1, dmin = d */
-
-MN_INLINE void kgen_unpack(const int KT, const uint8_t *b, __m256i u[8], __m256i *sc, __m256i *mn,
-                           float *d, float *dmin) {
-    const __m256i m3 = _mm256_set1_epi8(3), m1 = _mm256_set1_epi8(1), m4 = _mm256_set1_epi8(0xF);
-    if (KT == KT_TQ2) {
-        *sc = *mn = _mm256_set1_epi16(1);
-        *d = *dmin = h2f(b + 64);
-        for (int n = 0; n < 2; n++) {
-            const __m256i v = _mm256_loadu_si256((const __m256i *)(b + 32 * n));
-            u[4 * n + 0] = _mm256_and_si256(v, m3);
-            u[4 * n + 1] = _mm256_and_si256(_mm256_srli_epi16(v, 2), m3);
-            u[4 * n + 2] = _mm256_and_si256(_mm256_srli_epi16(v, 4), m3);
-            u[4 * n + 3] = _mm256_and_si256(_mm256_srli_epi16(v, 6), m3);
-        }
-    } else if (KT == KT_Q2) {
-        const __m128i s = _mm_loadu_si128((const __m128i *)b);
-        *sc = _mm256_cvtepu8_epi16(_mm_and_si128(s, _mm_set1_epi8(0xF)));
-        *mn = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(s, 4), _mm_set1_epi8(0xF)));
-        *d = h2f(b + 80); *dmin = h2f(b + 82);
-        for (int n = 0; n < 2; n++) {
-            const __m256i v = _mm256_loadu_si256((const __m256i *)(b + 16 + 32 * n));
-            u[4 * n + 0] = _mm256_and_si256(v, m3);
-            u[4 * n + 1] = _mm256_and_si256(_mm256_srli_epi16(v, 2), m3);
-            u[4 * n + 2] = _mm256_and_si256(_mm256_srli_epi16(v, 4), m3);
-            u[4 * n + 3] = _mm256_and_si256(_mm256_srli_epi16(v, 6), m3);
-        }
-    } else if (KT == KT_Q3) {
-        const __m128i s = k3_scales(b);
-        *sc = _mm256_cvtepi8_epi16(s); *mn = _mm256_setzero_si256();
-        *d = h2f(b + 108); *dmin = 0.f;
-        const __m256i hm = _mm256_loadu_si256((const __m256i *)b), m4b = _mm256_set1_epi8(4);
-        for (int n = 0; n < 2; n++) {
-            const __m256i v = _mm256_loadu_si256((const __m256i *)(b + 32 + 32 * n));
-            for (int k = 0; k < 4; k++) {
-                const int bit = 4 * n + k;
-                const __m256i lo = _mm256_and_si256(_mm256_srli_epi16(v, 2 * k), m3);
-                /* the high bit moved straight to bit 2 (16-bit shifts: the bits crossing
-                 * a byte boundary never land on bit 2) */
-                const __m256i hs = bit < 2 ? _mm256_slli_epi16(hm, 2 - bit) : bit > 2 ? _mm256_srli_epi16(hm, bit - 2) : hm;
-                const __m256i hb = _mm256_and_si256(hs, m4b);
-                u[bit] = _mm256_or_si256(lo, hb);          /* (q & 3) + 4*hbit = value + 4 */
-            }
-        }
-    } else {
-        const __m128i sm = k4_scales(b + 4);
-        const __m128i sd = _mm_unpacklo_epi8(sm, sm), md = _mm_unpackhi_epi8(sm, sm);
-        *sc = _mm256_cvtepu8_epi16(sd);
-        *mn = _mm256_cvtepu8_epi16(md);
-        *d = h2f(b); *dmin = h2f(b + 2);
-        const __m256i qh = _mm256_loadu_si256((const __m256i *)(b + 16));
-        for (int j = 0; j < 4; j++) {
-            const __m256i v = _mm256_loadu_si256((const __m256i *)(b + 48 + 32 * j));
-            const __m256i h0 = _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 2 * j), m1), 4);
-            const __m256i h1 = _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 2 * j + 1), m1), 4);
-            u[2 * j] = _mm256_or_si256(_mm256_and_si256(v, m4), h0);
-            u[2 * j + 1] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(v, 4), m4), h1);
-        }
-    }
-}
-
-MN_INLINE void dot_kgen_t(const int KT, size_t bsz, const uint8_t *w, int64_t nb,
-                          const uint8_t *xq, size_t xs, const int NT, float *res) {
-    __m256 acc[MN_TILE], macc[MN_TILE];
-    for (int t = 0; t < NT; t++) { acc[t] = _mm256_setzero_ps(); macc[t] = _mm256_setzero_ps(); }
-    for (int64_t i = 0; i < nb; i++) {
-        const uint8_t *b = w + i * bsz;
-        _mm_prefetch((const char *)(b + MN_PF_DIST), _MM_HINT_T0);
-        _mm_prefetch((const char *)(b + MN_PF_DIST + 64), _MM_HINT_T0);
-        _mm_prefetch((const char *)(b + MN_PF_DIST + 128), _MM_HINT_T0);
-        __m256i u[8], scv, mv;
-        float d, dmin;
-        kgen_unpack(KT, b, u, &scv, &mv, &d, &dmin);
-        /* scales 0-7 / 8-15 in both 128-bit lanes: one in-lane shuffle then picks
-         * scale 2c for the low 16 values of chunk c and 2c + 1 for the high 16 */
-        const __m256i scA = _mm256_permute2x128_si256(scv, scv, 0x00), scB = _mm256_permute2x128_si256(scv, scv, 0x11);
-        __m256i isum[MN_TILE];
-        for (int t = 0; t < NT; t++) {
-            const uint8_t *xr = xq + t * xs;
-            const __m256i bs = _mm256_loadu_si256((const __m256i *)(xr + (QK_K + 4) * nb + 32 * i));
-            if (KT != KT_Q3) {
-                const float dy = ((const float *)(xr + QK_K * nb))[i];
-                macc[t] = _mm256_fmadd_ps(_mm256_set1_ps(dy * dmin), _mm256_cvtepi32_ps(_mm256_madd_epi16(mv, bs)), macc[t]);
-                isum[t] = _mm256_setzero_si256();
-            } else {
-                isum[t] = _mm256_sub_epi32(_mm256_setzero_si256(), _mm256_slli_epi32(_mm256_madd_epi16(scv, bs), 2));
-            }
-        }
-        for (int c = 0; c < 8; c++) {
-            const int k0 = (2 * c) & 7, k1 = (2 * c + 1) & 7;
-            const __m256i ctl = _mm256_set_m128i(_mm_set1_epi16((short)(0x0100 + 0x0202 * k1)),
-                                                 _mm_set1_epi16((short)(0x0100 + 0x0202 * k0)));
-            const __m256i s = _mm256_shuffle_epi8(c < 4 ? scA : scB, ctl);
-            for (int t = 0; t < NT; t++) {
-                const int8_t *x = (const int8_t *)(xq + t * xs) + QK_K * i + 32 * c;
-                isum[t] = _mm256_add_epi32(isum[t], _mm256_madd_epi16(_mm256_maddubs_epi16(u[c], _mm256_loadu_si256((const __m256i *)x)), s));
-            }
-        }
-        for (int t = 0; t < NT; t++) {
-            const float dy = ((const float *)(xq + t * xs + QK_K * nb))[i];
-            acc[t] = _mm256_fmadd_ps(_mm256_set1_ps(dy * d), _mm256_cvtepi32_ps(isum[t]), acc[t]);
-        }
-    }
-    for (int t = 0; t < NT; t++) res[t] = hsum8(acc[t]) - hsum8(macc[t]);
-}
-#define KGEN(name, T, KT) \
+#define K16(name, T, KT) \
     MN_INLINE void dot_##name##_t(const uint8_t *w, int64_t nb, const uint8_t *xq, size_t xs, const int NT, float *res) { \
-        dot_kgen_t(KT, BS_##T, w, nb, xq, xs, NT, res); } \
+        dot_k16_t(KT, BS_##T, w, nb, xq, xs, NT, res); } \
     MN_TILED(dot_##name)
-KGEN(tq2_0, TQ2_0, KT_TQ2)
+K16(q2_K, Q2_K, K16_Q2)
+K16(q3_K, Q3_K, K16_Q3)
+K16(tq2_0, TQ2_0, K16_TQ2)
 
 /* ----------------------------------------------------------- IQ types
  * Per 32 values (sub-block ib): magnitudes u (unsigned int8) and signs s (+1 /
