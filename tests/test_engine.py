@@ -87,6 +87,46 @@ def check_float_model(make_model, preset, qtype, n_nodes, data):
     assert (got.argmax(-1) == want.argmax(-1)).all()
 
 
+def routing_margins(ref, ids):
+    """Per token, the smallest routing margin over the MoE layers in the reference's own forward
+    pass: the gap between the last chosen and the first unchosen selection score (and, with
+    group-limited routing, between the last kept and the first dropped group). Where it is
+    within the activation-quantization noise the engine may pick the other expert, and that
+    token (and every later one, through the KV cache) may then differ by far more than rounding."""
+    R, cfg = ref.backend.forward_pass, ref.config
+    deq, rc = R.deq, cfg.router
+    x = deq.rows(ref.weights.token_embd, np.asarray(ids)).astype(np.float32)
+    cache, pos = R.new_cache(len(ids), ref.backend.cache_type_k, ref.backend.cache_type_v), np.arange(len(ids))
+    margin = np.full(len(ids), np.inf)
+    for i, w in enumerate(ref.weights.layers):
+        attn = gqa_attention if isinstance(w.attn, GQAWeights) else mla_attention
+        a = x + attn(cfg.attention, w.attn, rms_norm(x, deq(w.attn_norm), cfg.rms_eps), cache.layers[i], pos, deq)
+        h = rms_norm(a, deq(w.ffn_norm), cfg.rms_eps)
+        if cfg.is_moe_layer(i):
+            logits = deq.linear(h, w.ffn.router).astype(np.float64)
+            p = np.exp(logits - logits.max(-1, keepdims=True)) if rc.gating == "softmax" else 1 / (1 + np.exp(-logits))
+            if rc.gating == "softmax":
+                p = p / p.sum(-1, keepdims=True)
+            sel = p + (deq(w.ffn.probs_bias) if w.ffn.probs_bias is not None else 0)
+            if rc.n_groups > 1:
+                g = sel.reshape(len(ids), rc.n_groups, -1)
+                gs = -np.sort(-g, -1)
+                gscore = gs[..., :2].sum(-1) if rc.group_rule == "top2_sum" else gs[..., 0]
+                order = -np.sort(-gscore, -1)
+                margin = np.minimum(margin, order[:, rc.n_groups_used - 1] - order[:, rc.n_groups_used])
+                keep = np.argsort(-gscore, -1, kind="stable")[:, :rc.n_groups_used]
+                mask = np.full(gscore.shape, -np.inf)
+                np.put_along_axis(mask, keep, 0.0, -1)
+                sel = (g + mask[..., None]).reshape(len(ids), -1)
+            top = -np.sort(-sel, -1)
+            margin = np.minimum(margin, top[:, rc.n_used - 1] - top[:, rc.n_used])
+            f = a + moe_block(rc, w.ffn, h, deq)
+        else:
+            f = a + swiglu(w.ffn, h, deq)
+        x = f.astype(np.float32)
+    return margin
+
+
 def _blocks(ref, eng, ids):
     """Per-block relative errors (per token) of the engine on the reference's own inputs."""
     R, B, cfg = ref.backend.forward_pass, eng.backend, ref.config

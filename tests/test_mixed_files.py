@@ -16,7 +16,7 @@ from moe_numa.testing import PRESETS
 from moe_numa.testing.writer import plan_tensors, make_vocab
 
 from conftest import TEST_PRESETS
-from test_engine import _blocks, moe_layers, random_map
+from test_engine import routing_margins, _blocks, moe_layers, random_map
 
 ENGINE_TYPES = [Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K]
 
@@ -54,7 +54,12 @@ def test_mixed_file_runs_on_every_node_count_and_map(tmp_path_factory, preset, n
     assert np.median(errs) <= 1e-4
     assert errs.max() <= 3e-2
     want = ref.logits(ids)
-    assert np.median(np.abs(got - want).max(axis=1)) <= 2e-2 * np.abs(want).max()
+    # end to end, up to the first token whose routing is a near-tie in the reference (found by
+    # hypothesis: deepseek-v3, a 4th-expert gap of 0.002 flipped by the act-quant rounding)
+    near = np.flatnonzero(routing_margins(ref, ids) < 1e-2)
+    n_cmp = len(ids) if near.size == 0 else int(near[0])
+    if n_cmp:
+        assert np.median(np.abs(got - want)[:n_cmp].max(axis=1)) <= 2e-2 * np.abs(want).max()
 
 
 @pytest.mark.parametrize("qtype", ["Q4_1", "Q5_0", "Q5_1"])
