@@ -221,59 +221,22 @@ MN_INLINE void dot_iq4_xs_t(const uint8_t *w, int64_t nb, const uint8_t *xq, siz
 }
 MN_TILED(dot_iq4_xs)
 
-/* --------------------------------------------------------------- Q4_K */
-
-MN_INLINE void dot_q4_K_t(const uint8_t *w, int64_t nb, const uint8_t *xq, size_t xs, const int NT, float *res) {
-    const __m256i m4 = _mm256_set1_epi8(0xF);
-    __m256 acc[MN_TILE]; __m128 macc[MN_TILE];
-    for (int t = 0; t < NT; t++) { acc[t] = _mm256_setzero_ps(); macc[t] = _mm_setzero_ps(); }
-    for (int64_t i = 0; i < nb; i++) {
-        const uint8_t *b = mn_block(w, i * BS_Q4_K, 3);
-        const float d = h2f(b), dmin = h2f(b + 2);
-        const __m128i sm = k4_scales(b + 4);
-        const __m128i mins = _mm_cvtepu8_epi16(_mm_unpackhi_epi64(sm, sm));
-        const __m256i sc = _mm256_broadcastsi128_si256(_mm_cvtepu8_epi16(sm));
-        __m256i isum[MN_TILE];
-        for (int t = 0; t < NT; t++) {
-            const uint8_t *xr = xq + t * xs;
-            const float dy = ((const float *)(xr + QK_K * nb))[i];
-            const __m256i bs = _mm256_loadu_si256((const __m256i *)(xr + (QK_K + 4) * nb + 32 * i));
-            const __m128i pair = _mm_hadd_epi16(_mm256_castsi256_si128(bs), _mm256_extracti128_si256(bs, 1));
-            macc[t] = _mm_fmadd_ps(_mm_set1_ps(dmin * dy), _mm_cvtepi32_ps(_mm_madd_epi16(mins, pair)), macc[t]);
-            isum[t] = _mm256_setzero_si256();
-        }
-        for (int j = 0; j < 4; j++) {
-            const __m256i q = _mm256_loadu_si256((const __m256i *)(b + 16 + 32 * j));
-            const __m256i lo = _mm256_and_si256(q, m4), hi = _mm256_and_si256(_mm256_srli_epi16(q, 4), m4);
-            const __m256i slo = _mm256_shuffle_epi8(sc, _mm256_set1_epi16((short)(0x0100 + 0x0202 * (2 * j))));
-            const __m256i shi = _mm256_shuffle_epi8(sc, _mm256_set1_epi16((short)(0x0100 + 0x0202 * (2 * j + 1))));
-            for (int t = 0; t < NT; t++) {
-                const int8_t *x = (const int8_t *)(xq + t * xs) + QK_K * i + 64 * j;
-                const __m256i p0 = _mm256_madd_epi16(_mm256_maddubs_epi16(lo, _mm256_loadu_si256((const __m256i *)x)), slo);
-                const __m256i p1 = _mm256_madd_epi16(_mm256_maddubs_epi16(hi, _mm256_loadu_si256((const __m256i *)(x + 32))), shi);
-                isum[t] = _mm256_add_epi32(isum[t], _mm256_add_epi32(p0, p1));
-            }
-        }
-        k_scale_acc(acc, isum, NT, d, xq, xs, nb, i);
-    }
-    for (int t = 0; t < NT; t++) res[t] = hsum8(acc[t]) - hsum4(macc[t]);
-}
-MN_TILED(dot_q4_K)
-
-/* --------------------------------------------------------------- Q5_K
- * Q4_K's loop plus the fifth bit: chunk c's bit c of qh moved straight to bit 4
- * (one shift, an and, an or), and the mins on the Q8_K sums of 32 (no vphadd). */
-MN_INLINE void dot_q5_K_t(const uint8_t *w, int64_t nb, const uint8_t *xq, size_t xs, const int NT, float *res) {
+/* --------------------------------------------------------------- Q4_K, Q5_K
+ * One loop; Q5 adds the fifth bit: chunk c's bit c of qh moved straight to bit 4 (one
+ * shift, an and, an or).  The mins go on the Q8_K sums of 32 (no vphadd). */
+MN_INLINE void dot_q45_K_t(const int Q5, const uint8_t *w, int64_t nb, const uint8_t *xq, size_t xs, const int NT,
+                           float *res) {
     const __m256i m4 = _mm256_set1_epi8(0xF), m16 = _mm256_set1_epi8(0x10);
+    const size_t bs = Q5 ? BS_Q5_K : BS_Q4_K;
     __m256 acc[MN_TILE]; __m128 macc[MN_TILE];
     for (int t = 0; t < NT; t++) { acc[t] = _mm256_setzero_ps(); macc[t] = _mm_setzero_ps(); }
     for (int64_t i = 0; i < nb; i++) {
-        const uint8_t *b = mn_block(w, i * BS_Q5_K, 3);
+        const uint8_t *b = mn_block(w, i * bs, 3);
         const float d = h2f(b), dmin = h2f(b + 2);
         const __m128i sm = k4_scales(b + 4);
         const __m128i mins = _mm_cvtepu8_epi16(_mm_unpackhi_epi64(sm, sm));
         const __m256i sc = _mm256_broadcastsi128_si256(_mm_cvtepu8_epi16(sm));
-        const __m256i qh = _mm256_loadu_si256((const __m256i *)(b + 16));
+        const __m256i qh = Q5 ? _mm256_loadu_si256((const __m256i *)(b + 16)) : _mm256_setzero_si256();
         __m256i isum[MN_TILE];
         for (int t = 0; t < NT; t++) {
             const uint8_t *xr = xq + t * xs;
@@ -283,13 +246,16 @@ MN_INLINE void dot_q5_K_t(const uint8_t *w, int64_t nb, const uint8_t *xq, size_
             isum[t] = _mm256_setzero_si256();
         }
         for (int j = 0; j < 4; j++) {
-            const __m256i q = _mm256_loadu_si256((const __m256i *)(b + 48 + 32 * j));
+            const __m256i q = _mm256_loadu_si256((const __m256i *)(b + (Q5 ? 48 : 16) + 32 * j));
             const int c0 = 2 * j, c1 = 2 * j + 1;
-            /* 16-bit shifts: the bits crossing a byte boundary never land on bit 4 */
-            const __m256i h0 = c0 < 4 ? _mm256_slli_epi16(qh, 4 - c0) : c0 > 4 ? _mm256_srli_epi16(qh, c0 - 4) : qh;
-            const __m256i h1 = c1 < 4 ? _mm256_slli_epi16(qh, 4 - c1) : _mm256_srli_epi16(qh, c1 - 4);
-            const __m256i lo = _mm256_or_si256(_mm256_and_si256(q, m4), _mm256_and_si256(h0, m16));
-            const __m256i hi = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(q, 4), m4), _mm256_and_si256(h1, m16));
+            __m256i lo = _mm256_and_si256(q, m4), hi = _mm256_and_si256(_mm256_srli_epi16(q, 4), m4);
+            if (Q5) {
+                /* 16-bit shifts: the bits crossing a byte boundary never land on bit 4 */
+                const __m256i h0 = c0 < 4 ? _mm256_slli_epi16(qh, 4 - c0) : c0 > 4 ? _mm256_srli_epi16(qh, c0 - 4) : qh;
+                const __m256i h1 = c1 < 4 ? _mm256_slli_epi16(qh, 4 - c1) : _mm256_srli_epi16(qh, c1 - 4);
+                lo = _mm256_or_si256(lo, _mm256_and_si256(h0, m16));
+                hi = _mm256_or_si256(hi, _mm256_and_si256(h1, m16));
+            }
             const __m256i slo = _mm256_shuffle_epi8(sc, _mm256_set1_epi16((short)(0x0100 + 0x0202 * c0)));
             const __m256i shi = _mm256_shuffle_epi8(sc, _mm256_set1_epi16((short)(0x0100 + 0x0202 * c1)));
             for (int t = 0; t < NT; t++) {
@@ -303,6 +269,13 @@ MN_INLINE void dot_q5_K_t(const uint8_t *w, int64_t nb, const uint8_t *xq, size_
     }
     for (int t = 0; t < NT; t++) res[t] = hsum8(acc[t]) - hsum4(macc[t]);
 }
+MN_INLINE void dot_q4_K_t(const uint8_t *w, int64_t nb, const uint8_t *xq, size_t xs, const int NT, float *res) {
+    dot_q45_K_t(0, w, nb, xq, xs, NT, res);
+}
+MN_INLINE void dot_q5_K_t(const uint8_t *w, int64_t nb, const uint8_t *xq, size_t xs, const int NT, float *res) {
+    dot_q45_K_t(1, w, nb, xq, xs, NT, res);
+}
+MN_TILED(dot_q4_K)
 MN_TILED(dot_q5_K)
 
 /* --------------------------------------------------------------- Q6_K */
