@@ -961,35 +961,25 @@ static void ffn_route_task(void *p, int ith, int nth) {
     if (a.over) { if (ith == 0) c->failed = 1; return; }
     const route_share sh = engine_share(c->e);
     C.ids = sh.ids; C.wts = sh.w;
+    /* by tokens the norms go to e->shared for every node; by rows each node keeps its own */
+    float *xn = by_rows ? C.xn : sh.xn;
     int64_t a0, a1;
     size_t r;
-    if (by_rows) {
-        split(n, ith, nth, &a0, &a1);
-        for (int64_t t = a0; t < a1; t++) {
-            rms_norm_row(c->x + t * H, L->ffn_norm, C.xn + t * H, H, L->rms_eps);
-            act_quantize(&C.in, C.xn + t * H, t, H);
-        }
-        mn_pool_barrier(c->node->pool, ith);
-        mn_mat rows = L->router;
-        rows.data += (size_t)c->e0 * rows.stride;
-        rows.rows = c->e1 - c->e0;
-        seg sr = {&rows, sh.logits + c->e0, L->n_expert, act_of(&C.in, L->router.type, &r), r};
-        matmul_segs(&sr, 1, n, ith, nth);
-        if (ith == 0) c->node->busy_ns += now_ns() - t_start;
-        return;
-    }
     split(n, ith, nth, &a0, &a1);
     for (int64_t i = a0; i < a1; i++) {
         const int64_t t = first + i;
-        rms_norm_row(c->x + t * H, L->ffn_norm, sh.xn + t * H, H, L->rms_eps);
-        act_quantize(&C.in, sh.xn + t * H, i, H);
+        rms_norm_row(c->x + t * H, L->ffn_norm, xn + t * H, H, L->rms_eps);
+        act_quantize(&C.in, xn + t * H, i, H);
     }
     mn_pool_barrier(c->node->pool, ith);
-    seg sr = {&L->router, C.logits, L->n_expert, act_of(&C.in, L->router.type, &r), r};
+    mn_mat rows = L->router;          /* by rows: this node's [e0, e1) of them, into the shared logits */
+    if (by_rows) { rows.data += (size_t)c->e0 * rows.stride; rows.rows = c->e1 - c->e0; }
+    seg sr = {&rows, by_rows ? sh.logits + c->e0 : C.logits, L->n_expert, act_of(&C.in, L->router.type, &r), r};
     matmul_segs(&sr, 1, n, ith, nth);
-    mn_pool_barrier(c->node->pool, ith);
-    split(n, ith, nth, &a0, &a1);
-    route_tokens(&C, c->t0 + a0, c->t0 + a1, c->t0, ith);
+    if (!by_rows) {
+        mn_pool_barrier(c->node->pool, ith);
+        route_tokens(&C, c->t0 + a0, c->t0 + a1, c->t0, ith);
+    }
     if (ith == 0) c->node->busy_ns += now_ns() - t_start;
 }
 
@@ -1277,7 +1267,6 @@ int mn_engine_ffn(mn_engine *e, int layer, float *x, int64_t T) {
         for (int n = 0; n < e->n_nodes; n++) ctx[n].routed = routed;
         run_nodes(e, ffn_route_task, ctx, sizeof(ffn_ctx), 1);
         for (int n = 0; n < e->n_nodes; n++) if (ctx[n].failed) return MN_ENGINE_ESCRATCH;
-        for (int n = 0; n < e->n_nodes; n++) ctx[n].routed = routed;
     }
     run_nodes(e, ffn_task, ctx, sizeof(ffn_ctx), 1);
     for (int n = 0; n < e->n_nodes; n++) if (ctx[n].failed) return MN_ENGINE_ESCRATCH;
