@@ -20,15 +20,18 @@ def test_tiled_matmul_is_per_token_independent(qtype):
     tokens share the call (tiles of 4/8 accumulate each token on its own, in one order)."""
     t = quants.qtype_from_name(qtype)
     rng = np.random.default_rng(3)
-    rows, cols = 37, 512
-    raw = kernels.random_blocks(t, rows, cols, rng)
-    x = rng.standard_normal((11, cols)).astype(np.float32)
     cpu = kernels.SIMD_LEVELS.index(kernels.simd_level_cpu())
-    for level in kernels.SIMD_LEVELS[:cpu + 1]:
-        with kernels.simd(level):
-            alone = np.stack([kernels.matmul(raw, t, x[i]) for i in range(len(x))])
-            for n in (2, 3, 4, 5, 8, 9, 11):
-                assert np.array_equal(kernels.matmul(raw, t, np.ascontiguousarray(x[:n])), alone[:n]), (level, n)
+    # the second shape: more blocks than the four-row kernels pack at once, and more
+    # tokens than one pass over a packed group (mn_quant.c's MN_MR_BUF, MN_MR_TOK)
+    for rows, cols, counts in ((37, 512, (2, 3, 4, 5, 8, 9, 11)), (13, 256 * 19, (2, 3, 66, 70))):
+        raw = kernels.random_blocks(t, rows, cols, rng)
+        x = rng.standard_normal((max(counts), cols)).astype(np.float32)
+        for level in kernels.SIMD_LEVELS[:cpu + 1]:
+            with kernels.simd(level):
+                alone = np.stack([kernels.matmul(raw, t, x[i]) for i in range(len(x))])
+                for n in counts:
+                    got = kernels.matmul(raw, t, np.ascontiguousarray(x[:n]))
+                    assert np.array_equal(got, alone[:n]), (level, rows, cols, n)
 
 
 def _batched(backend, seqs, chunk):

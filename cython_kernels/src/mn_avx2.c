@@ -223,51 +223,121 @@ MN_TILED(dot_iq4_xs)
 
 /* --------------------------------------------------------------- Q4_K, Q5_K
  * One loop; Q5 adds the fifth bit: chunk c's bit c of qh moved straight to bit 4 (one
- * shift, an and, an or).  The mins go on the Q8_K sums of 32 (no vphadd). */
+ * shift, an and, an or).  Each super-block i ends in two exact integers per row and token,
+ * S = sum_c sc_c * (q . x)_c and M = sum_c m_c * (sum of x)_c, and one float step into
+ * partial sum i % 4: p = fma(S, d * dy, p), then p -= M * (dmin * dy) (fnmadd); the result
+ * is (p0 + p1) + (p2 + p3).  The four-row kernel below makes the same integers in another
+ * order and the same float steps, so the two agree bit for bit (the driver picks either by
+ * shape); the GEMV reduces four super-blocks' integers at once. */
+/* [sum a, sum b, sum c, sum d] of four int32 x 4 */
+MN_INLINE __m128i sum4x4(__m128i a, __m128i b, __m128i c, __m128i d) {
+    const __m128i ab = _mm_add_epi32(_mm_unpacklo_epi32(a, b), _mm_unpackhi_epi32(a, b));
+    const __m128i cd = _mm_add_epi32(_mm_unpacklo_epi32(c, d), _mm_unpackhi_epi32(c, d));
+    return _mm_add_epi32(_mm_unpacklo_epi64(ab, cd), _mm_unpackhi_epi64(ab, cd));
+}
+MN_INLINE __m128i half_sum(__m256i v) { return _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1)); }
+/* sub-block pair j's values (lo: sub-block 2j, hi: 2j + 1) of a Q4_K / Q5_K block b */
+MN_INLINE void k45_vals(const int Q5, const uint8_t *b, int j, __m256i qh, __m256i *lo, __m256i *hi) {
+    const __m256i m4 = _mm256_set1_epi8(0xF), m16 = _mm256_set1_epi8(0x10);
+    const __m256i q = _mm256_loadu_si256((const __m256i *)(b + (Q5 ? 48 : 16) + 32 * j));
+    *lo = _mm256_and_si256(q, m4); *hi = _mm256_and_si256(_mm256_srli_epi16(q, 4), m4);
+    if (Q5) {
+        const int c0 = 2 * j, c1 = 2 * j + 1;
+        /* 16-bit shifts: the bits crossing a byte boundary never land on bit 4 */
+        const __m256i h0 = c0 < 4 ? _mm256_slli_epi16(qh, 4 - c0) : c0 > 4 ? _mm256_srli_epi16(qh, c0 - 4) : qh;
+        const __m256i h1 = c1 < 4 ? _mm256_slli_epi16(qh, 4 - c1) : _mm256_srli_epi16(qh, c1 - 4);
+        *lo = _mm256_or_si256(*lo, _mm256_and_si256(h0, m16));
+        *hi = _mm256_or_si256(*hi, _mm256_and_si256(h1, m16));
+    }
+}
+/* the float step of a super-block, lane-wise (lanes: tokens, rows or super-blocks) */
+MN_INLINE __m128 k45_step(__m128 p, __m128i S, __m128i M, __m128 d, __m128 dmin, __m128 dy) {
+    p = _mm_fmadd_ps(_mm_cvtepi32_ps(S), _mm_mul_ps(d, dy), p);
+    return _mm_fnmadd_ps(_mm_cvtepi32_ps(M), _mm_mul_ps(dmin, dy), p);
+}
+/* (p0 + p1) + (p2 + p3), lane-wise */
+MN_INLINE __m128 k45_total(const __m128 *p) { return _mm_add_ps(_mm_add_ps(p[0], p[1]), _mm_add_ps(p[2], p[3])); }
+/* super-block b's integer dots of NT tokens: isum[t] (8 lanes of S) and mm[t] (4 lanes of M) */
+MN_INLINE void k45_block(const int Q5, const uint8_t *b, int64_t i, const uint8_t *xq, size_t xs, int64_t nb,
+                         const int NT, __m256i *isum, __m128i *mm) {
+    const __m128i sm = k4_scales(b + 4);
+    const __m128i mins = _mm_cvtepu8_epi16(_mm_unpackhi_epi64(sm, sm));
+    const __m256i sc = _mm256_broadcastsi128_si256(_mm_cvtepu8_epi16(sm));
+    const __m256i qh = Q5 ? _mm256_loadu_si256((const __m256i *)(b + 16)) : _mm256_setzero_si256();
+    for (int t = 0; t < NT; t++) {
+        mm[t] = _mm_madd_epi16(mins, _mm_loadu_si128((const __m128i *)(xq + t * xs + (QK_K + 36) * nb + 16 * i)));
+        isum[t] = _mm256_setzero_si256();
+    }
+    for (int j = 0; j < 4; j++) {
+        __m256i lo, hi;
+        k45_vals(Q5, b, j, qh, &lo, &hi);
+        const int c0 = 2 * j, c1 = 2 * j + 1;
+        const __m256i slo = _mm256_shuffle_epi8(sc, _mm256_set1_epi16((short)(0x0100 + 0x0202 * c0)));
+        const __m256i shi = _mm256_shuffle_epi8(sc, _mm256_set1_epi16((short)(0x0100 + 0x0202 * c1)));
+        for (int t = 0; t < NT; t++) {
+            const int8_t *x = (const int8_t *)(xq + t * xs) + QK_K * i + 64 * j;
+            const __m256i p0 = _mm256_madd_epi16(_mm256_maddubs_epi16(lo, _mm256_loadu_si256((const __m256i *)x)), slo);
+            const __m256i p1 = _mm256_madd_epi16(_mm256_maddubs_epi16(hi, _mm256_loadu_si256((const __m256i *)(x + 32))), shi);
+            isum[t] = _mm256_add_epi32(isum[t], _mm256_add_epi32(p0, p1));
+        }
+    }
+}
+/* GEMV: four super-blocks per step, lane k of the partial sums = super-block i + k
+ * (G < 4: the last step, its other lanes' zeros leave the sums as they are) */
+MN_INLINE __m128 dot_q45_K_g(const int Q5, const int G, const uint8_t *w, int64_t i, int64_t nb, const uint8_t *xq, __m128 p) {
+    const size_t bs = Q5 ? BS_Q5_K : BS_Q4_K;
+    const float *dy = (const float *)(xq + QK_K * nb) + i;
+    __m128i s[4], m[4];
+    for (int k = 0; k < 4; k++) s[k] = m[k] = _mm_setzero_si128();
+    for (int k = 0; k < G; k++) {
+        __m256i isum;
+        k45_block(Q5, mn_block(w, (i + k) * bs, 3), i + k, xq, 0, nb, 1, &isum, &m[k]);
+        s[k] = half_sum(isum);
+    }
+    const uint8_t *b = w + i * bs;
+    __m128 d, dm, y;
+    if (G == 4) {
+        d = h4(b, bs); dm = h4(b + 2, bs); y = _mm_loadu_ps(dy);
+    } else {
+        float fd[4] = {0.f, 0.f, 0.f, 0.f}, fm[4] = {0.f, 0.f, 0.f, 0.f}, fy[4] = {0.f, 0.f, 0.f, 0.f};
+        for (int k = 0; k < G; k++) { fd[k] = h2f(b + k * bs); fm[k] = h2f(b + k * bs + 2); fy[k] = dy[k]; }
+        d = _mm_loadu_ps(fd); dm = _mm_loadu_ps(fm); y = _mm_loadu_ps(fy);
+    }
+    return k45_step(p, sum4x4(s[0], s[1], s[2], s[3]), sum4x4(m[0], m[1], m[2], m[3]), d, dm, y);
+}
+MN_INLINE float dot_q45_K_1(const int Q5, const uint8_t *w, int64_t nb, const uint8_t *xq) {
+    __m128 p = _mm_setzero_ps();
+    int64_t i = 0;
+    for (; i + 4 <= nb; i += 4) p = dot_q45_K_g(Q5, 4, w, i, nb, xq, p);
+    switch (nb - i) {
+    case 1: p = dot_q45_K_g(Q5, 1, w, i, nb, xq, p); break;
+    case 2: p = dot_q45_K_g(Q5, 2, w, i, nb, xq, p); break;
+    case 3: p = dot_q45_K_g(Q5, 3, w, i, nb, xq, p); break;
+    default: break;
+    }
+    const __m128 h = _mm_add_ps(p, _mm_shuffle_ps(p, p, _MM_SHUFFLE(2, 3, 0, 1)));   /* p0 + p1, p2 + p3 */
+    return _mm_cvtss_f32(_mm_add_ss(h, _mm_movehl_ps(h, h)));
+}
+/* GEMM tiles: lanes are tokens, p[i % 4] the partial sums */
 MN_INLINE void dot_q45_K_t(const int Q5, const uint8_t *w, int64_t nb, const uint8_t *xq, size_t xs, const int NT,
                            float *res) {
-    const __m256i m4 = _mm256_set1_epi8(0xF), m16 = _mm256_set1_epi8(0x10);
+    if (NT == 1) { res[0] = dot_q45_K_1(Q5, w, nb, xq); return; }
     const size_t bs = Q5 ? BS_Q5_K : BS_Q4_K;
-    __m256 acc[MN_TILE]; __m128 macc[MN_TILE];
-    for (int t = 0; t < NT; t++) { acc[t] = _mm256_setzero_ps(); macc[t] = _mm_setzero_ps(); }
+    __m128 p[4];
+    for (int k = 0; k < 4; k++) p[k] = _mm_setzero_ps();
     for (int64_t i = 0; i < nb; i++) {
         const uint8_t *b = mn_block(w, i * bs, 3);
-        const float d = h2f(b), dmin = h2f(b + 2);
-        const __m128i sm = k4_scales(b + 4);
-        const __m128i mins = _mm_cvtepu8_epi16(_mm_unpackhi_epi64(sm, sm));
-        const __m256i sc = _mm256_broadcastsi128_si256(_mm_cvtepu8_epi16(sm));
-        const __m256i qh = Q5 ? _mm256_loadu_si256((const __m256i *)(b + 16)) : _mm256_setzero_si256();
-        __m256i isum[MN_TILE];
-        for (int t = 0; t < NT; t++) {
-            const uint8_t *xr = xq + t * xs;
-            const float dy = ((const float *)(xr + QK_K * nb))[i];
-            const __m128i ps = _mm_loadu_si128((const __m128i *)(xr + (QK_K + 36) * nb + 16 * i));
-            macc[t] = _mm_fmadd_ps(_mm_set1_ps(dmin * dy), _mm_cvtepi32_ps(_mm_madd_epi16(mins, ps)), macc[t]);
-            isum[t] = _mm256_setzero_si256();
-        }
-        for (int j = 0; j < 4; j++) {
-            const __m256i q = _mm256_loadu_si256((const __m256i *)(b + (Q5 ? 48 : 16) + 32 * j));
-            const int c0 = 2 * j, c1 = 2 * j + 1;
-            __m256i lo = _mm256_and_si256(q, m4), hi = _mm256_and_si256(_mm256_srli_epi16(q, 4), m4);
-            if (Q5) {
-                /* 16-bit shifts: the bits crossing a byte boundary never land on bit 4 */
-                const __m256i h0 = c0 < 4 ? _mm256_slli_epi16(qh, 4 - c0) : c0 > 4 ? _mm256_srli_epi16(qh, c0 - 4) : qh;
-                const __m256i h1 = c1 < 4 ? _mm256_slli_epi16(qh, 4 - c1) : _mm256_srli_epi16(qh, c1 - 4);
-                lo = _mm256_or_si256(lo, _mm256_and_si256(h0, m16));
-                hi = _mm256_or_si256(hi, _mm256_and_si256(h1, m16));
-            }
-            const __m256i slo = _mm256_shuffle_epi8(sc, _mm256_set1_epi16((short)(0x0100 + 0x0202 * c0)));
-            const __m256i shi = _mm256_shuffle_epi8(sc, _mm256_set1_epi16((short)(0x0100 + 0x0202 * c1)));
-            for (int t = 0; t < NT; t++) {
-                const int8_t *x = (const int8_t *)(xq + t * xs) + QK_K * i + 64 * j;
-                const __m256i p0 = _mm256_madd_epi16(_mm256_maddubs_epi16(lo, _mm256_loadu_si256((const __m256i *)x)), slo);
-                const __m256i p1 = _mm256_madd_epi16(_mm256_maddubs_epi16(hi, _mm256_loadu_si256((const __m256i *)(x + 32))), shi);
-                isum[t] = _mm256_add_epi32(isum[t], _mm256_add_epi32(p0, p1));
-            }
-        }
-        k_scale_acc(acc, isum, NT, d, xq, xs, nb, i);
+        __m256i isum[4]; __m128i mm[4]; float dy[4] = {0.f, 0.f, 0.f, 0.f};
+        for (int t = 0; t < 4; t++) { isum[t] = _mm256_setzero_si256(); mm[t] = _mm_setzero_si128(); }
+        k45_block(Q5, b, i, xq, xs, nb, NT, isum, mm);
+        for (int t = 0; t < NT; t++) dy[t] = ((const float *)(xq + t * xs + QK_K * nb))[i];
+        const __m128i S = half_sum(sum4x8(isum[0], isum[1], isum[2], isum[3]));
+        p[i & 3] = k45_step(p[i & 3], S, sum4x4(mm[0], mm[1], mm[2], mm[3]), _mm_set1_ps(h2f(b)),
+                            _mm_set1_ps(h2f(b + 2)), _mm_loadu_ps(dy));
     }
-    for (int t = 0; t < NT; t++) res[t] = hsum8(acc[t]) - hsum4(macc[t]);
+    float out[4];
+    _mm_storeu_ps(out, k45_total(p));
+    for (int t = 0; t < NT; t++) res[t] = out[t];
 }
 MN_INLINE void dot_q4_K_t(const uint8_t *w, int64_t nb, const uint8_t *xq, size_t xs, const int NT, float *res) {
     dot_q45_K_t(0, w, nb, xq, xs, NT, res);
@@ -277,6 +347,107 @@ MN_INLINE void dot_q5_K_t(const uint8_t *w, int64_t nb, const uint8_t *xq, size_
 }
 MN_TILED(dot_q4_K)
 MN_TILED(dot_q5_K)
+
+/* Four rows of Q4_K / Q5_K interleaved, per super-block: for sub-block c, four registers
+ * of 32 values, register k holding values 8k..8k+7 of rows 0-3 (one row per qword), so
+ * one broadcast of the token's 8 values feeds all four rows; the four products of a
+ * sub-block add up in int16 (4 * 2 * 31 * 128 < 2^15) before one madd applies the rows'
+ * scales (sc[c]: row j's scale in qword j).  A quarter of dot's madds. */
+typedef struct {
+    uint8_t v[8][4][32];
+    int16_t sc[8][16];
+    int16_t mins[2][16];   /* rows 0 | 1, rows 2 | 3: the eight mins of each */
+    float d[4], dmin[4];
+} k45x4_blk;
+/* qword k of each of four registers -> register k holds qword k of a, b, c, d */
+MN_INLINE void transpose4x64(__m256i a, __m256i b, __m256i c, __m256i d, __m256i *o) {
+    const __m256i t0 = _mm256_unpacklo_epi64(a, b), t1 = _mm256_unpackhi_epi64(a, b);
+    const __m256i t2 = _mm256_unpacklo_epi64(c, d), t3 = _mm256_unpackhi_epi64(c, d);
+    o[0] = _mm256_permute2x128_si256(t0, t2, 0x20); o[1] = _mm256_permute2x128_si256(t1, t3, 0x20);
+    o[2] = _mm256_permute2x128_si256(t0, t2, 0x31); o[3] = _mm256_permute2x128_si256(t1, t3, 0x31);
+}
+MN_INLINE void k45x4_pack(const int Q5, const uint8_t *w, size_t ws, int64_t i0, int64_t n, void *buf) {
+    const size_t bs = Q5 ? BS_Q5_K : BS_Q4_K;
+    /* qword q of each lane: [byte 8q + c, 0] x 4 (+ c below; 0x80 + c stays a zeroing index) */
+    const __m256i pick = _mm256_setr_epi8(0, -128, 0, -128, 0, -128, 0, -128, 8, -128, 8, -128, 8, -128, 8, -128,
+                                          0, -128, 0, -128, 0, -128, 0, -128, 8, -128, 8, -128, 8, -128, 8, -128);
+    k45x4_blk *B = (k45x4_blk *)buf;
+    for (int64_t ii = 0; ii < n; ii++) {
+        const uint8_t *b[4];
+        __m128i sm[4];
+        for (int r = 0; r < 4; r++) {
+            b[r] = w + r * ws + (i0 + ii) * bs;
+            sm[r] = k4_scales(b[r] + 4);
+            B[ii].d[r] = h2f(b[r]); B[ii].dmin[r] = h2f(b[r] + 2);
+        }
+        const __m256i s4 = _mm256_set_m128i(_mm_unpacklo_epi64(sm[2], sm[3]), _mm_unpacklo_epi64(sm[0], sm[1]));
+        for (int c = 0; c < 8; c++)
+            _mm256_storeu_si256((__m256i *)B[ii].sc[c], _mm256_shuffle_epi8(s4, _mm256_add_epi8(pick, _mm256_set1_epi8((char)c))));
+        _mm256_storeu_si256((__m256i *)B[ii].mins[0], _mm256_cvtepu8_epi16(_mm_unpackhi_epi64(sm[0], sm[1])));
+        _mm256_storeu_si256((__m256i *)B[ii].mins[1], _mm256_cvtepu8_epi16(_mm_unpackhi_epi64(sm[2], sm[3])));
+        for (int j = 0; j < 4; j++) {
+            __m256i lo[4], hi[4];
+            for (int r = 0; r < 4; r++) {
+                const __m256i qh = Q5 ? _mm256_loadu_si256((const __m256i *)(b[r] + 16)) : _mm256_setzero_si256();
+                k45_vals(Q5, b[r], j, qh, &lo[r], &hi[r]);
+            }
+            __m256i o[4];
+            transpose4x64(lo[0], lo[1], lo[2], lo[3], o);
+            for (int k = 0; k < 4; k++) _mm256_store_si256((__m256i *)B[ii].v[2 * j][k], o[k]);
+            transpose4x64(hi[0], hi[1], hi[2], hi[3], o);
+            for (int k = 0; k < 4; k++) _mm256_store_si256((__m256i *)B[ii].v[2 * j + 1][k], o[k]);
+        }
+    }
+}
+MN_INLINE __m256i bq(const int8_t *x) { return _mm256_set1_epi64x((long long)mn_rd64((const uint8_t *)x)); }
+MN_INLINE void k45x4_run_t(const void *buf, int64_t i0, int64_t n, int64_t nb, const uint8_t *xq, size_t xs,
+                           const int NT, float *accp) {
+    const k45x4_blk *B = (const k45x4_blk *)buf;
+    for (int64_t ii = 0; ii < n; ii++) {
+        const k45x4_blk *b = B + ii;
+        const int64_t i = i0 + ii;
+        __m256i I[MN_TILE];
+        for (int t = 0; t < NT; t++) I[t] = _mm256_setzero_si256();
+        for (int c = 0; c < 8; c++) {
+            const __m256i a0 = _mm256_load_si256((const __m256i *)b->v[c][0]), a1 = _mm256_load_si256((const __m256i *)b->v[c][1]);
+            const __m256i a2 = _mm256_load_si256((const __m256i *)b->v[c][2]), a3 = _mm256_load_si256((const __m256i *)b->v[c][3]);
+            const __m256i sc = _mm256_loadu_si256((const __m256i *)b->sc[c]);
+            for (int t = 0; t < NT; t++) {
+                const int8_t *x = (const int8_t *)(xq + t * xs) + QK_K * i + 32 * c;
+                const __m256i p0 = _mm256_add_epi16(_mm256_maddubs_epi16(a0, bq(x)), _mm256_maddubs_epi16(a1, bq(x + 8)));
+                const __m256i p1 = _mm256_add_epi16(_mm256_maddubs_epi16(a2, bq(x + 16)), _mm256_maddubs_epi16(a3, bq(x + 24)));
+                I[t] = _mm256_add_epi32(I[t], _mm256_madd_epi16(_mm256_add_epi16(p0, p1), sc));
+            }
+        }
+        const __m256i mn01 = _mm256_loadu_si256((const __m256i *)b->mins[0]), mn23 = _mm256_loadu_si256((const __m256i *)b->mins[1]);
+        const __m128 d = _mm_loadu_ps(b->d), dmin = _mm_loadu_ps(b->dmin);
+        for (int t = 0; t < NT; t++) {
+            const uint8_t *xr = xq + t * xs;
+            /* [r0 r0 r1 r1 | r2 r2 r3 r3] -> [r0 r1 r2 r3] */
+            const __m256i h = _mm256_hadd_epi32(I[t], I[t]);
+            const __m128i S = _mm_unpacklo_epi64(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1));
+            const __m256i ps = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(xr + (QK_K + 36) * nb + 16 * i)));
+            /* [r0 x4 | r1 x4], [r2 x4 | r3 x4] -> [r0 r2 r0 r2 | r1 r3 r1 r3] -> [r0 r1 r2 r3] */
+            const __m256i m = _mm256_hadd_epi32(_mm256_madd_epi16(mn01, ps), _mm256_madd_epi16(mn23, ps));
+            const __m256i m2 = _mm256_hadd_epi32(m, m);
+            const __m128i M = _mm_unpacklo_epi32(_mm256_castsi256_si128(m2), _mm256_extracti128_si256(m2, 1));
+            float *pp = accp + 16 * t + 4 * (i & 3);
+            _mm_storeu_ps(pp, k45_step(_mm_loadu_ps(pp), S, M, d, dmin, _mm_set1_ps(((const float *)(xr + QK_K * nb))[i])));
+        }
+    }
+}
+#define K45X4(name, Q5) \
+    static void name##_pack(const uint8_t *w, size_t ws, int64_t i0, int64_t n, void *buf) { k45x4_pack(Q5, w, ws, i0, n, buf); } \
+    static void name##_run(const void *buf, int64_t i0, int64_t n, int64_t nb, const uint8_t *xq, size_t xs, int nt, float *acc) { \
+        switch (nt) { \
+        case 1: k45x4_run_t(buf, i0, n, nb, xq, xs, 1, acc); break; \
+        case 2: k45x4_run_t(buf, i0, n, nb, xq, xs, 2, acc); break; \
+        case 3: k45x4_run_t(buf, i0, n, nb, xq, xs, 3, acc); break; \
+        default: k45x4_run_t(buf, i0, n, nb, xq, xs, 4, acc); break; \
+        } \
+    }
+K45X4(q4_Kx4, 0)
+K45X4(q5_Kx4, 1)
 
 /* --------------------------------------------------------------- Q6_K */
 MN_INLINE void dot_q6_K_t(const uint8_t *w, int64_t nb, const uint8_t *xq, size_t xs, const int NT, float *res) {
@@ -596,4 +767,9 @@ void mn_fill_avx2(mn_traits *tab) {
 #undef SET_IQ
     SET(TQ2_0, dot_tq2_0);
 #undef SET
+#define SET4(T, name, mint) tab[MN_##T].multi[MN_SIMD_AVX2] = (mn_multirow){name##_pack, name##_run, sizeof(k45x4_blk), 4, 4, mint}
+    /* from 2 (Q4_K) and 3 (Q5_K) tokens faster than dot, one core, 2048 x 2048 */
+    SET4(Q4_K, q4_Kx4, 2);
+    SET4(Q5_K, q5_Kx4, 3);
+#undef SET4
 }

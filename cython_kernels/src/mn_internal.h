@@ -45,11 +45,32 @@ static const int8_t mn_kvalues_iq4nl[16] = {-127, -104, -83, -65, -49, -35, -22,
 typedef void (*mn_dot_fn)(const uint8_t *w, int64_t nb, const uint8_t *xq, size_t xs,
                           int nt, float *res);
 
+/* A GEMM kernel over several rows at once, for many tokens (optional, per type and level):
+ * pack(w, ws, i0, n, buf) lays blocks [i0, i0 + n) of `rows` rows (w, w + ws, ...) out
+ * interleaved in buf (n * blk bytes, 64-aligned); run(buf, i0, n, nb, xq, xs, nt, acc)
+ * continues the partial sums acc[(parts * t + k) * rows + j] (token t < nt <= MN_TILE, part
+ * k, row j) over those blocks; the driver adds a row's parts (1, 2 or 4 of them) pairwise:
+ * (p0 + p1) + (p2 + p3).  The packing is paid once for every token of a call.  A level's
+ * run must give, bit for bit, what the same level's dot gives row by row: the driver picks
+ * either by shape. */
+typedef void (*mn_pack_fn)(const uint8_t *w, size_t ws, int64_t i0, int64_t n, void *buf);
+typedef void (*mn_run_fn)(const void *buf, int64_t i0, int64_t n, int64_t nb, const uint8_t *xq, size_t xs,
+                          int nt, float *acc);
+typedef struct {
+    mn_pack_fn pack;
+    mn_run_fn run;
+    size_t blk;        /* packed bytes per block of the rows */
+    int rows;          /* rows per pack: 4 or 8 */
+    int parts;         /* partial sums per row and token: 1, 2 or 4 */
+    int min_tokens;    /* from this many tokens in a call it beats dot */
+} mn_multirow;
+
 /* a row of the type table: the public facts plus a kernel per SIMD level
- * (NULL: none; the levels above the scalar one inherit the level below) */
+ * (NULL: none; the levels above the scalar one inherit the level below, with its multi) */
 typedef struct {
     mn_type_info info;
     mn_dot_fn dot[MN_N_LEVELS];
+    mn_multirow multi[MN_N_LEVELS];
 } mn_traits;
 extern mn_traits mn_traits_table[MN_MAX_TYPE];
 

@@ -274,7 +274,10 @@ static void init_once(void) {
     /* a level without its own kernel for a type runs the level below's */
     for (int l = 1; l <= cpu && l < MN_N_LEVELS; l++)
         for (int t = 0; t < MN_MAX_TYPE; t++)
-            if (!mn_traits_table[t].dot[l]) mn_traits_table[t].dot[l] = mn_traits_table[t].dot[l - 1];
+            if (!mn_traits_table[t].dot[l]) {
+                mn_traits_table[t].dot[l] = mn_traits_table[t].dot[l - 1];
+                mn_traits_table[t].multi[l] = mn_traits_table[t].multi[l - 1];
+            }
     g_level = mn_simd_level();
 }
 
@@ -292,6 +295,40 @@ int mn_set_simd_level(int level) {
 }
 
 /* --------------------------------------------------------------- driver */
+#define MN_MR_BUF (16 * 1024)    /* packed rows in L1 beside the tokens' tile */
+#define MN_MR_TOK 64             /* tokens per pass over a packed group of rows */
+/* rows [r0, r1) (a multiple of g->rows) with g: each group of rows packed in chunks of
+ * blocks, each chunk run for up to MN_MR_TOK tokens (a tile of MN_TILE at a time) */
+static void multirow_block(const mn_multirow *g, const uint8_t *w, size_t ws, int64_t nb, const uint8_t *xq,
+                           size_t xs, int64_t n_tok, float *out, int64_t out_stride, int64_t r0, int64_t r1) {
+    uint8_t buf[MN_MR_BUF] __attribute__((aligned(64)));
+    float acc[8 * 4 * MN_MR_TOK] __attribute__((aligned(64)));
+    const int R = g->rows, P = g->parts;
+    int64_t cb = (int64_t)(MN_MR_BUF / g->blk);
+    if (cb < 1) cb = 1;   /* the kernels keep blk <= MN_MR_BUF */
+    for (int64_t t0 = 0; t0 < n_tok; t0 += MN_MR_TOK) {
+        const int64_t tn = n_tok - t0 < MN_MR_TOK ? n_tok - t0 : MN_MR_TOK;
+        const uint8_t *x0 = xq + t0 * xs;
+        for (int64_t r = r0; r < r1; r += R) {
+            memset(acc, 0, sizeof(float) * (size_t)(R * P * tn));
+            for (int64_t i0 = 0; i0 < nb; i0 += cb) {
+                const int64_t n = nb - i0 < cb ? nb - i0 : cb;
+                g->pack(w + r * ws, ws, i0, n, buf);
+                for (int64_t t = 0; t < tn; t += MN_TILE)
+                    g->run(buf, i0, n, nb, x0 + t * xs, xs, (int)(tn - t < MN_TILE ? tn - t : MN_TILE), acc + R * P * t);
+            }
+            for (int64_t t = 0; t < tn; t++)
+                for (int j = 0; j < R; j++) {
+                    const float *a = acc + R * P * t + j;
+                    float v = a[0];
+                    if (P == 2) v = a[0] + a[R];
+                    if (P == 4) v = (a[0] + a[R]) + (a[2 * R] + a[3 * R]);
+                    out[(t0 + t) * out_stride + r + j] = v;
+                }
+        }
+    }
+}
+
 int mn_matmul_rows(int wtype, const uint8_t *w, size_t w_row_stride, int64_t cols,
                    const void *xq_, size_t xq_stride, int64_t n_tok,
                    float *out, int64_t out_stride, int64_t r0, int64_t r1) {
@@ -312,13 +349,17 @@ int mn_matmul_rows(int wtype, const uint8_t *w, size_t w_row_stride, int64_t col
      * reused from cache for every tile of MN_TILE tokens. */
     int64_t rows_blk = (int64_t)((256 * 1024) / rb);
     if (rows_blk < 1) rows_blk = 1;
+    const mn_multirow *g = &mn_traits_table[wtype].multi[level];
+    const int multi = g->run && n_tok >= g->min_tokens;
     float res[MN_TILE];
     for (int64_t rr = r0; rr < r1; rr += rows_blk) {
         const int64_t re = rr + rows_blk < r1 ? rr + rows_blk : r1;
-        for (int64_t t = 0; t < n_tok; t += MN_TILE) {
+        const int64_t r4 = multi ? rr + (re - rr) / g->rows * g->rows : rr;
+        if (r4 > rr) multirow_block(g, w, w_row_stride, nb, xq, xq_stride, n_tok, out, out_stride, rr, r4);
+        for (int64_t t = 0; t < n_tok && r4 < re; t += MN_TILE) {
             const int nt = (int)(n_tok - t < MN_TILE ? n_tok - t : MN_TILE);
             const uint8_t *x = xq + t * xq_stride;
-            for (int64_t r = rr; r < re; r++) {
+            for (int64_t r = r4; r < re; r++) {
                 f(w + r * w_row_stride, nb, x, xq_stride, nt, res);
                 for (int i = 0; i < nt; i++) out[(t + i) * out_stride + r] = res[i];
             }
