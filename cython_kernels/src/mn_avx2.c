@@ -76,12 +76,6 @@ MN_INLINE __m256i sum4x16(__m256i a, __m256i b, __m256i c, __m256i d) {
     const __m256i cd = _mm256_add_epi16(_mm256_unpacklo_epi32(c, d), _mm256_unpackhi_epi32(c, d));
     return _mm256_add_epi16(_mm256_unpacklo_epi64(ab, cd), _mm256_unpackhi_epi64(ab, cd));
 }
-/* the fp16 at b of four blocks: packed in a general register (idle ports here) */
-MN_INLINE __m128 h4(const uint8_t *b, size_t bs) {
-    const uint64_t v = (uint64_t)mn_rd16(b) | ((uint64_t)mn_rd16(b + bs) << 16) |
-                       ((uint64_t)mn_rd16(b + 2 * bs) << 32) | ((uint64_t)mn_rd16(b + 3 * bs) << 48);
-    return _mm_cvtph_ps(_mm_cvtsi64_si128((long long)v));
-}
 /* One step: the four blocks at i, each token's sums into acc[t] (lane j: block i + j). */
 #define B32_STEP4(name, BS, VALS, SIGNED, OFF, MOFF) \
 MN_INLINE void name##_s4(const uint8_t *w, int64_t i, int64_t nb, const uint8_t *xq, size_t xs, const int NT, __m128 *acc) { \
@@ -229,32 +223,6 @@ MN_TILED(dot_iq4_xs)
  * is (p0 + p1) + (p2 + p3).  The four-row kernel below makes the same integers in another
  * order and the same float steps, so the two agree bit for bit (the driver picks either by
  * shape); the GEMV reduces four super-blocks' integers at once. */
-/* [sum a, sum b, sum c, sum d] of four int32 x 4 */
-MN_INLINE __m128i sum4x4(__m128i a, __m128i b, __m128i c, __m128i d) {
-    const __m128i ab = _mm_add_epi32(_mm_unpacklo_epi32(a, b), _mm_unpackhi_epi32(a, b));
-    const __m128i cd = _mm_add_epi32(_mm_unpacklo_epi32(c, d), _mm_unpackhi_epi32(c, d));
-    return _mm_add_epi32(_mm_unpacklo_epi64(ab, cd), _mm_unpackhi_epi64(ab, cd));
-}
-MN_INLINE __m128i half_sum(__m256i v) { return _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1)); }
-/* sub-block pair j's values (lo: sub-block 2j, hi: 2j + 1) of a Q4_K / Q5_K block b */
-MN_INLINE void k45_vals(const int Q5, const uint8_t *b, int j, __m256i qh, __m256i *lo, __m256i *hi) {
-    const __m256i m4 = _mm256_set1_epi8(0xF), m16 = _mm256_set1_epi8(0x10);
-    const __m256i q = _mm256_loadu_si256((const __m256i *)(b + (Q5 ? 48 : 16) + 32 * j));
-    *lo = _mm256_and_si256(q, m4); *hi = _mm256_and_si256(_mm256_srli_epi16(q, 4), m4);
-    if (Q5) {
-        const int c0 = 2 * j, c1 = 2 * j + 1;
-        /* 16-bit shifts: the bits crossing a byte boundary never land on bit 4 */
-        const __m256i h0 = c0 < 4 ? _mm256_slli_epi16(qh, 4 - c0) : c0 > 4 ? _mm256_srli_epi16(qh, c0 - 4) : qh;
-        const __m256i h1 = c1 < 4 ? _mm256_slli_epi16(qh, 4 - c1) : _mm256_srli_epi16(qh, c1 - 4);
-        *lo = _mm256_or_si256(*lo, _mm256_and_si256(h0, m16));
-        *hi = _mm256_or_si256(*hi, _mm256_and_si256(h1, m16));
-    }
-}
-/* the float step of a super-block, lane-wise (lanes: tokens, rows or super-blocks) */
-MN_INLINE __m128 k45_step(__m128 p, __m128i S, __m128i M, __m128 d, __m128 dmin, __m128 dy) {
-    p = _mm_fmadd_ps(_mm_cvtepi32_ps(S), _mm_mul_ps(d, dy), p);
-    return _mm_fnmadd_ps(_mm_cvtepi32_ps(M), _mm_mul_ps(dmin, dy), p);
-}
 /* (p0 + p1) + (p2 + p3), lane-wise */
 MN_INLINE __m128 k45_total(const __m128 *p) { return _mm_add_ps(_mm_add_ps(p[0], p[1]), _mm_add_ps(p[2], p[3])); }
 /* super-block b's integer dots of NT tokens: isum[t] (8 lanes of S) and mm[t] (4 lanes of M) */
@@ -348,70 +316,19 @@ MN_INLINE void dot_q5_K_t(const uint8_t *w, int64_t nb, const uint8_t *xq, size_
 MN_TILED(dot_q4_K)
 MN_TILED(dot_q5_K)
 
-/* Four rows of Q4_K / Q5_K interleaved, per super-block: for sub-block c, four registers
- * of 32 values, register k holding values 8k..8k+7 of rows 0-3 (one row per qword), so
- * one broadcast of the token's 8 values feeds all four rows; the four products of a
- * sub-block add up in int16 (4 * 2 * 31 * 128 < 2^15) before one madd applies the rows'
- * scales (sc[c]: row j's scale in qword j).  A quarter of dot's madds. */
-typedef struct {
-    uint8_t v[8][4][32];
-    int16_t sc[8][16];
-    int16_t mins[2][16];   /* rows 0 | 1, rows 2 | 3: the eight mins of each */
-    float d[4], dmin[4];
-} k45x4_blk;
-/* qword k of each of four registers -> register k holds qword k of a, b, c, d */
-MN_INLINE void transpose4x64(__m256i a, __m256i b, __m256i c, __m256i d, __m256i *o) {
-    const __m256i t0 = _mm256_unpacklo_epi64(a, b), t1 = _mm256_unpackhi_epi64(a, b);
-    const __m256i t2 = _mm256_unpacklo_epi64(c, d), t3 = _mm256_unpackhi_epi64(c, d);
-    o[0] = _mm256_permute2x128_si256(t0, t2, 0x20); o[1] = _mm256_permute2x128_si256(t1, t3, 0x20);
-    o[2] = _mm256_permute2x128_si256(t0, t2, 0x31); o[3] = _mm256_permute2x128_si256(t1, t3, 0x31);
-}
-MN_INLINE void k45x4_pack(const int Q5, const uint8_t *w, size_t ws, int64_t i0, int64_t n, void *buf) {
-    const size_t bs = Q5 ? BS_Q5_K : BS_Q4_K;
-    /* qword q of each lane: [byte 8q + c, 0] x 4 (+ c below; 0x80 + c stays a zeroing index) */
-    const __m256i pick = _mm256_setr_epi8(0, -128, 0, -128, 0, -128, 0, -128, 8, -128, 8, -128, 8, -128, 8, -128,
-                                          0, -128, 0, -128, 0, -128, 0, -128, 8, -128, 8, -128, 8, -128, 8, -128);
-    k45x4_blk *B = (k45x4_blk *)buf;
-    for (int64_t ii = 0; ii < n; ii++) {
-        const uint8_t *b[4];
-        __m128i sm[4];
-        for (int r = 0; r < 4; r++) {
-            b[r] = w + r * ws + (i0 + ii) * bs;
-            sm[r] = k4_scales(b[r] + 4);
-            B[ii].d[r] = h2f(b[r]); B[ii].dmin[r] = h2f(b[r] + 2);
-        }
-        const __m256i s4 = _mm256_set_m128i(_mm_unpacklo_epi64(sm[2], sm[3]), _mm_unpacklo_epi64(sm[0], sm[1]));
-        for (int c = 0; c < 8; c++)
-            _mm256_storeu_si256((__m256i *)B[ii].sc[c], _mm256_shuffle_epi8(s4, _mm256_add_epi8(pick, _mm256_set1_epi8((char)c))));
-        _mm256_storeu_si256((__m256i *)B[ii].mins[0], _mm256_cvtepu8_epi16(_mm_unpackhi_epi64(sm[0], sm[1])));
-        _mm256_storeu_si256((__m256i *)B[ii].mins[1], _mm256_cvtepu8_epi16(_mm_unpackhi_epi64(sm[2], sm[3])));
-        for (int j = 0; j < 4; j++) {
-            __m256i lo[4], hi[4];
-            for (int r = 0; r < 4; r++) {
-                const __m256i qh = Q5 ? _mm256_loadu_si256((const __m256i *)(b[r] + 16)) : _mm256_setzero_si256();
-                k45_vals(Q5, b[r], j, qh, &lo[r], &hi[r]);
-            }
-            __m256i o[4];
-            transpose4x64(lo[0], lo[1], lo[2], lo[3], o);
-            for (int k = 0; k < 4; k++) _mm256_store_si256((__m256i *)B[ii].v[2 * j][k], o[k]);
-            transpose4x64(hi[0], hi[1], hi[2], hi[3], o);
-            for (int k = 0; k < 4; k++) _mm256_store_si256((__m256i *)B[ii].v[2 * j + 1][k], o[k]);
-        }
-    }
-}
+/* The four-row GEMM (mn_x86.h's k45_pack with R = 4): a quarter of dot's madds. */
 MN_INLINE __m256i bq(const int8_t *x) { return _mm256_set1_epi64x((long long)mn_rd64((const uint8_t *)x)); }
 MN_INLINE void k45x4_run_t(const void *buf, int64_t i0, int64_t n, int64_t nb, const uint8_t *xq, size_t xs,
                            const int NT, float *accp) {
-    const k45x4_blk *B = (const k45x4_blk *)buf;
     for (int64_t ii = 0; ii < n; ii++) {
-        const k45x4_blk *b = B + ii;
+        const uint8_t *b = (const uint8_t *)buf + ii * K45_BLK(4);
         const int64_t i = i0 + ii;
         __m256i I[MN_TILE];
         for (int t = 0; t < NT; t++) I[t] = _mm256_setzero_si256();
         for (int c = 0; c < 8; c++) {
-            const __m256i a0 = _mm256_load_si256((const __m256i *)b->v[c][0]), a1 = _mm256_load_si256((const __m256i *)b->v[c][1]);
-            const __m256i a2 = _mm256_load_si256((const __m256i *)b->v[c][2]), a3 = _mm256_load_si256((const __m256i *)b->v[c][3]);
-            const __m256i sc = _mm256_loadu_si256((const __m256i *)b->sc[c]);
+            const __m256i a0 = _mm256_load_si256((const __m256i *)K45_V(b, 4, c, 0)), a1 = _mm256_load_si256((const __m256i *)K45_V(b, 4, c, 1));
+            const __m256i a2 = _mm256_load_si256((const __m256i *)K45_V(b, 4, c, 2)), a3 = _mm256_load_si256((const __m256i *)K45_V(b, 4, c, 3));
+            const __m256i sc = _mm256_loadu_si256((const __m256i *)K45_SC(b, 4, c));
             for (int t = 0; t < NT; t++) {
                 const int8_t *x = (const int8_t *)(xq + t * xs) + QK_K * i + 32 * c;
                 const __m256i p0 = _mm256_add_epi16(_mm256_maddubs_epi16(a0, bq(x)), _mm256_maddubs_epi16(a1, bq(x + 8)));
@@ -419,8 +336,8 @@ MN_INLINE void k45x4_run_t(const void *buf, int64_t i0, int64_t n, int64_t nb, c
                 I[t] = _mm256_add_epi32(I[t], _mm256_madd_epi16(_mm256_add_epi16(p0, p1), sc));
             }
         }
-        const __m256i mn01 = _mm256_loadu_si256((const __m256i *)b->mins[0]), mn23 = _mm256_loadu_si256((const __m256i *)b->mins[1]);
-        const __m128 d = _mm_loadu_ps(b->d), dmin = _mm_loadu_ps(b->dmin);
+        const __m256i mn01 = _mm256_loadu_si256((const __m256i *)K45_MINS(b, 4)), mn23 = _mm256_loadu_si256((const __m256i *)(K45_MINS(b, 4) + 32));
+        const __m128 d = _mm_loadu_ps(K45_D(b, 4)), dmin = _mm_loadu_ps(K45_DMIN(b, 4));
         for (int t = 0; t < NT; t++) {
             const uint8_t *xr = xq + t * xs;
             /* [r0 r0 r1 r1 | r2 r2 r3 r3] -> [r0 r1 r2 r3] */
@@ -437,7 +354,7 @@ MN_INLINE void k45x4_run_t(const void *buf, int64_t i0, int64_t n, int64_t nb, c
     }
 }
 #define K45X4(name, Q5) \
-    static void name##_pack(const uint8_t *w, size_t ws, int64_t i0, int64_t n, void *buf) { k45x4_pack(Q5, w, ws, i0, n, buf); } \
+    static void name##_pack(const uint8_t *w, size_t ws, int64_t i0, int64_t n, void *buf) { k45_pack(Q5, 4, w, ws, i0, n, buf); } \
     static void name##_run(const void *buf, int64_t i0, int64_t n, int64_t nb, const uint8_t *xq, size_t xs, int nt, float *acc) { \
         switch (nt) { \
         case 1: k45x4_run_t(buf, i0, n, nb, xq, xs, 1, acc); break; \
@@ -767,7 +684,7 @@ void mn_fill_avx2(mn_traits *tab) {
 #undef SET_IQ
     SET(TQ2_0, dot_tq2_0);
 #undef SET
-#define SET4(T, name, mint) tab[MN_##T].multi[MN_SIMD_AVX2] = (mn_multirow){name##_pack, name##_run, sizeof(k45x4_blk), 4, 4, mint}
+#define SET4(T, name, mint) tab[MN_##T].multi[MN_SIMD_AVX2] = (mn_multirow){name##_pack, name##_run, K45_BLK(4), 4, 4, mint}
     /* from 2 (Q4_K) and 3 (Q5_K) tokens faster than dot, one core, 2048 x 2048 */
     SET4(Q4_K, q4_Kx4, 2);
     SET4(Q5_K, q5_Kx4, 3);

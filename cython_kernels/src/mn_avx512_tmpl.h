@@ -307,44 +307,152 @@ MN_TILED_AS(K(dot_iq4_xs), K(dot_iq4_xs_t))
 
 /* ---------------------------------------------------------------- Q4_K */
 
-/* Q4_K, and Q5_K (Q5 = 1: a fifth bit from qh) */
-MN_INLINE void K(dot_q45_K_t)(const int Q5, const uint8_t *w, int64_t nb, const uint8_t *xq, size_t xs, const int NT, float *res) {
+/* Q4_K, and Q5_K (Q5 = 1: a fifth bit from qh).  As at AVX2 (mn_avx2.c): each super-block
+ * ends in exact integers S, M per row and token and one float step into partial sum i % 4
+ * (k45_step), which the eight-row GEMM below repeats bit for bit. */
+/* [sum a, sum b, sum c, sum d] of four int32 x 16 */
+MN_INLINE __m128i K(isum4)(__m512i a, __m512i b, __m512i c, __m512i d) {
+    const __m512i ab = _mm512_add_epi32(_mm512_shuffle_i32x4(a, b, 0x44), _mm512_shuffle_i32x4(a, b, 0xEE));
+    const __m512i cd = _mm512_add_epi32(_mm512_shuffle_i32x4(c, d, 0x44), _mm512_shuffle_i32x4(c, d, 0xEE));
+    __m512i q = _mm512_add_epi32(_mm512_shuffle_i32x4(ab, cd, 0x88), _mm512_shuffle_i32x4(ab, cd, 0xDD));
+    q = _mm512_add_epi32(q, _mm512_shuffle_epi32(q, (_MM_PERM_ENUM)0x4E));   /* 128-bit lane k: a, b, c, d's */
+    q = _mm512_add_epi32(q, _mm512_shuffle_epi32(q, (_MM_PERM_ENUM)0xB1));
+    return _mm512_castsi512_si128(_mm512_permutexvar_epi32(_mm512_setr_epi32(0, 4, 8, 12, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0), q));
+}
+/* super-block b's values (qv) and scales (sv) for k_dot256, and its 8 mins */
+MN_INLINE __m128i K(k45_prep)(const int Q5, const uint8_t *b, __m512i *qv, __m512i *sv) {
     const __m512i m4 = _mm512_set1_epi8(0xF), m1 = _mm512_set1_epi8(1);
-    const size_t BS = Q5 ? BS_Q5_K : BS_Q4_K, QOFF = Q5 ? 48 : 16;
-    __m512 acc[MN_TILE]; __m128 macc[MN_TILE];
-    for (int t = 0; t < NT; t++) { acc[t] = _mm512_setzero_ps(); macc[t] = _mm_setzero_ps(); }
+    __m512i hb = _mm512_setzero_si512();
+    if (Q5) hb = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)(b + 16)));
+    const __m128i sm = k4_scales(b + 4);
+    const __m512i sc = _mm512_broadcast_i32x4(_mm_cvtepu8_epi16(sm));
+    for (int j = 0; j < 4; j++) {
+        const __m512i v = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)(b + (Q5 ? 48 : 16) + 32 * j)));
+        qv[j] = _mm512_and_si512(_mm512_mask_srli_epi16(v, 0xFFFF0000u, v, 4), m4);
+        if (Q5) {   /* bit 2j of qh for the low half, bit 2j+1 for the high half */
+            const __m512i sh = _mm512_inserti64x4(_mm512_set1_epi16((short)(2 * j)), _mm256_set1_epi16((short)(2 * j + 1)), 1);
+            qv[j] = _mm512_or_si512(qv[j], _mm512_slli_epi16(_mm512_and_si512(_mm512_srlv_epi16(hb, sh), m1), 4));
+        }
+        /* lanes 0,1 <- scale 2j, lanes 2,3 <- scale 2j+1 (int16 in each lane) */
+        const int lo = 0x0100 + 0x0202 * (2 * j), hi = 0x0100 + 0x0202 * (2 * j + 1);
+        const __m512i ctl = _mm512_inserti64x4(_mm512_set1_epi16((short)lo), _mm256_set1_epi16((short)hi), 1);
+        sv[j] = _mm512_shuffle_epi8(sc, ctl);
+    }
+    return _mm_cvtepu8_epi16(_mm_unpackhi_epi64(sm, sm));
+}
+#define K45_PS(xr, nb, i) _mm_loadu_si128((const __m128i *)((xr) + (QK_K + 36) * (nb) + 16 * (i)))
+/* GEMV: G (<= 4) super-blocks from i, lane k of the partial sums p = super-block i + k */
+MN_INLINE __m128 K(q45_gemv4)(const int Q5, const int G, const uint8_t *w, int64_t i, int64_t nb, const uint8_t *xq, __m128 p) {
+    const size_t BS = Q5 ? BS_Q5_K : BS_Q4_K;
+    __m512i s[4]; __m128i m[4];
+    for (int k = 0; k < 4; k++) { s[k] = _mm512_setzero_si512(); m[k] = _mm_setzero_si128(); }
+    for (int k = 0; k < G; k++) {
+        __m512i qv[4], sv[4];
+        const __m128i mins = K(k45_prep)(Q5, mn_block(w, (i + k) * BS, 3), qv, sv);
+        s[k] = K(k_dot256)(qv, sv, K_X(xq, i + k), _mm512_setzero_si512());
+        m[k] = _mm_madd_epi16(mins, K45_PS(xq, nb, i + k));
+    }
+    const uint8_t *b = w + i * BS;
+    const float *dy = K_DY(xq, nb, i);
+    __m128 d, dm, y;
+    if (G == 4) {
+        d = h4(b, BS); dm = h4(b + 2, BS); y = _mm_loadu_ps(dy);
+    } else {
+        float fd[4] = {0.f, 0.f, 0.f, 0.f}, fm[4] = {0.f, 0.f, 0.f, 0.f}, fy[4] = {0.f, 0.f, 0.f, 0.f};
+        for (int k = 0; k < G; k++) { fd[k] = h2f(b + k * BS); fm[k] = h2f(b + k * BS + 2); fy[k] = dy[k]; }
+        d = _mm_loadu_ps(fd); dm = _mm_loadu_ps(fm); y = _mm_loadu_ps(fy);
+    }
+    return k45_step(p, K(isum4)(s[0], s[1], s[2], s[3]), sum4x4(m[0], m[1], m[2], m[3]), d, dm, y);
+}
+MN_INLINE void K(dot_q45_K_t)(const int Q5, const uint8_t *w, int64_t nb, const uint8_t *xq, size_t xs, const int NT, float *res) {
+    const size_t BS = Q5 ? BS_Q5_K : BS_Q4_K;
+    if (NT == 1) {
+        __m128 p = _mm_setzero_ps();
+        int64_t i = 0;
+        for (; i + 4 <= nb; i += 4) p = K(q45_gemv4)(Q5, 4, w, i, nb, xq, p);
+        switch (nb - i) {
+        case 1: p = K(q45_gemv4)(Q5, 1, w, i, nb, xq, p); break;
+        case 2: p = K(q45_gemv4)(Q5, 2, w, i, nb, xq, p); break;
+        case 3: p = K(q45_gemv4)(Q5, 3, w, i, nb, xq, p); break;
+        default: break;
+        }
+        const __m128 h = _mm_add_ps(p, _mm_shuffle_ps(p, p, _MM_SHUFFLE(2, 3, 0, 1)));   /* p0 + p1, p2 + p3 */
+        res[0] = _mm_cvtss_f32(_mm_add_ss(h, _mm_movehl_ps(h, h)));
+        return;
+    }
+    __m128 p[4];   /* lanes: tokens */
+    for (int k = 0; k < 4; k++) p[k] = _mm_setzero_ps();
     for (int64_t i = 0; i < nb; i++) {
         const uint8_t *b = mn_block(w, i * BS, 3);
-        __m512i hb = _mm512_setzero_si512();
-        if (Q5) hb = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)(b + 16)));
-        const float d = h2f(b), dmin = h2f(b + 2);
-        const __m128i sm = k4_scales(b + 4);
-        const __m128i mins = _mm_cvtepu8_epi16(_mm_unpackhi_epi64(sm, sm));
-        const __m512i sc = _mm512_broadcast_i32x4(_mm_cvtepu8_epi16(sm));
-        __m512i qv[4], sv[4];
-        for (int j = 0; j < 4; j++) {
-            const __m512i v = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)(b + QOFF + 32 * j)));
-            qv[j] = _mm512_and_si512(_mm512_mask_srli_epi16(v, 0xFFFF0000u, v, 4), m4);
-            if (Q5) {   /* bit 2j of qh for the low half, bit 2j+1 for the high half */
-                const __m512i sh = _mm512_inserti64x4(_mm512_set1_epi16((short)(2 * j)), _mm256_set1_epi16((short)(2 * j + 1)), 1);
-                qv[j] = _mm512_or_si512(qv[j], _mm512_slli_epi16(_mm512_and_si512(_mm512_srlv_epi16(hb, sh), m1), 4));
-            }
-            /* lanes 0,1 <- scale 2j, lanes 2,3 <- scale 2j+1 (int16 in each lane) */
-            const int lo = 0x0100 + 0x0202 * (2 * j), hi = 0x0100 + 0x0202 * (2 * j + 1);
-            const __m512i ctl = _mm512_inserti64x4(_mm512_set1_epi16((short)lo), _mm256_set1_epi16((short)hi), 1);
-            sv[j] = _mm512_shuffle_epi8(sc, ctl);
-        }
+        __m512i qv[4], sv[4], s[4]; __m128i m[4]; float dy[4] = {0.f, 0.f, 0.f, 0.f};
+        const __m128i mins = K(k45_prep)(Q5, b, qv, sv);
+        for (int t = 0; t < 4; t++) { s[t] = _mm512_setzero_si512(); m[t] = _mm_setzero_si128(); }
         for (int t = 0; t < NT; t++) {
             const uint8_t *xr = xq + t * xs;
-            const float dy = *K_DY(xr, nb, i);
-            const __m128i pair = _mm_loadu_si128((const __m128i *)(xr + (QK_K + 36) * nb + 16 * i));
-            macc[t] = _mm_fmadd_ps(_mm_set1_ps(dmin * dy), _mm_cvtepi32_ps(_mm_madd_epi16(mins, pair)), macc[t]);
-            acc[t] = K(k_acc256)(acc[t], d, K_DY(xr, nb, i), qv, sv, K_X(xr, i), _mm512_setzero_si512());
+            s[t] = K(k_dot256)(qv, sv, K_X(xr, i), _mm512_setzero_si512());
+            m[t] = _mm_madd_epi16(mins, K45_PS(xr, nb, i));
+            dy[t] = *K_DY(xr, nb, i);
+        }
+        p[i & 3] = k45_step(p[i & 3], K(isum4)(s[0], s[1], s[2], s[3]), sum4x4(m[0], m[1], m[2], m[3]),
+                            _mm_set1_ps(h2f(b)), _mm_set1_ps(h2f(b + 2)), _mm_loadu_ps(dy));
+    }
+    float out[4];
+    _mm_storeu_ps(out, _mm_add_ps(_mm_add_ps(p[0], p[1]), _mm_add_ps(p[2], p[3])));
+    for (int t = 0; t < NT; t++) res[t] = out[t];
+}
+/* The eight-row GEMM (mn_x86.h's k45_pack with R = 8): a quarter of dot's dpwssd's. */
+MN_INLINE void K(k45x8_run_t)(const void *buf, int64_t i0, int64_t n, int64_t nb, const uint8_t *xq, size_t xs,
+                              const int NT, float *accp) {
+    const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 0, 0, 0, 0, 0, 0, 0, 0);
+    /* after the adds below: row k's M in lane 4k of m (k < 4) and 4k + 1 ... of the second half */
+    const __m512i rows = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 0, 0, 0, 0, 0, 0, 0, 0);
+    for (int64_t ii = 0; ii < n; ii++) {
+        const uint8_t *b = (const uint8_t *)buf + ii * K45_BLK(8);
+        const int64_t i = i0 + ii;
+        __m512i I[MN_TILE];
+        for (int t = 0; t < NT; t++) I[t] = _mm512_setzero_si512();
+        for (int c = 0; c < 8; c++) {
+            const __m512i a0 = _mm512_load_si512((const void *)K45_V(b, 8, c, 0)), a1 = _mm512_load_si512((const void *)K45_V(b, 8, c, 1));
+            const __m512i a2 = _mm512_load_si512((const void *)K45_V(b, 8, c, 2)), a3 = _mm512_load_si512((const void *)K45_V(b, 8, c, 3));
+            const __m512i sc = _mm512_load_si512((const void *)K45_SC(b, 8, c));
+            for (int t = 0; t < NT; t++) {
+                const int8_t *x = K_X(xq + t * xs, i) + 32 * c;
+                const __m512i p0 = _mm512_add_epi16(_mm512_maddubs_epi16(a0, _mm512_set1_epi64((long long)mn_rd64((const uint8_t *)x))),
+                                                    _mm512_maddubs_epi16(a1, _mm512_set1_epi64((long long)mn_rd64((const uint8_t *)x + 8))));
+                const __m512i p1 = _mm512_add_epi16(_mm512_maddubs_epi16(a2, _mm512_set1_epi64((long long)mn_rd64((const uint8_t *)x + 16))),
+                                                    _mm512_maddubs_epi16(a3, _mm512_set1_epi64((long long)mn_rd64((const uint8_t *)x + 24))));
+                I[t] = K(dpwssd)(I[t], _mm512_add_epi16(p0, p1), sc);
+            }
+        }
+        const __m512i mn0 = _mm512_load_si512((const void *)K45_MINS(b, 8)), mn1 = _mm512_load_si512((const void *)(K45_MINS(b, 8) + 64));
+        const __m256 d = _mm256_loadu_ps(K45_D(b, 8)), dmin = _mm256_loadu_ps(K45_DMIN(b, 8));
+        for (int t = 0; t < NT; t++) {
+            const uint8_t *xr = xq + t * xs;
+            /* row j's two int32 at lanes 2j, 2j + 1 */
+            const __m256i S = _mm512_castsi512_si256(_mm512_permutexvar_epi32(even, _mm512_add_epi32(I[t], _mm512_shuffle_epi32(I[t], (_MM_PERM_ENUM)0xB1))));
+            const __m512i ps = _mm512_broadcast_i32x4(K45_PS(xr, nb, i));
+            /* rows 0-3 (a) and 4-7 (b), four int32 each per 128-bit lane */
+            const __m512i ma = _mm512_madd_epi16(mn0, ps), mb = _mm512_madd_epi16(mn1, ps);
+            const __m512i u = _mm512_add_epi32(_mm512_unpacklo_epi32(ma, mb), _mm512_unpackhi_epi32(ma, mb));
+            const __m512i v = _mm512_add_epi32(_mm512_unpacklo_epi64(u, u), _mm512_unpackhi_epi64(u, u));   /* lane k: [a_k b_k a_k b_k] */
+            const __m256i M = _mm512_castsi512_si256(_mm512_permutexvar_epi32(rows, v));
+            float *pp = accp + 32 * t + 8 * (i & 3);
+            _mm256_storeu_ps(pp, k45_step8(_mm256_loadu_ps(pp), S, M, d, dmin, _mm256_set1_ps(*K_DY(xr, nb, i))));
         }
     }
-    K(hsums)(acc, NT, res);
-    for (int t = 0; t < NT; t++) res[t] -= hsum4(macc[t]);
 }
+#define K45X8(name, Q5) \
+    static void K(name##_pack)(const uint8_t *w, size_t ws, int64_t i0, int64_t n, void *buf) { k45_pack(Q5, 8, w, ws, i0, n, buf); } \
+    static void K(name##_run)(const void *buf, int64_t i0, int64_t n, int64_t nb, const uint8_t *xq, size_t xs, int nt, float *acc) { \
+        switch (nt) { \
+        case 1: K(k45x8_run_t)(buf, i0, n, nb, xq, xs, 1, acc); break; \
+        case 2: K(k45x8_run_t)(buf, i0, n, nb, xq, xs, 2, acc); break; \
+        case 3: K(k45x8_run_t)(buf, i0, n, nb, xq, xs, 3, acc); break; \
+        default: K(k45x8_run_t)(buf, i0, n, nb, xq, xs, 4, acc); break; \
+        } \
+    }
+K45X8(q4_Kx8, 0)
+K45X8(q5_Kx8, 1)
 MN_INLINE void K(dot_q4_K_t)(const uint8_t *w, int64_t nb, const uint8_t *xq, size_t xs, const int NT, float *res) {
     K(dot_q45_K_t)(0, w, nb, xq, xs, NT, res);
 }
@@ -475,5 +583,7 @@ static void K(fill)(mn_traits *tab, int level) {
     SET(Q4_1, K(dot_q4_1)); SET(Q5_0, K(dot_q5_0)); SET(Q5_1, K(dot_q5_1)); SET(IQ4_NL, K(dot_iq4_nl));
     SET(IQ4_XS, K(dot_iq4_xs)); SET(Q2_K, K(dot_q2_K)); SET(Q3_K, K(dot_q3_K));
 #undef SET
+    tab[MN_Q4_K].multi[level] = (mn_multirow){K(q4_Kx8_pack), K(q4_Kx8_run), K45_BLK(8), 8, 4, 2};
+    tab[MN_Q5_K].multi[level] = (mn_multirow){K(q5_Kx8_pack), K(q5_Kx8_run), K45_BLK(8), 8, 4, 2};
     K(fill_iq)(tab, level);
 }

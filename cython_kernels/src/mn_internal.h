@@ -196,6 +196,7 @@ static inline void mn_unpack_tq2_0(const uint8_t *b, mn_kblock *u) {
 typedef struct { int8_t q[32]; float d, m; } mn_b32;
 
 static inline uint32_t mn_rd32(const uint8_t *p) { uint32_t v; memcpy(&v, p, 4); return v; }
+static inline uint64_t mn_rd64(const uint8_t *p) { uint64_t v; memcpy(&v, p, 8); return v; }
 
 static inline void mn_unpack_q4_0(const uint8_t *b, mn_b32 *u) {
     u->d = mn_h2f(mn_rd16(b)); u->m = 0.f;

@@ -156,6 +156,5 @@ static inline __m128i mn_iq1s_delta_dot(const uint8_t *b, const uint8_t *psums) 
     return _mm_madd_epi16(_mm_sub_epi16(_mm_xor_si128(sc, neg), neg), _mm_loadu_si128((const __m128i *)psums));
 }
 
-static inline uint64_t mn_rd64(const uint8_t *p) { uint64_t v; memcpy(&v, p, 8); return v; }
 
 #endif

@@ -65,4 +65,96 @@ MN_INLINE __m128i k3_scales(const uint8_t *b) {
                                     _mm_slli_epi32(_mm_and_si128(T, _mm_set1_epi32(0x03030303)), 4));
     return _mm_sub_epi8(s6, _mm_set1_epi8(32));
 }
+/* the fp16 at b of four blocks: packed in a general register (idle ports here) */
+MN_INLINE __m128 h4(const uint8_t *b, size_t bs) {
+    const uint64_t v = (uint64_t)mn_rd16(b) | ((uint64_t)mn_rd16(b + bs) << 16) |
+                       ((uint64_t)mn_rd16(b + 2 * bs) << 32) | ((uint64_t)mn_rd16(b + 3 * bs) << 48);
+    return _mm_cvtph_ps(_mm_cvtsi64_si128((long long)v));
+}
+
+/* ---- Q4_K / Q5_K, shared by dot and the multi-row GEMM at every level ---- */
+/* [sum a, sum b, sum c, sum d] of four int32 x 4 */
+MN_INLINE __m128i sum4x4(__m128i a, __m128i b, __m128i c, __m128i d) {
+    const __m128i ab = _mm_add_epi32(_mm_unpacklo_epi32(a, b), _mm_unpackhi_epi32(a, b));
+    const __m128i cd = _mm_add_epi32(_mm_unpacklo_epi32(c, d), _mm_unpackhi_epi32(c, d));
+    return _mm_add_epi32(_mm_unpacklo_epi64(ab, cd), _mm_unpackhi_epi64(ab, cd));
+}
+MN_INLINE __m128i half_sum(__m256i v) { return _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1)); }
+/* sub-block pair j's values (lo: sub-block 2j, hi: 2j + 1) of a Q4_K / Q5_K block b */
+MN_INLINE void k45_vals(const int Q5, const uint8_t *b, int j, __m256i qh, __m256i *lo, __m256i *hi) {
+    const __m256i m4 = _mm256_set1_epi8(0xF), m16 = _mm256_set1_epi8(0x10);
+    const __m256i q = _mm256_loadu_si256((const __m256i *)(b + (Q5 ? 48 : 16) + 32 * j));
+    *lo = _mm256_and_si256(q, m4); *hi = _mm256_and_si256(_mm256_srli_epi16(q, 4), m4);
+    if (Q5) {
+        const int c0 = 2 * j, c1 = 2 * j + 1;
+        /* 16-bit shifts: the bits crossing a byte boundary never land on bit 4 */
+        const __m256i h0 = c0 < 4 ? _mm256_slli_epi16(qh, 4 - c0) : c0 > 4 ? _mm256_srli_epi16(qh, c0 - 4) : qh;
+        const __m256i h1 = c1 < 4 ? _mm256_slli_epi16(qh, 4 - c1) : _mm256_srli_epi16(qh, c1 - 4);
+        *lo = _mm256_or_si256(*lo, _mm256_and_si256(h0, m16));
+        *hi = _mm256_or_si256(*hi, _mm256_and_si256(h1, m16));
+    }
+}
+/* the float step of a super-block, lane-wise (lanes: tokens, rows or super-blocks) */
+MN_INLINE __m128 k45_step(__m128 p, __m128i S, __m128i M, __m128 d, __m128 dmin, __m128 dy) {
+    p = _mm_fmadd_ps(_mm_cvtepi32_ps(S), _mm_mul_ps(d, dy), p);
+    return _mm_fnmadd_ps(_mm_cvtepi32_ps(M), _mm_mul_ps(dmin, dy), p);
+}
+MN_INLINE __m256 k45_step8(__m256 p, __m256i S, __m256i M, __m256 d, __m256 dmin, __m256 dy) {
+    p = _mm256_fmadd_ps(_mm256_cvtepi32_ps(S), _mm256_mul_ps(d, dy), p);
+    return _mm256_fnmadd_ps(_mm256_cvtepi32_ps(M), _mm256_mul_ps(dmin, dy), p);
+}
+/* qword k of each of four registers -> register k holds qword k of a, b, c, d */
+MN_INLINE void transpose4x64(__m256i a, __m256i b, __m256i c, __m256i d, __m256i *o) {
+    const __m256i t0 = _mm256_unpacklo_epi64(a, b), t1 = _mm256_unpackhi_epi64(a, b);
+    const __m256i t2 = _mm256_unpacklo_epi64(c, d), t3 = _mm256_unpackhi_epi64(c, d);
+    o[0] = _mm256_permute2x128_si256(t0, t2, 0x20); o[1] = _mm256_permute2x128_si256(t1, t3, 0x20);
+    o[2] = _mm256_permute2x128_si256(t0, t2, 0x31); o[3] = _mm256_permute2x128_si256(t1, t3, 0x31);
+}
+/* R rows (4 or 8) of Q4_K / Q5_K packed per super-block (K45_BLK(R) bytes): for sub-block c,
+ * four registers of R * 8 values, register k holding values 8k..8k+7 of every row (one row
+ * per qword), so one broadcast of a token's 8 values feeds all R rows; the four products of
+ * a sub-block add up in int16 (4 * 2 * 31 * 128 < 2^15) before one madd applies the rows'
+ * scales (row j's scale c in qword j of K45_SC); then the eight mins of each row (int16),
+ * and d and dmin per row. */
+#define K45_V(B, R, c, k) ((B) + (32 * (c) + 8 * (k)) * (R))
+#define K45_SC(B, R, c) ((B) + 256 * (R) + 8 * (R) * (c))
+#define K45_MINS(B, R) ((B) + 320 * (R))
+#define K45_D(B, R) ((float *)((B) + 336 * (R)))
+#define K45_DMIN(B, R) ((float *)((B) + 340 * (R)))
+#define K45_BLK(R) (344 * (R))
+MN_INLINE void k45_pack(const int Q5, const int R, const uint8_t *w, size_t ws, int64_t i0, int64_t n, void *buf) {
+    const size_t bs = Q5 ? BS_Q5_K : BS_Q4_K;
+    /* qword q of each lane: [byte 8q + c, 0] x 4 (+ c below; 0x80 + c stays a zeroing index) */
+    const __m256i pick = _mm256_setr_epi8(0, -128, 0, -128, 0, -128, 0, -128, 8, -128, 8, -128, 8, -128, 8, -128,
+                                          0, -128, 0, -128, 0, -128, 0, -128, 8, -128, 8, -128, 8, -128, 8, -128);
+    for (int64_t ii = 0; ii < n; ii++) {
+        uint8_t *B = (uint8_t *)buf + ii * K45_BLK(R);
+        for (int g = 0; g < R; g += 4) {   /* four rows at a time: 32 bytes of each register */
+            const uint8_t *b[4];
+            __m128i sm[4];
+            for (int r = 0; r < 4; r++) {
+                b[r] = w + (g + r) * ws + (i0 + ii) * bs;
+                sm[r] = k4_scales(b[r] + 4);
+                K45_D(B, R)[g + r] = h2f(b[r]); K45_DMIN(B, R)[g + r] = h2f(b[r] + 2);
+            }
+            const __m256i s4 = _mm256_set_m128i(_mm_unpacklo_epi64(sm[2], sm[3]), _mm_unpacklo_epi64(sm[0], sm[1]));
+            for (int c = 0; c < 8; c++)
+                _mm256_storeu_si256((__m256i *)(K45_SC(B, R, c) + 8 * g),
+                                    _mm256_shuffle_epi8(s4, _mm256_add_epi8(pick, _mm256_set1_epi8((char)c))));
+            _mm256_storeu_si256((__m256i *)(K45_MINS(B, R) + 16 * g), _mm256_cvtepu8_epi16(_mm_unpackhi_epi64(sm[0], sm[1])));
+            _mm256_storeu_si256((__m256i *)(K45_MINS(B, R) + 16 * g + 32), _mm256_cvtepu8_epi16(_mm_unpackhi_epi64(sm[2], sm[3])));
+            for (int j = 0; j < 4; j++) {
+                __m256i lo[4], hi[4], o[4];
+                for (int r = 0; r < 4; r++) {
+                    const __m256i qh = Q5 ? _mm256_loadu_si256((const __m256i *)(b[r] + 16)) : _mm256_setzero_si256();
+                    k45_vals(Q5, b[r], j, qh, &lo[r], &hi[r]);
+                }
+                transpose4x64(lo[0], lo[1], lo[2], lo[3], o);
+                for (int k = 0; k < 4; k++) _mm256_store_si256((__m256i *)(K45_V(B, R, 2 * j, k) + 8 * g), o[k]);
+                transpose4x64(hi[0], hi[1], hi[2], hi[3], o);
+                for (int k = 0; k < 4; k++) _mm256_store_si256((__m256i *)(K45_V(B, R, 2 * j + 1, k) + 8 * g), o[k]);
+            }
+        }
+    }
+}
 #endif
