@@ -222,9 +222,7 @@ MN_TILED(dot_iq4_xs)
  * partial sum i % 4: p = fma(S, d * dy, p), then p -= M * (dmin * dy) (fnmadd); the result
  * is (p0 + p1) + (p2 + p3).  The four-row kernel below makes the same integers in another
  * order and the same float steps, so the two agree bit for bit (the driver picks either by
- * shape); the GEMV reduces four super-blocks' integers at once. */
-/* (p0 + p1) + (p2 + p3), lane-wise */
-MN_INLINE __m128 k45_total(const __m128 *p) { return _mm_add_ps(_mm_add_ps(p[0], p[1]), _mm_add_ps(p[2], p[3])); }
+ * shape).  dot reduces four super-blocks at once (q45_group: lanes = super-blocks). */
 /* super-block b's integer dots of NT tokens: isum[t] (8 lanes of S) and mm[t] (4 lanes of M) */
 MN_INLINE void k45_block(const int Q5, const uint8_t *b, int64_t i, const uint8_t *xq, size_t xs, int64_t nb,
                          const int NT, __m256i *isum, __m128i *mm) {
@@ -250,62 +248,58 @@ MN_INLINE void k45_block(const int Q5, const uint8_t *b, int64_t i, const uint8_
         }
     }
 }
-/* GEMV: four super-blocks per step, lane k of the partial sums = super-block i + k
- * (G < 4: the last step, its other lanes' zeros leave the sums as they are) */
-MN_INLINE __m128 dot_q45_K_g(const int Q5, const int G, const uint8_t *w, int64_t i, int64_t nb, const uint8_t *xq, __m128 p) {
+/* G (<= 4) super-blocks from i for NT tokens: lane k of p[t] = token t's partial sum of
+ * super-block i + k, so the last horizontal sums and the float steps of four super-blocks
+ * are done at once (G < 4: the last step, its other lanes' zeros leave the sums as they are) */
+MN_INLINE void q45_group(const int Q5, const int G, const uint8_t *w, int64_t i, int64_t nb, const uint8_t *xq,
+                         size_t xs, const int NT, __m128 *p) {
     const size_t bs = Q5 ? BS_Q5_K : BS_Q4_K;
-    const float *dy = (const float *)(xq + QK_K * nb) + i;
-    __m128i s[4], m[4];
-    for (int k = 0; k < 4; k++) s[k] = m[k] = _mm_setzero_si128();
+    __m128i s[MN_TILE][4], m[MN_TILE][4];
+    for (int t = 0; t < NT; t++)
+        for (int k = 0; k < 4; k++) s[t][k] = m[t][k] = _mm_setzero_si128();
     for (int k = 0; k < G; k++) {
-        __m256i isum;
-        k45_block(Q5, mn_block(w, (i + k) * bs, 3), i + k, xq, 0, nb, 1, &isum, &m[k]);
-        s[k] = half_sum(isum);
+        __m256i isum[MN_TILE]; __m128i mm[MN_TILE];
+        k45_block(Q5, mn_block(w, (i + k) * bs, 3), i + k, xq, xs, nb, NT, isum, mm);
+        for (int t = 0; t < NT; t++) { s[t][k] = half_sum(isum[t]); m[t][k] = mm[t]; }
     }
     const uint8_t *b = w + i * bs;
-    __m128 d, dm, y;
+    __m128 d, dm;
     if (G == 4) {
-        d = h4(b, bs); dm = h4(b + 2, bs); y = _mm_loadu_ps(dy);
+        d = h4(b, bs); dm = h4(b + 2, bs);
     } else {
-        float fd[4] = {0.f, 0.f, 0.f, 0.f}, fm[4] = {0.f, 0.f, 0.f, 0.f}, fy[4] = {0.f, 0.f, 0.f, 0.f};
-        for (int k = 0; k < G; k++) { fd[k] = h2f(b + k * bs); fm[k] = h2f(b + k * bs + 2); fy[k] = dy[k]; }
-        d = _mm_loadu_ps(fd); dm = _mm_loadu_ps(fm); y = _mm_loadu_ps(fy);
+        float fd[4] = {0.f, 0.f, 0.f, 0.f}, fm[4] = {0.f, 0.f, 0.f, 0.f};
+        for (int k = 0; k < G; k++) { fd[k] = h2f(b + k * bs); fm[k] = h2f(b + k * bs + 2); }
+        d = _mm_loadu_ps(fd); dm = _mm_loadu_ps(fm);
     }
-    return k45_step(p, sum4x4(s[0], s[1], s[2], s[3]), sum4x4(m[0], m[1], m[2], m[3]), d, dm, y);
-}
-MN_INLINE float dot_q45_K_1(const int Q5, const uint8_t *w, int64_t nb, const uint8_t *xq) {
-    __m128 p = _mm_setzero_ps();
-    int64_t i = 0;
-    for (; i + 4 <= nb; i += 4) p = dot_q45_K_g(Q5, 4, w, i, nb, xq, p);
-    switch (nb - i) {
-    case 1: p = dot_q45_K_g(Q5, 1, w, i, nb, xq, p); break;
-    case 2: p = dot_q45_K_g(Q5, 2, w, i, nb, xq, p); break;
-    case 3: p = dot_q45_K_g(Q5, 3, w, i, nb, xq, p); break;
-    default: break;
+    for (int t = 0; t < NT; t++) {
+        const float *dy = (const float *)(xq + t * xs + QK_K * nb) + i;
+        __m128 y;
+        if (G == 4) {
+            y = _mm_loadu_ps(dy);
+        } else {
+            float fy[4] = {0.f, 0.f, 0.f, 0.f};
+            for (int k = 0; k < G; k++) fy[k] = dy[k];
+            y = _mm_loadu_ps(fy);
+        }
+        p[t] = k45_step(p[t], sum4x4(s[t][0], s[t][1], s[t][2], s[t][3]), sum4x4(m[t][0], m[t][1], m[t][2], m[t][3]), d, dm, y);
     }
-    const __m128 h = _mm_add_ps(p, _mm_shuffle_ps(p, p, _MM_SHUFFLE(2, 3, 0, 1)));   /* p0 + p1, p2 + p3 */
-    return _mm_cvtss_f32(_mm_add_ss(h, _mm_movehl_ps(h, h)));
 }
-/* GEMM tiles: lanes are tokens, p[i % 4] the partial sums */
 MN_INLINE void dot_q45_K_t(const int Q5, const uint8_t *w, int64_t nb, const uint8_t *xq, size_t xs, const int NT,
                            float *res) {
-    if (NT == 1) { res[0] = dot_q45_K_1(Q5, w, nb, xq); return; }
-    const size_t bs = Q5 ? BS_Q5_K : BS_Q4_K;
-    __m128 p[4];
-    for (int k = 0; k < 4; k++) p[k] = _mm_setzero_ps();
-    for (int64_t i = 0; i < nb; i++) {
-        const uint8_t *b = mn_block(w, i * bs, 3);
-        __m256i isum[4]; __m128i mm[4]; float dy[4] = {0.f, 0.f, 0.f, 0.f};
-        for (int t = 0; t < 4; t++) { isum[t] = _mm256_setzero_si256(); mm[t] = _mm_setzero_si128(); }
-        k45_block(Q5, b, i, xq, xs, nb, NT, isum, mm);
-        for (int t = 0; t < NT; t++) dy[t] = ((const float *)(xq + t * xs + QK_K * nb))[i];
-        const __m128i S = half_sum(sum4x8(isum[0], isum[1], isum[2], isum[3]));
-        p[i & 3] = k45_step(p[i & 3], S, sum4x4(mm[0], mm[1], mm[2], mm[3]), _mm_set1_ps(h2f(b)),
-                            _mm_set1_ps(h2f(b + 2)), _mm_loadu_ps(dy));
+    __m128 p[MN_TILE];
+    for (int t = 0; t < NT; t++) p[t] = _mm_setzero_ps();
+    int64_t i = 0;
+    for (; i + 4 <= nb; i += 4) q45_group(Q5, 4, w, i, nb, xq, xs, NT, p);
+    switch (nb - i) {
+    case 1: q45_group(Q5, 1, w, i, nb, xq, xs, NT, p); break;
+    case 2: q45_group(Q5, 2, w, i, nb, xq, xs, NT, p); break;
+    case 3: q45_group(Q5, 3, w, i, nb, xq, xs, NT, p); break;
+    default: break;
     }
-    float out[4];
-    _mm_storeu_ps(out, k45_total(p));
-    for (int t = 0; t < NT; t++) res[t] = out[t];
+    for (int t = 0; t < NT; t++) {
+        const __m128 h = _mm_add_ps(p[t], _mm_shuffle_ps(p[t], p[t], _MM_SHUFFLE(2, 3, 0, 1)));   /* p0 + p1, p2 + p3 */
+        res[t] = _mm_cvtss_f32(_mm_add_ss(h, _mm_movehl_ps(h, h)));
+    }
 }
 MN_INLINE void dot_q4_K_t(const uint8_t *w, int64_t nb, const uint8_t *xq, size_t xs, const int NT, float *res) {
     dot_q45_K_t(0, w, nb, xq, xs, NT, res);
