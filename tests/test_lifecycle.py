@@ -225,15 +225,24 @@ def test_load_generate_close_twenty_times_leaves_threads_and_rss(make_model):
             m.close()
             del m
             gc.collect()
+        import ctypes
+        trim = ctypes.CDLL("libc.so.6").malloc_trim   # freed but kept by malloc is not a leak
         for _ in range(3):   # warm-up: imports, caches, allocator pools
             cycle()
-        t0, r0 = threads(), rss()
-        for _ in range(20):
+        trim(0)
+        t0, samples = threads(), [rss()]
+        for k in range(20):
             cycle()
-        report(threads=[t0, threads()], rss=[r0, rss()])
+            if k in (9, 19):
+                trim(0)
+                samples.append(rss())
+        report(threads=[t0, threads()], rss=samples)
     """, timeout=300)
     assert r["threads"][1] == r["threads"][0]
-    assert r["rss"][1] - r["rss"][0] < 4 << 20, f"RSS grew by {(r['rss'][1] - r['rss'][0]) / 2**20:.1f} MiB"
+    # A leak grows with every cycle, so it shows in both halves; a one-off step (an allocator
+    # arena, which another busy process on the machine can provoke) shows in one.
+    first, second = (r["rss"][1] - r["rss"][0]) / 2**20, (r["rss"][2] - r["rss"][1]) / 2**20
+    assert min(first, second) < 2 and first + second < 8, f"RSS grew by {first:.1f} + {second:.1f} MiB"
 
 
 SIGINT_CHILD = """
