@@ -1,7 +1,7 @@
 """End-to-end benchmark: moe_numa against llama.cpp's llama-bench, same GGUF file, same threads.
 
     moe-numa bench [-m MODEL.gguf ...] [-t THREADS] [--tests pp64,pp512,tg32,tg128] [-r 3]
-                   [-d 0,1024,4096] [--kv-type f16] [--flash-attn on]
+                   [-d 0,1024,4096] [--kv-type f16 | -ctk f16 -ctv q8_0] [--flash-attn on]
                    [--llama-bench PATH | --llama-build DIR] [--repack 1] [--out PREFIX]
     moe-numa make-bench-model [--preset qwen3moe-bench] [--type q8_0,q4_k_m] [-o PATH] [--force]
     moe-numa make-bench-model --type lq-iq2_xxs     # low-bit mix: llama-quantize (+ imatrix) of the Q8_0 model
@@ -17,7 +17,7 @@ What one ``moe-numa bench`` does, per model:
    llama-bench's warm-ups before its timed repetitions (``--inner-reps``, default 1);
    with ``-d`` every test also runs at each depth (an untimed prompt of that many
    tokens first, as llama-bench ``-d``; named ``tg32@d1024``), and both engines get the
-   same KV-cache type (``--kv-type``) and llama-bench the ``--flash-attn`` setting;
+   same KV-cache types (``--kv-type``, or ``-ctk`` / ``-ctv`` apart) and llama-bench the ``--flash-attn`` setting;
 3. accounts for CPU time taken by other processes during every timed sample
    (the machine's busy time minus the benchmarked process's and the harness's own CPU
    time); a run with a disturbed sample is repeated (``--max-retries``), and a
@@ -431,11 +431,13 @@ def _finish_run(rec: dict, threads: int, threshold: float) -> dict:
 def run_ours_once(model: str, threads: int, tests: Sequence[str], inner_reps: int, threshold: float,
                   numa_nodes: int | None = None, expert_map: str | None = None, seed: int = 0,
                   timeout: float | None = None, python: str | None = None, simd: str = "native",
-                  kv_type: str | None = None) -> dict:
+                  kv_type: str | None = None, kv_type_v: str | None = None) -> dict:
     cmd = [python or sys.executable, "-m", "moe_numa.bench.run_ours", model, "--threads", str(threads),
            "--tests", ",".join(tests), "--reps", str(inner_reps), "--seed", str(seed), "--json"]
     if kv_type:
-        cmd += ["--kv-type", kv_type]
+        cmd += ["--cache-type-k", kv_type]
+    if kv_type_v or kv_type:
+        cmd += ["--cache-type-v", kv_type_v or kv_type]
     if numa_nodes:
         cmd += ["--numa-nodes", str(numa_nodes)]
     if expert_map:
@@ -450,7 +452,8 @@ def run_ours_once(model: str, threads: int, tests: Sequence[str], inner_reps: in
            "peak_rss_bytes": max(int(obj.get("peak_rss_bytes") or 0), res.peak_rss_bytes),
            "wall_s": res.wall_s, "cpu_s": res.cpu_s, "others_cpu_s": res.others_cpu_s,
            "simd": obj.get("simd"), "n_nodes": obj.get("n_nodes"), "threads_per_node": obj.get("threads_per_node"),
-           "n_ctx": obj.get("n_ctx"), "kv_type": obj.get("kv_type"), "load_fill_gbps": obj.get("load_fill_gbps"),
+           "n_ctx": obj.get("n_ctx"), "kv_type": obj.get("kv_type"), "kv_type_v": obj.get("kv_type_v"),
+           "load_fill_gbps": obj.get("load_fill_gbps"),
            "load_mapped_bytes": obj.get("load_mapped_bytes"), "load_phases": obj.get("load_phases"),
            "cmd": res.cmd,
            "tests": {t["test"]: {"samples_ts": t["samples_ts"], "samples_ns": t["samples_ns"],
@@ -462,7 +465,7 @@ def run_ours_once(model: str, threads: int, tests: Sequence[str], inner_reps: in
 
 def llama_bench_cmd(bench_path: str, model: str, threads: int, tests: Sequence[str], inner_reps: int,
                     repack: bool, extra_args: Sequence[str] = (), kv_type: str | None = None,
-                    flash_attn: str | None = None) -> list[str]:
+                    flash_attn: str | None = None, kv_type_v: str | None = None) -> list[str]:
     """llama-bench's command line. Tests named "tg32@d1024" become `-n 32 -d 1024`: llama-bench
     runs every test at every depth, so `tests` must be such a product (with_depths)."""
     from .llama_cpp import _bench_test_args
@@ -474,7 +477,9 @@ def llama_bench_cmd(bench_path: str, model: str, threads: int, tests: Sequence[s
     if depths != [0]:
         cmd += ["-d", ",".join(str(d) for d in depths)]
     if kv_type:
-        cmd += ["-ctk", kv_type, "-ctv", kv_type]
+        cmd += ["-ctk", kv_type]
+    if kv_type_v or kv_type:
+        cmd += ["-ctv", kv_type_v or kv_type]
     if flash_attn:
         cmd += ["-fa", flash_attn]
     return cmd + ["--progress"] + list(extra_args)
@@ -508,8 +513,10 @@ def llama_record(res: ChildResult, threads: int, threshold: float) -> dict:
 
 def run_llama_once(bench_path: str, model: str, threads: int, tests: Sequence[str], inner_reps: int,
                    threshold: float, repack: bool = True, extra_args: Sequence[str] = (),
-                   timeout: float | None = None, kv_type: str | None = None, flash_attn: str | None = None) -> dict:
-    cmd = llama_bench_cmd(bench_path, model, threads, tests, inner_reps, repack, extra_args, kv_type, flash_attn)
+                   timeout: float | None = None, kv_type: str | None = None, flash_attn: str | None = None,
+                   kv_type_v: str | None = None) -> dict:
+    cmd = llama_bench_cmd(bench_path, model, threads, tests, inner_reps, repack, extra_args, kv_type, flash_attn,
+                          kv_type_v)
     res = run_child(cmd, timeout=timeout)
     if res.returncode != 0:
         raise RuntimeError(f"llama-bench failed (exit {res.returncode}): {' '.join(res.cmd)}\n"
@@ -791,9 +798,12 @@ def format_markdown(report: dict) -> str:
                  + (f", {m['hypervisor']} guest" if m.get("hypervisor") else "")
                  + f"; loadavg at start {' '.join(str(x) for x in m.get('loadavg_start', []))}")
     if s.get("kv_type"):
-        same = s.get("llama_kv_type", s["kv_type"]) == s["kv_type"]
-        lines.append((f"- KV cache {s['kv_type']} for both engines (llama-bench `-ctk/-ctv {s['kv_type']}`)" if same
-                      else f"- KV cache: moe_numa {s['kv_type']}, llama.cpp {s['llama_kv_type']} (**not the same**: "
+        ours = (s["kv_type"], s.get("kv_type_v", s["kv_type"]))
+        theirs = (s.get("llama_kv_type", ours[0]), s.get("llama_kv_type_v", s.get("llama_kv_type", ours[1])))
+        name = ours[0] if ours[0] == ours[1] else f"K {ours[0]} / V {ours[1]}"
+        lines.append((f"- KV cache {name} for both engines (llama-bench `-ctk {ours[0]} -ctv {ours[1]}`)"
+                      if theirs == ours
+                      else f"- KV cache: moe_numa {name}, llama.cpp K {theirs[0]} / V {theirs[1]} (**not the same**: "
                            f"llama-bench takes no f32 cache type)")
                      + f", llama-bench flash attention `-fa {s.get('flash_attn')}`"
                      + (f"; depths {','.join(str(d) for d in s['depths'])} (`-d`: each test after an untimed "
@@ -1101,7 +1111,13 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
                     help="comma-separated depths (llama-bench -d): every test also runs after an untimed "
                          "prompt of that many tokens, e.g. 0,1024,4096")
     ap.add_argument("--kv-type", default=None, choices=("f32", "f16", "q8_0"),
-                    help="KV-cache type for both engines (llama-bench -ctk/-ctv; default: our engine's)")
+                    help="KV-cache type of keys and values for both engines (llama-bench -ctk/-ctv; default: "
+                         "our engine's)")
+    ap.add_argument("-ctk", "--cache-type-k", default=None, choices=("f32", "f16", "q8_0"),
+                    help="key type alone, for both engines (default: --kv-type)")
+    ap.add_argument("-ctv", "--cache-type-v", default=None, choices=("f32", "f16", "q8_0"),
+                    help="value type alone, for both engines (default: --kv-type; MLA's latent cache has no "
+                         "values of its own)")
     ap.add_argument("--flash-attn", default="on", choices=("on", "off"),
                     help="llama-bench -fa (default on, llama.cpp's choice on CPU; ours always runs its fused "
                          "flash attention)")
@@ -1155,9 +1171,11 @@ def run(a: argparse.Namespace) -> int:
     if any("@" in t for t in base_tests):
         _usage_error("bench", "give depths with -d/--depth, not in --tests")
     tests = with_depths(base_tests, depths)
-    kv_type = a.kv_type or engine_kv_type()
+    kv_type = a.cache_type_k or a.kv_type or engine_kv_type()
+    kv_type_v = a.cache_type_v or a.kv_type or engine_kv_type()
     # llama-bench b11434 parses -ctk/-ctv for f16, bf16 and the quantized types only: no f32
     llama_kv = kv_type if kv_type != "f32" else None
+    llama_kv_v = kv_type_v if kv_type_v != "f32" else None
     models = a.model or default_models()
     if not models:
         _usage_error("bench", "no model: pass -m FILE.gguf, or write the default bench models first with "
@@ -1173,7 +1191,7 @@ def run(a: argparse.Namespace) -> int:
     clash = sorted(set(llama_args) & {"-d", "--n-depth", "-ctk", "--cache-type-k", "-ctv", "--cache-type-v",
                                       "-fa", "--flash-attn"})
     if clash:   # llama-bench would run the product of both values
-        _usage_error("bench", f"--llama-args {' '.join(clash)}: use --depth / --kv-type / --flash-attn, "
+        _usage_error("bench", f"--llama-args {' '.join(clash)}: use --depth / --kv-type, -ctk, -ctv / --flash-attn, "
                               "which set both engines")
     created = _dt.datetime.now().astimezone()
     prefix = Path(a.out) if a.out else Path("bench") / "out" / f"bench-{created:%Y%m%d-%H%M%S}"
@@ -1184,6 +1202,7 @@ def run(a: argparse.Namespace) -> int:
     settings = {"threads": threads, "tests": tests, "reps": a.reps, "inner_reps": a.inner_reps,
                 "warmup_rounds": a.warmup_rounds, "repack": bool(a.repack), "llama_args": llama_args,
                 "depths": depths, "kv_type": kv_type, "llama_kv_type": llama_kv or "f16 (its default)",
+                "kv_type_v": kv_type_v, "llama_kv_type_v": llama_kv_v or "f16 (its default)",
                 "flash_attn": a.flash_attn,
                 "engine_only": a.engine_only, "simd": a.simd, "numa_nodes": a.numa_nodes, "expert_map": a.expert_map,
                 "noise_threshold": a.noise_threshold, "max_retries": a.max_retries, "quiet_wait_s": a.quiet_wait,
@@ -1217,11 +1236,11 @@ def run(a: argparse.Namespace) -> int:
                 log(f"  {tag}: read bandwidth {bw:.1f} GB/s")
             jobs = [("moe_numa", lambda: run_ours_once(mpath, threads, tests, a.inner_reps, a.noise_threshold,
                                                        a.numa_nodes, a.expert_map, a.seed, timeout,
-                                                       simd=a.simd, kv_type=kv_type))]
+                                                       simd=a.simd, kv_type=kv_type, kv_type_v=kv_type_v))]
             if not a.engine_only:
                 jobs.append(("llama.cpp", lambda: run_llama_once(bench_path, mpath, threads, tests, a.inner_reps,
                                                                   a.noise_threshold, bool(a.repack), llama_args,
-                                                                  timeout, llama_kv, a.flash_attn)))
+                                                                  timeout, llama_kv, a.flash_attn, llama_kv_v)))
             for eng, fn in jobs:
                 attempts = run_with_retries(fn, a.max_retries, quiet, log)
                 for rec in attempts:

@@ -1,7 +1,7 @@
 """One benchmark run of our engine, in its own process, the way llama-bench runs its tests.
 
     python -m moe_numa.bench.run_ours MODEL.gguf --threads 2 --tests pp64,pp512,tg32,tg128,tg32@d1024 \
-        [--reps 1] [--numa-nodes N] [--expert-map FILE] [--n-ctx N] [--kv-type f16] [--seed 0] [--json]
+        [--reps 1] [--numa-nodes N] [--expert-map FILE] [--n-ctx N] [--kv-type f16 | -ctk f16 -ctv q8_0] [--seed 0] [--json]
 
 It is started by ``moe-numa bench`` (bench/bench.py) once per A/B round so that its
 load time and peak RSS are its own.  Methodology, as llama-bench b11434
@@ -109,7 +109,10 @@ class _Runner:
 
 def run(model_path: str, threads: int, tests, reps: int = 1, numa_nodes: int | None = None,
         expert_map: str | None = None, n_ctx: int | None = None, seed: int = 0,
-        warmup: bool = True, kv_type: str | None = None, zero_copy: bool | None = None) -> dict:
+        warmup: bool = True, kv_type: str | None = None, zero_copy: bool | None = None,
+        kv_type_v: str | None = None) -> dict:
+    """kv_type: the KV cache's key type, and its value type unless kv_type_v is given (both
+    default to the engine's; llama.cpp's -ctk / -ctv)."""
     import moe_numa
     from moe_numa import kernels as K
     from moe_numa.numa.topology import topology
@@ -126,14 +129,16 @@ def run(model_path: str, threads: int, tests, reps: int = 1, numa_nodes: int | N
         opts["expert_map"] = expert_map
     if zero_copy is not None:
         opts["zero_copy"] = zero_copy
-    if kv_type and kv_type != engine_kv_type():   # only engines with a choice accept the option
-        opts["cache_type_k"] = opts["cache_type_v"] = kv_type
+    kv_k = kv_type or engine_kv_type()
+    kv_v = kv_type_v or kv_k
+    if (kv_k, kv_v) != (engine_kv_type(),) * 2:   # only engines with a choice accept the options
+        opts["cache_type_k"], opts["cache_type_v"] = kv_k, kv_v
     t0 = time.perf_counter()
     model = moe_numa.load(model_path, **opts)
     load_s = time.perf_counter() - t0
     out = {"engine": "moe_numa", "model": str(model_path), "threads": threads, "n_nodes": n_nodes,
            "threads_per_node": threads // n_nodes, "n_ctx": n_ctx, "reps": reps, "warmup": warmup,
-           "load_s": load_s, "simd": K.simd_level(), "kv_type": kv_type or engine_kv_type(), "tests": []}
+           "load_s": load_s, "simd": K.simd_level(), "kv_type": kv_k, "kv_type_v": kv_v, "tests": []}
     fill = getattr(getattr(model.backend, "store", None), "load_stats", None) or {}
     out["load_fill_gbps"] = fill.get("gb_per_s")   # the placement copy alone, GB/s
     out["load_mapped_bytes"] = fill.get("mapped_bytes")   # one node: mapped from the GGUF, not copied
@@ -194,7 +199,9 @@ def main(argv=None) -> int:
     ap.add_argument("--expert-map", default=None)
     ap.add_argument("--n-ctx", type=int, default=None)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--kv-type", default=None, help="KV-cache type (default: the engine's)")
+    ap.add_argument("--kv-type", default=None, help="KV-cache type of keys and values (default: the engine's)")
+    ap.add_argument("-ctk", "--cache-type-k", default=None, help="key type (default: --kv-type)")
+    ap.add_argument("-ctv", "--cache-type-v", default=None, help="value type (default: --kv-type)")
     ap.add_argument("--no-warmup", action="store_true")
     ap.add_argument("--mmap", action="store_true",
                     help="map the GGUF's plain tensor ranges instead of copying them (one node)")
@@ -202,7 +209,8 @@ def main(argv=None) -> int:
     ap.add_argument("--json", action="store_true", help="print the result as JSON on the last line")
     a = ap.parse_args(argv)
     res = run(a.model, a.threads, a.tests, reps=a.reps, numa_nodes=a.numa_nodes, expert_map=a.expert_map,
-              n_ctx=a.n_ctx, seed=a.seed, warmup=not a.no_warmup, kv_type=a.kv_type,
+              n_ctx=a.n_ctx, seed=a.seed, warmup=not a.no_warmup, kv_type=a.cache_type_k or a.kv_type,
+              kv_type_v=a.cache_type_v or a.kv_type,
               zero_copy=True if a.mmap else (False if a.no_mmap else None))
     if a.json:
         sys.stdout.write(json.dumps(res) + "\n")

@@ -224,6 +224,8 @@ def test_depth_tests_and_llama_bench_flags():
     assert cmd[cmd.index("-d") + 1] == "0,1024"
     assert cmd[cmd.index("-ctk") + 1] == cmd[cmd.index("-ctv") + 1] == "q8_0" and cmd[cmd.index("-fa") + 1] == "on"
     assert "-d" not in B.llama_bench_cmd("/x/llama-bench", "m.gguf", 2, ["tg32"], 1, True)
+    apart = B.llama_bench_cmd("/x/llama-bench", "m.gguf", 2, ["tg32"], 1, True, kv_type="f16", kv_type_v="q8_0")
+    assert apart[apart.index("-ctk") + 1] == "f16" and apart[apart.index("-ctv") + 1] == "q8_0"
 
 
 def test_run_ours_runs_the_depth_prompt_first(tiny_q8, monkeypatch):
@@ -240,6 +242,8 @@ def test_run_ours_runs_the_depth_prompt_first(tiny_q8, monkeypatch):
     # warm-up: one token from 0; then per repetition: the 24-token depth prompt from 0, then 2 tokens from 24
     assert calls == [(0, 1)] + [(0, 24), (24, 1), (25, 1)] * 2
     assert res["kv_type"] and res["load_fill_gbps"] > 0
+    apart = R.run(tiny_q8, 1, "tg2", kv_type="f16", kv_type_v="q8_0", warmup=False)
+    assert (apart["kv_type"], apart["kv_type_v"]) == ("f16", "q8_0")
 
 
 def test_bench_depth_with_stub_llama_bench(tmp_path, tiny_q8):
@@ -263,6 +267,21 @@ def test_bench_depth_with_stub_llama_bench(tmp_path, tiny_q8):
     assert "| tg4@d32 |" in md and "depths 0,32" in md and "load: placement fill" in md
     with pytest.raises(SystemExit):
         B.main(_common(tmp_path, tiny_q8) + ["--engine-only", "--llama-args", "-fa on"])
+
+
+def test_bench_key_and_value_types_apart(tmp_path, tiny_q8):
+    """-ctk / -ctv as llama-bench's: each engine gets both, and the report says which ran."""
+    stub = tmp_path / "llama-bench"
+    stub.write_text(STUB.format(python=sys.executable))
+    stub.chmod(stub.stat().st_mode | stat.S_IXUSR)
+    args = _common(tmp_path, tiny_q8) + ["--llama-bench", str(stub), "-r", "1", "--no-plot", "--no-bandwidth",
+                                         "-ctk", "f16", "-ctv", "q8_0"]
+    assert B.main(args) == 0
+    rep = json.loads((tmp_path / "res.json").read_text())
+    ours = [r for r in rep["models"][0]["runs"] if r["engine"] == "moe_numa"]
+    assert {(r["kv_type"], r["kv_type_v"]) for r in ours} == {("f16", "q8_0")}
+    assert (rep["llama_bench_settings"]["type_k"], rep["llama_bench_settings"]["type_v"]) == ("f16", "q8_0")
+    assert "KV cache K f16 / V q8_0 for both engines (llama-bench `-ctk f16 -ctv q8_0`)" in (tmp_path / "res.md").read_text()
 
 
 def test_parse_ours_json():
@@ -422,6 +441,7 @@ tests = [(int(p), 0) for p in val("-p").split(",") if p != "0"] + [(0, int(n)) f
 depths = [int(d) for d in val("-d").split(",")] if "-d" in a else [0]
 tests = [(p, g, d) for d in depths for p, g in tests]
 type_k = val("-ctk") if "-ctk" in a else "f16"
+type_v = val("-ctv") if "-ctv" in a else "f16"
 fa = {{"on": 1, "off": 0}}[val("-fa")] if "-fa" in a else -1
 out = []
 for i, (p, g, d) in enumerate(tests, 1):
@@ -434,7 +454,7 @@ for i, (p, g, d) in enumerate(tests, 1):
     ns = 1_000_000_000 if p else 2_000_000_000
     out.append({{"build_commit": "stub", "build_number": 1, "model_type": "stub", "n_threads": thr,
                 "n_prompt": p, "n_gen": g, "n_depth": d, "samples_ns": [ns] * reps,
-                "samples_ts": [(p + g) / (ns * 1e-9)] * reps, "type_k": type_k, "type_v": type_k,
+                "samples_ts": [(p + g) / (ns * 1e-9)] * reps, "type_k": type_k, "type_v": type_v,
                 "n_batch": 2048, "n_ubatch": 512, "flash_attn": fa}})
 print(json.dumps(out, indent=1))
 '''
