@@ -250,10 +250,21 @@ MN_INLINE void k45_block(const int Q5, const uint8_t *b, int64_t i, const uint8_
 }
 /* G (<= 4) super-blocks from i for NT tokens: lane k of p[t] = token t's partial sum of
  * super-block i + k, so the last horizontal sums and the float steps of four super-blocks
- * are done at once (G < 4: the last step, its other lanes' zeros leave the sums as they are) */
+ * are done at once (G < 4, the last step: one lane at a time) */
 MN_INLINE void q45_group(const int Q5, const int G, const uint8_t *w, int64_t i, int64_t nb, const uint8_t *xq,
                          size_t xs, const int NT, __m128 *p) {
     const size_t bs = Q5 ? BS_Q5_K : BS_Q4_K;
+    if (G < 4) {   /* one super-block at a time: short rows (a split expert's slice) are all tail */
+        for (int k = 0; k < G; k++) {
+            const uint8_t *b = mn_block(w, (i + k) * bs, 3);
+            __m256i isum[MN_TILE]; __m128i mm[MN_TILE];
+            k45_block(Q5, b, i + k, xq, xs, nb, NT, isum, mm);
+            for (int t = 0; t < NT; t++)
+                p[t] = k45_step_lane(p[t], k, isum_all(half_sum(isum[t])), isum_all(mm[t]), h2f(b), h2f(b + 2),
+                                     ((const float *)(xq + t * xs + QK_K * nb))[i + k]);
+        }
+        return;
+    }
     __m128i s[MN_TILE][4], m[MN_TILE][4];
     for (int t = 0; t < NT; t++)
         for (int k = 0; k < 4; k++) s[t][k] = m[t][k] = _mm_setzero_si128();
@@ -263,24 +274,9 @@ MN_INLINE void q45_group(const int Q5, const int G, const uint8_t *w, int64_t i,
         for (int t = 0; t < NT; t++) { s[t][k] = half_sum(isum[t]); m[t][k] = mm[t]; }
     }
     const uint8_t *b = w + i * bs;
-    __m128 d, dm;
-    if (G == 4) {
-        d = h4(b, bs); dm = h4(b + 2, bs);
-    } else {
-        float fd[4] = {0.f, 0.f, 0.f, 0.f}, fm[4] = {0.f, 0.f, 0.f, 0.f};
-        for (int k = 0; k < G; k++) { fd[k] = h2f(b + k * bs); fm[k] = h2f(b + k * bs + 2); }
-        d = _mm_loadu_ps(fd); dm = _mm_loadu_ps(fm);
-    }
+    const __m128 d = h4(b, bs), dm = h4(b + 2, bs);
     for (int t = 0; t < NT; t++) {
-        const float *dy = (const float *)(xq + t * xs + QK_K * nb) + i;
-        __m128 y;
-        if (G == 4) {
-            y = _mm_loadu_ps(dy);
-        } else {
-            float fy[4] = {0.f, 0.f, 0.f, 0.f};
-            for (int k = 0; k < G; k++) fy[k] = dy[k];
-            y = _mm_loadu_ps(fy);
-        }
+        const __m128 y = _mm_loadu_ps((const float *)(xq + t * xs + QK_K * nb) + i);
         p[t] = k45_step(p[t], sum4x4(s[t][0], s[t][1], s[t][2], s[t][3]), sum4x4(m[t][0], m[t][1], m[t][2], m[t][3]), d, dm, y);
     }
 }

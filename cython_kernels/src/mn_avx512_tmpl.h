@@ -334,12 +334,26 @@ MN_INLINE __m128i K(k45_prep)(const int Q5, const uint8_t *b, __m512i *qv, __m51
 #define K45_PS(xr, nb, i) _mm_loadu_si128((const __m128i *)((xr) + (QK_K + 36) * (nb) + 16 * (i)))
 /* G (<= 4) super-blocks from i for NT tokens: lane k of p[t] = token t's partial sum of
  * super-block i + k, so the last horizontal sums and the float steps of four super-blocks
- * are done at once (G < 4: the last step, its other lanes' zeros leave the sums as they
- * are).  Each dot is halved to 128 bits at once: it frees the registers (+5% on Q5_K's GEMV
+ * are done at once (G < 4, the last step: one lane at a time).  Each dot is halved to 128 bits at once: it frees the registers (+5% on Q5_K's GEMV
  * against one tree over the four). */
 MN_INLINE void K(q45_group)(const int Q5, const int G, const uint8_t *w, int64_t i, int64_t nb, const uint8_t *xq,
                             size_t xs, const int NT, __m128 *p) {
     const size_t BS = Q5 ? BS_Q5_K : BS_Q4_K;
+    if (G < 4) {   /* one super-block at a time: short rows (a split expert's slice) are all tail */
+        for (int k = 0; k < G; k++) {
+            const uint8_t *b = mn_block(w, (i + k) * BS, 3);
+            __m512i qv[4], sv[4];
+            const __m128i mins = K(k45_prep)(Q5, b, qv, sv);
+            for (int t = 0; t < NT; t++) {
+                const uint8_t *xr = xq + t * xs;
+                const __m512i v = K(k_dot256)(qv, sv, K_X(xr, i + k), _mm512_setzero_si512());
+                const __m128i S = isum_all(half_sum(_mm256_add_epi32(_mm512_castsi512_si256(v), _mm512_extracti64x4_epi64(v, 1))));
+                const __m128i M = isum_all(_mm_madd_epi16(mins, K45_PS(xr, nb, i + k)));
+                p[t] = k45_step_lane(p[t], k, S, M, h2f(b), h2f(b + 2), *K_DY(xr, nb, i + k));
+            }
+        }
+        return;
+    }
     __m128i s[MN_TILE][4];
     __m128i mins[4];
     for (int k = 0; k < 4; k++) {
@@ -357,24 +371,17 @@ MN_INLINE void K(q45_group)(const int Q5, const int G, const uint8_t *w, int64_t
     const __m512i mn4 = _mm512_inserti32x4(_mm512_inserti32x4(_mm512_inserti32x4(_mm512_castsi128_si512(mins[0]), mins[1], 1),
                                                               mins[2], 2), mins[3], 3);
     const uint8_t *b = w + i * BS;
-    __m128 d, dm;
-    if (G == 4) {
-        d = h4(b, BS); dm = h4(b + 2, BS);
-    } else {
-        float fd[4] = {0.f, 0.f, 0.f, 0.f}, fm[4] = {0.f, 0.f, 0.f, 0.f};
-        for (int k = 0; k < G; k++) { fd[k] = h2f(b + k * BS); fm[k] = h2f(b + k * BS + 2); }
-        d = _mm_loadu_ps(fd); dm = _mm_loadu_ps(fm);
-    }
+    const __m128 d = h4(b, BS), dm = h4(b + 2, BS);
     const __m512i pick = _mm512_setr_epi32(0, 4, 8, 12, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0);
     for (int t = 0; t < NT; t++) {
         const uint8_t *xr = xq + t * xs;
-        /* the four super-blocks' sums of 32 (16 bytes each), masked past the last */
-        const __m512i ps = _mm512_maskz_loadu_epi32((__mmask16)((1u << (4 * G)) - 1), xr + (QK_K + 36) * nb + 16 * i);
+        /* the four super-blocks' sums of 32 (16 bytes each) */
+        const __m512i ps = _mm512_loadu_si512((const void *)(xr + (QK_K + 36) * nb + 16 * i));
         __m512i m = _mm512_madd_epi16(mn4, ps);   /* 128-bit lane k: super-block k's four partial sums */
         m = _mm512_add_epi32(m, _mm512_shuffle_epi32(m, (_MM_PERM_ENUM)0x4E));
         m = _mm512_add_epi32(m, _mm512_shuffle_epi32(m, (_MM_PERM_ENUM)0xB1));
         const __m128i M = _mm512_castsi512_si128(_mm512_permutexvar_epi32(pick, m));
-        const __m128 dy = _mm_maskz_loadu_ps((__mmask8)((1u << G) - 1), K_DY(xr, nb, i));
+        const __m128 dy = _mm_loadu_ps(K_DY(xr, nb, i));
         p[t] = k45_step(p[t], sum4x4(s[t][0], s[t][1], s[t][2], s[t][3]), M, d, dm, dy);
     }
 }

@@ -99,6 +99,20 @@ MN_INLINE __m128 k45_step(__m128 p, __m128i S, __m128i M, __m128 d, __m128 dmin,
     p = _mm_fmadd_ps(_mm_cvtepi32_ps(S), _mm_mul_ps(d, dy), p);
     return _mm_fnmadd_ps(_mm_cvtepi32_ps(M), _mm_mul_ps(dmin, dy), p);
 }
+/* the four int32 of v summed, in every lane */
+MN_INLINE __m128i isum_all(__m128i v) {
+    v = _mm_add_epi32(v, _mm_shuffle_epi32(v, _MM_SHUFFLE(1, 0, 3, 2)));
+    return _mm_add_epi32(v, _mm_shuffle_epi32(v, _MM_SHUFFLE(2, 3, 0, 1)));
+}
+/* k45_step into lane k of p alone (a last group of fewer than four super-blocks: the
+ * same arithmetic as that lane of k45_step, the other lanes untouched); S, M in lane 0 */
+MN_INLINE __m128 k45_step_lane(__m128 p, int k, __m128i S, __m128i M, float d, float dmin, float dy) {
+    const __m128 pk = _mm_permutevar_ps(p, _mm_set1_epi32(k));
+    __m128 r = _mm_fmadd_ss(_mm_cvtepi32_ps(S), _mm_set_ss(d * dy), pk);
+    r = _mm_fnmadd_ss(_mm_cvtepi32_ps(M), _mm_set_ss(dmin * dy), r);
+    const __m128 lane = _mm_castsi128_ps(_mm_cmpeq_epi32(_mm_setr_epi32(0, 1, 2, 3), _mm_set1_epi32(k)));
+    return _mm_blendv_ps(p, _mm_broadcastss_ps(r), lane);
+}
 MN_INLINE __m256 k45_step8(__m256 p, __m256i S, __m256i M, __m256 d, __m256 dmin, __m256 dy) {
     p = _mm256_fmadd_ps(_mm256_cvtepi32_ps(S), _mm256_mul_ps(d, dy), p);
     return _mm256_fnmadd_ps(_mm256_cvtepi32_ps(M), _mm256_mul_ps(dmin, dy), p);
