@@ -674,7 +674,7 @@ void mn_fill_avx2(mn_traits *tab) {
 #undef SET_IQ
     SET(TQ2_0, dot_tq2_0);
 #undef SET
-#define SET4(T, name, mint) tab[MN_##T].multi[MN_SIMD_AVX2] = (mn_multirow){name##_pack, name##_run, K45_BLK(4), 4, 4, mint}
+#define SET4(T, name, mint) tab[MN_##T].multi[MN_SIMD_AVX2] = (mn_multirow){name##_pack, name##_run, K45_BLK(4), 4, mint}
     /* from 2 (Q4_K) and 3 (Q5_K) tokens faster than dot, one core, 2048 x 2048 */
     SET4(Q4_K, q4_Kx4, 2);
     SET4(Q5_K, q5_Kx4, 3);

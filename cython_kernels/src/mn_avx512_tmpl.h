@@ -585,7 +585,7 @@ static void K(fill)(mn_traits *tab, int level) {
     SET(IQ4_XS, K(dot_iq4_xs)); SET(Q2_K, K(dot_q2_K)); SET(Q3_K, K(dot_q3_K));
 #undef SET
     /* from 4 tokens faster than dot (one core, 2048 x 2048: at 2-3 the packing is not paid back) */
-    tab[MN_Q4_K].multi[level] = (mn_multirow){K(q4_Kx8_pack), K(q4_Kx8_run), K45_BLK(8), 8, 4, 4};
-    tab[MN_Q5_K].multi[level] = (mn_multirow){K(q5_Kx8_pack), K(q5_Kx8_run), K45_BLK(8), 8, 4, 4};
+    tab[MN_Q4_K].multi[level] = (mn_multirow){K(q4_Kx8_pack), K(q4_Kx8_run), K45_BLK(8), 8, 4};
+    tab[MN_Q5_K].multi[level] = (mn_multirow){K(q5_Kx8_pack), K(q5_Kx8_run), K45_BLK(8), 8, 4};
     K(fill_iq)(tab, level);
 }

@@ -48,9 +48,9 @@ typedef void (*mn_dot_fn)(const uint8_t *w, int64_t nb, const uint8_t *xq, size_
 /* A GEMM kernel over several rows at once, for many tokens (optional, per type and level):
  * pack(w, ws, i0, n, buf) lays blocks [i0, i0 + n) of `rows` rows (w, w + ws, ...) out
  * interleaved in buf (n * blk bytes, 64-aligned); run(buf, i0, n, nb, xq, xs, nt, acc)
- * continues the partial sums acc[(parts * t + k) * rows + j] (token t < nt <= MN_TILE, part
- * k, row j) over those blocks; the driver adds a row's parts (1, 2 or 4 of them) pairwise:
- * (p0 + p1) + (p2 + p3).  The packing is paid once for every token of a call.  A level's
+ * continues the partial sums acc[(4 * t + k) * rows + j] (token t < nt <= MN_TILE, part k
+ * = block index % 4, row j) over those blocks; the driver adds a row's four parts pairwise:
+ * (p0 + p1) + (p2 + p3), as dot does.  The packing is paid once for every token of a call.  A level's
  * run must give, bit for bit, what the same level's dot gives row by row: the driver picks
  * either by shape. */
 typedef void (*mn_pack_fn)(const uint8_t *w, size_t ws, int64_t i0, int64_t n, void *buf);
@@ -61,7 +61,6 @@ typedef struct {
     mn_run_fn run;
     size_t blk;        /* packed bytes per block of the rows */
     int rows;          /* rows per pack: 4 or 8 */
-    int parts;         /* partial sums per row and token: 1, 2 or 4 */
     int min_tokens;    /* from this many tokens in a call it beats dot */
 } mn_multirow;
 

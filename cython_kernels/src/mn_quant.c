@@ -303,7 +303,7 @@ static void multirow_block(const mn_multirow *g, const uint8_t *w, size_t ws, in
                            size_t xs, int64_t n_tok, float *out, int64_t out_stride, int64_t r0, int64_t r1) {
     uint8_t buf[MN_MR_BUF] __attribute__((aligned(64)));
     float acc[8 * 4 * MN_MR_TOK] __attribute__((aligned(64)));
-    const int R = g->rows, P = g->parts;
+    const int R = g->rows, P = 4;   /* partial sums per row and token (mn_multirow) */
     int64_t cb = (int64_t)(MN_MR_BUF / g->blk);
     if (cb < 1) cb = 1;   /* the kernels keep blk <= MN_MR_BUF */
     for (int64_t t0 = 0; t0 < n_tok; t0 += MN_MR_TOK) {
@@ -320,10 +320,7 @@ static void multirow_block(const mn_multirow *g, const uint8_t *w, size_t ws, in
             for (int64_t t = 0; t < tn; t++)
                 for (int j = 0; j < R; j++) {
                     const float *a = acc + R * P * t + j;
-                    float v = a[0];
-                    if (P == 2) v = a[0] + a[R];
-                    if (P == 4) v = (a[0] + a[R]) + (a[2 * R] + a[3 * R]);
-                    out[(t0 + t) * out_stride + r + j] = v;
+                    out[(t0 + t) * out_stride + r + j] = (a[0] + a[R]) + (a[2 * R] + a[3 * R]);
                 }
         }
     }
