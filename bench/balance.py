@@ -128,6 +128,9 @@ def paired(model_path: str, layouts: list, tests: list[str], rounds: int) -> int
         finally:
             a.close()
         rows.append((lay, res))
+    from moe_numa import kernels as K
+    from .bench import _lscpu, cpu_label
+    print(f"CPU: {cpu_label(_lscpu())}, SIMD {K.simd_level()}\n")
     print(f"Paired in one process ({rounds} rounds, runs interleaved): each layout against "
           f"{ref[0]} node(s) x {ref[1]} thread(s), {ref[2]}; ratio = median of the rounds' B/A [range].\n")
     print("| layout | " + " | ".join(f"{t} t/s (B / A) | ratio | imbalance | waits" for t in tests) + " |")

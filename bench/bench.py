@@ -607,6 +607,32 @@ def _lscpu() -> dict:
     return out
 
 
+# (vendor, family) -> [(first model, last model, name)]: what a VM's masked model name hides
+_UARCH = {("AuthenticAMD", 23): [(0x30, 0x3F, "Zen 2"), (0x60, 0x7F, "Zen 2"), (0x00, 0x2F, "Zen / Zen+")],
+          ("AuthenticAMD", 25): [(0x00, 0x0F, "Zen 3"), (0x20, 0x5F, "Zen 3"), (0x10, 0x1F, "Zen 4"),
+                                 (0x60, 0xAF, "Zen 4")],
+          ("AuthenticAMD", 26): [(0x00, 0xFF, "Zen 5")],
+          ("GenuineIntel", 6): [(0x55, 0x55, "Skylake-SP / Cascade Lake"), (0x6A, 0x6C, "Ice Lake-SP"),
+                                (0x8F, 0x8F, "Sapphire Rapids"), (0xCF, 0xCF, "Emerald Rapids"),
+                                (0xAD, 0xAE, "Granite Rapids")]}
+
+
+def cpu_label(ls: dict) -> str:
+    """The model name with family, model, microarchitecture and the SIMD extensions that
+    matter here, e.g. "AMD EPYC (family 25, model 17: Zen 4; AVX2, AVX-512 VNNI, no AMX)"."""
+    name = ls.get("Model name") or platform.processor() or "unknown CPU"
+    try:
+        fam, mod = int(ls.get("CPU family", "")), int(ls.get("Model", ""))
+    except ValueError:
+        return name
+    uarch = next((n for lo, hi, n in _UARCH.get((ls.get("Vendor ID"), fam), []) if lo <= mod <= hi), None)
+    flags = set(ls.get("Flags", "").split())
+    isa = [n for f, n in (("avx2", "AVX2"), ("avx512f", "AVX-512"), ("avx512_vnni", "VNNI"),
+                          ("avx512_bf16", "BF16")) if f in flags]
+    isa.append("AMX" if "amx_int8" in flags else "no AMX")
+    return f"{name} (family {fam}, model {mod}" + (f": {uarch}" if uarch else "") + f"; {', '.join(isa)})"
+
+
 def machine_facts(threads: int) -> dict:
     from moe_numa import kernels as K
     from moe_numa.numa.topology import topology
@@ -614,7 +640,7 @@ def machine_facts(threads: int) -> dict:
     topo = topology(None)
     import psutil
     mem = psutil.virtual_memory().total
-    return {"cpu": ls.get("Model name") or platform.processor(), "cpus": os.cpu_count(),
+    return {"cpu": cpu_label(ls), "cpus": os.cpu_count(),
             "physical_cores": sum(len(n.physical) for n in topo.nodes), "numa_nodes": topo.n_nodes,
             "memory_bytes": mem, "hypervisor": ls.get("Hypervisor vendor"), "simd": K.simd_level(),
             "kernel": platform.release(), "threads": threads, "loadavg_start": _loadavg()}

@@ -170,7 +170,7 @@ def run(a: argparse.Namespace) -> int:
         return 0
     from . import bench as B   # the CPU line every result names
     from moe_numa import kernels as K
-    cpu = f"{B._lscpu().get('Model name') or '?'}, SIMD {K.simd_level()}"
+    cpu = f"{B.cpu_label(B._lscpu())}, SIMD {K.simd_level()}"
     print(f"\nload of {os.path.basename(a.model)} ({os.path.getsize(a.model) / 2**30:.2f} GiB), warm page cache, "
           f"{a.reps} rounds (medians; min in brackets), CPU {cpu}\n")
     print("| method | process start to first token (s) | Python start + imports | load() | of which: file+model | tokenizer "

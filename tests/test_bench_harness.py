@@ -72,6 +72,19 @@ def test_parse_tests():
 
 # ----------------------------------------------------------------------------- CPU accounting
 
+def test_cpu_label_names_the_microarchitecture_and_simd():
+    """A VM masks the model name ("AMD EPYC"); family and model say which CPU ran a result."""
+    zen4 = {"Model name": "AMD EPYC", "Vendor ID": "AuthenticAMD", "CPU family": "25", "Model": "17",
+            "Flags": "fpu avx2 avx512f avx512_vnni avx512_bf16"}
+    assert B.cpu_label(zen4) == "AMD EPYC (family 25, model 17: Zen 4; AVX2, AVX-512, VNNI, BF16, no AMX)"
+    zen3 = dict(zen4, Model="1", Flags="avx2 fma")
+    assert B.cpu_label(zen3) == "AMD EPYC (family 25, model 1: Zen 3; AVX2, no AMX)"
+    spr = {"Model name": "Intel(R) Xeon(R) Platinum 8480+", "Vendor ID": "GenuineIntel", "CPU family": "6",
+           "Model": "143", "Flags": "avx2 avx512f avx512_vnni amx_tile amx_int8"}
+    assert "Sapphire Rapids; AVX2, AVX-512, VNNI, AMX)" in B.cpu_label(spr)
+    assert B.cpu_label({"Model name": "Some CPU"}) == "Some CPU"   # no family: the name alone
+
+
 def test_cpu_readers_see_our_own_work():
     b0, c0 = B.read_busy_ticks(), B.pid_cpu_s(os.getpid())
     t0 = time.process_time()
