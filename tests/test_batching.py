@@ -23,7 +23,10 @@ def test_tiled_matmul_is_per_token_independent(qtype):
     cpu = kernels.SIMD_LEVELS.index(kernels.simd_level_cpu())
     # the second shape: more blocks than the four-row kernels pack at once, and more
     # tokens than one pass over a packed group (mn_quant.c's MN_MR_BUF, MN_MR_TOK)
-    for rows, cols, counts in ((37, 512, (2, 3, 4, 5, 8, 9, 11)), (13, 256 * 19, (2, 3, 66, 70))):
+    shapes = [(37, 512, (2, 3, 4, 5, 8, 9, 11)), (13, 256 * 19, (2, 3, 66, 70))]
+    if kernels.block_size(t) == 32:   # the sixteen-row Q8_0 run: two groups and a rest, more blocks than
+        shapes.append((35, 32 * 45, (4, 5, 66)))   # it packs at once; dot's 8-, 4- and 1-block steps
+    for rows, cols, counts in shapes:
         raw = kernels.random_blocks(t, rows, cols, rng)
         x = rng.standard_normal((max(counts), cols)).astype(np.float32)
         for level in kernels.SIMD_LEVELS[:cpu + 1]:

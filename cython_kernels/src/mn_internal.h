@@ -5,6 +5,7 @@
 
 #include <stdint.h>
 #include <string.h>
+#include <math.h>
 #include "mn_kernels.h"
 #include "mn_cpu.h"
 
@@ -60,7 +61,7 @@ typedef struct {
     mn_pack_fn pack;
     mn_run_fn run;
     size_t blk;        /* packed bytes per block of the rows */
-    int rows;          /* rows per pack: 4 or 8 */
+    int rows;          /* rows per pack: 4, 8 or 16 */
     int min_tokens;    /* from this many tokens in a call it beats dot */
 } mn_multirow;
 
@@ -258,7 +259,9 @@ static inline void mn_unpack_iq4_xs(const uint8_t *b, mn_kblock *u) {
             const float ms_ = ((const float *)((xq) + t_ * (xs) + 40 * (nb)))[i]; \
             int sum_ = 0; \
             for (int j_ = 0; j_ < 32; j_++) sum_ += ub_.q[j_] * x_[j_]; \
-            (tail)[t_] += (float)sum_ * (ub_.d * dx_) + ub_.m * ms_; \
+            /* one fused step, written out: left to the compiler's contraction, the two \
+             * products were fused differently in the 1- and 4-token copies (Q4_1, Q5_1) */ \
+            (tail)[t_] += fmaf((float)sum_, ub_.d * dx_, ub_.m * ms_); \
         } \
     } \
 } while (0)

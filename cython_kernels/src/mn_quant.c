@@ -297,12 +297,13 @@ int mn_set_simd_level(int level) {
 /* --------------------------------------------------------------- driver */
 #define MN_MR_BUF (16 * 1024)    /* packed rows in L1 beside the tokens' tile */
 #define MN_MR_TOK 64             /* tokens per pass over a packed group of rows */
+#define MN_MR_ROWS 16            /* the most rows a multi-row kernel packs */
 /* rows [r0, r1) (a multiple of g->rows) with g: each group of rows packed in chunks of
  * blocks, each chunk run for up to MN_MR_TOK tokens (a tile of MN_TILE at a time) */
 static void multirow_block(const mn_multirow *g, const uint8_t *w, size_t ws, int64_t nb, const uint8_t *xq,
                            size_t xs, int64_t n_tok, float *out, int64_t out_stride, int64_t r0, int64_t r1) {
     uint8_t buf[MN_MR_BUF] __attribute__((aligned(64)));
-    float acc[8 * 4 * MN_MR_TOK] __attribute__((aligned(64)));
+    float acc[MN_MR_ROWS * 4 * MN_MR_TOK] __attribute__((aligned(64)));
     const int R = g->rows, P = 4;   /* partial sums per row and token (mn_multirow) */
     int64_t cb = (int64_t)(MN_MR_BUF / g->blk);
     if (cb < 1) cb = 1;   /* the kernels keep blk <= MN_MR_BUF */
