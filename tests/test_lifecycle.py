@@ -263,10 +263,14 @@ SIGINT_CHILD = """
             m = moe_numa.load(path, n_ctx=4096, numa_nodes=2, progress=slow_progress)
         else:
             m = moe_numa.load(path, n_ctx=4096, numa_nodes=2)
-            for i, piece in enumerate(m.generate([1, 2, 3], max_tokens=100000, temperature=0.8, seed=0,
-                                                 stream=True)):
-                if i == 2:
-                    print("READY", flush=True)
+            seed = 0
+            while True:   # a random model may sample EOS soon: generate again until Ctrl-C
+                for i, piece in enumerate(m.generate([1, 2, 3], max_tokens=100000, temperature=0.8, seed=seed,
+                                                     stream=True)):
+                    if i == 2 and "armed" not in state:
+                        state["armed"] = True
+                        print("READY", flush=True)
+                seed += 1
         report(interrupted=False)
     except KeyboardInterrupt:
         t_stop = time.monotonic()
