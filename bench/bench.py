@@ -619,7 +619,7 @@ _UARCH = {("AuthenticAMD", 23): [(0x30, 0x3F, "Zen 2"), (0x60, 0x7F, "Zen 2"), (
 
 def cpu_label(ls: dict) -> str:
     """The model name with family, model, microarchitecture and the SIMD extensions that
-    matter here, e.g. "AMD EPYC (family 25, model 17: Zen 4; AVX2, AVX-512 VNNI, no AMX)"."""
+    matter here, e.g. "AMD EPYC (family 25, model 17: Zen 4; AVX2, AVX-512, VNNI, BF16, no AMX)"."""
     name = ls.get("Model name") or platform.processor() or "unknown CPU"
     try:
         fam, mod = int(ls.get("CPU family", "")), int(ls.get("Model", ""))

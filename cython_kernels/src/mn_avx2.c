@@ -292,10 +292,7 @@ MN_INLINE void dot_q45_K_t(const int Q5, const uint8_t *w, int64_t nb, const uin
     case 3: q45_group(Q5, 3, w, i, nb, xq, xs, NT, p); break;
     default: break;
     }
-    for (int t = 0; t < NT; t++) {
-        const __m128 h = _mm_add_ps(p[t], _mm_shuffle_ps(p[t], p[t], _MM_SHUFFLE(2, 3, 0, 1)));   /* p0 + p1, p2 + p3 */
-        res[t] = _mm_cvtss_f32(_mm_add_ss(h, _mm_movehl_ps(h, h)));
-    }
+    for (int t = 0; t < NT; t++) res[t] = parts_sum(p[t]);
 }
 MN_INLINE void dot_q4_K_t(const uint8_t *w, int64_t nb, const uint8_t *xq, size_t xs, const int NT, float *res) {
     dot_q45_K_t(0, w, nb, xq, xs, NT, res);

@@ -326,10 +326,7 @@ MN_INLINE void K(dot_q8_0_t)(const uint8_t *w, int64_t nb, const uint8_t *xq, si
             p[t] = _mm_mask3_fmadd_ps(_mm_set1_ps(dw * dx), _mm_set1_ps(S), p[t], lane);
         }
     }
-    for (int t = 0; t < NT; t++) {
-        const __m128 h = _mm_add_ps(p[t], _mm_shuffle_ps(p[t], p[t], _MM_SHUFFLE(2, 3, 0, 1)));   /* p0 + p1, p2 + p3 */
-        res[t] = _mm_cvtss_f32(_mm_add_ss(h, _mm_movehl_ps(h, h)));
-    }
+    for (int t = 0; t < NT; t++) res[t] = parts_sum(p[t]);
 }
 MN_TILED_AS(K(dot_q8_0), K(dot_q8_0_t))
 
@@ -542,10 +539,7 @@ MN_INLINE void K(dot_q45_K_t)(const int Q5, const uint8_t *w, int64_t nb, const 
     case 3: K(q45_group)(Q5, 3, w, i, nb, xq, xs, NT, p); break;
     default: break;
     }
-    for (int t = 0; t < NT; t++) {
-        const __m128 h = _mm_add_ps(p[t], _mm_shuffle_ps(p[t], p[t], _MM_SHUFFLE(2, 3, 0, 1)));   /* p0 + p1, p2 + p3 */
-        res[t] = _mm_cvtss_f32(_mm_add_ss(h, _mm_movehl_ps(h, h)));
-    }
+    for (int t = 0; t < NT; t++) res[t] = parts_sum(p[t]);
 }
 /* The eight-row GEMM (mn_x86.h's k45_pack with R = 8): a quarter of dot's dpwssd's. */
 MN_INLINE void K(k45x8_run_t)(const void *buf, int64_t i0, int64_t n, int64_t nb, const uint8_t *xq, size_t xs,

@@ -99,6 +99,12 @@ MN_INLINE __m128 k45_step(__m128 p, __m128i S, __m128i M, __m128 d, __m128 dmin,
     p = _mm_fmadd_ps(_mm_cvtepi32_ps(S), _mm_mul_ps(d, dy), p);
     return _mm_fnmadd_ps(_mm_cvtepi32_ps(M), _mm_mul_ps(dmin, dy), p);
 }
+/* a row's total from its four partial sums (lane k: blocks i % 4 == k), (p0 + p1) + (p2 + p3):
+ * the order in which the multi-row driver adds them too, so dot and the runs agree */
+MN_INLINE float parts_sum(__m128 p) {
+    const __m128 h = _mm_add_ps(p, _mm_shuffle_ps(p, p, _MM_SHUFFLE(2, 3, 0, 1)));   /* p0 + p1, p2 + p3 */
+    return _mm_cvtss_f32(_mm_add_ss(h, _mm_movehl_ps(h, h)));
+}
 /* the four int32 of v summed, in every lane */
 MN_INLINE __m128i isum_all(__m128i v) {
     v = _mm_add_epi32(v, _mm_shuffle_epi32(v, _MM_SHUFFLE(1, 0, 3, 2)));
