@@ -1290,12 +1290,22 @@ def run(a: argparse.Namespace) -> int:
         mrep["bandwidth_gbps"] = bws["median"] if bws else None
         mrep["summary"] = aggregate(mrep["runs"], tests, mrep["bandwidth_gbps"], facts["bytes_per_token"],
                                     a.target_pp, a.target_tg)
+        if mpath != models[-1]:   # a long run stopped later still leaves the models it finished
+            write_report(report, prefix, plot=False, log=log)
+            log(f"  wrote the report so far ({len(report['models'])} of {len(models)} models)")
     machine["loadavg_end"] = _loadavg()
+    md, paths = write_report(report, prefix, plot=not a.no_plot, log=log)
+    print(md)
+    log("wrote " + ", ".join(paths.values()))
+    return 0
 
+
+def write_report(report: dict, prefix, plot: bool, log=print) -> tuple[str, dict]:
+    """PREFIX.md and PREFIX.json (and PREFIX.png with plot) of the models measured so far."""
     md = format_markdown(report)
     paths = {"md": str(prefix) + ".md", "json": str(prefix) + ".json"}
     Path(paths["md"]).write_text(md)
-    if not a.no_plot:
+    if plot:
         png = str(prefix) + ".png"
         if write_plot(report, png):
             paths["png"] = png
@@ -1303,9 +1313,7 @@ def run(a: argparse.Namespace) -> int:
             log("matplotlib is not installed (pip install 'moe_numa[bench]'): no plot")
     report["outputs"] = paths
     Path(paths["json"]).write_text(json.dumps(report, indent=1, default=str) + "\n")
-    print(md)
-    log("wrote " + ", ".join(paths.values()))
-    return 0
+    return md, paths
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ import os
 import stat
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -588,3 +589,17 @@ def test_bench_kernels_says_which_types_are_compute_bound(capsys):
     assert len(closing) == 1
     for r in rows:
         assert (f"{r['type']} at 1 thr (L2 " in closing[0]) == (r["bound"] == "compute")
+
+
+def test_bench_report_written_after_each_model(tmp_path, tiny_q8):
+    """A run of several models that stops on a later one still leaves the report of those
+    it finished (a full bench run takes an hour here)."""
+    broken = tmp_path / "truncated.gguf"
+    broken.write_bytes(Path(tiny_q8).read_bytes()[:4096])
+    argv = _common(tmp_path, tiny_q8) + ["-m", str(broken), "--engine-only", "--no-plot", "--no-bandwidth", "-r", "1"]
+    with pytest.raises(Exception):
+        B.main(argv)
+    rep = json.loads((tmp_path / "res.json").read_text())
+    assert [m["facts"]["name"] for m in rep["models"]] == [Path(tiny_q8).stem]
+    assert rep["models"][0]["summary"]["rows"]
+    assert "| pp16 |" in (tmp_path / "res.md").read_text()
