@@ -66,23 +66,26 @@ def check_placed(r: dict, nodes: int) -> None:
 
 def test_two_real_numa_nodes(guest_dir):
     """One 2-node guest runs, in turn:
-    - the placed-weights cache, built with whole experts, which the rebalancer swaps at run
-      time (moved experts are on their new node), then restarted from: both times every
+    - whole experts copied into node memory, which the rebalancer swaps at run time: moved
+      experts are on their new node;
+    - the placed-weights cache, built with the same map, then restarted from: both times every
       shard's pages (the cached images' tmpfs pages, and experts the rebalancer moved, copied
       on write) are on their node;
     - split and replicated experts, then a rebalance that adds replicas within the budget."""
     from moe_numa.testing import make_test_model
     model = make_test_model(guest_dir / "qwen3moe.gguf", "qwen3moe", "q8_0")
     (guest_dir / "mixed.yaml").write_text(MIXED)
-    wc = f"-m {model} --weights-cache /dev/shm/wc --rebalance --expert-map contiguous"
-    script = (f"mkdir /dev/shm/wc\n{CHECK} {wc}\n{CHECK} {wc}\n"
+    whole = f"-m {model} --rebalance --expert-map contiguous"
+    script = (f"{CHECK} {whole}\nmkdir /dev/shm/wc\n"
+              f"{CHECK} {whole} --weights-cache /dev/shm/wc\n{CHECK} {whole} --weights-cache /dev/shm/wc\n"
               f"{CHECK} -m {model} --rebalance --expert-map {guest_dir / 'mixed.yaml'} --replica-budget 40%\n")
-    built, restarted, mixed = run_guest(2, script)
-    for r in (built, restarted, mixed):
+    copied, built, restarted, mixed = run_guest(2, script)
+    for r in (copied, built, restarted, mixed):
         check_placed(r, 2)
+    for r in (copied, built, restarted):
+        assert r["rebalance_swaps"] > 0        # experts moved at run time are on their new node too
     for r, nodes_built in ((built, [0, 1]), (restarted, [])):
         assert r["report"]["load"]["weights_cache"]["built_nodes"] == nodes_built
-        assert r["rebalance_swaps"] > 0        # experts moved at run time are on their new node too
     modes = mixed["expert_modes"]              # after the rebalance: split experts stay split
     assert modes["split"] == 4 and sum(modes.values()) == 16 and modes["replicated"] >= 1
     assert mixed["rebalance_replicated"] > 0   # copies made at run time are on their node too
