@@ -244,6 +244,14 @@ class Model:
             raise MoeNumaError("placement_report() needs the engine backend")
         return report()
 
+    def wait_placed(self, timeout: float | None = None) -> bool:
+        """Wait for the weights to be in node memory: on one node, load() maps a large file
+        and returns at once while a background thread copies it into hugepage memory (see
+        docs/numa-tuning.md, "Load"). True when that is done (or there was none to do)."""
+        self._check_open()
+        wait = getattr(self.backend, "wait_placed", None)
+        return True if wait is None else wait(timeout)
+
     def rebalance(self, **options) -> dict:
         """Move hot experts between nodes to even out routed tokens (engine only)."""
         self._check_open()

@@ -29,10 +29,13 @@ def add_engine_flags(p: argparse.ArgumentParser) -> None:
                    help="engine: keep each node's placed weights in DIR (a tmpfs such as /dev/shm), one file per "
                         "node; a restart maps them instead of copying the model again (rebuilt when stale)")
     p.add_argument("--mmap", action="store_true",
-                   help="engine, one node: map the GGUF's plain tensor ranges copy-on-write instead of copying them "
-                        "(as llama.cpp's mmap): a start in about a second, but decode reads 4 KiB pages, slower")
+                   help="engine, one node: map the GGUF's plain tensor ranges copy-on-write and never copy them "
+                        "(as llama.cpp's mmap): the least memory traffic, but decode reads 4 KiB pages, slower. "
+                        "By default a one-node load of a large file maps it, returns, and copies it into "
+                        "hugepage memory behind the first tokens")
     p.add_argument("--no-mmap", action="store_true",
-                   help="engine: copy the weights into node memory (the default; accepted as in llama.cpp)")
+                   help="engine: copy the weights into node memory before the model is ready (the default on "
+                        "several nodes, and for files under 512 MiB)")
     p.add_argument("--check-tensors", action="store_true",
                    help="check every block while loading (Inf/NaN scales), naming the first bad one")
     for short, long, what in (("-ctk", "--cache-type-k", "keys"), ("-ctv", "--cache-type-v", "values")):

@@ -73,13 +73,25 @@ class NodeStore:
     With `zero_copy` (and no weights cache), shards that are plain file ranges are not
     copied: they are views of a copy-on-write mapping of the GGUF (numa.memory.FileMapping),
     whose pages are the page cache's. Only sound where placement moves nothing: every
-    node on one memory node (a one-node machine), so EngineBackend asks for it only there."""
+    node on one memory node (a one-node machine), so EngineBackend asks for it only there.
+    With `place_behind` too, a background thread then swaps the mapped ranges for copies in
+    bound hugepage memory at the same addresses (place_behind_start): the first token comes
+    at mapping speed, and decode reads the copies once they are in."""
+
+    BEHIND_RUN = 32 << 20    # bytes per background copy-and-move (the write lock is held for one)
 
     def __init__(self, topo: Topology, hugepages: bool = False, gguf=None, check_tensors: bool = False,
-                 zero_copy: bool = False):
+                 zero_copy: bool = False, place_behind: bool = False):
         self.topo = topo
         self.hugepages = hugepages
         self.zero_copy = zero_copy
+        self.place_behind = zero_copy and place_behind
+        # Held by whoever writes weights in place (the rebalancer's swaps) and by the background
+        # placement for each run it moves, so that no write lands in a copy already taken.
+        self.write_lock = threading.Lock()
+        self.behind: dict | None = None          # the background placement's progress
+        self._behind_thread: threading.Thread | None = None
+        self._behind_stop = threading.Event()
         self.file_maps: dict[str, Any] = {}   # path -> FileMapping (zero_copy)
         self.check_tensors = check_tensors
         self.checked: set[str] = set()      # tensors whose copies are checked
@@ -338,9 +350,78 @@ class NodeStore:
         if progress and state["done"] < total:
             progress(total, total)
 
+    def place_behind_start(self) -> None:
+        """Start the background placement of the mapped shards (a no-op without place_behind
+        or mapped shards): one thread on the nodes' CPUs copies each hugepage-aligned run of
+        the file that holds mapped shards into bound memory and moves it over the mapping
+        (FileMapping.place_behind), BEHIND_RUN bytes at a time. A failure leaves the rest
+        mapped, which reads the same bytes; it is logged and reported in `behind`."""
+        if not self.place_behind or self._behind_thread is not None:
+            return
+        runs: list[tuple[Any, int, int]] = []
+        for path, fm in self.file_maps.items():
+            spans = sorted((it.src[1], it.src[1] + it.nbytes) for it in self.items.values()
+                           if it.mapped and it.src[0] == path)
+            merged: list[list[int]] = []
+            for lo, hi in spans:
+                lo, hi = lo - lo % HUGE, min(-(-hi // HUGE) * HUGE, fm.length)
+                if merged and lo <= merged[-1][1]:
+                    merged[-1][1] = max(merged[-1][1], hi)
+                else:
+                    merged.append([lo, hi])
+            runs += [(fm, a, min(a + self.BEHIND_RUN, hi)) for lo, hi in merged
+                     for a in range(lo, hi, self.BEHIND_RUN)]
+        if not runs:
+            return
+        node = self.topo.nodes[0].memory_node     # zero_copy: every node is on this memory node
+        cpus = sorted({c for n in self.topo.nodes for c in n.cpus}) or list(os.sched_getaffinity(0))
+        self.behind = {"bytes": sum(hi - lo for _, lo, hi in runs), "done_bytes": 0, "runs": len(runs),
+                       "seconds": None, "finished": False, "error": None}
+        started = time.perf_counter()
+
+        def work():
+            try:
+                os.sched_setaffinity(0, cpus)
+            except OSError:
+                pass
+            try:
+                for fm, lo, hi in runs:
+                    with self.write_lock:
+                        if self._behind_stop.is_set():
+                            return
+                        self.behind["done_bytes"] += fm.place_behind(lo, hi, node)
+                with self.write_lock:
+                    for it in self.items.values():
+                        it.mapped = False
+                    self.behind["finished"] = True
+            except Exception as e:   # the rest stays mapped: the same bytes, read from the page cache
+                self.behind["error"] = f"{type(e).__name__}: {e}"
+                log.warning("placing the mapped weights in node memory stopped: %s; the rest stays mapped", e)
+            finally:
+                self.behind["seconds"] = time.perf_counter() - started
+
+        self._behind_thread = threading.Thread(target=work, name="moe-numa-place-behind", daemon=True)
+        self._behind_thread.start()
+
+    def wait_placed(self, timeout: float | None = None) -> bool:
+        """Wait for the background placement (if any); True when nothing is left mapped that
+        it would place (done, or none started)."""
+        t = self._behind_thread
+        if t is not None:
+            t.join(timeout)
+            if t.is_alive():
+                return False
+        return self.behind is None or self.behind["finished"]
+
+    def _stop_behind(self) -> None:
+        self._behind_stop.set()
+        if self._behind_thread is not None:
+            self._behind_thread.join()
+
     def close(self) -> None:
         """Unmap the node arenas and file mappings (numpy views still alive keep their pages
-        until they go)."""
+        until they go); a background placement stops first, after the run in hand."""
+        self._stop_behind()
         self.arrays.clear()
         for a in self.arenas:
             a.close()
@@ -386,7 +467,7 @@ class NodeStore:
                     replicated += it.nbytes if it.replicated else 0
             mapped = sum(it.nbytes for it in self.items.values() if it.node == k and it.mapped)
             nodes.append({"node": k, "bytes_by_class": by_class, "replicated_bytes": replicated,
-                          "file_mapped_bytes": mapped,
+                          "file_mapped_bytes": mapped,   # until a background placement moves them
                           "bound_to": self.topo.nodes[k].memory_node,
                           "bound": bool(self.arenas and self.arenas[k].bound)})
         return {"nodes": nodes}
@@ -417,20 +498,32 @@ def _close_files() -> None:
         _files.clear()
 
 
-def _zero_copy(want: bool | None, topo: Topology) -> bool:
-    """Whether shards that are plain file ranges are mapped from the GGUF, not copied.
-    None (the default): copied. The page cache maps a file mostly with 4 KiB pages, and
-    decode reading from that mapping ran 10-35% slower here than from the arenas' 2 MiB
-    pages (docs/benchmarks.md, "Load"); mapping is for a fast start (llama.cpp's mmap).
-    True: on one node, or virtual nodes over one real node. Never across real nodes:
-    page-cache pages are shared and reclaimable, so nothing would keep them on the node a
-    shard is placed on."""
+BEHIND_MIN_BYTES = 512 << 20   # below this the copy takes well under a second: just copy
+
+
+def _zero_copy(want: bool | str | None, topo: Topology, weight_bytes: int = 0) -> str:
+    """How shards that are plain file ranges are placed: "copy" (into the node arenas before
+    load() returns), "map" (views of the GGUF's mapping, never copied: llama.cpp's mmap) or
+    "behind" (mapped at once, then copied into the arenas' kind of memory by a background
+    thread, at the same addresses).
+
+    Decode from the mapping alone ran 10-35% slower here than from 2 MiB pages: the page
+    cache maps a file mostly with 4 KiB pages (docs/benchmarks.md, "Load"). "behind" gives
+    both the mapping's start and the copy's decode. It is the default on one real node for
+    files of BEHIND_MIN_BYTES or more; smaller ones are copied (False). True: "map". Mapping
+    is refused across real nodes: page-cache pages are shared and reclaimable, so nothing
+    would keep them on the node a shard is placed on."""
     if want is None:
-        return False
-    if want and topo.real_nodes > 1:
-        raise MoeNumaError(f"zero_copy=True needs one NUMA node; this machine has {topo.real_nodes} "
+        return "behind" if topo.real_nodes <= 1 and weight_bytes >= BEHIND_MIN_BYTES else "copy"
+    if want is False:
+        return "copy"
+    mode = "map" if want is True else want
+    if mode not in ("map", "behind"):
+        raise MoeNumaError(f"zero_copy must be True, False, None or 'behind', got {want!r}")
+    if topo.real_nodes > 1:
+        raise MoeNumaError(f"zero_copy={want!r} needs one NUMA node; this machine has {topo.real_nodes} "
                            f"(across nodes the weights are copied into each node's bound memory)")
-    return bool(want)
+    return mode
 
 
 def _f32(t: Tensor | None):
@@ -488,7 +581,7 @@ class EngineBackend:
                  ubatch: int = 512, progress: bool | Callable[[int, int], None] = False,
                  rebalance_every: int | None = 1024, replica_budget: float | int | str | None = None,
                  check_tensors: bool = False, n_slots: int = 1,
-                 weights_cache: str | os.PathLike | None = None, zero_copy: bool | None = None,
+                 weights_cache: str | os.PathLike | None = None, zero_copy: bool | str | None = None,
                  cache_type_k: str = "f16", cache_type_v: str = "f16"):
         from .. import _native
         self.cfg = cfg = model.config
@@ -525,8 +618,9 @@ class EngineBackend:
                 cpus = node.threads(threads_per_node, use_smt)
                 with unpinned():     # a pool checks its CPUs against this thread's mask
                     self.pools.append(ThreadPool(cpus, caller_is_worker0=(k == 0)))
+            self.placement_mode = _zero_copy(zero_copy, self.topology, sum(t.nbytes for t in _used_tensors(w)))
             self.store = NodeStore(self.topology, hugepages, model.gguf, check_tensors,
-                                   _zero_copy(zero_copy, self.topology))
+                                   self.placement_mode != "copy", self.placement_mode == "behind")
             self.store.reserve = self.replica_budget
             self.expert_tokens = [np.zeros(cfg.n_expert, dtype=np.int64) for _ in range(cfg.n_layer)]
             # Every slot's params keep their Refs (resolved again after experts move).
@@ -566,6 +660,13 @@ class EngineBackend:
         # (restored on close, from whichever thread closes), so the scheduler never
         # stacks it on a pool thread's core. Only this thread is pinned, not the process.
         self._caller_tid = pin_caller(self.pools[0].cpus[0])
+        self.store.place_behind_start()
+
+    def wait_placed(self, timeout: float | None = None) -> bool:
+        """Wait until the background placement (zero_copy "behind") is done; True when no
+        weights are left mapped that it would place."""
+        self._check_open()
+        return self.store.wait_placed(timeout)
 
     # ---------------------------------------------------------------- placement
     def _expert_copy_bytes(self, layer: int) -> int:
@@ -989,9 +1090,10 @@ class EngineBackend:
         for name in ("gate", "up", "down"):
             k1, k2 = f"{key}e{e1}.{name}", f"{key}e{e2}.{name}"
             a, b = S.arrays.pop((n1, k1)), S.arrays.pop((n2, k2))
-            tmp = a.copy()
-            a[...] = b
-            b[...] = tmp
+            with S.write_lock:     # not into a run the background placement has copied but not moved
+                tmp = a.copy()
+                a[...] = b
+                b[...] = tmp
             S.arrays[(n1, k2)], S.arrays[(n2, k1)] = a, b
             S.items[(n1, k2)], S.items[(n2, k1)] = S.items.pop((n1, k1)), S.items.pop((n2, k2))
             S.items[(n1, k2)].key, S.items[(n2, k1)].key = k2, k1
@@ -1045,7 +1147,8 @@ class EngineBackend:
                    kv_cache_bytes=sum(it.nbytes for it in self.store.items.values() if it.cls == "kv_cache"),
                    kv_cache_type={"k": self.cache_type_k, "v": self.cache_type_v},
                    process=resident_bytes(), topology=self.topology.describe(),
-                   load=dict(self.store.load_stats, total_seconds=self.load_seconds),
+                   load=dict(self.store.load_stats, total_seconds=self.load_seconds, mode=self.placement_mode,
+                             behind=None if self.store.behind is None else dict(self.store.behind)),
                    notes=list(self.plan.notes) + list(self.topology.notes))
         if check_pages:
             rep["pages"] = self.check_pages(sample)

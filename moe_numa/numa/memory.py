@@ -25,8 +25,8 @@ import numpy as np
 log = logging.getLogger("moe_numa.numa")
 
 _SYSCALLS = {
-    "x86_64": {"mbind": 237, "move_pages": 279},
-    "aarch64": {"mbind": 235, "move_pages": 239},
+    "x86_64": {"mbind": 237, "move_pages": 279, "mremap": 25},
+    "aarch64": {"mbind": 235, "move_pages": 239, "mremap": 216},
 }
 MPOL_BIND = 2
 MPOL_MF_STRICT = 1
@@ -34,6 +34,8 @@ MPOL_MF_MOVE = 2
 MADV_DONTNEED = 4
 MADV_POPULATE_READ = 22
 MADV_POPULATE_WRITE = 23   # Linux >= 5.14: fault a range in, writable, in one call
+MADV_HUGEPAGE = 14
+MREMAP_MAYMOVE, MREMAP_FIXED = 1, 2
 HUGE = 2 << 20             # population chunk: one transparent hugepage on x86-64 and aarch64
 PAGE = mmap.PAGESIZE
 ALIGN = 64          # shard alignment inside an arena: a cache line, enough for every SIMD path
@@ -43,6 +45,8 @@ _libc.syscall.restype = ctypes.c_long
 _libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
 _libc.mmap.restype = ctypes.c_void_p
 _libc.mmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long)
+_libc.munmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t)
+_MAP_FAILED = ctypes.c_void_p(-1).value
 _warned: set[str] = set()
 
 
@@ -166,23 +170,77 @@ class FileMapping:
     Unlike an arena's anonymous pages, these are clean file pages: the kernel may
     reclaim them under memory pressure and read them back on the next touch (as
     llama.cpp's mmap), and a page read back lands where the reading thread's policy
-    says, so this is only used where every shard's node is the same memory node."""
+    says, so this is only used where every shard's node is the same memory node.
+
+    The file starts on a hugepage boundary (mapped over an anonymous reservation, which
+    owns the address range and unmaps it all on close), so place_behind() can swap
+    2 MiB-aligned runs of it for anonymous hugepages at the same addresses."""
 
     def __init__(self, path: str, hugepages: bool = False):
         self.path = path
+        self.hugepages = hugepages
         with open(path, "rb") as f:
             self.size = os.fstat(f.fileno()).st_size
-            self._map = mmap.mmap(f.fileno(), self.size, flags=mmap.MAP_PRIVATE,
-                                  prot=mmap.PROT_READ | mmap.PROT_WRITE)
-        self.addr = address_of(self._map)
-        self.buffer = np.frombuffer(self._map, dtype=np.uint8)
+            self.length = max(PAGE, (self.size + PAGE - 1) // PAGE * PAGE)
+            self._map = mmap.mmap(-1, self.length + HUGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+            base = address_of(self._map)
+            self.addr = base + (-base) % HUGE
+            got = _libc.mmap(ctypes.c_void_p(self.addr), self.length, mmap.PROT_READ | mmap.PROT_WRITE,
+                             mmap.MAP_PRIVATE | 0x10, f.fileno(), 0)        # MAP_FIXED over the reservation
+            if got in (None, _MAP_FAILED):
+                err = ctypes.get_errno()
+                self._map.close()
+                raise OSError(err, f"mapping {path} failed: {os.strerror(err)}")
+        self.buffer = np.frombuffer(self._map, dtype=np.uint8, count=self.size, offset=self.addr - base)
         if hugepages:   # page-cache large folios map as PMDs where the filesystem makes them
-            _libc.madvise(ctypes.c_void_p(self.addr), self.size, 14)   # MADV_HUGEPAGE
+            _libc.madvise(ctypes.c_void_p(self.addr), self.length, MADV_HUGEPAGE)
 
     def view(self, offset: int, nbytes: int) -> np.ndarray:
         if offset < 0 or offset + nbytes > self.size:
             raise ValueError(f"{self.path}: bytes [{offset}, {offset + nbytes}) outside the file ({self.size} bytes)")
         return self.buffer[offset:offset + nbytes]
+
+    def place_behind(self, lo: int, hi: int, node: int | None) -> int:
+        """Swap bytes [lo, hi) of the mapping (lo on a hugepage boundary, hi clipped to the
+        mapping) for anonymous memory holding the same bytes, bound to `node`, in hugepages
+        where asked: the copy is made aside, then moved over the range in one mremap. Views
+        keep their addresses, and a thread reading the range meanwhile reads the same bytes
+        from either side (its faults wait for the move). The caller keeps writers out.
+        Returns the bytes placed."""
+        if lo % HUGE or lo < 0:
+            raise ValueError(f"place_behind: offset {lo} is not on a {HUGE}-byte boundary")
+        hi = min(hi, self.length)
+        n = (hi - lo + PAGE - 1) // PAGE * PAGE
+        if n <= 0:
+            return 0
+        raw = _libc.mmap(None, n + HUGE, mmap.PROT_READ | mmap.PROT_WRITE,
+                         mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, -1, 0)
+        if raw in (None, _MAP_FAILED):
+            err = ctypes.get_errno()
+            raise OSError(err, f"placing {self.path} in node memory: {os.strerror(err)}")
+        start = raw + (-raw) % HUGE
+        try:
+            if node is not None:
+                mbind(start, n, node)
+            if self.hugepages:
+                _libc.madvise(ctypes.c_void_p(start), n, MADV_HUGEPAGE)
+            populate(start, n)
+            dst = np.ctypeslib.as_array((ctypes.c_uint8 * n).from_address(start))
+            src = np.ctypeslib.as_array((ctypes.c_uint8 * n).from_address(self.addr + lo))
+            np.copyto(dst, src)      # the file's last page reads as zeros past its end
+            got = _syscall("mremap", ctypes.c_void_p(start), ctypes.c_size_t(n), ctypes.c_size_t(n),
+                           ctypes.c_int(MREMAP_MAYMOVE | MREMAP_FIXED), ctypes.c_void_p(self.addr + lo))
+            if got != self.addr + lo:
+                err = ctypes.get_errno()
+                raise OSError(err, f"mremap failed: {os.strerror(err)}")
+        except BaseException:
+            _libc.munmap(ctypes.c_void_p(raw), n + HUGE)
+            raise
+        if start > raw:   # the alignment slack around the moved run
+            _libc.munmap(ctypes.c_void_p(raw), start - raw)
+        if raw + n + HUGE > start + n:
+            _libc.munmap(ctypes.c_void_p(start + n), raw + n + HUGE - start - n)
+        return n
 
     close = _close_mapping
 
