@@ -162,6 +162,7 @@ class GGUFModelFile:
         self.metadata: dict[str, Any] = {}
         self.tensors: dict[str, Tensor] = {}
         self._readers: list[GGUFReader] = []
+        self._spans: list[tuple[str, int, int]] | None = None   # locate()'s (path, address, bytes)
         for i, part in enumerate(self.paths):
             reader = _open_reader(part)
             self._readers.append(reader)
@@ -207,16 +208,19 @@ class GGUFModelFile:
         """(file, byte offset) of a C-contiguous view of one of our files, or None."""
         if not arr.flags.c_contiguous:
             return None
-        addr = arr.ctypes.data
-        for path, reader in zip(self.paths, self._readers):
-            base = reader.data.ctypes.data
-            if base <= addr and addr + arr.nbytes <= base + reader.data.nbytes:
+        addr = arr.__array_interface__["data"][0]   # (arr.ctypes builds an object: 4x slower)
+        if self._spans is None:
+            self._spans = [(path, r.data.__array_interface__["data"][0], r.data.nbytes)
+                           for path, r in zip(self.paths, self._readers)]
+        for path, base, size in self._spans:
+            if base <= addr and addr + arr.nbytes <= base + size:
                 return path, addr - base
         return None
 
     def close(self) -> None:
         """Drop the memory maps (views handed out earlier keep their own reference)."""
         self._readers.clear()
+        self._spans = []
         self.tensors.clear()
 
     def _check_splits(self) -> None:

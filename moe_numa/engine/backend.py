@@ -220,7 +220,11 @@ class NodeStore:
                 self.arrays[key] = fm.view(off, it.nbytes).view(it.dtype).reshape(it.shape)
                 it.mapped = True
                 ranges[k].append((fm.addr + off, it.nbytes))
-        self._populate_read_ranges(ranges)
+        # Placed behind, the pages are faulted by the background copy (and the first tokens
+        # fault only what they read: about a tenth of the experts per decoded token), so
+        # mapping them all in first would only delay load()'s return (0.5 s for 5.5 GiB here).
+        if not self.place_behind:
+            self._populate_read_ranges(ranges)
         for items in mapped:
             for key, it in items:
                 if it.check is not None:

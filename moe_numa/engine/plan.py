@@ -21,6 +21,8 @@ when a tensor is too small to split N ways; the result is still exact.
 """
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass, field
 
 
@@ -102,8 +104,13 @@ def _is_column_split(t, axis: int) -> bool:
 def _cut_points(n: int, tensors: list[tuple[object, int]]) -> list[int]:
     """Cut points of a dimension of size n that keep every column slice of `tensors`
     ((tensor, axis) pairs) on GGML block boundaries."""
-    cols = [(t, t.shape[axis] // n) for t, axis in tensors if _is_column_split(t, axis)]
-    return [c for c in range(n + 1) if all((c * unit) % _block(t) == 0 for t, unit in cols)]
+    # c * unit is a multiple of the block exactly when c is a multiple of block / gcd(unit, block)
+    step = 1
+    for t, axis in tensors:
+        if _is_column_split(t, axis):
+            b = _block(t)
+            step = math.lcm(step, b // math.gcd(t.shape[axis] // n, b))
+    return list(range(0, n + 1, step))
 
 
 def _dimension_cuts(rules, sizes: dict[str, int], parts: int) -> dict[str, list[tuple[int, int]]]:
