@@ -236,6 +236,9 @@ def create_app(state: ServerState) -> FastAPI:
             body["slots"] = state.scheduler.status()
             body["n_ctx"] = state.scheduler.n_ctx
             body["kv_cache_bytes"] = state.kv_cache_bytes
+            behind = getattr(getattr(getattr(state.model, "backend", None), "store", None), "behind", None)
+            if behind is not None:   # one node: serving from the mapped file while it is copied into node memory
+                body["placement"] = {k: behind[k] for k in ("bytes", "done_bytes", "finished", "error")}
         return JSONResponse(body, status_code=200 if state.status == "ready" else 503)
 
     @app.get("/v1/models")

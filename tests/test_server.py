@@ -337,3 +337,28 @@ def test_health_reports_loading_progress():
         assert r.json()["status"] == "loading" and r.json()["loading"]["fraction"] == 0.25
         r = c.post("/v1/completions", json={"prompt": "hi"})
         assert r.status_code == 503 and "loading" in r.json()["error"]["message"]
+
+
+def test_health_reports_the_copy_behind_the_mapped_start(make_model):
+    """On one node a large file is served from its mapping while it is copied into node
+    memory: /health says how far that copy is."""
+    from fastapi.testclient import TestClient
+    from moe_numa.sampling import SamplingParams
+    from moe_numa.server import ServerState, create_app
+    path = make_model("qwen3moe", "q8_0")
+    state = ServerState(path, "x", {"backend": "engine", "numa_nodes": 1, "zero_copy": "behind"}, 2, 4, 64,
+                        SamplingParams())
+    state.start()
+    try:
+        deadline = time.time() + 60
+        while state.status == "loading":
+            assert time.time() < deadline
+            time.sleep(0.02)
+        assert state.status == "ready", state.error
+        assert state.model.wait_placed(timeout=60)
+        with TestClient(create_app(state)) as c:
+            h = c.get("/health").json()
+        p = h["placement"]
+        assert p["finished"] and p["error"] is None and p["done_bytes"] == p["bytes"] > 0
+    finally:
+        state.stop()
