@@ -94,11 +94,13 @@ def test_block_check_runs_on_mapped_shards(make_model, tmp_path):
         moe_numa.load(dst, backend="engine", numa_nodes=1, check_tensors=True, zero_copy=True)
 
 
-def test_weights_cache_wins_over_zero_copy(make_model, tmp_path):
-    with moe_numa.load(make_model("qwen3moe", "q8_0"), backend="engine", numa_nodes=1, zero_copy=True,
+@pytest.mark.parametrize("zero_copy", [True, "behind"])
+def test_weights_cache_wins_over_zero_copy(make_model, tmp_path, zero_copy):
+    with moe_numa.load(make_model("qwen3moe", "q8_0"), backend="engine", numa_nodes=1, zero_copy=zero_copy,
                        weights_cache=str(tmp_path)) as m:
         ld = m.placement_report()["load"]
         assert ld["mapped_bytes"] == 0 and ld["weights_cache"]["built_nodes"] == [0]
+        assert ld["mode"] == "weights_cache" and ld["behind"] is None
 
 
 def test_zero_copy_modes_and_refusals():

@@ -395,7 +395,7 @@ class NodeStore:
                             return
                         self.behind["done_bytes"] += fm.place_behind(lo, hi, node)
                 with self.write_lock:
-                    for it in self.items.values():
+                    for it in list(self.items.values()):   # (a replica may be added meanwhile)
                         it.mapped = False
                     self.behind["finished"] = True
             except Exception as e:   # the rest stays mapped: the same bytes, read from the page cache
@@ -637,6 +637,8 @@ class EngineBackend:
                 from ..numa.weights_cache import WeightsCache
                 cache = WeightsCache(weights_cache, model.gguf.paths, check_tensors)
             self.store.materialize(report, cache)
+            if cache is not None and self.placement_mode != "copy":
+                self.placement_mode = "weights_cache"   # a cache image wins over mapping the file
             if progress is True:   # the CLI's progress: say how fast placement went
                 _print_load(self.store.load_stats)
             if check_tensors:   # what was not copied (norms, embeddings) is read from the file: check it there
