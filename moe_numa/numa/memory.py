@@ -100,6 +100,16 @@ def page_nodes(addr: int, length: int, sample: int = 0) -> np.ndarray:
     return np.frombuffer(status, dtype=np.int32).copy()
 
 
+def _reserve(size: int) -> tuple[mmap.mmap, int, np.ndarray]:
+    """An anonymous mapping of `size` bytes starting on a hugepage boundary: (the mmap, which
+    owns the range and unmaps all of it on close, the aligned address, a uint8 view there).
+    The slack is address space only, never touched."""
+    m = mmap.mmap(-1, size + HUGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    base = address_of(m)
+    addr = base + (-base) % HUGE
+    return m, addr, np.frombuffer(m, dtype=np.uint8, count=size, offset=addr - base)
+
+
 def _close_mapping(self) -> None:
     """close() of a class holding `buffer` (a view) over `_map` (an mmap)."""
     self.buffer = None
@@ -122,10 +132,7 @@ class NodeArena:
         # Start on a hugepage boundary (the slack is address space only, never touched): the
         # anonymous pages are then whole THPs, and a weights-cache image mapped over the start
         # (at a HUGE-aligned file offset) can be mapped by PMDs, not 4 KiB entries.
-        self._map = mmap.mmap(-1, self.size + HUGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-        base = address_of(self._map)
-        self.addr = base + (-base) % HUGE
-        self.buffer = np.frombuffer(self._map, dtype=np.uint8, count=self.size, offset=self.addr - base)
+        self._map, self.addr, self.buffer = _reserve(self.size)
         self.bound = node is not None and mbind(self.addr, self.size, node)
         if hugepages:
             try:
@@ -151,13 +158,13 @@ class NodeArena:
             return
         flags = (0x01 if shared else 0x02) | 0x10          # MAP_SHARED / MAP_PRIVATE, MAP_FIXED
         got = _libc.mmap(ctypes.c_void_p(self.addr), length, 0x3, flags, fd, offset)
-        if got in (None, ctypes.c_void_p(-1).value):
+        if got in (None, _MAP_FAILED):
             err = ctypes.get_errno()
             raise OSError(err, f"mapping the weights cache failed: {os.strerror(err)}")
         if self.node is not None:
             mbind(self.addr, length, self.node)
         if self.hugepages:   # honoured where the file's filesystem gives hugepages (huge= tmpfs)
-            _libc.madvise(ctypes.c_void_p(self.addr), length, 14)   # MADV_HUGEPAGE
+            _libc.madvise(ctypes.c_void_p(self.addr), length, MADV_HUGEPAGE)
 
     close = _close_mapping
 
@@ -182,16 +189,15 @@ class FileMapping:
         with open(path, "rb") as f:
             self.size = os.fstat(f.fileno()).st_size
             self.length = max(PAGE, (self.size + PAGE - 1) // PAGE * PAGE)
-            self._map = mmap.mmap(-1, self.length + HUGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-            base = address_of(self._map)
-            self.addr = base + (-base) % HUGE
+            self._map, self.addr, buffer = _reserve(self.length)
             got = _libc.mmap(ctypes.c_void_p(self.addr), self.length, mmap.PROT_READ | mmap.PROT_WRITE,
                              mmap.MAP_PRIVATE | 0x10, f.fileno(), 0)        # MAP_FIXED over the reservation
             if got in (None, _MAP_FAILED):
                 err = ctypes.get_errno()
+                del buffer          # (a view would keep the reservation from closing)
                 self._map.close()
                 raise OSError(err, f"mapping {path} failed: {os.strerror(err)}")
-        self.buffer = np.frombuffer(self._map, dtype=np.uint8, count=self.size, offset=self.addr - base)
+        self.buffer = buffer[:self.size]
         if hugepages:   # page-cache large folios map as PMDs where the filesystem makes them
             _libc.madvise(ctypes.c_void_p(self.addr), self.length, MADV_HUGEPAGE)
 
