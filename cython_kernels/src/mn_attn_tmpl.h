@@ -2,73 +2,112 @@
  *   #define ATTN_SUFFIX avx2 / ATTN_TARGET __attribute__((target("avx2,fma,f16c"))) / ATTN_VW 8
  *   #include "mn_attn_tmpl.h"
  * ATTN_VW is the level's native float count (16 zmm, 8 ymm, 4 xmm): GCC vector
- * types of that width map onto single registers, so the 8 accumulators, the two
- * key (or value) vectors and the broadcasts fit the register file at every level
- * (16 registers at AVX2: a 16-float type there would be ymm pairs and spill).
+ * types of that width map onto single registers.  ATTN_ROWS query rows run at once:
+ * 8 on the 32-register AVX-512 file (16 accumulators), 4 on the 16-register files
+ * (a 16-float type at AVX2 would be ymm pairs and spill).  More rows per pass is
+ * fewer reads of each key and value per product: at decode a GQA group (8 heads per
+ * KV head in Qwen3) or MLA's heads all read the same cache.
  *
- * Keys come in transposed tiles of 32 positions ([dim][32] floats): a chunk of
- * 2 * ATTN_VW positions of up to 4 query rows accumulates in 8 registers with no
- * horizontal sums.  Values come as rows; 2 * ATTN_VW dims of up to 4 rows at a time. */
+ * Keys come in transposed tiles of 32 positions ([dim][32]): a chunk of 2 * ATTN_VW
+ * positions of the rows accumulates with no horizontal sums.  Values come as rows;
+ * 2 * ATTN_VW dims of the rows at a time.  Each kernel reads F32 storage, or (the _h
+ * kernels, where the level has F16C) F16 storage converted in registers: exact, so
+ * both give the same floats as expanding the F16 cache first, without the round trip
+ * of the expanded block through L1/L2.  A row's arithmetic (one fma chain per lane) is
+ * the same whichever rows share its pass. */
 #define ATTN_CAT2(a, b) a##_##b
 #define ATTN_CAT(a, b) ATTN_CAT2(a, b)
 #define VF ATTN_CAT(vf, ATTN_SUFFIX)
 #define VFU ATTN_CAT(vfu, ATTN_SUFFIX)
 typedef float VF __attribute__((vector_size(ATTN_VW * 4)));
 typedef float VFU __attribute__((vector_size(ATTN_VW * 4), aligned(4)));
+#if ATTN_VW == 16
+#define ATTN_ROWS 8
+#define ATTN_LD_H(p) ((VF)_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(p))))
+#elif ATTN_VW == 8
+#define ATTN_ROWS 4
+#define ATTN_LD_H(p) ((VF)_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(p))))
+#else
+#define ATTN_ROWS 4
+#endif
+#define ATTN_LD_F(p) (*(const VFU *)(p))
+#define ATTN_EL_F(x) (x)
+#define ATTN_EL_H(x) mn_h2f(x)
 
-/* the 4 x 2 accumulators a00..a31 += w_j[i] * (the 2 * ATTN_VW floats at u), j < 4 */
-#define ATTN_ACC_4X2(w0, w1, w2, w3, i, u) do { \
-        const VF u0_ = *(const VFU *)(u), u1_ = *(const VFU *)((u) + ATTN_VW); \
-        const float x0_ = (w0)[i], x1_ = (w1)[i], x2_ = (w2)[i], x3_ = (w3)[i]; \
-        a00 += x0_ * u0_; a01 += x0_ * u1_; \
-        a10 += x1_ * u0_; a11 += x1_ * u1_; \
-        a20 += x2_ * u0_; a21 += x2_ * u1_; \
-        a30 += x3_ * u0_; a31 += x3_ * u1_; \
-    } while (0)
-
-/* sc[j][s] = scale * dot(q_j, key s) for the 32 keys of one tile [qk][32], j < nb (<= 4) */
-ATTN_TARGET static void ATTN_CAT(flash_scores, ATTN_SUFFIX)(
-        const float *const *q, int nb, const float *tile, int qk, float scale, float *const *sc) {
-    const float *q0 = q[0], *q1 = q[nb > 1 ? 1 : 0], *q2 = q[nb > 2 ? 2 : 0], *q3 = q[nb > 3 ? 3 : 0];
-    for (int c = 0; c < 32; c += 2 * ATTN_VW) {
-        VF a00 = {0}, a01 = {0}, a10 = {0}, a11 = {0}, a20 = {0}, a21 = {0}, a30 = {0}, a31 = {0};
-        const float *kp = tile + c;
-        for (int i = 0; i < qk; i++, kp += 32) ATTN_ACC_4X2(q0, q1, q2, q3, i, kp);
-        *(VFU *)(sc[0] + c) = a00 * scale; *(VFU *)(sc[0] + c + ATTN_VW) = a01 * scale;
-        if (nb > 1) { *(VFU *)(sc[1] + c) = a10 * scale; *(VFU *)(sc[1] + c + ATTN_VW) = a11 * scale; }
-        if (nb > 2) { *(VFU *)(sc[2] + c) = a20 * scale; *(VFU *)(sc[2] + c + ATTN_VW) = a21 * scale; }
-        if (nb > 3) { *(VFU *)(sc[3] + c) = a30 * scale; *(VFU *)(sc[3] + c + ATTN_VW) = a31 * scale; }
-    }
+/* sc[j][s] = scale * dot(q_j, key s) for the 32 keys of one tile [qk][32], j < nb (<= ATTN_ROWS) */
+#define ATTN_SCORES(name, ET, LD) \
+ATTN_TARGET static void name(const float *const *q, int nb, const void *tile_, int qk, float scale, float *const *sc) { \
+    const ET *tile = (const ET *)tile_; \
+    const float *qr[ATTN_ROWS]; \
+    for (int j = 0; j < ATTN_ROWS; j++) qr[j] = q[j < nb ? j : 0]; \
+    const VF zero = {0}; \
+    for (int c = 0; c < 32; c += 2 * ATTN_VW) { \
+        VF a[ATTN_ROWS][2]; \
+        _Pragma("GCC unroll 8") for (int j = 0; j < ATTN_ROWS; j++) a[j][0] = a[j][1] = zero; \
+        const ET *kp = tile + c; \
+        for (int i = 0; i < qk; i++, kp += 32) { \
+            const VF u0 = LD(kp), u1 = LD(kp + ATTN_VW); \
+            _Pragma("GCC unroll 8") for (int j = 0; j < ATTN_ROWS; j++) { \
+                const float x = qr[j][i]; \
+                a[j][0] += x * u0; a[j][1] += x * u1; \
+            } \
+        } \
+        _Pragma("GCC unroll 8") for (int j = 0; j < ATTN_ROWS; j++) \
+            if (j < nb) { *(VFU *)(sc[j] + c) = a[j][0] * scale; *(VFU *)(sc[j] + c + ATTN_VW) = a[j][1] * scale; } \
+    } \
 }
 
-/* o_j = o_j * corr_j + sum_{s < n} p_j[s] * v[s], j < nb (<= 4); v rows vstride floats apart */
-ATTN_TARGET static void ATTN_CAT(flash_values, ATTN_SUFFIX)(
-        const float *const *p, int nb, const float *v, int64_t vstride, int vd, int n, const float *corr,
-        float *const *o) {
-    const float *p0 = p[0], *p1 = p[nb > 1 ? 1 : 0], *p2 = p[nb > 2 ? 2 : 0], *p3 = p[nb > 3 ? 3 : 0];
-    float *o0 = o[0], *o1 = o[nb > 1 ? 1 : 0], *o2 = o[nb > 2 ? 2 : 0], *o3 = o[nb > 3 ? 3 : 0];
-    const float c0 = corr[0], c1 = corr[nb > 1 ? 1 : 0], c2 = corr[nb > 2 ? 2 : 0], c3 = corr[nb > 3 ? 3 : 0];
-    int d = 0;
-    for (; d + 2 * ATTN_VW <= vd; d += 2 * ATTN_VW) {
-        const int e = d + ATTN_VW;
-        VF a00 = *(VFU *)(o0 + d) * c0, a01 = *(VFU *)(o0 + e) * c0, a10 = *(VFU *)(o1 + d) * c1,
-           a11 = *(VFU *)(o1 + e) * c1, a20 = *(VFU *)(o2 + d) * c2, a21 = *(VFU *)(o2 + e) * c2,
-           a30 = *(VFU *)(o3 + d) * c3, a31 = *(VFU *)(o3 + e) * c3;
-        const float *vp = v + d;
-        for (int s = 0; s < n; s++, vp += vstride) ATTN_ACC_4X2(p0, p1, p2, p3, s, vp);
-        /* aliased rows (nb < 4) are stored first so the real row's value lands last */
-        *(VFU *)(o3 + d) = a30; *(VFU *)(o3 + e) = a31;
-        *(VFU *)(o2 + d) = a20; *(VFU *)(o2 + e) = a21;
-        *(VFU *)(o1 + d) = a10; *(VFU *)(o1 + e) = a11;
-        *(VFU *)(o0 + d) = a00; *(VFU *)(o0 + e) = a01;
-    }
-    for (; d < vd; d++)
-        for (int j = 0; j < nb; j++) {
-            float a = o[j][d] * corr[j];
-            for (int s = 0; s < n; s++) a += p[j][s] * v[s * vstride + d];
-            o[j][d] = a;
-        }
+/* o_j = o_j * corr_j + sum_{s < n} p_j[s] * v[s], j < nb (<= ATTN_ROWS); p_j = p + j * pstride
+ * (rows nb..ATTN_ROWS-1 of p are zeros: one base register keeps the loop within the
+ * general registers); v rows vstride elements apart */
+#define ATTN_VALUES(name, ET, LD, EL) \
+ATTN_TARGET static void name(const float *p, int64_t pstride, int nb, const void *v_, int64_t vstride, int vd, \
+                             int n, const float *corr, float *const *o) { \
+    const ET *v = (const ET *)v_; \
+    /* the row pointers and factors are read from memory outside the inner loop, not held in
+     * registers through it (GCC parked them in vector registers and spilled the values) */ \
+    volatile const int nbv = nb; \
+    int d = 0; \
+    for (; d + 2 * ATTN_VW <= vd; d += 2 * ATTN_VW) { \
+        const int e = d + ATTN_VW; \
+        VF a[ATTN_ROWS][2]; \
+        _Pragma("GCC unroll 8") for (int j = 0; j < ATTN_ROWS; j++) { \
+            const int r = j < nbv ? j : 0; \
+            a[j][0] = ATTN_LD_F(o[r] + d) * corr[r]; a[j][1] = ATTN_LD_F(o[r] + e) * corr[r]; \
+        } \
+        const ET *vp = v + d; \
+        for (int s = 0; s < n; s++, vp += vstride) { \
+            const VF u0 = LD(vp), u1 = LD(vp + ATTN_VW); \
+            _Pragma("GCC unroll 8") for (int j = 0; j < ATTN_ROWS; j++) { \
+                const float x = p[j * pstride + s]; \
+                a[j][0] += x * u0; a[j][1] += x * u1; \
+            } \
+        } \
+        /* aliased rows (j >= nb) are stored first so the real row's value lands last */ \
+        _Pragma("GCC unroll 8") for (int j = ATTN_ROWS - 1; j >= 0; j--) { \
+            float *dst = o[j < nbv ? j : 0]; \
+            *(VFU *)(dst + d) = a[j][0]; *(VFU *)(dst + e) = a[j][1]; \
+        } \
+    } \
+    for (; d < vd; d++) \
+        for (int j = 0; j < nb; j++) { \
+            float a = o[j][d] * corr[j]; \
+            for (int s = 0; s < n; s++) a += p[j * pstride + s] * EL(v[s * vstride + d]); \
+            o[j][d] = a; \
+        } \
 }
+
+ATTN_SCORES(ATTN_CAT(flash_scores, ATTN_SUFFIX), float, ATTN_LD_F)
+ATTN_VALUES(ATTN_CAT(flash_values, ATTN_SUFFIX), float, ATTN_LD_F, ATTN_EL_F)
+#ifdef ATTN_LD_H
+ATTN_SCORES(ATTN_CAT(flash_scores_h, ATTN_SUFFIX), uint16_t, ATTN_LD_H)
+ATTN_VALUES(ATTN_CAT(flash_values_h, ATTN_SUFFIX), uint16_t, ATTN_LD_H, ATTN_EL_H)
+#define ATTN_F16_SCORES ATTN_CAT(flash_scores_h, ATTN_SUFFIX)
+#define ATTN_F16_VALUES ATTN_CAT(flash_values_h, ATTN_SUFFIX)
+#else
+#define ATTN_F16_SCORES NULL
+#define ATTN_F16_VALUES NULL
+#endif
 
 /* f[i] = fp16 h[i] (exact at every level) */
 ATTN_TARGET static void ATTN_CAT(cvt_f16, ATTN_SUFFIX)(const uint16_t *h, float *f, int64_t n) {
@@ -103,7 +142,19 @@ ATTN_TARGET static void ATTN_CAT(cvt_q8_row, ATTN_SUFFIX)(const uint8_t *row, in
     }
 }
 
-#undef ATTN_ACC_4X2
+static const attn_ops ATTN_CAT(attn_ops, ATTN_SUFFIX) = {
+    ATTN_ROWS, ATTN_CAT(flash_scores, ATTN_SUFFIX), ATTN_CAT(flash_values, ATTN_SUFFIX), ATTN_F16_SCORES, ATTN_F16_VALUES,
+    ATTN_CAT(cvt_f16, ATTN_SUFFIX), ATTN_CAT(cvt_q8_tile, ATTN_SUFFIX), ATTN_CAT(cvt_q8_row, ATTN_SUFFIX)};
+
+#undef ATTN_F16_SCORES
+#undef ATTN_F16_VALUES
+#undef ATTN_ROWS
+#undef ATTN_SCORES
+#undef ATTN_VALUES
+#undef ATTN_LD_F
+#undef ATTN_LD_H
+#undef ATTN_EL_F
+#undef ATTN_EL_H
 #undef VF
 #undef VFU
 #undef ATTN_CAT

@@ -51,6 +51,20 @@ static arena node_arena(const mn_node *nd) {
 }
 
 /* attention micro-kernels per SIMD level (mn_attn_tmpl.h), each at its native vector width */
+#define FA_MAXR 8   /* the most query rows one kernel pass takes (ATTN_ROWS) */
+typedef struct {
+    int rows;    /* query rows per pass, <= FA_MAXR */
+    void (*scores)(const float *const *q, int nb, const void *tile, int qk, float scale, float *const *sc);
+    void (*values)(const float *p, int64_t pstride, int nb, const void *v, int64_t vstride, int vd, int n,
+                   const float *corr, float *const *o);
+    /* the same on F16 storage, converted in registers (NULL: expand first) */
+    void (*scores_h)(const float *const *q, int nb, const void *tile, int qk, float scale, float *const *sc);
+    void (*values_h)(const float *p, int64_t pstride, int nb, const void *v, int64_t vstride, int vd, int n,
+                     const float *corr, float *const *o);
+    void (*cvt_f16)(const uint16_t *h, float *f, int64_t n);
+    void (*cvt_q8_tile)(const uint8_t *tile, int64_t dim, float *f);
+    void (*cvt_q8_row)(const uint8_t *row, int64_t dim, float *f);
+} attn_ops;
 #define ATTN_SUFFIX avx512
 #define ATTN_TARGET __attribute__((target("avx512f,f16c,fma")))
 #define ATTN_VW 16
@@ -73,20 +87,11 @@ static arena node_arena(const mn_node *nd) {
 #undef ATTN_TARGET
 #undef ATTN_VW
 
-typedef struct {
-    void (*scores)(const float *const *q, int nb, const float *tile, int qk, float scale, float *const *sc);
-    void (*values)(const float *const *p, int nb, const float *v, int64_t vstride, int vd, int n, const float *corr,
-                   float *const *o);
-    void (*cvt_f16)(const uint16_t *h, float *f, int64_t n);
-    void (*cvt_q8_tile)(const uint8_t *tile, int64_t dim, float *f);
-    void (*cvt_q8_row)(const uint8_t *row, int64_t dim, float *f);
-} attn_ops;
-
-static attn_ops attn_for_level(void) {
+static const attn_ops *attn_for_level(void) {
     const int lvl = mn_active_level();
-    if (lvl >= MN_SIMD_AVX512) return (attn_ops){flash_scores_avx512, flash_values_avx512, cvt_f16_avx512, cvt_q8_tile_avx512, cvt_q8_row_avx512};
-    if (lvl >= MN_SIMD_AVX2) return (attn_ops){flash_scores_avx2, flash_values_avx2, cvt_f16_avx2, cvt_q8_tile_avx2, cvt_q8_row_avx2};
-    return (attn_ops){flash_scores_base, flash_values_base, cvt_f16_base, cvt_q8_tile_base, cvt_q8_row_base};
+    if (lvl >= MN_SIMD_AVX512) return &attn_ops_avx512;
+    if (lvl >= MN_SIMD_AVX2) return &attn_ops_avx2;
+    return &attn_ops_base;
 }
 static void rms_norm_row(const float *x, const float *w, float *y, int64_t n, float eps) {
     double s = 0;
@@ -295,7 +300,7 @@ typedef struct {
 
 typedef struct { const float *q[FA_QB]; float *o[FA_QB]; int64_t last[FA_QB]; int n; } qblock;
 
-typedef struct { float *kbuf, *vbuf, *sc; } fa_scratch;   /* FA_KB * qk, FA_KB * vd, 4 * FA_KB floats */
+typedef struct { float *kbuf, *vbuf, *sc; } fa_scratch;   /* FA_KB * qk, FA_KB * vd, FA_MAXR * FA_KB floats */
 
 static void flash_attend(const attn_ops *A, const kv_stream *kv, const qblock *B, float scale, const fa_scratch *F) {
     float m[FA_QB], l[FA_QB];
@@ -305,26 +310,34 @@ static void flash_attend(const attn_ops *A, const kv_stream *kv, const qblock *B
         memset(B->o[r], 0, sizeof(float) * kv->vd);
         if (B->last[r] + 1 > hi) hi = B->last[r] + 1;
     }
+    const int R = A->rows;
     for (int64_t k0 = 0; k0 < hi; k0 += FA_KB) {
         const int nk = hi - k0 < FA_KB ? (int)(hi - k0) : FA_KB, ntile = (nk + 31) / 32;
-        const float *kt[FA_KB / 32];
-        for (int tt = 0; tt < ntile; tt++)
-            kt[tt] = kv_get_tile(kv->k + (size_t)(k0 / 32 + tt) * kv->tile_bytes, kv->ktype, kv->qk,
-                                 F->kbuf + tt * kv->qk * 32, A);
-        int64_t vs;
-        const float *vb = kv_get_rows(kv->v + (size_t)k0 * kv->v_stride, kv->v_stride, kv->vtype, kv->vd, nk,
-                                      F->vbuf, &vs, A);
         int act[FA_QB], na = 0;
         for (int r = 0; r < B->n; r++) if (B->last[r] >= k0) act[na++] = r;
-        for (int g = 0; g < na; g += 4) {
-            const int nb = na - g < 4 ? na - g : 4;
-            const float *qs[4];
-            float *sc[4], *os[4], corr[4];
+        /* F16 storage is read in place by the _h kernels when one pass of rows reads the block
+         * (decode: a GQA group, MLA's heads); more passes share one expansion instead, since the
+         * conversion takes the FMA ports */
+        const int one_pass = na <= R;
+        const int kh = one_pass && kv->ktype == MN_F16 && A->scores_h, vh = one_pass && kv->vtype == MN_F16 && A->values_h;
+        const void *kt[FA_KB / 32];
+        for (int tt = 0; tt < ntile; tt++) {
+            const uint8_t *tile = kv->k + (size_t)(k0 / 32 + tt) * kv->tile_bytes;
+            kt[tt] = kh ? (const void *)tile : (const void *)kv_get_tile(tile, kv->ktype, kv->qk, F->kbuf + tt * kv->qk * 32, A);
+        }
+        int64_t vs;
+        const void *vb;
+        if (vh) { vb = kv->v + (size_t)k0 * kv->v_stride; vs = (int64_t)(kv->v_stride / 2); }
+        else vb = kv_get_rows(kv->v + (size_t)k0 * kv->v_stride, kv->v_stride, kv->vtype, kv->vd, nk, F->vbuf, &vs, A);
+        for (int g = 0; g < na; g += R) {
+            const int nb = na - g < R ? na - g : R;
+            const float *qs[FA_MAXR];
+            float *sc[FA_MAXR], *os[FA_MAXR], corr[FA_MAXR];
             for (int j = 0; j < nb; j++) { qs[j] = B->q[act[g + j]]; sc[j] = F->sc + j * FA_KB; os[j] = B->o[act[g + j]]; }
             for (int tt = 0; tt < ntile; tt++) {
-                float *st[4];
+                float *st[FA_MAXR];
                 for (int j = 0; j < nb; j++) st[j] = sc[j] + 32 * tt;
-                A->scores(qs, nb, kt[tt], (int)kv->qk, scale, st);
+                (kh ? A->scores_h : A->scores)(qs, nb, kt[tt], (int)kv->qk, scale, st);
             }
             int nmax = 0;
             for (int j = 0; j < nb; j++) {
@@ -339,7 +352,8 @@ static void flash_attend(const attn_ops *A, const kv_stream *kv, const qblock *B
                 m[r] = mx;
                 if (nv > nmax) nmax = nv;
             }
-            A->values((const float *const *)sc, nb, vb, vs, (int)kv->vd, nmax, corr, os);
+            for (int j = nb; j < R; j++) memset(F->sc + j * FA_KB, 0, sizeof(float) * (size_t)nmax);
+            (vh ? A->values_h : A->values)(F->sc, FA_KB, nb, vb, vs, (int)kv->vd, nmax, corr, os);
         }
     }
     for (int r = 0; r < B->n; r++) {
@@ -403,12 +417,12 @@ static void attn_layout(attn_ctx *c, arena *a, int nth) {
     c->ao = (float *)carve(a, sizeof(float) * T * nq * L->v_dim);
     if (nq > 0) act_add(&c->ao_act, L->wo.type, nq * L->v_dim);
     act_alloc(&c->in, a, T); act_alloc(&c->qa_act, a, T); act_alloc(&c->lat_act, a, T); act_alloc(&c->ao_act, a, T);
-    /* per thread: expanded keys and values of one key block, 4 rows of scores (+ MLA's query rows) */
+    /* per thread: expanded keys and values of one key block, FA_MAXR rows of scores (+ MLA's query rows) */
     if (L->kind == MN_ATTN_MLA) {
         const int64_t kvw = L->kv_lora + L->rope_dims;
-        c->att_stride = FA_KB * kvw + FA_KB * L->kv_lora + 4 * FA_KB + FA_QB * kvw;
+        c->att_stride = FA_KB * kvw + FA_KB * L->kv_lora + FA_MAXR * FA_KB + FA_QB * kvw;
     } else {
-        c->att_stride = FA_KB * L->qk_dim + FA_KB * L->v_dim + 4 * FA_KB;
+        c->att_stride = FA_KB * L->qk_dim + FA_KB * L->v_dim + FA_MAXR * FA_KB;
     }
     c->att = (float *)carve(a, sizeof(float) * c->att_stride * nth);
 }
@@ -496,7 +510,7 @@ static void attend_heads(attn_ctx *C, int ith, int nth) {
     int gmax = 1;
     for (int h = 0, n = 0; h < nq; h++) { n = h > 0 && L->q2kv[h] == L->q2kv[h - 1] ? n + 1 : 1; if (n > gmax) gmax = n; }
     const int64_t qt = gmax >= FA_QB ? 1 : FA_QB / gmax, nchunk = (T + qt - 1) / qt;
-    const attn_ops A = attn_for_level();
+    const attn_ops *A = attn_for_level();
     const fa_scratch F = fa_of(C, ith, qk, vd);
     int64_t a0, a1;
     split(L->n_kv * nchunk, ith, nth, &a0, &a1);
@@ -520,7 +534,7 @@ static void attend_heads(attn_ctx *C, int ith, int nth) {
                                           L->cache_type_k, qk,
                                           (const uint8_t *)L->cache_v + (size_t)(sl * L->n_ctx * L->n_kv + g) * vb,
                                           (size_t)L->n_kv * vb, L->cache_type_v, vd};
-                    flash_attend(&A, &kv, &B, L->kq_scale, &F);
+                    flash_attend(A, &kv, &B, L->kq_scale, &F);
                     B.n = 0;
                 }
             }
@@ -657,9 +671,9 @@ static void mla_task(attn_ctx *C, int ith, int nth) {
     mn_pool_barrier(pool, ith);
     /* attention in the latent space, query = [q_lat | q_pe]: units of (hb heads, FA_QB / hb tokens),
      * hb a multiple of 4 giving about one unit per thread at decode (every unit reads the whole cache) */
-    const attn_ops A = attn_for_level();
+    const attn_ops *A = attn_for_level();
     const fa_scratch F = fa_of(C, ith, kvw, R);
-    float *qcat = F.sc + 4 * FA_KB;
+    float *qcat = F.sc + FA_MAXR * FA_KB;
     int64_t hb = 4 * (((nq + 3) / 4 + nth - 1) / nth);
     if (hb > FA_QB) hb = FA_QB;
     const int64_t nhb = (nq + hb - 1) / hb, qt = FA_QB / hb, nchunk = (T + qt - 1) / qt;
@@ -683,7 +697,7 @@ static void mla_task(attn_ctx *C, int ith, int nth) {
             if (t + 1 == t1 || tok_slot(C, t + 1) != sl) {
                 const kv_stream kv = {(const uint8_t *)L->cache_ktiles + (size_t)(sl * tiles) * tb, tb, kt, kvw,
                                       (const uint8_t *)L->cache_lat + (size_t)(sl * L->n_ctx) * vb, vb, kt, R};
-                flash_attend(&A, &kv, &B, L->kq_scale, &F);
+                flash_attend(A, &kv, &B, L->kq_scale, &F);
                 B.n = 0;
             }
         }
