@@ -518,10 +518,24 @@ def run_llama_once(bench_path: str, model: str, threads: int, tests: Sequence[st
     cmd = llama_bench_cmd(bench_path, model, threads, tests, inner_reps, repack, extra_args, kv_type, flash_attn,
                           kv_type_v)
     res = run_child(cmd, timeout=timeout)
+    fallback = None
+    if res.returncode != 0 and repack and REPACK_ABORT in res.stderr_tail():
+        # b11434's AMX build with repack on aborts on some files (DeepSeek's MLA tensors):
+        # run it as it can run, and say so in the record
+        fallback = f"llama-bench aborted with repack on ({REPACK_ABORT}); ran with --repack 0"
+        print(f"  {fallback}", flush=True)
+        res = run_child(llama_bench_cmd(bench_path, model, threads, tests, inner_reps, False, extra_args, kv_type,
+                                        flash_attn, kv_type_v), timeout=timeout)
     if res.returncode != 0:
         raise RuntimeError(f"llama-bench failed (exit {res.returncode}): {' '.join(res.cmd)}\n"
                            + res.stderr_tail())
-    return llama_record(res, threads, threshold)
+    rec = llama_record(res, threads, threshold)
+    if fallback:
+        rec["repack_fallback"] = fallback
+    return rec
+
+
+REPACK_ABORT = "GGML_ASSERT(*cur_backend_id != -1)"
 
 
 def run_with_retries(fn: Callable[[], dict], max_retries: int, quiet: Callable[[], dict] | None = None,
@@ -850,6 +864,11 @@ def format_markdown(report: dict) -> str:
                      + (f", extra args `{' '.join(s['llama_args'])}`" if s["llama_args"] else "")
                      + (f"; as it ran: batch {lb.get('n_batch')}, ubatch {lb.get('n_ubatch')}, KV cache "
                         f"{lb.get('type_k')}/{lb.get('type_v')}, flash attention {fa}" if lb else ""))
+        fell = sorted({m["facts"]["name"] for m in report.get("models", []) for r in m.get("runs") or []
+                       if r.get("repack_fallback")})
+        if fell:
+            lines.append(f"  - **repack off** for {', '.join(fell)}: llama-bench aborted with repack on "
+                         f"(`{REPACK_ABORT}`), so those runs used `--repack 0`")
     lines.append(f"- method: {s['reps']} round(s)"
                  + (f" after {s['warmup_rounds']} discarded warm-up round(s)" if s["warmup_rounds"] else "")
                  + ", each a fresh process per engine (model loaded each time), alternating A B A B "

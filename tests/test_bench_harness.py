@@ -603,3 +603,25 @@ def test_bench_report_written_after_each_model(tmp_path, tiny_q8):
     assert [m["facts"]["name"] for m in rep["models"]] == [Path(tiny_q8).stem]
     assert rep["models"][0]["summary"]["rows"]
     assert "| pp16 |" in (tmp_path / "res.md").read_text()
+
+
+def test_bench_falls_back_to_repack_off_when_llama_bench_aborts(tmp_path, tiny_q8):
+    """b11434's AMX build aborts with repack on for some files: the harness reruns it with
+    --repack 0 and the report says so (a real llama-bench without the abort is untouched)."""
+    stub = tmp_path / "llama-bench"
+    abort = ('if "--repack" in a and a[a.index("--repack") + 1] == "1" and "--version" not in a:\n'
+             '    print("ggml-backend.cpp:1434: GGML_ASSERT(*cur_backend_id != -1) failed", file=sys.stderr)\n'
+             '    sys.exit(134)\n')
+    text = STUB.format(python=sys.executable).replace("def val(flag)", abort + "def val(flag)", 1)
+    stub.write_text(text)
+    stub.chmod(stub.stat().st_mode | stat.S_IXUSR)
+    args = _common(tmp_path, tiny_q8) + ["--llama-bench", str(stub), "-r", "1", "--no-plot", "--no-bandwidth"]
+    assert B.main(args) == 0
+    rep = json.loads((tmp_path / "res.json").read_text())
+    llama = [r for r in rep["models"][0]["runs"] if r["engine"] == "llama.cpp"]
+    assert llama and all("--repack 0" in r["repack_fallback"] for r in llama)
+    assert "**repack off** for tiny-q8_0" in (tmp_path / "res.md").read_text()
+    # an abort of another kind is still an error, not a silent rerun
+    stub.write_text(text.replace("GGML_ASSERT(*cur_backend_id != -1)", "GGML_ASSERT(other)"))
+    with pytest.raises(RuntimeError, match="llama-bench failed"):
+        B.main(args)
