@@ -511,21 +511,24 @@ def llama_record(res: ChildResult, threads: int, threshold: float) -> dict:
     return _finish_run(rec, threads, threshold)
 
 
+REPACK_ABORT = "GGML_ASSERT(*cur_backend_id != -1)"
+
+
 def run_llama_once(bench_path: str, model: str, threads: int, tests: Sequence[str], inner_reps: int,
                    threshold: float, repack: bool = True, extra_args: Sequence[str] = (),
                    timeout: float | None = None, kv_type: str | None = None, flash_attn: str | None = None,
-                   kv_type_v: str | None = None) -> dict:
-    cmd = llama_bench_cmd(bench_path, model, threads, tests, inner_reps, repack, extra_args, kv_type, flash_attn,
-                          kv_type_v)
-    res = run_child(cmd, timeout=timeout)
+                   kv_type_v: str | None = None, log: Callable[[str], None] = print) -> dict:
+    def cmd(with_repack: bool) -> list[str]:
+        return llama_bench_cmd(bench_path, model, threads, tests, inner_reps, with_repack, extra_args, kv_type,
+                               flash_attn, kv_type_v)
+    res = run_child(cmd(repack), timeout=timeout)
     fallback = None
     if res.returncode != 0 and repack and REPACK_ABORT in res.stderr_tail():
         # b11434's AMX build with repack on aborts on some files (DeepSeek's MLA tensors):
         # run it as it can run, and say so in the record
         fallback = f"llama-bench aborted with repack on ({REPACK_ABORT}); ran with --repack 0"
-        print(f"  {fallback}", flush=True)
-        res = run_child(llama_bench_cmd(bench_path, model, threads, tests, inner_reps, False, extra_args, kv_type,
-                                        flash_attn, kv_type_v), timeout=timeout)
+        log(f"  {fallback}")
+        res = run_child(cmd(False), timeout=timeout)
     if res.returncode != 0:
         raise RuntimeError(f"llama-bench failed (exit {res.returncode}): {' '.join(res.cmd)}\n"
                            + res.stderr_tail())
@@ -533,9 +536,6 @@ def run_llama_once(bench_path: str, model: str, threads: int, tests: Sequence[st
     if fallback:
         rec["repack_fallback"] = fallback
     return rec
-
-
-REPACK_ABORT = "GGML_ASSERT(*cur_backend_id != -1)"
 
 
 def run_with_retries(fn: Callable[[], dict], max_retries: int, quiet: Callable[[], dict] | None = None,
@@ -1269,6 +1269,7 @@ def run(a: argparse.Namespace) -> int:
     for mpath in models:
         facts = model_facts(mpath)
         mrep = {"facts": facts, "runs": [], "bandwidth_samples_gbps": []}
+        fell_back = {}   # "note": llama-bench aborted with repack on for this file
         report["models"].append(mrep)
         log(f"## {facts['name']}: {facts['weight_bytes'] / 2**30:.2f} GiB of weights, "
             f"{facts['bytes_per_token'] / 2**30:.3f} GiB read per token")
@@ -1288,9 +1289,18 @@ def run(a: argparse.Namespace) -> int:
                                                        a.numa_nodes, a.expert_map, a.seed, timeout,
                                                        simd=a.simd, kv_type=kv_type, kv_type_v=kv_type_v))]
             if not a.engine_only:
-                jobs.append(("llama.cpp", lambda: run_llama_once(bench_path, mpath, threads, tests, a.inner_reps,
-                                                                  a.noise_threshold, bool(a.repack), llama_args,
-                                                                  timeout, llama_kv, a.flash_attn, llama_kv_v)))
+                # once llama-bench has aborted with repack on for this file, later runs start without it
+                # and keep the record's note
+                def llama_run():
+                    rec = run_llama_once(bench_path, mpath, threads, tests, a.inner_reps, a.noise_threshold,
+                                         bool(a.repack) and "note" not in fell_back, llama_args, timeout, llama_kv,
+                                         a.flash_attn, llama_kv_v, log=log)
+                    if rec.get("repack_fallback"):
+                        fell_back["note"] = rec["repack_fallback"]
+                    elif "note" in fell_back:
+                        rec["repack_fallback"] = fell_back["note"]
+                    return rec
+                jobs.append(("llama.cpp", llama_run))
             for eng, fn in jobs:
                 attempts = run_with_retries(fn, a.max_retries, quiet, log)
                 for rec in attempts:

@@ -609,17 +609,22 @@ def test_bench_falls_back_to_repack_off_when_llama_bench_aborts(tmp_path, tiny_q
     """b11434's AMX build aborts with repack on for some files: the harness reruns it with
     --repack 0 and the report says so (a real llama-bench without the abort is untouched)."""
     stub = tmp_path / "llama-bench"
-    abort = ('if "--repack" in a and a[a.index("--repack") + 1] == "1" and "--version" not in a:\n'
+    calls = tmp_path / "calls"
+    abort = (f'open({str(calls)!r}, "a").write(" ".join(a) + "\\n")\n'
+             'if "--repack" in a and a[a.index("--repack") + 1] == "1" and "--version" not in a:\n'
              '    print("ggml-backend.cpp:1434: GGML_ASSERT(*cur_backend_id != -1) failed", file=sys.stderr)\n'
              '    sys.exit(134)\n')
     text = STUB.format(python=sys.executable).replace("def val(flag)", abort + "def val(flag)", 1)
     stub.write_text(text)
     stub.chmod(stub.stat().st_mode | stat.S_IXUSR)
-    args = _common(tmp_path, tiny_q8) + ["--llama-bench", str(stub), "-r", "1", "--no-plot", "--no-bandwidth"]
+    args = _common(tmp_path, tiny_q8) + ["--llama-bench", str(stub), "--no-plot", "--no-bandwidth"]   # 2 rounds
     assert B.main(args) == 0
     rep = json.loads((tmp_path / "res.json").read_text())
     llama = [r for r in rep["models"][0]["runs"] if r["engine"] == "llama.cpp"]
-    assert llama and all("--repack 0" in r["repack_fallback"] for r in llama)
+    assert len(llama) == 2 and all("--repack 0" in r["repack_fallback"] for r in llama)
+    runs = [c for c in calls.read_text().splitlines() if "--version" not in c]
+    # the abort is met once; the second round starts with repack off
+    assert [("--repack 1" in c) for c in runs] == [True, False, False]
     assert "**repack off** for tiny-q8_0" in (tmp_path / "res.md").read_text()
     # an abort of another kind is still an error, not a silent rerun
     stub.write_text(text.replace("GGML_ASSERT(*cur_backend_id != -1)", "GGML_ASSERT(other)"))

@@ -30,6 +30,7 @@ typedef float VFU __attribute__((vector_size(ATTN_VW * 4), aligned(4)));
 #else
 #define ATTN_ROWS 4
 #endif
+_Static_assert(ATTN_ROWS <= FA_MAXR, "the engine's per-pass arrays hold FA_MAXR rows");
 #define ATTN_LD_F(p) (*(const VFU *)(p))
 #define ATTN_EL_F(x) (x)
 #define ATTN_EL_H(x) mn_h2f(x)
