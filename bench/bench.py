@@ -657,7 +657,7 @@ def machine_facts(threads: int) -> dict:
     return {"cpu": cpu_label(ls), "cpus": os.cpu_count(),
             "physical_cores": sum(len(n.physical) for n in topo.nodes), "numa_nodes": topo.n_nodes,
             "memory_bytes": mem, "hypervisor": ls.get("Hypervisor vendor"), "simd": K.simd_level(),
-            "kernel": platform.release(), "threads": threads, "loadavg_start": _loadavg()}
+            "prefetch_bytes": K.prefetch_distance(), "kernel": platform.release(), "threads": threads, "loadavg_start": _loadavg()}
 
 
 def _loadavg() -> list[float]:
@@ -832,6 +832,7 @@ def format_markdown(report: dict) -> str:
     lines = ["# moe_numa vs llama.cpp (`moe-numa bench`)", ""]
     lines.append(f"- date: {report['created']}; moe_numa {report.get('moe_numa_commit') or '?'} "
                  f"(CPU's SIMD {m.get('simd')}"
+                 + (f", prefetch {m['prefetch_bytes']} B ahead" if m.get("prefetch_bytes") is not None else "")
                  + (f"; ours run with MOE_NUMA_SIMD={s['simd']})" if s.get("simd", "native") != "native" else ")"))
     lines.append(f"- machine: {m.get('cpu')}, {m.get('physical_cores')} physical cores / {m.get('cpus')} CPUs, "
                  f"{m.get('numa_nodes')} NUMA node(s), {_gib(m.get('memory_bytes'))} RAM"

@@ -208,7 +208,8 @@ def run(a: argparse.Namespace) -> int:
 
     from .bench import _lscpu, cpu_label
     say(f"# {cpu_label(_lscpu())}")
-    say(f"# SIMD {K.simd_level()} (CPU {K.simd_level_cpu()}), CPUs {cpus}, L3 {l3 >> 20} MiB, "
+    say(f"# SIMD {K.simd_level()} (CPU {K.simd_level_cpu()}), prefetch {K.prefetch_distance()} B ahead, "
+        f"CPUs {cpus}, L3 {l3 >> 20} MiB, "
         f"GEMV weights {gemv_bytes >> 20} MiB, cols {a.cols}, loadavg {os.getloadavg()}")
     pools = {n: K.ThreadPool(cpus[:n]) for n in threads}
     with K.limit_blas_threads(1):

@@ -143,7 +143,7 @@ def run(model_path: str, threads: int, tests, reps: int = 1, numa_nodes: int | N
     placed_s = time.perf_counter() - t0
     out = {"engine": "moe_numa", "model": str(model_path), "threads": threads, "n_nodes": n_nodes,
            "threads_per_node": threads // n_nodes, "n_ctx": n_ctx, "reps": reps, "warmup": warmup,
-           "load_s": load_s, "placed_s": placed_s, "simd": K.simd_level(), "kv_type": kv_k, "kv_type_v": kv_v, "tests": []}
+           "load_s": load_s, "placed_s": placed_s, "simd": K.simd_level(), "prefetch_bytes": K.prefetch_distance(), "kv_type": kv_k, "kv_type_v": kv_v, "tests": []}
     fill = getattr(getattr(model.backend, "store", None), "load_stats", None) or {}
     out["load_fill_gbps"] = fill.get("gb_per_s")   # the placement copy alone, GB/s
     out["load_mapped_bytes"] = fill.get("mapped_bytes")   # one node: mapped from the GGUF, not copied

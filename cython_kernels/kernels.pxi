@@ -30,6 +30,13 @@ def set_simd_level(name=None):
     return mn_simd_name(mn_set_simd_level(lvl)).decode()
 
 
+def prefetch_distance():
+    """(bytes in force, this CPU's default, the most MOE_NUMA_PREFETCH may ask) of the
+    kernels' software prefetch look-ahead."""
+    mn_prefetch_init()
+    return mn_pf_dist, mn_prefetch_default(), MN_PF_MAX
+
+
 def enum_names(enum, prefix):
     """A C enum exposed by cpdef as {lower-case name without the prefix: member}."""
     return {m.name[len(prefix):].lower(): m for m in enum}

@@ -10,6 +10,10 @@ cdef extern from "mn_cpu.h":
     int mn_simd_level() nogil
     int mn_simd_level_cpu() nogil
     const char *mn_simd_name(int level) nogil
+    int mn_pf_dist
+    int MN_PF_MAX
+    void mn_prefetch_init() nogil
+    int mn_prefetch_default() nogil
 
 cdef extern from "mn_kernels.h":
     # One definition, in the header; Python sees IntEnums with the C values.

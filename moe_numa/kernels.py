@@ -18,7 +18,8 @@ IQ types) or Q8_0 (the 32-value types), as the type table's `act` column says
 are multiplied with float activations.  The SIMD path is picked at run time from
 CPUID; `MOE_NUMA_SIMD=scalar|avx2|avx512|avx512vnni` (read on first use) or
 `set_simd_level(name)` lowers it, e.g. to test the AVX2 and scalar paths on an
-AVX-512 machine.
+AVX-512 machine.  The kernels prefetch the weights a CPU-dependent distance ahead
+(`prefetch_distance`; `MOE_NUMA_PREFETCH=BYTES` overrides it).
 """
 from __future__ import annotations
 
@@ -70,6 +71,24 @@ def set_simd_level(name: str | None) -> str:
     if name is not None and name not in SIMD_LEVELS:
         raise UnsupportedError(f"unknown SIMD level {name!r}; expected one of {', '.join(SIMD_LEVELS)}")
     return _native.set_simd_level(name)
+
+
+def prefetch_distance() -> int:
+    """Bytes ahead of the weights being read that the kernels' software prefetch reads:
+    this CPU's default (Intel 2048, others 4096; docs/numa-tuning.md) or
+    `MOE_NUMA_PREFETCH`, which must be 0 to the maximum in multiples of 64.  A bad value
+    raises UnsupportedError naming the variable (the native side then ignores it)."""
+    dist, default, most = _native.prefetch_distance()
+    env = os.environ.get("MOE_NUMA_PREFETCH", "").strip()
+    if env:
+        try:
+            ok = 0 <= int(env) <= most and int(env) % 64 == 0
+        except ValueError:
+            ok = False
+        if not ok:
+            raise UnsupportedError(f"MOE_NUMA_PREFETCH={env!r} is not a prefetch distance: give bytes from 0 to "
+                                   f"{most} in multiples of 64 (this CPU's default is {default})")
+    return dist
 
 
 @contextlib.contextmanager

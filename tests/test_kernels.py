@@ -23,6 +23,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from moe_numa import kernels as K
+from moe_numa import _native
 from moe_numa import quants as MQ
 from moe_numa.errors import MoeNumaError, ShapeError, TopologyError, UnsupportedError
 
@@ -207,6 +208,39 @@ def test_env_var_forces_level_in_subprocess(level):
     with K.simd(level):
         ref = float(K.matmul(w, "q4_k", x)[3])
     assert float(lines[1]) == ref          # the same code path gives the same bits
+
+
+def test_prefetch_distance_default_and_env_in_subprocess():
+    """MOE_NUMA_PREFETCH sets the look-ahead (read once, natively); it changes no bits."""
+    code = ("import numpy as np\n"
+            "from moe_numa import kernels as K\n"
+            "print(K.prefetch_distance())\n"
+            "rng = np.random.default_rng(2)\n"
+            "for t in ('q8_0', 'q4_k', 'iq4_xs', 'f16'):\n"
+            "    w = K.random_blocks(t, 16, 1024, rng); x = rng.standard_normal(1024).astype(np.float32)\n"
+            "    print(repr(K.matmul(w, t, x).tolist()))\n")
+
+    def run(value):
+        env = dict(os.environ)
+        env.pop("MOE_NUMA_PREFETCH", None)
+        if value is not None:
+            env["MOE_NUMA_PREFETCH"] = value
+        return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+
+    default = run(None)
+    assert default.returncode == 0, default.stderr
+    dist, cpu_default, most = _native.prefetch_distance()
+    assert int(default.stdout.split("\n")[0]) == cpu_default in (2048, 4096)
+    for value in ("0", "1024", str(most)):
+        got = run(value)
+        assert got.returncode == 0, got.stderr
+        lines = got.stdout.split("\n")
+        assert int(lines[0]) == int(value)
+        assert lines[1:] == default.stdout.split("\n")[1:]     # the same products, bit for bit
+    for bad in ("100", "-64", str(most + 64), "far"):
+        got = run(bad)
+        assert got.returncode != 0
+        assert "MOE_NUMA_PREFETCH" in got.stderr and "multiples of 64" in got.stderr, got.stderr
 
 
 def test_set_simd_level_clamps_and_restores():

@@ -625,8 +625,7 @@ MN_INLINE void dot_iq_t(const int IQT, size_t bsz, const uint8_t *w, int64_t nb,
     for (int t = 0; t < NT; t++) acc[t] = _mm256_setzero_ps();
     for (int64_t i = 0; i < nb; i++) {
         const uint8_t *b = w + i * bsz;
-        _mm_prefetch((const char *)(b + MN_PF_DIST), _MM_HINT_T0);
-        _mm_prefetch((const char *)(b + MN_PF_DIST + 64), _MM_HINT_T0);
+        mn_prefetch(b, 2);
         const float d = mn_iq_d(IQT, b);
         __m256i isum[MN_TILE];
         for (int t = 0; t < NT; t++) isum[t] = _mm256_setzero_si256();

@@ -184,8 +184,7 @@ MN_INLINE void K(dot_iq_t)(const int IQT, size_t bsz, const uint8_t *w, int64_t 
     const __m512i zero = _mm512_setzero_si512();
     for (int64_t i = 0; i < nb; i++) {
         const uint8_t *b = w + i * bsz;
-        _mm_prefetch((const char *)(b + MN_PF_DIST), _MM_HINT_T0);
-        _mm_prefetch((const char *)(b + MN_PF_DIST + 64), _MM_HINT_T0);
+        mn_prefetch(b, 2);
         __m256i sc16;
         uint64_t sg[4];
         uint16_t ix[64];

@@ -3,7 +3,6 @@
 #include <immintrin.h>
 #include "mn_bench.h"
 #include "mn_cpu.h"
-#define MN_PF_DIST 4096   /* as the kernels */
 
 double mn_read_sum(const float *x, int64_t n) {
     float a0 = 0, a1 = 0, a2 = 0, a3 = 0, a4 = 0, a5 = 0, a6 = 0, a7 = 0;
@@ -23,8 +22,8 @@ static double read_sum_avx2(const float *x, int64_t n, int prefetch) {
     int64_t i = 0;
     for (; i + 32 <= n; i += 32) {
         if (prefetch) {
-            _mm_prefetch((const char *)(x + i) + MN_PF_DIST, _MM_HINT_T0);
-            _mm_prefetch((const char *)(x + i) + MN_PF_DIST + 64, _MM_HINT_T0);
+            _mm_prefetch((const char *)(x + i) + mn_pf_dist, _MM_HINT_T0);
+            _mm_prefetch((const char *)(x + i) + mn_pf_dist + 64, _MM_HINT_T0);
         }
         a0 = _mm256_add_ps(a0, _mm256_loadu_ps(x + i)); a1 = _mm256_add_ps(a1, _mm256_loadu_ps(x + i + 8));
         a2 = _mm256_add_ps(a2, _mm256_loadu_ps(x + i + 16)); a3 = _mm256_add_ps(a3, _mm256_loadu_ps(x + i + 24));
@@ -40,6 +39,7 @@ static double read_sum_avx2(const float *x, int64_t n, int prefetch) {
 #pragma GCC pop_options
 
 double mn_read_sum2(const float *x, int64_t n, int prefetch) {
+    mn_prefetch_init();
     if (mn_simd_level_cpu() >= MN_SIMD_AVX2) return read_sum_avx2(x, n, prefetch);
     return mn_read_sum(x, n);
 }

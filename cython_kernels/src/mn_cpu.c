@@ -1,5 +1,6 @@
 /* Picks the SIMD code path once per process from CPUID, so one build runs on
  * AVX-512, AVX2-only and older x86-64 CPUs alike. */
+#include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
 #include "mn_cpu.h"
@@ -21,6 +22,33 @@ int mn_simd_level_cpu(void) {
     return MN_SIMD_AVX2;
 #endif
     return MN_SIMD_SCALAR;
+}
+
+int mn_pf_dist = 4096;
+
+int mn_prefetch_default(void) {
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_cpu_init();
+    if (__builtin_cpu_is("intel")) return 2048;
+#endif
+    return 4096;
+}
+
+static void prefetch_init_once(void) {
+    const char *s = getenv("MOE_NUMA_PREFETCH");
+    int d = mn_prefetch_default();
+    if (s && *s) {
+        char *end;
+        const long v = strtol(s, &end, 10);
+        /* a bad value keeps the default: the Python side refuses it with a message first */
+        if (!*end && v >= MN_PF_OFF && v <= MN_PF_MAX && v % 64 == 0) d = (int)v;
+    }
+    mn_pf_dist = d;
+}
+
+void mn_prefetch_init(void) {
+    static pthread_once_t once = PTHREAD_ONCE_INIT;
+    pthread_once(&once, prefetch_init_once);
 }
 
 static int parse_level(const char *s) {

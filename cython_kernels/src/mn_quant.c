@@ -267,6 +267,7 @@ static pthread_once_t g_once = PTHREAD_ONCE_INIT;
 static void init_once(void) {
     for (uint32_t h = 0; h < 65536; h++) mn_fp16_table[h] = fp16_to_fp32_bits((uint16_t)h);
     int cpu = mn_simd_level_cpu();
+    mn_prefetch_init();
     mn_fill_scalar(mn_traits_table);
     if (cpu >= MN_SIMD_AVX2) mn_fill_avx2(mn_traits_table);
     if (cpu >= MN_SIMD_AVX512) mn_fill_avx512(mn_traits_table);

@@ -3,9 +3,6 @@
 #ifndef MN_X86_H
 #define MN_X86_H
 #include "mn_tile.h"
-#ifndef MN_PF_DIST
-#define MN_PF_DIST 4096
-#endif
 
 MN_INLINE float hsum8(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -19,10 +16,10 @@ MN_INLINE float hsum4(__m128 s) {
     return _mm_cvtss_f32(s);
 }
 MN_INLINE float h2f(const uint8_t *p) { return _cvtsh_ss(mn_rd16(p)); }
-/* the first n (<= 5) cache lines of the weights MN_PF_DIST bytes past b; straight-line
+/* the first n (<= 5) cache lines of the weights mn_pf_dist bytes past b (mn_cpu.h); straight-line
  * code, folded before the loop passes (a loop here moves the registers of the kernels) */
 MN_INLINE void mn_prefetch(const uint8_t *b, const int n) {
-    const char *p = (const char *)(b + MN_PF_DIST);
+    const char *p = (const char *)(b + mn_pf_dist);
     _mm_prefetch(p, _MM_HINT_T0);
     if (n > 1) _mm_prefetch(p + 64, _MM_HINT_T0);
     if (n > 2) _mm_prefetch(p + 128, _MM_HINT_T0);

@@ -588,6 +588,7 @@ class EngineBackend:
                  weights_cache: str | os.PathLike | None = None, zero_copy: bool | str | None = None,
                  cache_type_k: str = "f16", cache_type_v: str = "f16"):
         from .. import _native
+        kernels.prefetch_distance()   # a bad MOE_NUMA_PREFETCH is refused before anything is placed
         self.cfg = cfg = model.config
         self.weights = w = model.weights
         self.n_ctx = model.n_ctx
