@@ -1,9 +1,9 @@
 # cython: language_level=3
 """moe_numa._native: the compiled kernels (CPU dispatch, quantized matmul,
-node-local thread pools, fused MoE). Python code uses it through moe_numa.kernels,
+node-local thread pools, fused MoE) and the GGUF string-array scan. Python code uses it through moe_numa.kernels,
 which validates arguments; the functions here trust their inputs' shapes."""
 
-from libc.stdint cimport int64_t, int32_t, uint8_t, uintptr_t
+from libc.stdint cimport int64_t, int32_t, uint8_t, uint64_t, uintptr_t
 from libc.stdlib cimport malloc, free
 
 cdef extern from "mn_cpu.h":
@@ -98,3 +98,4 @@ cdef extern from "mn_bench.h":
 
 include "kernels.pxi"
 include "engine.pxi"
+include "formats.pxi"

@@ -17,19 +17,17 @@ from typing import Any, Iterator, Mapping
 import numpy as np
 from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType
 
-from . import quants
+from . import _native, quants
 from .errors import GGUFError, UnsupportedError
 
 class _StringArray:
-    """The strings of a GGUF string array, located once and decoded on demand."""
+    """The strings of a GGUF string array, located once (natively) and decoded on demand."""
 
-    def __init__(self, data: np.ndarray, start: int, end: int, spans: list[tuple[int, int]]):
-        self.data, self.start, self.end, self.spans = data, start, end, spans
+    def __init__(self, data: np.ndarray, starts: np.ndarray, lengths: np.ndarray):
+        self.data, self.starts, self.lengths = data, starts, lengths
 
     def decode(self) -> list[str]:
-        blob = bytes(self.data[self.start:self.end])
-        base = self.start
-        return [blob[a - base:a - base + n].decode("utf-8") for a, n in self.spans]
+        return _native.gguf_decode_strings(self.data, self.starts, self.lengths)
 
 
 class _TruncatedTensor(ValueError):
@@ -69,19 +67,8 @@ class _Reader(GGUFReader):
         offs = orig_offs + 12
         itype, n = GGUFValueType(int(raw_itype[0])), int(alen[0])
         if itype == GGUFValueType.STRING:
-            buf = memoryview(self.data)
-            spans = []
-            for i in range(n):
-                if offs + 8 > len(buf):
-                    raise ValueError(f"string array of {n} items: item {i} starts past the end of the file "
-                                     f"({len(buf)} bytes)")
-                (length,) = struct.unpack_from("<Q", buf, offs)
-                spans.append((offs + 8, length))
-                offs += 8 + length
-            if offs > len(self.data):
-                raise ValueError(f"string array of {n} items ends at byte {offs}, past the end of the file "
-                                 f"({len(self.data)} bytes)")
-            return offs - orig_offs, [raw_itype, alen, _StringArray(self.data, orig_offs + 12, offs, spans)], \
+            starts, lengths, end = _native.gguf_string_spans(self.data, offs, n)
+            return end - orig_offs, [raw_itype, alen, _StringArray(self.data, starts, lengths)], \
                 [2], [GGUFValueType.ARRAY, GGUFValueType.STRING]
         nptype = self.gguf_scalar_to_np.get(itype)
         if nptype is None:

@@ -44,6 +44,8 @@ import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+import numpy as np
+
 from .errors import GGUFError, MoeNumaError, UnsupportedError
 from .gguf_file import metadata_value
 
@@ -221,6 +223,8 @@ def _as_str_list(md: Mapping[str, Any], key: str) -> list[str] | None:
     value = _as_list(md, key)
     if value is None:
         return None
+    if set(map(type, value)) <= {str}:   # the file reader's decoded strings: nothing to check
+        return value
     out = []
     for i, v in enumerate(value):
         if isinstance(v, (bytes, bytearray, memoryview)):
@@ -273,19 +277,24 @@ class GGUFTokenizer:
         n = len(tokens)
         if n == 0:
             raise GGUFError("tokenizer.ggml.tokens is empty")
-        tokens = [t if t else f"[EMPTY_{i}]" for i, t in enumerate(tokens)]
+        if "" in tokens:
+            tokens = [t if t else f"[EMPTY_{i}]" for i, t in enumerate(tokens)]
+        else:
+            tokens = list(tokens)
         if token_types is not None and len(token_types) < n:
             raise GGUFError(f"tokenizer.ggml.token_type has {len(token_types)} entries for "
                             f"{n} tokens")
         self._tokens: list[str] = tokens
         attrs = [_ATTR_NORMAL] * n if token_types is None else \
             [_TYPE_TO_ATTR.get(int(t), 0) for t in token_types[:n]]
-        token_to_id: dict[str, int] = {}
-        for i, t in enumerate(tokens):
-            if t in token_to_id:
-                raise GGUFError(f"tokenizer.ggml.tokens: token {t!r} appears twice "
-                                f"(ids {token_to_id[t]} and {i})")
-            token_to_id[t] = i
+        token_to_id = dict(zip(tokens, range(n)))
+        if len(token_to_id) != n:   # a token appears twice: find the first one for the message
+            first: dict[str, int] = {}
+            for i, t in enumerate(tokens):
+                if t in first:
+                    raise GGUFError(f"tokenizer.ggml.tokens: token {t!r} appears twice "
+                                    f"(ids {first[t]} and {i})")
+                first[t] = i
         self._token_to_id = token_to_id
 
         # special ids: llama.cpp's gpt2 defaults, then the keys
@@ -354,23 +363,28 @@ class GGUFTokenizer:
     def _build_hf(self, tokens: list[str], token_to_id: dict[str, int], merges: Sequence[str]):
         from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 
-        pairs: list[tuple[str, str]] = []
-        seen: set[tuple[str, str]] = set()
-        for i, m in enumerate(merges):
-            if not isinstance(m, str):
-                raise GGUFError(f"tokenizer.ggml.merges[{i}]: expected a string, got {m!r}")
-            pos = m.find(" ", 1)
-            if pos < 0:
-                continue   # llama.cpp files it as an empty pair that never matches
-            a, b = m[:pos], m[pos + 1:]
-            if (a, b) in seen:
-                continue   # llama.cpp keeps the first rank of a repeated merge
-            if a not in token_to_id or b not in token_to_id or (a + b) not in token_to_id:
-                missing = next(x for x in (a, b, a + b) if x not in token_to_id)
-                raise GGUFError(f"tokenizer.ggml.merges[{i}] = {m!r}: {missing!r} is not in "
-                                "tokenizer.ggml.tokens")
-            seen.add((a, b))
-            pairs.append((a, b))
+        if not set(map(type, merges)) <= {str}:
+            i, m = next((i, m) for i, m in enumerate(merges) if not isinstance(m, str))
+            raise GGUFError(f"tokenizer.ggml.merges[{i}]: expected a string, got {m!r}")
+        # "a b" -> (a, b) at the first space after the first character; a merge without one is
+        # an empty pair in llama.cpp that never matches, and a repeated merge keeps its first rank
+        parts = [m.partition(" ") for m in merges]
+        if all(a for a, _, _ in parts):   # no merge starts with a space: the cut is partition's
+            pairs = list(dict.fromkeys([(a, b) for a, sep, b in parts if sep]))
+        else:
+            cut = [m.find(" ", 1) for m in merges]
+            pairs = list(dict.fromkeys([(m[:p], m[p + 1:]) for m, p in zip(merges, cut) if p >= 0]))
+        vocab = token_to_id.keys()
+        if not ({a for a, _ in pairs} <= vocab and {b for _, b in pairs} <= vocab
+                and {a + b for a, b in pairs} <= vocab):
+            for i, m in enumerate(merges):
+                p = m.find(" ", 1)
+                if p >= 0:
+                    a, b = m[:p], m[p + 1:]
+                    missing = next((x for x in (a, b, a + b) if x not in token_to_id), None)
+                    if missing is not None:
+                        raise GGUFError(f"tokenizer.ggml.merges[{i}] = {m!r}: {missing!r} is not in "
+                                        "tokenizer.ggml.tokens")
         try:
             bpe = models.BPE(vocab=token_to_id, merges=pairs,
                              ignore_merges=SUPPORTED_PRE_TOKENIZERS[self.pre] in _IGNORE_MERGES)
@@ -410,7 +424,8 @@ class GGUFTokenizer:
         if merges is None:
             raise GGUFError("key 'tokenizer.ggml.merges' is missing (needed by tokenizer 'gpt2')")
         types = _as_list(md, _KEY_PREFIX + "token_type")
-        if types is not None:
+        raw_types = md.get(_KEY_PREFIX + "token_type")
+        if types is not None and not (isinstance(raw_types, np.ndarray) and raw_types.dtype.kind in "iu"):
             for i, t in enumerate(types):
                 if isinstance(t, bool) or not isinstance(t, int):
                     raise GGUFError(f"GGUF key 'tokenizer.ggml.token_type'[{i}]: expected an "

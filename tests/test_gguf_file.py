@@ -179,3 +179,40 @@ def test_check_supported_types_lists_types(make_model):
     g = GGUFModelFile(make_model("qwen3moe", "q4_k_m"))
     check_supported_types(g)  # Q4_K/Q6_K/Q8_0/F32 are all supported
     assert {t.qtype for t in g} >= {Q.Q4_K, Q.Q6_K, Q.F32}
+
+
+def _string_array(items: list[bytes]) -> bytes:
+    return b"".join(struct.pack("<Q", len(s)) + s for s in items)
+
+
+@pytest.mark.parametrize("items", [[], [b""], ["a".encode(), "Ġé".encode(), b"", "\u4e2d\u6587".encode()] * 50])
+def test_native_string_array_scan_matches_python(items):
+    from moe_numa import _native
+    blob = b"xyz" + _string_array(items) + b"tail"
+    data = np.frombuffer(blob, dtype=np.uint8)
+    starts, lengths, end = _native.gguf_string_spans(data, 3, len(items))
+    assert end == len(blob) - 4
+    assert _native.gguf_decode_strings(data, starts, lengths) == [s.decode() for s in items]
+    # every cut inside the array is a truncation, named by item
+    for cut in range(3, end, 7):
+        with pytest.raises(ValueError, match="past the end|cannot fit"):
+            _native.gguf_string_spans(data[:cut].copy(), 3, len(items))
+    with pytest.raises(ValueError, match="cannot fit"):
+        _native.gguf_string_spans(data, 3, 2 ** 62)          # a count no file can hold
+
+
+def test_string_array_with_bad_utf8_names_key_and_item(make_model, tmp_path):
+    from moe_numa import _native
+    data = np.frombuffer(_string_array([b"ok", b"\xff\xfe", b"x"]), dtype=np.uint8)
+    starts, lengths, _ = _native.gguf_string_spans(data, 0, 3)
+    with pytest.raises(ValueError, match="item 1 is not valid UTF-8"):
+        _native.gguf_decode_strings(data, starts, lengths)
+    src = make_model("qwen3moe", "q8_0")
+    path = tmp_path / "bad_utf8.gguf"
+    raw = bytearray(open(src, "rb").read())
+    i = raw.find(struct.pack("<Q", 1) + b"!")         # the vocabulary's token "!"
+    assert i > 0
+    raw[i + 8] = 0xFF
+    path.write_bytes(bytes(raw))
+    with pytest.raises(GGUFError, match=r"tokenizer\.ggml\.tokens.*item \d+ is not valid UTF-8"):
+        GGUFModelFile(path)

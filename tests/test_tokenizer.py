@@ -349,6 +349,31 @@ def test_malformed_metadata(change, match):
         GGUFTokenizer.from_metadata(md)
 
 
+def test_merges_as_llama_cpp_reads_them():
+    """A repeated merge keeps its first rank, a merge without a space never matches, a
+    merge may start with a space, and a bad merge is named by its index, whichever path
+    (fast or slow) reads the list."""
+    md = V.qwen2_vocab(300).metadata()
+    base = GGUFTokenizer.from_metadata(md)
+    merges = list(md["tokenizer.ggml.merges"])
+    text = "the quick brown fox jumps over the lazy dog, in the inn"
+    ids = base.encode(text)
+    odd = dict(md, **{"tokenizer.ggml.merges": merges[:40] + [merges[3], "nospace"] + merges[40:] + [merges[0]]})
+    assert GGUFTokenizer.from_metadata(odd).encode(text) == ids
+    # a merge starting with a space takes the slow path: the cut skips the first character,
+    # so "  x" is the pair (" ", "x")
+    tokens = list(md["tokenizer.ggml.tokens"])
+    tokens[-2:] = [" ", " x"]
+    spaced = dict(md, **{"tokenizer.ggml.tokens": tokens, "tokenizer.ggml.merges": ["  x"] + merges})
+    hf_merges = json.loads(GGUFTokenizer.from_metadata(spaced)._hf.to_str())["model"]["merges"]
+    assert [list(m) if not isinstance(m, str) else m.split(" ", 1) for m in hf_merges[:1]] == [[" ", "x"]]
+    bad = dict(spaced, **{"tokenizer.ggml.merges": ["  x"] + merges[:7] + ["Ġ zzzz"] + merges[7:]})
+    with pytest.raises(GGUFError, match=r"merges\[8\] = 'Ġ zzzz': 'zzzz'"):
+        GGUFTokenizer.from_metadata(bad)
+    with pytest.raises(GGUFError, match=r"merges\[2\]: expected a string"):
+        GGUFTokenizer(tokens=tokens, token_types=None, merges=merges[:2] + [7] + merges[2:], pre=md["tokenizer.ggml.pre"])
+
+
 def test_encode_rejects_non_text(qwen):
     with pytest.raises(TokenizerError):
         qwen.encode(b"bytes")
