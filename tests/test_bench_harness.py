@@ -332,7 +332,8 @@ def _runs():
 
 
 def test_aggregate_medians_ratio_bound_targets():
-    agg = B.aggregate(_runs(), ["pp64", "tg32"], bandwidth_gbps=20.0, bytes_per_token=10**9)
+    agg = B.aggregate(_runs(), ["pp64", "tg32"], bandwidth_gbps=20.0, bytes_per_token=10**9,
+                      target_pp=1.0, target_tg=1.25)
     pp, tg = agg["rows"]
     assert tg["moe_numa"] == {"median": 15.0, "min": 14.0, "max": 16.0, "n": 3}
     assert tg["llama.cpp"]["median"] == 12.0
@@ -347,6 +348,38 @@ def test_aggregate_medians_ratio_bound_targets():
     assert met == ["tg32 1.25x >= 1.25x"] and missed == ["pp64 0.98x < 1.00x"]
 
 
+def test_default_targets_are_issue_11s_bar_with_the_share_of_bound():
+    assert (B.DEFAULT_TARGET_TG, B.DEFAULT_TARGET_PP, B.DEFAULT_TARGET_SHARE) == (1.3, 1.2, 0.85)
+    # 1.25x misses 1.3x; with a share target of 0.85 a 75% share misses even where the ratio is met
+    tg = B.aggregate(_runs(), ["tg32"], 20.0, 10**9)["rows"][0]
+    assert tg["met"] is False and tg["share_target"] is None
+    tg = B.aggregate(_runs(), ["tg32"], 20.0, 10**9, target_tg=1.2, target_share=0.85)["rows"][0]
+    assert tg["share_target"] == 0.85 and tg["met"] is False
+    assert B.targets_summary([tg])[1] == ["tg32 1.25x >= 1.20x, 75% < 85% of the bound"]
+    tg = B.aggregate(_runs(), ["tg32"], 20.0, 10**9, target_tg=1.2, target_share=0.7)["rows"][0]
+    assert tg["met"] is True
+    pp = B.aggregate(_runs(), ["pp64"], 20.0, 10**9, target_share=0.85)["rows"][0]
+    assert pp["share_target"] is None                      # prefill has no bound
+
+
+def test_rerender_applies_this_versions_targets(tmp_path):
+    report = _report(_runs())
+    for m in report["models"]:
+        m["runs"] = _runs()
+    path = tmp_path / "old.json"
+    path.write_text(json.dumps(report))
+    rc = B.main(["--rerender", str(path), "--no-plot", "--target-tg", "1.2", "--target-share", "0.7"])
+    assert rc == 0
+    md = (tmp_path / "old.md").read_text()
+    assert "tg32 1.25x >= 1.20x, 75% >= 70% of the bound" in md          # Q8_0: the share counts
+    assert "≥ 1.20, ≥ 70% of bound: met" in md
+    again = json.loads(path.read_text())
+    assert again["settings"]["target_share"] == 0.7
+    assert again["models"][0]["summary"]["rows"][1]["met"] is True
+    with pytest.raises(SystemExit):
+        B.main(["--rerender", str(tmp_path / "missing.json"), "--no-plot"])
+
+
 def test_aggregate_engine_only():
     runs = [r for r in _runs() if r["engine"] == "moe_numa"]
     agg = B.aggregate(runs, ["tg32"], None, 10**9)
@@ -355,7 +388,7 @@ def test_aggregate_engine_only():
 
 
 def _report(runs, flags=0):
-    agg = B.aggregate(runs, ["pp64", "tg32"], 20.0, 10**9)
+    agg = B.aggregate(runs, ["pp64", "tg32"], 20.0, 10**9, target_pp=1.0, target_tg=1.25)
     agg["rows"][1]["disturbed_kept"]["llama.cpp"] = flags
     facts = {"path": "/m/qwen3moe-bench-q8_0.gguf", "name": "qwen3moe-bench-q8_0", "arch": "qwen3moe",
              "quant": "Q8_0", "n_params": 6_250_000_000, "weight_bytes": int(5.9 * 2**30), "file_bytes": 1,
