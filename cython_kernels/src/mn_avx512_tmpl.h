@@ -384,8 +384,18 @@ MN_INLINE void K(q8_0x16_run_t)(const void *buf, int64_t i0, int64_t n, int64_t 
             }
             const __m512 s = _mm512_mul_ps(dw, _mm512_set1_ps(((const float *)(xr + 32 * nb))[i]));
             float *pp = accp + 16 * (4 * t + (i & 3));
-            _mm512_storeu_ps(pp, _mm512_fmadd_ps(s, _mm512_cvtepi32_ps(_mm512_add_epi32(a0, a1)), _mm512_loadu_ps(pp)));
+            /* blocks 0-3 start their parts (inits): fma onto +0, as onto the driver's zeroes */
+            const __m512 prev = _mm512_maskz_loadu_ps(i < 4 ? 0 : 0xFFFF, pp);
+            _mm512_storeu_ps(pp, _mm512_fmadd_ps(s, _mm512_cvtepi32_ps(_mm512_add_epi32(a0, a1)), prev));
         }
+    }
+}
+static void K(mr_reduce16)(const float *acc, int64_t tn, float *out, int64_t out_stride) {
+    for (int64_t t = 0; t < tn; t++) {
+        const float *a = acc + 64 * t;
+        const __m512 s = _mm512_add_ps(_mm512_add_ps(_mm512_load_ps(a), _mm512_load_ps(a + 16)),
+                                       _mm512_add_ps(_mm512_load_ps(a + 32), _mm512_load_ps(a + 48)));
+        _mm512_storeu_ps(out + t * out_stride, s);
     }
 }
 static void K(q8_0x16_run)(const void *buf, int64_t i0, int64_t n, int64_t nb, const uint8_t *xq, size_t xs, int nt, float *acc) {
@@ -728,7 +738,7 @@ static void K(fill)(mn_traits *tab, int level) {
     tab[MN_Q4_K].multi[level] = (mn_multirow){K(q4_Kx8_pack), K(q4_Kx8_run), K45_BLK(8), 8, 4};
     tab[MN_Q5_K].multi[level] = (mn_multirow){K(q5_Kx8_pack), K(q5_Kx8_run), K45_BLK(8), 8, 4};
 #if MN_VNNI
-    tab[MN_Q8_0].multi[level] = (mn_multirow){K(q8_0x16_pack), K(q8_0x16_run), Q8X16_BLK, 16, 2};
+    tab[MN_Q8_0].multi[level] = (mn_multirow){K(q8_0x16_pack), K(q8_0x16_run), Q8X16_BLK, 16, 2, 1, K(mr_reduce16)};
 #endif
     K(fill_iq)(tab, level);
 }

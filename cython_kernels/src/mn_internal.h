@@ -53,16 +53,22 @@ typedef void (*mn_dot_fn)(const uint8_t *w, int64_t nb, const uint8_t *xq, size_
  * = block index % 4, row j) over those blocks; the driver adds a row's four parts pairwise:
  * (p0 + p1) + (p2 + p3), as dot does.  The packing is paid once for every token of a call.  A level's
  * run must give, bit for bit, what the same level's dot gives row by row: the driver picks
- * either by shape. */
+ * either by shape.  A run with `inits` writes part k of blocks 0-3 instead of adding to it,
+ * so the driver zeroes acc only where a row has fewer than 4 blocks; `reduce`, where a
+ * level has one, is the driver's pairwise sum into out at the level's vector width. */
 typedef void (*mn_pack_fn)(const uint8_t *w, size_t ws, int64_t i0, int64_t n, void *buf);
 typedef void (*mn_run_fn)(const void *buf, int64_t i0, int64_t n, int64_t nb, const uint8_t *xq, size_t xs,
                           int nt, float *acc);
+/* out[t * out_stride + j] = (a[j] + a[R + j]) + (a[2R + j] + a[3R + j]), a = acc + 4 R t, j < R, t < tn */
+typedef void (*mn_reduce_fn)(const float *acc, int64_t tn, float *out, int64_t out_stride);
 typedef struct {
     mn_pack_fn pack;
     mn_run_fn run;
     size_t blk;        /* packed bytes per block of the rows */
     int rows;          /* rows per pack: 4, 8 or 16 */
     int min_tokens;    /* from this many tokens in a call it beats dot */
+    int inits;         /* run writes the parts of blocks 0-3 (see above) */
+    mn_reduce_fn reduce;
 } mn_multirow;
 
 /* a row of the type table: the public facts plus a kernel per SIMD level

@@ -312,12 +312,16 @@ static void multirow_block(const mn_multirow *g, const uint8_t *w, size_t ws, in
         const int64_t tn = n_tok - t0 < MN_MR_TOK ? n_tok - t0 : MN_MR_TOK;
         const uint8_t *x0 = xq + t0 * xs;
         for (int64_t r = r0; r < r1; r += R) {
-            memset(acc, 0, sizeof(float) * (size_t)(R * P * tn));
+            if (!g->inits || nb < P) memset(acc, 0, sizeof(float) * (size_t)(R * P * tn));
             for (int64_t i0 = 0; i0 < nb; i0 += cb) {
                 const int64_t n = nb - i0 < cb ? nb - i0 : cb;
                 g->pack(w + r * ws, ws, i0, n, buf);
                 for (int64_t t = 0; t < tn; t += MN_TILE)
                     g->run(buf, i0, n, nb, x0 + t * xs, xs, (int)(tn - t < MN_TILE ? tn - t : MN_TILE), acc + R * P * t);
+            }
+            if (g->reduce) {
+                g->reduce(acc, tn, out + t0 * out_stride + r, out_stride);
+                continue;
             }
             for (int64_t t = 0; t < tn; t++)
                 for (int j = 0; j < R; j++) {
