@@ -368,17 +368,12 @@ class GGUFTokenizer:
             raise GGUFError(f"tokenizer.ggml.merges[{i}]: expected a string, got {m!r}")
         # "a b" -> (a, b) at the first space after the first character; a merge without one is
         # an empty pair in llama.cpp that never matches, and a repeated merge keeps its first rank
-        parts = [m.partition(" ") for m in merges]
-        if all(a for a, _, _ in parts):   # no merge starts with a space: the cut is partition's
-            pairs = list(dict.fromkeys([(a, b) for a, sep, b in parts if sep]))
-        else:
-            cut = [m.find(" ", 1) for m in merges]
-            pairs = list(dict.fromkeys([(m[:p], m[p + 1:]) for m, p in zip(merges, cut) if p >= 0]))
+        cut = [m.find(" ", 1) for m in merges]
+        pairs = list(dict.fromkeys([(m[:p], m[p + 1:]) for m, p in zip(merges, cut) if p >= 0]))
         vocab = token_to_id.keys()
         if not ({a for a, _ in pairs} <= vocab and {b for _, b in pairs} <= vocab
                 and {a + b for a, b in pairs} <= vocab):
-            for i, m in enumerate(merges):
-                p = m.find(" ", 1)
+            for i, (m, p) in enumerate(zip(merges, cut)):
                 if p >= 0:
                     a, b = m[:p], m[p + 1:]
                     missing = next((x for x in (a, b, a + b) if x not in token_to_id), None)

@@ -351,8 +351,7 @@ def test_malformed_metadata(change, match):
 
 def test_merges_as_llama_cpp_reads_them():
     """A repeated merge keeps its first rank, a merge without a space never matches, a
-    merge may start with a space, and a bad merge is named by its index, whichever path
-    (fast or slow) reads the list."""
+    merge may start with a space, and a bad merge is named by its index."""
     md = V.qwen2_vocab(300).metadata()
     base = GGUFTokenizer.from_metadata(md)
     merges = list(md["tokenizer.ggml.merges"])
@@ -360,8 +359,8 @@ def test_merges_as_llama_cpp_reads_them():
     ids = base.encode(text)
     odd = dict(md, **{"tokenizer.ggml.merges": merges[:40] + [merges[3], "nospace"] + merges[40:] + [merges[0]]})
     assert GGUFTokenizer.from_metadata(odd).encode(text) == ids
-    # a merge starting with a space takes the slow path: the cut skips the first character,
-    # so "  x" is the pair (" ", "x")
+    # a merge starting with a space: the cut skips the first character, so "  x" is the
+    # pair (" ", "x")
     tokens = list(md["tokenizer.ggml.tokens"])
     tokens[-2:] = [" ", " x"]
     spaced = dict(md, **{"tokenizer.ggml.tokens": tokens, "tokenizer.ggml.merges": ["  x"] + merges})
