@@ -360,6 +360,12 @@ def test_default_targets_are_issue_11s_bar_with_the_share_of_bound():
     assert tg["met"] is True
     pp = B.aggregate(_runs(), ["pp64"], 20.0, 10**9, target_share=0.85)["rows"][0]
     assert pp["share_target"] is None                      # prefill has no bound
+    deep = _runs()
+    for r in deep:
+        if "tg32" in r["tests"]:
+            r["tests"]["tg32@d1024"] = r["tests"]["tg32"]
+    tg = B.aggregate(deep, ["tg32@d1024"], 20.0, 10**9, target_tg=1.2, target_share=0.85)["rows"][0]
+    assert tg["share_target"] is None and tg["met"] is True   # the bound ignores the cache: depth 0 only
 
 
 def test_rerender_applies_this_versions_targets(tmp_path):
