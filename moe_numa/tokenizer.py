@@ -46,6 +46,7 @@ from typing import Any
 
 import numpy as np
 
+from . import _native
 from .errors import GGUFError, MoeNumaError, UnsupportedError
 from .gguf_file import metadata_value
 
@@ -375,23 +376,19 @@ class GGUFTokenizer:
         if not set(map(type, merges)) <= {str}:
             i, m = next((i, m) for i, m in enumerate(merges) if not isinstance(m, str))
             raise GGUFError(f"tokenizer.ggml.merges[{i}]: expected a string, got {m!r}")
-        # "a b" -> (a, b) at the first space after the first character; a merge without one is
-        # an empty pair in llama.cpp that never matches, and a repeated merge keeps its first rank
-        cut = [m.find(" ", 1) for m in merges]
-        pairs = list(dict.fromkeys([(m[:p], m[p + 1:]) for m, p in zip(merges, cut) if p >= 0]))
+        # "a b" -> (a, b), the rule in bpe_merge_pairs' docstring; where[k]: pairs[k]'s merge
+        pairs, where = _native.bpe_merge_pairs(list(merges))
         try:
             # the BPE model refuses a merge whose parts or result are not tokens; the loop
             # below runs only then, to name the merge (checking first costs 0.1 s a load)
             bpe = models.BPE(vocab=token_to_id, merges=pairs,
                              ignore_merges=SUPPORTED_PRE_TOKENIZERS[self.pre] in _IGNORE_MERGES)
         except Exception as e:
-            for i, (m, p) in enumerate(zip(merges, cut)):
-                if p >= 0:
-                    a, b = m[:p], m[p + 1:]
-                    missing = next((x for x in (a, b, a + b) if x not in token_to_id), None)
-                    if missing is not None:
-                        raise GGUFError(f"tokenizer.ggml.merges[{i}] = {m!r}: {missing!r} is not in "
-                                        "tokenizer.ggml.tokens") from e
+            for i, (a, b) in zip(where, pairs):
+                missing = next((x for x in (a, b, a + b) if x not in token_to_id), None)
+                if missing is not None:
+                    raise GGUFError(f"tokenizer.ggml.merges[{i}] = {merges[i]!r}: {missing!r} is not "
+                                    "in tokenizer.ggml.tokens") from e
             raise GGUFError(f"tokenizer.ggml.merges: cannot build the BPE model: {e}") from e
         hf = Tokenizer(bpe)
         splits = [pre_tokenizers.Split(Regex(rx), behavior="isolated")
