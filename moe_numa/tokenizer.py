@@ -373,11 +373,11 @@ class GGUFTokenizer:
     def _build_hf(self, tokens: list[str], token_to_id: dict[str, int], merges: Sequence[str]):
         from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 
-        if not set(map(type, merges)) <= {str}:
-            i, m = next((i, m) for i, m in enumerate(merges) if not isinstance(m, str))
-            raise GGUFError(f"tokenizer.ggml.merges[{i}]: expected a string, got {m!r}")
         # "a b" -> (a, b), the rule in bpe_merge_pairs' docstring; where[k]: pairs[k]'s merge
-        pairs, where = _native.bpe_merge_pairs(list(merges))
+        try:
+            pairs, where = _native.bpe_merge_pairs(list(merges))
+        except TypeError as e:   # "[i]: expected a string, got ..."
+            raise GGUFError(f"tokenizer.ggml.merges{e}") from None
         try:
             # the BPE model refuses a merge whose parts or result are not tokens; the loop
             # below runs only then, to name the merge (checking first costs 0.1 s a load)
