@@ -109,10 +109,12 @@ cdef extern from "mn_engine.h":
         int64_t ffn_crit_ns
         int64_t reduce_parallel_min
         int64_t route_split_min
+        int64_t moe_share_min
         uint8_t *shared
         size_t shared_bytes
 
     size_t mn_node_scratch_bytes(const mn_engine *e, int node)
+    int64_t mn_engine_moe_taken(const mn_engine *e, int node, int reset)
     size_t mn_engine_shared_bytes(const mn_engine *e)
     size_t mn_kv_tile_bytes(int type, int64_t dim)
     size_t mn_kv_row_bytes(int type, int64_t dim)
@@ -908,6 +910,16 @@ cdef class NativeEngine:
     def route_split_min(self, int64_t v):
         self.e.route_split_min = max(v, -1)
 
+    @property
+    def moe_share_min(self):
+        """From this many tokens, a node that has run out of its own MoE chunks runs what is left
+        of the other nodes' (0: the default, 64; -1: never)."""
+        return self.e.moe_share_min
+
+    @moe_share_min.setter
+    def moe_share_min(self, int64_t v):
+        self.e.moe_share_min = max(v, -1)
+
     def stats(self):
         self._check_open()
         return {"syncs": self.e.syncs, "wait_ns": self.e.wait_ns, "crit_ns": self.e.crit_ns,
@@ -915,7 +927,8 @@ cdef class NativeEngine:
                 "busy_ns": [self.e.nodes[i].busy_ns for i in range(self.e.n_nodes)],
                 "idle_ns": [self.e.nodes[i].idle_ns for i in range(self.e.n_nodes)],
                 "ffn_busy_ns": [self.e.nodes[i].ffn_busy_ns for i in range(self.e.n_nodes)],
-                "moe_assign": [self.e.nodes[i].moe_assign for i in range(self.e.n_nodes)]}
+                "moe_assign": [self.e.nodes[i].moe_assign for i in range(self.e.n_nodes)],
+                "moe_taken": [mn_engine_moe_taken(&self.e, i, 0) for i in range(self.e.n_nodes)]}
 
     def reset_stats(self):
         self._check_open()
@@ -928,3 +941,4 @@ cdef class NativeEngine:
             self.e.nodes[i].idle_ns = 0
             self.e.nodes[i].ffn_busy_ns = 0
             self.e.nodes[i].moe_assign = 0
+            mn_engine_moe_taken(&self.e, i, 1)

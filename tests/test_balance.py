@@ -344,3 +344,50 @@ def test_routing_once_split_over_nodes_is_bit_identical(make_model, preset, n_no
         np.testing.assert_array_equal(out[0], out[k])
         for a, b_ in zip(tokens[0], tokens[k]):
             np.testing.assert_array_equal(a, b_)
+
+
+@settings(max_examples=12)
+@given(preset=st.sampled_from(TEST_PRESETS), n_nodes=st.integers(2, 4), data=st.data())
+def test_sharing_moe_chunks_across_nodes_is_bit_identical(make_model, preset, n_nodes, data):
+    """In prefill a node that has run out of its own MoE chunks runs the others' (moe_share_min):
+    whichever node runs a chunk, the logits are the same bits as with no sharing, every map."""
+    path = make_model(preset, "q8_0")
+    cfg = moe_numa.load(path, backend="reference").config
+    emap = mixed_map(cfg, n_nodes, data, split_ok=True)
+    ids = np.array(data.draw(st.lists(st.integers(0, cfg.n_vocab - 1), min_size=1, max_size=24)))
+    with moe_numa.load(path, numa_nodes=n_nodes, expert_map=emap, rebalance_every=None, replica_budget=1.0) as eng:
+        b = eng.backend
+        out = []
+        for threshold in (-1, 1, 1):            # never, then from one token (twice: other timings)
+            b.core.moe_share_min = threshold
+            b.reset(); b.reset_counters()
+            out.append(b.forward(ids, all_logits=True))
+            taken = b.counters()["moe_taken"]
+            assert len(taken) == n_nodes and min(taken) >= 0
+            if threshold == -1:
+                assert sum(taken) == 0
+        b.core.moe_share_min = 0
+    for k in (1, 2):
+        np.testing.assert_array_equal(out[0], out[k])
+
+
+def test_a_node_with_few_experts_runs_chunks_of_the_busy_one(make_model):
+    """Node 1 holds one expert per layer, node 0 the rest: in prefill node 1 finishes first and
+    takes node 0's chunks, the counters say so, and the output does not change."""
+    path = make_model("qwen3moe", "q8_0")
+    cfg = moe_numa.load(path, backend="reference").config
+    E = cfg.n_expert
+    emap = {"model": {"n_expert": E}, "nodes": [0, 1], "experts": {0: list(range(E - 1)), 1: [E - 1]}}
+    ids = np.arange(3, 3 + 64) % cfg.n_vocab
+    with moe_numa.load(path, numa_nodes=2, threads_per_node=1, expert_map=emap, rebalance_every=None) as eng:
+        b = eng.backend
+        b.core.moe_share_min = -1
+        b.reset()
+        want = b.forward(ids, all_logits=True)
+        b.core.moe_share_min = 1
+        b.reset_counters()
+        for _ in range(5):
+            b.reset()
+            np.testing.assert_array_equal(b.forward(ids, all_logits=True), want)
+        taken = b.counters()["moe_taken"]
+        assert taken[1] > 0, taken

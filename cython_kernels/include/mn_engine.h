@@ -127,6 +127,10 @@ typedef struct {
                                        nodes (one more sync): from this many tokens by tokens (norm,
                                        router and routing), below by the router's rows; 0: 4;
                                        -1: every node runs all of it (the replicated router) */
+    int64_t moe_share_min;          /* from this many tokens a node that has run out of its own MoE
+                                       chunks runs chunks of the others' (their weights, read from
+                                       their memory): prefill is compute-bound, so a node the host
+                                       slows is helped; 0: 64; -1: never (each node runs its own) */
     uint8_t *shared;                /* what the nodes share in such a block, mn_engine_shared_bytes */
     size_t shared_bytes;
 } mn_engine;
@@ -138,6 +142,8 @@ size_t mn_kv_row_bytes(int type, int64_t dim);
 
 /* Scratch bytes one node needs for blocks of up to t_max tokens with its layers. */
 size_t mn_node_scratch_bytes(const mn_engine *e, int node);
+/* MoE chunks node `node` ran for other nodes since the last reset (see moe_share_min). */
+int64_t mn_engine_moe_taken(const mn_engine *e, int node, int reset);
 /* Bytes of the engine-wide buffer for blocks of up to t_max tokens (the routed tokens' norms,
  * expert ids and weights, written by the node that routed them and read by every node). */
 size_t mn_engine_shared_bytes(const mn_engine *e);

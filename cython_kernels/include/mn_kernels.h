@@ -151,7 +151,22 @@ typedef struct {
     float *out;      int64_t out_stride;
     void *scratch;   size_t scratch_bytes;                 /* >= mn_moe_scratch_bytes() */
     mn_pool *pool;   /* pool whose task runs mn_moe_task (for barriers); NULL: one thread */
+    /* Prefill on several nodes: each node's MoE task posts its open phase on boards[node], and a
+     * node that has run out of its own chunks runs chunks of another node's open phase (reading
+     * that node's weights and scratch), so a node the host slows no longer holds the others at the
+     * block's sync.  NULL: no sharing (decode, where the owner's memory bandwidth is the limit). */
+    struct mn_moe_board *boards;  int node, n_nodes;
 } mn_moe_args;
+
+/* One per node, 64-byte aligned, zeroed before first use (see mn_moe_args.boards). */
+typedef struct mn_moe_board {
+    _Atomic int phase;           /* MN_MOE_GATE_UP or MN_MOE_DOWN: open to others; else closed */
+    char pad0[60];
+    _Atomic int64_t taken;       /* chunks of other nodes this node ran, summed */
+    char pad1[56];
+    mn_moe_args args;            /* the owner's arguments, valid while a phase is open */
+} mn_moe_board;
+enum { MN_MOE_CLOSED = 0, MN_MOE_GATE_UP = 1, MN_MOE_DOWN = 2 };
 
 size_t mn_moe_scratch_bytes(const mn_moe_args *a);   /* depends on n_assign and n_tok */
 /* 0 if args are consistent; else -1 with a message naming the bad field. */

@@ -6,6 +6,7 @@
  * reference (moe_numa/layers): RMSNorm with a double sum, RoPE from tables the
  * reference computed, softmax in float, routing with the same tie rules. */
 #include <math.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <string.h>
 #include <time.h>
@@ -770,7 +771,7 @@ enum { ROUTED_NO = 0, ROUTED_TOKENS = 1, ROUTED_LOGITS = 2 };
 
 /* e->shared, carved the same way by every node: [t_max, hidden] norms, [t_max, n_used] ids and
  * weights, [t_max, n_expert] router logits */
-typedef struct { float *xn; int32_t *ids; float *w; float *logits; } route_share;
+typedef struct { float *xn; int32_t *ids; float *w; float *logits; mn_moe_board *boards; } route_share;
 static int max_moe(const mn_engine *e, int experts) {
     int k = 0;
     for (int l = 0; l < e->n_layers; l++) {
@@ -788,6 +789,7 @@ static route_share share_layout(const mn_engine *e, arena *a) {
     r.ids = (int32_t *)carve(a, sizeof(int32_t) * e->t_max * k);
     r.w = (float *)carve(a, sizeof(float) * e->t_max * k);
     r.logits = (float *)carve(a, sizeof(float) * e->t_max * max_moe(e, 1));
+    r.boards = (mn_moe_board *)carve(a, sizeof(mn_moe_board) * e->n_nodes);
     return r;
 }
 size_t mn_engine_shared_bytes(const mn_engine *e) {
@@ -800,6 +802,13 @@ static route_share engine_share(const mn_engine *e) {
     const uintptr_t base = ((uintptr_t)e->shared + 63) & ~(uintptr_t)63;
     arena a = {(uint8_t *)base, 0, e->shared_bytes - (size_t)(base - (uintptr_t)e->shared), 0};
     return share_layout(e, &a);
+}
+int64_t mn_engine_moe_taken(const mn_engine *e, int node, int reset) {
+    if (!e || node < 0 || node >= e->n_nodes || e->n_nodes < 2 || !e->shared
+        || e->shared_bytes < mn_engine_shared_bytes(e))
+        return 0;
+    _Atomic int64_t *taken = &engine_share(e).boards[node].taken;
+    return reset ? atomic_exchange(taken, 0) : atomic_load(taken);
 }
 
 static void ffn_moe_args(const ffn_ctx *c, mn_moe_args *m) {
@@ -816,6 +825,13 @@ static void ffn_moe_args(const ffn_ctx *c, mn_moe_args *m) {
     m->out = c->node ? c->node->partial : NULL; m->out_stride = L->hidden;
     m->scratch = c->moe_scratch; m->scratch_bytes = c->moe_scratch_bytes;
     m->pool = c->node ? c->node->pool : NULL;
+    const mn_engine *e = c->e;
+    const int64_t min = e && e->moe_share_min ? e->moe_share_min : 64;
+    if (e && c->node && e->n_nodes > 1 && min > 0 && c->T >= min && e->shared
+        && e->shared_bytes >= mn_engine_shared_bytes(e)) {
+        m->boards = engine_share(e).boards;
+        m->node = (int)(c->node - e->nodes); m->n_nodes = e->n_nodes;
+    }
 }
 
 static void ffn_layout(ffn_ctx *c, arena *a, int nth) {

@@ -12,6 +12,14 @@
 #define QK_K 256
 #define QK8_0 32
 
+/* one spin-wait step: lets the sibling hyperthread run while this one polls */
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#define MN_CPU_RELAX() _mm_pause()
+#else
+#define MN_CPU_RELAX() ((void)0)
+#endif
+
 /* GGML block layouts (bytes per block); the type table (mn_types.c) is built from these */
 #define BS_Q4_0 18   /* fp16 d; u8 qs[16] (low nibbles: values 0-15, high: 16-31) */
 #define BS_Q4_1 20   /* fp16 d; fp16 m; u8 qs[16] */

@@ -5,7 +5,7 @@
 #include <stdatomic.h>
 #include <stdio.h>
 #include <string.h>
-#include "mn_kernels.h"
+#include "mn_internal.h"
 
 #define ALIGN64(n) (((n) + 63) & ~(size_t)63)
 
@@ -31,7 +31,7 @@ static void layout(const mn_moe_args *a, moe_layout *L) {
     L->off_order = o; o = ALIGN64(o + 4 * A);
     L->off_eoff = o;  o = ALIGN64(o + 8 * ((size_t)a->n_expert + 1));
     L->off_chunk = o; o = ALIGN64(o + 8 * ((size_t)a->n_expert + 1) * 2);
-    L->off_ctr = o;   o = ALIGN64(o + 256);
+    L->off_ctr = o;   o = ALIGN64(o + 384);
     L->off_xg = o;    o = ALIGN64(o + A * L->xgb);
     L->off_xu = L->share_xu ? L->off_xg : o;
     if (!L->share_xu) o = ALIGN64(o + A * L->xub);
@@ -100,27 +100,124 @@ static int64_t chunk_rows(int64_t rb_bytes) {
     return r < 4 ? 4 : r;
 }
 
+/* Where one node's block lives in its scratch.  ctr: [0] next gate/up chunk, [8] next down
+ * chunk, [16] gate/up rows per chunk, [24] down rows per chunk, [32] gate/up chunks finished,
+ * [40] down chunks finished (one cache line each). */
+typedef struct {
+    moe_layout L;
+    int32_t *order;
+    int64_t *eoff, *cg, *cd;
+    _Atomic int64_t *ctr;
+    uint8_t *xg, *xu, *hq, *tq;
+    float *G, *U, *Y;
+} moe_view;
+
+static void view_of(const mn_moe_args *a, moe_view *v) {
+    layout(a, &v->L);
+    uint8_t *base = (uint8_t *)(((uintptr_t)a->scratch + 63) & ~(uintptr_t)63);
+    v->order = (int32_t *)(base + v->L.off_order);
+    v->eoff = (int64_t *)(base + v->L.off_eoff);
+    v->cg = (int64_t *)(base + v->L.off_chunk);     /* gate/up chunk prefix, n_expert+1 */
+    v->cd = v->cg + a->n_expert + 1;                 /* down chunk prefix */
+    v->ctr = (_Atomic int64_t *)(base + v->L.off_ctr);
+    v->xg = base + v->L.off_xg; v->xu = base + v->L.off_xu; v->hq = base + v->L.off_hq;
+    v->tq = base + v->L.off_tq;
+    v->G = (float *)(base + v->L.off_g); v->U = (float *)(base + v->L.off_u); v->Y = (float *)(base + v->L.off_y);
+}
+
+#define INTER(a, e) ((a)->inter_of ? (a)->inter_of[e] : (a)->inter)
+#define DSTRIDE(a, e) ((a)->inter_of ? (a)->down_stride_of[e] : (a)->down_stride)
+
+/* the expert of chunk c: *e is a hint that only moves forward within one node's list */
+static int64_t expert_of(const int64_t *prefix, int64_t c, int64_t *e) {
+    if (prefix[*e] > c) *e = 0;
+    while (prefix[*e + 1] <= c) (*e)++;
+    return *e;
+}
+
+static void gate_up_chunk(const mn_moe_args *a, const moe_view *v, int64_t c, int64_t *hint) {
+    const int64_t e = expert_of(v->cg, c, hint), H = a->hidden, I = a->inter, chg = atomic_load(&v->ctr[16]);
+    const int64_t Ie = INTER(a, e);
+    const int64_t r0 = (c - v->cg[e]) * chg, r1 = r0 + chg < Ie ? r0 + chg : Ie;
+    const int64_t o = v->eoff[e], m = v->eoff[e + 1] - o;
+    const size_t xub = v->L.share_xu ? v->L.xgb : v->L.xub;
+    mn_matmul_rows(a->gate_type, a->gate[e], a->gate_stride, H, v->xg + o * v->L.xgb, v->L.xgb, m, v->G + o * I, I, r0, r1);
+    mn_matmul_rows(a->up_type, a->up[e], a->up_stride, H, v->xu + o * xub, xub, m, v->U + o * I, I, r0, r1);
+    for (int64_t t = o; t < o + m; t++) mn_silu_mul(v->G + t * I + r0, v->U + t * I + r0, r1 - r0);
+}
+
+static void down_chunk(const mn_moe_args *a, const moe_view *v, int64_t c, int64_t *hint) {
+    const int64_t e = expert_of(v->cd, c, hint), H = a->hidden, chd = atomic_load(&v->ctr[24]);
+    const int64_t r0 = (c - v->cd[e]) * chd, r1 = r0 + chd < H ? r0 + chd : H;
+    const int64_t o = v->eoff[e], m = v->eoff[e + 1] - o;
+    mn_matmul_rows(a->down_type, a->down[e], DSTRIDE(a, e), INTER(a, e), v->hq + o * v->L.hqb, v->L.hqb, m,
+                   v->Y + o * H, H, r0, r1);
+}
+
+/* Runs chunks of `phase` from node a's counters until none is left; returns how many it ran. */
+static int64_t run_chunks(const mn_moe_args *a, const moe_view *v, int phase) {
+    const int gu = phase == MN_MOE_GATE_UP;
+    const int64_t total = gu ? v->cg[a->n_expert] : v->cd[a->n_expert];
+    _Atomic int64_t *next = &v->ctr[gu ? 0 : 8], *done = &v->ctr[gu ? 32 : 40];
+    int64_t hint = 0, ran = 0;
+    for (;;) {
+        const int64_t c = atomic_fetch_add(next, 1);
+        if (c >= total) break;
+        if (gu) gate_up_chunk(a, v, c, &hint); else down_chunk(a, v, c, &hint);
+        atomic_fetch_add_explicit(done, 1, memory_order_release);
+        ran++;
+    }
+    return ran;
+}
+
+/* This thread ran out of its own chunks: run what is left of the other nodes' open phases. The
+ * board's copy of the owner's arguments is read only after its phase is seen open (acquire),
+ * and the owner does not leave a phase before every chunk of it is finished, so its scratch
+ * outlives these reads (the next block starts only when every node's task has returned). */
+static void help_others(const mn_moe_args *a) {
+    int64_t ran = 0;
+    for (int k = 1; k < a->n_nodes; k++) {
+        mn_moe_board *b = &a->boards[(a->node + k) % a->n_nodes];
+        const int phase = atomic_load_explicit(&b->phase, memory_order_acquire);
+        if (phase != MN_MOE_GATE_UP && phase != MN_MOE_DOWN) continue;
+        moe_view v;
+        view_of(&b->args, &v);
+        ran += run_chunks(&b->args, &v, phase);
+    }
+    if (ran) atomic_fetch_add_explicit(&a->boards[a->node].taken, ran, memory_order_relaxed);
+}
+
+/* This node's phase ends when all its chunks are finished, by its threads or by others. */
+static void close_phase(const mn_moe_args *a, const moe_view *v, int phase, int ith) {
+    const int gu = phase == MN_MOE_GATE_UP;
+    const int64_t total = gu ? v->cg[a->n_expert] : v->cd[a->n_expert];
+    if (a->boards) {
+        help_others(a);
+        while (atomic_load_explicit(&v->ctr[gu ? 32 : 40], memory_order_acquire) < total) MN_CPU_RELAX();
+    }
+    mn_pool_barrier(a->pool, ith);
+}
+
+static void open_phase(const mn_moe_args *a, int phase, int ith) {
+    if (a->boards && ith == 0) {
+        mn_moe_board *b = &a->boards[a->node];
+        if (phase == MN_MOE_GATE_UP) b->args = *a;
+        atomic_store_explicit(&b->phase, phase, memory_order_release);
+    }
+}
+
 void mn_moe_task(void *argp, int ith, int nth) {
     mn_moe_args *a = (mn_moe_args *)argp;
     if (a->n_assign <= 0) return;
-    moe_layout L; layout(a, &L);
-    uint8_t *base = (uint8_t *)(((uintptr_t)a->scratch + 63) & ~(uintptr_t)63);
-    int32_t *order = (int32_t *)(base + L.off_order);
-    int64_t *eoff = (int64_t *)(base + L.off_eoff);
-    int64_t *cg = (int64_t *)(base + L.off_chunk);            /* gate/up chunk prefix, n_expert+1 */
-    int64_t *cd = cg + a->n_expert + 1;                        /* down chunk prefix */
-    _Atomic int64_t *ctr = (_Atomic int64_t *)(base + L.off_ctr);
-    uint8_t *xg = base + L.off_xg, *xu = base + L.off_xu, *hq = base + L.off_hq;
-    float *G = (float *)(base + L.off_g), *U = (float *)(base + L.off_u), *Y = (float *)(base + L.off_y);
+    moe_view v;
+    view_of(a, &v);
+    const moe_layout L = v.L;
     const int64_t A = a->n_assign, E = a->n_expert, H = a->hidden, I = a->inter;
-    /* whole experts: every expert has I rows; split experts: their local slice */
-    const int64_t *IE = a->inter_of;
-#define INTER(e) (IE ? IE[e] : I)
-#define DSTRIDE(e) (IE ? a->down_stride_of[e] : a->down_stride)
-    int64_t chg = chunk_rows((int64_t)mn_row_bytes(a->gate_type, H));
-    int64_t chd = chunk_rows((int64_t)mn_row_bytes(a->down_type, I));
 
     if (ith == 0) {   /* group by expert (counting sort, stable) */
+        int64_t chg = chunk_rows((int64_t)mn_row_bytes(a->gate_type, H));
+        int64_t chd = chunk_rows((int64_t)mn_row_bytes(a->down_type, I));
+        int64_t *eoff = v.eoff, *cg = v.cg, *cd = v.cd;
         for (int64_t e = 0; e <= E; e++) eoff[e] = 0;
         for (int64_t i = 0; i < A; i++) eoff[a->expert[i] + 1]++;
         /* Few active experts (decode): hand out long contiguous runs, about four
@@ -130,86 +227,64 @@ void mn_moe_task(void *argp, int ith, int nth) {
          * decode in waits (Sapphire Rapids, Qwen3 bench Q8_0), eight gained nothing.
          * Many (prefill): the cache-sized chunks balance the compute. */
         int64_t active = 0, active_rows = 0;
-        for (int64_t e = 0; e < E; e++) if (eoff[e + 1] > 0) { active++; active_rows += INTER(e); }
+        for (int64_t e = 0; e < E; e++) if (eoff[e + 1] > 0) { active++; active_rows += INTER(a, e); }
         const int64_t runs = 4 * nth;
         const int64_t want_g = (active_rows + runs - 1) / runs, want_d = (active * H + runs - 1) / runs;
         if (want_g > chg) chg = want_g < I ? want_g : I;
         if (want_d > chd) chd = want_d < H ? want_d : H;
-        atomic_store(&ctr[16], chg); atomic_store(&ctr[24], chd);
+        atomic_store(&v.ctr[16], chg); atomic_store(&v.ctr[24], chd);
         cg[0] = cd[0] = 0;
         for (int64_t e = 0; e < E; e++) {
             const int64_t m = eoff[e + 1];
-            cg[e + 1] = cg[e] + (m ? (INTER(e) + chg - 1) / chg : 0);
+            cg[e + 1] = cg[e] + (m ? (INTER(a, e) + chg - 1) / chg : 0);
             cd[e + 1] = cd[e] + (m ? (H + chd - 1) / chd : 0);
             eoff[e + 1] += eoff[e];
         }
         /* stable placement using eoff as running cursor, then restore */
-        for (int64_t i = 0; i < A; i++) order[eoff[a->expert[i]]++] = (int32_t)i;
+        for (int64_t i = 0; i < A; i++) v.order[eoff[a->expert[i]]++] = (int32_t)i;
         for (int64_t e = E; e > 0; e--) eoff[e] = eoff[e - 1];
         eoff[0] = 0;
-        atomic_store(&ctr[0], 0); atomic_store(&ctr[8], 0);
+        for (int k = 0; k <= 40; k += 8) if (k != 16 && k != 24) atomic_store(&v.ctr[k], 0);
     }
     mn_pool_barrier(a->pool, ith);
-    chg = atomic_load(&ctr[16]); chd = atomic_load(&ctr[24]);
     /* Quantize each token once (a token goes to n_used experts), then gather the
      * rows into expert order, which the GEMM reads contiguously. */
-    uint8_t *tq = base + L.off_tq, *tqu = tq + (size_t)a->n_tok * L.xgb;
+    uint8_t *tqu = v.tq + (size_t)a->n_tok * L.xgb;
     for (int64_t t = ith; t < a->n_tok; t += nth) {
         const float *xr = a->x + t * a->x_stride;
-        mn_quantize_act(a->gate_type, xr, tq + t * L.xgb, H);
+        mn_quantize_act(a->gate_type, xr, v.tq + t * L.xgb, H);
         if (!L.share_xu) mn_quantize_act(a->up_type, xr, tqu + t * L.xub, H);
     }
     mn_pool_barrier(a->pool, ith);
     for (int64_t s = ith; s < A; s += nth) {
-        const int64_t t = a->token[order[s]];
-        memcpy(xg + s * L.xgb, tq + t * L.xgb, L.xgb);
-        if (!L.share_xu) memcpy(xu + s * L.xub, tqu + t * L.xub, L.xub);
+        const int64_t t = a->token[v.order[s]];
+        memcpy(v.xg + s * L.xgb, v.tq + t * L.xgb, L.xgb);
+        if (!L.share_xu) memcpy(v.xu + s * L.xub, tqu + t * L.xub, L.xub);
     }
     mn_pool_barrier(a->pool, ith);
-    /* gate/up + SiLU, dynamic chunks */
-    {
-        int64_t e = 0;
-        for (;;) {
-            const int64_t c = atomic_fetch_add(&ctr[0], 1);
-            if (c >= cg[E]) break;
-            while (cg[e + 1] <= c) e++;
-            const int64_t Ie = INTER(e);
-            const int64_t r0 = (c - cg[e]) * chg, r1 = r0 + chg < Ie ? r0 + chg : Ie;
-            const int64_t o = eoff[e], m = eoff[e + 1] - o;
-            mn_matmul_rows(a->gate_type, a->gate[e], a->gate_stride, H, xg + o * L.xgb, L.xgb, m, G + o * I, I, r0, r1);
-            mn_matmul_rows(a->up_type, a->up[e], a->up_stride, H, xu + o * (L.share_xu ? L.xgb : L.xub),
-                           L.share_xu ? L.xgb : L.xub, m, U + o * I, I, r0, r1);
-            for (int64_t t = o; t < o + m; t++) mn_silu_mul(G + t * I + r0, U + t * I + r0, r1 - r0);
-        }
-    }
-    mn_pool_barrier(a->pool, ith);
+    open_phase(a, MN_MOE_GATE_UP, ith);          /* gate/up + SiLU, dynamic chunks */
+    run_chunks(a, &v, MN_MOE_GATE_UP);
+    close_phase(a, &v, MN_MOE_GATE_UP, ith);
     for (int64_t s = ith; s < A; s += nth)
-        mn_quantize_act(a->down_type, G + s * I, hq + s * L.hqb, IE ? INTER(a->expert[order[s]]) : I);
+        mn_quantize_act(a->down_type, v.G + s * I, v.hq + s * L.hqb, INTER(a, a->expert[v.order[s]]));
     mn_pool_barrier(a->pool, ith);
-    {
-        int64_t e = 0;
-        for (;;) {
-            const int64_t c = atomic_fetch_add(&ctr[8], 1);
-            if (c >= cd[E]) break;
-            while (cd[e + 1] <= c) e++;
-            const int64_t r0 = (c - cd[e]) * chd, r1 = r0 + chd < H ? r0 + chd : H;
-            const int64_t o = eoff[e], m = eoff[e + 1] - o;
-            mn_matmul_rows(a->down_type, a->down[e], DSTRIDE(e), INTER(e), hq + o * L.hqb, L.hqb, m, Y + o * H, H, r0, r1);
-        }
-    }
-    mn_pool_barrier(a->pool, ith);
+    open_phase(a, MN_MOE_DOWN, ith);
+    run_chunks(a, &v, MN_MOE_DOWN);
+    close_phase(a, &v, MN_MOE_DOWN, ith);
+    if (a->boards && ith == 0) atomic_store_explicit(&a->boards[a->node].phase, MN_MOE_CLOSED, memory_order_release);
     /* weighted sum into out, columns split among threads (no races) */
     const int64_t c0 = H * ith / nth, c1 = H * (ith + 1) / nth;
     for (int64_t s = 0; s < A; s++) {
-        const int32_t ai = order[s];
+        const int32_t ai = v.order[s];
         const float wgt = a->weight[ai];
         float *o = a->out + (int64_t)a->token[ai] * a->out_stride;
-        const float *y = Y + s * H;
+        const float *y = v.Y + s * H;
         for (int64_t c = c0; c < c1; c++) o[c] += wgt * y[c];
     }
+    if (a->boards) help_others(a);   /* this node is done: take what the others still have */
+}
 #undef INTER
 #undef DSTRIDE
-}
 
 void mn_moe_experts(mn_moe_args *a) {
     if (a->pool) mn_pool_run(a->pool, mn_moe_task, a);

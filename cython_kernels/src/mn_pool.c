@@ -12,14 +12,8 @@
 #include <sys/syscall.h>
 #include <time.h>
 #include <unistd.h>
-#include "mn_kernels.h"
+#include "mn_internal.h"
 
-#if defined(__x86_64__) || defined(__i386__)
-#include <immintrin.h>
-#define cpu_relax() _mm_pause()
-#else
-#define cpu_relax() ((void)0)
-#endif
 
 #define CACHELINE 64
 
@@ -65,7 +59,7 @@ static void wait_change(_Atomic uint32_t *word, uint32_t val, _Atomic int *sleep
     int64_t t0 = 0;
     for (unsigned it = 0;; it++) {
         for (int k = 0; k < 16; k++) {
-            cpu_relax();
+            MN_CPU_RELAX();
             if (atomic_load_explicit(word, memory_order_acquire) != val) return;
         }
         if ((it & 7) == 0) {
@@ -205,7 +199,7 @@ void mn_pool_wait(mn_pool *p) {
     /* spin, then sleep until the last worker publishes done == g */
     int64_t tspin = 0;
     for (unsigned it = 0; atomic_load_explicit(&p->done, memory_order_acquire) != g; it++) {
-        cpu_relax();
+        MN_CPU_RELAX();
         if ((it & 127) == 0) {
             int64_t t = now_ns();
             if (!tspin) tspin = t;

@@ -1188,7 +1188,8 @@ class EngineBackend:
         pools = [p.stats() for p in self.pools]
         return {"expert_tokens": [c.copy() for c in self.expert_tokens], "syncs": st["syncs"],
                 "wait_ns": st["wait_ns"], "pools": pools, **_balance(st),
-                "moe_assign": st["moe_assign"], "last_forward": dict(self.last_forward)}
+                "moe_assign": st["moe_assign"], "moe_taken": st["moe_taken"],
+                "last_forward": dict(self.last_forward)}
 
     def reset_counters(self) -> None:
         self.core.reset_stats()
