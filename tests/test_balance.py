@@ -320,16 +320,23 @@ def test_make_bench_model_routing_skew(tmp_path, monkeypatch):
         B.make_bench_model("qwen3moe", "q8_0", routing_skew=-1)
 
 
+def mixed_engine(make_model, preset, n_nodes, data, max_tokens):
+    """The preset's Q8_0 model on a random mixed map (replica budget to spare) and a prompt."""
+    path = make_model(preset, "q8_0")
+    cfg = moe_numa.load(path, backend="reference").config
+    emap = mixed_map(cfg, n_nodes, data, split_ok=True)
+    ids = np.array(data.draw(st.lists(st.integers(0, cfg.n_vocab - 1), min_size=1, max_size=max_tokens)))
+    eng = moe_numa.load(path, numa_nodes=n_nodes, expert_map=emap, rebalance_every=None, replica_budget=1.0)
+    return cfg, ids, eng
+
+
 @settings(max_examples=12)
 @given(preset=st.sampled_from(TEST_PRESETS), n_nodes=st.integers(2, 4), data=st.data())
 def test_routing_once_split_over_nodes_is_bit_identical(make_model, preset, n_nodes, data):
     """A MoE block's router runs once, split over the nodes by tokens (norm, router, routing)
     or by the router's rows (route_split_min), or whole on every node: the same bits, every map."""
-    path = make_model(preset, "q8_0")
-    cfg = moe_numa.load(path, backend="reference").config
-    emap = mixed_map(cfg, n_nodes, data, split_ok=True)
-    ids = np.array(data.draw(st.lists(st.integers(0, cfg.n_vocab - 1), min_size=1, max_size=12)))
-    with moe_numa.load(path, numa_nodes=n_nodes, expert_map=emap, rebalance_every=None, replica_budget=1.0) as eng:
+    cfg, ids, eng = mixed_engine(make_model, preset, n_nodes, data, max_tokens=12)
+    with eng:
         b = eng.backend
         out, tokens = [], []
         for threshold in (-1, 10 ** 9, 1):      # replicated, by rows, by tokens
@@ -351,11 +358,8 @@ def test_routing_once_split_over_nodes_is_bit_identical(make_model, preset, n_no
 def test_sharing_moe_chunks_across_nodes_is_bit_identical(make_model, preset, n_nodes, data):
     """In prefill a node that has run out of its own MoE chunks runs the others' (moe_share_min):
     whichever node runs a chunk, the logits are the same bits as with no sharing, every map."""
-    path = make_model(preset, "q8_0")
-    cfg = moe_numa.load(path, backend="reference").config
-    emap = mixed_map(cfg, n_nodes, data, split_ok=True)
-    ids = np.array(data.draw(st.lists(st.integers(0, cfg.n_vocab - 1), min_size=1, max_size=24)))
-    with moe_numa.load(path, numa_nodes=n_nodes, expert_map=emap, rebalance_every=None, replica_budget=1.0) as eng:
+    _, ids, eng = mixed_engine(make_model, preset, n_nodes, data, max_tokens=24)
+    with eng:
         b = eng.backend
         out = []
         for threshold in (-1, 1, 1):            # never, then from one token (twice: other timings)

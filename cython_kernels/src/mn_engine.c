@@ -752,6 +752,7 @@ static void attn_task(void *p, int ith, int nth) {
 typedef struct {
     mn_engine *e; mn_node *node; const mn_ffn_layer *L;
     const float *x; int64_t T;
+    mn_moe_board *boards;                 /* prefill: the nodes share their MoE chunks (moe_share_min) */
     int routed;                           /* ROUTED_TOKENS: norms, ids and weights came from ffn_route_task
                                              (e->shared); ROUTED_LOGITS: the router logits did */
     int64_t t0, t1;                       /* ffn_route_task: this node's share of the tokens ... */
@@ -803,10 +804,12 @@ static route_share engine_share(const mn_engine *e) {
     arena a = {(uint8_t *)base, 0, e->shared_bytes - (size_t)(base - (uintptr_t)e->shared), 0};
     return share_layout(e, &a);
 }
+/* several nodes, and the region every node shares is there and large enough */
+static int has_share(const mn_engine *e) {
+    return e->n_nodes > 1 && e->shared && e->shared_bytes >= mn_engine_shared_bytes(e);
+}
 int64_t mn_engine_moe_taken(const mn_engine *e, int node, int reset) {
-    if (!e || node < 0 || node >= e->n_nodes || e->n_nodes < 2 || !e->shared
-        || e->shared_bytes < mn_engine_shared_bytes(e))
-        return 0;
+    if (!e || node < 0 || node >= e->n_nodes || !has_share(e)) return 0;
     _Atomic int64_t *taken = &engine_share(e).boards[node].taken;
     return reset ? atomic_exchange(taken, 0) : atomic_load(taken);
 }
@@ -825,13 +828,7 @@ static void ffn_moe_args(const ffn_ctx *c, mn_moe_args *m) {
     m->out = c->node ? c->node->partial : NULL; m->out_stride = L->hidden;
     m->scratch = c->moe_scratch; m->scratch_bytes = c->moe_scratch_bytes;
     m->pool = c->node ? c->node->pool : NULL;
-    const mn_engine *e = c->e;
-    const int64_t min = e && e->moe_share_min ? e->moe_share_min : 64;
-    if (e && c->node && e->n_nodes > 1 && min > 0 && c->T >= min && e->shared
-        && e->shared_bytes >= mn_engine_shared_bytes(e)) {
-        m->boards = engine_share(e).boards;
-        m->node = (int)(c->node - e->nodes); m->n_nodes = e->n_nodes;
-    }
+    if (c->boards) { m->boards = c->boards; m->node = (int)(c->node - c->e->nodes); m->n_nodes = c->e->n_nodes; }
 }
 
 static void ffn_layout(ffn_ctx *c, arena *a, int nth) {
@@ -1282,9 +1279,7 @@ int mn_engine_attention_batch(mn_engine *e, int layer, float *x, int64_t T, cons
 /* On several nodes a MoE block's router runs once, split over the nodes: by tokens (norm, router
  * and routing) from route_split_min tokens, by the router's rows below */
 static int route_split(const mn_engine *e, const mn_ffn_layer *L, int64_t T) {
-    if (e->n_nodes < 2 || L->kind != MN_FFN_MOE || e->route_split_min < 0 || !e->shared
-        || e->shared_bytes < mn_engine_shared_bytes(e))
-        return ROUTED_NO;
+    if (L->kind != MN_FFN_MOE || e->route_split_min < 0 || !has_share(e)) return ROUTED_NO;
     const int64_t min = e->route_split_min > 0 ? e->route_split_min : 4;
     return T >= min ? ROUTED_TOKENS : ROUTED_LOGITS;
 }
@@ -1295,12 +1290,15 @@ int mn_engine_ffn(mn_engine *e, int layer, float *x, int64_t T) {
     if (layer < 0) return MN_ENGINE_ELAYER;
     ffn_ctx ctx[MAX_NODES];
     const int routed = route_split(e, &e->nodes[0].ffn[layer], T);
+    const int64_t share_min = e->moe_share_min ? e->moe_share_min : 64;
+    mn_moe_board *boards = e->nodes[0].ffn[layer].kind == MN_FFN_MOE && share_min > 0 && T >= share_min
+                           && has_share(e) ? engine_share(e).boards : NULL;
     int threads = 0;
     for (int n = 0; n < e->n_nodes; n++) threads += mn_pool_size(e->nodes[n].pool);
     for (int n = 0, first = 0; n < e->n_nodes; n++) {
         memset(&ctx[n], 0, sizeof(ffn_ctx));
         ctx[n].e = e; ctx[n].node = &e->nodes[n]; ctx[n].L = &e->nodes[n].ffn[layer];
-        ctx[n].x = x; ctx[n].T = T;
+        ctx[n].x = x; ctx[n].T = T; ctx[n].boards = boards;
         /* a node routes tokens, or runs router rows, in proportion to its threads */
         const int nth = mn_pool_size(e->nodes[n].pool);
         const int64_t E = ctx[n].L->n_expert;

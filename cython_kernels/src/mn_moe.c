@@ -100,9 +100,8 @@ static int64_t chunk_rows(int64_t rb_bytes) {
     return r < 4 ? 4 : r;
 }
 
-/* Where one node's block lives in its scratch.  ctr: [0] next gate/up chunk, [8] next down
- * chunk, [16] gate/up rows per chunk, [24] down rows per chunk, [32] gate/up chunks finished,
- * [40] down chunks finished (one cache line each). */
+/* Where one node's block lives in its scratch.  ctr holds its counters, a cache line each: */
+enum { NEXT_GU = 0, NEXT_DN = 8, ROWS_GU = 16, ROWS_DN = 24, DONE_GU = 32, DONE_DN = 40 };
 typedef struct {
     moe_layout L;
     int32_t *order;
@@ -136,7 +135,7 @@ static int64_t expert_of(const int64_t *prefix, int64_t c, int64_t *e) {
 }
 
 static void gate_up_chunk(const mn_moe_args *a, const moe_view *v, int64_t c, int64_t *hint) {
-    const int64_t e = expert_of(v->cg, c, hint), H = a->hidden, I = a->inter, chg = atomic_load(&v->ctr[16]);
+    const int64_t e = expert_of(v->cg, c, hint), H = a->hidden, I = a->inter, chg = atomic_load(&v->ctr[ROWS_GU]);
     const int64_t Ie = INTER(a, e);
     const int64_t r0 = (c - v->cg[e]) * chg, r1 = r0 + chg < Ie ? r0 + chg : Ie;
     const int64_t o = v->eoff[e], m = v->eoff[e + 1] - o;
@@ -147,7 +146,7 @@ static void gate_up_chunk(const mn_moe_args *a, const moe_view *v, int64_t c, in
 }
 
 static void down_chunk(const mn_moe_args *a, const moe_view *v, int64_t c, int64_t *hint) {
-    const int64_t e = expert_of(v->cd, c, hint), H = a->hidden, chd = atomic_load(&v->ctr[24]);
+    const int64_t e = expert_of(v->cd, c, hint), H = a->hidden, chd = atomic_load(&v->ctr[ROWS_DN]);
     const int64_t r0 = (c - v->cd[e]) * chd, r1 = r0 + chd < H ? r0 + chd : H;
     const int64_t o = v->eoff[e], m = v->eoff[e + 1] - o;
     mn_matmul_rows(a->down_type, a->down[e], DSTRIDE(a, e), INTER(a, e), v->hq + o * v->L.hqb, v->L.hqb, m,
@@ -158,7 +157,7 @@ static void down_chunk(const mn_moe_args *a, const moe_view *v, int64_t c, int64
 static int64_t run_chunks(const mn_moe_args *a, const moe_view *v, int phase) {
     const int gu = phase == MN_MOE_GATE_UP;
     const int64_t total = gu ? v->cg[a->n_expert] : v->cd[a->n_expert];
-    _Atomic int64_t *next = &v->ctr[gu ? 0 : 8], *done = &v->ctr[gu ? 32 : 40];
+    _Atomic int64_t *next = &v->ctr[gu ? NEXT_GU : NEXT_DN], *done = &v->ctr[gu ? DONE_GU : DONE_DN];
     int64_t hint = 0, ran = 0;
     for (;;) {
         const int64_t c = atomic_fetch_add(next, 1);
@@ -193,7 +192,7 @@ static void close_phase(const mn_moe_args *a, const moe_view *v, int phase, int 
     const int64_t total = gu ? v->cg[a->n_expert] : v->cd[a->n_expert];
     if (a->boards) {
         help_others(a);
-        while (atomic_load_explicit(&v->ctr[gu ? 32 : 40], memory_order_acquire) < total) MN_CPU_RELAX();
+        while (atomic_load_explicit(&v->ctr[gu ? DONE_GU : DONE_DN], memory_order_acquire) < total) MN_CPU_RELAX();
     }
     mn_pool_barrier(a->pool, ith);
 }
@@ -232,7 +231,7 @@ void mn_moe_task(void *argp, int ith, int nth) {
         const int64_t want_g = (active_rows + runs - 1) / runs, want_d = (active * H + runs - 1) / runs;
         if (want_g > chg) chg = want_g < I ? want_g : I;
         if (want_d > chd) chd = want_d < H ? want_d : H;
-        atomic_store(&v.ctr[16], chg); atomic_store(&v.ctr[24], chd);
+        atomic_store(&v.ctr[ROWS_GU], chg); atomic_store(&v.ctr[ROWS_DN], chd);
         cg[0] = cd[0] = 0;
         for (int64_t e = 0; e < E; e++) {
             const int64_t m = eoff[e + 1];
@@ -244,7 +243,8 @@ void mn_moe_task(void *argp, int ith, int nth) {
         for (int64_t i = 0; i < A; i++) v.order[eoff[a->expert[i]]++] = (int32_t)i;
         for (int64_t e = E; e > 0; e--) eoff[e] = eoff[e - 1];
         eoff[0] = 0;
-        for (int k = 0; k <= 40; k += 8) if (k != 16 && k != 24) atomic_store(&v.ctr[k], 0);
+        atomic_store(&v.ctr[NEXT_GU], 0); atomic_store(&v.ctr[NEXT_DN], 0);
+        atomic_store(&v.ctr[DONE_GU], 0); atomic_store(&v.ctr[DONE_DN], 0);
     }
     mn_pool_barrier(a->pool, ith);
     /* Quantize each token once (a token goes to n_used experts), then gather the
