@@ -99,3 +99,4 @@ cdef extern from "mn_bench.h":
 include "kernels.pxi"
 include "engine.pxi"
 include "formats.pxi"
+include "bpe.pxi"

@@ -4,8 +4,9 @@
 ``llama_token_to_piece`` for ``tokenizer.ggml.model == "gpt2"`` with the
 pre-tokenizers ``qwen2`` (also ``deepseek-r1-qwen``), ``deepseek-v3`` (also
 ``joyai-llm``) and ``glm4`` (also ``glm5``: qwen2's splitting with numbers in runs of
-up to three digits, words that are whole tokens taken as they are, no default BOS).  The BPE merges and the regex splitting run in the HF
-``tokenizers`` library; what llama.cpp does around them is done here:
+up to three digits, words that are whole tokens taken as they are, no default BOS).  The regex
+splitting runs in the HF ``tokenizers`` library, the BPE merges in C (``_native.BPE``,
+mn_bpe.c); what llama.cpp does around them is done here:
 
 * **special tokens** -- tokens of type CONTROL, USER_DEFINED or UNKNOWN are cut
   out of the text first, longest first, as whole strings, never split.  CONTROL
@@ -297,15 +298,14 @@ class GGUFTokenizer:
             attrs = np.where(known, _TYPE_ATTR_TABLE[np.where(known, types, 0)], 0).tolist()
         else:
             attrs = [_TYPE_TO_ATTR.get(int(t), 0) for t in token_types[:n]]
-        token_to_id = dict(zip(tokens, range(n)))
-        if len(token_to_id) != n:   # a token appears twice: find the first one for the message
-            first: dict[str, int] = {}
-            for i, t in enumerate(tokens):
-                if t in first:
-                    raise GGUFError(f"tokenizer.ggml.tokens: token {t!r} appears twice "
-                                    f"(ids {first[t]} and {i})")
-                first[t] = i
-        self._token_to_id = token_to_id
+        # the vocabulary and merges in C (mn_bpe.c): a second model in another library held the
+        # GIL for a third of a second of every load, beside the weights' placement
+        try:
+            self._bpe = _native.BPE(tokens, list(merges),
+                                    ignore_merges=SUPPORTED_PRE_TOKENIZERS[pre] in _IGNORE_MERGES)
+        except (TypeError, ValueError) as e:   # "merges[i] = 'a b': 'b' is not one of the tokens", ...
+            raise GGUFError(f"tokenizer.ggml.{e}") from None
+        token_to_id = self._bpe.lookup
 
         # special ids: llama.cpp's gpt2 defaults, then the keys
         ids: dict[str, int | None] = {k: None for k, _ in _ID_KEYS}
@@ -333,7 +333,7 @@ class GGUFTokenizer:
             if ids[kind] is not None:
                 return
             for text in texts:   # llama.cpp takes the first one its hash map yields
-                tid = token_to_id.get(text)
+                tid = token_to_id(text)
                 if tid is not None:
                     ids[kind] = tid
                     attrs[tid] |= _ATTR_CONTROL
@@ -345,7 +345,7 @@ class GGUFTokenizer:
             by_text(kind, texts)
         eog = {ids[k] for k in ("fim_pad", "fim_rep", "fim_sep") if ids[k] is not None}
         for text in _EOG_TEXTS:
-            tid = token_to_id.get(text)
+            tid = token_to_id(text)
             if tid is not None:
                 eog.add(tid)
                 attrs[tid] |= _ATTR_CONTROL
@@ -364,41 +364,12 @@ class GGUFTokenizer:
         self._special_user = [(t, i) for t, i in self._special_all
                               if not attrs[i] & (_ATTR_CONTROL | _ATTR_UNKNOWN)]
 
-        self._hf = self._build_hf(tokens, token_to_id, merges)
-        self._pieces: list[bytes | None] = [None] * n
-        self._pieces_plain: dict[int, bytes] = {}
-
-    # ------------------------------------------------------------------ build
-
-    def _build_hf(self, tokens: list[str], token_to_id: dict[str, int], merges: Sequence[str]):
-        from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-
-        # "a b" -> (a, b), the rule in bpe_merge_pairs' docstring; where[k]: pairs[k]'s merge
-        try:
-            pairs, where = _native.bpe_merge_pairs(list(merges))
-        except TypeError as e:   # "[i]: expected a string, got ..."
-            raise GGUFError(f"tokenizer.ggml.merges{e}") from None
-        try:
-            # the BPE model refuses a merge whose parts or result are not tokens; the loop
-            # below runs only then, to name the merge (checking first costs 0.1 s a load)
-            bpe = models.BPE(vocab=token_to_id, merges=pairs,
-                             ignore_merges=SUPPORTED_PRE_TOKENIZERS[self.pre] in _IGNORE_MERGES)
-        except Exception as e:
-            for i, (a, b) in zip(where, pairs):
-                missing = next((x for x in (a, b, a + b) if x not in token_to_id), None)
-                if missing is not None:
-                    raise GGUFError(f"tokenizer.ggml.merges[{i}] = {merges[i]!r}: {missing!r} is not "
-                                    "in tokenizer.ggml.tokens") from e
-            raise GGUFError(f"tokenizer.ggml.merges: cannot build the BPE model: {e}") from e
-        hf = Tokenizer(bpe)
+        from tokenizers import Regex, pre_tokenizers   # the regex splitting, with Oniguruma's Unicode classes
         splits = [pre_tokenizers.Split(Regex(rx), behavior="isolated")
                   for rx in pre_tokenizer_regexes(SUPPORTED_PRE_TOKENIZERS[self.pre])]
         self._splitter = pre_tokenizers.Sequence(splits)
-        hf.pre_tokenizer = pre_tokenizers.Sequence(
-            splits + [pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=False,
-                                               use_regex=False)])
-        hf.decoder = decoders.ByteLevel()
-        return hf
+        self._pieces: list[bytes | None] = [None] * n
+        self._pieces_plain: dict[int, bytes] = {}
 
     @classmethod
     def from_metadata(cls, md: Mapping[str, Any]) -> "GGUFTokenizer":
@@ -494,7 +465,7 @@ class GGUFTokenizer:
 
     def token_to_id(self, text: str) -> int | None:
         """The id whose vocabulary string is ``text``, or None."""
-        return self._token_to_id.get(text)
+        return self._bpe.lookup(text)
 
     # ------------------------------------------------------------------ encode
 
@@ -534,18 +505,13 @@ class GGUFTokenizer:
             frags = self._partition(text, parse_special)
             raw = [f for f in frags if isinstance(f, str)]
             try:
-                if len(raw) == 1:
-                    encoded = [self._hf.encode(raw[0], add_special_tokens=False).ids]
-                elif raw:
-                    encoded = [e.ids for e in self._hf.encode_batch(raw, add_special_tokens=False)]
-                else:
-                    encoded = []
+                encoded = [self._bpe.encode([p for p, _ in self._splitter.pre_tokenize_str(f)]) for f in raw]
             except Exception as e:
                 bad = next((i for i, ch in enumerate(text) if 0xD800 <= ord(ch) < 0xE000), None)
                 if bad is not None:
                     raise TokenizerError(f"text has a lone surrogate (U+{ord(text[bad]):04X} at "
                                          f"index {bad}); it is not valid Unicode") from None
-                raise TokenizerError(f"tokenizers failed to encode the text: {e}") from e
+                raise TokenizerError(f"cannot encode the text: {e}") from e
             it = iter(encoded)
             for f in frags:
                 if isinstance(f, int):
