@@ -110,11 +110,13 @@ cdef extern from "mn_engine.h":
         int64_t reduce_parallel_min
         int64_t route_split_min
         int64_t moe_share_min
+        int64_t attn_share_min
         uint8_t *shared
         size_t shared_bytes
 
     size_t mn_node_scratch_bytes(const mn_engine *e, int node)
     int64_t mn_engine_moe_taken(const mn_engine *e, int node, int reset)
+    int64_t mn_engine_attn_taken(const mn_engine *e, int node, int reset)
     size_t mn_engine_shared_bytes(const mn_engine *e)
     size_t mn_kv_tile_bytes(int type, int64_t dim)
     size_t mn_kv_row_bytes(int type, int64_t dim)
@@ -920,6 +922,17 @@ cdef class NativeEngine:
     def moe_share_min(self, int64_t v):
         self.e.moe_share_min = max(v, -1)
 
+    @property
+    def attn_share_min(self):
+        """From this many tokens, attention's projections run in fixed chunks of rows, and a node
+        that has run out of its own runs what is left of the others' (0: the default, 64; -1:
+        never, each node splits its own rows over its threads)."""
+        return self.e.attn_share_min
+
+    @attn_share_min.setter
+    def attn_share_min(self, int64_t v):
+        self.e.attn_share_min = max(v, -1)
+
     def stats(self):
         self._check_open()
         return {"syncs": self.e.syncs, "wait_ns": self.e.wait_ns, "crit_ns": self.e.crit_ns,
@@ -928,7 +941,8 @@ cdef class NativeEngine:
                 "idle_ns": [self.e.nodes[i].idle_ns for i in range(self.e.n_nodes)],
                 "ffn_busy_ns": [self.e.nodes[i].ffn_busy_ns for i in range(self.e.n_nodes)],
                 "moe_assign": [self.e.nodes[i].moe_assign for i in range(self.e.n_nodes)],
-                "moe_taken": [mn_engine_moe_taken(&self.e, i, 0) for i in range(self.e.n_nodes)]}
+                "moe_taken": [mn_engine_moe_taken(&self.e, i, 0) for i in range(self.e.n_nodes)],
+                "attn_taken": [mn_engine_attn_taken(&self.e, i, 0) for i in range(self.e.n_nodes)]}
 
     def reset_stats(self):
         self._check_open()
@@ -942,3 +956,4 @@ cdef class NativeEngine:
             self.e.nodes[i].ffn_busy_ns = 0
             self.e.nodes[i].moe_assign = 0
             mn_engine_moe_taken(&self.e, i, 1)
+            mn_engine_attn_taken(&self.e, i, 1)

@@ -7,6 +7,7 @@ the file and the problem, before any weight is used.
 """
 from __future__ import annotations
 
+import math
 import os
 import re
 import struct
@@ -103,7 +104,7 @@ class Tensor:
 
     @property
     def n_elements(self) -> int:
-        return int(np.prod(self.shape))
+        return int(math.prod(self.shape))
 
     @property
     def row_bytes(self) -> int:
@@ -122,7 +123,7 @@ class Tensor:
         """The same bytes seen with another shape of the same row length (ggml's
         degenerate dims: `[1, n]` as `[n]`)."""
         shape = tuple(int(d) for d in shape)
-        if int(np.prod(shape)) != self.n_elements or shape[-1] != self.shape[-1]:
+        if int(math.prod(shape)) != self.n_elements or shape[-1] != self.shape[-1]:
             raise GGUFError(f"{self.file}: tensor {self.name!r} of shape {self.shape} cannot be seen as {shape}")
         return Tensor(self.name, self.qtype, shape, self.raw.reshape(*shape[:-1], self.row_bytes), self.file)
 

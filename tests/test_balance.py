@@ -395,3 +395,49 @@ def test_a_node_with_few_experts_runs_chunks_of_the_busy_one(make_model):
             np.testing.assert_array_equal(b.forward(ids, all_logits=True), want)
         taken = b.counters()["moe_taken"]
         assert taken[1] > 0, taken
+
+
+@settings(max_examples=12)
+@given(preset=st.sampled_from(TEST_PRESETS), n_nodes=st.integers(2, 4), data=st.data())
+def test_sharing_attention_projections_is_bit_identical(make_model, preset, n_nodes, data):
+    """In prefill attention's projections run in fixed chunks of rows that any node's idle thread
+    may take (attn_share_min): the logits are the same bits as each node splitting its own rows
+    over its threads, every architecture and map."""
+    _, ids, eng = mixed_engine(make_model, preset, n_nodes, data, max_tokens=24)
+    with eng:
+        b = eng.backend
+        out = []
+        for threshold in (-1, 1, 1):            # never, then from one token (twice: other timings)
+            b.core.attn_share_min = threshold
+            b.reset(); b.reset_counters()
+            out.append(b.forward(ids, all_logits=True))
+            taken = b.counters()["attn_taken"]
+            assert len(taken) == n_nodes and min(taken) >= 0
+            if threshold == -1:
+                assert sum(taken) == 0
+        b.core.attn_share_min = 0
+    for k in (1, 2):
+        np.testing.assert_array_equal(out[0], out[k])
+
+
+def test_nodes_with_fewer_heads_run_projections_of_the_busy_one(make_model):
+    """Three nodes over the heads of a model with four: one node has twice the others'
+    projections, the others finish first and take its chunks, and the output does not change."""
+    path = make_model("qwen3moe", "q8_0")
+    cfg = moe_numa.load(path, backend="reference").config
+    ids = np.arange(3, 3 + 64) % cfg.n_vocab
+    with moe_numa.load(path, numa_nodes=3, threads_per_node=1, rebalance_every=None) as eng:
+        b = eng.backend
+        heads = [h1 - h0 for h0, h1 in b.plan.layers[0].heads]
+        assert max(heads) > min(heads), heads   # the premise: an uneven split
+        b.core.attn_share_min = -1
+        b.reset()
+        want = b.forward(ids, all_logits=True)
+        b.core.attn_share_min = 1
+        b.reset_counters()
+        for _ in range(5):
+            b.reset()
+            np.testing.assert_array_equal(b.forward(ids, all_logits=True), want)
+        taken = b.counters()["attn_taken"]
+        busy = heads.index(max(heads))
+        assert sum(t for k, t in enumerate(taken) if k != busy) > 0, (heads, taken)

@@ -132,8 +132,18 @@ def test_half_written_cache_is_never_used(make_model, cache_dir, monkeypatch):
 
 
 def test_unusable_cache_dir_is_a_clear_error(make_model, tmp_path):
+    path = make_model("qwen3moe", "q8_0")
+    (tmp_path / "file").write_bytes(b"x")
     with pytest.raises(WeightsCacheError, match="not a directory"):
-        _load(make_model("qwen3moe", "q8_0"), str(tmp_path / "missing"))
+        _load(path, str(tmp_path / "file"))
+    with pytest.raises(WeightsCacheError, match="cannot create .*no/such"):
+        _load(path, str(tmp_path / "no" / "such"))
+
+
+def test_a_missing_cache_dir_is_made(make_model, tmp_path):
+    with _load(make_model("qwen3moe", "q8_0"), str(tmp_path / "new")) as m:
+        assert m.placement_report()["load"]["weights_cache"]["built_nodes"]
+    assert _files(str(tmp_path / "new"))
 
 
 def test_two_processes_build_once(make_model, cache_dir):

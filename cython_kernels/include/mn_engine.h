@@ -131,6 +131,8 @@ typedef struct {
                                        chunks runs chunks of the others' (their weights, read from
                                        their memory): prefill is compute-bound, so a node the host
                                        slows is helped; 0: 64; -1: never (each node runs its own) */
+    int64_t attn_share_min;         /* the same for attention's projections (q/k/v, MLA's, the output),
+                                       which then run in fixed chunks of rows; 0: 64; -1: never */
     uint8_t *shared;                /* what the nodes share in such a block, mn_engine_shared_bytes */
     size_t shared_bytes;
 } mn_engine;
@@ -144,6 +146,8 @@ size_t mn_kv_row_bytes(int type, int64_t dim);
 size_t mn_node_scratch_bytes(const mn_engine *e, int node);
 /* MoE chunks node `node` ran for other nodes since the last reset (see moe_share_min). */
 int64_t mn_engine_moe_taken(const mn_engine *e, int node, int reset);
+/* Attention projection chunks node `node` ran for other nodes since the last reset (attn_share_min). */
+int64_t mn_engine_attn_taken(const mn_engine *e, int node, int reset);
 /* Bytes of the engine-wide buffer for blocks of up to t_max tokens (the routed tokens' norms,
  * expert ids and weights, written by the node that routed them and read by every node). */
 size_t mn_engine_shared_bytes(const mn_engine *e);

@@ -35,7 +35,7 @@ static uint64_t hash_pair(uint64_t k) {
 static uint64_t pow2_at_least(uint64_t n) { uint64_t c = 16; while (c < n) c <<= 1; return c; }
 
 mn_bpe *mn_bpe_new(int64_t n_tokens, size_t text_bytes, int64_t n_merges, int ignore_merges) {
-    if (n_tokens < 0 || n_merges < 0) return NULL;
+    if (n_tokens < 0 || n_tokens >= INT32_MAX || n_merges < 0 || n_merges >= INT32_MAX) return NULL;   /* int32 ids, ranks */
     mn_bpe *b = (mn_bpe *)calloc(1, sizeof *b);
     if (!b) return NULL;
     const uint64_t cap = pow2_at_least(2 * (uint64_t)n_tokens + 2), mcap = pow2_at_least(2 * (uint64_t)n_merges + 2);
@@ -115,6 +115,7 @@ static size_t utf8_char_len(uint8_t c) { return c < 0xC0 ? 1 : c < 0xE0 ? 2 : c 
 
 int mn_bpe_add_merge(mn_bpe *b, const char *m, size_t n, int64_t rank) {
     size_t p = n ? utf8_char_len((uint8_t)m[0]) : 0;
+    if (p > n) p = n;
     while (p < n && m[p] != ' ') p++;
     if (p >= n) return 0;
     const int64_t a = mn_bpe_lookup(b, m, p);

@@ -145,11 +145,8 @@ static const uint8_t *act_of(const act_set *s, int type, size_t *row) {
 /* rows of several matrices (same input) split evenly over the threads */
 typedef struct { const mn_mat *m; float *out; int64_t out_stride; const uint8_t *xq; size_t xq_row; } seg;
 
-static void matmul_segs(const seg *s, int n, int64_t T, int ith, int nth) {
-    int64_t total = 0;
-    for (int i = 0; i < n; i++) total += s[i].m->rows;
-    int64_t a, b;
-    split(total, ith, nth, &a, &b);
+/* rows [a, b) of the matrices taken one after another */
+static void segs_rows(const seg *s, int n, int64_t T, int64_t a, int64_t b) {
     int64_t base = 0;
     for (int i = 0; i < n; i++) {
         const int64_t r0 = a > base ? a - base : 0;
@@ -159,6 +156,18 @@ static void matmul_segs(const seg *s, int n, int64_t T, int ith, int nth) {
                            s[i].out, s[i].out_stride, r0, r1);
         base += s[i].m->rows;
     }
+}
+
+static int64_t segs_total(const seg *s, int n) {
+    int64_t total = 0;
+    for (int i = 0; i < n; i++) total += s[i].m->rows;
+    return total;
+}
+
+static void matmul_segs(const seg *s, int n, int64_t T, int ith, int nth) {
+    int64_t a, b;
+    split(segs_total(s, n), ith, nth, &a, &b);
+    segs_rows(s, n, T, a, b);
 }
 
 /* One matrix per head (rows x m[h].cols), rows of all heads split over the threads.
@@ -392,7 +401,75 @@ typedef struct {
     act_set in, qa_act, lat_act, ao_act;
     uint8_t *qn_q, *olat_q;           /* MLA: per-head activations of q_nope / o_lat */
     size_t qn_row, olat_row;
+    struct attn_board *boards;        /* prefill: the nodes share their projections (attn_share_min) */
+    int phase;                        /* this thread's count of shared projections in the block */
 } attn_ctx;
+
+/* Prefill on several nodes: a node's projections (q/k/v, MLA's, the output) run in fixed chunks
+ * of rows, and a thread out of its own node's chunks runs what is left of another node's open
+ * projection (that node's weights and activations, read from its memory; the outputs written
+ * where the owner would write them). A row's result does not depend on the rows run with it,
+ * so the bits do not depend on who runs a chunk. */
+#define ATTN_PHASES 4          /* shared projections in one block, at most (decompressed MLA's) */
+#define SHARE_ROWS 32
+typedef struct {
+    mn_mat mats[3]; seg s[3];         /* copies: the owner's are on its threads' stacks */
+    int n; int64_t T, rows, chunks;
+    _Atomic int64_t next; char pad0[56];
+    _Atomic int64_t done; char pad1[56];
+} proj_job;
+typedef struct attn_board {
+    _Atomic int phase;                /* 1..ATTN_PHASES: jobs[phase - 1] is open to others; 0: closed */
+    char pad0[60];
+    _Atomic int64_t taken;            /* chunks of other nodes this node ran, summed */
+    char pad1[56];
+    proj_job jobs[ATTN_PHASES];
+} attn_board;
+
+/* Runs chunks of job j until none is left; returns how many it ran. */
+static int64_t run_proj(proj_job *j) {
+    int64_t ran = 0;
+    for (;;) {
+        const int64_t c = atomic_fetch_add(&j->next, 1);
+        if (c >= j->chunks) break;
+        segs_rows(j->s, j->n, j->T, c * SHARE_ROWS, (c + 1) * SHARE_ROWS < j->rows ? (c + 1) * SHARE_ROWS : j->rows);
+        atomic_fetch_add_explicit(&j->done, 1, memory_order_release);
+        ran++;
+    }
+    return ran;
+}
+
+/* What is left of the other nodes' open projections. A job is read only after its phase is
+ * seen open (acquire); its owner leaves it only when every chunk is finished, and rewrites it
+ * only in the next block, which starts when every node's task has returned. */
+static void help_projections(const attn_ctx *C) {
+    const mn_engine *e = C->e;
+    const int me = (int)(C->node - e->nodes);
+    int64_t ran = 0;
+    for (int k = 1; k < e->n_nodes; k++) {
+        attn_board *b = &C->boards[(me + k) % e->n_nodes];
+        const int p = atomic_load_explicit(&b->phase, memory_order_acquire);
+        if (p >= 1 && p <= ATTN_PHASES) ran += run_proj(&b->jobs[p - 1]);
+    }
+    if (ran) atomic_fetch_add_explicit(&C->boards[me].taken, ran, memory_order_relaxed);
+}
+
+/* matmul_segs of an attention block: shared with the other nodes in prefill (C->boards) */
+static void project(attn_ctx *C, const seg *s, int n, int64_t T, int ith, int nth) {
+    if (!C->boards || C->phase >= ATTN_PHASES) { matmul_segs(s, n, T, ith, nth); return; }
+    attn_board *b = &C->boards[C->node - C->e->nodes];
+    proj_job *j = &b->jobs[C->phase++];
+    if (ith == 0) {
+        j->n = n; j->T = T; j->rows = segs_total(s, n); j->chunks = (j->rows + SHARE_ROWS - 1) / SHARE_ROWS;
+        for (int i = 0; i < n; i++) { j->mats[i] = *s[i].m; j->s[i] = s[i]; j->s[i].m = &j->mats[i]; }
+        atomic_store(&j->next, 0); atomic_store(&j->done, 0);
+        atomic_store_explicit(&b->phase, C->phase, memory_order_release);
+    }
+    mn_pool_barrier(C->node->pool, ith);
+    run_proj(j);
+    help_projections(C);
+    while (atomic_load_explicit(&j->done, memory_order_acquire) < j->chunks) MN_CPU_RELAX();
+}
 
 static inline int64_t tok_pos(const attn_ctx *c, int64_t t) { return c->pos ? c->pos[t] : c->pos0 + t; }
 static inline int64_t tok_slot(const attn_ctx *c, int64_t t) { return c->slot ? c->slot[t] : 0; }
@@ -489,7 +566,7 @@ static void attn_epilogue(attn_ctx *C, int ith, int nth) {
     for (int64_t t = a0; t < a1; t++) act_quantize(&C->ao_act, C->ao + t * nd, t, nd);
     mn_pool_barrier(C->node->pool, ith);
     seg so = {&L->wo, C->node->partial, L->hidden, act_of(&C->ao_act, L->wo.type, &r), r};
-    matmul_segs(&so, 1, C->T, ith, nth);
+    project(C, &so, 1, C->T, ith, nth);
 }
 
 /* MLA's query path (q = wq x, or wq_b(norm(wq_a x))) and the compressed kv_a = wkv_a x. */
@@ -501,7 +578,7 @@ static void mla_project(attn_ctx *C, int ith, int nth) {
     seg s[2] = {{wq, L->q_lora ? C->qa : C->q, wq->rows, act_of(&C->in, wq->type, &r), r},
                 {&L->wkv_a, C->kva, L->wkv_a.rows, NULL, 0}};
     s[1].xq = act_of(&C->in, L->wkv_a.type, &s[1].xq_row);
-    matmul_segs(s, 2, C->T, ith, nth);
+    project(C, s, 2, C->T, ith, nth);
     mn_pool_barrier(pool, ith);
     if (!L->q_lora) return;
     int64_t a0, a1;
@@ -513,7 +590,7 @@ static void mla_project(attn_ctx *C, int ith, int nth) {
     }
     mn_pool_barrier(pool, ith);
     seg sb = {&L->wq_b, C->q, L->wq_b.rows, act_of(&C->qa_act, L->wq_b.type, &r), r};
-    matmul_segs(&sb, 1, C->T, ith, nth);
+    project(C, &sb, 1, C->T, ith, nth);
     mn_pool_barrier(pool, ith);
 }
 
@@ -586,7 +663,7 @@ static void gqa_task(attn_ctx *C, int ith, int nth) {
                 {&L->wk, C->k, L->wk.rows, NULL, 0}, {&L->wv, C->v, L->wv.rows, NULL, 0}};
     s[1].xq = act_of(&C->in, L->wk.type, &s[1].xq_row);
     s[2].xq = act_of(&C->in, L->wv.type, &s[2].xq_row);
-    matmul_segs(s, 3, T, ith, nth);
+    project(C, s, 3, T, ith, nth);
     mn_pool_barrier(pool, ith);
     int64_t a0, a1;
     split(T * (nq + nkv), ith, nth, &a0, &a1);
@@ -629,7 +706,7 @@ static void mla_mha_task(attn_ctx *C, int ith, int nth) {
     }
     mn_pool_barrier(pool, ith);
     seg sk = {&L->wkv_b, C->kvb, L->wkv_b.rows, act_of(&C->lat_act, L->wkv_b.type, &r), r};
-    matmul_segs(&sk, 1, T, ith, nth);
+    project(C, &sk, 1, T, ith, nth);
     mn_pool_barrier(pool, ith);
     split(T * 2 * nq, ith, nth, &a0, &a1);
     for (int64_t u = a0; u < a1; u++) {
@@ -736,6 +813,7 @@ static void attn_task(void *p, int ith, int nth) {
         int64_t a0, a1;
         split(c->T, ith, nth, &a0, &a1);
         memset(c->node->partial + a0 * L->hidden, 0, sizeof(float) * (a1 - a0) * L->hidden);
+        if (c->boards) help_projections(c);
         return;
     }
     arena a = node_arena(c->node);
@@ -745,6 +823,10 @@ static void attn_task(void *p, int ith, int nth) {
     if (L->kind == MN_ATTN_GQA) gqa_task(&C, ith, nth);
     else if (L->kind == MN_ATTN_MLA_MHA) mla_mha_task(&C, ith, nth);
     else mla_task(&C, ith, nth);
+    if (C.boards) {   /* this node is done: close its board, take what the others still have */
+        if (ith == 0) atomic_store_explicit(&C.boards[c->node - c->e->nodes].phase, 0, memory_order_release);
+        help_projections(&C);
+    }
     if (ith == 0) c->node->busy_ns += now_ns() - t_start;
 }
 
@@ -772,7 +854,7 @@ enum { ROUTED_NO = 0, ROUTED_TOKENS = 1, ROUTED_LOGITS = 2 };
 
 /* e->shared, carved the same way by every node: [t_max, hidden] norms, [t_max, n_used] ids and
  * weights, [t_max, n_expert] router logits */
-typedef struct { float *xn; int32_t *ids; float *w; float *logits; mn_moe_board *boards; } route_share;
+typedef struct { float *xn; int32_t *ids; float *w; float *logits; mn_moe_board *boards; attn_board *attn; } route_share;
 static int max_moe(const mn_engine *e, int experts) {
     int k = 0;
     for (int l = 0; l < e->n_layers; l++) {
@@ -791,6 +873,7 @@ static route_share share_layout(const mn_engine *e, arena *a) {
     r.w = (float *)carve(a, sizeof(float) * e->t_max * k);
     r.logits = (float *)carve(a, sizeof(float) * e->t_max * max_moe(e, 1));
     r.boards = (mn_moe_board *)carve(a, sizeof(mn_moe_board) * e->n_nodes);
+    r.attn = (attn_board *)carve(a, sizeof(attn_board) * e->n_nodes);
     return r;
 }
 size_t mn_engine_shared_bytes(const mn_engine *e) {
@@ -811,6 +894,11 @@ static int has_share(const mn_engine *e) {
 int64_t mn_engine_moe_taken(const mn_engine *e, int node, int reset) {
     if (!e || node < 0 || node >= e->n_nodes || !has_share(e)) return 0;
     _Atomic int64_t *taken = &engine_share(e).boards[node].taken;
+    return reset ? atomic_exchange(taken, 0) : atomic_load(taken);
+}
+int64_t mn_engine_attn_taken(const mn_engine *e, int node, int reset) {
+    if (!e || node < 0 || node >= e->n_nodes || !has_share(e)) return 0;
+    _Atomic int64_t *taken = &engine_share(e).attn[node].taken;
     return reset ? atomic_exchange(taken, 0) : atomic_load(taken);
 }
 
@@ -1254,11 +1342,13 @@ static int attention(mn_engine *e, int layer, float *x, int64_t T, int64_t pos0,
         }
     }
     attn_ctx ctx[MAX_NODES];
+    const int64_t share_min = e->attn_share_min ? e->attn_share_min : 64;
+    attn_board *boards = share_min > 0 && T >= share_min && has_share(e) ? engine_share(e).attn : NULL;
     for (int n = 0; n < e->n_nodes; n++) {
         memset(&ctx[n], 0, sizeof(attn_ctx));
         ctx[n].e = e; ctx[n].node = &e->nodes[n]; ctx[n].L = &e->nodes[n].attn[layer];
         ctx[n].x = x; ctx[n].T = T; ctx[n].pos0 = pos0;
-        ctx[n].pos = pos; ctx[n].slot = slot;
+        ctx[n].pos = pos; ctx[n].slot = slot; ctx[n].boards = boards;
     }
     run_nodes(e, attn_task, ctx, sizeof(attn_ctx), 0);
     for (int n = 0; n < e->n_nodes; n++) if (ctx[n].failed) return MN_ENGINE_ESCRATCH;

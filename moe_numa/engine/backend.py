@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import threading
 import time
@@ -124,17 +125,17 @@ class NodeStore:
             check = _block_check(view, source)
             fill = _checked(fill, check)
             self.checked.add(source.name)
-        return self._add(_Item(node, key, cls, int(np.prod(shape)), fill, shape, np.uint8, replicated,
+        return self._add(_Item(node, key, cls, int(math.prod(shape)), fill, shape, np.uint8, replicated,
                                src=where, check=check))
 
     def floats(self, node: int, key: str, values_fn: Callable[[], np.ndarray], shape, cls: str,
                replicated: bool = True) -> Ref:
         def fill(dst):
             np.copyto(dst, np.asarray(values_fn(), dtype=np.float32).reshape(dst.shape))
-        return self._add(_Item(node, key, cls, int(np.prod(shape)) * 4, fill, tuple(shape), np.float32, replicated))
+        return self._add(_Item(node, key, cls, int(math.prod(shape)) * 4, fill, tuple(shape), np.float32, replicated))
 
     def zeros(self, node: int, key: str, shape, cls: str, dtype=np.float32) -> Ref:
-        nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
+        nbytes = int(math.prod(shape)) * np.dtype(dtype).itemsize
         return self._add(_Item(node, key, cls, nbytes, None, tuple(shape), dtype, False))
 
     def _add(self, item: _Item) -> Ref:
@@ -1188,7 +1189,7 @@ class EngineBackend:
         pools = [p.stats() for p in self.pools]
         return {"expert_tokens": [c.copy() for c in self.expert_tokens], "syncs": st["syncs"],
                 "wait_ns": st["wait_ns"], "pools": pools, **_balance(st),
-                "moe_assign": st["moe_assign"], "moe_taken": st["moe_taken"],
+                "moe_assign": st["moe_assign"], "moe_taken": st["moe_taken"], "attn_taken": st["attn_taken"],
                 "last_forward": dict(self.last_forward)}
 
     def reset_counters(self) -> None:

@@ -111,6 +111,11 @@ class WeightsCache:
 
     def __init__(self, directory: str | os.PathLike, gguf_paths: list[str], check_tensors: bool = False):
         self.dir = os.fspath(directory)
+        if not os.path.exists(self.dir):   # made as a cache directory is, when its parent exists
+            try:
+                os.mkdir(self.dir)
+            except OSError as e:
+                raise WeightsCacheError(f"weights cache: cannot create {self.dir}: {e.strerror}") from None
         if not os.path.isdir(self.dir):
             raise WeightsCacheError(f"weights cache: {self.dir} is not a directory")
         if not os.access(self.dir, os.W_OK | os.X_OK):
