@@ -353,24 +353,27 @@ def test_routing_once_split_over_nodes_is_bit_identical(make_model, preset, n_no
             np.testing.assert_array_equal(a, b_)
 
 
+@pytest.mark.parametrize("knob, counter", [("moe_share_min", "moe_taken"), ("attn_share_min", "attn_taken")])
 @settings(max_examples=12)
 @given(preset=st.sampled_from(TEST_PRESETS), n_nodes=st.integers(2, 4), data=st.data())
-def test_sharing_moe_chunks_across_nodes_is_bit_identical(make_model, preset, n_nodes, data):
-    """In prefill a node that has run out of its own MoE chunks runs the others' (moe_share_min):
-    whichever node runs a chunk, the logits are the same bits as with no sharing, every map."""
+def test_sharing_work_across_nodes_is_bit_identical(make_model, knob, counter, preset, n_nodes, data):
+    """In prefill a node that has run out of its own MoE chunks (moe_share_min), or of its own
+    attention projection rows (attn_share_min, which run in fixed chunks then), runs the
+    others': whichever node runs a chunk, the logits are the same bits as with no sharing,
+    every architecture and map."""
     _, ids, eng = mixed_engine(make_model, preset, n_nodes, data, max_tokens=24)
     with eng:
         b = eng.backend
         out = []
         for threshold in (-1, 1, 1):            # never, then from one token (twice: other timings)
-            b.core.moe_share_min = threshold
+            setattr(b.core, knob, threshold)
             b.reset(); b.reset_counters()
             out.append(b.forward(ids, all_logits=True))
-            taken = b.counters()["moe_taken"]
+            taken = b.counters()[counter]
             assert len(taken) == n_nodes and min(taken) >= 0
             if threshold == -1:
                 assert sum(taken) == 0
-        b.core.moe_share_min = 0
+        setattr(b.core, knob, 0)
     for k in (1, 2):
         np.testing.assert_array_equal(out[0], out[k])
 
@@ -395,29 +398,6 @@ def test_a_node_with_few_experts_runs_chunks_of_the_busy_one(make_model):
             np.testing.assert_array_equal(b.forward(ids, all_logits=True), want)
         taken = b.counters()["moe_taken"]
         assert taken[1] > 0, taken
-
-
-@settings(max_examples=12)
-@given(preset=st.sampled_from(TEST_PRESETS), n_nodes=st.integers(2, 4), data=st.data())
-def test_sharing_attention_projections_is_bit_identical(make_model, preset, n_nodes, data):
-    """In prefill attention's projections run in fixed chunks of rows that any node's idle thread
-    may take (attn_share_min): the logits are the same bits as each node splitting its own rows
-    over its threads, every architecture and map."""
-    _, ids, eng = mixed_engine(make_model, preset, n_nodes, data, max_tokens=24)
-    with eng:
-        b = eng.backend
-        out = []
-        for threshold in (-1, 1, 1):            # never, then from one token (twice: other timings)
-            b.core.attn_share_min = threshold
-            b.reset(); b.reset_counters()
-            out.append(b.forward(ids, all_logits=True))
-            taken = b.counters()["attn_taken"]
-            assert len(taken) == n_nodes and min(taken) >= 0
-            if threshold == -1:
-                assert sum(taken) == 0
-        b.core.attn_share_min = 0
-    for k in (1, 2):
-        np.testing.assert_array_equal(out[0], out[k])
 
 
 def test_nodes_with_fewer_heads_run_projections_of_the_busy_one(make_model):

@@ -100,3 +100,14 @@ def test_bad_items_are_named():
     assert bpe.encode(["ab", "ba", ""]) == [2, 1, 0]
     assert bpe.lookup("ab") == 2 and bpe.lookup("zz") is None and bpe.n_tokens == 4
     assert bpe.encode([" a"]) == [3, 0]   # the space is the byte character Ġ
+
+
+def test_long_tokens_and_merges():
+    """Tokens and merges longer than the merge check's stack buffer (256 bytes)."""
+    a, b = "a" * 300, "b" * 300
+    tokens = ["a", "b", "ab", a, b, a + b]
+    bpe = _native.BPE(tokens, ["a b", f"{a} {b}"])
+    assert bpe.lookup(a + b) == 5
+    with pytest.raises(ValueError, match=r"merges\[1\] = 'a{300} a{300}': 'a{600}' is not one of the tokens"):
+        _native.BPE(tokens, ["a b", f"{a} {a}"])
+    assert bpe.encode(["ab" * 200]) == [2] * 200
