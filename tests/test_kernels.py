@@ -171,6 +171,22 @@ def test_multirow_gemm_equals_gemv_bit_for_bit(t, nblocks):
 
 
 @pytest.mark.parametrize("t", TYPES, ids=lambda t: t.name)
+def test_rows_do_not_depend_on_the_rows_run_with_them(t):
+    """A row's result is the same bits whichever rows share its call: the prefill sharing
+    runs fixed chunks of rows that any node may take, and its bit-identity rests on this."""
+    rng = np.random.default_rng(300 + int(t))
+    cols = cols_for(t, 9)
+    w = K.random_blocks(t, 70, cols, rng)
+    x = rng.standard_normal((37, cols)).astype(np.float32)
+    for level in LEVELS:
+        with K.simd(level):
+            whole = K.matmul(w, t, x)
+            for cuts in ((1, 70), (5, 21, 70), (16, 17, 32, 33, 70), (3, 4, 8, 64, 70)):
+                parts = [K.matmul(np.ascontiguousarray(w[a:b]), t, x) for a, b in zip((0,) + cuts[:-1], cuts)]
+                np.testing.assert_array_equal(np.concatenate(parts, axis=1), whole, err_msg=f"{level} {cuts}")
+
+
+@pytest.mark.parametrize("t", TYPES, ids=lambda t: t.name)
 def test_gemm_many_row_blocks_and_token_tiles(t):
     """Rows beyond one cache block, tokens beyond several tiles, strided rows."""
     rng = np.random.default_rng(int(t))
