@@ -4,6 +4,10 @@
 
 from cpython.unicode cimport PyUnicode_AsUTF8AndSize
 
+cdef extern from "Python.h":
+    Py_ssize_t PyUnicode_FindChar(object s, Py_UCS4 ch, Py_ssize_t start, Py_ssize_t end, int direction) except -2
+    Py_ssize_t PyUnicode_GetLength(object s) except -1
+
 cdef extern from "mn_bpe.h":
     ctypedef struct mn_bpe:
         pass

@@ -5,11 +5,6 @@
 from cpython.unicode cimport PyUnicode_DecodeUTF8
 from libc.string cimport memcpy
 
-cdef extern from "Python.h":
-    Py_ssize_t PyUnicode_FindChar(object s, Py_UCS4 ch, Py_ssize_t start, Py_ssize_t end, int direction) except -2
-    Py_ssize_t PyUnicode_GetLength(object s) except -1
-    object PyUnicode_Substring(object s, Py_ssize_t start, Py_ssize_t end)
-
 
 def gguf_string_spans(const uint8_t[::1] data, size_t offs, uint64_t n):
     """(starts, lengths, end) of the n strings of a GGUF string array whose first item's
@@ -58,28 +53,3 @@ def gguf_decode_strings(const uint8_t[::1] data, const int64_t[::1] starts, cons
         except UnicodeDecodeError as e:
             raise ValueError(f"item {i} is not valid UTF-8 ({e.reason} at byte {e.start})") from None
     return out
-
-
-def bpe_merge_pairs(list merges):
-    """tokenizer.ggml.merges' "a b" strings as BPE pairs, and the index of each pair's merge.
-
-    The one rule: a merge is cut at its first space after the first character (so "  x" is
-    (" ", "x")); a merge without one is an empty pair in llama.cpp that never matches and is
-    left out; a repeated merge keeps its first rank.  TypeError "[i]: expected a string, ..."
-    for the first item that is not a str.  In C because the slicing is 0.2 s of a 128k-merge
-    load in Python."""
-    cdef Py_ssize_t i, p, length, n = len(merges)
-    cdef list pairs = [], where = []
-    cdef set seen = set()
-    for i in range(n):
-        m = merges[i]
-        if type(m) is not str:
-            raise TypeError(f"[{i}]: expected a string, got {m!r}")
-        length = PyUnicode_GetLength(m)
-        p = PyUnicode_FindChar(m, 32, 1, length, 1)
-        if p < 0 or m in seen:
-            continue
-        seen.add(m)
-        pairs.append((PyUnicode_Substring(m, 0, p), PyUnicode_Substring(m, p + 1, length)))
-        where.append(i)
-    return pairs, where

@@ -505,7 +505,7 @@ class GGUFTokenizer:
             frags = self._partition(text, parse_special)
             raw = [f for f in frags if isinstance(f, str)]
             try:
-                encoded = [self._bpe.encode([p for p, _ in self._splitter.pre_tokenize_str(f)]) for f in raw]
+                encoded = [self._bpe.encode(self.pre_tokenize(f)) for f in raw]
             except Exception as e:
                 bad = next((i for i, ch in enumerate(text) if 0xD800 <= ord(ch) < 0xE000), None)
                 if bad is not None:

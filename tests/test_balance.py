@@ -378,6 +378,20 @@ def test_sharing_work_across_nodes_is_bit_identical(make_model, knob, counter, p
         np.testing.assert_array_equal(out[0], out[k])
 
 
+def _taken_while_sharing(b, ids, knob, counter):
+    """Five prefills of ids with sharing from one token, each the same bits as one without
+    sharing; returns the chunks each node took for the others in them."""
+    setattr(b.core, knob, -1)
+    b.reset()
+    want = b.forward(ids, all_logits=True)
+    setattr(b.core, knob, 1)
+    b.reset_counters()
+    for _ in range(5):
+        b.reset()
+        np.testing.assert_array_equal(b.forward(ids, all_logits=True), want)
+    return b.counters()[counter]
+
+
 def test_a_node_with_few_experts_runs_chunks_of_the_busy_one(make_model):
     """Node 1 holds one expert per layer, node 0 the rest: in prefill node 1 finishes first and
     takes node 0's chunks, the counters say so, and the output does not change."""
@@ -387,16 +401,7 @@ def test_a_node_with_few_experts_runs_chunks_of_the_busy_one(make_model):
     emap = {"model": {"n_expert": E}, "nodes": [0, 1], "experts": {0: list(range(E - 1)), 1: [E - 1]}}
     ids = np.arange(3, 3 + 64) % cfg.n_vocab
     with moe_numa.load(path, numa_nodes=2, threads_per_node=1, expert_map=emap, rebalance_every=None) as eng:
-        b = eng.backend
-        b.core.moe_share_min = -1
-        b.reset()
-        want = b.forward(ids, all_logits=True)
-        b.core.moe_share_min = 1
-        b.reset_counters()
-        for _ in range(5):
-            b.reset()
-            np.testing.assert_array_equal(b.forward(ids, all_logits=True), want)
-        taken = b.counters()["moe_taken"]
+        taken = _taken_while_sharing(eng.backend, ids, "moe_share_min", "moe_taken")
         assert taken[1] > 0, taken
 
 
@@ -410,14 +415,6 @@ def test_nodes_with_fewer_heads_run_projections_of_the_busy_one(make_model):
         b = eng.backend
         heads = [h1 - h0 for h0, h1 in b.plan.layers[0].heads]
         assert max(heads) > min(heads), heads   # the premise: an uneven split
-        b.core.attn_share_min = -1
-        b.reset()
-        want = b.forward(ids, all_logits=True)
-        b.core.attn_share_min = 1
-        b.reset_counters()
-        for _ in range(5):
-            b.reset()
-            np.testing.assert_array_equal(b.forward(ids, all_logits=True), want)
-        taken = b.counters()["attn_taken"]
+        taken = _taken_while_sharing(b, ids, "attn_share_min", "attn_taken")
         busy = heads.index(max(heads))
         assert sum(t for k, t in enumerate(taken) if k != busy) > 0, (heads, taken)

@@ -891,16 +891,19 @@ static route_share engine_share(const mn_engine *e) {
 static int has_share(const mn_engine *e) {
     return e->n_nodes > 1 && e->shared && e->shared_bytes >= mn_engine_shared_bytes(e);
 }
-int64_t mn_engine_moe_taken(const mn_engine *e, int node, int reset) {
+/* prefill work sharing applies to a block of T tokens from `min` of them (0: 64, -1: never) */
+static int sharing(const mn_engine *e, int64_t min, int64_t T) {
+    const int64_t from = min ? min : 64;
+    return from > 0 && T >= from && has_share(e);
+}
+static int64_t read_taken(const mn_engine *e, int node, int attn, int reset) {
     if (!e || node < 0 || node >= e->n_nodes || !has_share(e)) return 0;
-    _Atomic int64_t *taken = &engine_share(e).boards[node].taken;
+    const route_share r = engine_share(e);
+    _Atomic int64_t *taken = attn ? &r.attn[node].taken : &r.boards[node].taken;
     return reset ? atomic_exchange(taken, 0) : atomic_load(taken);
 }
-int64_t mn_engine_attn_taken(const mn_engine *e, int node, int reset) {
-    if (!e || node < 0 || node >= e->n_nodes || !has_share(e)) return 0;
-    _Atomic int64_t *taken = &engine_share(e).attn[node].taken;
-    return reset ? atomic_exchange(taken, 0) : atomic_load(taken);
-}
+int64_t mn_engine_moe_taken(const mn_engine *e, int node, int reset) { return read_taken(e, node, 0, reset); }
+int64_t mn_engine_attn_taken(const mn_engine *e, int node, int reset) { return read_taken(e, node, 1, reset); }
 
 static void ffn_moe_args(const ffn_ctx *c, mn_moe_args *m) {
     const mn_ffn_layer *L = c->L;
@@ -1342,8 +1345,7 @@ static int attention(mn_engine *e, int layer, float *x, int64_t T, int64_t pos0,
         }
     }
     attn_ctx ctx[MAX_NODES];
-    const int64_t share_min = e->attn_share_min ? e->attn_share_min : 64;
-    attn_board *boards = share_min > 0 && T >= share_min && has_share(e) ? engine_share(e).attn : NULL;
+    attn_board *boards = sharing(e, e->attn_share_min, T) ? engine_share(e).attn : NULL;
     for (int n = 0; n < e->n_nodes; n++) {
         memset(&ctx[n], 0, sizeof(attn_ctx));
         ctx[n].e = e; ctx[n].node = &e->nodes[n]; ctx[n].L = &e->nodes[n].attn[layer];
@@ -1380,9 +1382,8 @@ int mn_engine_ffn(mn_engine *e, int layer, float *x, int64_t T) {
     if (layer < 0) return MN_ENGINE_ELAYER;
     ffn_ctx ctx[MAX_NODES];
     const int routed = route_split(e, &e->nodes[0].ffn[layer], T);
-    const int64_t share_min = e->moe_share_min ? e->moe_share_min : 64;
-    mn_moe_board *boards = e->nodes[0].ffn[layer].kind == MN_FFN_MOE && share_min > 0 && T >= share_min
-                           && has_share(e) ? engine_share(e).boards : NULL;
+    mn_moe_board *boards = e->nodes[0].ffn[layer].kind == MN_FFN_MOE && sharing(e, e->moe_share_min, T)
+                           ? engine_share(e).boards : NULL;
     int threads = 0;
     for (int n = 0; n < e->n_nodes; n++) threads += mn_pool_size(e->nodes[n].pool);
     for (int n = 0, first = 0; n < e->n_nodes; n++) {
