@@ -33,36 +33,55 @@ cdef class BPE:
     cdef readonly Py_ssize_t n_tokens
 
     def __cinit__(self, list tokens, list merges, bint ignore_merges=False):
-        cdef Py_ssize_t i, n = len(tokens), size, total = 0
-        cdef const char *s
-        cdef int64_t dup
-        cdef int missing
-        for i in range(n):
-            t = tokens[i]
-            if type(t) is not str:
-                raise TypeError(f"tokens[{i}]: expected a string, got {t!r}")
-            PyUnicode_AsUTF8AndSize(t, &size)
-            total += size
-        self.b = mn_bpe_new(n, total, len(merges), ignore_merges)
-        if self.b == NULL:
-            raise MemoryError("BPE: cannot allocate the vocabulary tables")
-        for i in range(n):
-            s = PyUnicode_AsUTF8AndSize(tokens[i], &size)
-            dup = mn_bpe_add_token(self.b, s, size)
-            if dup >= 0:
-                raise ValueError(f"tokens[{i}]: token {tokens[i]!r} appears twice (ids {dup} and {i})")
+        # The strings' UTF-8 are located with the GIL, then hashed without it: the tokenizer is
+        # built on a thread beside the weights' placement, whose Python work would otherwise wait.
+        cdef Py_ssize_t i, n = len(tokens), n_merges = len(merges), size, total = 0
+        cdef Py_ssize_t bad = -1
+        cdef int64_t dup = -1
+        cdef int missing = 0
+        cdef const char **text = <const char **>malloc((n + n_merges + 1) * sizeof(const char *))
+        cdef Py_ssize_t *sizes = <Py_ssize_t *>malloc((n + n_merges + 1) * sizeof(Py_ssize_t))
+        try:
+            if text == NULL or sizes == NULL:
+                raise MemoryError("BPE: cannot allocate the vocabulary tables")
+            for i in range(n):
+                t = tokens[i]
+                if type(t) is not str:
+                    raise TypeError(f"tokens[{i}]: expected a string, got {t!r}")
+                text[i] = PyUnicode_AsUTF8AndSize(t, &sizes[i])
+                total += sizes[i]
+            for i in range(n_merges):
+                m = merges[i]
+                if type(m) is not str:
+                    raise TypeError(f"merges[{i}]: expected a string, got {m!r}")
+                text[n + i] = PyUnicode_AsUTF8AndSize(m, &sizes[n + i])
+            self.b = mn_bpe_new(n, total, n_merges, ignore_merges)
+            if self.b == NULL:
+                raise MemoryError("BPE: cannot allocate the vocabulary tables")
+            with nogil:   # the lists are held by the caller: their strings, and these pointers, live
+                for i in range(n):
+                    dup = mn_bpe_add_token(self.b, text[i], sizes[i])
+                    if dup >= 0:
+                        bad = i
+                        break
+                if bad < 0:
+                    mn_bpe_finish_tokens(self.b)
+                    for i in range(n_merges):
+                        missing = mn_bpe_add_merge(self.b, text[n + i], sizes[n + i], i)
+                        if missing:
+                            bad = i
+                            break
+        finally:
+            free(text)
+            free(sizes)
         self.n_tokens = n
-        mn_bpe_finish_tokens(self.b)
-        for i in range(len(merges)):
-            m = merges[i]
-            if type(m) is not str:
-                raise TypeError(f"merges[{i}]: expected a string, got {m!r}")
-            s = PyUnicode_AsUTF8AndSize(m, &size)
-            missing = mn_bpe_add_merge(self.b, s, size, i)
-            if missing:
-                cut = PyUnicode_FindChar(m, 32, 1, PyUnicode_GetLength(m), 1)
-                a, c = m[:cut], m[cut + 1:]
-                raise ValueError(f"merges[{i}] = {m!r}: {(a, c, a + c)[missing - 1]!r} is not one of the tokens")
+        if bad >= 0 and dup >= 0:
+            raise ValueError(f"tokens[{bad}]: token {tokens[bad]!r} appears twice (ids {dup} and {bad})")
+        if bad >= 0:
+            m = merges[bad]
+            cut = PyUnicode_FindChar(m, 32, 1, PyUnicode_GetLength(m), 1)
+            a, c = m[:cut], m[cut + 1:]
+            raise ValueError(f"merges[{bad}] = {m!r}: {(a, c, a + c)[missing - 1]!r} is not one of the tokens")
 
     def __dealloc__(self):
         mn_bpe_free(self.b)
