@@ -44,6 +44,16 @@ class _Reader(GGUFReader):
     array element, which takes seconds for a 150k-token vocabulary), and a size
     check of every tensor before gguf reshapes its bytes."""
 
+    # The file's map as a plain ndarray (its base keeps the np.memmap open): each of the
+    # thousands of views taken of it would otherwise be a memmap, built in Python.
+    @property
+    def data(self) -> np.ndarray:
+        return self._data
+
+    @data.setter
+    def data(self, value: np.ndarray) -> None:
+        self._data = value.view(np.ndarray) if isinstance(value, np.memmap) else value
+
     def _build_tensors(self, start_offs: int, fields) -> None:
         from gguf.constants import GGML_QUANT_SIZES
         for field in fields:

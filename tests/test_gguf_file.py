@@ -4,6 +4,8 @@ import struct
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from gguf import GGMLQuantizationType as Q
 from gguf import GGUFValueType as V
 
@@ -199,6 +201,29 @@ def test_native_string_array_scan_matches_python(items):
             _native.gguf_string_spans(data[:cut].copy(), 3, len(items))
     with pytest.raises(ValueError, match="cannot fit"):
         _native.gguf_string_spans(data, 3, 2 ** 62)          # a count no file can hold
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.one_of(st.text(max_size=12).map(str.encode), st.binary(max_size=12)), max_size=40))
+def test_native_string_decode_is_pythons_for_any_bytes(items):
+    """ASCII items take a copy, the rest UTF-8's decoder: either way Python's str, or Python's
+    refusal naming the first bad item."""
+    from moe_numa import _native
+    data = np.frombuffer(b"\0" + _string_array(items), dtype=np.uint8)
+    starts, lengths, _ = _native.gguf_string_spans(data, 1, len(items))
+    expected, bad = [], None
+    for i, b in enumerate(items):
+        try:
+            expected.append(b.decode("utf-8"))
+        except UnicodeDecodeError:
+            bad = i
+            break
+    if bad is None:
+        got = _native.gguf_decode_strings(data, starts, lengths)
+        assert got == expected and all(type(x) is str for x in got)
+    else:
+        with pytest.raises(ValueError, match=f"item {bad} is not valid UTF-8"):
+            _native.gguf_decode_strings(data, starts, lengths)
 
 
 def test_string_array_with_bad_utf8_names_key_and_item(make_model, tmp_path):

@@ -138,12 +138,15 @@ class WeightsCache:
 
     def key(self, store, node: int) -> dict:
         arena = store.arenas[node]
-        layout = hashlib.sha256()
-        for (k, key), it in sorted(store.items.items(), key=lambda kv: kv[0][1]):
+        # every weight's name, place in the image, size, dtype, shape and class, in one repr
+        # (arr.ctypes and a hash update per item were a tenth of a cached load)
+        rows = []
+        for (k, key), it in store.items.items():
             if k == node and it.fill is not None:
-                arr = store.arrays[(k, key)]
-                layout.update(repr((key, arr.ctypes.data - arena.addr, it.nbytes, np.dtype(it.dtype).str,
-                                    tuple(it.shape), it.cls)).encode())
+                addr = store.arrays[(k, key)].__array_interface__["data"][0]
+                rows.append((key, addr - arena.addr, it.nbytes, np.dtype(it.dtype).str, tuple(it.shape), it.cls))
+        rows.sort(key=lambda row: row[0])
+        layout = hashlib.sha256(repr(rows).encode())
         return {"format": FORMAT, "gguf": self.identity, "node": node, "n_nodes": store.topo.n_nodes,
                 "memory_node": arena.node, "image_bytes": store.weight_bytes[node], "layout": layout.hexdigest(),
                 "code": _code_id()}
