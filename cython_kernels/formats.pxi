@@ -73,3 +73,25 @@ def gguf_decode_strings(const uint8_t[::1] data, const int64_t[::1] starts, cons
         except UnicodeDecodeError as e:
             raise ValueError(f"item {i} is not valid UTF-8 ({e.reason} at byte {e.start})") from None
     return out
+
+
+cdef extern from "numpy/arrayobject.h":
+    ctypedef struct PyArrayObject:
+        pass
+    void *PyArray_DATA(PyArrayObject *a)
+
+
+_ndarray = None
+
+
+def data_address(a):
+    """The address of an ndarray's first byte: numpy's __array_interface__ builds a dict for
+    it (3 us), and a load asks for thousands (every weight's place in the file and the arena)."""
+    global _ndarray
+    if _ndarray is None:
+        import numpy
+        _ndarray = numpy.ndarray
+    if not isinstance(a, _ndarray):
+        raise TypeError(f"data_address: expected an ndarray, got {type(a).__name__}")
+    return <uintptr_t>PyArray_DATA(<PyArrayObject *><void *>a)
+

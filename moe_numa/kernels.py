@@ -198,8 +198,7 @@ _SPAN = {Q.Q8_0: 64, Q.Q4_0: 4, Q.Q4_1: 8, Q.Q5_0: 8, Q.Q5_1: 16, Q.IQ4_NL: 64, 
 
 
 # ------------------------------------------------------------------ validation
-def _addr(a: np.ndarray) -> int:
-    return a.__array_interface__["data"][0]
+_addr = _native.data_address
 
 
 def _check_weights(w: np.ndarray, t: GGMLQuantizationType, cols: int, name: str, rows: int | None = None):

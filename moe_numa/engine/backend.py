@@ -554,7 +554,7 @@ def _block_check(view: np.ndarray, source: Tensor):
         bad = kernels.first_bad_block(d2, source.qtype, d2.shape[1] // tr.type_size * tr.block)
         if bad >= 0:
             per_shard_row = d2.shape[1] // tr.type_size
-            off = view.__array_interface__["data"][0] - source.raw.__array_interface__["data"][0]
+            off = _native.data_address(view) - _native.data_address(source.raw)
             row = off // row_bytes + bad // per_shard_row
             blk = (off % row_bytes) // tr.type_size + bad % per_shard_row
             raise bad_block_error(source, row * (row_bytes // tr.type_size) + blk)
