@@ -81,16 +81,12 @@ cdef extern from "numpy/arrayobject.h":
     void *PyArray_DATA(PyArrayObject *a)
 
 
-_ndarray = None
+from numpy import ndarray as _ndarray
 
 
 def data_address(a):
     """The address of an ndarray's first byte: numpy's __array_interface__ builds a dict for
     it (3 us), and a load asks for thousands (every weight's place in the file and the arena)."""
-    global _ndarray
-    if _ndarray is None:
-        import numpy
-        _ndarray = numpy.ndarray
     if not isinstance(a, _ndarray):
         raise TypeError(f"data_address: expected an ndarray, got {type(a).__name__}")
     return <uintptr_t>PyArray_DATA(<PyArrayObject *><void *>a)

@@ -395,14 +395,14 @@ def silu_mul(g, u) -> np.ndarray:
     u = _f32_vector("u", u)
     if g.shape != u.shape:
         raise ShapeError(f"silu_mul: g has shape {g.shape}, u has {u.shape}")
-    _native.silu_mul_ptr(g.ctypes.data, u.ctypes.data, g.size)
+    _native.silu_mul_ptr(_addr(g), _addr(u), g.size)
     return g
 
 
 def exp_sum(x, shift: float = 0.0) -> tuple[np.ndarray, float]:
     """(exp(x - shift), its sum) with the vector exp flash attention's softmax uses."""
     y = _f32_vector("x", x).copy()
-    return y, _native.exp_sum_ptr(y.ctypes.data, y.size, float(shift))
+    return y, _native.exp_sum_ptr(_addr(y), y.size, float(shift))
 
 
 @contextlib.contextmanager

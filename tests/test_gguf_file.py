@@ -226,6 +226,15 @@ def test_native_string_decode_is_pythons_for_any_bytes(items):
             _native.gguf_decode_strings(data, starts, lengths)
 
 
+def test_data_address_is_numpys_and_refuses_what_is_not_an_array():
+    from moe_numa import _native
+    a = np.arange(64, dtype=np.uint8)
+    for v in (a, a[5:], a[3:40].view(np.uint8), a.reshape(8, 8)[2:, 3:]):
+        assert _native.data_address(v) == v.__array_interface__["data"][0]
+    with pytest.raises(TypeError, match="data_address: expected an ndarray, got bytes"):
+        _native.data_address(b"abc")
+
+
 def test_string_array_with_bad_utf8_names_key_and_item(make_model, tmp_path):
     from moe_numa import _native
     data = np.frombuffer(_string_array([b"ok", b"\xff\xfe", b"x"]), dtype=np.uint8)

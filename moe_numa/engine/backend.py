@@ -314,8 +314,8 @@ class NodeStore:
                     run = queue.pop()
                 try:
                     first, last = self.arrays[run[0][0]], self.arrays[run[-1][0]]
-                    lo = first.ctypes.data
-                    hi = last.ctypes.data + last.nbytes
+                    lo = _native.data_address(first)
+                    hi = _native.data_address(last) + last.nbytes
                     base = self.arenas[k].addr
                     lo_h = max(base, lo - (lo - base) % HUGE)
                     hi_h = min(base + self.weight_bytes[k], hi + (-(hi - base)) % HUGE)
@@ -1171,7 +1171,7 @@ class EngineBackend:
             if not arena.bound or it.nbytes < 4096:
                 continue
             arr = self.store.arrays[(node, key)]
-            status = page_nodes(arr.ctypes.data, arr.nbytes, sample)
+            status = page_nodes(_native.data_address(arr), arr.nbytes, sample)
             # -ENOENT (never touched) and -EFAULT (only read: the shared zero page): no page of
             # ours exists there yet, e.g. a cache's unused tail; mbind places it when first written.
             present = status[(status != -2) & (status != -14)]
