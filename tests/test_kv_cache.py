@@ -147,7 +147,8 @@ def test_engine_cache_holds_the_references_rounded_values(make_model, preset, kv
             return
         k = np.stack([_tile_values(p.cache_k[0, h], kv, a.head_dim)[:n] for h in range(a.n_head_kv)], axis=1)
         _same_but_flips(k, c["k"][:n], kv)
-        _same_but_flips(_row_values(p.cache_v[0, :n], kv, a.head_dim), c["v"][:n], kv)
+        # values are stored per head ([slot, head, position]); the reference keeps [position, head]
+        _same_but_flips(_row_values(p.cache_v[0, :, :n].swapaxes(0, 1), kv, a.head_dim), c["v"][:n], kv)
 
 
 @pytest.mark.parametrize("preset,kv", [("qwen3moe", "q8_0"), ("qwen3moe", "f16"), ("deepseek-v3", "f16"),

@@ -54,7 +54,9 @@ typedef struct {
     int n_slots;
     int cache_type_k, cache_type_v;     /* MN_F32, MN_F16 or MN_Q8_0 (MLA: both latent caches use cache_type_k) */
     void *cache_k, *cache_v;            /* GQA/MLA_MHA: keys in tiles [n_kv, ceil(n_ctx/32)] of mn_kv_tile_bytes(k, qk_dim),
-                                         * values [n_ctx, n_kv] rows of mn_kv_row_bytes(v, v_dim) */
+                                         * values [n_kv, n_ctx] rows of mn_kv_row_bytes(v, v_dim): a head's
+                                         * rows contiguous (interleaved heads, 1 KB apart in Qwen3, fell on
+                                         * a quarter of L1's sets and conflicted in the value pass) */
     void *cache_lat;                    /* MLA: latents [n_ctx] rows of mn_kv_row_bytes(k, kv_lora) (values) */
     void *cache_ktiles;                 /* MLA: keys [latent | roped k_pe] in tiles [ceil(n_ctx/32)] of
                                          * mn_kv_tile_bytes(k, kv_lora + rope_dims) */

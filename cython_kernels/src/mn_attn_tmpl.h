@@ -2,15 +2,17 @@
  *   #define ATTN_SUFFIX avx2 / ATTN_TARGET __attribute__((target("avx2,fma,f16c"))) / ATTN_VW 8
  *   #include "mn_attn_tmpl.h"
  * ATTN_VW is the level's native float count (16 zmm, 8 ymm, 4 xmm): GCC vector
- * types of that width map onto single registers.  ATTN_ROWS query rows run at once:
- * 8 on the 32-register AVX-512 file (16 accumulators), 4 on the 16-register files
- * (a 16-float type at AVX2 would be ymm pairs and spill).  More rows per pass is
- * fewer reads of each key and value per product: at decode a GQA group (8 heads per
- * KV head in Qwen3) or MLA's heads all read the same cache.
+ * types of that width map onto single registers.  ATTN_ROWS query rows run at once,
+ * each with ATTN_ACC accumulators: 8 x 2 on the 32-register AVX-512 file, 8 x 1 at
+ * AVX2 (8 accumulators, enough to cover the FMA latency, in 16 ymm registers; a
+ * 16-float type there would be ymm pairs and spill), 4 x 2 below.  More rows per pass
+ * is fewer reads of each key and value per product: at decode a GQA group (8 heads per
+ * KV head in Qwen3) or MLA's heads all read the same cache, and one pass reads the F16
+ * cache in place instead of expanding it to F32 first.
  *
- * Keys come in transposed tiles of 32 positions ([dim][32]): a chunk of 2 * ATTN_VW
- * positions of the rows accumulates with no horizontal sums.  Values come as rows;
- * 2 * ATTN_VW dims of the rows at a time.  Each kernel reads F32 storage, or (the _h
+ * Keys come in transposed tiles of 32 positions ([dim][32]): a chunk of ATTN_ACC *
+ * ATTN_VW positions of the rows accumulates with no horizontal sums.  Values come as
+ * rows; ATTN_ACC * ATTN_VW dims of the rows at a time.  Each kernel reads F32 storage, or (the _h
  * kernels, where the level has F16C) F16 storage converted in registers: exact, so
  * both give the same floats as expanding the F16 cache first, without the round trip
  * of the expanded block through L1/L2.  A row's arithmetic (one fma chain per lane) is
@@ -23,13 +25,17 @@ typedef float VF __attribute__((vector_size(ATTN_VW * 4)));
 typedef float VFU __attribute__((vector_size(ATTN_VW * 4), aligned(4)));
 #if ATTN_VW == 16
 #define ATTN_ROWS 8
+#define ATTN_ACC 2
 #define ATTN_LD_H(p) ((VF)_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(p))))
 #elif ATTN_VW == 8
-#define ATTN_ROWS 4
+#define ATTN_ROWS 8
+#define ATTN_ACC 1
 #define ATTN_LD_H(p) ((VF)_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(p))))
 #else
 #define ATTN_ROWS 4
+#define ATTN_ACC 2
 #endif
+#define ATTN_STEP (ATTN_ACC * ATTN_VW)
 _Static_assert(ATTN_ROWS <= FA_MAXR, "the engine's per-pass arrays hold FA_MAXR rows");
 #define ATTN_LD_F(p) (*(const VFU *)(p))
 #define ATTN_EL_F(x) (x)
@@ -42,19 +48,23 @@ ATTN_TARGET static void name(const float *const *q, int nb, const void *tile_, i
     const float *qr[ATTN_ROWS]; \
     for (int j = 0; j < ATTN_ROWS; j++) qr[j] = q[j < nb ? j : 0]; \
     const VF zero = {0}; \
-    for (int c = 0; c < 32; c += 2 * ATTN_VW) { \
-        VF a[ATTN_ROWS][2]; \
-        _Pragma("GCC unroll 8") for (int j = 0; j < ATTN_ROWS; j++) a[j][0] = a[j][1] = zero; \
+    for (int c = 0; c < 32; c += ATTN_STEP) { \
+        VF a[ATTN_ROWS][ATTN_ACC]; \
+        _Pragma("GCC unroll 8") for (int j = 0; j < ATTN_ROWS; j++) \
+            _Pragma("GCC unroll 2") for (int h = 0; h < ATTN_ACC; h++) a[j][h] = zero; \
         const ET *kp = tile + c; \
         for (int i = 0; i < qk; i++, kp += 32) { \
-            const VF u0 = LD(kp), u1 = LD(kp + ATTN_VW); \
+            VF u[ATTN_ACC]; \
+            _Pragma("GCC unroll 2") for (int h = 0; h < ATTN_ACC; h++) u[h] = LD(kp + h * ATTN_VW); \
             _Pragma("GCC unroll 8") for (int j = 0; j < ATTN_ROWS; j++) { \
                 const float x = qr[j][i]; \
-                a[j][0] += x * u0; a[j][1] += x * u1; \
+                _Pragma("GCC unroll 2") for (int h = 0; h < ATTN_ACC; h++) a[j][h] += x * u[h]; \
             } \
         } \
         _Pragma("GCC unroll 8") for (int j = 0; j < ATTN_ROWS; j++) \
-            if (j < nb) { *(VFU *)(sc[j] + c) = a[j][0] * scale; *(VFU *)(sc[j] + c + ATTN_VW) = a[j][1] * scale; } \
+            if (j < nb) \
+                _Pragma("GCC unroll 2") for (int h = 0; h < ATTN_ACC; h++) \
+                    *(VFU *)(sc[j] + c + h * ATTN_VW) = a[j][h] * scale; \
     } \
 }
 
@@ -69,25 +79,26 @@ ATTN_TARGET static void name(const float *p, int64_t pstride, int nb, const void
      * registers through it (GCC parked them in vector registers and spilled the values) */ \
     volatile const int nbv = nb; \
     int d = 0; \
-    for (; d + 2 * ATTN_VW <= vd; d += 2 * ATTN_VW) { \
-        const int e = d + ATTN_VW; \
-        VF a[ATTN_ROWS][2]; \
+    for (; d + ATTN_STEP <= vd; d += ATTN_STEP) { \
+        VF a[ATTN_ROWS][ATTN_ACC]; \
         _Pragma("GCC unroll 8") for (int j = 0; j < ATTN_ROWS; j++) { \
             const int r = j < nbv ? j : 0; \
-            a[j][0] = ATTN_LD_F(o[r] + d) * corr[r]; a[j][1] = ATTN_LD_F(o[r] + e) * corr[r]; \
+            _Pragma("GCC unroll 2") for (int h = 0; h < ATTN_ACC; h++) \
+                a[j][h] = ATTN_LD_F(o[r] + d + h * ATTN_VW) * corr[r]; \
         } \
         const ET *vp = v + d; \
         for (int s = 0; s < n; s++, vp += vstride) { \
-            const VF u0 = LD(vp), u1 = LD(vp + ATTN_VW); \
+            VF u[ATTN_ACC]; \
+            _Pragma("GCC unroll 2") for (int h = 0; h < ATTN_ACC; h++) u[h] = LD(vp + h * ATTN_VW); \
             _Pragma("GCC unroll 8") for (int j = 0; j < ATTN_ROWS; j++) { \
                 const float x = p[j * pstride + s]; \
-                a[j][0] += x * u0; a[j][1] += x * u1; \
+                _Pragma("GCC unroll 2") for (int h = 0; h < ATTN_ACC; h++) a[j][h] += x * u[h]; \
             } \
         } \
         /* aliased rows (j >= nb) are stored first so the real row's value lands last */ \
         _Pragma("GCC unroll 8") for (int j = ATTN_ROWS - 1; j >= 0; j--) { \
             float *dst = o[j < nbv ? j : 0]; \
-            *(VFU *)(dst + d) = a[j][0]; *(VFU *)(dst + e) = a[j][1]; \
+            _Pragma("GCC unroll 2") for (int h = 0; h < ATTN_ACC; h++) *(VFU *)(dst + d + h * ATTN_VW) = a[j][h]; \
         } \
     } \
     for (; d < vd; d++) \
@@ -150,6 +161,8 @@ static const attn_ops ATTN_CAT(attn_ops, ATTN_SUFFIX) = {
 #undef ATTN_F16_SCORES
 #undef ATTN_F16_VALUES
 #undef ATTN_ROWS
+#undef ATTN_ACC
+#undef ATTN_STEP
 #undef ATTN_SCORES
 #undef ATTN_VALUES
 #undef ATTN_LD_F

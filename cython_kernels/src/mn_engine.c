@@ -318,11 +318,11 @@ typedef struct { float *kbuf, *vbuf, *sc; } fa_scratch;   /* FA_KB * qk, FA_KB *
 static void fa_prefetch_block(const kv_stream *kv, int64_t k0, int nk) {
     const int ntile = (nk + 31) / 32;
     const char *kt = (const char *)(kv->k + (size_t)(k0 / 32) * kv->tile_bytes);
-    for (size_t b = 0; b < (size_t)ntile * kv->tile_bytes; b += 64) _mm_prefetch(kt + b, _MM_HINT_T0);
+    for (size_t b = 0; b < (size_t)ntile * kv->tile_bytes; b += 64) _mm_prefetch(kt + b, _MM_HINT_T1);
     const size_t vrow = mn_row_bytes(kv->vtype, kv->vd);
     for (int s = 0; s < nk; s++) {
         const char *v = (const char *)(kv->v + (size_t)(k0 + s) * kv->v_stride);
-        for (size_t b = 0; b < vrow; b += 64) _mm_prefetch(v + b, _MM_HINT_T0);
+        for (size_t b = 0; b < vrow; b += 64) _mm_prefetch(v + b, _MM_HINT_T1);
     }
 }
 
@@ -625,8 +625,8 @@ static void attend_heads(attn_ctx *C, int ith, int nth) {
                 if (B.n == FA_QB || (h + 1 == h1 && last)) {
                     const kv_stream kv = {(const uint8_t *)L->cache_k + (size_t)((sl * L->n_kv + g) * tiles) * tb, tb,
                                           L->cache_type_k, qk,
-                                          (const uint8_t *)L->cache_v + (size_t)(sl * L->n_ctx * L->n_kv + g) * vb,
-                                          (size_t)L->n_kv * vb, L->cache_type_v, vd};
+                                          (const uint8_t *)L->cache_v + (size_t)((sl * L->n_kv + g) * L->n_ctx) * vb,
+                                          vb, L->cache_type_v, vd};
                     flash_attend(A, &kv, &B, L->kq_scale, &F);
                     B.n = 0;
                 }
@@ -641,7 +641,7 @@ static void store_kv(const mn_attn_layer *L, int64_t sl, int64_t pos, int64_t h,
     const size_t tb = mn_kv_tile_bytes(L->cache_type_k, qk), vb = mn_kv_row_bytes(L->cache_type_v, vd);
     uint8_t *tile = (uint8_t *)L->cache_k + (size_t)((sl * L->n_kv + h) * KV_TILES(L->n_ctx) + pos / 32) * tb;
     kv_put_key(tile, L->cache_type_k, qk, (int)(pos % 32), kc);
-    kv_put_row((uint8_t *)L->cache_v + (size_t)((sl * L->n_ctx + pos) * L->n_kv + h) * vb, L->cache_type_v, vd, vv);
+    kv_put_row((uint8_t *)L->cache_v + (size_t)((sl * L->n_kv + h) * L->n_ctx + pos) * vb, L->cache_type_v, vd, vv);
 }
 
 /* Once every K/V row of the block is cached: attention per head, then the output projection. */

@@ -793,7 +793,7 @@ class EngineBackend:
         kt, vr = self._kv_bytes("tile", self.cache_type_k, k_dim), self._kv_bytes("row", self.cache_type_v, v_dim)
         return {"cache_k": self.store.zeros(node, key + "cache_k", (self.n_slots, n_kv, tiles, kt), "kv_cache",
                                             dtype=np.uint8),
-                "cache_v": self.store.zeros(node, key + "cache_v", (self.n_slots, self.n_ctx, n_kv, vr), "kv_cache",
+                "cache_v": self.store.zeros(node, key + "cache_v", (self.n_slots, n_kv, self.n_ctx, vr), "kv_cache",
                                             dtype=np.uint8)}
 
 
