@@ -58,6 +58,9 @@ DEFAULT_TESTS = ("pp64", "pp512", "tg32", "tg128")
 DEFAULT_TARGET_TG = 1.3
 DEFAULT_TARGET_PP = 1.2
 DEFAULT_TARGET_SHARE = 0.85
+# ... and at depth 4096 our decode keeps >= 70% of its depth-0 rate
+DEFAULT_TARGET_KEEP = 0.70
+KEEP_DEPTH = 4096
 SHARE_TARGET_QUANTS = ("Q8_0",)
 DEFAULT_NOISE = 0.05          # other processes may use 5% of one core during a sample
 BENCH_PRESETS_DEFAULT = ("qwen3moe-bench",)
@@ -743,9 +746,12 @@ def _accepted(runs: Sequence[dict], engine: str) -> list[dict]:
 
 def aggregate(runs: Sequence[dict], tests: Sequence[str], bandwidth_gbps: float | None,
               bytes_per_token: int | None, target_pp: float = DEFAULT_TARGET_PP,
-              target_tg: float = DEFAULT_TARGET_TG, target_share: float | None = None) -> dict:
+              target_tg: float = DEFAULT_TARGET_TG, target_share: float | None = None,
+              target_keep: float | None = DEFAULT_TARGET_KEEP) -> dict:
     """Rows of the summary table from run records (accepted, non-warm-up runs only).
-    `target_share`: the share of the bandwidth bound decode rows must also reach (Q8_0)."""
+    `target_share`: the share of the bandwidth bound decode rows must also reach (Q8_0).
+    `target_keep`: the share of its depth-0 rate our decode must keep at depth KEEP_DEPTH or
+    more (tgN@dD against tgN, where both ran)."""
     ours, theirs = _accepted(runs, "moe_numa"), _accepted(runs, "llama.cpp")
     bound = bound_tps(bandwidth_gbps, bytes_per_token)
     rows = []
@@ -780,6 +786,7 @@ def aggregate(runs: Sequence[dict], tests: Sequence[str], bandwidth_gbps: float 
             "share_llama.cpp": ratio(sl and sl["median"], bound) if is_tg else None,
             "disturbed_kept": {"moe_numa": fo, "llama.cpp": fl},
         })
+    _depth_keeps(rows, target_keep)
     extra = {}
     for key in ("load_s", "peak_rss_bytes"):
         a = summarize([r[key] for r in ours if r.get(key) is not None])
@@ -787,6 +794,23 @@ def aggregate(runs: Sequence[dict], tests: Sequence[str], bandwidth_gbps: float 
         extra[key] = {"moe_numa": a, "llama.cpp": b, "ratio": ratio(a and a["median"], b and b["median"])}
     return {"rows": rows, "load_s": extra["load_s"], "peak_rss_bytes": extra["peak_rss_bytes"],
             "bound_tps": bound}
+
+
+def _depth_keeps(rows: list[dict], target_keep: float | None) -> None:
+    """Each decode row at depth gets what it keeps of its depth-0 row's rate, per engine; at
+    KEEP_DEPTH or deeper that is also a target of ours."""
+    by_test = {r["test"]: r for r in rows}
+    for r in rows:
+        base, _, depth = r["test"].partition("@d")
+        d0 = by_test.get(base)
+        if not depth or kind_of_test(base) != "tg" or d0 is None:
+            continue
+        for eng in ENGINES:
+            r[f"keep_{eng}"] = ratio(r[eng] and r[eng]["median"], d0[eng] and d0[eng]["median"])
+        if target_keep and int(depth) >= KEEP_DEPTH and r["keep_moe_numa"] is not None:
+            r["keep_target"] = target_keep
+            if r["met"] is not None:
+                r["met"] = r["met"] and r["keep_moe_numa"] >= target_keep
 
 
 def targets_summary(rows: Sequence[dict]) -> tuple[list[str], list[str]]:
@@ -800,6 +824,10 @@ def targets_summary(rows: Sequence[dict]) -> tuple[list[str], list[str]]:
         if r.get("share_target"):
             ok = r["share_moe_numa"] >= r["share_target"]
             s += f", {_pct(r['share_moe_numa'])} {'>=' if ok else '<'} {_pct(r['share_target'])} of the bound"
+        if r.get("keep_target"):
+            ok = r["keep_moe_numa"] >= r["keep_target"]
+            s += (f", keeps {_pct(r['keep_moe_numa'])} {'>=' if ok else '<'} {_pct(r['keep_target'])} "
+                  f"of {r['test'].partition('@')[0]}")
         (met if r["met"] else missed).append(s)
     return met, missed
 
@@ -919,9 +947,13 @@ def format_markdown(report: dict) -> str:
         for r in a["rows"]:
             tgt = "–" if r["met"] is None else \
                 f"≥ {r['target']:.2f}" + (f", ≥ {_pct(r['share_target'])} of bound" if r.get("share_target") else "") \
+                + (f", keeps ≥ {_pct(r['keep_target'])} of d0" if r.get("keep_target") else "") \
                 + f": {'met' if r['met'] else '**missed**'}"
             share = "" if r["bound_tps"] is None else \
                 f"{_pct(r['share_moe_numa'])} / {_pct(r['share_llama.cpp'])}"
+            if r.get("keep_moe_numa") is not None:
+                share += (f"; keeps {_pct(r['keep_moe_numa'])} / {_pct(r.get('keep_llama.cpp'))} "
+                          f"of {r['test'].partition('@')[0]}")
             lines.append(head + f"| {r['test']} | {fmt_summary(r['moe_numa'], flags=r['disturbed_kept']['moe_numa'])} "
                          f"| {fmt_summary(r['llama.cpp'], flags=r['disturbed_kept']['llama.cpp'])} "
                          f"| {_fmt(r['ratio'])} | {tgt} | {share} |")
@@ -1218,6 +1250,9 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--target-share", type=float, default=DEFAULT_TARGET_SHARE,
                     help=f"decode's share of the bandwidth bound at {', '.join(SHARE_TARGET_QUANTS)} "
                          f"({DEFAULT_TARGET_SHARE}; 0: none)")
+    ap.add_argument("--target-keep", type=float, default=DEFAULT_TARGET_KEEP,
+                    help=f"the share of its depth-0 decode rate ours keeps at depth {KEEP_DEPTH} or more "
+                         f"({DEFAULT_TARGET_KEEP}; 0: none)")
     ap.add_argument("--rerender", metavar="REPORT.json", default=None,
                     help="write a finished run's report again under this version's targets; runs nothing")
     ap.add_argument("--timeout", type=float, default=1800, help="seconds per benchmarked process")
@@ -1281,7 +1316,8 @@ def run(a: argparse.Namespace) -> int:
                 "flash_attn": a.flash_attn,
                 "engine_only": a.engine_only, "simd": a.simd, "numa_nodes": a.numa_nodes, "expert_map": a.expert_map,
                 "noise_threshold": a.noise_threshold, "max_retries": a.max_retries, "quiet_wait_s": a.quiet_wait,
-                "target_tg": a.target_tg, "target_pp": a.target_pp, "target_share": a.target_share, "seed": a.seed}
+                "target_tg": a.target_tg, "target_pp": a.target_pp, "target_share": a.target_share,
+                "target_keep": a.target_keep, "seed": a.seed}
     report = {"version": 1, "created": created.isoformat(timespec="seconds"), "argv": sys.argv[1:],
               "args": {k: v for k, v in vars(a).items() if k != "func"},
               "moe_numa_commit": _git_commit(), "machine": machine, "llama_cpp": linfo, "settings": settings,
@@ -1363,7 +1399,7 @@ def summary_of(mrep: dict, tests: Sequence[str], a: argparse.Namespace) -> dict:
     types issue 11 names it for)."""
     share = a.target_share if mrep["facts"].get("quant") in SHARE_TARGET_QUANTS else None
     return aggregate(mrep["runs"], tests, mrep.get("bandwidth_gbps"), mrep["facts"]["bytes_per_token"],
-                     a.target_pp, a.target_tg, share)
+                     a.target_pp, a.target_tg, share, getattr(a, "target_keep", DEFAULT_TARGET_KEEP))
 
 
 def rerender(a: argparse.Namespace) -> int:
@@ -1378,7 +1414,8 @@ def rerender(a: argparse.Namespace) -> int:
     for mrep in models:
         tests = list(dict.fromkeys(r["test"] for r in mrep["summary"]["rows"]))
         mrep["summary"] = summary_of(mrep, tests, a)
-    report["settings"].update(target_tg=a.target_tg, target_pp=a.target_pp, target_share=a.target_share)
+    report["settings"].update(target_tg=a.target_tg, target_pp=a.target_pp, target_share=a.target_share,
+                              target_keep=a.target_keep)
     prefix = a.out or str(path.with_suffix(""))
     md, paths = write_report(report, prefix, plot=not a.no_plot, log=print)
     print(md)

@@ -368,6 +368,35 @@ def test_default_targets_are_issue_11s_bar_with_the_share_of_bound():
     assert tg["share_target"] is None and tg["met"] is True   # the bound ignores the cache: depth 0 only
 
 
+def test_decode_at_depth_4096_must_keep_70_percent_of_its_depth_0_rate():
+    """The bar's retention part: tgN@dD against tgN of the same engine; a target from depth 4096."""
+    assert (B.DEFAULT_TARGET_KEEP, B.KEEP_DEPTH) == (0.70, 4096)
+
+    def deep(ours, theirs):
+        runs = _runs()
+        for r in runs:
+            if "tg32" in r["tests"]:
+                t = dict(r["tests"]["tg32"])
+                f = ours if r["engine"] == "moe_numa" else theirs
+                t["samples_ts"] = [v * f for v in t["samples_ts"]]
+                r["tests"]["tg32@d4096"] = t
+                r["tests"]["tg32@d1024"] = dict(t)
+        return runs
+    rows = B.aggregate(deep(0.6, 0.3), ["tg32", "tg32@d1024", "tg32@d4096"], 20.0, 10**9, target_tg=1.2)["rows"]
+    d0, d1, d4 = rows
+    assert "keep_moe_numa" not in d0 and d1.get("keep_target") is None      # below 4096: reported, no target
+    assert d4["keep_moe_numa"] == pytest.approx(0.6) and d4["keep_llama.cpp"] == pytest.approx(0.3)
+    assert d4["ratio"] == pytest.approx(2.5) and d4["met"] is False          # 2.5x llama.cpp, but keeps 60%
+    assert B.targets_summary([d4])[1] == ["tg32@d4096 2.50x >= 1.20x, keeps 60% < 70% of tg32"]
+    d4 = B.aggregate(deep(0.75, 0.3), ["tg32", "tg32@d4096"], 20.0, 10**9, target_tg=1.2)["rows"][1]
+    assert d4["met"] is True and d4["keep_target"] == 0.70
+    d4 = B.aggregate(deep(0.6, 0.3), ["tg32", "tg32@d4096"], 20.0, 10**9, target_tg=1.2, target_keep=0)["rows"][1]
+    assert d4["met"] is True and "keep_target" not in d4
+    # without its depth-0 row there is nothing to keep a share of
+    d4 = B.aggregate(deep(0.6, 0.3), ["tg32@d4096"], 20.0, 10**9, target_tg=1.2)["rows"][0]
+    assert d4["met"] is True and "keep_moe_numa" not in d4
+
+
 def test_rerender_applies_this_versions_targets(tmp_path):
     report = _report(_runs())
     for m in report["models"]:
