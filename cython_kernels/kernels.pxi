@@ -123,6 +123,14 @@ def exp_sum_ptr(uintptr_t x, int64_t n, float shift):
     return s
 
 
+def max_of_ptr(uintptr_t x, int64_t n, float init):
+    """max(init, x[0..n)) over float32s, NaNs passed over (flash attention's running max)."""
+    cdef float m
+    with nogil:
+        m = mn_max_of(<const float *>x, n, init)
+    return m
+
+
 ctypedef struct mm_ctx:
     int wtype
     const uint8_t *w

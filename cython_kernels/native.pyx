@@ -44,6 +44,7 @@ cdef extern from "mn_kernels.h":
     int mn_quantize_act(int wtype, const float *x, void *xq, int64_t cols) nogil
     void mn_silu_mul(float *g, const float *u, int64_t n) nogil
     float mn_exp_sum(float *x, int64_t n, float shift) nogil
+    float mn_max_of(const float *x, int64_t n, float init) nogil
     int mn_matmul_rows(int wtype, const uint8_t *w, size_t w_row_stride, int64_t cols,
                         const void *xq, size_t xq_stride, int64_t n_tok,
                         float *out, int64_t out_stride, int64_t r0, int64_t r1) nogil

@@ -405,6 +405,12 @@ def exp_sum(x, shift: float = 0.0) -> tuple[np.ndarray, float]:
     return y, _native.exp_sum_ptr(_addr(y), y.size, float(shift))
 
 
+def max_of(x, init: float = float("-inf")) -> float:
+    """max(init, x) with NaNs passed over: the vector maximum of flash attention's softmax."""
+    x = _f32_vector("x", x)
+    return _native.max_of_ptr(_addr(x), x.size, float(init))
+
+
 @contextlib.contextmanager
 def limit_blas_threads(n: int = 1):
     """Limit numpy's BLAS (and OpenMP) threads while pools own the cores."""

@@ -72,3 +72,21 @@ def test_shape_errors_name_the_problem():
         K.silu_mul(np.zeros(3, np.float32), np.zeros(4, np.float32))
     with pytest.raises(ShapeError, match="1-D"):
         K.exp_sum(np.zeros((2, 2), np.float32))
+
+
+@settings(max_examples=80, deadline=None)
+@given(level=st.sampled_from(LEVELS), n=st.integers(0, 70),
+       vals=st.lists(st.floats(-1e9, 1e9, width=32) | st.just(float("nan")) | st.just(float("-inf")),
+                     min_size=70, max_size=70),
+       init=st.floats(-1e9, 1e9, width=32) | st.just(float("-inf")))
+def test_max_of_is_the_scalar_loops_maximum(level, n, vals, init):
+    """The softmax's running max at every level and length (the vector body and its tail):
+    equal to what "if (x > m) m = x" gives, NaNs passed over."""
+    x = np.array(vals[:n], np.float32)
+    want = np.float32(init)
+    for v in x:
+        if v > want:
+            want = v
+    with K.simd(level):
+        got = K.max_of(x, init)
+    assert got == want            # (a zero's sign may differ: equal as floats, and as a softmax shift)

@@ -94,6 +94,7 @@ int    mn_matmul_rows(int wtype, const uint8_t *w, size_t w_row_stride, int64_t 
  * Relative error within a few float ulps of exp; exp(x) for x < -87 is 0. */
 void   mn_silu_mul(float *g, const float *u, int64_t n);  /* g[i] = silu(g[i]) * u[i] */
 float  mn_exp_sum(float *x, int64_t n, float shift);      /* x[i] = exp(x[i] - shift); returns the sum */
+float  mn_max_of(const float *x, int64_t n, float init); /* max(init, x[0..n)), NaNs passed over */
 
 /* ---- thread pools ---------------------------------------------------------
  * A pool owns n threads, thread i pinned to cpus[i].  With caller_is_worker0,

@@ -368,8 +368,8 @@ static void flash_attend(const attn_ops *A, const kv_stream *kv, const qblock *B
             for (int j = 0; j < nb; j++) {
                 const int r = act[g + j];
                 const int nv = B->last[r] - k0 + 1 < nk ? (int)(B->last[r] - k0 + 1) : nk;
-                float mx = m[r], sum;
-                for (int s = 0; s < nv; s++) if (sc[j][s] > mx) mx = sc[j][s];
+                const float mx = mn_max_of(sc[j], nv, m[r]);
+                float sum;
                 corr[j] = expf(m[r] - mx);
                 sum = mn_exp_sum(sc[j], nv, mx);
                 for (int s = nv; s < nk; s++) sc[j][s] = 0.f;

@@ -1,6 +1,7 @@
 /* Vector exp for the hot loops that were scalar expf calls: the SiLU gate of
  * every FFN (mn_moe.c, the shared expert) and the softmax numerators of flash
- * attention.  Each SIMD level runs mn_vmath_tmpl.h at its native width; the
+ * attention; and the softmax's running maximum, a scalar chain of dependent
+ * compares that took a tenth of the attention time at depth.  Each SIMD level runs mn_vmath_tmpl.h at its native width; the
  * entry points dispatch on the active level (mn_active_level). */
 #include <math.h>
 #include <string.h>
@@ -41,4 +42,11 @@ float mn_exp_sum(float *x, int64_t n, float shift) {
     if (lvl >= MN_SIMD_AVX512) return exp_sum_avx512(x, n, shift);
     if (lvl >= MN_SIMD_AVX2) return exp_sum_avx2(x, n, shift);
     return exp_sum_base(x, n, shift);
+}
+
+float mn_max_of(const float *x, int64_t n, float init) {
+    const int lvl = mn_active_level();
+    if (lvl >= MN_SIMD_AVX512) return max_of_avx512(x, n, init);
+    if (lvl >= MN_SIMD_AVX2) return max_of_avx2(x, n, init);
+    return max_of_base(x, n, init);
 }

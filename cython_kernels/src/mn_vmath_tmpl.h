@@ -74,6 +74,20 @@ VM_TARGET static float VM_CAT(exp_sum, VM_SUFFIX)(float *x, int64_t n, float shi
     for (int k = 0; k < VM_W; k++) s += acc[k];
     return s;
 }
+/* the largest of init and x[0..n), NaNs passed over, as a scalar "if (x > m) m = x" loop gives */
+VM_TARGET static float VM_CAT(max_of, VM_SUFFIX)(const float *x, int64_t n, float init) {
+    VMF m = {0};
+    m += init;
+    int64_t i = 0;
+    for (; i + VM_W <= n; i += VM_W) {
+        const VMF y = *(const VMFU *)(x + i);
+        m = VM_SEL(y > m, y, m);
+    }
+    float r = init;
+    for (int k = 0; k < VM_W; k++) if (m[k] > r) r = m[k];
+    for (; i < n; i++) if (x[i] > r) r = x[i];
+    return r;
+}
 #undef VM_SEL
 #undef VMF
 #undef VMI
