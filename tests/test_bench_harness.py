@@ -388,6 +388,8 @@ def test_decode_at_depth_4096_must_keep_70_percent_of_its_depth_0_rate():
     assert d4["keep_moe_numa"] == pytest.approx(0.6) and d4["keep_llama.cpp"] == pytest.approx(0.3)
     assert d4["ratio"] == pytest.approx(2.5) and d4["met"] is False          # 2.5x llama.cpp, but keeps 60%
     assert B.targets_summary([d4])[1] == ["tg32@d4096 2.50x >= 1.20x, keeps 60% < 70% of tg32"]
+    d4 = B.aggregate(deep(0.697, 0.3), ["tg32", "tg32@d4096"], 20.0, 10**9, target_tg=1.2)["rows"][1]
+    assert B.targets_summary([d4])[1] == ["tg32@d4096 2.90x >= 1.20x, keeps 69.7% < 70% of tg32"]   # not 70% < 70%
     d4 = B.aggregate(deep(0.75, 0.3), ["tg32", "tg32@d4096"], 20.0, 10**9, target_tg=1.2)["rows"][1]
     assert d4["met"] is True and d4["keep_target"] == 0.70
     d4 = B.aggregate(deep(0.6, 0.3), ["tg32", "tg32@d4096"], 20.0, 10**9, target_tg=1.2, target_keep=0)["rows"][1]
