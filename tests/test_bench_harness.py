@@ -540,6 +540,8 @@ for i, (p, g, d) in enumerate(tests, 1):
                 "n_prompt": p, "n_gen": g, "n_depth": d, "samples_ns": [ns] * reps,
                 "samples_ts": [(p + g) / (ns * 1e-9)] * reps, "type_k": type_k, "type_v": type_v,
                 "n_batch": 2048, "n_ubatch": 512, "flash_attn": fa}})
+import time
+time.sleep(0.25)   # alive for a few of the harness's 50 ms RSS samples, as a real llama-bench is
 print(json.dumps(out, indent=1))
 '''
 
