@@ -805,6 +805,7 @@ def _depth_keeps(rows: list[dict], target_keep: float | None) -> None:
         d0 = by_test.get(base)
         if not depth or kind_of_test(base) != "tg" or d0 is None:
             continue
+        r["keep_of"] = base
         for eng in ENGINES:
             r[f"keep_{eng}"] = ratio(r[eng] and r[eng]["median"], d0[eng] and d0[eng]["median"])
         if target_keep and int(depth) >= KEEP_DEPTH and r["keep_moe_numa"] is not None:
@@ -827,7 +828,7 @@ def targets_summary(rows: Sequence[dict]) -> tuple[list[str], list[str]]:
         if r.get("keep_target"):
             ok = r["keep_moe_numa"] >= r["keep_target"]
             s += (f", keeps {_pct_vs(r['keep_moe_numa'], r['keep_target'])} {'>=' if ok else '<'} {_pct(r['keep_target'])} "
-                  f"of {r['test'].partition('@')[0]}")
+                  f"of {r['keep_of']}")
         (met if r["met"] else missed).append(s)
     return met, missed
 
@@ -952,8 +953,7 @@ def format_markdown(report: dict) -> str:
             share = "" if r["bound_tps"] is None else \
                 f"{_pct(r['share_moe_numa'])} / {_pct(r['share_llama.cpp'])}"
             if r.get("keep_moe_numa") is not None:
-                share += (f"; keeps {_pct(r['keep_moe_numa'])} / {_pct(r.get('keep_llama.cpp'))} "
-                          f"of {r['test'].partition('@')[0]}")
+                share += f"; keeps {_pct(r['keep_moe_numa'])} / {_pct(r.get('keep_llama.cpp'))} of {r['keep_of']}"
             lines.append(head + f"| {r['test']} | {fmt_summary(r['moe_numa'], flags=r['disturbed_kept']['moe_numa'])} "
                          f"| {fmt_summary(r['llama.cpp'], flags=r['disturbed_kept']['llama.cpp'])} "
                          f"| {_fmt(r['ratio'])} | {tgt} | {share} |")
@@ -1407,7 +1407,7 @@ def summary_of(mrep: dict, tests: Sequence[str], a: argparse.Namespace) -> dict:
     types issue 11 names it for)."""
     share = a.target_share if mrep["facts"].get("quant") in SHARE_TARGET_QUANTS else None
     return aggregate(mrep["runs"], tests, mrep.get("bandwidth_gbps"), mrep["facts"]["bytes_per_token"],
-                     a.target_pp, a.target_tg, share, getattr(a, "target_keep", DEFAULT_TARGET_KEEP))
+                     a.target_pp, a.target_tg, share, a.target_keep)
 
 
 def rerender(a: argparse.Namespace) -> int:

@@ -314,7 +314,8 @@ typedef struct { float *kbuf, *vbuf, *sc; } fa_scratch;   /* FA_KB * qk, FA_KB *
 
 /* the next key block's tiles and value rows, asked for while this block computes: the
  * cache is streamed from memory at depth (200 MB a token at 4096 positions on the Qwen3
- * bench model), in 8 KB tiles and value rows one KV head wide */
+ * bench model), in 8 KB tiles and value rows one KV head wide.  Into L2, not L1: a block
+ * is 32 KB of keys and values, and fetched into L1 it evicted the block being computed */
 static void fa_prefetch_block(const kv_stream *kv, int64_t k0, int nk) {
     const int ntile = (nk + 31) / 32;
     const char *kt = (const char *)(kv->k + (size_t)(k0 / 32) * kv->tile_bytes);
@@ -978,8 +979,8 @@ static size_t ffn_scratch(const mn_ffn_layer *L, int64_t T, int nth) {
 static void route(const mn_ffn_layer *L, const float *logit, float *probs, float *sel, int32_t *ids, float *w) {
     const int E = L->n_expert;
     if (L->gating == MN_GATE_SOFTMAX) {
-        float mx = -INFINITY, sum = 0;
-        for (int e = 0; e < E; e++) if (logit[e] > mx) mx = logit[e];
+        const float mx = mn_max_of(logit, E, -INFINITY);
+        float sum = 0;
         for (int e = 0; e < E; e++) { probs[e] = expf(logit[e] - mx); sum += probs[e]; }
         for (int e = 0; e < E; e++) probs[e] /= sum;
     } else {

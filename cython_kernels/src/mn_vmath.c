@@ -1,8 +1,9 @@
 /* Vector exp for the hot loops that were scalar expf calls: the SiLU gate of
  * every FFN (mn_moe.c, the shared expert) and the softmax numerators of flash
- * attention; and the softmax's running maximum, a scalar chain of dependent
- * compares that took a tenth of the attention time at depth.  Each SIMD level runs mn_vmath_tmpl.h at its native width; the
- * entry points dispatch on the active level (mn_active_level). */
+ * attention; and the softmaxes' running maximum (flash attention's, the router's),
+ * a scalar chain of dependent compares that took a tenth of the attention time at
+ * depth.  Each SIMD level runs mn_vmath_tmpl.h at its native width; the entry points
+ * dispatch on the active level (mn_active_level). */
 #include <math.h>
 #include <string.h>
 #include "mn_internal.h"
